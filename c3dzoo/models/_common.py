@@ -1,0 +1,44 @@
+"""What every zoo model shares: a ``fused`` switch that changes only how conv chains compute."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..nn import conv_bn_act, stock_conv_bn_act
+
+
+class FusableModel(nn.Module):
+    """Base of the zoo models. ``fused`` and ``backend`` may be changed at any time; neither
+    touches parameters or buffers, so fused and stock models have identical state_dicts."""
+
+    def __init__(self, fused: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        self.fused = bool(fused)
+        self.backend = backend
+
+    def chain(self, x, conv, bn=None, activation: str = "relu", negative_slope: float = 0.01, pool=None):
+        """conv → bn → activation → pool, fused or stock according to ``self.fused``."""
+        if self.fused:
+            return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend)
+        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
+
+
+def check_input(x: torch.Tensor, channels: int, input_size: Sequence[int], model: str) -> None:
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (c3dzoo.fuse): no shapes to check
+        return
+    expected: Tuple[int, ...] = (channels, *input_size)
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or tuple(x.shape[1:]) != expected:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"{model} expects input of shape (N, {', '.join(map(str, expected))}) "
+            f"(N × C × frames × height × width), got {got}; build it with input_size=... for other sizes"
+        )
+
+
+def scaled(channels: int, width_mult: float) -> int:
+    """A channel count scaled by ``width_mult`` (at least 1)."""
+    return max(1, int(round(channels * width_mult)))

@@ -1,0 +1,16 @@
+"""Drop-in fused modules."""
+
+from .conv_bn_act import (
+    Conv3dBNAct,
+    Conv3dBNReLU,
+    activation_spec,
+    conv_bn_act,
+    stock_conv_bn_act,
+    unsupported_reason,
+)
+from .fuse import FusedChain, fuse
+
+__all__ = [
+    "Conv3dBNAct", "Conv3dBNReLU", "FusedChain", "fuse", "conv_bn_act", "stock_conv_bn_act",
+    "activation_spec", "unsupported_reason",
+]

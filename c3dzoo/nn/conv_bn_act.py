@@ -1,0 +1,189 @@
+"""Drop-in fused Conv3d → BatchNorm3d → activation (→ MaxPool3d) built from real torch.nn modules."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import conv3d_bn_act, unsupported_pool_reason
+
+Tensor = torch.Tensor
+
+
+def activation_spec(act) -> Tuple[str, float]:
+    """(name, negative_slope) for an activation given as None, a name, or an nn module."""
+    if act is None or isinstance(act, nn.Identity):
+        return "none", 0.0
+    if isinstance(act, str):
+        if act not in ("none", "relu", "leaky_relu"):
+            raise ValueError(f"activation must be 'none', 'relu' or 'leaky_relu', got {act!r}")
+        return act, 0.01
+    if isinstance(act, nn.ReLU):
+        return "relu", 0.0
+    if isinstance(act, nn.LeakyReLU):
+        return "leaky_relu", float(act.negative_slope)
+    raise ValueError(f"unsupported activation {act!r}: the fused op takes none, ReLU or LeakyReLU")
+
+
+def conv_padding(conv: nn.Conv3d) -> Optional[Tuple[int, int, int]]:
+    """The conv's symmetric zero padding as 3 ints, or None if it has none we can express."""
+    if conv.padding == "valid":
+        return (0, 0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            return None  # asymmetric 'same' padding
+        return tuple(t // 2 for t in total)
+    return tuple(conv.padding)
+
+
+def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[nn.Module]) -> Optional[str]:
+    """Why this chain cannot run through the fused op (None if it can)."""
+    if type(conv) is not nn.Conv3d:
+        return f"{type(conv).__name__} is not an nn.Conv3d"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only groups=1 is fused)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zeros is fused)"
+    if conv_padding(conv) is None:
+        return "padding='same' with an even effective kernel is asymmetric"
+    if bn is not None:
+        if not isinstance(bn, nn.BatchNorm3d) or isinstance(bn, nn.SyncBatchNorm):
+            return f"{type(bn).__name__} is not an nn.BatchNorm3d"
+        if bn.num_features != conv.out_channels:
+            return f"BatchNorm3d has {bn.num_features} features but the conv has {conv.out_channels} outputs"
+    if pool is not None:
+        if not isinstance(pool, nn.MaxPool3d):
+            return f"{type(pool).__name__} is not an nn.MaxPool3d"
+        return unsupported_pool_reason(pool)
+    return None
+
+
+def stock_conv_bn_act(
+    x: Tensor,
+    conv: nn.Conv3d,
+    bn: Optional[nn.BatchNorm3d] = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    pool: Optional[nn.MaxPool3d] = None,
+) -> Tensor:
+    """The same chain run module by module with stock PyTorch."""
+    y = conv(x)
+    if bn is not None:
+        y = bn(y)
+    if activation == "relu":
+        y = F.relu(y)
+    elif activation == "leaky_relu":
+        y = F.leaky_relu(y, negative_slope)
+    return pool(y) if pool is not None else y
+
+
+def conv_bn_act(
+    x: Tensor,
+    conv: nn.Conv3d,
+    bn: Optional[nn.BatchNorm3d] = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    pool: Optional[nn.MaxPool3d] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
+    parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
+    Chains the fused op cannot express run stock."""
+    if unsupported_reason(conv, bn, pool) is not None:
+        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
+    common = dict(
+        stride=conv.stride, padding=conv_padding(conv), dilation=conv.dilation,
+        activation=activation, negative_slope=negative_slope, pool=pool, backend=backend,
+    )
+    if bn is None:
+        return conv3d_bn_act(x, conv.weight, conv.bias, training=False, batch_norm=False, **common)
+    tracks = bn.track_running_stats
+    use_running = (not bn.training) or tracks
+    return conv3d_bn_act(
+        x, conv.weight, conv.bias, bn.weight, bn.bias,
+        bn.running_mean if use_running else None,
+        bn.running_var if use_running else None,
+        training=bn.training,
+        momentum=bn.momentum,
+        eps=bn.eps,
+        num_batches_tracked=bn.num_batches_tracked if (bn.training and tracks) else None,
+        **common,
+    )
+
+
+class Conv3dBNAct(nn.Module):
+    """Conv3d → BatchNorm3d → activation (→ MaxPool3d), computed by one fused op.
+
+    Its children are a real ``nn.Conv3d`` named ``conv``, a real ``nn.BatchNorm3d`` named ``bn``
+    (absent with ``batch_norm=False``) and, with ``pool``, an ``nn.MaxPool3d`` named ``pool``, so
+    optimizers, checkpoints and ``train()``/``eval()`` behave as for the stock modules.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        pool=None,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        batch_norm: bool = True,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias, **factory)
+        self.bn = (
+            nn.BatchNorm3d(out_channels, eps, momentum, affine, track_running_stats, **factory)
+            if batch_norm else None
+        )
+        if pool is None or isinstance(pool, nn.MaxPool3d):
+            self.pool = pool
+        else:
+            kernel, pool_stride, pool_padding = pool
+            self.pool = nn.MaxPool3d(kernel, pool_stride, pool_padding)
+        self.activation, self.negative_slope = activation_spec(activation)
+        if activation == "leaky_relu":
+            self.negative_slope = negative_slope
+        self.backend = backend
+        reason = unsupported_reason(self.conv, self.bn, self.pool)
+        if reason is not None:
+            raise ValueError(f"Conv3dBNAct cannot fuse this configuration: {reason}")
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv3d, bn: Optional[nn.BatchNorm3d] = None, activation="relu",
+                     pool: Optional[nn.MaxPool3d] = None, backend: Optional[str] = None) -> "Conv3dBNAct":
+        """Wrap existing modules (shared, not copied)."""
+        reason = unsupported_reason(conv, bn, pool)
+        if reason is not None:
+            raise ValueError(f"Conv3dBNAct cannot fuse this configuration: {reason}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv, self.bn, self.pool = conv, bn, pool
+        self.activation, self.negative_slope = activation_spec(activation)
+        self.backend = backend
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv_bn_act(x, self.conv, self.bn, self.activation, self.negative_slope, self.pool, self.backend)
+
+    def extra_repr(self) -> str:
+        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
+        return f"activation={act}, backend={self.backend or 'auto'}"
+
+
+Conv3dBNReLU = Conv3dBNAct

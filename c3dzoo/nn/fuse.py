@@ -1,0 +1,179 @@
+"""``c3dzoo.fuse``: rewrite a model's Conv3d → BatchNorm3d → ReLU (→ MaxPool3d) chains to the fused op.
+
+The model is traced with torch.fx. A chain is fused only when every intermediate value has the
+next link as its only user; anything else stays stock. The original conv and BN modules stay
+registered at their original names, so the state_dict keys, values and ``train()``/``eval()``
+behaviour are unchanged; the fused graph module shares them with the input model (as
+``torch.fx.symbolic_trace`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_bn_act import activation_spec, conv_bn_act, unsupported_reason
+
+
+class FusedChain(nn.Module):
+    """Runs one fused chain. It refers to the model's own conv/BN/pool modules without registering
+    them (they stay at their original names), so it adds nothing to the state_dict."""
+
+    def __init__(self, conv, bn, activation: str, negative_slope: float, pool, backend: Optional[str]):
+        super().__init__()
+        object.__setattr__(self, "_modules_ref", (conv, bn, pool))
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.backend = backend
+
+    def forward(self, x):
+        conv, bn, pool = self._modules_ref
+        return conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend)
+
+    def extra_repr(self) -> str:
+        conv, bn, pool = self._modules_ref
+        parts = ["Conv3d", "BatchNorm3d" if bn is not None else None, self.activation,
+                 "MaxPool3d" if pool is not None else None]
+        return " → ".join(p for p in parts if p and p != "none") + f", backend={self.backend or 'auto'}"
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_LEAKY_FUNCTIONS = (F.leaky_relu,)
+
+
+def _sole_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    # the value must be the user's first (and only tensor) argument
+    if not user.args or user.args[0] is not node:
+        return None
+    if any(a is node for a in list(user.args[1:]) + list(user.kwargs.values())):
+        return None
+    return user
+
+
+def _as_activation(node: torch.fx.Node, modules: Dict[str, nn.Module]):
+    """(name, slope) if ``node`` applies ReLU or LeakyReLU to its input, else None."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        if isinstance(mod, (nn.ReLU, nn.LeakyReLU)):
+            return activation_spec(mod)
+        return None
+    if node.op == "call_function":
+        if node.target in _RELU_FUNCTIONS and len(node.args) == 1:
+            return "relu", 0.0
+        if node.target in _LEAKY_FUNCTIONS:
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return "relu", 0.0
+    return None
+
+
+def _as_pool(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> Optional[nn.MaxPool3d]:
+    if node.op == "call_module":
+        mod = modules[node.target]
+        return mod if isinstance(mod, nn.MaxPool3d) else None
+    if node.op == "call_function" and node.target is F.max_pool3d:
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        kwargs = dict(zip(names, node.args[1:]))
+        kwargs.update(node.kwargs)
+        if any(isinstance(v, torch.fx.Node) for v in kwargs.values()) or "kernel_size" not in kwargs:
+            return None
+        return nn.MaxPool3d(**kwargs)
+    return None
+
+
+def fuse(model: nn.Module, backend: Optional[str] = None) -> torch.fx.GraphModule:
+    """Return a module computing what ``model`` computes, with its Conv3d → BatchNorm3d → ReLU/LeakyReLU
+    (→ MaxPool3d) chains running the fused op. The state_dict is unchanged (same keys, same tensors).
+
+    Raises TypeError if ``model`` cannot be traced by torch.fx.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse() takes an nn.Module, got {type(model).__name__}")
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:
+        raise TypeError(
+            f"c3dzoo.fuse: {type(model).__name__} cannot be traced by torch.fx "
+            f"({type(exc).__name__}: {exc}); fuse its traceable submodules instead, or use "
+            f"c3dzoo.nn.Conv3dBNAct directly"
+        ) from exc
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    fused_count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) is not nn.Conv3d:
+            continue
+        conv = modules[node.target]
+        chain: List[torch.fx.Node] = [node]
+        bn = pool = None
+        activation, slope = "none", 0.0
+        nxt = _sole_user(node)
+        if nxt is not None and nxt.op == "call_module" and type(modules[nxt.target]) is nn.BatchNorm3d:
+            bn = modules[nxt.target]
+            chain.append(nxt)
+            nxt = _sole_user(nxt)
+        act = _as_activation(nxt, modules) if nxt is not None else None
+        if act is not None:
+            activation, slope = act
+            chain.append(nxt)
+            nxt = _sole_user(nxt)
+            candidate = _as_pool(nxt, modules) if nxt is not None else None
+            if candidate is not None and unsupported_reason(conv, bn, candidate) is None:
+                pool = candidate
+                chain.append(nxt)
+        if bn is None and act is None:
+            continue  # a lone conv gains nothing
+        if unsupported_reason(conv, bn, pool) is not None:
+            continue
+        name = "c3dzoo_fused_" + node.target.replace(".", "_")
+        gm.add_module(name, FusedChain(conv, bn, activation, slope, pool, backend))
+        with graph.inserting_after(chain[-1]):
+            fused_node = graph.call_module(name, (node.args[0],))
+        chain[-1].replace_all_uses_with(fused_node)
+        for dead in reversed(chain):
+            graph.erase_node(dead)
+        fused_count += 1
+    graph.lint()
+    gm.recompile()
+    _restore_missing_state(model, gm)
+    gm.c3dzoo_fused_chains = fused_count
+    return gm
+
+
+def _restore_missing_state(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Tracing keeps only the modules the forward uses; put back any that hold state, so the
+    state_dict keeps every key of the original."""
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        holds_state = any(True for _ in mod.parameters(recurse=False)) or any(
+            True for _ in mod.buffers(recurse=False)
+        )
+        if not holds_state:
+            continue
+        try:
+            present = gm.get_submodule(name)
+        except AttributeError:
+            present = None
+        if present is not mod:
+            _set_submodule(gm, name, mod)
+
+
+def _set_submodule(root: nn.Module, name: str, mod: nn.Module) -> None:
+    parent = root
+    *path, last = name.split(".")
+    for part in path:
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    setattr(parent, last, mod)
+

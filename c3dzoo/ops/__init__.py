@@ -1,0 +1,9 @@
+"""Fused ops. The only layer of c3dzoo that chooses a backend (see ``backends``)."""
+
+from . import backends
+from ._registry import register_builtin_backends
+from .conv3d_bn_act import ACTIVATIONS, conv3d_bn_act, normalize_pool, unsupported_pool_reason
+
+register_builtin_backends()
+
+__all__ = ["conv3d_bn_act", "backends", "normalize_pool", "unsupported_pool_reason", "ACTIVATIONS"]

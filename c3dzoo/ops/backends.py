@@ -1,0 +1,152 @@
+"""Backend registry: which implementation runs a fused call, and why.
+
+This module is the only place in c3dzoo that chooses a backend. The order of choice is:
+the explicit ``backend=`` argument, then the ``C3DZOO_BACKEND`` environment variable, then the
+best available backend. A backend that is unavailable, or that cannot run one configuration,
+falls back to ``reference``; the reason is kept (``fallbacks()``) and warned about once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+ENV_VAR = "C3DZOO_BACKEND"
+# Best first: "auto" takes the first available backend that supports the configuration.
+PREFERENCE = ("cuda", "triton", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBNActConfig:
+    """Everything about a fused call that decides whether a backend can run it."""
+
+    norm: str  # "batch" (batch statistics), "running" (folded running statistics) or "none"
+    activation: str  # "none", "relu" or "leaky_relu"
+    stride: Tuple[int, int, int]
+    padding: Tuple[int, int, int]
+    dilation: Tuple[int, int, int]
+    kernel_size: Tuple[int, int, int]
+    pool: Tuple[int, ...]  # () or kernel(3) + stride(3) + padding(3)
+    dtype: str  # e.g. "torch.bfloat16"
+    device: str  # device type: "cpu", "cuda"
+    in_channels: int
+    out_channels: int
+
+
+@dataclasses.dataclass
+class Backend:
+    """One implementation of the fused ops.
+
+    ``probe`` returns None when the backend can run at all, else the reason it cannot;
+    ``supports`` returns None when it can run a configuration, else the reason.
+    ``forward``/``backward`` have the signatures of ``c3dzoo.ops.reference``'s functions.
+    """
+
+    name: str
+    probe: Callable[[], Optional[str]]
+    supports: Callable[[ConvBNActConfig], Optional[str]]
+    load: Callable[[], object]  # returns an object with forward() and backward()
+
+
+_REGISTRY: Dict[str, Backend] = {}
+_FALLBACKS: Dict[Tuple[str, ConvBNActConfig], str] = {}
+_FALLBACK_LIMIT = 256
+_lock = threading.Lock()
+_probe_cache: Dict[str, Optional[str]] = {}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+    _probe_cache.pop(backend.name, None)
+
+
+def names() -> Tuple[str, ...]:
+    return tuple(n for n in PREFERENCE if n in _REGISTRY) + tuple(
+        n for n in _REGISTRY if n not in PREFERENCE
+    )
+
+
+def _unavailable_reason(name: str) -> Optional[str]:
+    # The interpreter switch can change between calls (tests toggle it), so triton is probed each time.
+    if name not in _probe_cache or name == "triton":
+        try:
+            _probe_cache[name] = _REGISTRY[name].probe()
+        except Exception as exc:  # a probe must never take the package down
+            _probe_cache[name] = f"probe failed: {type(exc).__name__}: {exc}"
+    return _probe_cache[name]
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """Each backend's availability and, when unavailable, why.
+
+    Returns ``{name: {"available": bool, "reason": str | None}}`` in order of preference.
+    """
+    out = {}
+    for name in names():
+        reason = _unavailable_reason(name)
+        out[name] = {"available": reason is None, "reason": reason}
+    return out
+
+
+def fallbacks() -> Dict[str, str]:
+    """Configurations that asked for a backend but ran on ``reference``, with the reason."""
+    with _lock:
+        return {f"{name}: {cfg}": reason for (name, cfg), reason in _FALLBACKS.items()}
+
+
+def clear_fallbacks() -> None:
+    with _lock:
+        _FALLBACKS.clear()
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """The backend the caller asked for: argument, then environment, then "auto"."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "") or "auto"
+    name = name.strip().lower()
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(
+            f"unknown c3dzoo backend {name!r} (from "
+            f"{'the backend argument' if backend is not None else ENV_VAR}); "
+            f"choose one of {('auto',) + names()}"
+        )
+    return name
+
+
+def _record_fallback(requested: str, cfg: ConvBNActConfig, reason: str, warn: bool) -> None:
+    key = (requested, cfg)
+    with _lock:
+        if key in _FALLBACKS:
+            return
+        if len(_FALLBACKS) >= _FALLBACK_LIMIT:
+            _FALLBACKS.pop(next(iter(_FALLBACKS)))
+        _FALLBACKS[key] = reason
+    if warn:  # only an explicit request deserves a warning; "auto" just records why
+        warnings.warn(
+        f"c3dzoo: backend {requested!r} cannot run this call, using 'reference': {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
+    """Name of the backend that will run ``cfg``."""
+    requested = requested_backend(backend)
+    candidates = names() if requested == "auto" else (requested,)
+    for name in candidates:
+        unavailable = _unavailable_reason(name)
+        reason = unavailable if unavailable is not None else _REGISTRY[name].supports(cfg)
+        if reason is None:
+            return name
+        if requested != "auto":
+            _record_fallback(name, cfg, reason, warn=True)
+        elif unavailable is None:  # available but not for this configuration
+            _record_fallback(name, cfg, reason, warn=False)
+    return "reference"
+
+
+def get(name: str):
+    """The loaded implementation object of backend ``name``."""
+    return _REGISTRY[name].load()

@@ -1,0 +1,377 @@
+"""``conv3d_bn_act``: Conv3d → BatchNorm3d → activation (→ MaxPool3d) as one op.
+
+Three ``torch.library`` custom ops make it traceable by ``torch.compile`` (each has a fake
+implementation) and differentiable:
+
+* ``c3dzoo::conv3d_bn_act_forward``  — functional; returns (out, batch mean, batch var),
+* ``c3dzoo::conv3d_bn_act_backward`` — gradients for x, conv weight/bias, BN γ/β,
+* ``c3dzoo::bn_update_running_stats_`` — mutates running_mean/var/num_batches_tracked.
+
+The backend is chosen here (``c3dzoo.ops.backends``) and passed to the custom ops by name.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import backends as _backends
+from . import reference as _reference
+
+Tensor = torch.Tensor
+IntOrTriple = Union[int, Sequence[int]]
+
+ACTIVATIONS = ("none", "relu", "leaky_relu")
+NORMS = ("batch", "running", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _impl(backend: str):
+    return _backends.get(backend)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: Optional[str], cfg: _backends.ConvBNActConfig) -> str:
+    # a pure function of its (hashable) arguments and the environment: torch.compile runs it once
+    # while tracing and bakes the answer into the graph
+    return _backends.resolve(backend, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("c3dzoo::conv3d_bn_act_forward", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    norm: str,
+    eps: float,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    activation: str,
+    negative_slope: float,
+    pool: List[int],
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    out, mean, var = _impl(backend).forward(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+        norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
+        activation=activation, negative_slope=negative_slope, pool=pool,
+    )
+    return out, mean, var
+
+
+def output_shape(x_shape, weight_shape, stride, padding, dilation, pool) -> List[int]:
+    """Shape of the fused op's output (conv, then the optional pool)."""
+    n, _, *spatial = x_shape
+    c_out, _, *kernel = weight_shape
+    size = [
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, k, st, p, d in zip(spatial, kernel, stride, padding, dilation)
+    ]
+    if pool:
+        size = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, pool[0:3], pool[3:6], pool[6:9])]
+    return [n, c_out, *size]
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
+                  stride, padding, dilation, activation, negative_slope, pool, backend):
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_reference._memory_format(x))
+    stats = weight.shape[0] if norm == "batch" else 0
+    return out, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+
+
+@torch.library.custom_op("c3dzoo::conv3d_bn_act_backward", mutates_args=())
+def _backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    norm: str,
+    eps: float,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    activation: str,
+    negative_slope: float,
+    pool: List[int],
+    backend: str,
+    needs_grad: List[bool],
+) -> List[Tensor]:
+    grads = _impl(backend).backward(
+        grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
+        norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
+        activation=activation, negative_slope=negative_slope, pool=pool, needs_grad=needs_grad,
+    )
+    # custom ops cannot return None: an empty tensor stands for "no gradient"
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                   mean, var, norm, eps, stride, padding, dilation, activation, negative_slope,
+                   pool, backend, needs_grad):
+    inputs = (x, weight, bias, bn_weight, bn_bias)
+    return [
+        torch.empty_like(t) if (t is not None and need) else x.new_empty(0)
+        for t, need in zip(inputs, needs_grad)
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
+     stride, padding, dilation, activation, negative_slope, pool, backend) = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var)
+    ctx.params = (norm, eps, stride, padding, dilation, activation, negative_slope, pool, backend)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    saved = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    if not any(needs):
+        return (None,) * 16
+    norm, eps, stride, padding, dilation, activation, negative_slope, pool, backend = ctx.params
+    grads = _backward_op(
+        grad_out.contiguous(memory_format=_reference._memory_format(grad_out)), *saved,
+        norm, eps, stride, padding, dilation, activation, negative_slope, pool, backend, needs,
+    )
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads,) + (None,) * 11
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op(
+    "c3dzoo::bn_update_running_stats_",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+def _update_running_stats_op(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: Optional[float],
+) -> None:
+    _reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+
+
+@_update_running_stats_op.register_fake
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------
+
+
+def _triple(value: IntOrTriple, name: str) -> Tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value,) * 3
+    value = tuple(value)
+    if len(value) != 3 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or 3 ints, got {value!r}")
+    return value
+
+
+def normalize_pool(pool) -> Tuple[int, ...]:
+    """``None``, an ``nn.MaxPool3d``, or (kernel, stride, padding) → 9 ints (or ())."""
+    if pool is None:
+        return ()
+    if isinstance(pool, torch.nn.MaxPool3d):
+        reason = unsupported_pool_reason(pool)
+        if reason:
+            raise ValueError(f"pool: {reason}")
+        kernel, stride, padding = pool.kernel_size, pool.stride, pool.padding
+    elif isinstance(pool, dict):
+        kernel, stride, padding = pool["kernel_size"], pool.get("stride"), pool.get("padding", 0)
+    else:
+        try:
+            kernel, stride, padding = pool
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"pool must be None, an nn.MaxPool3d or (kernel_size, stride, padding); got {pool!r}"
+            ) from None
+    kernel = _triple(kernel, "pool kernel_size")
+    stride = kernel if stride is None else _triple(stride, "pool stride")
+    padding = _triple(padding, "pool padding")
+    if any(k < 1 for k in kernel) or any(s < 1 for s in stride):
+        raise ValueError(f"pool kernel_size and stride must be positive, got {kernel}, {stride}")
+    if any(p < 0 or 2 * p > k for p, k in zip(padding, kernel)):
+        raise ValueError(f"pool padding must be between 0 and half the kernel size, got {padding} for {kernel}")
+    return kernel + stride + padding
+
+
+def unsupported_pool_reason(pool: torch.nn.MaxPool3d) -> Optional[str]:
+    """Why a MaxPool3d cannot be fused (None if it can)."""
+    if pool.ceil_mode:
+        return "ceil_mode=True is not supported"
+    if pool.return_indices:
+        return "return_indices=True is not supported"
+    if _triple(pool.dilation, "pool dilation") != (1, 1, 1):
+        return "dilation other than 1 is not supported"
+    return None
+
+
+def _check_inputs(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, activation):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"x must be 5-D (N, C, D, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 5:
+        raise ValueError(f"conv_weight must be 5-D (C_out, C_in, kD, kH, kW), got shape {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but conv_weight expects {weight.shape[1]} "
+            f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)}; groups=1 only)"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
+    c_out = weight.shape[0]
+    named = {
+        "conv_weight": weight, "conv_bias": bias, "bn_weight": bn_weight, "bn_bias": bn_bias,
+        "running_mean": running_mean, "running_var": running_var,
+    }
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if name != "conv_weight" and tuple(t.shape) != (c_out,):
+            raise ValueError(f"{name} must have shape ({c_out},) to match conv_weight, got {tuple(t.shape)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if norm == "running" and running_mean is None:
+        raise ValueError("norm='running' (eval-mode BatchNorm) needs running_mean and running_var")
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
+    return _backends.ConvBNActConfig(
+        norm=norm, activation=activation, stride=tuple(stride), padding=tuple(padding),
+        dilation=tuple(dilation), kernel_size=tuple(weight.shape[2:]), pool=tuple(pool),
+        dtype=str(x.dtype), device=x.device.type, in_channels=int(weight.shape[1]),
+        out_channels=int(weight.shape[0]),
+    )
+
+
+def conv3d_bn_act(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor] = None,
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    *,
+    training: bool,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: IntOrTriple = 1,
+    padding: IntOrTriple = 0,
+    dilation: IntOrTriple = 1,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    pool=None,
+    num_batches_tracked: Optional[Tensor] = None,
+    batch_norm: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``pool(act(batch_norm(conv3d(x))))`` in one op, with BatchNorm semantics of ``nn.BatchNorm3d``.
+
+    ``training`` — use batch statistics (and update running statistics when given), as
+    ``F.batch_norm(training=True)``; with ``training=False`` the running statistics are folded
+    into the conv (they are required then, unless ``running_mean is None``, in which case the batch
+    statistics are used as for ``track_running_stats=False``). ``momentum=None`` is a cumulative
+    average and needs ``num_batches_tracked``, which is incremented on every training call.
+    ``batch_norm=False`` leaves BatchNorm out (conv → activation → pool).
+    ``pool``: None, an ``nn.MaxPool3d``, or (kernel_size, stride, padding).
+    ``backend``: "reference", "triton", "cuda" or "auto" (default: ``$C3DZOO_BACKEND`` or "auto").
+    """
+    if not batch_norm:
+        norm = "none"
+    elif training or running_mean is None:
+        norm = "batch"
+    else:
+        norm = "running"
+    _check_inputs(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, norm, activation)
+    stride, padding, dilation = _triple(stride, "stride"), _triple(padding, "padding"), _triple(dilation, "dilation")
+    if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
+        raise ValueError(f"unsupported stride/padding/dilation {stride}/{padding}/{dilation}")
+    pool = normalize_pool(pool)
+    out_shape = output_shape(x.shape, conv_weight.shape, stride, padding, dilation, pool)
+    if any(s < 1 for s in out_shape[2:]):
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} is too small for kernel {tuple(conv_weight.shape[2:])}, "
+            f"stride {stride}, padding {padding}, dilation {dilation} and pool {pool or None}"
+        )
+    # conv output positions per channel, over which batch statistics are taken
+    conv_shape = output_shape(x.shape, conv_weight.shape, stride, padding, dilation, ())
+    count = conv_shape[0] * conv_shape[2] * conv_shape[3] * conv_shape[4]
+    updates_running_stats = norm == "batch" and training and running_mean is not None
+    if updates_running_stats and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
+    if norm == "batch" and count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+
+    # autocast: the conv runs in the autocast dtype, BatchNorm stays fp32 (as stock autocast does)
+    cast = _autocast_dtype(x.device.type)
+    if cast is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = x.to(cast)
+        conv_weight = conv_weight.to(cast)
+        conv_bias = None if conv_bias is None else conv_bias.to(cast)
+    elif conv_weight.dtype != x.dtype:
+        raise TypeError(
+            f"x is {x.dtype} but conv_weight is {conv_weight.dtype}; cast one of them or use autocast"
+        )
+
+    cfg = make_config(x, conv_weight, norm, activation, stride, padding, dilation, pool)
+    name = _resolve_backend(backend, cfg)
+    out, mean, var = _forward_op(
+        x, conv_weight, conv_bias, bn_weight, bn_bias,
+        running_mean if norm == "running" else None, running_var if norm == "running" else None,
+        norm, float(eps), list(stride), list(padding), list(dilation), activation,
+        float(negative_slope), list(pool), name,
+    )
+    if updates_running_stats:
+        _update_running_stats_op(
+            running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
+            None if momentum is None else float(momentum),
+        )
+    return out

@@ -1,0 +1,282 @@
+"""The ``reference`` backend: stock PyTorch ops, BatchNorm folded when it uses running statistics.
+
+It runs everywhere and defines the semantics every other backend is tested against.
+Its backward recomputes the conv output from the saved input (as activation checkpointing
+does), so it stores no intermediate activation between forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+_REDUCE_DIMS = (0, 2, 3, 4)
+
+
+def fold_batch_norm(
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tuple[Tensor, Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm folded in, computed in fp32.
+
+    s = γ / sqrt(running_var + eps);  W' = W·s;  b' = (b − running_mean)·s + β.
+    Returned in fp32; callers cast to the compute dtype.
+    """
+    scale = torch.rsqrt(running_var.float() + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.float()
+    shift = -running_mean.float()
+    if bias is not None:
+        shift = shift + bias.float()
+    folded_bias = shift * scale
+    if bn_bias is not None:
+        folded_bias = folded_bias + bn_bias.float()
+    folded_weight = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return folded_weight, folded_bias
+
+
+def apply_activation(y: Tensor, activation: str, negative_slope: float) -> Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    return y
+
+
+def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
+    if not pool:
+        return y
+    return F.max_pool3d(y, tuple(pool[0:3]), tuple(pool[3:6]), tuple(pool[6:9]))
+
+
+def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``y`` (N, C, D, H, W), in fp32 (two-pass, so sound when |mean| ≫ std)."""
+    var, mean = torch.var_mean(y.float(), dim=_REDUCE_DIMS, correction=0)
+    return mean, var
+
+
+def _forward_graph(
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
+    norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+):
+    """The fused computation written with stock ops; differentiable. Returns (out, mean, var)."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    dtype = x.dtype
+    mean = x.new_empty(0, dtype=torch.float32)
+    var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
+    if norm == "running":
+        w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        y = F.conv3d(x, w.to(dtype), b.to(dtype), stride, padding, dilation)
+    else:
+        y = F.conv3d(
+            x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation
+        )
+        if norm == "batch":
+            mean, var = batch_statistics(y)
+            shape = (1, -1, 1, 1, 1)
+            z = (y.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+            if bn_weight is not None:
+                z = z * bn_weight.float().view(shape)
+            if bn_bias is not None:
+                z = z + bn_bias.float().view(shape)
+            y = z.to(dtype)
+    out = apply_pool(apply_activation(y, activation, negative_slope), pool)
+    return out, mean, var
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    norm: str,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused forward. Returns (out, batch mean, biased batch var); the statistics are fp32 and
+    empty unless ``norm == "batch"``."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        out, mean, var = _forward_graph(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
+            activation=activation, negative_slope=negative_slope, pool=pool,
+        )
+    return out.contiguous(memory_format=_memory_format(x)), mean, var
+
+
+def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int]) -> Tensor:
+    kernel, stride, padding = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
+    _, indices = F.max_pool3d(a, kernel, stride, padding, return_indices=True)
+    return torch.ops.aten.max_pool3d_with_indices_backward(
+        grad_out.to(a.dtype), a, kernel, stride, padding, [1, 1, 1], False, indices
+    )
+
+
+def _activation_backward(grad: Tensor, z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    if activation == "relu":
+        return torch.where(z > 0, grad, torch.zeros_like(grad))
+    if activation == "leaky_relu":
+        return torch.where(z > 0, grad, grad * negative_slope)
+    return grad
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    *,
+    norm: str,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    needs_grad: Sequence[bool],
+) -> List[Optional[Tensor]]:
+    """Gradients for (x, weight, bias, bn_weight, bn_bias); None where not needed or not present.
+
+    Recomputes the conv output from the saved input (nothing but x is stored), then runs pool,
+    activation and BatchNorm backward in fp32 and the conv's dgrad/wgrad in the compute dtype.
+    In "running" mode the BN is folded, so γ's gradient comes from the wgrad result:
+    Σ gy'·(conv(x,W)+b−rm) = Σ W·wgrad(x, gy') + (b−rm)·Σ gy'.
+    """
+    need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    dtype = x.dtype
+    shape = (1, -1, 1, 1, 1)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        conv_weight = weight.to(dtype)
+        scale = None
+        if norm == "running":
+            folded_w, folded_b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+            conv_weight = folded_w.to(dtype)
+            y = F.conv3d(x, conv_weight, folded_b.to(dtype), stride, padding, dilation)
+            scale = torch.rsqrt(running_var.float() + eps)
+            if bn_weight is not None:
+                scale = scale * bn_weight.float()
+        else:
+            y = F.conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
+        z = y
+        if norm == "batch":
+            invstd = torch.rsqrt(var + eps)
+            xhat = (y.float() - mean.view(shape)) * invstd.view(shape)
+            z = xhat
+            if bn_weight is not None:
+                z = z * bn_weight.float().view(shape)
+            if bn_bias is not None:
+                z = z + bn_bias.float().view(shape)
+            z = z.to(dtype)
+        grad = grad_out
+        if pool:
+            grad = _pool_backward(grad, apply_activation(z, activation, negative_slope), pool)
+        grad = _activation_backward(grad, z, activation, negative_slope).float()
+
+        grad_gamma = grad_beta = None
+        if norm == "batch":
+            sum_dy = grad.sum(dim=_REDUCE_DIMS)
+            sum_dy_xhat = (grad * xhat).sum(dim=_REDUCE_DIMS)
+            grad_gamma, grad_beta = sum_dy_xhat, sum_dy
+            count = xhat.numel() // xhat.shape[1]
+            gamma = bn_weight.float() if bn_weight is not None else torch.ones_like(invstd)
+            # gy = γ·invstd·(gz − mean(gz) − xhat·mean(gz·xhat))
+            grad = (gamma * invstd).view(shape) * (
+                grad - (sum_dy / count).view(shape) - xhat * (sum_dy_xhat / count).view(shape)
+            )
+        elif norm == "running":
+            grad_beta = grad.sum(dim=_REDUCE_DIMS)
+        grad_y = grad.to(dtype)
+
+        need_wgrad = need_w or (norm == "running" and need_g)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad_y, x, conv_weight, None, stride, padding, dilation, False, [0, 0, 0], 1,
+            [need_x, need_wgrad, False],
+        )
+        grad_bias = None
+        if norm == "running":
+            # gw is the gradient of the folded weight W·s
+            if need_g:
+                w_dot = (gw.float() * weight.float()).sum(dim=(1, 2, 3, 4))
+                shift = -running_mean.float() + (bias.float() if bias is not None else 0.0)
+                grad_gamma = torch.rsqrt(running_var.float() + eps) * (w_dot + shift * grad_beta)
+            if need_w:
+                gw = gw.float() * scale.view(-1, 1, 1, 1, 1)
+            if need_b:
+                grad_bias = grad_beta * scale
+        elif norm == "batch" and need_b:
+            # batch normalisation removes any per-channel shift: the exact gradient is zero
+            grad_bias = torch.zeros_like(grad_beta)
+        elif need_b:
+            grad_bias = grad.sum(dim=_REDUCE_DIMS)
+
+    def cast(g, like, need):
+        return g.to(like.dtype) if (need and like is not None and g is not None) else None
+
+    return [
+        cast(gx, x, need_x),
+        cast(gw, weight, need_w),
+        cast(grad_bias, bias, need_b),
+        cast(grad_gamma, bn_weight, need_g),
+        cast(grad_beta, bn_bias, need_beta),
+    ]
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: Optional[float],
+) -> None:
+    """In place, exactly as ``nn.BatchNorm3d`` in training mode, without a host synchronisation.
+
+    ``var`` is the biased batch variance over ``count`` values per channel; running_var gets the
+    unbiased one. ``momentum=None`` means a cumulative average (factor 1/num_batches_tracked).
+    """
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            factor = num_batches_tracked.reciprocal().to(torch.float32)
+        else:
+            factor = momentum
+        unbiased = var * (count / max(count - 1, 1))
+        new_mean = running_mean.float() * (1 - factor) + mean * factor
+        new_var = running_var.float() * (1 - factor) + unbiased * factor
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
