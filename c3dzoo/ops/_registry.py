@@ -64,11 +64,13 @@ def register_builtin_backends() -> None:
         _backends.Backend(
             "triton", _probe_triton, _supports_triton,
             lambda: importlib.import_module("c3dzoo.ops.triton_impl"),
+            auto_devices=("cuda",),
         )
     )
     _backends.register(
         _backends.Backend(
             "cuda", _probe_cuda, _supports_cuda,
             lambda: importlib.import_module("c3dzoo.ops.cuda_impl"),
+            auto_devices=("cuda",),
         )
     )

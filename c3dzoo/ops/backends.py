@@ -49,6 +49,9 @@ class Backend:
     probe: Callable[[], Optional[str]]
     supports: Callable[[ConvBNActConfig], Optional[str]]
     load: Callable[[], object]  # returns an object with forward() and backward()
+    # device types on which "auto" may pick this backend (None: all). The Triton interpreter runs
+    # on CPU when asked for by name, but is far too slow to be chosen automatically.
+    auto_devices: Optional[Tuple[str, ...]] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -136,6 +139,9 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
     requested = requested_backend(backend)
     candidates = names() if requested == "auto" else (requested,)
     for name in candidates:
+        auto_devices = _REGISTRY[name].auto_devices
+        if requested == "auto" and auto_devices is not None and cfg.device not in auto_devices:
+            continue
         unavailable = _unavailable_reason(name)
         reason = unavailable if unavailable is not None else _REGISTRY[name].supports(cfg)
         if reason is None:

@@ -32,10 +32,10 @@ def _impl(backend: str):
 
 
 @torch.compiler.assume_constant_result
-def _resolve_backend(backend: Optional[str], cfg: _backends.ConvBNActConfig) -> str:
-    # a pure function of its (hashable) arguments and the environment: torch.compile runs it once
-    # while tracing and bakes the answer into the graph
-    return _backends.resolve(backend, cfg)
+def _resolve_backend(backend: Optional[str], cfg_fields: tuple) -> str:
+    # a pure function of its constant arguments and the environment: torch.compile runs it once
+    # while tracing and bakes the answer into the graph (so it takes plain values, not the dataclass)
+    return _backends.resolve(backend, _backends.ConvBNActConfig(*cfg_fields))
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,13 +280,17 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
-    return _backends.ConvBNActConfig(
-        norm=norm, activation=activation, stride=tuple(stride), padding=tuple(padding),
-        dilation=tuple(dilation), kernel_size=tuple(weight.shape[2:]), pool=tuple(pool),
-        dtype=str(x.dtype), device=x.device.type, in_channels=int(weight.shape[1]),
-        out_channels=int(weight.shape[0]),
+def _config_fields(x, weight, norm, activation, stride, padding, dilation, pool) -> tuple:
+    """ConvBNActConfig's fields, in order, as plain Python values."""
+    return (
+        norm, activation, tuple(stride), tuple(padding), tuple(dilation),
+        tuple(int(k) for k in weight.shape[2:]), tuple(pool), str(x.dtype), x.device.type,
+        int(weight.shape[1]), int(weight.shape[0]),
     )
+
+
+def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
+    return _backends.ConvBNActConfig(*_config_fields(x, weight, norm, activation, stride, padding, dilation, pool))
 
 
 def conv3d_bn_act(
@@ -350,7 +354,8 @@ def conv3d_bn_act(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
 
-    # autocast: the conv runs in the autocast dtype, BatchNorm stays fp32 (as stock autocast does)
+    # autocast: the conv runs in the autocast dtype, BatchNorm statistics and parameters stay fp32,
+    # and the output has the autocast dtype (as stock autocast gives on CUDA)
     cast = _autocast_dtype(x.device.type)
     if cast is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = x.to(cast)
@@ -361,8 +366,9 @@ def conv3d_bn_act(
             f"x is {x.dtype} but conv_weight is {conv_weight.dtype}; cast one of them or use autocast"
         )
 
-    cfg = make_config(x, conv_weight, norm, activation, stride, padding, dilation, pool)
-    name = _resolve_backend(backend, cfg)
+    name = _resolve_backend(
+        backend, _config_fields(x, conv_weight, norm, activation, stride, padding, dilation, pool)
+    )
     out, mean, var = _forward_op(
         x, conv_weight, conv_bias, bn_weight, bn_bias,
         running_mean if norm == "running" else None, running_var if norm == "running" else None,

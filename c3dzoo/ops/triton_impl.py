@@ -1,0 +1,222 @@
+"""The ``triton`` backend: Triton kernels for the fused Conv3d → BatchNorm3d → activation (→ MaxPool3d).
+
+Implemented: the inference path — BatchNorm with running statistics (folded into the conv weight
+and bias) or no BatchNorm — as one implicit-GEMM kernel with a bias + activation (+ max-pool)
+epilogue (``c3dzoo.kernels.conv3d_bias_act_pool``). Training-mode BatchNorm (batch statistics) is
+not implemented yet: ``supports`` says so and the registry falls back to ``reference``.
+
+Runs on CUDA, or on CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weight
+
+from . import reference as _reference
+from ._registry import triton_interpreter_enabled
+from .backends import ConvBNActConfig
+
+Tensor = torch.Tensor
+
+_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
+
+
+def supports(cfg: ConvBNActConfig) -> Optional[str]:
+    """None if the Triton kernels can run ``cfg``, else why not."""
+    if cfg.norm == "batch":
+        return "training-mode BatchNorm (batch statistics) is not implemented in the Triton backend yet"
+    if cfg.norm not in ("running", "none"):
+        return f"norm={cfg.norm!r} is not supported by the Triton backend"
+    if cfg.activation not in ("none", "relu", "leaky_relu"):
+        return f"activation {cfg.activation!r} is not supported by the Triton backend"
+    if cfg.dtype == "torch.float64":
+        return "float64 is not supported by the Triton kernels (no fp64 tensor-core path); use 'reference'"
+    if cfg.dtype not in _DTYPES:
+        return f"dtype {cfg.dtype} is not supported by the Triton backend (fp16, bf16, fp32 only)"
+    if cfg.device == "cpu":
+        if not triton_interpreter_enabled():
+            return "a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter) for the Triton backend"
+        if cfg.dtype == "torch.bfloat16":
+            return "bfloat16 under the Triton interpreter gives wrong results (its bf16 dot/arithmetic is broken)"
+    elif cfg.device != "cuda":
+        return f"device {cfg.device!r} is not supported by the Triton backend (cuda, or cpu under TRITON_INTERPRET=1)"
+    if len(cfg.pool) not in (0, 9):
+        return f"pool {cfg.pool!r} is not kernel(3) + stride(3) + padding(3)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# folded + packed weight cache
+# --------------------------------------------------------------------------------------------
+
+
+class _FoldedWeightCache:
+    """Folded, cast and packed (weight, bias) per set of source tensors.
+
+    An entry is valid while its source tensors are the very same objects (weak references, so an
+    entry never keeps a model alive and a recycled address or id never matches) and their
+    ``_version`` counters are unchanged (any in-place update — an optimizer step, a BatchNorm
+    updating running statistics in training mode, ``load_state_dict`` — bumps them). Entries die
+    with their conv weight, and at most ``capacity`` are kept (least recently used first out).
+    Not detected: writes through ``tensor.data``, which bypass the version counter.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(sources: Sequence[Optional[Tensor]], extra: tuple) -> Optional[tuple]:
+        parts = []
+        for t in sources:
+            if t is None:
+                parts.append(None)
+                continue
+            if t.is_inference():  # inference tensors have no version counter: do not cache
+                return None
+            parts.append((id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype))
+        return tuple(parts) + extra
+
+    def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
+        key = self._key(sources, extra)
+        if key is None:
+            return build()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                refs, value = entry
+                if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources)):
+                    self._entries.move_to_end(key)
+                    return value
+                del self._entries[key]  # an id was recycled: stale
+        value = build()
+        entries = self._entries
+
+        def drop(_ref, key=key):  # the conv weight died: its entries are useless
+            entries.pop(key, None)
+
+        refs = tuple(
+            None if t is None else weakref.ref(t, drop if i == 0 else None) for i, t in enumerate(sources)
+        )
+        with self._lock:
+            entries[key] = (refs, value)
+            entries.move_to_end(key)
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_weight_cache = _FoldedWeightCache()
+
+
+def _folded_packed_weight(
+    weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps, dtype
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """(packed weight in ``dtype``, fp32 bias or None), BatchNorm folded in fp32 when norm == "running"."""
+
+    def build():
+        with torch.no_grad():
+            if norm == "running":
+                w, b = _reference.fold_batch_norm(
+                    weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
+                )
+            else:
+                w, b = weight, (None if bias is None else bias.float())
+            return pack_weight(w.to(dtype)), (None if b is None else b.contiguous())
+
+    sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    if norm != "running":
+        sources = (weight, bias, None, None, None, None)
+    return _weight_cache.get_or_build(sources, (norm, float(eps), dtype), build)
+
+
+# --------------------------------------------------------------------------------------------
+# backend entry points (signatures of c3dzoo.ops.reference)
+# --------------------------------------------------------------------------------------------
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    norm: str,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused forward for norm "running" (BatchNorm folded) or "none". Returns (out, mean, var);
+    mean and var are empty fp32 (no batch statistics in these modes)."""
+    if norm not in ("running", "none"):
+        raise NotImplementedError(f"triton backend: norm={norm!r} is not implemented (see supports())")
+    with torch.no_grad():
+        w_packed, folded_bias = _folded_packed_weight(
+            weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps, dtype=x.dtype
+        )
+        out = conv3d_bias_act_pool(
+            x, w_packed, folded_bias,
+            kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
+            activation=activation, negative_slope=negative_slope, pool=tuple(pool), out_dtype=x.dtype,
+        )
+    # The kernel writes channels-last. The op's contract (reference backend and the fake
+    # implementation torch.compile traces with) is x's memory format, so a contiguous x gets a
+    # contiguous result; feed channels_last_3d inputs to keep the whole chain copy-free.
+    out = out.contiguous(memory_format=_reference._memory_format(x))
+    mean = x.new_empty(0, dtype=torch.float32)
+    var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
+    return out, mean, var
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    *,
+    norm: str,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    needs_grad: Sequence[bool],
+) -> List[Optional[Tensor]]:
+    """Gradients for (x, weight, bias, bn_weight, bn_bias): delegated to ``reference.backward`` for
+    now (stock PyTorch, recomputing the forward). Triton dgrad/wgrad kernels come with the training
+    kernels."""
+    return _reference.backward(
+        grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
+        norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,
+        negative_slope=negative_slope, pool=pool, needs_grad=needs_grad,
+    )

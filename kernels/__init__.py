@@ -1,0 +1,1 @@
+"""Triton kernels of c3dzoo, installed as ``c3dzoo.kernels``. Kernels know tensors, never modules."""
