@@ -9,8 +9,8 @@ from torch import nn
 
 # name → "module:function"; imported on first use so a missing optional piece never breaks the rest
 _MODELS: Dict[str, str] = {
-    "c3d_bn": "c3dzoo.models.c3d:c3d_bn",
-    "c3d": "c3dzoo.models.c3d:c3d",
+    "c3d_bn": "c3dzoo.models.c3d_family:c3d_bn",
+    "c3d": "c3dzoo.models.c3d_family:c3d",
     "jester_convcolumn": "c3dzoo.models.jester:jester_convcolumn",
     "r3d_18": "c3dzoo.models.video_resnet:r3d_18",
     "mc3_18": "c3dzoo.models.video_resnet:mc3_18",

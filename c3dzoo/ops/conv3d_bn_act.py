@@ -208,6 +208,8 @@ def normalize_pool(pool) -> Tuple[int, ...]:
         kernel, stride, padding = pool["kernel_size"], pool.get("stride"), pool.get("padding", 0)
     else:
         try:
+            if not isinstance(pool, (tuple, list)):
+                raise TypeError
             kernel, stride, padding = pool
         except (TypeError, ValueError):
             raise ValueError(

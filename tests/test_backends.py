@@ -1,0 +1,70 @@
+"""Backend choice: argument, then $C3DZOO_BACKEND, then the best available; fallbacks say why."""
+
+import warnings
+
+import pytest
+import torch
+
+import c3dzoo
+from c3dzoo.ops import backends as registry
+from c3dzoo.ops import conv3d_bn_act
+
+
+def _call(**kwargs):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 3, 5, 5, generator=g)
+    w = torch.randn(3, 2, 3, 3, 3, generator=g)
+    return conv3d_bn_act(x, w, None, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3),
+                         training=False, padding=1, **kwargs)
+
+
+def test_backends_report_availability_and_reasons():
+    status = c3dzoo.backends()
+    assert list(status) == ["cuda", "triton", "reference"]  # order of preference
+    assert status["reference"] == {"available": True, "reason": None}
+    for name, info in status.items():
+        assert isinstance(info["available"], bool)
+        if not info["available"]:
+            assert isinstance(info["reason"], str) and info["reason"], name
+
+
+def test_cuda_backend_unavailable_without_gpu_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU reason cannot be observed")
+    reason = c3dzoo.backends()["cuda"]["reason"]
+    assert "c3dzoo._C" in reason or "CUDA" in reason
+
+
+def test_auto_never_picks_the_interpreter_on_cpu():
+    cfg = registry.ConvBNActConfig("running", "relu", (1,) * 3, (1,) * 3, (1,) * 3, (3,) * 3, (),
+                                   "torch.float32", "cpu", 2, 3)
+    assert registry.resolve(None, cfg) == "reference"
+    assert registry.resolve("auto", cfg) == "reference"
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    cfg = registry.ConvBNActConfig("running", "relu", (1,) * 3, (1,) * 3, (1,) * 3, (3,) * 3, (),
+                                   "torch.float32", "cpu", 2, 3)
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    assert registry.requested_backend(None) == "reference"
+    assert registry.requested_backend("auto") == "auto"  # the argument wins over the environment
+    monkeypatch.setenv(registry.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="C3DZOO_BACKEND"):
+        registry.resolve(None, cfg)
+
+
+def test_unavailable_backend_falls_back_with_reason(monkeypatch):
+    registry.clear_fallbacks()
+    reason = c3dzoo.backends()["cuda"]["reason"]
+    if reason is None:
+        pytest.skip("the cuda backend is available here")
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' cannot run this call"):
+        out = _call(backend="cuda")
+    ref = _call(backend="reference")
+    torch.testing.assert_close(out, ref)
+    recorded = c3dzoo.fallbacks()
+    assert any(key.startswith("cuda:") and value == reason for key, value in recorded.items())
+    # warned once per configuration, not per call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _call(backend="cuda")

@@ -1,0 +1,146 @@
+"""c3dzoo.fuse and the drop-in Conv3dBNAct module."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import c3dzoo
+from c3dzoo.nn import Conv3dBNAct, Conv3dBNReLU, FusedChain
+from parity import assert_parity
+
+
+class FunctionalForms(nn.Module):
+    """Chains written with functional activations/pools, plus one whose conv output is reused."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(3, 4, 3, padding=1)
+        self.a_bn = nn.BatchNorm3d(4)
+        self.b = nn.Conv3d(4, 5, 3, padding=1)
+        self.b_bn = nn.BatchNorm3d(5)
+        self.c = nn.Conv3d(5, 5, (1, 3, 3), padding=(0, 1, 1))
+        self.c_bn = nn.BatchNorm3d(5)
+        self.c_act = nn.LeakyReLU(0.2)
+        self.unused_head = nn.Linear(3, 3)  # holds state, never called: must survive fuse()
+
+    def forward(self, x):
+        x = F.max_pool3d(F.relu(self.a_bn(self.a(x))), (1, 2, 2), (1, 2, 2))
+        y = self.b(x)
+        x = torch.relu(self.b_bn(y)) + y  # the conv output is used twice: this chain must stay stock
+        return self.c_act(self.c_bn(self.c(x)))
+
+
+def _reference_pair(model):
+    fused = c3dzoo.fuse(copy.deepcopy(model))
+    return fused, copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fuse_functional_forms_and_shared_values(mode):
+    torch.manual_seed(0)
+    model = FunctionalForms()
+    fused = c3dzoo.fuse(copy.deepcopy(model))
+    assert fused.c3dzoo_fused_chains == 2  # a (relu + F.max_pool3d) and c (LeakyReLU); b stays stock
+    chains = [m for m in fused.modules() if isinstance(m, FusedChain)]
+    assert sorted(c.activation for c in chains) == ["leaky_relu", "relu"]
+    assert set(fused.state_dict()) == set(model.state_dict())
+    ref = copy.deepcopy(model).double()
+    for m in (model, fused, ref):
+        m.train(mode == "train")
+    x = torch.randn(2, 3, 4, 8, 8)
+    assert_parity(fused(x), model(x), ref(x.double()), torch.float32, "output")
+    for name, buf in ref.named_buffers():
+        if not name.endswith("num_batches_tracked"):
+            assert_parity(dict(fused.named_buffers())[name], dict(model.named_buffers())[name], buf,
+                          torch.float32, name)
+
+
+def test_fuse_shares_parameters_and_follows_train_eval():
+    model = FunctionalForms()
+    fused = c3dzoo.fuse(model)
+    assert fused.a.weight is model.a.weight  # shared with the input model, as fx.symbolic_trace does
+    fused.eval()
+    assert not fused.a_bn.training
+    before = fused.a_bn.running_mean.clone()
+    fused(torch.randn(1, 3, 4, 8, 8))
+    assert torch.equal(before, fused.a_bn.running_mean)  # eval: statistics untouched
+    fused.train()
+    fused(torch.randn(2, 3, 4, 8, 8))
+    assert not torch.equal(before, fused.a_bn.running_mean)
+
+
+def test_fuse_checkpoint_round_trip():
+    model = FunctionalForms()
+    fused = c3dzoo.fuse(copy.deepcopy(model))
+    fresh = FunctionalForms()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    fused.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_fuse_keeps_unfusable_pool_stock():
+    model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.BatchNorm3d(3), nn.ReLU(),
+                          nn.MaxPool3d(2, ceil_mode=True))
+    fused = c3dzoo.fuse(copy.deepcopy(model))
+    assert fused.c3dzoo_fused_chains == 1
+    chain = next(m for m in fused.modules() if isinstance(m, FusedChain))
+    assert chain._modules_ref[2] is None  # the ceil_mode pool runs stock after the fused chain
+    model.eval(), fused.eval()
+    x = torch.randn(1, 2, 5, 5, 5)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_rejects_untraceable_models():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(2, 2, 1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.conv(x)
+            return x
+
+    with pytest.raises(TypeError, match="cannot be traced by torch.fx"):
+        c3dzoo.fuse(Untraceable())
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        c3dzoo.fuse(lambda x: x)
+
+
+def test_conv3d_bn_act_module_is_drop_in():
+    module = Conv3dBNReLU(3, 4, 3, padding=1, pool=((1, 2, 2), (1, 2, 2), 0))
+    assert Conv3dBNReLU is Conv3dBNAct
+    assert isinstance(module.conv, nn.Conv3d) and isinstance(module.bn, nn.BatchNorm3d)
+    assert isinstance(module.pool, nn.MaxPool3d)
+    assert set(module.state_dict()) == {
+        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+        "bn.num_batches_tracked",
+    }
+    stock = nn.Sequential(copy.deepcopy(module.conv), copy.deepcopy(module.bn), nn.ReLU(), module.pool)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 4, 6, 6)
+    torch.testing.assert_close(module(x), stock(x))
+    before = module.conv.weight.detach().clone()
+    module(x).sum().backward()
+    opt.step()
+    assert not torch.equal(before, module.conv.weight)
+    # a frozen BN in a training module uses and keeps its running statistics
+    module.train()
+    module.bn.eval()
+    stats = module.bn.running_mean.clone()
+    stock[1].load_state_dict(module.bn.state_dict())
+    stock[0].load_state_dict(module.conv.state_dict())
+    stock[1].eval()
+    torch.testing.assert_close(module(x), stock(x))
+    assert torch.equal(stats, module.bn.running_mean)
+
+
+def test_conv_without_bn_fuses_activation_and_pool():
+    module = Conv3dBNAct(3, 4, 3, padding=1, batch_norm=False, activation="leaky_relu",
+                         negative_slope=0.3, pool=((2, 2, 2), (2, 2, 2), 0))
+    assert module.bn is None
+    x = torch.randn(1, 3, 4, 6, 6)
+    expected = F.max_pool3d(F.leaky_relu(module.conv(x), 0.3), 2)
+    torch.testing.assert_close(module(x), expected)
