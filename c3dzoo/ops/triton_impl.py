@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weight
+from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weight, runs_interpreted
 
 from . import reference as _reference
 from ._registry import triton_interpreter_enabled
@@ -43,6 +43,9 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
     if cfg.device == "cpu":
         if not triton_interpreter_enabled():
             return "a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter) for the Triton backend"
+        if not runs_interpreted():
+            return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported (compiled for "
+                    "a GPU); set it before the first use of the triton backend")
         if cfg.dtype == "torch.bfloat16":
             return "bfloat16 under the Triton interpreter gives wrong results (its bf16 dot/arithmetic is broken)"
     elif cfg.device != "cuda":

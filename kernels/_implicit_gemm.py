@@ -1,0 +1,196 @@
+"""Shared ``@triton.jit`` building blocks of the implicit-GEMM 3-D convolution kernels.
+
+A convolution over a channels-last (NDHWC) input is a GEMM that is never materialised:
+
+    M = output positions (n, d, h, w)      rows of the tile, gathered from the input
+    N = output channels                    columns of the tile, read from the packed weight
+    K = kernel taps × input channels       the reduction
+
+The packed weight is the matrix ``[K, C_out]`` with K ordered (kd, kh, kw, c_in), i.e.
+``weight.permute(2, 3, 4, 1, 0).reshape(-1, C_out)`` (see ``pack_weight`` in the kernel modules): a
+K row is contiguous along C_out, and consecutive K rows of one tap are consecutive input channels,
+which are contiguous in an NDHWC input too.
+
+Two main loops compute one fp32 accumulator tile ``[BLOCK_M, BLOCK_N]``:
+
+* ``conv_tile_channel_blocks`` walks K as (tap, channel block): every input load is BLOCK_M rows of
+  BLOCK_K contiguous channels. The (tap, block) pairs are flattened into ONE loop so that Triton's
+  software pipeliner (``num_stages``) overlaps the loads of step i+1.. with the MMA of step i even
+  when C_in fits in one block (a nested per-tap loop would give it nothing to pipeline).
+* ``conv_tile_flat_k`` is for tiny C_in (C3D's conv1 has C_in = 3, K = 81): a channel block of 16
+  would waste 13/16 of every MMA, so K = taps·C_in is walked in BLOCK_K chunks and each element's
+  (tap, channel) is decoded on the fly (a gathered load).
+
+Borders (padding), channel counts that are no multiple of the block, and rows past the end are all
+handled by load masks: masked elements read as 0 and contribute nothing. Rows address the input as
+``x_ptr + row_offset[r] + ...`` in int32: callers pass an ``x_ptr`` already advanced (in int64) to
+the first sample of the tile and check that the samples one tile spans fit in int32. Per-row state
+is kept small on purpose: it lives in registers for the whole K loop (see the sm_90 register
+report in tests/test_triton_sm90.py).
+
+Later kernels (training forward with a statistics epilogue, dgrad, wgrad) reuse these helpers.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
+    """``none`` / ``relu`` / ``leaky_relu(negative_slope)``, elementwise, in y's dtype."""
+    if ACTIVATION == "relu":
+        y = tl.where(y > 0, y, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        y = tl.where(y > 0, y, y * negative_slope)
+    return y
+
+
+@triton.jit
+def conv_tile_channel_blocks(
+    x_ptr, w_ptr,
+    row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
+    in_d, in_h, in_w, in_c, out_c,
+    dil_d, dil_h, dil_w,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 tile ``[BLOCK_M, BLOCK_N]`` of conv(x, w) with K walked as (tap, channel block).
+
+    Row r of the tile is the output position whose receptive field starts at input coordinate
+    ``(in_d0[r], in_h0[r], in_w0[r])`` (output coordinate × stride − padding) of the sample that
+    starts at element ``row_offset[r]`` of ``x_ptr`` (int32); rows with ``row_mask`` False read
+    nothing. Tiles: ``offs_n`` are the BLOCK_N output channels.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    col_mask = offs_n < out_c
+    stride_xw = in_c  # NDHWC element strides of one sample
+    stride_xh = in_w * in_c
+    stride_xd = in_h * stride_xh
+    k_blocks = tl.cdiv(in_c, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(KD * KH * KW * k_blocks):
+        tap = step // k_blocks
+        c0 = (step - tap * k_blocks) * BLOCK_K
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        d = in_d0 + kd * dil_d
+        h = in_h0 + kh * dil_h
+        w = in_w0 + kw * dil_w
+        in_bounds = row_mask & (d >= 0) & (d < in_d) & (h >= 0) & (h < in_h) & (w >= 0) & (w < in_w)
+        offs_c = c0 + offs_k
+        c_mask = offs_c < in_c
+        a = tl.load(
+            x_ptr + (row_offset + d * stride_xd + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :],
+            mask=in_bounds[:, None] & c_mask[None, :], other=0.0,
+        )
+        b = tl.load(
+            w_ptr + (tap * in_c + offs_c)[:, None] * out_c + offs_n[None, :],
+            mask=c_mask[:, None] & col_mask[None, :], other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def conv_tile_flat_k(
+    x_ptr, w_ptr,
+    row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
+    in_d, in_h, in_w, in_c, out_c,
+    dil_d, dil_h, dil_w,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Same tile as ``conv_tile_channel_blocks``, for tiny C_in: K = taps·C_in walked in BLOCK_K
+    chunks, each K index decoded into (tap, channel) and gathered. Needs KD·KH·KW ≤ 32.
+
+    Per-row state lives in registers for the whole loop, so before it every row is reduced to one
+    int32 offset and a bitmask of the taps that fall inside the input (bit t = tap t): element
+    (r, k) reads ``x_ptr + row_offset[r] + col_offset[k]`` if bit tap(k) of ``tap_ok[r]`` is set,
+    one add and one shift per element instead of three coordinates and six compares.
+    """
+    stride_xw = in_c
+    stride_xh = in_w * in_c
+    stride_xd = in_h * stride_xh
+    tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for kd in tl.static_range(KD):
+        d = in_d0 + kd * dil_d
+        ok_d = row_mask & (d >= 0) & (d < in_d)
+        for kh in tl.static_range(KH):
+            h = in_h0 + kh * dil_h
+            ok_dh = ok_d & (h >= 0) & (h < in_h)
+            for kw in tl.static_range(KW):
+                w = in_w0 + kw * dil_w
+                ok = ok_dh & (w >= 0) & (w < in_w)
+                tap_ok = tap_ok | (ok.to(tl.int32) << ((kd * KH + kh) * KW + kw))
+    row_offset = row_offset + in_d0 * stride_xd + in_h0 * stride_xh + in_w0 * stride_xw
+
+    offs_k = tl.arange(0, BLOCK_K)
+    col_mask = offs_n < out_c
+    k_total = KD * KH * KW * in_c
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_total, BLOCK_K):
+        offs_kk = k0 + offs_k
+        k_mask = offs_kk < k_total
+        tap = tl.minimum(offs_kk // in_c, KD * KH * KW - 1)  # clamped: a shift ≥ 32 is undefined
+        c = offs_kk - tap * in_c
+        col_offset = (
+            (tap // (KH * KW)) * dil_d * stride_xd
+            + ((tap // KW) % KH) * dil_h * stride_xh
+            + (tap % KW) * dil_w * stride_xw
+            + c
+        )
+        # loaded as A^T [BLOCK_K, BLOCK_M]: with no contiguous direction Triton spreads a warp's
+        # threads along the last dimension, here the rows, so each thread holds few rows (and
+        # neighbouring rows are neighbouring output positions: the warp's reads still coalesce)
+        inside = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
+        a_t = tl.load(
+            x_ptr + (col_offset[:, None] + row_offset[None, :]),
+            mask=inside & k_mask[:, None], other=0.0,
+        )
+        b = tl.load(
+            w_ptr + offs_kk[:, None] * out_c + offs_n[None, :],
+            mask=k_mask[:, None] & col_mask[None, :], other=0.0,
+        )
+        acc = tl.dot(tl.trans(a_t), b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def conv_tile(
+    x_ptr, w_ptr,
+    row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
+    in_d, in_h, in_w, in_c, out_c,
+    dil_d, dil_h, dil_w,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One fp32 conv tile, by the main loop ``FLAT_K`` selects (see the module docstring)."""
+    if FLAT_K:
+        acc = conv_tile_flat_k(
+            x_ptr, w_ptr, row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
+            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
+            KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+        )
+    else:
+        acc = conv_tile_channel_blocks(
+            x_ptr, w_ptr, row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
+            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
+            KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+        )
+    return acc
+
+
+@triton.jit
+def split_position(offs, size_d, size_h, size_w):
+    """Flat NDHW position → (n, d, h, w) for a grid of size_d × size_h × size_w per sample."""
+    w = offs % size_w
+    t = offs // size_w
+    h = t % size_h
+    t = t // size_h
+    d = t % size_d
+    n = t // size_d
+    return n, d, h, w

@@ -1,0 +1,362 @@
+"""Conv3d + bias + activation (+ MaxPool3d) in one Triton kernel: the inference path.
+
+With BatchNorm folded into the weight and bias (eval mode), Conv3d → BatchNorm3d → activation →
+MaxPool3d is one implicit-GEMM convolution (``_implicit_gemm``) with an epilogue that adds the bias,
+applies the activation and max-pools, so only the pooled tensor is ever written.
+
+Pool fusion: the rows of a tile (BLOCK_M) are POOLED output positions. For every offset of the pool
+window the kernel computes the conv tile of the conv positions under that offset, applies bias and
+activation, replaces rows that fall in the pool's padding or outside the conv output by -inf, and
+keeps a running max. Without a pool, the pool is 1×1×1 / stride 1 / padding 0: one window, and the
+same code. With stride = kernel (C3D's pools) every conv output is computed exactly once; overlapping
+pools recompute the shared conv positions instead of storing them.
+
+The running max is kept in the output dtype: rounding is monotonic, so max-then-round equals
+round-then-max, and a bf16/fp16 running max lives in fewer registers than an fp32 one (it stays
+live across the whole K loop, next to the fp32 accumulator).
+
+Tensors in: x (N, C_in, D, H, W) in any layout (made channels-last, NDHWC), the weight packed by
+``pack_weight``, an fp32 bias or None. Out: (N, C_out, D', H', W') in channels_last_3d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._implicit_gemm import apply_activation, conv_tile, split_position
+
+_INT32_LIMIT = 2**31
+
+
+@triton.jit
+def conv3d_bias_act_pool_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    in_d, in_h, in_w, in_c,
+    conv_d, conv_h, conv_w, out_c,
+    out_d, out_h, out_w, out_positions,
+    stride_d, stride_h, stride_w,
+    pad_d, pad_h, pad_w,
+    dil_d, dil_h, dil_w,
+    negative_slope,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    POOL_KD: tl.constexpr, POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
+    POOL_SD: tl.constexpr, POOL_SH: tl.constexpr, POOL_SW: tl.constexpr,
+    POOL_PD: tl.constexpr, POOL_PH: tl.constexpr, POOL_PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # 1-D grid, channel blocks fastest: the programs that share one block of (pooled) positions run
+    # side by side and read the same input rows from L2 instead of DRAM.
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(out_c, BLOCK_N)
+    pid_m = pid // n_blocks
+    pid_n = pid - pid_m * n_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < out_positions
+    n_mask = offs_n < out_c
+
+    sample, pooled_d, pooled_h, pooled_w = split_position(offs_m, out_d, out_h, out_w)
+    # int64 only once per tile: rows address x relative to the tile's first sample in int32
+    # (the launcher checks that the samples one tile spans fit), which keeps per-row state small
+    first_sample = (pid_m * BLOCK_M) // (out_d * out_h * out_w)
+    sample_size = in_d * in_h * in_w * in_c
+    x_tile_ptr = x_ptr + first_sample.to(tl.int64) * sample_size
+    row_offset = (sample - first_sample) * sample_size
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+
+    out_dtype = out_ptr.dtype.element_ty
+    pooled = tl.full((BLOCK_M, BLOCK_N), float("-inf"), out_dtype)
+    for window in range(POOL_KD * POOL_KH * POOL_KW):
+        conv_pd = pooled_d * POOL_SD - POOL_PD + window // (POOL_KH * POOL_KW)
+        conv_ph = pooled_h * POOL_SH - POOL_PH + (window // POOL_KW) % POOL_KH
+        conv_pw = pooled_w * POOL_SW - POOL_PW + window % POOL_KW
+        # rows under the pool's padding (or past the end) read nothing and pool as -inf
+        conv_valid = (
+            m_mask
+            & (conv_pd >= 0) & (conv_pd < conv_d)
+            & (conv_ph >= 0) & (conv_ph < conv_h)
+            & (conv_pw >= 0) & (conv_pw < conv_w)
+        )
+        acc = conv_tile(
+            x_tile_ptr, w_ptr, row_offset,
+            conv_pd * stride_d - pad_d, conv_ph * stride_h - pad_h, conv_pw * stride_w - pad_w,
+            conv_valid, offs_n,
+            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
+            KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, FLAT_K, INPUT_PRECISION,
+        )
+        if HAS_BIAS:
+            acc = acc + bias[None, :]
+        y = apply_activation(acc, ACTIVATION, negative_slope)
+        y = tl.where(conv_valid[:, None], y, float("-inf"))
+        pooled = tl.maximum(pooled, y.to(out_dtype))
+
+    out_offsets = offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :]
+    tl.store(out_ptr + out_offsets, pooled, mask=m_mask[:, None] & n_mask[None, :])
+
+
+def runs_interpreted() -> bool:
+    """Whether the kernels were built for the Triton interpreter: triton decides when ``@triton.jit``
+    runs, i.e. by TRITON_INTERPRET at the time this module was first imported."""
+    return type(conv3d_bias_act_pool_kernel).__name__ == "InterpretedFunction"
+
+
+# --------------------------------------------------------------------------------------------
+# tile configurations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One tiling of the kernel: BLOCK_M (pooled) positions × BLOCK_N channels, K in BLOCK_K steps."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    flat_k: bool = False  # the tiny-C_in main loop (K = taps·C_in in BLOCK_K chunks)
+
+    @property
+    def name(self) -> str:
+        loop = "flat_k" if self.flat_k else "channel_blocks"
+        return f"{loop}_{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+
+    def for_dtype(self, dtype: torch.dtype, tf32: bool) -> "TileConfig":
+        """The variant for ``dtype`` (the configs below are for bf16/fp16).
+
+        fp32 as TF32 (tensor cores): half the K depth, so shared memory per stage stays the same,
+        and at most 64 columns on 8 warps, since the fused pool's running max is fp32 too.
+        Full-precision fp32 has no tensor-core path (``tl.dot`` runs on FMA units and holds its
+        operands in registers): small 64×64×16 tiles, 8 warps, 2 stages.
+        """
+        if dtype != torch.float32:
+            return self
+        if not tf32:
+            return TileConfig(64, 64, 16, num_warps=8, num_stages=2, flat_k=self.flat_k)
+        block_n = min(self.block_n, 64)
+        return dataclasses.replace(
+            self, block_k=max(16, self.block_k // 2), block_n=block_n,
+            num_warps=8 if self.block_m * block_n >= 128 * 64 else self.num_warps,
+        )
+
+
+# Tuned for Hopper (H100/H200): 128-row tiles keep one or two warpgroups of wgmma busy, 3–4 stages of
+# cp.async loads. Register budget (255 a thread): the fp32 accumulator plus, with a fused pool, the
+# running max, so 128×128 and 128×64 tiles take 8 warps. Every entry, in every dtype variant, is
+# compiled for sm_90 in tests/test_triton_sm90.py (wgmma, shared memory, no spills).
+CHANNEL_BLOCKS_128x128x64 = TileConfig(128, 128, 64, num_warps=8, num_stages=3)  # C_in ≥ 64, C_out > 64
+CHANNEL_BLOCKS_128x128x32 = TileConfig(128, 128, 32, num_warps=8, num_stages=4)  # 16 ≤ C_in < 64
+CHANNEL_BLOCKS_128x64x64 = TileConfig(128, 64, 64, num_warps=8, num_stages=3)  # C_out ≤ 64
+CHANNEL_BLOCKS_64x64x64 = TileConfig(64, 64, 64, num_warps=4, num_stages=3)  # too few tiles to fill the GPU
+# C_in < 16 (C3D's conv1): 4 warps, so two CTAs per SM hide each other's gathered loads, which
+# (2-byte, not contiguous) cannot go through the cp.async pipeline
+FLAT_K_128x64x32 = TileConfig(128, 64, 32, num_warps=4, num_stages=3, flat_k=True)
+HOPPER_CONFIGS: Tuple[TileConfig, ...] = (
+    CHANNEL_BLOCKS_128x128x64, CHANNEL_BLOCKS_128x128x32, CHANNEL_BLOCKS_128x64x64,
+    CHANNEL_BLOCKS_64x64x64, FLAT_K_128x64x32,
+)
+
+# Below this many input channels a channel block would mostly multiply zeros: flatten K instead
+# (the flat-K loop keeps one bit per kernel tap and row, so at most 32 taps).
+FLAT_K_MAX_IN_CHANNELS = 16
+FLAT_K_MAX_TAPS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _next_pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def _use_flat_k(in_c: int, taps: int) -> bool:
+    return in_c < FLAT_K_MAX_IN_CHANNELS and taps <= FLAT_K_MAX_TAPS
+
+
+def _interpreter_config(in_c: int, out_c: int, taps: int, positions: int) -> TileConfig:
+    """The interpreter pays per program instance and per loop step, not per element: few big tiles."""
+    flat_k = _use_flat_k(in_c, taps)
+    block_k = _next_pow2(taps * in_c, 16, 128) if flat_k else _next_pow2(in_c, 16, 64)
+    return TileConfig(
+        _next_pow2(positions, 16, 128), _next_pow2(out_c, 16, 64), block_k,
+        num_warps=4, num_stages=1, flat_k=flat_k,
+    )
+
+
+def select_config(
+    in_c: int, out_c: int, taps: int, positions: int, dtype: torch.dtype, device: torch.device, tf32: bool
+) -> TileConfig:
+    """A deterministic per-shape choice from ``HOPPER_CONFIGS`` on CUDA, big tiles for the
+    interpreter elsewhere (no autotuning: it needs a GPU, and several configs fail under the
+    interpreter)."""
+    if device.type != "cuda":
+        return _interpreter_config(in_c, out_c, taps, positions)
+    if _use_flat_k(in_c, taps):
+        config = FLAT_K_128x64x32
+    elif out_c <= 64:
+        config = CHANNEL_BLOCKS_128x64x64
+    elif in_c < 64:
+        config = CHANNEL_BLOCKS_128x128x32
+    else:
+        config = CHANNEL_BLOCKS_128x128x64
+    if not config.flat_k:
+        tiles = triton.cdiv(positions, config.block_m) * triton.cdiv(out_c, config.block_n)
+        if tiles < _sm_count(device.index if device.index is not None else torch.cuda.current_device()):
+            config = CHANNEL_BLOCKS_64x64x64
+    return config.for_dtype(dtype, tf32)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, kD, kH, kW) → the GEMM matrix [kD·kH·kW·C_in, C_out], K ordered (kd, kh, kw, c_in)."""
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 4, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def _triple(v) -> Tuple[int, int, int]:
+    return tuple(int(i) for i in v)  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a launch needs besides the tensors (shared by the launcher and the sm_90 tests)."""
+
+    config: TileConfig
+    grid: Tuple[int]
+    out_shape: Tuple[int, int, int, int, int]
+    scalars: Dict[str, object]  # the kernel's non-constexpr scalar arguments, in order
+    constexprs: Dict[str, object]
+
+
+def plan_launch(
+    x_shape: Sequence[int],
+    out_c: int,
+    *,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    has_bias: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    config: Optional[TileConfig] = None,
+) -> LaunchPlan:
+    """Output geometry, tile config, grid and kernel arguments of one launch. A function of shapes
+    alone (no tensors), so the sm_90 tests compile exactly what the launcher would launch."""
+    n, in_c, in_d, in_h, in_w = (int(s) for s in x_shape)
+    kd, kh, kw = _triple(kernel_size)
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    conv_size = [
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, k, st, p, d in zip((in_d, in_h, in_w), (kd, kh, kw), stride, padding, dilation)
+    ]
+    pool = tuple(int(p) for p in pool) if pool else (1, 1, 1, 1, 1, 1, 0, 0, 0)
+    pool_kernel, pool_stride, pool_padding = pool[0:3], pool[3:6], pool[6:9]
+    out_size = [
+        (s + 2 * p - k) // st + 1 for s, k, st, p in zip(conv_size, pool_kernel, pool_stride, pool_padding)
+    ]
+    if min(conv_size) < 1 or min(out_size) < 1:
+        raise ValueError(f"input {tuple(x_shape)} is too small for kernel {(kd, kh, kw)} and pool {pool}")
+    positions_per_sample = out_size[0] * out_size[1] * out_size[2]
+    positions = n * positions_per_sample
+    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    if config is None:
+        config = select_config(in_c, out_c, kd * kh * kw, positions, dtype, device, tf32)
+    if config.flat_k and kd * kh * kw > FLAT_K_MAX_TAPS:
+        raise ValueError(f"tile config {config.name} (flat K) takes at most {FLAT_K_MAX_TAPS} kernel taps")
+    # int32 in the kernel: input offsets within the samples one tile spans, the pooled position
+    # index, and weight offsets
+    samples_per_tile = (config.block_m - 1) // positions_per_sample + 2
+    sample_size = in_d * in_h * in_w * in_c
+    if (
+        min(samples_per_tile, n) * sample_size >= _INT32_LIMIT
+        or positions >= _INT32_LIMIT
+        or kd * kh * kw * in_c * out_c >= _INT32_LIMIT
+    ):
+        raise ValueError(f"conv3d_bias_act_pool: input {tuple(x_shape)} is too large for the kernel's int32 offsets")
+    grid = (triton.cdiv(positions, config.block_m) * triton.cdiv(out_c, config.block_n),)
+    scalars = dict(
+        in_d=in_d, in_h=in_h, in_w=in_w, in_c=in_c,
+        conv_d=conv_size[0], conv_h=conv_size[1], conv_w=conv_size[2], out_c=out_c,
+        out_d=out_size[0], out_h=out_size[1], out_w=out_size[2], out_positions=positions,
+        stride_d=stride[0], stride_h=stride[1], stride_w=stride[2],
+        pad_d=padding[0], pad_h=padding[1], pad_w=padding[2],
+        dil_d=dilation[0], dil_h=dilation[1], dil_w=dilation[2],
+        negative_slope=float(negative_slope),
+    )
+    constexprs = dict(
+        KD=kd, KH=kh, KW=kw,
+        POOL_KD=pool_kernel[0], POOL_KH=pool_kernel[1], POOL_KW=pool_kernel[2],
+        POOL_SD=pool_stride[0], POOL_SH=pool_stride[1], POOL_SW=pool_stride[2],
+        POOL_PD=pool_padding[0], POOL_PH=pool_padding[1], POOL_PW=pool_padding[2],
+        HAS_BIAS=bool(has_bias), ACTIVATION=activation,
+        FLAT_K=config.flat_k, INPUT_PRECISION="tf32" if tf32 else "ieee",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+    )
+    return LaunchPlan(config, grid, (n, out_c, *out_size), scalars, constexprs)
+
+
+def conv3d_bias_act_pool(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    out_dtype: torch.dtype,
+    config: Optional[TileConfig] = None,
+) -> torch.Tensor:
+    """``max_pool3d(act(conv3d(x, w) + bias))`` (pool optional) with one kernel launch.
+
+    x: (N, C_in, D, H, W), any layout (copied to channels-last if it is not); w_packed: from
+    ``pack_weight``, in x's dtype; bias: fp32 (C_out,) or None; pool: () or kernel(3) + stride(3) +
+    padding(3). Returns (N, C_out, D', H', W') in ``out_dtype``, channels_last_3d.
+    ``config`` overrides the tile choice (tests).
+    """
+    if w_packed.dtype != x.dtype:
+        raise TypeError(f"w_packed is {w_packed.dtype} but x is {x.dtype}")
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    w_packed = w_packed.contiguous()
+    out_c = w_packed.shape[1]
+    plan = plan_launch(
+        x.shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+        activation=activation, negative_slope=negative_slope, pool=pool, has_bias=bias is not None,
+        dtype=x.dtype, device=x.device, config=config,
+    )
+    kd, kh, kw = _triple(kernel_size)
+    if w_packed.shape[0] != kd * kh * kw * x.shape[1]:
+        raise ValueError(
+            f"w_packed of shape {tuple(w_packed.shape)} does not match x {tuple(x.shape)} and kernel {(kd, kh, kw)}"
+        )
+    out = torch.empty(plan.out_shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last_3d)
+    if out.numel() == 0:
+        return out
+    conv3d_bias_act_pool_kernel[plan.grid](
+        x, w_packed, bias if bias is not None else w_packed, out,
+        **plan.scalars, **plan.constexprs,
+        num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
+    )
+    return out

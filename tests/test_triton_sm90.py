@@ -1,0 +1,222 @@
+"""Hopper (sm_90) machine code of every Triton tile configuration, checked without a GPU.
+
+Each configuration the launcher can pick (``HOPPER_CONFIGS`` in bf16, fp16, fp32 as TF32 and full
+fp32, with and without a fused pool) is compiled for sm_90 and must: use wgmma for its matrix math
+(all but full fp32, which has no tensor-core path), fit in the 227 KB of shared memory an H100 block
+may use, and not spill registers (ptxas -v).
+
+The test process runs under TRITON_INTERPRET=1 (conftest), which makes ``@triton.jit`` interpret, so
+the compilation runs in ONE subprocess without it (this file run as a script), which prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from c3dzoo.kernels import conv3d_bias_act_pool as K
+
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on H100/H200 (sm_90)
+
+# A C3D-like layer each configuration is made for: (x shape N,C,D,H,W; C_out). The scalars of these
+# shapes specialise the compiled kernel as a real launch would (ints divisible by 16, ones).
+_SHAPES = {
+    K.CHANNEL_BLOCKS_128x128x64: ((32, 256, 8, 28, 28), 256),
+    K.CHANNEL_BLOCKS_128x128x32: ((32, 32, 16, 56, 56), 128),
+    K.CHANNEL_BLOCKS_128x64x64: ((32, 64, 16, 56, 56), 64),
+    K.CHANNEL_BLOCKS_64x64x64: ((32, 512, 2, 7, 7), 512),
+    K.FLAT_K_128x64x32: ((32, 3, 16, 112, 112), 64),
+}
+_POOLS = {
+    "nopool": (),
+    "pool122": (1, 2, 2, 1, 2, 2, 0, 0, 0),  # pool1
+    "pool5": (2, 2, 2, 2, 2, 2, 0, 1, 1),  # 2×2×2 windows with padding: the general epilogue
+}
+# dtype name → (dtype, allow_tf32). "fp32" is TF32 (allow_tf32 is the default for convolutions);
+# "fp32full" has no tensor-core path, so it is checked for shared memory and spills only.
+_DTYPES = {
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+    "fp32": (torch.float32, True),
+    "fp32full": (torch.float32, False),
+}
+
+
+def _cases():
+    """case id → (tile config as launched, x shape, C_out, pool, dtype, allow_tf32); a variant that
+    several configs share (full fp32, say) is compiled once."""
+    cases, seen = {}, set()
+    for config in K.HOPPER_CONFIGS:
+        x_shape, out_c = _SHAPES[config]
+        for pool in ("nopool", "pool122" if config.flat_k else "pool5"):
+            for dtype_name, (dtype, tf32) in _DTYPES.items():
+                launched = config.for_dtype(dtype, tf32)
+                if (launched, pool, dtype) in seen:
+                    continue
+                seen.add((launched, pool, dtype))
+                cases[f"{launched.name}-{pool}-{dtype_name}"] = (launched, x_shape, out_c, _POOLS[pool], dtype, tf32)
+    return cases
+
+
+CASES = _cases()
+
+
+# --------------------------------------------------------------------------------------------
+# the subprocess: compile every case for sm_90, run ptxas -v on the PTX
+# --------------------------------------------------------------------------------------------
+
+
+def _ptxas() -> str | None:
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # triton ≥ 3.9 emits PTX that only its ptxas-blackwell accepts; older versions ship one ptxas
+    for name in ("ptxas-blackwell", "ptxas"):
+        path = os.path.join(bin_dir, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _compile_case(case: str) -> dict:
+    return compile_sm90(*CASES[case])
+
+
+def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32) -> dict:
+    """Compile the kernel as the launcher would launch it for this layer; report its resources."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    torch.backends.cudnn.allow_tf32 = allow_tf32  # what the launcher reads for fp32
+    plan = K.plan_launch(
+        x_shape, out_c, kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1),
+        activation="relu", negative_slope=0.0, pool=pool, has_bias=True, dtype=dtype,
+        device=torch.device("cuda"), config=config,
+    )
+    kernel = K.conv3d_bias_act_pool_kernel
+    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "out_ptr": f"*{element}"}
+    signature, constexprs, attrs = {}, {}, {}
+    divisible = [["tt.divisibility", 16]]
+    for i, name in enumerate(kernel.arg_names):  # as triton's JIT specialises a launch
+        if name in pointers:
+            signature[name] = pointers[name]
+            attrs[(i,)] = divisible
+        elif name in plan.constexprs:
+            signature[name] = "constexpr"
+            constexprs[name] = plan.constexprs[name]
+        elif isinstance(plan.scalars[name], float):
+            signature[name] = "fp32"
+        elif plan.scalars[name] == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if plan.scalars[name] % 16 == 0:
+                attrs[(i,)] = divisible
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    ptx = compiled.asm["ptx"]
+    report = {
+        "wgmma": "wgmma.mma_async" in ptx,
+        "tensor_cores": dtype != torch.float32 or allow_tf32,
+        "shared": int(compiled.metadata.shared),
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+        "tile": [config.block_m, config.block_n, config.block_k],
+        "registers": None, "spill_stores": None, "spill_loads": None, "ptxas": None,
+    }
+    ptxas = _ptxas()
+    if ptxas is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            result = subprocess.run(
+                [ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                capture_output=True, text=True,
+            )
+        log = result.stdout + result.stderr
+        report["ptxas"] = log if result.returncode else None
+        if result.returncode == 0:
+            report["registers"] = int(re.search(r"Used (\d+) registers", log).group(1))
+            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+            report["spill_stores"], report["spill_loads"] = int(spills.group(1)), int(spills.group(2))
+    return report
+
+
+def _compile_all() -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, min(len(CASES), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        reports = dict(zip(CASES, pool.map(_compile_case, list(CASES))))
+    return reports
+
+
+# --------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sm90_reports():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"sm_90 compilation failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sm90_machine_code(sm90_reports, case):
+    report = sm90_reports[case]
+    if report["tensor_cores"]:
+        assert report["wgmma"], f"{case}: no wgmma in the sm_90 PTX (the matrix math misses Hopper tensor cores)"
+    assert report["shared"] <= SHARED_MEMORY_LIMIT, f"{case}: {report['shared']} B shared memory > 227 KB"
+    if report["registers"] is None:
+        if report["ptxas"]:
+            pytest.fail(f"{case}: ptxas rejected the PTX:\n{report['ptxas'][-2000:]}")
+        pytest.skip("triton ships no ptxas to check registers and spills with")
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (
+        f"{case}: spills {report['spill_stores']} B stores / {report['spill_loads']} B loads "
+        f"with {report['registers']} registers"
+    )
+
+
+def test_launcher_picks_only_compiled_configs(monkeypatch):
+    """The heuristic picks from HOPPER_CONFIGS (or their fp32 variants) for every C3D layer and
+    batch size, so the cases above cover everything a GPU run can launch."""
+    monkeypatch.setattr(K, "_sm_count", lambda index: 132)
+    compiled = {case[0] for case in CASES.values()}
+    seen = set()
+    layers = [(3, 64, 16, 112), (64, 128, 16, 56), (128, 256, 8, 28), (256, 256, 8, 28), (256, 512, 4, 14),
+              (512, 512, 4, 14), (512, 512, 2, 7), (5, 7, 4, 8), (20, 7, 4, 8), (32, 96, 8, 16),
+              (64, 64, 8, 56)]  # the last: R3D-18 layer1
+    for batch in (1, 2, 32):
+        for in_c, out_c, depth, size in layers:
+            for dtype, tf32 in _DTYPES.values():
+                config = K.select_config(
+                    in_c, out_c, 27, batch * depth * size * size, dtype, torch.device("cuda", 0), tf32
+                )
+                assert config in compiled, config
+                seen.add(config)
+    assert set(K.HOPPER_CONFIGS) <= seen, "a shipped config is never picked"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
