@@ -151,9 +151,8 @@ def test_input_layouts(layout):
     assert not x.is_contiguous()
     geometry = dict(stride=1, padding=1, dilation=1, activation="relu", negative_slope=0.0, pool=POOL1)
     out = check_against_stock(x, p, dtype, layout, **geometry)
-    # same memory format contract as the reference backend (and the op's fake implementation)
-    ref = fused(x, p, backend="reference", **geometry)
-    assert out.stride() == ref.stride()
+    # the triton backend's output contract (and its fake implementation's): channels_last_3d
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_batch_one_and_output_channels_last():

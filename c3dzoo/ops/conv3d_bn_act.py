@@ -83,11 +83,22 @@ def output_shape(x_shape, weight_shape, stride, padding, dilation, pool) -> List
     return [n, c_out, *size]
 
 
+# Backends whose kernels compute over channels-last activations return channels_last_3d outputs, so
+# a chain of fused layers never converts layouts between layers; the reference keeps x's layout.
+_CHANNELS_LAST_BACKENDS = ("triton", "cuda")
+
+
+def output_memory_format(x: Tensor, backend: str) -> torch.memory_format:
+    if backend in _CHANNELS_LAST_BACKENDS:
+        return torch.channels_last_3d
+    return _reference._memory_format(x)
+
+
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
                   stride, padding, dilation, activation, negative_slope, pool, backend):
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_reference._memory_format(x))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, backend))
     stats = weight.shape[0] if norm == "batch" else 0
     return out, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
 

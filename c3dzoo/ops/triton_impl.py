@@ -184,10 +184,9 @@ def forward(
             kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
             activation=activation, negative_slope=negative_slope, pool=tuple(pool), out_dtype=x.dtype,
         )
-    # The kernel writes channels-last. The op's contract (reference backend and the fake
-    # implementation torch.compile traces with) is x's memory format, so a contiguous x gets a
-    # contiguous result; feed channels_last_3d inputs to keep the whole chain copy-free.
-    out = out.contiguous(memory_format=_reference._memory_format(x))
+    # The kernel writes channels_last_3d, which is this backend's output contract (see
+    # conv3d_bn_act.output_memory_format): the next fused layer reads it without a copy.
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
     mean = x.new_empty(0, dtype=torch.float32)
     var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
     return out, mean, var
