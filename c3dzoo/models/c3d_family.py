@@ -53,6 +53,9 @@ class C3D(FusableModel):
         self.in_channels = in_channels
         self.batch_norm = batch_norm
         self.layer_names = tuple(name for name, _, _ in _C3D_LAYERS)
+        # per instance (not the module table), so Net2Net's deeper can insert layers and move pools
+        self.pool_names = dict(_POOL_NAMES)
+        self.fc_names = ("fc6", "fc7")
         channels = in_channels
         for name, out, pool in _C3D_LAYERS:
             out = scaled(out, width_mult)
@@ -89,14 +92,14 @@ class C3D(FusableModel):
         check_input(x, self.in_channels, self.input_size, type(self).__name__)
         for name in self.layer_names:
             bn = getattr(self, name + "_bn") if self.batch_norm else None
-            pool = getattr(self, _POOL_NAMES[name]) if name in _POOL_NAMES else None
+            pool = getattr(self, self.pool_names[name]) if name in self.pool_names else None
             x = self.chain(x, getattr(self, name), bn, "relu", 0.0, pool)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x).flatten(1)
-        x = self.dropout(self.relu(self.fc6(x)))
-        x = self.dropout(self.relu(self.fc7(x)))
+        for name in self.fc_names:
+            x = self.dropout(self.relu(getattr(self, name)(x)))
         return self.fc8(x)
 
 

@@ -1,0 +1,498 @@
+"""Net2Net wider/deeper: function preservation, BN statistics, gradients, optimizer state, errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from c3dzoo import net2net
+from c3dzoo.models.c3d_family import _POOL_NAMES, C3D, c3d, c3d_bn
+from c3dzoo.models.jester import INPUT_SIZE as JESTER_SIZE
+from c3dzoo.models.jester import jester_convcolumn
+from c3dzoo.models.video_resnet import mc3_18, r2plus1d_18, r3d_18
+from c3dzoo.ops.net2net_remap import (
+    dirac_,
+    divide_incoming,
+    gather_units,
+    replica_counts,
+    replica_mapping,
+)
+
+SMALL = dict(width_mult=0.125, input_size=(16, 32, 32), num_classes=5)
+
+
+def small_c3d_bn(**kw):
+    return c3d_bn(**{**SMALL, **kw})
+
+
+def clip(seed=0, n=2, size=SMALL["input_size"]):
+    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_same(actual, expected, rtol=1e-5):
+    """Equal within ``rtol`` relative to the size of ``expected``."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-12))
+
+
+def units(model, layer):
+    m = model.get_submodule(layer)
+    return m.out_channels if isinstance(m, nn.Conv3d) else m.out_features
+
+
+def randomize_bn(model, seed=0):
+    """Non-trivial BN parameters and running statistics, so copying them wrongly shows."""
+    g = gen(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm3d)):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model
+
+
+def snapshot(model, optimizer=None):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    extra = (tuple(getattr(model, "layer_names", ())), dict(model.named_modules()).keys())
+    opt = None
+    if optimizer is not None:
+        opt = ([list(g["params"]) for g in optimizer.param_groups],
+               {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                for p, s in optimizer.state.items()})
+    return state, tuple(extra[0]), list(extra[1]), opt
+
+
+def assert_unchanged(before, model, optimizer=None):
+    state, names, modules, opt = before
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    for k in state:
+        assert torch.equal(after[k], state[k]), k
+    assert tuple(getattr(model, "layer_names", ())) == names
+    assert list(dict(model.named_modules()).keys()) == modules
+    if optimizer is not None:
+        groups, st = opt
+        assert [list(g["params"]) for g in optimizer.param_groups] == groups
+        assert set(optimizer.state.keys()) == set(st.keys())
+        for p, s in st.items():
+            for k, v in s.items():
+                assert torch.equal(optimizer.state[p][k], v) if torch.is_tensor(v) else optimizer.state[p][k] == v
+
+
+# --------------------------------------------------------------------------------------------
+# remap primitives
+# --------------------------------------------------------------------------------------------
+
+
+def test_replica_mapping_and_counts():
+    g = replica_mapping(5, 12, gen(3))
+    assert g.dtype == torch.int64 and g.shape == (12,)
+    assert torch.equal(g[:5], torch.arange(5))
+    assert int(g[5:].min()) >= 0 and int(g[5:].max()) < 5
+    assert torch.equal(g, replica_mapping(5, 12, gen(3)))  # reproducible from the generator
+    counts = replica_counts(g, 5)
+    assert counts.shape == (5,) and int(counts.sum()) == 12 and int(counts.min()) >= 1
+    with pytest.raises(ValueError):
+        replica_mapping(5, 4)
+
+
+def test_gather_and_divide_match_a_loop():
+    g = torch.tensor([0, 1, 2, 1, 1, 0])
+    counts = replica_counts(g, 3)
+    t = torch.randn(4, 3 * 2, 5)  # 3 channels × group 2 along dim 1
+    out = divide_incoming(t, g, counts, dim=1, group=2)
+    expect = torch.stack([t[:, 2 * g[j] + k] / counts[g[j]] for j in range(6) for k in range(2)], 1)
+    torch.testing.assert_close(out, expect)
+    sq = divide_incoming(t, g, counts, dim=1, group=2, power=2)
+    expect_sq = torch.stack([t[:, 2 * g[j] + k] / counts[g[j]] ** 2 for j in range(6) for k in range(2)], 1)
+    torch.testing.assert_close(sq, expect_sq)
+    w = torch.randn(3, 4, 2)
+    torch.testing.assert_close(gather_units(w, g, 0), torch.stack([w[i] for i in g]))
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, 1), ((1, 3, 3), (0, 1, 1)), ((3, 1, 1), (1, 0, 0)), (5, 2)])
+def test_dirac_is_identity(kernel, padding):
+    conv = nn.Conv3d(4, 4, kernel, padding=padding, bias=False)
+    dirac_(conv.weight.data)
+    x = torch.randn(2, 4, 5, 6, 7)
+    torch.testing.assert_close(conv(x), x)
+
+
+# --------------------------------------------------------------------------------------------
+# wider: function preservation
+# --------------------------------------------------------------------------------------------
+
+
+def small_c3d(**kw):
+    return c3d(**{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("builder,fused", [(small_c3d_bn, False), (small_c3d_bn, True), (small_c3d, False)],
+                         ids=["c3d_bn", "c3d_bn-fused", "c3d"])
+def test_wider_every_c3d_layer_eval(builder, fused):
+    torch.manual_seed(0)
+    model = randomize_bn(builder(fused=fused)).eval()
+    x = clip(n=1)
+    with torch.no_grad():
+        expected = model(x)
+    layers = net2net.widenable_layers(model)
+    assert layers == ["conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b", "fc6", "fc7"]
+    for i, layer in enumerate(layers):
+        net2net.wider(model, layer, units(model, layer) + 3 + i, generator=gen(i))
+        with torch.no_grad():
+            assert_same(model(x), expected)
+
+
+def test_wider_train_mode_and_bn_statistics():
+    torch.manual_seed(0)
+    base = randomize_bn(small_c3d_bn())
+    grown = copy.deepcopy(base)
+    mappings = {}
+    for i, layer in enumerate(net2net.widenable_layers(grown)):
+        old = units(grown, layer)
+        net2net.wider(grown, layer, old + 5, generator=gen(i))
+        mappings[layer] = replica_mapping(old, old + 5, gen(i))
+    x = clip()
+    base.train(), grown.train()
+    assert_same(grown(x), base(x))  # replicas have identical batch statistics
+    # after that train step every replica's running statistics are its original's
+    for layer in base.layer_names:
+        b, gr = getattr(base, layer + "_bn"), getattr(grown, layer + "_bn")
+        for stat in ("running_mean", "running_var", "weight", "bias"):
+            assert_same(getattr(gr, stat), getattr(b, stat)[mappings[layer]])
+        assert int(gr.num_batches_tracked) == int(b.num_batches_tracked)
+
+
+def test_wider_jester_every_layer():
+    torch.manual_seed(0)
+    model = randomize_bn(jester_convcolumn(num_classes=5)).eval()
+    model.drop.p = 0.0  # dropout masks differ between replicas; everything else is deterministic
+    x = torch.randn(2, 3, *JESTER_SIZE, generator=gen(0))
+    with torch.no_grad():
+        expected = model(x[:1])
+    reference = copy.deepcopy(model)
+    layers = net2net.widenable_layers(model)
+    assert layers[-3:] == ["conv_layer5", "fc5", "fc6"] and "conv_layer1.3" in layers
+    for i, layer in enumerate(layers):
+        net2net.wider(model, layer, units(model, layer) + 2, generator=gen(i))
+    assert model.batch0.num_features == 514 and model.fc6.in_features == 514
+    assert model.conv_layer1[1].num_features == model.conv_layer1[0].out_channels == 34
+    with torch.no_grad():
+        assert_same(model(x[:1]), expected)
+        # train mode: BatchNorm1d over a batch of 2 normalises by a near-zero variance for some
+        # features, amplifying float32 rounding up to 1/sqrt(eps)-fold, so compare in float64
+        model.double().train(), reference.double().train()
+        assert_same(model(x.double()), reference(x.double()))
+
+
+RESNETS = {"r3d_18": r3d_18, "mc3_18": mc3_18, "r2plus1d_18": r2plus1d_18}
+
+
+@pytest.mark.parametrize("name", list(RESNETS))
+def test_wider_resnet_inner_convs(name):
+    torch.manual_seed(0)
+    model = randomize_bn(RESNETS[name](num_classes=5, fused=(name == "r2plus1d_18"))).eval()
+    x = torch.randn(1, 3, 4, 16, 16, generator=gen(0))
+    with torch.no_grad():
+        expected = model(x)
+    layers = net2net.widenable_layers(model)
+    inner = {"r3d_18": 8, "mc3_18": 8, "r2plus1d_18": 25}[name]  # + R(2+1)D's stem.0 and midplanes convs
+    assert len(layers) == inner and ("layer1.0.conv1.0" in layers or "layer1.0.conv1.0.0" in layers)
+    # one check after growing every layer (a forward costs ~1 s here): a wrong rewrite cannot cancel out
+    for i, layer in enumerate(layers):
+        net2net.wider(model, layer, units(model, layer) + 2, generator=gen(i))
+    with torch.no_grad():
+        assert_same(model(x), expected)
+
+
+def test_wider_residual_tied_raises():
+    model = r3d_18(num_classes=5)
+    before = snapshot(model)
+    for layer, tied in [("layer1.0.conv2.0", "stem.0"), ("stem.0", "layer1.1.conv2.0"),
+                        ("layer2.0.downsample.0", "layer2.0.conv2.0"),
+                        ("layer3.1.conv2.0", "layer3.0.downsample.0")]:
+        with pytest.raises(ValueError, match="residual") as info:
+            net2net.wider(model, layer, 600)
+        assert tied in str(info.value)
+    with pytest.raises(ValueError, match="output layer"):
+        net2net.wider(model, "fc", 600)
+    assert_unchanged(before, model)
+
+
+# --------------------------------------------------------------------------------------------
+# wider: gradients, noise, state_dict, repeated growth
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer,consumer", [("conv3a", "conv3b"), ("conv5b", "fc6"), ("fc6", "fc7")])
+def test_wider_gradients_follow_replication(layer, consumer):
+    torch.manual_seed(0)
+    base = randomize_bn(small_c3d_bn()).train()
+    grown = copy.deepcopy(base)
+    old = units(base, layer)
+    net2net.wider(grown, layer, old + 4, generator=gen(7))
+    g = replica_mapping(old, old + 4, gen(7))
+    counts = replica_counts(g, old)[g]
+    x = clip()
+    base(x).square().sum().backward()
+    grown(x).square().sum().backward()
+    p, pg = base.get_submodule(layer), grown.get_submodule(layer)
+    shape = (-1,) + (1,) * (p.weight.dim() - 1)
+    # a replica's output gets 1/count of its original's downstream weight, so 1/count of its gradient
+    assert_same(pg.weight.grad, p.weight.grad[g] / counts.view(shape), rtol=1e-4)
+    if layer + "_bn" in dict(base.named_modules()):
+        # (a conv bias before a train-mode BN has zero gradient: nothing to compare there)
+        assert_same(getattr(grown, layer + "_bn").weight.grad, getattr(base, layer + "_bn").weight.grad[g] / counts,
+                    rtol=1e-4)
+    else:
+        assert_same(pg.bias.grad, p.bias.grad[g] / counts, rtol=1e-4)
+    # each divided incoming weight sees its original's input, so gets its original's gradient
+    c, cg = base.get_submodule(consumer), grown.get_submodule(consumer)
+    group = c.weight.shape[1] // old
+    expected = c.weight.grad.reshape(c.weight.shape[0], old, group, -1)[:, g].reshape(cg.weight.shape)
+    assert_same(cg.weight.grad, expected, rtol=1e-4)
+    if consumer + "_bn" not in dict(base.named_modules()):
+        assert_same(cg.bias.grad, c.bias.grad, rtol=1e-4)
+
+
+def test_wider_noise_only_on_replicas():
+    torch.manual_seed(0)
+    base = randomize_bn(small_c3d_bn()).eval()
+    exact = copy.deepcopy(base)
+    noisy = copy.deepcopy(base)
+    old = units(base, "conv3a")
+    net2net.wider(exact, "conv3a", old + 6, generator=gen(2))
+    net2net.wider(noisy, "conv3a", old + 6, noise=0.1, generator=gen(2))
+    assert torch.equal(noisy.conv3a.weight[:old], base.conv3a.weight)
+    assert not torch.equal(noisy.conv3a.weight[old:], exact.conv3a.weight[old:])
+    # the rest of the rewrite is the exact one (noise does not change the mapping)
+    for key, value in exact.state_dict().items():
+        if key != "conv3a.weight":
+            assert torch.equal(noisy.state_dict()[key], value), key
+    x = clip()
+    with torch.no_grad():
+        assert not torch.allclose(noisy(x), base(x), rtol=1e-6, atol=0)
+
+
+def test_state_dict_round_trip_and_repeated_growth():
+    torch.manual_seed(0)
+
+    def grow(model, seed):
+        net2net.wider(model, "conv3a", units(model, "conv3a") + 3, generator=gen(seed))
+        net2net.wider(model, "conv3a", units(model, "conv3a") + 5, generator=gen(seed + 1))  # twice in a row
+        net2net.deeper(model, "conv4a")  # inserts conv4c between conv4a and conv4b
+        net2net.wider(model, "conv4c", units(model, "conv4c") + 2, generator=gen(seed + 2))
+        net2net.wider(model, "fc6", units(model, "fc6") + 7, generator=gen(seed + 3))
+        return model
+
+    base = randomize_bn(small_c3d_bn()).eval()
+    x = clip()
+    with torch.no_grad():
+        expected = base(x)
+        grown = grow(base, 10)
+        assert grown.layer_names.index("conv4c") == grown.layer_names.index("conv4a") + 1
+        assert_same(grown(x), expected)
+        fresh = grow(small_c3d_bn(), 20).eval()
+        assert fresh.state_dict().keys() == grown.state_dict().keys()
+        fresh.load_state_dict(grown.state_dict())  # strict: same keys and shapes
+        assert_same(fresh(x), expected)
+    assert "conv4c.weight" in grown.state_dict() and "conv4c_bn.running_var" in grown.state_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# deeper
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["stock", "fused"])
+def test_deeper_preserves_eval_and_train_with_data(fused):
+    torch.manual_seed(0)
+    base = randomize_bn(small_c3d_bn(fused=fused))
+    x = clip()
+    plain, fitted = copy.deepcopy(base), copy.deepcopy(base)
+    net2net.deeper(plain, "conv3a")
+    buffers = [b.clone() for b in fitted.buffers()]
+    net2net.deeper(fitted, "conv5a", data=x)
+    assert plain.layer_names[2:4] == ("conv3a", "conv3c") and fitted.layer_names[6:8] == ("conv5a", "conv5c")
+    # estimating the statistics ran the model in train mode but left its buffers and modes alone
+    assert all(torch.equal(a, b) for a, b in zip(buffers, list(fitted.buffers())[:len(buffers)]))
+    assert fitted.conv5c_bn.training == fitted.conv5a_bn.training == base.training
+    with torch.no_grad():
+        base.eval(), plain.eval(), fitted.eval()
+        expected = base(x)
+        assert_same(plain(x), expected)
+        assert_same(fitted(x), expected)
+        base.train(), fitted.train()
+        assert_same(fitted(x), base(x))  # the new BN is identity on the batch it was fitted on
+
+
+def test_deeper_c3d_without_bn():
+    torch.manual_seed(0)
+    base = small_c3d().eval()
+    grown = net2net.deeper(copy.deepcopy(base), "conv4a")
+    assert not hasattr(grown, "conv4c_bn")
+    x = clip()
+    with torch.no_grad():
+        assert_same(grown(x), base(x))
+
+
+@pytest.mark.parametrize("after", ["conv1", "conv3b", "conv5b", "fc6", "fc7"])
+def test_deeper_pooled_convs_and_fcs(after):
+    torch.manual_seed(0)
+    base = randomize_bn(C3D(5, batch_norm=True, width_mult=0.125, input_size=(16, 32, 32))).eval()
+    grown = copy.deepcopy(base)
+    x = clip()
+    net2net.deeper(grown, after, data=x)
+    new = {"conv1": "conv1a", "conv3b": "conv3c", "conv5b": "conv5c", "fc6": "fc6a", "fc7": "fc7a"}[after]
+    if after.startswith("conv"):
+        assert grown.pool_names[new] == _POOL_NAMES[after] and after not in grown.pool_names
+        assert base.pool_names == _POOL_NAMES  # the original's table is not shared
+    else:
+        assert grown.fc_names == (("fc6", "fc6a", "fc7") if after == "fc6" else ("fc6", "fc7", "fc7a"))
+    with torch.no_grad():
+        assert_same(grown(x), base(x))
+        # growing around the new layer uses the new order
+        net2net.wider(grown, new, units(grown, new) + 3, generator=gen(0))
+        assert_same(grown(x), base(x))
+        # last: a train step updates the new BN's running statistics (unbiased variance), after
+        # which eval mode is no longer exactly the original's
+        base.train(), grown.train()
+        assert_same(grown(x), base(x))
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer state
+# --------------------------------------------------------------------------------------------
+
+
+def _train(model, optimizer, steps, seed=0):
+    losses = []
+    for s in range(steps):
+        optimizer.zero_grad()
+        loss = model(clip(seed + s)).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _zero_grad_step(model, optimizer):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("layer", ["conv3a", "conv5b", "fc6"])
+def test_sgd_momentum_remap_is_consistent(layer):
+    torch.manual_seed(0)
+    model = randomize_bn(small_c3d_bn()).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    _train(model, opt, 2)
+    model_a, opt_a = copy.deepcopy((model, opt))
+    model_b, opt_b = copy.deepcopy((model, opt))
+    old = units(model, layer)
+    net2net.wider(model_a, layer, old + 4, generator=gen(5), optimizer=opt_a)
+
+    params = dict(model_a.named_parameters())
+    assert {id(p) for g in opt_a.param_groups for p in g["params"]} == {id(p) for p in params.values()}
+    for p in params.values():
+        assert opt_a.state[p]["momentum_buffer"].shape == p.shape
+    g = replica_mapping(old, old + 4, gen(5))
+    assert torch.equal(opt_a.state[params[layer + ".weight"]]["momentum_buffer"],
+                       opt.state[dict(model.named_parameters())[layer + ".weight"]]["momentum_buffer"][g])
+
+    # a momentum-only step after growth equals growing after that step: the buffers of divided
+    # weights are divided like the weights, so the step moves the function as before
+    _zero_grad_step(model_a, opt_a)
+    _zero_grad_step(model_b, opt_b)
+    net2net.wider(model_b, layer, old + 4, generator=gen(5))
+    for key, value in model_b.state_dict().items():
+        assert_same(model_a.state_dict()[key], value)
+
+    losses = _train(model_a, opt_a, 2, seed=10)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_adam_moments_remap():
+    torch.manual_seed(0)
+    model = randomize_bn(small_c3d_bn()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train(model, opt, 2)
+    before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    old = units(model, "conv5b")
+    net2net.wider(model, "conv5b", old + 3, generator=gen(4), optimizer=opt)
+    g = replica_mapping(old, old + 3, gen(4))
+    counts = replica_counts(g, old)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        state = opt.state[p]
+        assert state["exp_avg"].shape == state["exp_avg_sq"].shape == p.shape, name
+        assert torch.equal(state["step"], before[name]["step"])
+    w, bn_w, fc6 = params["conv5b.weight"], params["conv5b_bn.weight"], params["fc6.weight"]
+    assert torch.equal(opt.state[w]["exp_avg"], before["conv5b.weight"]["exp_avg"][g])
+    assert torch.equal(opt.state[bn_w]["exp_avg_sq"], before["conv5b_bn.weight"]["exp_avg_sq"][g])
+    group = model.fc6.in_features // (old + 3)
+    assert_same(opt.state[fc6]["exp_avg"],
+                divide_incoming(before["fc6.weight"]["exp_avg"], g, counts, 1, group))
+    assert_same(opt.state[fc6]["exp_avg_sq"],
+                divide_incoming(before["fc6.weight"]["exp_avg_sq"], g, counts, 1, group, power=2))
+    net2net.deeper(model, "conv4a", optimizer=opt, data=clip())
+    new = [model.conv4c.weight, model.conv4c.bias, model.conv4c_bn.weight, model.conv4c_bn.bias]
+    assert all(any(q is p for q in opt.param_groups[0]["params"]) for p in new)
+    assert all(p not in opt.state for p in new)
+    losses = _train(model, opt, 2, seed=10)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# bad input leaves everything unchanged
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_c3d_bn():
+    """A small C3D-BN and its SGD optimizer with momentum buffers (copy before use)."""
+    torch.manual_seed(0)
+    model = small_c3d_bn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, 1)
+    return model, opt
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, o: net2net.wider(m, "conv9", 10, optimizer=o), "conv9"),
+    (lambda m, o: net2net.wider(m, "pool1", 10, optimizer=o), "MaxPool3d"),
+    (lambda m, o: net2net.wider(m, "conv3a", 32, optimizer=o), "larger than"),
+    (lambda m, o: net2net.wider(m, "conv3a", 16, optimizer=o), "larger than"),
+    (lambda m, o: net2net.wider(m, "conv3a", 40.0, optimizer=o), "int"),
+    (lambda m, o: net2net.wider(m, "conv3a", 40, noise=-1.0, optimizer=o), "noise"),
+    (lambda m, o: net2net.wider(m, "fc8", 10, optimizer=o), "output layer"),
+    (lambda m, o: net2net.deeper(m, "fc8", optimizer=o), "fc8"),
+    (lambda m, o: net2net.deeper(m, "conv9", optimizer=o), "conv9"),
+    (lambda m, o: net2net.deeper(m, "conv3a", name="conv3b", optimizer=o), "conv3b"),
+    (lambda m, o: net2net.deeper(m, "conv3a", data=torch.randn(1, 3, 8, 32, 32), optimizer=o), "expects input"),
+    (lambda m, o: net2net.deeper(m, "conv3a", optimizer=torch.optim.SGD(m.fc8.parameters(), lr=0.1)), "optimizer"),
+])
+def test_errors_leave_model_and_optimizer_unchanged(call, match, trained_c3d_bn):
+    model, opt = copy.deepcopy(trained_c3d_bn)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        call(model, opt)
+    assert_unchanged(before, model, opt)
+
+
+def test_unsupported_models_raise():
+    with pytest.raises(ValueError, match="C3D family"):
+        net2net.deeper(jester_convcolumn(num_classes=5), "conv_layer1.0")
+    with pytest.raises(ValueError, match="does not know"):
+        net2net.wider(nn.Sequential(nn.Conv3d(3, 4, 3), nn.Conv3d(4, 4, 3)), "0", 8)
