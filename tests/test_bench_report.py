@@ -1,0 +1,149 @@
+"""bench/report.py on a small synthetic run: the ratios it prints are the ones its input implies.
+Also the benchmark harness's FLOP count, which every TFLOP/s and % of peak rests on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _load(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, filename))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load("c3dzoo_bench_report", "report.py")
+
+
+def _bench(kind, target, mode, contestant, median_s, batch=32, flops=None, peak_tflops=None):
+    """One entry as pytest-benchmark writes it (with the extra_info bench/_harness.py adds)."""
+    return {
+        "group": f"{kind} {target} {mode}",
+        "name": f"test_{kind}[{target}-{mode}-{contestant}]",
+        "fullname": f"bench/test_bench_{kind}s.py::test_{kind}[{target}-{mode}-{contestant}]",
+        "params": {kind: target, "mode": mode, "contestant": contestant},
+        "param": f"{target}-{mode}-{contestant}",
+        "options": {"timer": "device_timer", "disable_gc": True},
+        "stats": {"min": median_s * 0.98, "max": median_s * 1.05, "mean": median_s * 1.01,
+                  "median": median_s, "rounds": 10, "iterations": 1},
+        "extra_info": {"kind": kind, "target": target, "mode": mode, "contestant": contestant,
+                       "baseline": "eager-bf16-cl", "batch": batch, "flops_per_call": flops,
+                       "peak_tflops": peak_tflops, "peak_mem_bytes": 2_200_000_000, "fallbacks": []},
+    }
+
+
+def _run():
+    gflop = 77.0e9 * 32  # C3D-BN forward, batch 32
+    return {
+        "machine_info": {"gpu_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0",
+                         "c3dzoo_commit": {"id": "0123456789abcdef", "dirty": False}},
+        "commit_info": {},
+        "datetime": "2026-11-23T10:00:00",
+        "version": "5.2.3",
+        "benchmarks": [
+            _bench("model", "c3d_bn", "inference", "eager-fp32", 0.0640, flops=gflop, peak_tflops=66.9),
+            _bench("model", "c3d_bn", "inference", "eager-bf16-cl", 0.0128, flops=gflop, peak_tflops=989.4),
+            _bench("model", "c3d_bn", "inference", "c3dzoo-triton-bf16-cl", 0.0064, flops=gflop, peak_tflops=989.4),
+            _bench("model", "c3d_bn", "train", "eager-bf16-cl", 0.0400),
+            _bench("model", "c3d_bn", "train", "compile-bf16-cl", 0.0250),
+            _bench("layer", "conv1", "inference", "eager-bf16-cl", 0.0034),
+            _bench("layer", "conv1", "inference", "c3dzoo-triton-bf16-cl", 0.0017),
+            # a group without its baseline: no speed-up can be claimed
+            _bench("layer", "conv2", "inference", "c3dzoo-triton-bf16-cl", 0.0010),
+            # something pytest-benchmark may hold that is not ours: ignored
+            {"group": None, "name": "test_other", "stats": {"median": 1.0}, "extra_info": {}},
+        ],
+    }
+
+
+def _cells(table: str, *row_start: str) -> dict:
+    """{column header: cell} of the markdown row that starts with ``row_start``."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    prefix = "| " + " | ".join(row_start) + " |"
+    for i, line in enumerate(lines):
+        if line.startswith(prefix):
+            header = next(lines[j] for j in range(i - 1, -1, -1) if lines[j + 1].startswith("|---"))
+            names = [c.strip() for c in header.strip("|").split("|")]
+            return dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+    raise AssertionError(f"no row {row_start} in\n{table}")
+
+
+def test_records_compute_throughput_and_efficiency():
+    recs = report.records(_run())
+    assert len(recs) == 8  # the foreign entry is skipped
+    triton = next(r for r in recs if r.contestant == "c3dzoo-triton-bf16-cl" and r.kind == "model")
+    assert triton.clips_per_s == pytest.approx(32 / 0.0064)
+    assert triton.tflops == pytest.approx(77.0 * 32 / 0.0064 / 1e3)
+    assert triton.pct_peak == pytest.approx(100 * 77.0 * 32 / 0.0064 / 1e3 / 989.4)
+
+
+def test_headline_ratios_against_the_runs_baseline():
+    text = report.headline(_run())
+    assert "NVIDIA H100 80GB HBM3" in text and "commit 0123456789ab" in text
+    inference = _cells(text, "c3d_bn", "inference")
+    assert inference["eager-bf16-cl"] == "2,500 (1.00×)"  # 32 / 0.0128 s
+    assert inference["c3dzoo-triton-bf16-cl"] == "5,000 (2.00×)"
+    assert inference["eager-fp32"] == "500 (0.20×)"
+    train = _cells(text, "c3d_bn", "train")
+    assert train["compile-bf16-cl"] == "1,280 (1.60×)"  # 0.040 / 0.025
+    assert train["eager-fp32"] == "—"  # not measured in this group
+    assert _cells(text, "conv1", "inference")["c3dzoo-triton-bf16-cl"] == "1.70 ms (2.00×)"
+    assert _cells(text, "conv2", "inference")["c3dzoo-triton-bf16-cl"] == "1.00 ms (—)"
+    # columns: eager first, then torch.compile, then c3dzoo
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    assert header.index("eager-fp32") < header.index("compile-bf16-cl") < header.index("c3dzoo-triton")
+
+
+def test_another_baseline_on_request():
+    text = report.headline(_run(), baseline="eager-fp32")
+    inference = _cells(text, "c3d_bn", "inference")
+    assert inference["c3dzoo-triton-bf16-cl"] == "5,000 (10.00×)"  # 0.064 / 0.0064
+    # groups without eager-fp32 fall back to the run's own baseline
+    assert _cells(text, "c3d_bn", "train")["compile-bf16-cl"] == "1,280 (1.60×)"
+
+
+def test_group_tables():
+    text = report.group_tables(report.records(_run()))
+    row = _cells(text, "c3dzoo-triton-bf16-cl", "6.40")
+    assert row["speed-up"] == "2.00×" and row["clips/s"] == "5,000" and row["peak mem"] == "2.20 GB"
+    assert "layer conv2 inference (batch 32; speed-up vs no baseline)" in text
+
+
+def test_cli_reads_json_and_jsonl(tmp_path):
+    data = _run()
+    path = tmp_path / "nvidia-h100-80gb-hbm3.json"
+    path.write_text(json.dumps(data))
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "report.py"), str(path), "--groups"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "5,000 (2.00×)" in out and "speed-up vs eager-bf16-cl" in out
+    lines = tmp_path / "partial.jsonl"
+    lines.write_text("".join(json.dumps(b) + "\n" for b in data["benchmarks"][:3]))
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "report.py"), str(lines)],
+                         capture_output=True, text=True, check=True).stdout
+    assert _cells(out, "c3d_bn", "inference")["c3dzoo-triton-bf16-cl"] == "5,000 (2.00×)"
+
+
+def test_flop_counts_from_shapes():
+    """C3D-BN: 38.5 GMAC = 77.1 GFLOP per 16×112×112 clip forward (baselines.md); a training step
+    is 3× that, less conv1's input gradient. Counted on the meta device: no memory, no time."""
+    pytest.importorskip("pytest_benchmark")  # the harness's module imports pytest's mark for it
+    harness = _load("c3dzoo_bench_harness", "_harness.py")
+    import torch
+
+    with torch.device("meta"):  # built without initialising 78 M parameters
+        model = harness.c3dzoo.get_model("c3d_bn")
+    counter = harness._FlopCounter(model.eval())
+    counter.run(torch.empty(1, 3, 16, 112, 112, device="meta"))
+    assert counter.forward_flops / 1e9 == pytest.approx(77.09, rel=1e-3)
+    conv1 = 2 * 64 * 16 * 112 * 112 * 3 * 27
+    assert counter.train_flops == 3 * counter.forward_flops - conv1
