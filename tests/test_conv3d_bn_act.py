@@ -69,7 +69,7 @@ CASES = [
 ]
 
 MODES = ("train", "eval", "train_frozen_bn")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def _available_backends():

@@ -100,7 +100,8 @@ def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, backend))
     stats = weight.shape[0] if norm == "batch" else 0
-    return out, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+    dtype = _reference.stats_dtype(x.dtype)
+    return out, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype)
 
 
 @torch.library.custom_op("c3dzoo::conv3d_bn_act_backward", mutates_args=())

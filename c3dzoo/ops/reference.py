@@ -16,6 +16,16 @@ Tensor = torch.Tensor
 _REDUCE_DIMS = (0, 2, 3, 4)
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BatchNorm math and statistics use for inputs of ``dtype``: fp32, or fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(t: Tensor) -> Tensor:
+    # fp16/bf16/fp32 → fp32, fp64 stays fp64: accumulate in at least fp32, never lose fp64
+    return t.to(stats_dtype(t.dtype))
+
+
 def fold_batch_norm(
     weight: Tensor,
     bias: Optional[Tensor],
@@ -30,16 +40,16 @@ def fold_batch_norm(
     s = γ / sqrt(running_var + eps);  W' = W·s;  b' = (b − running_mean)·s + β.
     Returned in fp32; callers cast to the compute dtype.
     """
-    scale = torch.rsqrt(running_var.float() + eps)
+    scale = torch.rsqrt(_acc(running_var) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.float()
-    shift = -running_mean.float()
+        scale = scale * _acc(bn_weight)
+    shift = -_acc(running_mean)
     if bias is not None:
-        shift = shift + bias.float()
+        shift = shift + _acc(bias)
     folded_bias = shift * scale
     if bn_bias is not None:
-        folded_bias = folded_bias + bn_bias.float()
-    folded_weight = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
+        folded_bias = folded_bias + _acc(bn_bias)
+    folded_weight = _acc(weight) * scale.view(-1, *([1] * (weight.dim() - 1)))
     return folded_weight, folded_bias
 
 
@@ -59,7 +69,7 @@ def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
 
 def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``y`` (N, C, D, H, W), in fp32 (two-pass, so sound when |mean| ≫ std)."""
-    var, mean = torch.var_mean(y.float(), dim=_REDUCE_DIMS, correction=0)
+    var, mean = torch.var_mean(_acc(y), dim=_REDUCE_DIMS, correction=0)
     return mean, var
 
 
@@ -70,8 +80,8 @@ def _forward_graph(
     """The fused computation written with stock ops; differentiable. Returns (out, mean, var)."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     dtype = x.dtype
-    mean = x.new_empty(0, dtype=torch.float32)
-    var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
+    mean = x.new_empty(0, dtype=stats_dtype(dtype))
+    var = x.new_empty(0, dtype=stats_dtype(dtype))  # distinct tensors: custom op outputs must not alias
     if norm == "running":
         w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         y = F.conv3d(x, w.to(dtype), b.to(dtype), stride, padding, dilation)
@@ -82,11 +92,11 @@ def _forward_graph(
         if norm == "batch":
             mean, var = batch_statistics(y)
             shape = (1, -1, 1, 1, 1)
-            z = (y.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+            z = (_acc(y) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
             if bn_weight is not None:
-                z = z * bn_weight.float().view(shape)
+                z = z * _acc(bn_weight).view(shape)
             if bn_bias is not None:
-                z = z + bn_bias.float().view(shape)
+                z = z + _acc(bn_bias).view(shape)
             y = z.to(dtype)
     out = apply_pool(apply_activation(y, activation, negative_slope), pool)
     return out, mean, var
@@ -177,25 +187,25 @@ def backward(
             folded_w, folded_b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
             conv_weight = folded_w.to(dtype)
             y = F.conv3d(x, conv_weight, folded_b.to(dtype), stride, padding, dilation)
-            scale = torch.rsqrt(running_var.float() + eps)
+            scale = torch.rsqrt(_acc(running_var) + eps)
             if bn_weight is not None:
-                scale = scale * bn_weight.float()
+                scale = scale * _acc(bn_weight)
         else:
             y = F.conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
         z = y
         if norm == "batch":
             invstd = torch.rsqrt(var + eps)
-            xhat = (y.float() - mean.view(shape)) * invstd.view(shape)
+            xhat = (_acc(y) - mean.view(shape)) * invstd.view(shape)
             z = xhat
             if bn_weight is not None:
-                z = z * bn_weight.float().view(shape)
+                z = z * _acc(bn_weight).view(shape)
             if bn_bias is not None:
-                z = z + bn_bias.float().view(shape)
+                z = z + _acc(bn_bias).view(shape)
             z = z.to(dtype)
         grad = grad_out
         if pool:
             grad = _pool_backward(grad, apply_activation(z, activation, negative_slope), pool)
-        grad = _activation_backward(grad, z, activation, negative_slope).float()
+        grad = _acc(_activation_backward(grad, z, activation, negative_slope))
 
         grad_gamma = grad_beta = None
         if norm == "batch":
@@ -203,7 +213,7 @@ def backward(
             sum_dy_xhat = (grad * xhat).sum(dim=_REDUCE_DIMS)
             grad_gamma, grad_beta = sum_dy_xhat, sum_dy
             count = xhat.numel() // xhat.shape[1]
-            gamma = bn_weight.float() if bn_weight is not None else torch.ones_like(invstd)
+            gamma = _acc(bn_weight) if bn_weight is not None else torch.ones_like(invstd)
             # gy = γ·invstd·(gz − mean(gz) − xhat·mean(gz·xhat))
             grad = (gamma * invstd).view(shape) * (
                 grad - (sum_dy / count).view(shape) - xhat * (sum_dy_xhat / count).view(shape)
@@ -221,11 +231,11 @@ def backward(
         if norm == "running":
             # gw is the gradient of the folded weight W·s
             if need_g:
-                w_dot = (gw.float() * weight.float()).sum(dim=(1, 2, 3, 4))
-                shift = -running_mean.float() + (bias.float() if bias is not None else 0.0)
-                grad_gamma = torch.rsqrt(running_var.float() + eps) * (w_dot + shift * grad_beta)
+                w_dot = (_acc(gw) * _acc(weight)).sum(dim=(1, 2, 3, 4))
+                shift = -_acc(running_mean) + (_acc(bias) if bias is not None else 0.0)
+                grad_gamma = torch.rsqrt(_acc(running_var) + eps) * (w_dot + shift * grad_beta)
             if need_w:
-                gw = gw.float() * scale.view(-1, 1, 1, 1, 1)
+                gw = _acc(gw) * scale.view(-1, 1, 1, 1, 1)
             if need_b:
                 grad_bias = grad_beta * scale
         elif norm == "batch" and need_b:
@@ -266,12 +276,12 @@ def update_running_stats(
         if momentum is None:
             if num_batches_tracked is None:
                 raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = num_batches_tracked.reciprocal().to(torch.float32)
+            factor = num_batches_tracked.reciprocal().to(stats_dtype(mean.dtype))
         else:
             factor = momentum
         unbiased = var * (count / max(count - 1, 1))
-        new_mean = running_mean.float() * (1 - factor) + mean * factor
-        new_var = running_var.float() * (1 - factor) + unbiased * factor
+        new_mean = _acc(running_mean) * (1 - factor) + mean * factor
+        new_var = _acc(running_var) * (1 - factor) + unbiased * factor
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
 

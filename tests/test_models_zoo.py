@@ -1,0 +1,264 @@
+"""The video ResNets and the Jester ConvColumn: fused and stock forwards agree, checkpoints are
+interchangeable (with each other and with torchvision), ``c3dzoo.fuse`` handles them.
+
+Comparing gradients of whole piecewise-linear networks needs care. A ReLU or LeakyReLU input
+within rounding distance of zero, or two MaxPool3d inputs within rounding distance of each other,
+may land on different sides in two fp32 computations that are both correct, and the gradient then
+differs by a finite amount. A freshly initialised network has many such values: in training
+mode on 2×3×4×32×32 batches, fused and stock r2plus1d_18 input gradients differ by 1–2% for 4 of
+8 random inputs, and stock alone moves as much when its input is perturbed by 1e-7. So before
+comparing gradients,
+``_condition`` shifts every BatchNorm3d so that the activation after it is far from its kink
+(each channel then lies wholly on one side; both sides occur) and ``_calibrate`` gives eval-mode
+BN the batch's own statistics. The ResNets are then compared tightly everywhere. Jester's pools
+cannot be conditioned that way (2 M pooling windows: a few near-ties are certain), so its
+gradients upstream of a pool are compared in norm, with a tolerance set by that effect.
+Forwards are continuous and are also compared tightly without conditioning.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Dict
+
+import pytest
+import torch
+from torch import nn
+
+import c3dzoo
+
+# name → (input shape, parameter count with the builder's default num_classes, conv chains)
+MODELS = {
+    # stem 1 + 8 blocks × 2 + 3 shortcuts
+    "r3d_18": ((2, 3, 2, 24, 24), 33_371_472, 20),
+    "mc3_18": ((2, 3, 2, 24, 24), 11_695_440, 20),
+    # stem 2 + 8 blocks × 4 + 3 shortcuts
+    "r2plus1d_18": ((2, 3, 2, 24, 24), 31_505_325, 37),
+    # parameters counted from the architecture: 4 conv blocks 2,304,264 + conv_layer5 1,180,160
+    # + head 402,459; 4 blocks × 2 chains (conv_layer5 has no BN or activation)
+    "jester_convcolumn": ((2, 3, 18, 84, 84), 3_886_883, 8),
+}
+RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
+MODES = ("train", "eval", "frozen_bn")
+# Jester gradients upstream of a MaxPool3d: relative L2 error allowed (measured up to 7e-3 over
+# several inputs, from pooling near-ties; a stock fp32 run differs from fp64 by as much)
+POOLED_GRAD_RTOL = 2e-2
+_JESTER_BEFORE_POOL = re.compile(r"input|conv_layer[1-4]\.")
+_JESTER_BN_CONV_BIAS = re.compile(r"conv_layer[1-4]\.[03]\.bias\.grad")
+
+
+def _build(name: str, fused: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return c3dzoo.get_model(name, fused=fused)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request):
+    """(name, stock model, fused model), both built from seed 0. Tests deep-copy before use."""
+    name = request.param
+    return name, _build(name, fused=False), _build(name, fused=True)
+
+
+@pytest.fixture(scope="module")
+def conditioned_state(pair):
+    """The stock model's state_dict after ``_condition`` and ``_calibrate`` on the test input."""
+    name, stock, _ = pair
+    stock = copy.deepcopy(stock)
+    _condition(stock)
+    _calibrate(stock, _input(name))
+    return stock.state_dict()
+
+
+def _input(name: str) -> torch.Tensor:
+    return torch.randn(MODELS[name][0], generator=torch.Generator().manual_seed(1))
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, floor: float = 0.0) -> None:
+    # fp32 sums in a different order: relative error, plus an absolute part relative to the
+    # tensor's magnitude (elements near zero carry the error of their larger neighbours) and an
+    # optional floor (gradients that are analytically zero hold only rounding noise).
+    # (torch.testing.assert_close is exact about this too, but several times slower on 30 M values)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), what
+        return
+    actual, expected = actual.detach(), expected.detach()
+    magnitude = expected.abs()
+    atol = 2e-4 * magnitude.max().item() + floor
+    excess = (actual - expected).abs_().sub_(magnitude.mul_(1e-4).add_(atol))
+    worst = int(excess.argmax())
+    assert excess.view(-1)[worst] <= 0, (
+        f"{what}: {int((excess > 0).sum())} of {excess.numel()} elements differ; worst: "
+        f"{actual.view(-1)[worst].item():.6g} vs {expected.view(-1)[worst].item():.6g} (atol {atol:.2e}, rtol 1e-4)"
+    )
+
+
+def _assert_close_norm(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float, floor: float) -> None:
+    err = (actual.double() - expected.double()).norm().item()
+    ref = expected.double().norm().item()
+    assert err <= rtol * ref + floor, f"{what}: relative L2 error {err / max(ref, 1e-30):.2e} > {rtol:.0e}"
+
+
+def _set_mode(model: nn.Module, mode: str) -> None:
+    model.train(mode != "eval")
+    for m in model.modules():
+        # Jester's BatchNorm1d head is no fused chain; on a batch of 2 in training mode it maps
+        # every feature to ±1 and passes back almost no gradient, so it stays in eval mode
+        if isinstance(m, nn.BatchNorm1d) or (mode == "frozen_bn" and isinstance(m, nn.BatchNorm3d)):
+            m.eval()
+
+
+def _condition(model: nn.Module) -> None:
+    """BN γ = 0.5 and β = ±3 (a random sign per channel), so every activation input after a
+    BatchNorm3d lies ~3 ± 0.5·x̂ from the kink. BNs that feed a residual add get β = +3: with a
+    non-negative shortcut the block's final ReLU is then far from its kink too."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, nn.BatchNorm3d):
+                continue
+            m.weight.fill_(0.5)
+            if name.endswith(("conv2.1", "downsample.1")):
+                m.bias.fill_(3.0)
+            else:
+                m.bias.copy_(3.0 * (torch.randint(0, 2, (m.num_features,), generator=gen) * 2 - 1))
+
+
+def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Running statistics of every BatchNorm3d := the statistics of batch ``x``, so that eval-mode
+    BN normalises as training-mode BN does (and conditioning keeps its effect)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, exactly its statistics
+    _set_mode(model, "train")
+    with torch.no_grad():
+        model(x)
+    for m in bns:
+        m.momentum = 0.1
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Output, input gradient, parameter gradients and buffers after one forward and backward."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(2)  # the same dropout masks (jester) in both runs
+    out = model(x)
+    # a fixed random weighting, so that every logit's gradient is exercised
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
+    result = {"output": out.detach(), "input.grad": x.grad}
+    for key, p in model.named_parameters():
+        assert p.grad is not None, f"{key}: no gradient"
+        result[key + ".grad"] = p.grad
+    result.update({key: b.clone() for key, b in model.named_buffers()})
+    return result
+
+
+def test_state_dicts_interchangeable(pair):
+    name, stock, fused = pair
+    stock_sd, fused_sd = stock.state_dict(), fused.state_dict()
+    assert list(stock_sd) == list(fused_sd)
+    for key in stock_sd:
+        assert stock_sd[key].shape == fused_sd[key].shape, key
+        assert torch.equal(stock_sd[key], fused_sd[key]), f"{key}: same seed, different values"
+    # load into models whose every parameter and buffer was zeroed, so values must really move
+    for target, source in ((copy.deepcopy(fused), stock_sd), (copy.deepcopy(stock), fused_sd)):
+        for value in target.state_dict().values():
+            value.zero_()
+        target.load_state_dict(source, strict=True)
+        assert all(torch.equal(v, source[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_matches_stock(pair, conditioned_state, mode):
+    name, stock, fused = pair
+    x = _input(name)
+    stock, fused = copy.deepcopy(stock), copy.deepcopy(fused)
+    stock.load_state_dict(conditioned_state)
+    fused.load_state_dict(conditioned_state)
+    for model in (stock, fused):
+        _set_mode(model, mode)
+    expected, actual = _run(stock, x), _run(fused, x)
+    assert list(actual) == list(expected)
+
+    grads = [v for k, v in expected.items() if k.endswith(".grad")]
+    grad_floor = 1e-6 * max(g.abs().max().item() for g in grads)
+    for key, want in expected.items():
+        got = actual[key]
+        if name != "jester_convcolumn":
+            _assert_close(got, want, key, floor=grad_floor if key.endswith(".grad") else 0.0)
+        elif mode == "train" and _JESTER_BN_CONV_BIAS.fullmatch(key):
+            # a conv bias in front of a training-mode BN has an analytically zero gradient (the BN
+            # removes any per-channel shift): both sides must be rounding noise
+            bound = 1e-4 * expected[key.replace("bias", "weight")].abs().max().item()
+            assert got.abs().max() <= bound and want.abs().max() <= bound, key
+        elif key.endswith(".grad") and _JESTER_BEFORE_POOL.match(key):
+            _assert_close_norm(got, want, key, POOLED_GRAD_RTOL, floor=grad_floor * want.numel() ** 0.5)
+        else:
+            _assert_close(got, want, key, floor=grad_floor if key.endswith(".grad") else 0.0)
+    counts = {m.num_batches_tracked.item() for m in fused.modules() if isinstance(m, nn.BatchNorm3d)}
+    assert counts == ({2} if mode == "train" else {1})  # one calibration batch, plus this one in training
+
+
+def test_fused_forward_at_initialisation(pair):
+    """Without conditioning: the forward is continuous, so outputs and the running statistics a
+    training step leaves must agree tightly even where gradients may not."""
+    name, stock, fused = pair
+    stock, fused = copy.deepcopy(stock), copy.deepcopy(fused)
+    x = _input(name)
+    with torch.no_grad():
+        for model in (stock, fused):
+            _set_mode(model, "train")
+        torch.manual_seed(2)
+        expected = stock(x)
+        torch.manual_seed(2)
+        _assert_close(fused(x), expected, "output")
+    fused_buffers = dict(fused.named_buffers())
+    for key, want in stock.named_buffers():
+        _assert_close(fused_buffers[key], want, key)
+
+
+def test_fx_fuse(pair):
+    name, stock, _ = pair
+    stock = copy.deepcopy(stock).eval()
+    gm = c3dzoo.fuse(stock)
+    assert gm.c3dzoo_fused_chains == MODELS[name][2]
+    assert list(gm.state_dict()) == list(stock.state_dict())
+    x = _input(name)
+    with torch.no_grad():
+        _assert_close(gm(x), stock(x), "fx-fused output")
+
+
+def test_parameter_count(pair):
+    name, stock, _ = pair
+    assert sum(p.numel() for p in stock.parameters()) == MODELS[name][1]
+
+
+def test_bad_input_raises(pair):
+    name, stock, _ = pair
+    if name == "jester_convcolumn":
+        bad = [(2, 3, 16, 84, 84), (2, 3, 18, 112, 112), (2, 1, 18, 84, 84), (3, 18, 84, 84)]
+        match = r"\(N, 3, 18, 84, 84\)"
+    else:
+        bad = [(2, 3, 4, 32), (2, 1, 4, 32, 32), (2, 3, 4, 32, 32, 1), (2, 3, 0, 32, 32)]
+        match = "N, 3, frames, height, width"
+    for shape in bad:
+        with pytest.raises(ValueError, match=match):
+            stock(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_matches_torchvision(name):
+    video = pytest.importorskip("torchvision.models.video", reason="torchvision is not installed")
+    theirs = getattr(video, name)(num_classes=400).eval()
+    ours = _build(name, fused=False).eval()
+    their_sd, our_sd = theirs.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(their_sd)
+    assert all(our_sd[k].shape == v.shape for k, v in their_sd.items())
+    ours.load_state_dict(their_sd, strict=True)
+    x = _input(name)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert torch.equal(ours(x), expected)
+        ours.fused = True
+        _assert_close(ours(x), expected, "fused output vs torchvision")
