@@ -1,0 +1,236 @@
+"""The ``cuda`` backend: hand-written CUDA C++ kernels from csrc/, through the ``c3dzoo._C`` module.
+
+Implemented in this version: the stem only — Conv3d with C_in ≤ 4 (conv1 of C3D, the r3d / r2plus1d
+stems) + BatchNorm with running statistics folded into the weight and bias (or no BatchNorm) +
+activation (+ MaxPool3d), one direct-convolution kernel that writes only the pooled NDHWC output.
+Every other configuration is declined by ``supports`` (the registry then falls back, with the reason).
+Backward delegates to ``reference.backward`` (it recomputes from the saved input).
+
+``c3dzoo._C`` takes raw device pointers and a stream handle, so it has no libtorch linkage; this
+module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight packing, layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import reference as _reference
+from .backends import ConvBNActConfig
+
+Tensor = torch.Tensor
+
+MAX_STEM_CIN = 4
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPES = tuple(str(d) for d in _DTYPE_CODES)
+_ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2}
+_CHANNELS_PER_THREAD = 8  # c3dzoo._C.STEM_CHANNELS_PER_THREAD; packed weight rows are padded to it
+
+_SCOPE = "the cuda backend implements only the stem (C_in ≤ 4) in this version"
+
+
+def _lib():
+    from c3dzoo import _C  # noqa: PLC0415 - imported lazily: the registry probes it first
+
+    return _C
+
+
+def supports(cfg: ConvBNActConfig) -> Optional[str]:
+    """None if the CUDA kernels can run ``cfg``, else why not."""
+    if cfg.norm not in ("running", "none"):
+        return (f"{_SCOPE}; norm={cfg.norm!r} (training-mode BatchNorm with batch statistics) is not "
+                "implemented, only norm 'running' (folded) or 'none'")
+    if cfg.in_channels > MAX_STEM_CIN:
+        return f"{_SCOPE}; this layer has C_in = {cfg.in_channels}"
+    if cfg.device != "cuda":
+        return f"{_SCOPE}, on CUDA tensors; got device {cfg.device!r}"
+    if cfg.dtype not in _DTYPES:
+        return f"{_SCOPE}, in fp16, bf16 or fp32; got {cfg.dtype}"
+    if cfg.activation not in _ACTIVATIONS:
+        return f"{_SCOPE}; activation {cfg.activation!r} is not supported (none, relu, leaky_relu)"
+    if len(cfg.pool) not in (0, 9):
+        return f"{_SCOPE}; pool {cfg.pool!r} is not kernel(3) + stride(3) + padding(3)"
+    if cfg.pool and any(2 * p > k for k, p in zip(cfg.pool[0:3], cfg.pool[6:9])):
+        return f"{_SCOPE}; pool padding must be at most half the pool kernel, got {cfg.pool!r}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# folded + packed weight cache (same validity rules as triton_impl._FoldedWeightCache)
+# --------------------------------------------------------------------------------------------
+
+
+class _PackedWeightCache:
+    """(packed weight, padded bias) per set of source tensors. An entry is valid while its sources
+    are the very same objects (weak references) with unchanged ``_version`` counters; at most
+    ``capacity`` entries are kept (LRU). Inference tensors (no version counter) are never cached."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(sources, extra):
+        parts = []
+        for t in sources:
+            if t is None:
+                parts.append(None)
+                continue
+            if t.is_inference():
+                return None
+            parts.append((id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device))
+        return tuple(parts) + extra
+
+    def get_or_build(self, sources, extra, build):
+        key = self._key(sources, extra)
+        if key is None:
+            return build()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                refs, value = entry
+                if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources)):
+                    self._entries.move_to_end(key)
+                    return value
+                del self._entries[key]
+        value = build()
+        entries = self._entries
+
+        def drop(_ref, key=key):
+            entries.pop(key, None)
+
+        refs = tuple(None if t is None else weakref.ref(t, drop if i == 0 else None) for i, t in enumerate(sources))
+        with self._lock:
+            entries[key] = (refs, value)
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_weight_cache = _PackedWeightCache()
+
+
+def pack_stem_weight(weight: Tensor, bias: Optional[Tensor], cpt: int = _CHANNELS_PER_THREAD) -> Tuple[Tensor, Tensor, int]:
+    """fp32 (C_out, C_in, kd, kh, kw) weight → [kd·kh·kw·C_in, w_stride] with C_out innermost,
+    zero-padded to ``w_stride`` = C_out rounded up to ``cpt``; bias → fp32 [w_stride]. The layout
+    csrc/stem_math.h reads (also used by the host module's tests)."""
+    c_out = weight.shape[0]
+    w_stride = -(-c_out // cpt) * cpt
+    w = weight.float().permute(2, 3, 4, 1, 0).reshape(-1, c_out)
+    packed = torch.zeros(w.shape[0], w_stride, dtype=torch.float32, device=weight.device)
+    packed[:, :c_out] = w
+    b = torch.zeros(w_stride, dtype=torch.float32, device=weight.device)
+    if bias is not None:
+        b[:c_out] = bias.float()
+    return packed.contiguous(), b, w_stride
+
+
+def _folded_packed(weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps):
+    def build():
+        with torch.no_grad():
+            if norm == "running":
+                w, b = _reference.fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+            else:
+                w, b = weight.float(), (None if bias is None else bias.float())
+            return pack_stem_weight(w, b)
+
+    sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    if norm != "running":
+        sources = (weight, bias, None, None, None, None)
+    return _weight_cache.get_or_build(sources, (norm, float(eps)), build)
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    norm: str,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused stem forward (norm "running" or "none"); returns (out channels_last_3d, empty, empty)."""
+    if norm not in ("running", "none"):
+        raise NotImplementedError(f"cuda backend: norm={norm!r} is not implemented (see supports())")
+    if x.dim() != 5 or x.shape[1] > MAX_STEM_CIN or x.dtype not in _DTYPE_CODES or x.device.type != "cuda":
+        raise NotImplementedError(f"cuda backend: {_SCOPE}, fp16/bf16/fp32 CUDA tensors (see supports())")
+    lib = _lib()
+    pool = tuple(pool)
+    if pool:
+        pool_kernel, pool_stride, pool_padding = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
+    else:
+        pool_kernel, pool_stride, pool_padding = [1, 1, 1], [1, 1, 1], [0, 0, 0]
+    with torch.no_grad(), torch.cuda.device(x.device):
+        w_packed, b_packed, w_stride = _folded_packed(
+            weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps
+        )
+        xc = x.contiguous(memory_format=torch.channels_last_3d)
+        n, c_in, d, h, w = x.shape
+        c_out = weight.shape[0]
+        size = [
+            (s + 2 * p - dl * (k - 1) - 1) // st + 1
+            for s, k, st, p, dl in zip((d, h, w), weight.shape[2:], stride, padding, dilation)
+        ]
+        size = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, pool_kernel, pool_stride, pool_padding)]
+        out = torch.empty((n, c_out, *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+        if out.numel():
+            lib.stem_forward(
+                xc.data_ptr(), w_packed.data_ptr(), b_packed.data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype],
+                n, d, h, w, c_in, c_out, list(weight.shape[2:]), list(stride), list(padding), list(dilation),
+                pool_kernel, pool_stride, pool_padding, _ACTIVATIONS[activation], float(negative_slope),
+                w_stride, torch.cuda.current_stream(x.device).cuda_stream,
+            )
+    mean = x.new_empty(0, dtype=torch.float32)
+    var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
+    return out, mean, var
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    *,
+    norm: str,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    needs_grad: Sequence[bool],
+) -> List[Optional[Tensor]]:
+    """Not fused yet: the reference backward (recomputes the conv output from x)."""
+    return _reference.backward(
+        grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
+        norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,
+        negative_slope=negative_slope, pool=pool, needs_grad=needs_grad,
+    )

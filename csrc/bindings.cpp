@@ -1,0 +1,102 @@
+// pybind11 module c3dzoo._C: the CUDA launchers of stem.cu over raw device pointers (uintptr_t) and a
+// cudaStream_t passed as an integer (torch.cuda.current_stream().cuda_stream). No torch headers and
+// no libtorch linkage: compiled by the host compiler, linked with stem.cu's object and static cudart.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+#include <string>
+
+#include "stem_math.h"
+
+namespace py = pybind11;
+using I3 = std::array<int, 3>;
+
+namespace c3dzoo {
+void launch_stem_forward(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int dtype,
+                         int w_stride, uintptr_t stream);
+int stem_channels_per_thread();
+void launch_bn_finalize(uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps,
+                        float momentum, int cumulative, uintptr_t num_batches_tracked, uintptr_t running_mean,
+                        uintptr_t running_var, uintptr_t mean_out, uintptr_t var_out, uintptr_t invstd_out,
+                        uintptr_t stream);
+void launch_net2net_gather(uintptr_t src, uintptr_t dst, int elem_size, uintptr_t g, const Net2NetShape& s,
+                           uintptr_t stream);
+void launch_net2net_divide(uintptr_t src, uintptr_t dst, int dtype, uintptr_t g, uintptr_t counts, int power,
+                           const Net2NetShape& s, uintptr_t stream);
+int cuda_runtime_version();
+}  // namespace c3dzoo
+
+namespace {
+
+c3dzoo::StemShape stem_shape(int64_t n, int d, int h, int w, int cin, int cout, const I3& kernel, const I3& stride,
+                             const I3& padding, const I3& dilation, const I3& pool_kernel, const I3& pool_stride,
+                             const I3& pool_padding, int activation, float negative_slope) {
+  c3dzoo::StemShape s;
+  const char* err = nullptr;
+  if (!c3dzoo::make_stem_shape(n, d, h, w, cin, cout, kernel.data(), stride.data(), padding.data(),
+                               dilation.data(), pool_kernel.data(), pool_stride.data(), pool_padding.data(),
+                               activation, negative_slope, &s, &err))
+    throw std::invalid_argument(std::string("c3dzoo._C.stem_forward: ") + err);
+  return s;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "c3dzoo CUDA kernels (stem conv+BN+act+pool, BN finalize, Net2Net remap) over raw device pointers";
+  m.attr("STEM_CHANNELS_PER_THREAD") = c3dzoo::stem_channels_per_thread();
+  m.attr("MAX_STEM_CIN") = c3dzoo::kMaxStemCin;
+  m.def("cuda_runtime_version", &c3dzoo::cuda_runtime_version);
+  m.def(
+      "stem_forward",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int dtype, int64_t n, int d, int h, int wd,
+         int cin, int cout, I3 kernel, I3 stride, I3 padding, I3 dilation, I3 pool_kernel, I3 pool_stride,
+         I3 pool_padding, int activation, float negative_slope, int w_stride, uintptr_t stream) {
+        const auto s = stem_shape(n, d, h, wd, cin, cout, kernel, stride, padding, dilation, pool_kernel,
+                                  pool_stride, pool_padding, activation, negative_slope);
+        py::gil_scoped_release release;
+        c3dzoo::launch_stem_forward(s, x, w, bias, out, dtype, w_stride, stream);
+      },
+      "Pooled NDHWC output of conv(C_in<=4)+bias+act+maxpool. x: NDHWC (dtype 0 fp32/1 fp16/2 bf16); "
+      "w: fp32 [kd*kh*kw*C_in][w_stride] (C_out innermost, zero-padded); bias: fp32 [w_stride].",
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("n"), py::arg("d"),
+      py::arg("h"), py::arg("w_size"), py::arg("cin"), py::arg("cout"), py::arg("kernel"), py::arg("stride"),
+      py::arg("padding"), py::arg("dilation"), py::arg("pool_kernel"), py::arg("pool_stride"),
+      py::arg("pool_padding"), py::arg("activation"), py::arg("negative_slope"), py::arg("w_stride"),
+      py::arg("stream"));
+  m.def(
+      "bn_finalize",
+      [](uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps, float momentum,
+         int cumulative, uintptr_t nbt, uintptr_t running_mean, uintptr_t running_var, uintptr_t mean_out,
+         uintptr_t var_out, uintptr_t invstd_out, uintptr_t stream) {
+        c3dzoo::launch_bn_finalize(a, b, num_partials, mode, C, count, eps, momentum, cumulative, nbt, running_mean,
+                                   running_var, mean_out, var_out, invstd_out, stream);
+      },
+      "mode 0: a,b = [num_partials, C] fp32 Σy, Σy²; mode 1: a,b = mean, biased var. Pointers may be 0. "
+      "cumulative=1 uses 1/num_batches_tracked (already incremented, int64 on device).",
+      py::arg("a"), py::arg("b"), py::arg("num_partials"), py::arg("mode"), py::arg("C"), py::arg("count"),
+      py::arg("eps"), py::arg("momentum"), py::arg("cumulative"), py::arg("num_batches_tracked"),
+      py::arg("running_mean"), py::arg("running_var"), py::arg("mean_out"), py::arg("var_out"),
+      py::arg("invstd_out"), py::arg("stream"));
+  m.def(
+      "net2net_gather",
+      [](uintptr_t src, uintptr_t dst, int elem_size, uintptr_t g, int64_t outer, int64_t old_size, int64_t inner,
+         int64_t new_units, int64_t group, uintptr_t stream) {
+        c3dzoo::Net2NetShape s{outer, old_size, inner, new_units, group};
+        c3dzoo::launch_net2net_gather(src, dst, elem_size, g, s, stream);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("elem_size"), py::arg("g"), py::arg("outer"), py::arg("old_size"),
+      py::arg("inner"), py::arg("new_units"), py::arg("group"), py::arg("stream"));
+  m.def(
+      "net2net_divide",
+      [](uintptr_t src, uintptr_t dst, int dtype, uintptr_t g, uintptr_t counts, int power, int64_t outer,
+         int64_t old_size, int64_t inner, int64_t new_units, int64_t group, uintptr_t stream) {
+        c3dzoo::Net2NetShape s{outer, old_size, inner, new_units, group};
+        c3dzoo::launch_net2net_divide(src, dst, dtype, g, counts, power, s, stream);
+      },
+      "dtype 0 fp32, 1 fp16, 2 bf16, 3 fp64; g and counts int64.", py::arg("src"), py::arg("dst"),
+      py::arg("dtype"), py::arg("g"), py::arg("counts"), py::arg("power"), py::arg("outer"), py::arg("old_size"),
+      py::arg("inner"), py::arg("new_units"), py::arg("group"), py::arg("stream"));
+}

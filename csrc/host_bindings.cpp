@@ -1,0 +1,122 @@
+// pybind11 module c3dzoo._C_host: host reference loops over the per-element math of stem_math.h,
+// compiled by g++ only (no CUDA), so CPU tests exercise exactly the arithmetic the GPU kernels run.
+// Buffers are raw pointers to contiguous CPU memory (numpy arrays or CPU torch tensors).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+#include <string>
+
+#include "stem_math.h"
+
+namespace py = pybind11;
+using I3 = std::array<int, 3>;
+
+namespace {
+
+template <typename T>
+const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+template <typename T>
+T* mptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// Same thread decomposition as the device kernel: CPT = 1 per step, over all channels.
+void stem_forward_host(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t n, int d, int h, int wd,
+                       int cin, int cout, I3 kernel, I3 stride, I3 padding, I3 dilation, I3 pool_kernel,
+                       I3 pool_stride, I3 pool_padding, int activation, float negative_slope, int w_stride) {
+  c3dzoo::StemShape s;
+  const char* err = nullptr;
+  if (!c3dzoo::make_stem_shape(n, d, h, wd, cin, cout, kernel.data(), stride.data(), padding.data(),
+                               dilation.data(), pool_kernel.data(), pool_stride.data(), pool_padding.data(),
+                               activation, negative_slope, &s, &err))
+    throw std::invalid_argument(std::string("c3dzoo._C_host.stem_forward_host: ") + err);
+  if (w_stride < cout) throw std::invalid_argument("c3dzoo._C_host.stem_forward_host: w_stride < C_out");
+  const float* xp = cptr<float>(x);
+  const float* wp = cptr<float>(w);
+  const float* bp = cptr<float>(bias);
+  float* op = mptr<float>(out);
+  const int64_t positions = s.n * s.yd * s.yh * (int64_t)s.yw;
+  py::gil_scoped_release release;
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    int64_t nn;
+    int yd, yh, yw;
+    c3dzoo::stem_unflatten(s, pos, &nn, &yd, &yh, &yw);
+    for (int co = 0; co < cout; ++co) {
+      float r[1];
+      c3dzoo::stem_pooled_point<1>(xp, wp, bp, w_stride, s, nn, yd, yh, yw, co, r);
+      op[pos * cout + co] = r[0];
+    }
+  }
+}
+
+void bn_finalize_host(uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps,
+                      float momentum, int cumulative, int64_t num_batches_tracked, uintptr_t running_mean,
+                      uintptr_t running_var, uintptr_t mean_out, uintptr_t var_out, uintptr_t invstd_out) {
+  const float factor = c3dzoo::bn_running_factor(cumulative, momentum, num_batches_tracked);
+  for (int c = 0; c < C; ++c)
+    c3dzoo::bn_finalize_one(c, C, cptr<float>(a), cptr<float>(b), num_partials, mode, count, eps, factor,
+                            mptr<float>(running_mean), mptr<float>(running_var), mptr<float>(mean_out),
+                            mptr<float>(var_out), mptr<float>(invstd_out));
+}
+
+template <typename E>
+void gather_loop(uintptr_t src, uintptr_t dst, const int64_t* g, const c3dzoo::Net2NetShape& s) {
+  const int64_t total = c3dzoo::net2net_numel_out(s);
+  for (int64_t o = 0; o < total; ++o) {
+    int64_t j;
+    mptr<E>(dst)[o] = cptr<E>(src)[c3dzoo::net2net_source_index(s, g, o, &j)];
+  }
+}
+
+void net2net_gather_host(uintptr_t src, uintptr_t dst, int elem_size, uintptr_t g, int64_t outer, int64_t old_size,
+                         int64_t inner, int64_t new_units, int64_t group) {
+  c3dzoo::Net2NetShape s{outer, old_size, inner, new_units, group};
+  const int64_t* gp = cptr<int64_t>(g);
+  switch (elem_size) {
+    case 1: gather_loop<uint8_t>(src, dst, gp, s); break;
+    case 2: gather_loop<uint16_t>(src, dst, gp, s); break;
+    case 4: gather_loop<uint32_t>(src, dst, gp, s); break;
+    case 8: gather_loop<uint64_t>(src, dst, gp, s); break;
+    default: throw std::invalid_argument("net2net_gather_host: element size must be 1, 2, 4 or 8");
+  }
+}
+
+// dtype 0 float32, 3 float64 (the device module also takes 1 fp16 / 2 bf16).
+void net2net_divide_host(uintptr_t src, uintptr_t dst, int dtype, uintptr_t g, uintptr_t counts, int power,
+                         int64_t outer, int64_t old_size, int64_t inner, int64_t new_units, int64_t group) {
+  c3dzoo::Net2NetShape s{outer, old_size, inner, new_units, group};
+  const int64_t total = c3dzoo::net2net_numel_out(s);
+  const int64_t* gp = cptr<int64_t>(g);
+  const int64_t* cp = cptr<int64_t>(counts);
+  if (dtype == 0) {
+    for (int64_t o = 0; o < total; ++o) c3dzoo::net2net_apply(cptr<float>(src), mptr<float>(dst), gp, cp, power, s, o);
+  } else if (dtype == 3) {
+    for (int64_t o = 0; o < total; ++o) c3dzoo::net2net_apply(cptr<double>(src), mptr<double>(dst), gp, cp, power, s, o);
+  } else {
+    throw std::invalid_argument("net2net_divide_host: dtype must be 0 (float32) or 3 (float64)");
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_host, m) {
+  m.doc() = "Host (g++) reference loops over c3dzoo's CUDA per-element math (csrc/stem_math.h), float32";
+  m.attr("MAX_STEM_CIN") = c3dzoo::kMaxStemCin;
+  m.def("stem_forward_host", &stem_forward_host,
+        "Pooled NDHWC fp32 output of conv(C_in<=4)+bias+act+maxpool; x NDHWC fp32, w fp32 "
+        "[kd*kh*kw*C_in][w_stride] (C_out innermost), bias fp32 [>= C_out].",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("n"), py::arg("d"), py::arg("h"),
+        py::arg("w_size"), py::arg("cin"), py::arg("cout"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("pool_kernel"), py::arg("pool_stride"), py::arg("pool_padding"),
+        py::arg("activation"), py::arg("negative_slope"), py::arg("w_stride"));
+  m.def("bn_finalize_host", &bn_finalize_host, py::arg("a"), py::arg("b"), py::arg("num_partials"), py::arg("mode"),
+        py::arg("C"), py::arg("count"), py::arg("eps"), py::arg("momentum"), py::arg("cumulative"),
+        py::arg("num_batches_tracked"), py::arg("running_mean"), py::arg("running_var"), py::arg("mean_out"),
+        py::arg("var_out"), py::arg("invstd_out"));
+  m.def("net2net_gather_host", &net2net_gather_host, py::arg("src"), py::arg("dst"), py::arg("elem_size"),
+        py::arg("g"), py::arg("outer"), py::arg("old_size"), py::arg("inner"), py::arg("new_units"),
+        py::arg("group"));
+  m.def("net2net_divide_host", &net2net_divide_host, py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("g"),
+        py::arg("counts"), py::arg("power"), py::arg("outer"), py::arg("old_size"), py::arg("inner"),
+        py::arg("new_units"), py::arg("group"));
+}

@@ -1,0 +1,241 @@
+// CUDA kernels of c3dzoo._C (first version):
+//   * stem: direct Conv3d for C_in <= 4 + folded BatchNorm bias + activation + MaxPool3d, writing
+//     only the pooled NDHWC output (the conv output never goes to memory);
+//   * bn_finalize: per-channel batch statistics -> mean / biased var / invstd + running stats update;
+//   * net2net gather / divide.
+// The per-element math lives in stem_math.h (shared with the g++-built host module c3dzoo._C_host).
+// Launchers take raw device pointers (uintptr_t) and a cudaStream_t passed as an integer: no
+// libtorch linkage, so the module does not depend on the torch ABI.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "stem_math.h"
+
+namespace c3dzoo {
+
+namespace {
+
+constexpr int kStemThreads = 256;
+constexpr int kStemCPT = 8;  // output channels per thread (16-byte bf16/fp16 stores)
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("c3dzoo._C: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+template <typename T, int CPT>
+__device__ __forceinline__ void store_group(T* __restrict__ dst, const float* v, int valid, bool vec) {
+  alignas(16) T tmp[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) from_float(v[j], &tmp[j]);
+  constexpr int kBytes = CPT * (int)sizeof(T);
+  if (vec && (kBytes % 16) == 0) {
+    const uint4* src = reinterpret_cast<const uint4*>(tmp);
+    uint4* out = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+    for (int k = 0; k < kBytes / 16; ++k) out[k] = src[k];
+  } else {
+#pragma unroll
+    for (int j = 0; j < CPT; ++j)
+      if (j < valid) dst[j] = tmp[j];
+  }
+}
+
+// One thread: CPT consecutive output channels of one pooled position; consecutive threads take
+// consecutive channel groups of the same position, so stores are contiguous along channels.
+// The folded weight ([taps*C_in][w_stride] fp32, rows padded with zeros to w_stride) and bias
+// (w_stride fp32) are staged in shared memory when they fit, else read through the L1/texture path.
+template <typename T, int CPT>
+__global__ void __launch_bounds__(kStemThreads)
+    stem_conv_bias_act_pool_kernel(const T* __restrict__ x, const float* __restrict__ w,
+                                   const float* __restrict__ bias, T* __restrict__ out, StemShape s,
+                                   int w_stride, int groups, int64_t total, int w_elems, int use_smem,
+                                   int vec_store) {
+  extern __shared__ float smem[];
+  const float* wp = w;
+  const float* bp = bias;
+  if (use_smem) {
+    for (int i = threadIdx.x; i < w_elems; i += blockDim.x) smem[i] = __ldg(w + i);
+    for (int i = threadIdx.x; i < w_stride; i += blockDim.x) smem[w_elems + i] = __ldg(bias + i);
+    __syncthreads();
+    wp = smem;
+    bp = smem + w_elems;
+  }
+  const int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
+    const int grp = (int)(t % groups);
+    const int64_t pos = t / groups;
+    int64_t n;
+    int yd, yh, yw;
+    stem_unflatten(s, pos, &n, &yd, &yh, &yw);
+    const int co0 = grp * CPT;
+    float r[CPT];
+    stem_pooled_point<CPT>(x, wp, bp, w_stride, s, n, yd, yh, yw, co0, r);
+    store_group<T, CPT>(out + pos * s.cout + co0, r, s.cout - co0, vec_store != 0);
+  }
+}
+
+int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 64 && cached[dev] > 0) return cached[dev];
+  int count = 0;
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  if (dev < 64) cached[dev] = count;
+  return count;
+}
+
+int max_smem_optin() {
+  int dev = 0, bytes = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  return bytes;
+}
+
+template <typename T>
+void launch_stem_typed(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out,
+                       int w_stride, cudaStream_t stream) {
+  constexpr int CPT = kStemCPT;
+  auto kernel = stem_conv_bias_act_pool_kernel<T, CPT>;
+  const int groups = (s.cout + CPT - 1) / CPT;
+  const int64_t total = s.n * s.yd * s.yh * (int64_t)s.yw * groups;
+  const int w_elems = s.kd * s.kh * s.kw * s.cin * w_stride;
+  size_t smem = (size_t)(w_elems + w_stride) * sizeof(float);
+  int use_smem = 1;
+  if (smem > (size_t)max_smem_optin()) {
+    use_smem = 0;
+    smem = 0;
+  }
+  if (smem > 48 * 1024) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStemThreads, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (per_sm < 1) per_sm = 1;
+  const int64_t needed = (total + kStemThreads - 1) / kStemThreads;
+  const int64_t resident = (int64_t)sm_count() * per_sm;
+  const int blocks = (int)(needed < resident ? needed : resident);
+  const int vec = (s.cout % CPT) == 0 && (out % 16) == 0;
+  kernel<<<blocks, kStemThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(bias),
+      reinterpret_cast<T*>(out), s, w_stride, groups, total, w_elems, use_smem, vec);
+  check(cudaGetLastError(), "stem kernel launch");
+}
+
+__global__ void bn_finalize_kernel(const float* a, const float* b, int num_partials, int mode, int C,
+                                   int64_t count, float eps, float momentum, int cumulative,
+                                   const int64_t* num_batches_tracked, float* running_mean,
+                                   float* running_var, float* mean_out, float* var_out, float* invstd_out) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const int64_t nbt = num_batches_tracked ? *num_batches_tracked : 1;
+  const float factor = bn_running_factor(cumulative, momentum, nbt);
+  bn_finalize_one(c, C, a, b, num_partials, mode, count, eps, factor, running_mean, running_var, mean_out,
+                  var_out, invstd_out);
+}
+
+template <typename E>
+__global__ void net2net_gather_kernel(const E* __restrict__ src, E* __restrict__ dst, const int64_t* g,
+                                      Net2NetShape s, int64_t total) {
+  const int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += step) {
+    int64_t j;
+    dst[o] = src[net2net_source_index(s, g, o, &j)];
+  }
+}
+
+template <typename T>
+__global__ void net2net_divide_kernel(const T* __restrict__ src, T* __restrict__ dst, const int64_t* g,
+                                      const int64_t* counts, int power, Net2NetShape s, int64_t total) {
+  const int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += step)
+    net2net_apply(src, dst, g, counts, power, s, o);
+}
+
+int elementwise_blocks(int64_t total) {
+  const int64_t needed = (total + 255) / 256;
+  const int64_t cap = (int64_t)sm_count() * 16;
+  return (int)(needed < 1 ? 1 : (needed < cap ? needed : cap));
+}
+
+}  // namespace
+
+// dtype: 0 float32, 1 float16, 2 bfloat16.
+void launch_stem_forward(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out,
+                         int dtype, int w_stride, uintptr_t stream) {
+  if (w_stride < s.cout || w_stride % kStemCPT != 0)
+    throw std::invalid_argument("c3dzoo._C: w_stride must be >= C_out and a multiple of 8");
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case 0: launch_stem_typed<float>(s, x, w, bias, out, w_stride, st); break;
+    case 1: launch_stem_typed<__half>(s, x, w, bias, out, w_stride, st); break;
+    case 2: launch_stem_typed<__nv_bfloat16>(s, x, w, bias, out, w_stride, st); break;
+    default: throw std::invalid_argument("c3dzoo._C: stem dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  }
+}
+
+int stem_channels_per_thread() { return kStemCPT; }
+
+void launch_bn_finalize(uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps,
+                        float momentum, int cumulative, uintptr_t num_batches_tracked, uintptr_t running_mean,
+                        uintptr_t running_var, uintptr_t mean_out, uintptr_t var_out, uintptr_t invstd_out,
+                        uintptr_t stream) {
+  if (C < 1) return;
+  const int threads = 128;
+  bn_finalize_kernel<<<(C + threads - 1) / threads, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), num_partials, mode, C, count, eps,
+      momentum, cumulative, reinterpret_cast<const int64_t*>(num_batches_tracked),
+      reinterpret_cast<float*>(running_mean), reinterpret_cast<float*>(running_var),
+      reinterpret_cast<float*>(mean_out), reinterpret_cast<float*>(var_out), reinterpret_cast<float*>(invstd_out));
+  check(cudaGetLastError(), "bn_finalize kernel launch");
+}
+
+void launch_net2net_gather(uintptr_t src, uintptr_t dst, int elem_size, uintptr_t g, const Net2NetShape& s,
+                           uintptr_t stream) {
+  const int64_t total = net2net_numel_out(s);
+  if (total == 0) return;
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  const int blocks = elementwise_blocks(total);
+  const int64_t* gp = reinterpret_cast<const int64_t*>(g);
+  switch (elem_size) {
+    case 1: net2net_gather_kernel<uint8_t><<<blocks, 256, 0, st>>>(reinterpret_cast<const uint8_t*>(src), reinterpret_cast<uint8_t*>(dst), gp, s, total); break;
+    case 2: net2net_gather_kernel<uint16_t><<<blocks, 256, 0, st>>>(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), gp, s, total); break;
+    case 4: net2net_gather_kernel<uint32_t><<<blocks, 256, 0, st>>>(reinterpret_cast<const uint32_t*>(src), reinterpret_cast<uint32_t*>(dst), gp, s, total); break;
+    case 8: net2net_gather_kernel<uint64_t><<<blocks, 256, 0, st>>>(reinterpret_cast<const uint64_t*>(src), reinterpret_cast<uint64_t*>(dst), gp, s, total); break;
+    default: throw std::invalid_argument("c3dzoo._C: net2net_gather element size must be 1, 2, 4 or 8");
+  }
+  check(cudaGetLastError(), "net2net_gather kernel launch");
+}
+
+// dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64.
+void launch_net2net_divide(uintptr_t src, uintptr_t dst, int dtype, uintptr_t g, uintptr_t counts, int power,
+                           const Net2NetShape& s, uintptr_t stream) {
+  const int64_t total = net2net_numel_out(s);
+  if (total == 0) return;
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  const int blocks = elementwise_blocks(total);
+  const int64_t* gp = reinterpret_cast<const int64_t*>(g);
+  const int64_t* cp = reinterpret_cast<const int64_t*>(counts);
+  switch (dtype) {
+    case 0: net2net_divide_kernel<float><<<blocks, 256, 0, st>>>(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), gp, cp, power, s, total); break;
+    case 1: net2net_divide_kernel<__half><<<blocks, 256, 0, st>>>(reinterpret_cast<const __half*>(src), reinterpret_cast<__half*>(dst), gp, cp, power, s, total); break;
+    case 2: net2net_divide_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(reinterpret_cast<const __nv_bfloat16*>(src), reinterpret_cast<__nv_bfloat16*>(dst), gp, cp, power, s, total); break;
+    case 3: net2net_divide_kernel<double><<<blocks, 256, 0, st>>>(reinterpret_cast<const double*>(src), reinterpret_cast<double*>(dst), gp, cp, power, s, total); break;
+    default: throw std::invalid_argument("c3dzoo._C: net2net_divide dtype must be 0..3");
+  }
+  check(cudaGetLastError(), "net2net_divide kernel launch");
+}
+
+int cuda_runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+}  // namespace c3dzoo

@@ -1,0 +1,216 @@
+"""The per-element math of the CUDA kernels (csrc/stem_math.h), run on the host through the g++-built
+``c3dzoo._C_host`` module, against stock PyTorch: the stem conv + folded BN + activation + MaxPool3d
+(held to the parity budget of tests/parity.py in fp32, float64 reference), the BatchNorm finalize
+step against ``nn.BatchNorm3d``'s running statistics, and the Net2Net gather/divide against
+``c3dzoo.ops.net2net_remap``. No GPU and no build step needed (the module is built by pip install).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from c3dzoo.ops import net2net_remap as remap
+from c3dzoo.ops import reference
+from c3dzoo.ops.cuda_impl import pack_stem_weight
+from parity import assert_parity
+
+host = pytest.importorskip(
+    "c3dzoo._C_host",
+    reason="c3dzoo._C_host is not built (reinstall with pybind11 importable: pip install -e . --no-build-isolation)",
+)
+
+ACT = {"none": 0, "relu": 1, "leaky_relu": 2}
+
+
+def _params(c_in, c_out, kernel, *, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fan_in = c_in * kernel[0] * kernel[1] * kernel[2]
+    return dict(
+        weight=torch.randn(c_out, c_in, *kernel, generator=g, dtype=torch.float64) / fan_in**0.5,
+        bias=(torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1) if bias else None,
+        bn_weight=1 + 0.2 * torch.randn(c_out, generator=g, dtype=torch.float64),
+        bn_bias=0.1 * torch.randn(c_out, generator=g, dtype=torch.float64),
+        running_mean=0.1 * torch.randn(c_out, generator=g, dtype=torch.float64),
+        running_var=0.5 + torch.rand(c_out, generator=g, dtype=torch.float64),
+    )
+
+
+def _run_host(x, w_folded, b_folded, *, stride, padding, dilation, pool, activation, negative_slope):
+    n, c_in, d, h, w = x.shape
+    c_out = w_folded.shape[0]
+    packed, bias, w_stride = pack_stem_weight(w_folded.float(), b_folded.float())
+    xc = x.float().permute(0, 2, 3, 4, 1).contiguous()  # NDHWC
+    if pool:
+        pk, ps, pp = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
+    else:
+        pk, ps, pp = [1, 1, 1], [1, 1, 1], [0, 0, 0]
+    conv = [(s + 2 * p - dl * (k - 1) - 1) // st + 1
+            for s, k, st, p, dl in zip((d, h, w), w_folded.shape[2:], stride, padding, dilation)]
+    size = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(conv, pk, ps, pp)]
+    out = torch.empty(n, *size, c_out, dtype=torch.float32)
+    host.stem_forward_host(
+        xc.data_ptr(), packed.data_ptr(), bias.data_ptr(), out.data_ptr(), n, d, h, w, c_in, c_out,
+        list(w_folded.shape[2:]), list(stride), list(padding), list(dilation), pk, ps, pp,
+        ACT[activation], float(negative_slope), w_stride,
+    )
+    return out.permute(0, 4, 1, 2, 3)
+
+
+def _pool9(pool):
+    if pool is None:
+        return ()
+    k, s, p = (tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3 for v in pool)
+    return k + s + p
+
+
+CASES = {
+    # name: (N, C_in, (D, H, W), C_out, kernel, stride, padding, dilation, pool, activation, slope, norm)
+    "c3d_conv1_pool1": (2, 3, (4, 12, 14), 64, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1),
+                        ((1, 2, 2), (1, 2, 2), 0), "relu", 0.01, "running"),
+    "r3d_stem": (1, 3, (4, 15, 17), 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), (1, 1, 1), None, "relu", 0.01, "running"),
+    "r2plus1d_stem": (2, 3, (3, 13, 11), 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), (1, 1, 1), None, "relu", 0.01,
+                      "running"),
+    "odd_sizes_leaky": (1, 2, (5, 7, 9), 13, (2, 3, 3), (2, 1, 3), (1, 1, 2), (1, 2, 1),
+                        ((2, 3, 2), (2, 2, 1), (1, 1, 0)), "leaky_relu", 0.1, "running"),
+    "pool5_padding_no_bn": (2, 4, (4, 6, 6), 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1),
+                            ((2, 2, 2), (2, 2, 2), (0, 1, 1)), "none", 0.01, "none"),
+    "overlapping_pool_negative_slope": (1, 1, (5, 9, 8), 9, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1),
+                                        ((3, 3, 3), (2, 2, 2), 1), "leaky_relu", -0.5, "running"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_stem_matches_stock(name):
+    n, c_in, spatial, c_out, kernel, stride, padding, dilation, pool, act, slope, norm = CASES[name]
+    p = _params(c_in, c_out, kernel, seed=hash(name) % 1000)
+    x64 = torch.randn(n, c_in, *spatial, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pool9 = _pool9(pool)
+
+    def run_reference(dtype):
+        t = {k: (None if v is None else v.to(dtype)) for k, v in p.items()}
+        out, _, _ = reference.forward(
+            x64.to(dtype), t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], t["running_mean"],
+            t["running_var"], norm=norm, eps=1e-5, stride=stride, padding=padding, dilation=dilation,
+            activation=act, negative_slope=slope, pool=pool9,
+        )
+        return out
+
+    ref = run_reference(torch.float64)
+    stock = run_reference(torch.float32)
+    if norm == "running":
+        wf, bf = reference.fold_batch_norm(p["weight"].float(), p["bias"].float(), p["bn_weight"].float(),
+                                           p["bn_bias"].float(), p["running_mean"].float(),
+                                           p["running_var"].float(), 1e-5)
+    else:
+        wf, bf = p["weight"].float(), p["bias"].float()
+    fused = _run_host(x64.float(), wf, bf, stride=stride, padding=padding, dilation=dilation, pool=pool9,
+                      activation=act, negative_slope=slope)
+    assert_parity(fused, stock, ref, torch.float32, f"stem {name}")
+
+
+def test_stem_rejects_bad_shapes():
+    x = torch.zeros(1, 1, 1, 1, 5)
+    w = torch.zeros(1, 8)
+    b = torch.zeros(8)
+    out = torch.zeros(8)
+    with pytest.raises(ValueError, match="C_in"):
+        host.stem_forward_host(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), 1, 1, 1, 1, 5, 1,
+                               [1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0], 1, 0.0, 8)
+
+
+def _bn_host(mode, a, b, num_partials, count, eps, momentum, nbt, running_mean, running_var):
+    C = running_mean.numel()
+    mean, var, invstd = torch.empty(C), torch.empty(C), torch.empty(C)
+    host.bn_finalize_host(
+        a.data_ptr(), b.data_ptr(), num_partials, mode, C, count, eps, 0.0 if momentum is None else momentum,
+        int(momentum is None), nbt, running_mean.data_ptr(), running_var.data_ptr(), mean.data_ptr(),
+        var.data_ptr(), invstd.data_ptr(),
+    )
+    return mean, var, invstd
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+@pytest.mark.parametrize("mode", [0, 1])
+def test_bn_finalize_matches_batchnorm3d(momentum, mode):
+    C, eps = 7, 1e-5
+    bn = nn.BatchNorm3d(C, eps=eps, momentum=momentum)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(C, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(C, generator=g))
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for step in range(3):  # several steps: the cumulative average depends on num_batches_tracked
+        y = torch.randn(3, C, 2, 5, 4, generator=g) * (1 + torch.arange(C).view(1, C, 1, 1, 1)) + 0.5
+        bn.train()(y)
+        count = y.numel() // C
+        if mode == 0:  # per-sample fp32 partial sums, reduced in double by the kernel math
+            a = y.sum(dim=(2, 3, 4)).contiguous()
+            b = (y * y).sum(dim=(2, 3, 4)).contiguous()
+            parts = y.shape[0]
+        else:
+            var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+            a, b, parts = mean64.float().contiguous(), var64.float().contiguous(), 1
+        mean, var, invstd = _bn_host(mode, a, b, parts, count, eps, momentum, int(bn.num_batches_tracked), rm, rv)
+        var_ref, mean_ref = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+        tol = dict(rtol=2e-5, atol=2e-5) if mode == 0 else dict(rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(mean, mean_ref.float(), **tol)
+        torch.testing.assert_close(var, var_ref.float(), **tol)
+        torch.testing.assert_close(invstd, torch.rsqrt(var_ref + eps).float(), **tol)
+        torch.testing.assert_close(rm, bn.running_mean, **tol)
+        torch.testing.assert_close(rv, bn.running_var, **tol)
+
+
+def test_bn_finalize_matches_reference_update():
+    C = 5
+    g = torch.Generator().manual_seed(4)
+    mean, var = torch.randn(C, generator=g), torch.rand(C, generator=g)
+    rm, rv = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    reference.update_running_stats(rm2, rv2, None, mean, var, 40, 0.1)
+    _bn_host(1, mean, var, 1, 40, 1e-5, 0.1, 0, rm, rv)
+    torch.testing.assert_close(rm, rm2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv, rv2, rtol=1e-6, atol=1e-7)
+
+
+def _view_sizes(shape, dim):
+    outer = 1
+    for s in shape[:dim]:
+        outer *= s
+    inner = 1
+    for s in shape[dim + 1:]:
+        inner *= s
+    return outer, shape[dim], inner
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.float16])
+@pytest.mark.parametrize("shape,dim", [((6, 3, 3, 3, 3), 0), ((6, 5, 2), 1), ((4,), 0), ((3, 5, 7), 2)])
+def test_net2net_gather(dtype, shape, dim):
+    g_ = torch.Generator().manual_seed(5)
+    old = shape[dim]
+    g = remap.replica_mapping(old, old + 3, g_)
+    t = (torch.randn(*shape, generator=g_) * 10).to(dtype)
+    expected = remap.gather_units(t, g, dim)
+    out = torch.empty_like(expected)
+    outer, size, inner = _view_sizes(shape, dim)
+    host.net2net_gather_host(t.data_ptr(), out.data_ptr(), t.element_size(), g.data_ptr(), outer, size, inner,
+                             g.numel(), 1)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("shape,dim,group", [((8, 6, 3, 3, 3), 1, 1), ((5, 24), 1, 4), ((6, 4), 0, 1), ((2, 3, 10), 2, 5)])
+def test_net2net_divide(dtype, power, shape, dim, group):
+    g_ = torch.Generator().manual_seed(6)
+    old_units = shape[dim] // group
+    g = remap.replica_mapping(old_units, old_units + 4, g_)
+    counts = remap.replica_counts(g, old_units)
+    t = torch.randn(*shape, generator=g_).to(dtype)
+    expected = remap.divide_incoming(t, g, counts, dim=dim, group=group, power=power)
+    out = torch.empty_like(expected)
+    outer, size, inner = _view_sizes(shape, dim)
+    host.net2net_divide_host(t.data_ptr(), out.data_ptr(), 0 if dtype == torch.float32 else 3, g.data_ptr(),
+                             counts.data_ptr(), power, outer, size, inner, g.numel(), group)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
