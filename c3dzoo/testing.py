@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-# floor = FLOOR[dtype] × max(1, max|reference|)
+# fused error ≤ PARITY_FACTOR × stock error + floor, floor = FLOOR[dtype] × max(1, max|reference|)
+PARITY_FACTOR = 2.0
 FLOOR = {
     torch.float64: 1e-12,
     torch.float32: 1e-6,
@@ -36,7 +37,7 @@ def assert_parity(
     reference: Optional[torch.Tensor],
     dtype: torch.dtype,
     what: str,
-    factor: float = 2.0,
+    factor: float = PARITY_FACTOR,
 ) -> None:
     """fused error vs reference ≤ factor × stock error vs reference + floor (max abs errors)."""
     if reference is None:

@@ -1,0 +1,704 @@
+"""The ``c3dzoo`` command line: ``info``, ``check`` and ``train``.
+
+``main(argv)`` returns the exit status: 0 on success, 1 when a check fails or a command hits an
+unexpected error, 2 for bad arguments (one line on stderr, no traceback unless ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import importlib
+import inspect
+import math
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import c3dzoo
+from c3dzoo.testing import FLOOR, PARITY_FACTOR
+from c3dzoo.data import MOTIONS, SyntheticVideoDataset
+
+PROG = "c3dzoo"
+
+
+class UsageError(Exception):
+    """Bad arguments, or a request this machine cannot serve (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage block and exits; report one line through main() instead
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: Optional[str]) -> torch.device:
+    """``None`` → cuda if available, else cpu. Refuses devices this machine does not have."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"invalid --device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device must be cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def _backend_arg(name: Optional[str]) -> Optional[str]:
+    """``--backend`` value as the models take it (None means auto)."""
+    return None if name in (None, "auto") else name
+
+
+def _backend_choices() -> List[str]:
+    return ["auto", *c3dzoo.backends()]
+
+
+def _set_mode(model: nn.Module, mode: str) -> None:
+    """``train``, ``eval`` or ``frozen_bn`` (training, with every BatchNorm on running statistics,
+    as when fine-tuning)."""
+    model.train(mode != "eval")
+    if mode == "frozen_bn":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _builder_accepts(model_name: str, parameter: str) -> bool:
+    return parameter in inspect.signature(getattr(c3dzoo.models, model_name)).parameters
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    print(f"c3dzoo   {c3dzoo.__version__}")
+    print(f"python   {platform.python_version()} ({platform.system()} {platform.machine()})")
+    build = "CPU-only build"
+    if torch.version.cuda:
+        build = f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    print(f"torch    {torch.__version__} ({build})")
+    try:
+        triton = importlib.import_module("triton")
+        print(f"triton   {triton.__version__}")
+    except Exception as exc:  # a broken install must not hide the rest of the report
+        print(f"triton   not importable ({type(exc).__name__}: {exc})")
+    print("devices:")
+    print(f"  cpu      {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(index)
+            print(f"  cuda:{index}   {prop.name}, {prop.total_memory / 2**30:.0f} GiB, "
+                  f"sm_{prop.major}{prop.minor}")
+    else:
+        print("  cuda     none available")
+    env = os.environ.get("C3DZOO_BACKEND")
+    print("backends (best first" + (f"; C3DZOO_BACKEND={env}" if env else "") + "):")
+    for name, state in c3dzoo.backends().items():
+        status = "available" if state["available"] else "unavailable"
+        reason = f"  ({state['reason']})" if state["reason"] else ""
+        print(f"  {name:<10} {status}{reason}")
+    print("models:")
+    for name in c3dzoo.list_models():
+        try:
+            getattr(c3dzoo.models, name)
+            note = ""
+        except ImportError as exc:
+            note = f"  (not available: {exc})"
+        print(f"  {name}{note}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# check: fused vs stock against a float64 reference
+# --------------------------------------------------------------------------------------------
+
+# The parity budget of the test suite (c3dzoo.testing): fused error vs float64 ≤ 2 × stock error
+# + floor. Errors are reported in units of max(1, max|reference|) (absolute for tensors below 1).
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "float16": torch.float16, "bfloat16": torch.bfloat16}
+CHECK_MODES = ("train", "eval", "frozen_bn")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSpec:
+    """How ``check`` builds and feeds one model: small enough for a CPU, yet with enough values
+    per channel in every training-mode BatchNorm that its statistics are well conditioned."""
+
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    input_size: Optional[Tuple[int, int, int]] = None  # None: the model's input_size, or 16×112×112
+    batch: int = 2
+    on_cpu: bool = True  # checked by default on a CPU (False: only when named with --models)
+
+
+_SMALL_C3D = CheckSpec({"width_mult": 0.125, "input_size": (16, 32, 32)})  # fed its input_size
+CHECK_SPECS: Dict[str, CheckSpec] = {
+    "c3d_bn": _SMALL_C3D,
+    "c3d": _SMALL_C3D,
+    # the only input size its classifier head accepts, and a batch of 4 for its BatchNorm1d
+    # (over 2 samples it is ill-conditioned); about a minute on a 2-core CPU
+    "jester_convcolumn": CheckSpec({}, (18, 84, 84), batch=4, on_cpu=False),
+    # 2 frames keep the number of ReLUs (and so of ties, see check_model) low; 32 × 32 pixels
+    # leave layer4's BatchNorms 1 × 2 × 2 positions per clip
+    "r3d_18": CheckSpec({}, (2, 32, 32)),
+    "mc3_18": CheckSpec({}, (2, 32, 32)),
+    "r2plus1d_18": CheckSpec({}, (2, 32, 32)),
+}
+
+
+@dataclasses.dataclass
+class CheckRow:
+    model: str
+    mode: str
+    quantity: str
+    fused_err: float
+    stock_err: float
+    ok: bool
+    worst: str = ""  # for a group of tensors: the one with the largest fused error
+    attempt: int = 1
+
+    @property
+    def ratio(self) -> str:
+        if self.stock_err > 0:
+            return f"{self.fused_err / self.stock_err:.2f}"
+        return "-" if self.fused_err == 0 else "inf"
+
+
+def _max_abs_diff(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |value − reference| in float64; inf when ``value`` has a NaN or an infinity."""
+    if reference.numel() == 0:
+        return 0.0
+    diff = (value.detach().double() - reference).abs().max().item()
+    return diff if math.isfinite(diff) else math.inf
+
+
+def _judge_group(fused: Dict[str, torch.Tensor], stock: Dict[str, torch.Tensor],
+                 reference: Dict[str, torch.Tensor], dtype: torch.dtype) -> Tuple[float, float, bool, str]:
+    """The budget applied to a group of tensors (e.g. all parameter gradients).
+
+    Each tensor's error is normalised by max(1, max|reference|) (as the floor is), and the group's
+    error is the worst tensor's. Comparing the fused group's worst with the stock group's worst is
+    far steadier than judging dozens of tensors one by one, where some tensor's stock error is
+    always small by luck. Returns (fused error, stock error, ok, the fused worst tensor's name).
+    """
+    fused_err, stock_err, worst = 0.0, 0.0, ""
+    for name, ref in reference.items():
+        f, s = fused.get(name), stock.get(name)
+        if f is None or s is None or f.shape != ref.shape:
+            return math.inf, 0.0, False, f"{name} (missing or misshaped)"
+        ref = ref.detach().double()
+        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+        err = _max_abs_diff(f, ref) / scale
+        if err > fused_err or not worst:
+            fused_err, worst = err, name
+        stock_err = max(stock_err, _max_abs_diff(s, ref) / scale)
+    return fused_err, stock_err, fused_err <= PARITY_FACTOR * stock_err + FLOOR[dtype], worst
+
+
+def _run_once(model: nn.Module, x: torch.Tensor, grad_seed: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Forward and backward of ``sum(out · g)`` for a fixed random ``g``; everything to compare."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    generator = torch.Generator().manual_seed(grad_seed)
+    weight = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
+    (out.double() * weight).sum().backward()
+    return {
+        "output": {"output": out.detach()},
+        "input grad": {"input": x.grad},
+        "param grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        "running stats": {n: b.detach() for n, b in model.named_buffers()},
+    }
+
+
+def _randomise_batch_norm(model: nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial BN affine parameters and running statistics, so eval and frozen-BN modes test
+    more than an identity BatchNorm."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                if module.affine:
+                    module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                    module.bias.copy_(0.2 * torch.randn(n, generator=generator))
+                if module.track_running_stats:
+                    module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+                    module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
+
+
+def check_model(name: str, device: torch.device, dtype: torch.dtype, backend: Optional[str],
+                seed: int = 0, attempts: int = 3) -> List[CheckRow]:
+    """Fused and stock ``name`` in ``dtype`` against the stock model in float64, in every mode.
+
+    A ReLU or max-pool decision within rounding of a tie (a pre-activation within ~1e-7 of zero)
+    may go either way in either dtype, and when it goes differently in the fused and the stock
+    model, the gradients differ far beyond rounding; which input hits such a tie is luck. So a
+    mode that fails is run again on fresh inputs, up to ``attempts`` times in all: a real error
+    fails every time. The rows of the last attempt are returned, with its number.
+
+    Raises ImportError if the model is not available in this installation.
+    """
+    spec = CHECK_SPECS.get(name, CheckSpec())
+    torch.manual_seed(seed)
+    stock = c3dzoo.get_model(name, fused=False, **spec.kwargs)
+    _randomise_batch_norm(stock, torch.Generator().manual_seed(seed))
+    state = copy.deepcopy(stock.state_dict())
+    fused = c3dzoo.get_model(name, fused=True, backend=backend, **spec.kwargs)
+    reference = copy.deepcopy(stock)
+    input_size = spec.input_size or tuple(getattr(stock, "input_size", (16, 112, 112)))
+    copies = ((reference, torch.float64), (stock, dtype), (fused, dtype))
+    for model, model_dtype in copies:
+        model.to(device, model_dtype)
+
+    rows: List[CheckRow] = []
+    for mode in CHECK_MODES:
+        for attempt in range(1, attempts + 1):
+            input_seed = seed + 1 + 1000 * (attempt - 1)
+            x = torch.randn(spec.batch, 3, *input_size, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(input_seed)).to(device)
+            results = []
+            for model, model_dtype in copies:
+                model.load_state_dict(state)  # every mode and attempt starts from the same state
+                _set_mode(model, mode)
+                # dropout draws different masks in each copy; the check is about the conv chains
+                for module in model.modules():
+                    if isinstance(module, nn.modules.dropout._DropoutNd):
+                        module.eval()
+                results.append(_run_once(model, x.to(model_dtype), grad_seed=input_seed + 1))
+            ref, stock_result, fused_result = results
+            mode_rows = []
+            for quantity, ref_group in ref.items():
+                if not ref_group:  # e.g. running stats of a model without BatchNorm
+                    continue
+                fused_err, stock_err, ok, worst = _judge_group(
+                    fused_result[quantity], stock_result[quantity], ref_group, dtype)
+                mode_rows.append(CheckRow(name, mode, quantity, fused_err, stock_err, ok,
+                                          worst if len(ref_group) > 1 else "", attempt))
+            if all(r.ok for r in mode_rows):
+                break
+        rows += mode_rows
+    return rows
+
+
+def _print_table(rows: Sequence[CheckRow]) -> None:
+    header = ("model", "mode", "quantity", "fused err", "stock err", "ratio", "result", "attempt",
+              "worst tensor")
+    table = [header] + [
+        (r.model, r.mode, r.quantity, f"{r.fused_err:.2e}", f"{r.stock_err:.2e}", r.ratio,
+         "PASS" if r.ok else "FAIL", str(r.attempt), r.worst)
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    device = _resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.attempts < 1:
+        raise UsageError(f"--attempts must be at least 1, got {args.attempts}")
+    unknown = [n for n in args.models or () if n not in c3dzoo.list_models()]
+    if unknown:
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(c3dzoo.list_models())}")
+    print(f"fused vs stock PyTorch on {device}, {args.dtype}, backend {args.backend}; reference: "
+          f"the stock model in float64. Budget: fused err <= {PARITY_FACTOR:g} x stock err + "
+          f"{FLOOR[dtype]:g}; errors are max|x - reference| / max(1, max|reference|)")
+    rows: List[CheckRow] = []
+    for name in args.models or c3dzoo.list_models():
+        if not args.models and device.type == "cpu" and not CHECK_SPECS.get(name, CheckSpec()).on_cpu:
+            print(f"{name}: skipped (slow on a CPU; name it with --models to check it)")
+            continue
+        start = time.perf_counter()
+        try:
+            model_rows = check_model(name, device, dtype, _backend_arg(args.backend),
+                                     seed=args.seed, attempts=args.attempts)
+        except ImportError as exc:  # the model's module is not part of this installation
+            print(f"{name}: skipped ({exc})")
+            continue
+        rows += model_rows
+        status = "ok" if all(r.ok for r in model_rows) else "FAILED"
+        note = ""
+        for mode in CHECK_MODES:
+            mode_rows = [r for r in model_rows if r.mode == mode]
+            if mode_rows and mode_rows[0].attempt > 1 and all(r.ok for r in mode_rows):
+                note += f"; {mode} passed on attempt {mode_rows[0].attempt} (an earlier input hit a tie)"
+        print(f"{name}: {status} ({time.perf_counter() - start:.1f} s{note})", flush=True)
+    print()
+    _print_table(rows)
+    failed = sum(not r.ok for r in rows)
+    print(f"\n{len(rows) - failed} PASS, {failed} FAIL")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+# Defaults by device: a small C3D-BN that trains in a few minutes on a laptop CPU, the full model
+# on a GPU. Anything given on the command line wins.
+# On an idle 2-core CPU the cpu defaults train at ~90-100 clips/s (the fused ops run the
+# reference backend there, which recomputes each conv in the backward): ~12 s an epoch, ~2 minutes
+# in all, ending at ~85-90 % top-1 on the 10 classes (chance: 10 %).
+TRAIN_DEFAULTS = {
+    "cpu": dict(width_mult=0.125, frames=16, size=(32, 32), batch_size=16, epochs=10,
+                train_samples=1024, val_samples=256, workers=0, amp=False),
+    "cuda": dict(width_mult=1.0, frames=16, size=(112, 112), batch_size=32, epochs=10,
+                 train_samples=8192, val_samples=1024, workers=min(8, os.cpu_count() or 1), amp=True),
+}
+METRICS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+           "epoch_seconds", "train_clips_per_s")
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """Builder arguments from the command line; only those the model's builder takes."""
+    kwargs = {"num_classes": args.num_classes}
+    if _builder_accepts(args.model, "input_size"):
+        kwargs["input_size"] = (args.frames, *args.size)
+    if _builder_accepts(args.model, "width_mult"):
+        kwargs["width_mult"] = args.width_mult
+    elif args.width_mult_given:
+        raise UsageError(f"--width-mult: model {args.model} has no width multiplier")
+    return kwargs
+
+
+def _apply_train_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    args.width_mult_given = args.width_mult is not None
+    for key, value in TRAIN_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("epochs", "batch_size", "train_samples", "val_samples", "num_classes"):
+        if getattr(args, key) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    for key in ("lr", "width_mult"):
+        if not getattr(args, key) > 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if not args.weight_decay >= 0:
+        raise UsageError(f"--weight-decay must be non-negative, got {args.weight_decay}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be non-negative, got {args.workers}")
+    if args.amp and device.type != "cuda":
+        raise UsageError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU")
+
+
+def _make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                               weight_decay=args.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _warmup_cosine(total_steps: int):
+    """Linear warm-up over the first 5 % of steps (at most 200), then cosine decay to zero:
+    a fast, robust schedule for runs of a few hundred steps as for long ones."""
+    warmup = max(1, min(200, total_steps // 20))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # channels-last 3D is what cuDNN's and our kernels prefer
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last_3d)
+    return x
+
+
+def _evaluate(model, loader, device, amp, progress) -> Tuple[float, float, float]:
+    """(mean loss, top-1 %, top-5 %) on ``loader``; top-5 is top-min(5, classes)."""
+    model.eval()
+    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    with torch.no_grad(), tqdm(total=len(loader.dataset), desc="  val", unit="clip",
+                               leave=False, disable=not progress) as bar:
+        for clips, labels in loader:
+            clips, labels = _to_device(clips, device), labels.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(clips)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = ranked == labels[:, None]
+            top1 += hits[:, 0].sum().item()
+            top5 += hits.any(dim=1).sum().item()
+            seen += labels.numel()
+            bar.update(labels.numel())
+    return loss_sum / seen, 100.0 * top1 / seen, 100.0 * top5 / seen
+
+
+def _save_checkpoint(path: str, payload: dict) -> None:
+    # write then rename, so an interrupted save never leaves a truncated last.pt
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _build_model(args: argparse.Namespace, device: torch.device, example: torch.Tensor):
+    """The model to train, on ``device``, and its builder arguments. Arguments it rejects are
+    usage errors, found here rather than after the data loaders have started."""
+    model_kwargs = _model_kwargs(args)
+    torch.manual_seed(args.seed)
+    try:
+        model = c3dzoo.get_model(args.model, fused=args.fused, backend=_backend_arg(args.backend),
+                                 **model_kwargs)
+    except ValueError as exc:  # e.g. too few frames for C3D's temporal pools
+        raise UsageError(f"cannot build {args.model}: {exc}") from None
+    except ImportError as exc:
+        raise UsageError(f"model {args.model} is not available in this installation: {exc}") from None
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last_3d)
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape
+    try:  # a model with a fixed input size (jester_convcolumn) rejects other sizes here
+        model.eval()
+        with torch.no_grad():
+            model(_to_device(example[None], device))
+    except ValueError as exc:
+        raise UsageError(f"--frames/--size do not fit {args.model}: {exc}") from None
+    return model, model_kwargs
+
+
+def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar) -> Tuple[float, float, int]:
+    """One pass over ``loader``; returns (mean loss, top-1 %, clips seen)."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for clips, labels in loader:
+        clips, labels = _to_device(clips, device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(clips)
+        loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the training loss became {loss.item()}; try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+        bar.update(labels.numel())
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+    return loss_sum / seen, 100.0 * correct / seen, seen
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    device = _resolve_device(args.device)
+    _apply_train_defaults(args, device)
+    if args.progress is None:  # bars redrawn with \r only make a mess of a log file
+        args.progress = sys.stderr.isatty()
+    data = dict(num_classes=args.num_classes, frames=args.frames, size=args.size, seed=args.seed)
+    try:
+        train_set = SyntheticVideoDataset(num_samples=args.train_samples, split="train", **data)
+        val_set = SyntheticVideoDataset(num_samples=args.val_samples, split="val", **data)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model, model_kwargs = _build_model(args, device, train_set[0][0])
+
+    loader_args = dict(batch_size=args.batch_size, num_workers=args.workers,
+                       pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    # drop the last partial batch (a batch of one breaks BatchNorm) unless there is only one
+    drop_last = len(train_set) > args.batch_size
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(args.seed), **loader_args)
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
+    clips_per_epoch = len(train_loader) * args.batch_size if drop_last else len(train_set)
+    optimizer = _make_optimizer(args, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(args.epochs * len(train_loader)))
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"training {args.model} ({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}; "
+          f"{params / 1e6:.2f} M parameters) {'fused' if args.fused else 'stock'} on {device}"
+          f"{' with bf16 autocast' if args.amp else ''}: {args.epochs} epochs of {len(train_set)} "
+          f"synthetic clips {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch_size}, "
+          f"{args.optimizer} lr {args.lr:g}; chance is {100 / args.num_classes:.1f} %")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    best = (-1.0, 0)
+    with (open(os.path.join(args.out, "metrics.csv"), "w", newline="") if args.out
+          else contextlib.nullcontext()) as metrics_file:
+        writer = csv.DictWriter(metrics_file, fieldnames=METRICS) if metrics_file else None
+        if writer:
+            writer.writeheader()
+        for epoch in range(1, args.epochs + 1):
+            epoch_start = time.perf_counter()
+            with tqdm(total=clips_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="clip",
+                      disable=not args.progress) as bar:
+                train_loss, train_top1, seen = _train_epoch(
+                    model, train_loader, optimizer, scheduler, device, args.amp, bar)
+            clips_per_s = seen / (time.perf_counter() - epoch_start)
+            val_loss, val_top1, val_top5 = _evaluate(model, val_loader, device, args.amp, args.progress)
+            best = max(best, (val_top1, epoch))
+            row = dict(epoch=epoch, lr=f"{optimizer.param_groups[0]['lr']:.6g}",
+                       train_loss=f"{train_loss:.4f}", train_top1=f"{train_top1:.2f}",
+                       val_loss=f"{val_loss:.4f}", val_top1=f"{val_top1:.2f}", val_top5=f"{val_top5:.2f}",
+                       epoch_seconds=f"{time.perf_counter() - epoch_start:.1f}",
+                       train_clips_per_s=f"{clips_per_s:.1f}")
+            tqdm.write(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f} % "
+                       f"| val loss {val_loss:.4f} top-1 {val_top1:.1f} % top-5 {val_top5:.1f} % "
+                       f"| {clips_per_s:.1f} clips/s")
+            if writer:
+                writer.writerow(row)
+                metrics_file.flush()
+                _save_checkpoint(os.path.join(args.out, "last.pt"), {
+                    # fused and stock models have the same state_dict: this loads into either
+                    "model": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)
+                              for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "model_name": args.model,
+                    "model_kwargs": model_kwargs,
+                    "class_names": train_set.class_names,
+                    "metrics": row,
+                    "args": {k: v for k, v in vars(args).items() if k != "func"},
+                    "c3dzoo_version": c3dzoo.__version__,
+                })
+    saved = f"; wrote metrics.csv and last.pt to {args.out}" if args.out else "; nothing saved (no --out)"
+    print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {val_top1:.1f} % top-5 "
+          f"{val_top5:.1f} %, best top-1 {best[0]:.1f} % (epoch {best[1]}), chance "
+          f"{100 / args.num_classes:.1f} %{saved}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _size(text: str) -> Tuple[int, int]:
+    """``56`` or ``64x48`` (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH in pixels, got {text!r}")
+    return tuple(parts)
+
+
+def _by_device(key: str) -> str:
+    """Help text for an option whose default depends on the device."""
+    values = {device: defaults[key] for device, defaults in TRAIN_DEFAULTS.items()}
+    values = {d: "x".join(map(str, v)) if isinstance(v, tuple) else v for d, v in values.items()}
+    return "default by device: " + ", ".join(f"{d} {v}" for d, v in values.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="3D-CNN video models with fused Conv3d+BN+ReLU kernels.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {c3dzoo.__version__}")
+    # --debug is accepted before or after the command
+    debug = dict(action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", **debug)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="versions, devices, backends and models")
+    info.set_defaults(func=_cmd_info)
+
+    check = sub.add_parser("check", help="check fused models against stock PyTorch in float64")
+    check.add_argument("--models", nargs="+", metavar="NAME",
+                       help="models to check (default: all; on a CPU all but the slow jester_convcolumn)")
+    check.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    check.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    check.add_argument("--backend", choices=_backend_choices(), default="auto")
+    check.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
+    check.add_argument("--attempts", type=int, default=3,
+                       help="inputs to try before a mode fails (a ReLU tie can fail one; default 3)")
+    check.set_defaults(func=_cmd_check)
+
+    train = sub.add_parser(
+        "train", help="train a zoo model on the built-in synthetic motion data set",
+        description="Train a zoo model on the built-in SyntheticVideoDataset, whose classes are "
+                    "defined by motion. The defaults by device are a small model that trains in a "
+                    "few minutes on a CPU, and the full model on CUDA.")
+    train.add_argument("--model", default="c3d_bn", choices=c3dzoo.list_models(),
+                       help="zoo model (default %(default)s)")
+    train.add_argument("--epochs", type=int, help=_by_device("epochs"))
+    train.add_argument("--batch-size", type=int, help=_by_device("batch_size"))
+    train.add_argument("--lr", type=float, default=0.02,
+                       help="peak learning rate, after a short warm-up; cosine decay to 0 (default 0.02)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                       help="SGD with Nesterov momentum 0.9, or Adam (default %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=1e-4, help="(default %(default)s)")
+    train.add_argument("--num-classes", type=int, default=10,
+                       help=f"motion classes, 1 to {len(MOTIONS)} (default %(default)s)")
+    train.add_argument("--train-samples", type=int, help=_by_device("train_samples"))
+    train.add_argument("--val-samples", type=int, help=_by_device("val_samples"))
+    train.add_argument("--frames", type=int, help="frames per clip; " + _by_device("frames"))
+    train.add_argument("--size", type=_size, help="frame size, N or HxW; " + _by_device("size"))
+    train.add_argument("--width-mult", type=float, help="channel multiplier; " + _by_device("width_mult"))
+    train.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                       help="run conv chains through the fused op (default) or stock PyTorch")
+    train.add_argument("--backend", choices=_backend_choices(), default="auto")
+    train.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast (default: on for CUDA; CUDA only)")
+    train.add_argument("--workers", type=int, help="data loader workers; " + _by_device("workers"))
+    train.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (default 0)")
+    train.add_argument("--out", metavar="DIR", help="write metrics.csv and last.pt here")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="tqdm progress bars (default: when stderr is a terminal)")
+    train.set_defaults(func=_cmd_train)
+
+    for command in (info, check, train):
+        command.add_argument("--debug", **debug, default=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``c3dzoo`` command. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("choose a command: info, check or train (c3dzoo --help for details)")
+        return args.func(args)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version exit through argparse
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
