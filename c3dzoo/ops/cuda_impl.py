@@ -12,14 +12,12 @@ module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight p
 
 from __future__ import annotations
 
-import collections
-import threading
-import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import reference as _reference
+from ._weight_cache import FoldedWeightCache, cached_folded
 from .backends import ConvBNActConfig
 
 Tensor = torch.Tensor
@@ -60,66 +58,11 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# folded + packed weight cache (same validity rules as triton_impl._FoldedWeightCache)
+# folded + packed weight cache (c3dzoo.ops._weight_cache)
 # --------------------------------------------------------------------------------------------
 
 
-class _PackedWeightCache:
-    """(packed weight, padded bias) per set of source tensors. An entry is valid while its sources
-    are the very same objects (weak references) with unchanged ``_version`` counters; at most
-    ``capacity`` entries are kept (LRU). Inference tensors (no version counter) are never cached."""
-
-    def __init__(self, capacity: int = 32):
-        self.capacity = capacity
-        self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _key(sources, extra):
-        parts = []
-        for t in sources:
-            if t is None:
-                parts.append(None)
-                continue
-            if t.is_inference():
-                return None
-            parts.append((id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device))
-        return tuple(parts) + extra
-
-    def get_or_build(self, sources, extra, build):
-        key = self._key(sources, extra)
-        if key is None:
-            return build()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                refs, value = entry
-                if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources)):
-                    self._entries.move_to_end(key)
-                    return value
-                del self._entries[key]
-        value = build()
-        entries = self._entries
-
-        def drop(_ref, key=key):
-            entries.pop(key, None)
-
-        refs = tuple(None if t is None else weakref.ref(t, drop if i == 0 else None) for i, t in enumerate(sources))
-        with self._lock:
-            entries[key] = (refs, value)
-            while len(entries) > self.capacity:
-                entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-_weight_cache = _PackedWeightCache()
+_weight_cache = FoldedWeightCache()
 
 
 def pack_stem_weight(weight: Tensor, bias: Optional[Tensor], cpt: int = _CHANNELS_PER_THREAD) -> Tuple[Tensor, Tensor, int]:
@@ -138,18 +81,10 @@ def pack_stem_weight(weight: Tensor, bias: Optional[Tensor], cpt: int = _CHANNEL
 
 
 def _folded_packed(weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps):
-    def build():
-        with torch.no_grad():
-            if norm == "running":
-                w, b = _reference.fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-            else:
-                w, b = weight.float(), (None if bias is None else bias.float())
-            return pack_stem_weight(w, b)
-
-    sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
-    if norm != "running":
-        sources = (weight, bias, None, None, None, None)
-    return _weight_cache.get_or_build(sources, (norm, float(eps)), build)
+    return cached_folded(
+        _weight_cache, pack_stem_weight,
+        weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps,
+    )
 
 
 def forward(

@@ -10,9 +10,6 @@ Runs on CUDA, or on CPU under the Triton interpreter (``TRITON_INTERPRET=1``; sl
 
 from __future__ import annotations
 
-import collections
-import threading
-import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +17,7 @@ import torch
 from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weight, runs_interpreted
 
 from . import reference as _reference
+from ._weight_cache import FoldedWeightCache, cached_folded
 from ._registry import triton_interpreter_enabled
 from .backends import ConvBNActConfig
 
@@ -60,92 +58,17 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 
 
-class _FoldedWeightCache:
-    """Folded, cast and packed (weight, bias) per set of source tensors.
-
-    An entry is valid while its source tensors are the very same objects (weak references, so an
-    entry never keeps a model alive and a recycled address or id never matches) and their
-    ``_version`` counters are unchanged (any in-place update — an optimizer step, a BatchNorm
-    updating running statistics in training mode, ``load_state_dict`` — bumps them). Entries die
-    with their conv weight, and at most ``capacity`` are kept (least recently used first out).
-    Not detected: writes through ``tensor.data``, which bypass the version counter.
-    """
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _key(sources: Sequence[Optional[Tensor]], extra: tuple) -> Optional[tuple]:
-        parts = []
-        for t in sources:
-            if t is None:
-                parts.append(None)
-                continue
-            if t.is_inference():  # inference tensors have no version counter: do not cache
-                return None
-            parts.append((id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype))
-        return tuple(parts) + extra
-
-    def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
-        key = self._key(sources, extra)
-        if key is None:
-            return build()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                refs, value = entry
-                if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources)):
-                    self._entries.move_to_end(key)
-                    return value
-                del self._entries[key]  # an id was recycled: stale
-        value = build()
-        entries = self._entries
-
-        def drop(_ref, key=key):  # the conv weight died: its entries are useless
-            entries.pop(key, None)
-
-        refs = tuple(
-            None if t is None else weakref.ref(t, drop if i == 0 else None) for i, t in enumerate(sources)
-        )
-        with self._lock:
-            entries[key] = (refs, value)
-            entries.move_to_end(key)
-            while len(entries) > self.capacity:
-                entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-_weight_cache = _FoldedWeightCache()
+_weight_cache = FoldedWeightCache()
 
 
 def _folded_packed_weight(
     weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps, dtype
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """(packed weight in ``dtype``, fp32 bias or None), BatchNorm folded in fp32 when norm == "running"."""
-
-    def build():
-        with torch.no_grad():
-            if norm == "running":
-                w, b = _reference.fold_batch_norm(
-                    weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
-                )
-            else:
-                w, b = weight, (None if bias is None else bias.float())
-            return pack_weight(w.to(dtype)), (None if b is None else b.contiguous())
-
-    sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
-    if norm != "running":
-        sources = (weight, bias, None, None, None, None)
-    return _weight_cache.get_or_build(sources, (norm, float(eps), dtype), build)
+    return cached_folded(
+        _weight_cache, lambda w, b: (pack_weight(w.to(dtype)), None if b is None else b.contiguous()),
+        weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps, extra=(dtype,),
+    )
 
 
 # --------------------------------------------------------------------------------------------

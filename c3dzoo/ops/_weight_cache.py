@@ -1,0 +1,105 @@
+"""The folded + packed conv weight cache the kernel backends share.
+
+Folding BatchNorm into the conv weight and packing it into a kernel's layout costs a pass over the
+weight on every call; the cache keeps the result per set of source tensors and notices any change.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import reference as _reference
+
+Tensor = torch.Tensor
+
+
+class FoldedWeightCache:
+    """Folded, cast and packed (weight, bias) per set of source tensors.
+
+    An entry is valid while its source tensors are the very same objects (weak references, so an
+    entry never keeps a model alive and a recycled address or id never matches) and their
+    ``_version`` counters are unchanged (any in-place update — an optimizer step, a BatchNorm
+    updating running statistics in training mode, ``load_state_dict`` — bumps them). Entries die
+    with their conv weight, and at most ``capacity`` are kept (least recently used first out).
+    Not detected: writes through ``tensor.data``, which bypass the version counter.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(sources: Sequence[Optional[Tensor]], extra: tuple) -> Optional[tuple]:
+        parts = []
+        for t in sources:
+            if t is None:
+                parts.append(None)
+                continue
+            if t.is_inference():  # inference tensors have no version counter: do not cache
+                return None
+            parts.append((id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype))
+        return tuple(parts) + extra
+
+    def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
+        key = self._key(sources, extra)
+        if key is None:
+            return build()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                refs, value = entry
+                if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources)):
+                    self._entries.move_to_end(key)
+                    return value
+                del self._entries[key]  # an id was recycled: stale
+        value = build()
+        entries = self._entries
+
+        def drop(_ref, key=key):  # the conv weight died: its entries are useless
+            entries.pop(key, None)
+
+        refs = tuple(
+            None if t is None else weakref.ref(t, drop if i == 0 else None) for i, t in enumerate(sources)
+        )
+        with self._lock:
+            entries[key] = (refs, value)
+            entries.move_to_end(key)
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+
+def cached_folded(
+    cache: FoldedWeightCache,
+    pack: Callable[[Tensor, Optional[Tensor]], object],
+    weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm: str, eps: float, extra: tuple = (),
+):
+    """``pack(w, b)`` of the conv weight and bias with BatchNorm folded in fp32 (norm "running"),
+    or of the conv's own weight and fp32 bias (norm "none"), cached in ``cache``."""
+
+    def build():
+        with torch.no_grad():
+            if norm == "running":
+                w, b = _reference.fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+            else:
+                w, b = weight, (None if bias is None else bias.float())
+            return pack(w, b)
+
+    sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    if norm != "running":
+        sources = (weight, bias, None, None, None, None)
+    return cache.get_or_build(sources, (norm, float(eps)) + tuple(extra), build)
