@@ -1,7 +1,8 @@
-"""The ``c3dzoo`` command line: ``info``, ``check`` and ``train``.
+"""The ``c3dzoo`` command line: ``info``, ``check``, ``train``, ``predict`` and ``export``.
 
-``main(argv)`` returns the exit status: 0 on success, 1 when a check fails or a command hits an
-unexpected error, 2 for bad arguments (one line on stderr, no traceback unless ``--debug``).
+``main(argv)`` returns the exit status: 0 on success, 1 when a check fails, training diverges or a
+command hits an unexpected error, 2 for bad arguments (including a missing, unreadable or mismatched
+checkpoint), 130 when interrupted; errors are one line on stderr, no traceback unless ``--debug``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import copy
 import csv
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 import c3dzoo
+from c3dzoo import checkpoint as ckpt
 from c3dzoo.testing import FLOOR, PARITY_FACTOR
 from c3dzoo.data import MOTIONS, SyntheticVideoDataset
 
@@ -34,6 +39,10 @@ PROG = "c3dzoo"
 
 class UsageError(Exception):
     """Bad arguments, or a request this machine cannot serve (exit status 2)."""
+
+
+class CommandError(Exception):
+    """A command that cannot go on, e.g. a diverging training run (exit status 1, one line)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -451,13 +460,6 @@ def _evaluate(model, loader, device, amp, progress) -> Tuple[float, float, float
     return loss_sum / seen, 100.0 * top1 / seen, 100.0 * top5 / seen
 
 
-def _save_checkpoint(path: str, payload: dict) -> None:
-    # write then rename, so an interrupted save never leaves a truncated last.pt
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def _build_model(args: argparse.Namespace, device: torch.device, example: torch.Tensor):
     """The model to train, on ``device``, and its builder arguments. Arguments it rejects are
     usage errors, found here rather than after the data loaders have started."""
@@ -483,31 +485,169 @@ def _build_model(args: argparse.Namespace, device: torch.device, example: torch.
     return model, model_kwargs
 
 
-def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar) -> Tuple[float, float, int]:
-    """One pass over ``loader``; returns (mean loss, top-1 %, clips seen)."""
+class _EpochBatches(torch.utils.data.Sampler):
+    """Shuffled batches of ``range(n)``; the order depends only on (seed, epoch), and the first
+    ``skip`` batches can be left out, so a run resumed mid-epoch sees the batches it had left."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int):
+        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
+        self.epoch, self.skip = 1, 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        # hash of a tuple of ints is not randomised per process: the same order in every run
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
+        order = torch.randperm(self.n, generator=generator).tolist()
+        for b in range(self.skip, len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where training stands; updated only after a step has completed, so it always describes the
+    weights (``updating`` is True while a step is changing them, from the forward on)."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in epoch + 1
+    global_step: int = 0
+    loss_sum: float = 0.0  # sums over the batches of the current epoch
+    correct: int = 0
+    seen: int = 0
+    updating: bool = False
+    best: Tuple[float, int] = (-1.0, 0)  # (val top-1, epoch)
+
+    def start_epoch(self) -> None:
+        self.batch, self.loss_sum, self.correct, self.seen = 0, 0.0, 0, 0
+
+
+class _DeferredInterrupt:
+    """Within ``with``: the first Ctrl-C only sets ``requested`` (the training loop stops at the
+    next batch boundary, so no weight update is cut in half); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
+                 stop: _DeferredInterrupt) -> None:
+    """The rest of one pass over ``loader``, accumulating into ``progress``. Raises CommandError
+    on a non-finite loss (before the step, so the weights stay finite) and KeyboardInterrupt at a
+    batch boundary once ``stop`` was requested."""
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for clips, labels in loader:
-        clips, labels = _to_device(clips, device), labels.to(device)
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception:  # loader workers die on Ctrl-C too; that is the interrupt, not an error
+            if stop.requested:
+                raise KeyboardInterrupt from None
+            raise
+        if batch is None:
+            return
+        clips, labels = _to_device(batch[0], device), batch[1].to(device)
+        progress.updating = True  # from the forward on: it updates the BatchNorm running stats
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(clips)
         loss = F.cross_entropy(logits.float(), labels)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"the training loss became {loss.item()}; try a lower --lr")
+        if not torch.isfinite(loss):  # last.pt is left as it was: it has the last good weights
+            raise CommandError(f"the training loss became {loss.item()} at epoch {progress.epoch + 1} "
+                               f"step {progress.global_step + 1}; stopped (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.item() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.numel()
+        progress.updating = False
+        progress.batch += 1
+        progress.global_step += 1
+        progress.loss_sum += loss.item() * labels.numel()
+        progress.correct += (logits.argmax(1) == labels).sum().item()
+        progress.seen += labels.numel()
         bar.update(labels.numel())
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
-    return loss_sum / seen, 100.0 * correct / seen, seen
+        bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", refresh=False)
+        if stop.requested:
+            raise KeyboardInterrupt
+
+
+# Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
+# device, amp, workers and backend, come from this machine as for a new run)
+RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "num_classes",
+                   "train_samples", "val_samples", "frames", "size", "fused", "seed")
+
+
+def _resume_path(args: argparse.Namespace) -> str:
+    if args.resume is not True:
+        return args.resume
+    if not args.out:
+        raise UsageError("--resume without a path needs --out DIR (it resumes DIR/last.pt)")
+    return os.path.join(args.out, "last.pt")
+
+
+def _apply_resumed_options(args: argparse.Namespace, checkpoint: dict, given: set) -> None:
+    saved = checkpoint.get("args", {})
+    for key in RESUMED_OPTIONS:
+        if key not in given and key in saved:
+            setattr(args, key, tuple(saved[key]) if key == "size" else saved[key])
+    if "width_mult" not in given and "width_mult" in checkpoint["model_kwargs"]:
+        args.width_mult = checkpoint["model_kwargs"]["width_mult"]
+    if saved.get("optimizer", args.optimizer) != args.optimizer:
+        raise ckpt.CheckpointError(f"checkpoint {args.resume} was trained with --optimizer "
+                                   f"{saved['optimizer']}, not {args.optimizer}")
+
+
+def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, class_names,
+                        progress: _Progress, metrics: Optional[dict]) -> dict:
+    return {
+        # fused and stock models have the same state_dict: this loads into either
+        "model": ckpt.plain_state_dict(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": progress.epoch,
+        "batch_in_epoch": progress.batch,
+        "epoch_sums": {"loss_sum": progress.loss_sum, "correct": progress.correct, "seen": progress.seen},
+        "global_step": progress.global_step,
+        "best": progress.best,
+        "rng": ckpt.rng_state(),
+        "model_name": args.model,
+        "model_kwargs": model_kwargs,
+        "class_names": class_names,
+        "metrics": metrics,
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "given")},
+        "c3dzoo_version": c3dzoo.__version__,
+    }
+
+
+def _save(path: str, payload: dict) -> None:
+    try:
+        ckpt.save_atomic(payload, path)
+    except OSError as exc:
+        raise CommandError(f"cannot write checkpoint {path}: {exc}") from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
+    checkpoint = None
+    if args.resume:
+        args.resume = _resume_path(args)
+        checkpoint = ckpt.load(args.resume)
+        _apply_resumed_options(args, checkpoint, args.given)
+        if not args.out:  # a resumed run goes on writing where it was
+            args.out = os.path.dirname(os.path.abspath(args.resume))
     _apply_train_defaults(args, device)
     if args.progress is None:  # bars redrawn with \r only make a mess of a log file
         args.progress = sys.stderr.isatty()
@@ -517,19 +657,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_set = SyntheticVideoDataset(num_samples=args.val_samples, split="val", **data)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if checkpoint is not None:  # before building: a mismatch is a usage error, not a shape error
+        ckpt.check_matches(checkpoint, args.resume, args.model, _model_kwargs(args))
     model, model_kwargs = _build_model(args, device, train_set[0][0])
 
-    loader_args = dict(batch_size=args.batch_size, num_workers=args.workers,
-                       pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    # the loaders get their own generators, so that starting an iterator does not draw from the
+    # global RNG (which dropout uses): a resumed run draws the same dropout masks
+    loader_args = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
+                       persistent_workers=args.workers > 0)
     # drop the last partial batch (a batch of one breaks BatchNorm) unless there is only one
     drop_last = len(train_set) > args.batch_size
+    batches = _EpochBatches(len(train_set), args.batch_size, drop_last, args.seed)
     train_loader = torch.utils.data.DataLoader(
-        train_set, shuffle=True, drop_last=drop_last,
+        train_set, batch_sampler=batches, generator=torch.Generator().manual_seed(args.seed), **loader_args)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=args.batch_size, shuffle=False,
         generator=torch.Generator().manual_seed(args.seed), **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
     clips_per_epoch = len(train_loader) * args.batch_size if drop_last else len(train_set)
     optimizer = _make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(args.epochs * len(train_loader)))
+
+    progress = _Progress()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        try:  # the optimizer after the scheduler: the scheduler's constructor sets the lr
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        except (KeyError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {args.resume}: cannot restore the optimizer: "
+                                       f"{exc}") from None
+        progress.epoch = checkpoint.get("epoch", 0)
+        progress.batch = checkpoint.get("batch_in_epoch", 0)
+        progress.global_step = checkpoint.get("global_step", scheduler.last_epoch)
+        progress.best = tuple(checkpoint.get("best", (-1.0, 0)))
+        for key, value in checkpoint.get("epoch_sums", {}).items():
+            setattr(progress, key, value)
+        if "rng" in checkpoint:
+            ckpt.set_rng_state(checkpoint["rng"])
 
     params = sum(p.numel() for p in model.parameters())
     print(f"training {args.model} ({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}; "
@@ -537,53 +701,147 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"{' with bf16 autocast' if args.amp else ''}: {args.epochs} epochs of {len(train_set)} "
           f"synthetic clips {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch_size}, "
           f"{args.optimizer} lr {args.lr:g}; chance is {100 / args.num_classes:.1f} %")
+    if checkpoint is not None:
+        print(f"resuming from {args.resume} at epoch {progress.epoch + 1}, batch {progress.batch + 1} "
+              f"(step {progress.global_step})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+    last_path = os.path.join(args.out, "last.pt") if args.out else None
+    metrics_path = os.path.join(args.out, "metrics.csv") if args.out else None
+    append = checkpoint is not None and os.path.isfile(metrics_path) and os.path.getsize(metrics_path) > 0
     start = time.perf_counter()
-    best = (-1.0, 0)
-    with (open(os.path.join(args.out, "metrics.csv"), "w", newline="") if args.out
-          else contextlib.nullcontext()) as metrics_file:
+    row = None
+    payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
+                                                  train_set.class_names, progress, metrics)
+    with (open(metrics_path, "a" if append else "w", newline="") if args.out
+          else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop:
         writer = csv.DictWriter(metrics_file, fieldnames=METRICS) if metrics_file else None
-        if writer:
+        if writer and not append:
             writer.writeheader()
-        for epoch in range(1, args.epochs + 1):
-            epoch_start = time.perf_counter()
-            with tqdm(total=clips_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="clip",
-                      disable=not args.progress) as bar:
-                train_loss, train_top1, seen = _train_epoch(
-                    model, train_loader, optimizer, scheduler, device, args.amp, bar)
-            clips_per_s = seen / (time.perf_counter() - epoch_start)
-            val_loss, val_top1, val_top5 = _evaluate(model, val_loader, device, args.amp, args.progress)
-            best = max(best, (val_top1, epoch))
-            row = dict(epoch=epoch, lr=f"{optimizer.param_groups[0]['lr']:.6g}",
-                       train_loss=f"{train_loss:.4f}", train_top1=f"{train_top1:.2f}",
-                       val_loss=f"{val_loss:.4f}", val_top1=f"{val_top1:.2f}", val_top5=f"{val_top5:.2f}",
-                       epoch_seconds=f"{time.perf_counter() - epoch_start:.1f}",
-                       train_clips_per_s=f"{clips_per_s:.1f}")
-            tqdm.write(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f} % "
-                       f"| val loss {val_loss:.4f} top-1 {val_top1:.1f} % top-5 {val_top5:.1f} % "
-                       f"| {clips_per_s:.1f} clips/s")
-            if writer:
-                writer.writerow(row)
-                metrics_file.flush()
-                _save_checkpoint(os.path.join(args.out, "last.pt"), {
-                    # fused and stock models have the same state_dict: this loads into either
-                    "model": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)
-                              for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "model_name": args.model,
-                    "model_kwargs": model_kwargs,
-                    "class_names": train_set.class_names,
-                    "metrics": row,
-                    "args": {k: v for k, v in vars(args).items() if k != "func"},
-                    "c3dzoo_version": c3dzoo.__version__,
-                })
+        try:
+            while progress.epoch < args.epochs:
+                epoch = progress.epoch + 1
+                epoch_start = time.perf_counter()
+                batches.epoch, batches.skip = epoch, progress.batch
+                with tqdm(total=clips_per_epoch, initial=progress.seen, desc=f"epoch {epoch}/{args.epochs}",
+                          unit="clip", disable=not args.progress) as bar:
+                    seen_before = progress.seen
+                    _train_epoch(model, train_loader, optimizer, scheduler, device, args.amp, bar,
+                                 progress, stop)
+                clips_per_s = (progress.seen - seen_before) / (time.perf_counter() - epoch_start)
+                train_loss = progress.loss_sum / max(1, progress.seen)
+                train_top1 = 100.0 * progress.correct / max(1, progress.seen)
+                val_loss, val_top1, val_top5 = _evaluate(model, val_loader, device, args.amp, args.progress)
+                progress.epoch += 1
+                progress.start_epoch()
+                progress.best = max(progress.best, (val_top1, epoch))
+                row = dict(epoch=epoch, lr=f"{optimizer.param_groups[0]['lr']:.6g}",
+                           train_loss=f"{train_loss:.4f}", train_top1=f"{train_top1:.2f}",
+                           val_loss=f"{val_loss:.4f}", val_top1=f"{val_top1:.2f}", val_top5=f"{val_top5:.2f}",
+                           epoch_seconds=f"{time.perf_counter() - epoch_start:.1f}",
+                           train_clips_per_s=f"{clips_per_s:.1f}")
+                tqdm.write(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f} % "
+                           f"| val loss {val_loss:.4f} top-1 {val_top1:.1f} % top-5 {val_top5:.1f} % "
+                           f"| {clips_per_s:.1f} clips/s")
+                if writer:
+                    writer.writerow(row)
+                    metrics_file.flush()
+                    _save(last_path, payload(row))
+        except KeyboardInterrupt:
+            if progress.updating:  # the weights are half-updated: keep the previous checkpoint
+                note = f"not saved (mid-step); {last_path} is the previous checkpoint" if last_path \
+                    else "nothing saved (no --out)"
+            elif last_path:
+                _save(last_path, payload(None))
+                note = f"saved {last_path}; continue with --resume --out {args.out}"
+            else:
+                note = "nothing saved (no --out)"
+            print(f"{PROG}: interrupted at epoch {progress.epoch + 1} step {progress.global_step}: {note}",
+                  file=sys.stderr)
+            return 130
     saved = f"; wrote metrics.csv and last.pt to {args.out}" if args.out else "; nothing saved (no --out)"
+    if row is None:
+        print(f"nothing to do: the checkpoint has finished all {args.epochs} epochs (raise --epochs "
+              f"to train on)")
+        return 0
     print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {val_top1:.1f} % top-5 "
-          f"{val_top5:.1f} %, best top-1 {best[0]:.1f} % (epoch {best[1]}), chance "
+          f"{val_top5:.1f} %, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
           f"{100 / args.num_classes:.1f} %{saved}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# predict and export
+# --------------------------------------------------------------------------------------------
+
+
+def _load_input(path: str) -> torch.Tensor:
+    """A clip ``3 × T × H × W`` from a ``.pt`` tensor file; video files need PyAV (not yet read)."""
+    if not path.endswith(".pt"):
+        if importlib.util.find_spec("av") is None:
+            raise UsageError(f"{path}: reading video files needs PyAV (pip install av), which is "
+                             f"not installed; give .pt clip tensors or --synthetic N")
+        raise UsageError(f"{path}: reading video files is not supported yet; give .pt clip tensors")
+    if not os.path.isfile(path):
+        raise UsageError(f"input not found: {path}")
+    try:
+        clip = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(clip, torch.Tensor) or clip.dim() != 4 or clip.shape[0] != 3:
+        shape = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
+        raise UsageError(f"{path}: expected a clip tensor 3 x T x H x W, got {shape}")
+    return clip.float()
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    checkpoint = ckpt.load(args.checkpoint)
+    if args.synthetic is None and not args.inputs:
+        raise UsageError("give clip files (.pt) or --synthetic N")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    device = _resolve_device(args.device)
+    model = ckpt.stock_model(checkpoint, args.checkpoint).to(device).eval()
+    num_classes = checkpoint["model_kwargs"].get("num_classes")
+    names = checkpoint.get("class_names") or [f"class {i}" for i in range(num_classes or 0)]
+    items = []  # (label to print, clip, true class or None)
+    if args.synthetic is not None:
+        saved = checkpoint.get("args", {})
+        try:  # the validation split the checkpoint was trained beside
+            val_set = SyntheticVideoDataset(num_classes=saved["num_classes"], frames=saved["frames"],
+                                            size=tuple(saved["size"]), seed=saved.get("seed", 0),
+                                            num_samples=args.synthetic, split="val")
+        except (KeyError, ValueError) as exc:
+            raise UsageError(f"--synthetic: cannot rebuild the checkpoint's synthetic data ({exc})") from None
+        items += [(f"synthetic val[{i}]", *val_set[i]) for i in range(len(val_set))]
+    items += [(path, _load_input(path), None) for path in args.inputs]
+    k = min(args.top_k, len(names) or args.top_k)
+    with torch.no_grad():
+        for label, clip, truth in items:
+            try:
+                probs = model(clip[None].to(device)).float().softmax(1)[0]
+            except (ValueError, RuntimeError) as exc:
+                raise UsageError(f"{label}: clip of shape {tuple(clip.shape)} does not fit the model: "
+                                 f"{str(exc).strip().splitlines()[0]}") from None
+            top = probs.topk(k)
+            ranked = ", ".join(f"{names[i] if i < len(names) else i} {p:.1%}"
+                               for p, i in zip(top.values.tolist(), top.indices.tolist()))
+            true = f"  (true: {names[truth]})" if truth is not None else ""
+            print(f"{label}: {ranked}{true}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    checkpoint = ckpt.load(args.checkpoint)
+    model = ckpt.stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
+    state = ckpt.plain_state_dict(model.state_dict())
+    try:
+        ckpt.save_atomic(state, args.out)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc}") from None
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in checkpoint["model_kwargs"].items())
+    print(f"wrote {args.out}: {len(state)} tensors; load with c3dzoo.get_model("
+          f"{checkpoint['model_name']!r}, {kwargs}).load_state_dict(torch.load(path))")
     return 0
 
 
@@ -664,13 +922,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="data loader workers; " + _by_device("workers"))
     train.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (default 0)")
     train.add_argument("--out", metavar="DIR", help="write metrics.csv and last.pt here")
+    train.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
+                       help="continue from checkpoint CKPT (default with --out: DIR/last.pt); "
+                            "options not given again are taken from the checkpoint")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="tqdm progress bars (default: when stderr is a terminal)")
     train.set_defaults(func=_cmd_train)
+    parser.train_parser = train  # main() asks it which options were given (for --resume)
 
-    for command in (info, check, train):
+    predict = sub.add_parser("predict", help="top-k classes of clips from a training checkpoint")
+    predict.add_argument("--checkpoint", required=True, metavar="CKPT", help="from c3dzoo train")
+    predict.add_argument("inputs", nargs="*", metavar="CLIP",
+                         help=".pt files holding a clip tensor 3 x T x H x W")
+    predict.add_argument("--synthetic", type=int, metavar="N",
+                         help="the first N clips of the checkpoint's synthetic validation split")
+    predict.add_argument("--top-k", type=int, default=5, help="(default %(default)s)")
+    predict.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    predict.set_defaults(func=_cmd_predict)
+
+    export = sub.add_parser("export", help="a training checkpoint's weights as a plain state_dict")
+    export.add_argument("--checkpoint", required=True, metavar="CKPT", help="from c3dzoo train")
+    export.add_argument("--out", required=True, metavar="FILE", help="the state_dict file to write")
+    export.set_defaults(func=_cmd_export)
+
+    for command in (info, check, train, predict, export):
         command.add_argument("--debug", **debug, default=argparse.SUPPRESS)
     return parser
+
+
+def _given_options(argv: Sequence[str]) -> set:
+    """The ``train`` options named on the command line (argparse fills in the others' defaults)."""
+    parser = build_parser()
+    for action in parser.train_parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func", "debug"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -678,15 +963,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: info, check or train (c3dzoo --help for details)")
+            raise UsageError("choose a command: info, check, train, predict or export "
+                             "(c3dzoo --help for details)")
+        if args.command == "train":
+            args.given = _given_options(argv)
         return args.func(args)
     except UsageError as exc:
         if debug:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except ckpt.CheckpointError as exc:  # a bad --checkpoint/--resume is a bad argument
+        if debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:

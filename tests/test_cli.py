@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 
@@ -135,3 +136,153 @@ def test_console_entry_point_exit_status():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints: resume, interrupt, divergence, atomic writes; predict and export
+# --------------------------------------------------------------------------------------------
+
+TWO_EPOCHS = ["train", "--epochs", "2", "--train-samples", "8", "--val-samples", "4",
+              "--batch-size", "4", "--num-classes", "4", "--width-mult", "0.0625",
+              "--frames", "16", "--size", "32", "--device", "cpu", "--workers", "0", "--no-progress"]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _interrupt_at_train_step(monkeypatch, step):
+    """Ctrl-C (a real SIGINT) during the ``step``-th training batch (1-based): training stops once
+    that step is done."""
+    real, calls = cli.F.cross_entropy, []
+
+    def cross_entropy(*args, **kwargs):
+        if torch.is_grad_enabled():  # training, not validation
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli.F, "cross_entropy", cross_entropy)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert cli.main(TWO_EPOCHS + ["--out", str(out)]) == 0
+    return out
+
+
+def test_resume_after_interrupt_is_exact(two_epoch_run, tmp_path, monkeypatch, capsys):
+    """2 epochs in one go == interrupted in epoch 2 (after its first step) + resumed, bit for bit;
+    the dropout masks and the batch order come back with the checkpoint."""
+    with monkeypatch.context() as m:
+        _interrupt_at_train_step(m, 3)
+        assert cli.main(TWO_EPOCHS + ["--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "interrupted" in err and "\n" not in err
+    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["global_step"]) == (1, 1, 3)
+    # every option comes back from the checkpoint
+    assert cli.main(["train", "--resume", "--out", str(tmp_path), "--no-progress"]) == 0
+    expected, got = _weights(two_epoch_run / "last.pt"), _weights(tmp_path / "last.pt")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_resume_from_epoch_boundary_is_exact(two_epoch_run, tmp_path, monkeypatch):
+    """1 epoch, then --resume PATH for the other one (into another folder)."""
+    with monkeypatch.context() as m:
+        _interrupt_at_train_step(m, 2)  # the last step of epoch 1, before its validation
+        assert cli.main(TWO_EPOCHS + ["--out", str(tmp_path / "a")]) == 130
+    assert cli.main(["train", "--resume", str(tmp_path / "a" / "last.pt"),
+                     "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    expected, got = _weights(two_epoch_run / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real, calls = cli.F.cross_entropy, []
+
+    def nan_in_epoch_2(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) >= 3:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(cli.F, "cross_entropy", nan_in_epoch_2)
+    assert cli.main(TWO_EPOCHS + ["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "nan" in err and "--lr" in err and "\n" not in err and "Traceback" not in err
+    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values()
+                                       if v.is_floating_point())
+
+
+def test_checkpoint_write_is_atomic(two_epoch_run, tmp_path, monkeypatch, capsys):
+    before = (two_epoch_run / "last.pt").read_bytes()
+    target = tmp_path / "last.pt"
+    target.write_bytes(before)
+
+    def fails_half_way(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fails_half_way)
+    from c3dzoo import checkpoint
+    with pytest.raises(OSError):
+        checkpoint.save_atomic({"x": torch.zeros(1)}, str(target))
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_export_loads_strictly_into_stock_model(two_epoch_run, tmp_path, capsys):
+    out = tmp_path / "weights.pt"
+    assert cli.main(["export", "--checkpoint", str(two_epoch_run / "last.pt"), "--out", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    model = c3dzoo.get_model("c3d_bn", fused=False, num_classes=4, width_mult=0.0625,
+                             input_size=(16, 32, 32))
+    model.load_state_dict(state, strict=True)
+
+
+def test_predict_prints_class_names(two_epoch_run, tmp_path, capsys):
+    from c3dzoo.data import SyntheticVideoDataset
+    clip_path = tmp_path / "clip.pt"
+    torch.save(SyntheticVideoDataset(num_classes=4, frames=16, size=32, num_samples=1)[0][0], clip_path)
+    names = SyntheticVideoDataset(num_classes=4).class_names
+    assert cli.main(["predict", "--checkpoint", str(two_epoch_run / "last.pt"), "--synthetic", "3",
+                     "--top-k", "2", str(clip_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    assert all(line.startswith("synthetic val[") and "(true: " in line for line in lines[:3])
+    assert lines[3].startswith(str(clip_path))
+    assert all(sum(name in line for name in names) >= 2 for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--checkpoint", "{missing}", "--synthetic", "1"], "not found"),
+    (["export", "--checkpoint", "{garbage}", "--out", "{tmp}/w.pt"], "cannot read"),
+    (["train", "--resume", "{ckpt}", "--num-classes", "5", "--epochs", "3"], "is for c3d_bn"),
+    (["train", "--resume", "{ckpt}", "--model", "c3d"], "is for c3d_bn"),
+    (["train", "--resume"], "needs --out"),
+    (["predict", "--checkpoint", "{ckpt}", "clip.mp4"], "PyAV"),
+])
+def test_checkpoint_errors_one_line_exit_2(argv, message, two_epoch_run, tmp_path, capsys):
+    if message == "PyAV":
+        try:
+            import av  # noqa: F401
+            pytest.skip("PyAV is installed")
+        except ImportError:
+            pass
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    paths = dict(missing=str(tmp_path / "nope.pt"), garbage=str(tmp_path / "garbage.pt"),
+                 tmp=str(tmp_path), ckpt=str(two_epoch_run / "last.pt"))
+    assert cli.main([a.format(**paths) for a in argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("c3dzoo: error:") and message in err and "\n" not in err, err
+    assert "Traceback" not in captured.err + captured.out
