@@ -284,7 +284,8 @@ def test_supports_reasons(monkeypatch):
 
     assert triton_impl.supports(cfg()) is None
     assert triton_impl.supports(cfg(norm="none", dtype="torch.bfloat16")) is None
-    assert "training-mode BatchNorm" in triton_impl.supports(cfg(norm="batch"))
+    assert triton_impl.supports(cfg(norm="batch")) is None  # training forward: tests/test_triton_training.py
+    assert "norm" in triton_impl.supports(cfg(norm="group"))
     assert "float64" in triton_impl.supports(cfg(dtype="torch.float64"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if K.runs_interpreted():
@@ -297,17 +298,21 @@ def test_supports_reasons(monkeypatch):
     assert "TRITON_INTERPRET=1" in triton_impl.supports(cfg(device="cpu", dtype="torch.float32"))
 
 
-def test_training_mode_falls_back_to_reference_with_reason():
+def test_training_mode_runs_in_triton():
+    """Training-mode BatchNorm no longer falls back: the triton backend runs it (parity in
+    tests/test_triton_training.py) and updates the running statistics as the reference backend does."""
     p = make_params(3, 5, (3, 3, 3), dtype=torch.float32)
     x = torch.randn(2, 3, 3, 5, 5, device=DEVICE)
-    with pytest.warns(RuntimeWarning, match="training-mode BatchNorm"):
-        out = fused(x, {**p, "running_mean": p["running_mean"].clone(), "running_var": p["running_var"].clone()},
-                    training=True, stride=1, padding=1, dilation=1, activation="relu", negative_slope=0.0, pool=None)
-    expected = fused(x, p, backend="reference", training=True, stride=1, padding=1, dilation=1,
-                     activation="relu", negative_slope=0.0, pool=None)
-    torch.testing.assert_close(out, expected)
-    reasons = c3dzoo.fallbacks()
-    assert any(k.startswith("triton:") and "training-mode BatchNorm" in v for k, v in reasons.items()), reasons
+    p_ref = {k: None if v is None else v.clone() for k, v in p.items()}
+    geometry = dict(training=True, stride=1, padding=1, dilation=1, activation="relu", negative_slope=0.0, pool=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback warns
+        out = fused(x, p, **geometry)
+    expected = fused(x, p_ref, backend="reference", **geometry)
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(p["running_mean"], p_ref["running_mean"])
+    torch.testing.assert_close(p["running_var"], p_ref["running_var"])
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter-only bf16 refusal applies on CPU")

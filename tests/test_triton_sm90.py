@@ -5,6 +5,11 @@ fp32, with and without a fused pool) is compiled for sm_90 and must: use wgmma f
 (all but full fp32, which has no tensor-core path), fit in the 227 KB of shared memory an H100 block
 may use, and not spill registers (ptxas -v).
 
+The training forward's kernels are checked the same way: the conv with the batch-statistics
+epilogue (``conv3d_bn_stats``) in every configuration and dtype variant (wgmma, shared memory, no
+spills), and the elementwise normalise + activation + pool kernel (``bn_act_pool``; no matrix math:
+shared memory and spills).
+
 The test process runs under TRITON_INTERPRET=1 (conftest), which makes ``@triton.jit`` interpret, so
 the compilation runs in ONE subprocess without it (this file run as a script), which prints JSON.
 """
@@ -20,7 +25,9 @@ import sys
 import pytest
 import torch
 
+from c3dzoo.kernels import bn_act_pool as E
 from c3dzoo.kernels import conv3d_bias_act_pool as K
+from c3dzoo.kernels import conv3d_bn_stats as S
 
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on H100/H200 (sm_90)
 
@@ -67,6 +74,31 @@ def _cases():
 CASES = _cases()
 
 
+def _stats_cases():
+    """The statistics-epilogue conv in every config × dtype variant the launcher can pick (no pool)."""
+    cases, seen = {}, set()
+    for config in K.HOPPER_CONFIGS:
+        x_shape, out_c = _SHAPES[config]
+        for dtype_name, (dtype, tf32) in _DTYPES.items():
+            launched = config.for_dtype(dtype, tf32)
+            if (launched, dtype) in seen:
+                continue
+            seen.add((launched, dtype))
+            cases[f"stats-{launched.name}-{dtype_name}"] = (launched, x_shape, out_c, (), dtype, tf32)
+    return cases
+
+
+STATS_CASES = _stats_cases()
+# the elementwise kernel on C3D-like conv outputs (N, C, D, H, W): pool5 (padded windows), no pool
+ELEMENTWISE_CASES = {
+    f"bn_act_pool-{pool}-{dtype_name}": ((32, 512, 2, 7, 7) if pool == "pool5" else (32, 64, 16, 56, 56),
+                                        _POOLS[pool], dtype)
+    for pool in ("nopool", "pool5")
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
+}
+ALL_CASES = [*CASES, *STATS_CASES, *ELEMENTWISE_CASES]
+
+
 # --------------------------------------------------------------------------------------------
 # the subprocess: compile every case for sm_90, run ptxas -v on the PTX
 # --------------------------------------------------------------------------------------------
@@ -85,25 +117,63 @@ def _ptxas() -> str | None:
 
 
 def _compile_case(case: str) -> dict:
+    if case in STATS_CASES:
+        return compile_sm90(*STATS_CASES[case], kernel="stats")
+    if case in ELEMENTWISE_CASES:
+        return compile_elementwise_sm90(*ELEMENTWISE_CASES[case])
     return compile_sm90(*CASES[case])
 
 
-def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32) -> dict:
-    """Compile the kernel as the launcher would launch it for this layer; report its resources."""
+_ELEMENT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="inference") -> dict:
+    """Compile the conv kernel (``kernel``: "inference", or "stats", the training forward's conv
+    with the statistics epilogue) as the launcher would launch it for this layer; report its resources."""
+    torch.backends.cudnn.allow_tf32 = allow_tf32  # what the launcher reads for fp32
+    geometry = dict(kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
+    element = _ELEMENT[dtype]
+    if kernel == "stats":
+        plan = S.plan_stats_launch(
+            x_shape, out_c, **geometry, has_bias=True, dtype=dtype, device=torch.device("cuda"), config=config,
+        )
+        fn = S.conv3d_bn_stats_kernel
+        pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "y_ptr": f"*{element}",
+                    "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32"}
+    else:
+        plan = K.plan_launch(
+            x_shape, out_c, **geometry, activation="relu", negative_slope=0.0, pool=pool, has_bias=True,
+            dtype=dtype, device=torch.device("cuda"), config=config,
+        )
+        fn = K.conv3d_bias_act_pool_kernel
+        pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "out_ptr": f"*{element}"}
+    report = _compile(fn, plan, pointers, config.num_warps, config.num_stages)
+    report.update(tensor_cores=dtype != torch.float32 or allow_tf32,
+                  tile=[config.block_m, config.block_n, config.block_k])
+    return report
+
+
+def compile_elementwise_sm90(y_shape, pool, dtype) -> dict:
+    """Compile ``bn_act_pool_kernel`` as its launcher would launch it; report its resources."""
+    plan = E.plan_bn_act_pool(
+        y_shape, eps=1e-5, activation="relu", negative_slope=0.0, pool=pool, has_gamma=True, has_beta=True,
+        device=torch.device("cuda"),
+    )
+    element = _ELEMENT[dtype]
+    pointers = {"y_ptr": f"*{element}", "mean_ptr": "*fp32", "var_ptr": "*fp32", "gamma_ptr": "*fp32",
+                "beta_ptr": "*fp32", "out_ptr": f"*{element}"}
+    report = _compile(E.bn_act_pool_kernel, plan, pointers, plan.config.num_warps, 1)
+    report.update(tensor_cores=False, tile=[plan.config.block_p, plan.config.block_c])
+    return report
+
+
+def _compile(kernel, plan, pointers, num_warps, num_stages) -> dict:
+    """triton.compile for sm_90 with a launch's specialisation, then ptxas -v."""
     import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
 
-    torch.backends.cudnn.allow_tf32 = allow_tf32  # what the launcher reads for fp32
-    plan = K.plan_launch(
-        x_shape, out_c, kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1),
-        activation="relu", negative_slope=0.0, pool=pool, has_bias=True, dtype=dtype,
-        device=torch.device("cuda"), config=config,
-    )
-    kernel = K.conv3d_bias_act_pool_kernel
-    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "out_ptr": f"*{element}"}
     signature, constexprs, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
     for i, name in enumerate(kernel.arg_names):  # as triton's JIT specialises a launch
@@ -125,16 +195,14 @@ def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32) -> dict:
     compiled = triton.compile(
         triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
     ptx = compiled.asm["ptx"]
     report = {
         "wgmma": "wgmma.mma_async" in ptx,
-        "tensor_cores": dtype != torch.float32 or allow_tf32,
         "shared": int(compiled.metadata.shared),
-        "num_warps": config.num_warps,
-        "num_stages": config.num_stages,
-        "tile": [config.block_m, config.block_n, config.block_k],
+        "num_warps": num_warps,
+        "num_stages": num_stages,
         "registers": None, "spill_stores": None, "spill_loads": None, "ptxas": None,
     }
     ptxas = _ptxas()
@@ -159,9 +227,9 @@ def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32) -> dict:
 def _compile_all() -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
-    workers = max(1, min(len(CASES), os.cpu_count() or 1))
+    workers = max(1, min(len(ALL_CASES), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers) as pool:
-        reports = dict(zip(CASES, pool.map(_compile_case, list(CASES))))
+        reports = dict(zip(ALL_CASES, pool.map(_compile_case, ALL_CASES)))
     return reports
 
 
@@ -182,7 +250,7 @@ def sm90_reports():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ALL_CASES)
 def test_sm90_machine_code(sm90_reports, case):
     report = sm90_reports[case]
     if report["tensor_cores"]:

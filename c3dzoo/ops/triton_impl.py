@@ -1,9 +1,20 @@
 """The ``triton`` backend: Triton kernels for the fused Conv3d → BatchNorm3d → activation (→ MaxPool3d).
 
-Implemented: the inference path — BatchNorm with running statistics (folded into the conv weight
-and bias) or no BatchNorm — as one implicit-GEMM kernel with a bias + activation (+ max-pool)
-epilogue (``c3dzoo.kernels.conv3d_bias_act_pool``). Training-mode BatchNorm (batch statistics) is
-not implemented yet: ``supports`` says so and the registry falls back to ``reference``.
+Forward, all in Triton:
+
+* inference — BatchNorm with running statistics (folded into the conv weight and bias) or no
+  BatchNorm: one implicit-GEMM kernel with a bias + activation (+ max-pool) epilogue
+  (``c3dzoo.kernels.conv3d_bias_act_pool``);
+* training — BatchNorm with batch statistics (norm "batch"): the same implicit-GEMM main loop with
+  an epilogue that stores the raw conv output and per-tile (mean, M2) partial statistics
+  (``c3dzoo.kernels.conv3d_bn_stats``), a Chan combination of the partials into the batch mean and
+  biased variance (torch ops on the small partial buffer, no host synchronisation), then one
+  elementwise kernel for normalise + γ/β + activation (+ max-pool) (``c3dzoo.kernels.bn_act_pool``).
+  The running statistics are updated from the returned mean/var by the op wrapper.
+
+Backward (every mode) is ``reference.backward``: stock PyTorch, recomputing the conv output from the
+saved input, so nothing but x is stored between forward and backward. Triton dgrad/wgrad (and BN
+backward via a statistics epilogue on the gradient GEMMs) are not written yet.
 
 Runs on CUDA, or on CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for tests).
 """
@@ -14,7 +25,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from c3dzoo.kernels.bn_act_pool import bn_act_pool
 from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weight, runs_interpreted
+from c3dzoo.kernels.conv3d_bn_stats import conv3d_bn_stats
 
 from . import reference as _reference
 from ._weight_cache import FoldedWeightCache, cached_folded
@@ -28,9 +41,7 @@ _DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
 
 def supports(cfg: ConvBNActConfig) -> Optional[str]:
     """None if the Triton kernels can run ``cfg``, else why not."""
-    if cfg.norm == "batch":
-        return "training-mode BatchNorm (batch statistics) is not implemented in the Triton backend yet"
-    if cfg.norm not in ("running", "none"):
+    if cfg.norm not in ("batch", "running", "none"):
         return f"norm={cfg.norm!r} is not supported by the Triton backend"
     if cfg.activation not in ("none", "relu", "leaky_relu"):
         return f"activation {cfg.activation!r} is not supported by the Triton backend"
@@ -94,10 +105,18 @@ def forward(
     negative_slope: float,
     pool: Sequence[int],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused forward for norm "running" (BatchNorm folded) or "none". Returns (out, mean, var);
-    mean and var are empty fp32 (no batch statistics in these modes)."""
-    if norm not in ("running", "none"):
+    """Fused forward. Returns (out, mean, var), out in x's dtype, channels_last_3d.
+
+    norm "batch": mean and biased var of the conv output per channel, fp32 (C_out,), used to
+    normalise (two kernels, see the module docstring). norm "running" (BatchNorm folded) or "none":
+    one kernel; mean and var are empty fp32 (no batch statistics in these modes)."""
+    if norm not in ("batch", "running", "none"):
         raise NotImplementedError(f"triton backend: norm={norm!r} is not implemented (see supports())")
+    if norm == "batch":
+        return _forward_batch_norm(
+            x, weight, bias, bn_weight, bn_bias, eps=eps, stride=stride, padding=padding,
+            dilation=dilation, activation=activation, negative_slope=negative_slope, pool=pool,
+        )
     with torch.no_grad():
         w_packed, folded_bias = _folded_packed_weight(
             weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps, dtype=x.dtype
@@ -112,6 +131,27 @@ def forward(
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     mean = x.new_empty(0, dtype=torch.float32)
     var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
+    return out, mean, var
+
+
+def _forward_batch_norm(
+    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward: conv + statistics epilogue, Chan finalize, then normalise/act/pool."""
+    with torch.no_grad():
+        # norm "none" in the cache: the conv's own weight, packed in x's dtype, and its fp32 bias
+        w_packed, conv_bias = _folded_packed_weight(
+            weight, bias, None, None, None, None, norm="none", eps=eps, dtype=x.dtype
+        )
+        y, mean, var = conv3d_bn_stats(
+            x, w_packed, conv_bias,
+            kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
+        )
+        out = bn_act_pool(
+            y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
+            negative_slope=negative_slope, pool=tuple(pool),
+        )
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
     return out, mean, var
 
 
@@ -137,9 +177,9 @@ def backward(
     pool: Sequence[int],
     needs_grad: Sequence[bool],
 ) -> List[Optional[Tensor]]:
-    """Gradients for (x, weight, bias, bn_weight, bn_bias): delegated to ``reference.backward`` for
-    now (stock PyTorch, recomputing the forward). Triton dgrad/wgrad kernels come with the training
-    kernels."""
+    """Gradients for (x, weight, bias, bn_weight, bn_bias): delegated to ``reference.backward``
+    (stock PyTorch, recomputing the conv output from x; in "batch" mode it normalises with the
+    mean/var this backend's forward returned). Triton dgrad/wgrad kernels are not written yet."""
     return _reference.backward(
         grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
         norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,

@@ -1,0 +1,180 @@
+"""BatchNorm (given statistics) + activation (+ MaxPool3d) over a stored conv output: step 2 of the
+training forward (step 1, the conv with a statistics epilogue, is ``conv3d_bn_stats``).
+
+Elementwise over the OUTPUT: a program takes BLOCK_P (pooled) positions × BLOCK_C channels and, for
+every offset of the pool window, loads the conv outputs under it (NDHWC: channels contiguous),
+computes ``(y − mean)·(1/sqrt(var + eps))·γ + β`` in fp32, rounds to the output dtype, applies the
+activation (``_implicit_gemm.apply_activation``) and keeps a running max; window positions in the
+pool's padding or past the conv output are -inf. Without a pool the window is 1×1×1: normalise +
+activation only. The order of operations is the reference's (normalise in fp32, round, activate,
+pool), and (y − mean) is taken before scaling, so a large mean cancels exactly, not after scaling.
+
+``1/tl.sqrt`` rather than ``rsqrt``: libdevice's rsqrt fails under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._implicit_gemm import apply_activation, split_position
+
+
+@triton.jit
+def bn_act_pool_kernel(
+    y_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, out_ptr,
+    conv_d, conv_h, conv_w, channels,
+    out_d, out_h, out_w, out_positions,
+    eps, negative_slope,
+    POOL_KD: tl.constexpr, POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
+    POOL_SD: tl.constexpr, POOL_SH: tl.constexpr, POOL_SW: tl.constexpr,
+    POOL_PD: tl.constexpr, POOL_PH: tl.constexpr, POOL_PW: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(channels, BLOCK_C)
+    pid_p = pid // c_blocks
+    pid_c = pid - pid_p * c_blocks
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = offs_p < out_positions
+    c_mask = offs_c < channels
+
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_mask, other=1.0) + eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_c, mask=c_mask, other=1.0)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0)
+
+    sample, pooled_d, pooled_h, pooled_w = split_position(offs_p, out_d, out_h, out_w)
+    out_dtype = out_ptr.dtype.element_ty
+    pooled = tl.full((BLOCK_P, BLOCK_C), float("-inf"), out_dtype)
+    for window in range(POOL_KD * POOL_KH * POOL_KW):
+        d = pooled_d * POOL_SD - POOL_PD + window // (POOL_KH * POOL_KW)
+        h = pooled_h * POOL_SH - POOL_PH + (window // POOL_KW) % POOL_KH
+        w = pooled_w * POOL_SW - POOL_PW + window % POOL_KW
+        valid = p_mask & (d >= 0) & (d < conv_d) & (h >= 0) & (h < conv_h) & (w >= 0) & (w < conv_w)
+        position = ((sample.to(tl.int64) * conv_d + d) * conv_h + h) * conv_w + w
+        y = tl.load(
+            y_ptr + position[:, None] * channels + offs_c[None, :],
+            mask=valid[:, None] & c_mask[None, :], other=0.0,
+        )
+        z = (y.to(tl.float32) - mean[None, :]) * scale[None, :]
+        if HAS_BETA:
+            z = z + beta[None, :]
+        # -inf before the cast: masked rows read 0, and (0 − mean)·scale may not fit the output dtype
+        z = tl.where(valid[:, None], z, float("-inf")).to(out_dtype)
+        pooled = tl.maximum(pooled, apply_activation(z, ACTIVATION, negative_slope))
+
+    out_offsets = offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :]
+    tl.store(out_ptr + out_offsets, pooled, mask=p_mask[:, None] & c_mask[None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwiseConfig:
+    block_p: int
+    block_c: int
+    num_warps: int
+
+    @property
+    def name(self) -> str:
+        return f"elementwise_{self.block_p}x{self.block_c}_w{self.num_warps}"
+
+
+def select_config(channels: int, positions: int, device: torch.device) -> ElementwiseConfig:
+    """4096 elements a program on a GPU (channels contiguous: a warp reads whole channel rows);
+    under the interpreter, which pays per program, few large blocks."""
+    block_c = max(16, min(64, triton.next_power_of_2(channels)))
+    if device.type != "cuda":
+        return ElementwiseConfig(max(16, min(1024, triton.next_power_of_2(positions))), block_c, 4)
+    return ElementwiseConfig(4096 // block_c, block_c, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwisePlan:
+    config: ElementwiseConfig
+    grid: Tuple[int]
+    out_shape: Tuple[int, int, int, int, int]
+    scalars: Dict[str, object]
+    constexprs: Dict[str, object]
+
+
+def plan_bn_act_pool(
+    y_shape: Sequence[int],
+    *,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    has_gamma: bool,
+    has_beta: bool,
+    device: torch.device,
+    config: Optional[ElementwiseConfig] = None,
+) -> ElementwisePlan:
+    """Output shape, block config, grid and kernel arguments (a function of shapes, for the sm_90 test)."""
+    n, channels, conv_d, conv_h, conv_w = (int(s) for s in y_shape)
+    pool = tuple(int(p) for p in pool) if pool else (1, 1, 1, 1, 1, 1, 0, 0, 0)
+    kernel, stride, padding = pool[0:3], pool[3:6], pool[6:9]
+    out_size = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip((conv_d, conv_h, conv_w), kernel, stride, padding)]
+    if min(out_size) < 1:
+        raise ValueError(f"conv output {tuple(y_shape)} is too small for pool {pool}")
+    positions = n * out_size[0] * out_size[1] * out_size[2]
+    if positions >= 2**31:
+        raise ValueError(f"bn_act_pool: output of {positions} positions is too large for int32 positions")
+    if config is None:
+        config = select_config(channels, positions, device)
+    grid = (triton.cdiv(positions, config.block_p) * triton.cdiv(channels, config.block_c),)
+    scalars = dict(
+        conv_d=conv_d, conv_h=conv_h, conv_w=conv_w, channels=channels,
+        out_d=out_size[0], out_h=out_size[1], out_w=out_size[2], out_positions=positions,
+        eps=float(eps), negative_slope=float(negative_slope),
+    )
+    constexprs = dict(
+        POOL_KD=kernel[0], POOL_KH=kernel[1], POOL_KW=kernel[2],
+        POOL_SD=stride[0], POOL_SH=stride[1], POOL_SW=stride[2],
+        POOL_PD=padding[0], POOL_PH=padding[1], POOL_PW=padding[2],
+        HAS_GAMMA=bool(has_gamma), HAS_BETA=bool(has_beta), ACTIVATION=activation,
+        BLOCK_P=config.block_p, BLOCK_C=config.block_c,
+    )
+    return ElementwisePlan(config, grid, (n, channels, *out_size), scalars, constexprs)
+
+
+def bn_act_pool(
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    *,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    config: Optional[ElementwiseConfig] = None,
+) -> torch.Tensor:
+    """``max_pool3d(act(batch_norm(y, mean, var, γ, β)))`` (pool optional) in one launch.
+
+    y: (N, C, D, H, W) channels_last_3d (copied if not); mean, var: fp32 (C,) (var biased);
+    γ, β: (C,) or None. Returns (N, C, D', H', W') in y's dtype, channels_last_3d.
+    """
+    y = y.contiguous(memory_format=torch.channels_last_3d)
+    plan = plan_bn_act_pool(
+        y.shape, eps=eps, activation=activation, negative_slope=negative_slope, pool=pool,
+        has_gamma=gamma is not None, has_beta=beta is not None, device=y.device, config=config,
+    )
+    out = torch.empty(plan.out_shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last_3d)
+    if out.numel() == 0:
+        return out
+    f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
+    mean, var, gamma, beta = f32(mean), f32(var), f32(gamma), f32(beta)
+    bn_act_pool_kernel[plan.grid](
+        y, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, out,
+        **plan.scalars, **plan.constexprs, num_warps=plan.config.num_warps,
+    )
+    return out

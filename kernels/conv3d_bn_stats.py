@@ -1,0 +1,187 @@
+"""Conv3d (+ bias) with a batch-statistics epilogue: step 1 of the training forward.
+
+Training-mode BatchNorm normalises with the statistics of the whole batch, which exist only once
+every conv output is known, so the training forward is two kernels (kernels.md, "Training"):
+
+1. this one: the implicit-GEMM convolution (``_implicit_gemm.conv_tile``, the same main loop as
+   the inference kernel) whose epilogue stores the raw conv output y (NDHWC, compute dtype, conv
+   bias added) and, per tile of BLOCK_M positions, the tile's per-channel mean and M2 (sum of
+   squared deviations from the tile mean, by the corrected two-pass algorithm within the tile) in fp32 into a ``[num_m_tiles, C_out]`` partial buffer;
+   ``finalize_statistics`` then combines the partials with Chan's parallel formula into the batch
+   mean and biased variance (fp32) with a few torch ops on that small buffer, on the device
+   (no host synchronisation);
+2. ``bn_act_pool``: normalise + γ/β + activation (+ max-pool) over y.
+
+Why mean/M2 per tile and not Σy, Σy²: var = E[y²] − E[y]² in fp32 cancels catastrophically when
+|mean| ≫ std (a conv bias of 1000 and unit-scale data leave nothing of the variance). Deviations
+from a tile's own mean are small, and combining tiles adds only n_i·(mean_i − mean)², which is
+small too: the variance keeps its precision whatever the mean.
+
+The statistics are taken over the values y is STORED as (rounded to the compute dtype), i.e. the
+values step 2 normalises, as stock BatchNorm takes them over its conv's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._implicit_gemm import conv_tile, split_position
+from .conv3d_bias_act_pool import LaunchPlan, TileConfig, _triple, plan_launch
+
+
+@triton.jit
+def conv3d_bn_stats_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_mean_ptr, part_m2_ptr,
+    in_d, in_h, in_w, in_c,
+    out_d, out_h, out_w, out_c, out_positions,
+    stride_d, stride_h, stride_w,
+    pad_d, pad_h, pad_w,
+    dil_d, dil_h, dil_w,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # the inference kernel's grid: 1-D, channel blocks fastest (programs sharing input rows run together)
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(out_c, BLOCK_N)
+    pid_m = pid // n_blocks
+    pid_n = pid - pid_m * n_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < out_positions
+    n_mask = offs_n < out_c
+
+    sample, conv_pd, conv_ph, conv_pw = split_position(offs_m, out_d, out_h, out_w)
+    first_sample = (pid_m * BLOCK_M) // (out_d * out_h * out_w)
+    sample_size = in_d * in_h * in_w * in_c
+    x_tile_ptr = x_ptr + first_sample.to(tl.int64) * sample_size
+    row_offset = (sample - first_sample) * sample_size
+    acc = conv_tile(
+        x_tile_ptr, w_ptr, row_offset,
+        conv_pd * stride_d - pad_d, conv_ph * stride_h - pad_h, conv_pw * stride_w - pad_w,
+        m_mask, offs_n,
+        in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
+        KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, FLAT_K, INPUT_PRECISION,
+    )
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :], y, mask=mask)
+
+    # this tile's count, mean and M2 per channel, over the stored (rounded) values, by the corrected
+    # two-pass algorithm: the first-pass mean is off by ~√n·ulp(|mean|) when |mean| ≫ std, but the
+    # deviations from it are small and exact (Sterbenz), so their sum corrects the mean and
+    # M2 = Σdev² − (Σdev)²/n keeps the variance
+    count = tl.minimum(out_positions - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    v = tl.where(mask, y.to(tl.float32), 0.0)
+    rough_mean = tl.sum(v, axis=0) / count
+    dev = tl.where(mask, v - rough_mean[None, :], 0.0)
+    dev_sum = tl.sum(dev, axis=0)
+    tile_mean = rough_mean + dev_sum / count
+    tile_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum / count, 0.0)
+    part = pid_m * out_c + offs_n
+    tl.store(part_mean_ptr + part, tile_mean, mask=n_mask)
+    tl.store(part_m2_ptr + part, tile_m2, mask=n_mask)
+
+
+def plan_stats_launch(
+    x_shape: Sequence[int],
+    out_c: int,
+    *,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    has_bias: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    config: Optional[TileConfig] = None,
+) -> LaunchPlan:
+    """The launch of ``conv3d_bn_stats_kernel``: the inference plan without pool or activation
+    (same tile choice, grid and int32 checks), its arguments renamed to this kernel's."""
+    plan = plan_launch(
+        x_shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+        activation="none", negative_slope=0.0, pool=(), has_bias=has_bias, dtype=dtype, device=device,
+        config=config,
+    )
+    s, c = plan.scalars, plan.constexprs
+    names = [n for n in conv3d_bn_stats_kernel.arg_names if not n.endswith("_ptr")]
+    scalars = {n: s[n] for n in names if n in s}
+    constexprs = {n: c[n] for n in names if n in c}
+    missing = set(names) - set(scalars) - set(constexprs)
+    assert not missing, missing
+    return dataclasses.replace(plan, scalars=scalars, constexprs=constexprs)
+
+
+def finalize_statistics(
+    part_mean: torch.Tensor, part_m2: torch.Tensor, positions: int, block_m: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chan's parallel combination of per-tile (count, mean, M2) into the batch mean and biased var:
+
+        mean = Σ n_i·mean_i / n,   M2 = Σ M2_i + Σ n_i·(mean_i − mean)²,   var = M2 / n
+
+    (the k-way form of the pairwise update, exact in exact arithmetic). Tile counts are known on the
+    host (every tile is full but the last), so nothing is read back from the device."""
+    tiles = part_mean.shape[0]
+    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float32, device=part_mean.device)
+    counts[-1] = float(positions - (tiles - 1) * block_m)
+    weights = counts / float(positions)
+    # shifted by the first tile's mean: the weighted sum adds small differences, not |mean|-sized values
+    shift = part_mean[0]
+    mean = shift + (weights * (part_mean - shift)).sum(dim=0)
+    m2 = part_m2.sum(dim=0) + (counts * (part_mean - mean).square()).sum(dim=0)
+    return mean, m2 / float(positions)
+
+
+def conv3d_bn_stats(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    config: Optional[TileConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): y = conv3d(x, w) + bias as (N, C_out, D', H', W') in x's dtype,
+    channels_last_3d; mean and biased var of y per channel, fp32 (C_out,).
+
+    x: any layout (copied to channels-last if it is not); w_packed from ``pack_weight`` in x's dtype;
+    bias fp32 (C_out,) or None. ``config`` overrides the tile choice (tests).
+    """
+    if w_packed.dtype != x.dtype:
+        raise TypeError(f"w_packed is {w_packed.dtype} but x is {x.dtype}")
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    w_packed = w_packed.contiguous()
+    out_c = w_packed.shape[1]
+    kd, kh, kw = _triple(kernel_size)
+    if w_packed.shape[0] != kd * kh * kw * x.shape[1]:
+        raise ValueError(
+            f"w_packed of shape {tuple(w_packed.shape)} does not match x {tuple(x.shape)} and kernel {(kd, kh, kw)}"
+        )
+    plan = plan_stats_launch(
+        x.shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+        has_bias=bias is not None, dtype=x.dtype, device=x.device, config=config,
+    )
+    y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    positions = plan.scalars["out_positions"]
+    if positions == 0:
+        raise ValueError("batch statistics of an empty tensor")
+    block_m = plan.config.block_m
+    tiles = triton.cdiv(positions, block_m)
+    part_mean = torch.empty((tiles, out_c), dtype=torch.float32, device=x.device)
+    part_m2 = torch.empty((tiles, out_c), dtype=torch.float32, device=x.device)
+    conv3d_bn_stats_kernel[plan.grid](
+        x, w_packed, bias if bias is not None else w_packed, y, part_mean, part_m2,
+        **plan.scalars, **plan.constexprs,
+        num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
+    )
+    mean, var = finalize_statistics(part_mean, part_m2, positions, block_m)
+    return y, mean, var
