@@ -194,3 +194,26 @@ def split_position(offs, size_d, size_h, size_w):
     d = t % size_d
     n = t // size_d
     return n, d, h, w
+
+
+@triton.jit
+def output_tile(pid, out_c, out_positions, out_d, out_h, out_w, sample_size,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where program ``pid`` of a 1-D grid (channel blocks fastest, so the programs that share one
+    block of positions run side by side and read the same input rows from L2) works.
+
+    Returns the tile's position and channel offsets with their masks, the positions split into
+    (n, d, h, w), the tile's first sample and each row's int32 offset from that sample's input.
+    Rows address x relative to the tile's first sample (int64 only once per tile, in the caller),
+    which keeps per-row state small; the launcher checks that the samples one tile spans fit int32.
+    """
+    n_blocks = tl.cdiv(out_c, BLOCK_N)
+    pid_m = pid // n_blocks
+    pid_n = pid - pid_m * n_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    sample, pos_d, pos_h, pos_w = split_position(offs_m, out_d, out_h, out_w)
+    first_sample = (pid_m * BLOCK_M) // (out_d * out_h * out_w)
+    row_offset = (sample - first_sample) * sample_size
+    return (offs_m, offs_n, offs_m < out_positions, offs_n < out_c,
+            pos_d, pos_h, pos_w, first_sample, row_offset)

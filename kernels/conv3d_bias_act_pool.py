@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import apply_activation, conv_tile, split_position
+from ._implicit_gemm import apply_activation, conv_tile, output_tile
 
 _INT32_LIMIT = 2**31
 
@@ -52,24 +52,10 @@ def conv3d_bias_act_pool_kernel(
     FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # 1-D grid, channel blocks fastest: the programs that share one block of (pooled) positions run
-    # side by side and read the same input rows from L2 instead of DRAM.
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(out_c, BLOCK_N)
-    pid_m = pid // n_blocks
-    pid_n = pid - pid_m * n_blocks
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < out_positions
-    n_mask = offs_n < out_c
-
-    sample, pooled_d, pooled_h, pooled_w = split_position(offs_m, out_d, out_h, out_w)
-    # int64 only once per tile: rows address x relative to the tile's first sample in int32
-    # (the launcher checks that the samples one tile spans fit), which keeps per-row state small
-    first_sample = (pid_m * BLOCK_M) // (out_d * out_h * out_w)
     sample_size = in_d * in_h * in_w * in_c
+    (offs_m, offs_n, m_mask, n_mask, pooled_d, pooled_h, pooled_w, first_sample, row_offset) = output_tile(
+        tl.program_id(0), out_c, out_positions, out_d, out_h, out_w, sample_size, BLOCK_M, BLOCK_N)
     x_tile_ptr = x_ptr + first_sample.to(tl.int64) * sample_size
-    row_offset = (sample - first_sample) * sample_size
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
 

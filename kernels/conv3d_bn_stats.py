@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import conv_tile, split_position
+from ._implicit_gemm import conv_tile, output_tile
 from .conv3d_bias_act_pool import LaunchPlan, TileConfig, _triple, plan_launch
 
 
@@ -46,21 +46,11 @@ def conv3d_bn_stats_kernel(
     HAS_BIAS: tl.constexpr, FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # the inference kernel's grid: 1-D, channel blocks fastest (programs sharing input rows run together)
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(out_c, BLOCK_N)
-    pid_m = pid // n_blocks
-    pid_n = pid - pid_m * n_blocks
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < out_positions
-    n_mask = offs_n < out_c
-
-    sample, conv_pd, conv_ph, conv_pw = split_position(offs_m, out_d, out_h, out_w)
-    first_sample = (pid_m * BLOCK_M) // (out_d * out_h * out_w)
     sample_size = in_d * in_h * in_w * in_c
+    (offs_m, offs_n, m_mask, n_mask, conv_pd, conv_ph, conv_pw, first_sample, row_offset) = output_tile(
+        tl.program_id(0), out_c, out_positions, out_d, out_h, out_w, sample_size, BLOCK_M, BLOCK_N)
     x_tile_ptr = x_ptr + first_sample.to(tl.int64) * sample_size
-    row_offset = (sample - first_sample) * sample_size
+    pid_m = tl.program_id(0) // tl.cdiv(out_c, BLOCK_N)  # the tile's row in the partial-statistics buffers
     acc = conv_tile(
         x_tile_ptr, w_ptr, row_offset,
         conv_pd * stride_d - pad_d, conv_ph * stride_h - pad_h, conv_pw * stride_w - pad_w,
