@@ -12,7 +12,7 @@ module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight p
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -141,31 +141,5 @@ def forward(
     return out, mean, var
 
 
-def backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    mean: Tensor,
-    var: Tensor,
-    *,
-    norm: str,
-    eps: float,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    negative_slope: float,
-    pool: Sequence[int],
-    needs_grad: Sequence[bool],
-) -> List[Optional[Tensor]]:
-    """Not fused yet: the reference backward (recomputes the conv output from x)."""
-    return _reference.backward(
-        grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
-        norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,
-        negative_slope=negative_slope, pool=pool, needs_grad=needs_grad,
-    )
+# Gradients: not fused yet, the reference backward (recomputes the conv output from x).
+backward = _reference.backward
