@@ -286,3 +286,31 @@ def test_checkpoint_errors_one_line_exit_2(argv, message, two_epoch_run, tmp_pat
     err = captured.err.strip()
     assert err.startswith("c3dzoo: error:") and message in err and "\n" not in err, err
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_bench_writes_csv(tmp_path, capsys):
+    """c3dzoo bench runs bench/ in a subprocess (CPU profile: a narrow C3D, seconds per benchmark)."""
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--model", "c3d_bn", "--mode", "inference", "--no-layers",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| c3d_bn | inference |" in printed and "eager-fp32" in printed
+    with open(out / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(row["group"] == "model c3d_bn inference" for row in rows)
+    assert all(float(row["clips_per_s"]) > 0 for row in rows)
+    assert {"eager-fp32"} <= {row["contestant"] for row in rows}
+    assert (out / "bench.json").is_file()
+
+
+@pytest.mark.parametrize("argv", [["bench", "--mode", "fast"], ["bench", "--batch", "0"]])
+def test_bench_bad_arguments_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("c3dzoo: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_bench_without_source_tree_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(c3dzoo, "__file__", str(tmp_path / "site-packages" / "c3dzoo" / "__init__.py"))
+    assert cli.main(["bench", "--out", str(tmp_path / "out")]) == 2
+    assert "ships with the source tree" in capsys.readouterr().err
