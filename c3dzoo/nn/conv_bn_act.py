@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import conv3d_bn_act, unsupported_pool_reason
+from ..ops.reference import apply_activation
 
 Tensor = torch.Tensor
 
@@ -74,10 +74,7 @@ def stock_conv_bn_act(
     y = conv(x)
     if bn is not None:
         y = bn(y)
-    if activation == "relu":
-        y = F.relu(y)
-    elif activation == "leaky_relu":
-        y = F.leaky_relu(y, negative_slope)
+    y = apply_activation(y, activation, negative_slope)
     return pool(y) if pool is not None else y
 
 
