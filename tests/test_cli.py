@@ -32,8 +32,8 @@ def test_check_passes(capsys):
     assert cli.main(["check", "--models", "c3d_bn", "c3d"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("c3d_bn ")]
-    assert {row[1] for row in rows} == set(cli.CHECK_MODES)  # a row per mode and quantity
-    assert len(rows) == 4 * len(cli.CHECK_MODES)  # output, input grad, param grads, running stats
+    assert {row[1] for row in rows} == set(cli.check.CHECK_MODES)  # a row per mode and quantity
+    assert len(rows) == 4 * len(cli.check.CHECK_MODES)  # output, input grad, param grads, running stats
     assert all("PASS" in row and "FAIL" not in row for row in rows)
     assert "0 FAIL" in out
 
@@ -154,7 +154,7 @@ def _weights(path):
 def _interrupt_at_train_step(monkeypatch, step):
     """Ctrl-C (a real SIGINT) during the ``step``-th training batch (1-based): training stops once
     that step is done."""
-    real, calls = cli.F.cross_entropy, []
+    real, calls = cli.train.F.cross_entropy, []
 
     def cross_entropy(*args, **kwargs):
         if torch.is_grad_enabled():  # training, not validation
@@ -163,7 +163,7 @@ def _interrupt_at_train_step(monkeypatch, step):
                 os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(cli.train.F, "cross_entropy", cross_entropy)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_resume_from_epoch_boundary_is_exact(two_epoch_run, tmp_path, monkeypatc
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
-    real, calls = cli.F.cross_entropy, []
+    real, calls = cli.train.F.cross_entropy, []
 
     def nan_in_epoch_2(*args, **kwargs):
         loss = real(*args, **kwargs)
@@ -214,7 +214,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(cli.F, "cross_entropy", nan_in_epoch_2)
+    monkeypatch.setattr(cli.train.F, "cross_entropy", nan_in_epoch_2)
     assert cli.main(TWO_EPOCHS + ["--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "nan" in err and "--lr" in err and "\n" not in err and "Traceback" not in err

@@ -1,0 +1,478 @@
+"""``c3dzoo train``: a zoo model on the built-in synthetic motion data set, with progress bars,
+a metrics CSV, atomic checkpoints, exact ``--resume`` and a checkpoint on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import c3dzoo
+from c3dzoo import checkpoint as ckpt
+from c3dzoo.data import MOTIONS, SyntheticVideoDataset
+
+from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
+                      builder_accepts, resolve_device, size_arg)
+
+
+# Defaults by device: a small C3D-BN that trains in a few minutes on a laptop CPU, the full model
+# on a GPU. Anything given on the command line wins.
+# On an idle 2-core CPU the cpu defaults train at ~90-100 clips/s (the fused ops run the
+# reference backend there, which recomputes each conv in the backward): ~12 s an epoch, ~2 minutes
+# in all, ending at ~85-90 % top-1 on the 10 classes (chance: 10 %).
+TRAIN_DEFAULTS = {
+    "cpu": dict(width_mult=0.125, frames=16, size=(32, 32), batch_size=16, epochs=10,
+                train_samples=1024, val_samples=256, workers=0, amp=False),
+    "cuda": dict(width_mult=1.0, frames=16, size=(112, 112), batch_size=32, epochs=10,
+                 train_samples=8192, val_samples=1024, workers=min(8, os.cpu_count() or 1), amp=True),
+}
+METRICS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+           "epoch_seconds", "train_clips_per_s")
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """Builder arguments from the command line; only those the model's builder takes."""
+    kwargs = {"num_classes": args.num_classes}
+    if builder_accepts(args.model, "input_size"):
+        kwargs["input_size"] = (args.frames, *args.size)
+    if builder_accepts(args.model, "width_mult"):
+        kwargs["width_mult"] = args.width_mult
+    elif args.width_mult_given:
+        raise UsageError(f"--width-mult: model {args.model} has no width multiplier")
+    return kwargs
+
+
+def _apply_train_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    args.width_mult_given = args.width_mult is not None
+    for key, value in TRAIN_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("epochs", "batch_size", "train_samples", "val_samples", "num_classes"):
+        if getattr(args, key) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    for key in ("lr", "width_mult"):
+        if not getattr(args, key) > 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if not args.weight_decay >= 0:
+        raise UsageError(f"--weight-decay must be non-negative, got {args.weight_decay}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be non-negative, got {args.workers}")
+    if args.amp and device.type != "cuda":
+        raise UsageError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU")
+
+
+def _make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                               weight_decay=args.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _warmup_cosine(total_steps: int):
+    """Linear warm-up over the first 5 % of steps (at most 200), then cosine decay to zero:
+    a fast, robust schedule for runs of a few hundred steps as for long ones."""
+    warmup = max(1, min(200, total_steps // 20))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # channels-last 3D is what cuDNN's and our kernels prefer
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last_3d)
+    return x
+
+
+def _evaluate(model, loader, device, amp, progress) -> Tuple[float, float, float]:
+    """(mean loss, top-1 %, top-5 %) on ``loader``; top-5 is top-min(5, classes)."""
+    model.eval()
+    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    with torch.no_grad(), tqdm(total=len(loader.dataset), desc="  val", unit="clip",
+                               leave=False, disable=not progress) as bar:
+        for clips, labels in loader:
+            clips, labels = _to_device(clips, device), labels.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(clips)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = ranked == labels[:, None]
+            top1 += hits[:, 0].sum().item()
+            top5 += hits.any(dim=1).sum().item()
+            seen += labels.numel()
+            bar.update(labels.numel())
+    return loss_sum / seen, 100.0 * top1 / seen, 100.0 * top5 / seen
+
+
+def _build_model(args: argparse.Namespace, device: torch.device, example: torch.Tensor):
+    """The model to train, on ``device``, and its builder arguments. Arguments it rejects are
+    usage errors, found here rather than after the data loaders have started."""
+    model_kwargs = _model_kwargs(args)
+    torch.manual_seed(args.seed)
+    try:
+        model = c3dzoo.get_model(args.model, fused=args.fused, backend=backend_arg(args.backend),
+                                 **model_kwargs)
+    except ValueError as exc:  # e.g. too few frames for C3D's temporal pools
+        raise UsageError(f"cannot build {args.model}: {exc}") from None
+    except ImportError as exc:
+        raise UsageError(f"model {args.model} is not available in this installation: {exc}") from None
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last_3d)
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape
+    try:  # a model with a fixed input size (jester_convcolumn) rejects other sizes here
+        model.eval()
+        with torch.no_grad():
+            model(_to_device(example[None], device))
+    except ValueError as exc:
+        raise UsageError(f"--frames/--size do not fit {args.model}: {exc}") from None
+    return model, model_kwargs
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """Shuffled batches of ``range(n)``; the order depends only on (seed, epoch), and the first
+    ``skip`` batches can be left out, so a run resumed mid-epoch sees the batches it had left."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int):
+        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
+        self.epoch, self.skip = 1, 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        # hash of a tuple of ints is not randomised per process: the same order in every run
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
+        order = torch.randperm(self.n, generator=generator).tolist()
+        for b in range(self.skip, len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where training stands; updated only after a step has completed, so it always describes the
+    weights (``updating`` is True while a step is changing them, from the forward on)."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in epoch + 1
+    global_step: int = 0
+    loss_sum: float = 0.0  # sums over the batches of the current epoch
+    correct: int = 0
+    seen: int = 0
+    updating: bool = False
+    best: Tuple[float, int] = (-1.0, 0)  # (val top-1, epoch)
+
+    def start_epoch(self) -> None:
+        self.batch, self.loss_sum, self.correct, self.seen = 0, 0.0, 0, 0
+
+
+class _DeferredInterrupt:
+    """Within ``with``: the first Ctrl-C only sets ``requested`` (the training loop stops at the
+    next batch boundary, so no weight update is cut in half); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
+                 stop: _DeferredInterrupt) -> None:
+    """The rest of one pass over ``loader``, accumulating into ``progress``. Raises CommandError
+    on a non-finite loss (before the step, so the weights stay finite) and KeyboardInterrupt at a
+    batch boundary once ``stop`` was requested."""
+    model.train()
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception:  # loader workers die on Ctrl-C too; that is the interrupt, not an error
+            if stop.requested:
+                raise KeyboardInterrupt from None
+            raise
+        if batch is None:
+            return
+        clips, labels = _to_device(batch[0], device), batch[1].to(device)
+        progress.updating = True  # from the forward on: it updates the BatchNorm running stats
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(clips)
+        loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):  # last.pt is left as it was: it has the last good weights
+            raise CommandError(f"the training loss became {loss.item()} at epoch {progress.epoch + 1} "
+                               f"step {progress.global_step + 1}; stopped (try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.updating = False
+        progress.batch += 1
+        progress.global_step += 1
+        progress.loss_sum += loss.item() * labels.numel()
+        progress.correct += (logits.argmax(1) == labels).sum().item()
+        progress.seen += labels.numel()
+        bar.update(labels.numel())
+        bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", refresh=False)
+        if stop.requested:
+            raise KeyboardInterrupt
+
+
+# Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
+# device, amp, workers and backend, come from this machine as for a new run)
+RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "num_classes",
+                   "train_samples", "val_samples", "frames", "size", "fused", "seed")
+
+
+def _resume_path(args: argparse.Namespace) -> str:
+    if args.resume is not True:
+        return args.resume
+    if not args.out:
+        raise UsageError("--resume without a path needs --out DIR (it resumes DIR/last.pt)")
+    return os.path.join(args.out, "last.pt")
+
+
+def _apply_resumed_options(args: argparse.Namespace, checkpoint: dict, given: set) -> None:
+    saved = checkpoint.get("args", {})
+    for key in RESUMED_OPTIONS:
+        if key not in given and key in saved:
+            setattr(args, key, tuple(saved[key]) if key == "size" else saved[key])
+    if "width_mult" not in given and "width_mult" in checkpoint["model_kwargs"]:
+        args.width_mult = checkpoint["model_kwargs"]["width_mult"]
+    if saved.get("optimizer", args.optimizer) != args.optimizer:
+        raise ckpt.CheckpointError(f"checkpoint {args.resume} was trained with --optimizer "
+                                   f"{saved['optimizer']}, not {args.optimizer}")
+
+
+def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, class_names,
+                        progress: _Progress, metrics: Optional[dict]) -> dict:
+    return {
+        # fused and stock models have the same state_dict: this loads into either
+        "model": ckpt.plain_state_dict(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": progress.epoch,
+        "batch_in_epoch": progress.batch,
+        "epoch_sums": {"loss_sum": progress.loss_sum, "correct": progress.correct, "seen": progress.seen},
+        "global_step": progress.global_step,
+        "best": progress.best,
+        "rng": ckpt.rng_state(),
+        "model_name": args.model,
+        "model_kwargs": model_kwargs,
+        "class_names": class_names,
+        "metrics": metrics,
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "given")},
+        "c3dzoo_version": c3dzoo.__version__,
+    }
+
+
+def _save(path: str, payload: dict) -> None:
+    try:
+        ckpt.save_atomic(payload, path)
+    except OSError as exc:
+        raise CommandError(f"cannot write checkpoint {path}: {exc}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    checkpoint = None
+    if args.resume:
+        args.resume = _resume_path(args)
+        checkpoint = ckpt.load(args.resume)
+        _apply_resumed_options(args, checkpoint, args.given)
+        if not args.out:  # a resumed run goes on writing where it was
+            args.out = os.path.dirname(os.path.abspath(args.resume))
+    _apply_train_defaults(args, device)
+    if args.progress is None:  # bars redrawn with \r only make a mess of a log file
+        args.progress = sys.stderr.isatty()
+    data = dict(num_classes=args.num_classes, frames=args.frames, size=args.size, seed=args.seed)
+    try:
+        train_set = SyntheticVideoDataset(num_samples=args.train_samples, split="train", **data)
+        val_set = SyntheticVideoDataset(num_samples=args.val_samples, split="val", **data)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if checkpoint is not None:  # before building: a mismatch is a usage error, not a shape error
+        ckpt.check_matches(checkpoint, args.resume, args.model, _model_kwargs(args))
+    model, model_kwargs = _build_model(args, device, train_set[0][0])
+
+    # the loaders get their own generators, so that starting an iterator does not draw from the
+    # global RNG (which dropout uses): a resumed run draws the same dropout masks
+    loader_args = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
+                       persistent_workers=args.workers > 0)
+    # drop the last partial batch (a batch of one breaks BatchNorm) unless there is only one
+    drop_last = len(train_set) > args.batch_size
+    batches = _EpochBatches(len(train_set), args.batch_size, drop_last, args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=batches, generator=torch.Generator().manual_seed(args.seed), **loader_args)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=args.batch_size, shuffle=False,
+        generator=torch.Generator().manual_seed(args.seed), **loader_args)
+    clips_per_epoch = len(train_loader) * args.batch_size if drop_last else len(train_set)
+    optimizer = _make_optimizer(args, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(args.epochs * len(train_loader)))
+
+    progress = _Progress()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        try:  # the optimizer after the scheduler: the scheduler's constructor sets the lr
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        except (KeyError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {args.resume}: cannot restore the optimizer: "
+                                       f"{exc}") from None
+        progress.epoch = checkpoint.get("epoch", 0)
+        progress.batch = checkpoint.get("batch_in_epoch", 0)
+        progress.global_step = checkpoint.get("global_step", scheduler.last_epoch)
+        progress.best = tuple(checkpoint.get("best", (-1.0, 0)))
+        for key, value in checkpoint.get("epoch_sums", {}).items():
+            setattr(progress, key, value)
+        if "rng" in checkpoint:
+            ckpt.set_rng_state(checkpoint["rng"])
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"training {args.model} ({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}; "
+          f"{params / 1e6:.2f} M parameters) {'fused' if args.fused else 'stock'} on {device}"
+          f"{' with bf16 autocast' if args.amp else ''}: {args.epochs} epochs of {len(train_set)} "
+          f"synthetic clips {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch_size}, "
+          f"{args.optimizer} lr {args.lr:g}; chance is {100 / args.num_classes:.1f} %")
+    if checkpoint is not None:
+        print(f"resuming from {args.resume} at epoch {progress.epoch + 1}, batch {progress.batch + 1} "
+              f"(step {progress.global_step})")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    last_path = os.path.join(args.out, "last.pt") if args.out else None
+    metrics_path = os.path.join(args.out, "metrics.csv") if args.out else None
+    append = checkpoint is not None and os.path.isfile(metrics_path) and os.path.getsize(metrics_path) > 0
+    start = time.perf_counter()
+    row = None
+    payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
+                                                  train_set.class_names, progress, metrics)
+    with (open(metrics_path, "a" if append else "w", newline="") if args.out
+          else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop:
+        writer = csv.DictWriter(metrics_file, fieldnames=METRICS) if metrics_file else None
+        if writer and not append:
+            writer.writeheader()
+        try:
+            while progress.epoch < args.epochs:
+                epoch = progress.epoch + 1
+                epoch_start = time.perf_counter()
+                batches.epoch, batches.skip = epoch, progress.batch
+                with tqdm(total=clips_per_epoch, initial=progress.seen, desc=f"epoch {epoch}/{args.epochs}",
+                          unit="clip", disable=not args.progress) as bar:
+                    seen_before = progress.seen
+                    _train_epoch(model, train_loader, optimizer, scheduler, device, args.amp, bar,
+                                 progress, stop)
+                clips_per_s = (progress.seen - seen_before) / (time.perf_counter() - epoch_start)
+                train_loss = progress.loss_sum / max(1, progress.seen)
+                train_top1 = 100.0 * progress.correct / max(1, progress.seen)
+                val_loss, val_top1, val_top5 = _evaluate(model, val_loader, device, args.amp, args.progress)
+                progress.epoch += 1
+                progress.start_epoch()
+                progress.best = max(progress.best, (val_top1, epoch))
+                row = dict(epoch=epoch, lr=f"{optimizer.param_groups[0]['lr']:.6g}",
+                           train_loss=f"{train_loss:.4f}", train_top1=f"{train_top1:.2f}",
+                           val_loss=f"{val_loss:.4f}", val_top1=f"{val_top1:.2f}", val_top5=f"{val_top5:.2f}",
+                           epoch_seconds=f"{time.perf_counter() - epoch_start:.1f}",
+                           train_clips_per_s=f"{clips_per_s:.1f}")
+                tqdm.write(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f} % "
+                           f"| val loss {val_loss:.4f} top-1 {val_top1:.1f} % top-5 {val_top5:.1f} % "
+                           f"| {clips_per_s:.1f} clips/s")
+                if writer:
+                    writer.writerow(row)
+                    metrics_file.flush()
+                    _save(last_path, payload(row))
+        except KeyboardInterrupt:
+            if progress.updating:  # the weights are half-updated: keep the previous checkpoint
+                note = f"not saved (mid-step); {last_path} is the previous checkpoint" if last_path \
+                    else "nothing saved (no --out)"
+            elif last_path:
+                _save(last_path, payload(None))
+                note = f"saved {last_path}; continue with --resume --out {args.out}"
+            else:
+                note = "nothing saved (no --out)"
+            print(f"{PROG}: interrupted at epoch {progress.epoch + 1} step {progress.global_step}: {note}",
+                  file=sys.stderr)
+            return 130
+    saved = f"; wrote metrics.csv and last.pt to {args.out}" if args.out else "; nothing saved (no --out)"
+    if row is None:
+        print(f"nothing to do: the checkpoint has finished all {args.epochs} epochs (raise --epochs "
+              f"to train on)")
+        return 0
+    print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {val_top1:.1f} % top-5 "
+          f"{val_top5:.1f} %, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
+          f"{100 / args.num_classes:.1f} %{saved}")
+    return 0
+
+
+def _by_device(key: str) -> str:
+    """Help text for an option whose default depends on the device."""
+    values = {device: defaults[key] for device, defaults in TRAIN_DEFAULTS.items()}
+    values = {d: "x".join(map(str, v)) if isinstance(v, tuple) else v for d, v in values.items()}
+    return "default by device: " + ", ".join(f"{d} {v}" for d, v in values.items())
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    train = sub.add_parser(
+        "train", help="train a zoo model on the built-in synthetic motion data set",
+        description="Train a zoo model on the built-in SyntheticVideoDataset, whose classes are "
+                    "defined by motion. The defaults by device are a small model that trains in a "
+                    "few minutes on a CPU, and the full model on CUDA.")
+    train.add_argument("--model", default="c3d_bn", choices=c3dzoo.list_models(),
+                       help="zoo model (default %(default)s)")
+    train.add_argument("--epochs", type=int, help=_by_device("epochs"))
+    train.add_argument("--batch-size", type=int, help=_by_device("batch_size"))
+    train.add_argument("--lr", type=float, default=0.02,
+                       help="peak learning rate, after a short warm-up; cosine decay to 0 (default 0.02)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                       help="SGD with Nesterov momentum 0.9, or Adam (default %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=1e-4, help="(default %(default)s)")
+    train.add_argument("--num-classes", type=int, default=10,
+                       help=f"motion classes, 1 to {len(MOTIONS)} (default %(default)s)")
+    train.add_argument("--train-samples", type=int, help=_by_device("train_samples"))
+    train.add_argument("--val-samples", type=int, help=_by_device("val_samples"))
+    train.add_argument("--frames", type=int, help="frames per clip; " + _by_device("frames"))
+    train.add_argument("--size", type=size_arg, help="frame size, N or HxW; " + _by_device("size"))
+    train.add_argument("--width-mult", type=float, help="channel multiplier; " + _by_device("width_mult"))
+    train.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                       help="run conv chains through the fused op (default) or stock PyTorch")
+    train.add_argument("--backend", choices=backend_choices(), default="auto")
+    train.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast (default: on for CUDA; CUDA only)")
+    train.add_argument("--workers", type=int, help="data loader workers; " + _by_device("workers"))
+    train.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (default 0)")
+    train.add_argument("--out", metavar="DIR", help="write metrics.csv and last.pt here")
+    train.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
+                       help="continue from checkpoint CKPT (default with --out: DIR/last.pt); "
+                            "options not given again are taken from the checkpoint")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="tqdm progress bars (default: when stderr is a terminal)")
+    train.set_defaults(func=_cmd_train)
+    return train
