@@ -10,12 +10,18 @@ epilogue (``conv3d_bn_stats``) in every configuration and dtype variant (wgmma, 
 spills), and the elementwise normalise + activation + pool kernel (``bn_act_pool``; no matrix math:
 shared memory and spills).
 
+The training backward's kernels likewise: the weight-gradient GEMM (``conv3d_wgrad``) in every
+configuration and dtype variant (wgmma, shared memory, no spills), the input gradient (the inference
+kernel without bias or activation, as ``conv3d_dgrad`` launches it), and the two elementwise kernels
+of ``bn_act_pool_backward`` (shared memory and spills).
+
 The test process runs under TRITON_INTERPRET=1 (conftest), which makes ``@triton.jit`` interpret, so
 the compilation runs in ONE subprocess without it (this file run as a script), which prints JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,8 +32,10 @@ import pytest
 import torch
 
 from c3dzoo.kernels import bn_act_pool as E
+from c3dzoo.kernels import bn_act_pool_backward as B
 from c3dzoo.kernels import conv3d_bias_act_pool as K
 from c3dzoo.kernels import conv3d_bn_stats as S
+from c3dzoo.kernels import conv3d_wgrad as W
 
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on H100/H200 (sm_90)
 
@@ -96,7 +104,34 @@ ELEMENTWISE_CASES = {
     for pool in ("nopool", "pool5")
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
 }
-ALL_CASES = [*CASES, *STATS_CASES, *ELEMENTWISE_CASES]
+# the weight gradient: a C3D layer per config, as (x shape, C_out)
+_WGRAD_SHAPES = {
+    W.WGRAD_128x128x64: ((32, 256, 8, 28, 28), 256),
+    W.WGRAD_64x128x64: ((32, 64, 16, 56, 56), 128),
+    W.WGRAD_64x64x64: ((32, 64, 16, 56, 56), 64),
+    W.WGRAD_FLAT_K_64x64x64: ((32, 3, 16, 112, 112), 64),
+}
+WGRAD_CASES = {}
+for _config in W.WGRAD_HOPPER_CONFIGS:
+    for _dtype_name, (_dtype, _tf32) in _DTYPES.items():
+        _launched = _config.for_dtype(_dtype, _tf32)
+        WGRAD_CASES.setdefault(f"wgrad-{_launched.name}-{_dtype_name}", (_launched, *_WGRAD_SHAPES[_config], _dtype, _tf32))
+# the input gradient: the inference kernel without bias/activation/pool, on C3D's dgrad shapes
+# (dy of conv3b → conv3a's input; dy of conv2 → conv1's output)
+DGRAD_CASES = {
+    f"dgrad-{name}-{dtype_name}": (dy_shape, c_in, dtype, tf32)
+    for name, (dy_shape, c_in) in {"c3d_conv3b": ((32, 256, 8, 28, 28), 256),
+                                   "c3d_conv2": ((32, 128, 16, 56, 56), 64)}.items()
+    for dtype_name, (dtype, tf32) in _DTYPES.items()
+}
+BACKWARD_ELEMENTWISE_CASES = {
+    f"{kernel}-{pool}-{dtype_name}": (kernel, (32, 512, 2, 7, 7) if pool == "pool5" else (32, 64, 16, 56, 56),
+                                      _POOLS[pool], dtype)
+    for kernel in ("act_pool_backward", "bn_backward")
+    for pool in (("nopool", "pool5") if kernel == "act_pool_backward" else ("nopool",))
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
+}
+ALL_CASES = [*CASES, *STATS_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES, *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +156,12 @@ def _compile_case(case: str) -> dict:
         return compile_sm90(*STATS_CASES[case], kernel="stats")
     if case in ELEMENTWISE_CASES:
         return compile_elementwise_sm90(*ELEMENTWISE_CASES[case])
+    if case in WGRAD_CASES:
+        return compile_wgrad_sm90(*WGRAD_CASES[case])
+    if case in DGRAD_CASES:
+        return compile_dgrad_sm90(*DGRAD_CASES[case])
+    if case in BACKWARD_ELEMENTWISE_CASES:
+        return compile_backward_elementwise_sm90(*BACKWARD_ELEMENTWISE_CASES[case])
     return compile_sm90(*CASES[case])
 
 
@@ -163,6 +204,66 @@ def compile_elementwise_sm90(y_shape, pool, dtype) -> dict:
     pointers = {"y_ptr": f"*{element}", "mean_ptr": "*fp32", "var_ptr": "*fp32", "gamma_ptr": "*fp32",
                 "beta_ptr": "*fp32", "out_ptr": f"*{element}"}
     report = _compile(E.bn_act_pool_kernel, plan, pointers, plan.config.num_warps, 1)
+    report.update(tensor_cores=False, tile=[plan.config.block_p, plan.config.block_c])
+    return report
+
+
+def compile_wgrad_sm90(config, x_shape, out_c, dtype, allow_tf32) -> dict:
+    """Compile ``conv3d_wgrad_kernel`` as its launcher would launch it for this layer (3×3×3, pad 1)."""
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    dy_shape = (x_shape[0], out_c, *x_shape[2:])
+    plan = W.plan_wgrad_launch(
+        x_shape, dy_shape, kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1),
+        dtype=dtype, device=torch.device("cuda"), config=config, splits=4,
+    )
+    element = _ELEMENT[dtype]
+    pointers = {"x_ptr": f"*{element}", "dy_ptr": f"*{element}", "dw_ptr": "*fp32"}
+    report = _compile(W.conv3d_wgrad_kernel, plan, pointers, config.num_warps, config.num_stages)
+    report.update(tensor_cores=dtype != torch.float32 or allow_tf32,
+                  tile=[config.block_m, config.block_n, config.block_k])
+    return report
+
+
+def compile_dgrad_sm90(dy_shape, c_in, dtype, allow_tf32) -> dict:
+    """Compile the inference kernel as ``conv3d_dgrad`` launches it (flipped padding, no bias, no
+    activation, no pool), with the config its heuristic picks on an H100 (132 SMs)."""
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    K._sm_count = lambda index: 132  # this subprocess has no GPU to ask
+    plan = K.plan_launch(
+        dy_shape, c_in, kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1),
+        activation="none", negative_slope=0.0, pool=(), has_bias=False, dtype=dtype, device=torch.device("cuda", 0),
+    )
+    element = _ELEMENT[dtype]
+    pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": f"*{element}", "out_ptr": f"*{element}"}
+    report = _compile(K.conv3d_bias_act_pool_kernel, plan, pointers, plan.config.num_warps, plan.config.num_stages)
+    report.update(tensor_cores=dtype != torch.float32 or allow_tf32,
+                  tile=[plan.config.block_m, plan.config.block_n, plan.config.block_k])
+    return report
+
+
+def compile_backward_elementwise_sm90(kernel, y_shape, pool, dtype) -> dict:
+    """Compile ``act_pool_backward_reduce_kernel`` or ``bn_backward_kernel`` as launched; no matrix math."""
+    element = _ELEMENT[dtype]
+    plan = B.plan_act_pool_backward(
+        y_shape, eps=1e-5, activation="relu", negative_slope=0.0, pool=pool, has_norm=True, has_gamma=True,
+        has_beta=True, device=torch.device("cuda"),
+    )
+    if kernel == "act_pool_backward":
+        fn = B.act_pool_backward_reduce_kernel
+        pointers = {"grad_out_ptr": f"*{element}", "y_ptr": f"*{element}", "dz_ptr": f"*{element}",
+                    **{name: "*fp32" for name in ("mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr",
+                                                   "part_sum_ptr", "part_dot_ptr")}}
+    else:
+        fn = B.bn_backward_kernel
+        plan = dataclasses.replace(
+            plan,
+            scalars={"positions": plan.scalars["out_positions"], "channels": plan.scalars["channels"]},
+            constexprs={"BLOCK_P": plan.config.block_p, "BLOCK_C": plan.config.block_c},
+        )
+        pointers = {"dz_ptr": f"*{element}", "y_ptr": f"*{element}", "dy_ptr": f"*{element}",
+                    **{name: "*fp32" for name in ("mean_ptr", "invstd_ptr", "coef_ptr", "mean_dz_ptr",
+                                                   "mean_dz_xhat_ptr")}}
+    report = _compile(fn, plan, pointers, plan.config.num_warps, 1)
     report.update(tensor_cores=False, tile=[plan.config.block_p, plan.config.block_c])
     return report
 

@@ -1,7 +1,8 @@
 """The Triton backend's training forward: Conv3d → BatchNorm3d with batch statistics → act (→ MaxPool3d).
 
 Forward is two Triton kernels (conv with a per-tile (mean, M2) statistics epilogue, then normalise +
-activation + pool), backward is ``reference.backward`` (recompute from x). On CPU they run under the
+activation + pool), backward is the Triton backward (recompute y from x, act/pool/BN backward, dgrad,
+wgrad; its kernels are tested one by one in test_triton_backward.py). On CPU they run under the
 Triton interpreter (conftest sets TRITON_INTERPRET=1), in fp32 and fp16, on tiny shapes with large
 tiles. Every result — output, running statistics, gradients — is held to the parity budget
 (tests/parity.py) against stock modules in the same dtype and in float64.

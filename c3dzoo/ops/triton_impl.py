@@ -12,22 +12,28 @@ Forward, all in Triton:
   elementwise kernel for normalise + γ/β + activation (+ max-pool) (``c3dzoo.kernels.bn_act_pool``).
   The running statistics are updated from the returned mean/var by the op wrapper.
 
-Backward (every mode) is ``reference.backward``: stock PyTorch, recomputing the conv output from the
-saved input, so nothing but x is stored between forward and backward. Triton dgrad/wgrad (and BN
-backward via a statistics epilogue on the gradient GEMMs) are not written yet.
+Backward, in Triton too (``backward``): only x is saved between forward and backward (plus the fp32
+batch mean/var); the conv output is recomputed by the forward's own kernel, then
+``c3dzoo.kernels.bn_act_pool_backward`` (max-pool + activation backward with the per-channel BatchNorm
+sums Σdz and Σdz·x̂ in the same pass, then BatchNorm's backward in place), ``conv3d_dgrad`` (the
+forward kernel on the flipped weight, stride 1) and ``conv3d_wgrad`` (implicit GEMM over positions,
+split-K). Overlapping pool windows, and the input gradient of strided convs, use stock PyTorch.
 
 Runs on CUDA, or on CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for tests).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from c3dzoo.kernels.bn_act_pool import bn_act_pool
+from c3dzoo.kernels.bn_act_pool_backward import act_pool_backward, bn_backward_, pool_overlaps
 from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weight, runs_interpreted
 from c3dzoo.kernels.conv3d_bn_stats import conv3d_bn_stats
+from c3dzoo.kernels.conv3d_dgrad import conv3d_dgrad, dgrad_unsupported_reason, pack_dgrad_weight
+from c3dzoo.kernels.conv3d_wgrad import conv3d_wgrad
 
 from . import reference as _reference
 from ._weight_cache import FoldedWeightCache, cached_folded
@@ -155,7 +161,98 @@ def _forward_batch_norm(
     return out, mean, var
 
 
-# Gradients: the reference backward (stock PyTorch, recomputing the conv output from x; in "batch"
-# mode it normalises with the mean/var this backend's forward returned). Triton dgrad/wgrad kernels
-# are not written yet.
-backward = _reference.backward
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    *,
+    norm: str,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    negative_slope: float,
+    pool: Sequence[int],
+    needs_grad: Sequence[bool],
+) -> List[Optional[Tensor]]:
+    """Gradients for (x, weight, bias, bn_weight, bn_bias), as ``reference.backward`` defines them.
+
+    Recomputes the conv output y from x with the forward's kernel (bit-identical values, so max-pool
+    and activation decisions are the forward's), then ``act_pool_backward`` (dz and its per-channel
+    sums Σdz, Σdz·x̂), ``bn_backward_`` (dz → dy in place), and ``conv3d_dgrad`` / ``conv3d_wgrad``.
+    Overlapping pool windows go to the reference backward, as does the input gradient of a strided
+    conv (``conv3d_dgrad`` covers stride 1), through ``aten.convolution_backward``."""
+    if pool_overlaps(pool):
+        return _reference.backward(
+            grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
+            norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,
+            negative_slope=negative_slope, pool=pool, needs_grad=needs_grad,
+        )
+    need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
+    geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation)
+    with torch.no_grad():
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        # the forward's weights: the conv's own ("batch", "none") or BatchNorm folded in ("running")
+        w_packed, conv_bias = _folded_packed_weight(
+            weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
+        )
+        y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none", negative_slope=0.0,
+                                 pool=(), out_dtype=x.dtype)
+        batch = norm == "batch"
+        grad, sum_dz, sum_dz_xhat = act_pool_backward(
+            grad_out, y, mean if batch else None, var if batch else None,
+            bn_weight if batch else None, bn_bias if batch else None,
+            eps=eps, activation=activation, negative_slope=negative_slope, pool=pool,
+        )
+        if batch:
+            grad = bn_backward_(grad, y, mean, var, bn_weight, sum_dz, sum_dz_xhat, eps=eps)
+        del y
+
+        conv_weight = weight
+        if norm == "running":
+            conv_weight, _ = _reference.fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        grad_x = None
+        if need_x:
+            if dgrad_unsupported_reason(geometry["kernel_size"], stride, padding, dilation) is None:
+                grad_x = conv3d_dgrad(grad, pack_dgrad_weight(conv_weight.to(x.dtype)), **geometry)
+            else:
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x, conv_weight.to(x.dtype), None, list(stride), list(padding), list(dilation),
+                    False, [0, 0, 0], 1, [True, False, False],
+                )[0]
+        need_wgrad = need_w or (norm == "running" and need_g)
+        grad_w = conv3d_wgrad(x, grad, **geometry) if need_wgrad else None  # fp32
+
+        grad_bias = grad_gamma = grad_beta = None
+        if batch:
+            grad_gamma, grad_beta = sum_dz_xhat, sum_dz
+            if need_b:  # batch normalisation removes any per-channel shift: the exact gradient is zero
+                grad_bias = torch.zeros_like(sum_dz)
+        elif norm == "running":
+            grad_beta = sum_dz
+            grad_w, grad_bias, grad_gamma = _reference.unfold_batch_norm_grads(
+                grad_w, sum_dz, weight, bias, bn_weight, running_mean, running_var, eps,
+                need_w=need_w, need_b=need_b, need_g=need_g,
+            )
+        else:
+            grad_bias = sum_dz
+
+    def cast(g, like, need):
+        return g.to(like.dtype) if (need and like is not None and g is not None) else None
+
+    return [
+        cast(grad_x, x, need_x),
+        cast(grad_w, weight, need_w),
+        cast(grad_bias, bias, need_b),
+        cast(grad_gamma, bn_weight, need_g),
+        cast(grad_beta, bn_bias, need_beta),
+    ]
