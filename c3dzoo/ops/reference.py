@@ -73,6 +73,22 @@ def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
+def batch_norm_affine(
+    y: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """(x̂, z) for per-channel ``mean`` and ``invstd`` (C,): x̂ = (y − mean)·invstd in fp32 (fp64 for
+    fp64), z = x̂·γ + β rounded to y's dtype. (y − mean) is taken before scaling, so a large mean
+    cancels exactly."""
+    shape = (1, -1, 1, 1, 1)
+    xhat = (_acc(y) - mean.view(shape)) * invstd.view(shape)
+    z = xhat
+    if bn_weight is not None:
+        z = z * _acc(bn_weight).view(shape)
+    if bn_bias is not None:
+        z = z + _acc(bn_bias).view(shape)
+    return xhat, z.to(y.dtype)
+
+
 def _forward_graph(
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
     norm, eps, stride, padding, dilation, activation, negative_slope, pool,
@@ -91,13 +107,7 @@ def _forward_graph(
         )
         if norm == "batch":
             mean, var = batch_statistics(y)
-            shape = (1, -1, 1, 1, 1)
-            z = (_acc(y) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
-            if bn_weight is not None:
-                z = z * _acc(bn_weight).view(shape)
-            if bn_bias is not None:
-                z = z + _acc(bn_bias).view(shape)
-            y = z.to(dtype)
+            _, y = batch_norm_affine(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
     out = apply_pool(apply_activation(y, activation, negative_slope), pool)
     return out, mean, var
 
@@ -147,6 +157,28 @@ def _activation_backward(grad: Tensor, z: Tensor, activation: str, negative_slop
     return grad
 
 
+def act_pool_backward(grad_out: Tensor, z: Tensor, activation: str, negative_slope: float,
+                      pool: Sequence[int]) -> Tensor:
+    """Gradient w.r.t. the pre-activation ``z`` (BN output, compute dtype) of pool(act(z)), in fp32
+    (fp64 for fp64)."""
+    grad = grad_out
+    if pool:
+        grad = _pool_backward(grad, apply_activation(z, activation, negative_slope), pool)
+    return _acc(_activation_backward(grad, z, activation, negative_slope))
+
+
+def batch_norm_input_grad(grad_z: Tensor, xhat: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                          sum_dz: Tensor, sum_dz_xhat: Tensor, count) -> Tensor:
+    """BatchNorm's input gradient from the per-channel sums Σdz and Σdz·x̂ over ``count`` values
+    (an int, or a tensor when the count is only known on the device):
+    gy = γ·invstd·(gz − Σgz/count − x̂·Σgz·x̂/count)."""
+    shape = (1, -1, 1, 1, 1)
+    gamma = _acc(bn_weight) if bn_weight is not None else torch.ones_like(invstd)
+    return (gamma * invstd).view(shape) * (
+        grad_z - (sum_dz / count).view(shape) - xhat * (sum_dz_xhat / count).view(shape)
+    )
+
+
 def backward(
     grad_out: Tensor,
     x: Tensor,
@@ -179,33 +211,19 @@ def backward(
     need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     dtype = x.dtype
-    shape = (1, -1, 1, 1, 1)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         conv_weight = weight.to(dtype)
-        scale = None
         if norm == "running":
             folded_w, folded_b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
             conv_weight = folded_w.to(dtype)
             y = F.conv3d(x, conv_weight, folded_b.to(dtype), stride, padding, dilation)
-            scale = torch.rsqrt(_acc(running_var) + eps)
-            if bn_weight is not None:
-                scale = scale * _acc(bn_weight)
         else:
             y = F.conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
         z = y
         if norm == "batch":
             invstd = torch.rsqrt(var + eps)
-            xhat = (_acc(y) - mean.view(shape)) * invstd.view(shape)
-            z = xhat
-            if bn_weight is not None:
-                z = z * _acc(bn_weight).view(shape)
-            if bn_bias is not None:
-                z = z + _acc(bn_bias).view(shape)
-            z = z.to(dtype)
-        grad = grad_out
-        if pool:
-            grad = _pool_backward(grad, apply_activation(z, activation, negative_slope), pool)
-        grad = _acc(_activation_backward(grad, z, activation, negative_slope))
+            xhat, z = batch_norm_affine(y, mean, invstd, bn_weight, bn_bias)
+        grad = act_pool_backward(grad_out, z, activation, negative_slope, pool)
 
         grad_gamma = grad_beta = None
         if norm == "batch":
@@ -213,11 +231,7 @@ def backward(
             sum_dy_xhat = (grad * xhat).sum(dim=_REDUCE_DIMS)
             grad_gamma, grad_beta = sum_dy_xhat, sum_dy
             count = xhat.numel() // xhat.shape[1]
-            gamma = _acc(bn_weight) if bn_weight is not None else torch.ones_like(invstd)
-            # gy = γ·invstd·(gz − mean(gz) − xhat·mean(gz·xhat))
-            grad = (gamma * invstd).view(shape) * (
-                grad - (sum_dy / count).view(shape) - xhat * (sum_dy_xhat / count).view(shape)
-            )
+            grad = batch_norm_input_grad(grad, xhat, invstd, bn_weight, sum_dy, sum_dy_xhat, count)
         elif norm == "running":
             grad_beta = grad.sum(dim=_REDUCE_DIMS)
         grad_y = grad.to(dtype)
@@ -229,15 +243,10 @@ def backward(
         )
         grad_bias = None
         if norm == "running":
-            # gw is the gradient of the folded weight W·s
-            if need_g:
-                w_dot = (_acc(gw) * _acc(weight)).sum(dim=(1, 2, 3, 4))
-                shift = -_acc(running_mean) + (_acc(bias) if bias is not None else 0.0)
-                grad_gamma = torch.rsqrt(_acc(running_var) + eps) * (w_dot + shift * grad_beta)
-            if need_w:
-                gw = _acc(gw) * scale.view(-1, 1, 1, 1, 1)
-            if need_b:
-                grad_bias = grad_beta * scale
+            gw, grad_bias, grad_gamma = unfold_batch_norm_grads(
+                gw, grad_beta, weight, bias, bn_weight, running_mean, running_var, eps,
+                need_w=need_w, need_b=need_b, need_g=need_g,
+            )
         elif norm == "batch" and need_b:
             # batch normalisation removes any per-channel shift: the exact gradient is zero
             grad_bias = torch.zeros_like(grad_beta)
@@ -256,6 +265,38 @@ def backward(
     ]
 
 
+def unfold_batch_norm_grads(
+    grad_folded_weight: Optional[Tensor],
+    sum_grad: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    *,
+    need_w: bool,
+    need_b: bool,
+    need_g: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(conv weight grad, conv bias grad, γ grad) of the "running" (folded) mode, in fp32, from the
+    gradient of the folded weight W·s and ``sum_grad`` = Σ of the folded conv output's gradient
+    per channel (which is also β's gradient); s = γ/sqrt(running_var + eps). γ's gradient is
+    Σ gy'·(conv(x,W)+b−rm)/σ = (Σ W·wgrad(x, gy') + (b−rm)·Σ gy')/σ: no extra conv is needed."""
+    invstd = torch.rsqrt(_acc(running_var) + eps)
+    scale = invstd * _acc(bn_weight) if bn_weight is not None else invstd
+    grad_w = grad_bias = grad_gamma = None
+    if need_g:
+        w_dot = (_acc(grad_folded_weight) * _acc(weight)).sum(dim=(1, 2, 3, 4))
+        shift = -_acc(running_mean) + (_acc(bias) if bias is not None else 0.0)
+        grad_gamma = invstd * (w_dot + shift * sum_grad)
+    if need_w:
+        grad_w = _acc(grad_folded_weight) * scale.view(-1, 1, 1, 1, 1)
+    if need_b:
+        grad_bias = sum_grad * scale
+    return grad_w, grad_bias, grad_gamma
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -271,6 +312,22 @@ def update_running_stats(
     unbiased one. ``momentum=None`` means a cumulative average (factor 1/num_batches_tracked).
     """
     with torch.no_grad():
+        blend_running_stats(running_mean, running_var, num_batches_tracked, mean,
+                            var * (count / max(count - 1, 1)), momentum)
+
+
+def blend_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    unbiased_var: Tensor,
+    momentum: Optional[float],
+) -> None:
+    """In place: increment num_batches_tracked, then running = (1 − f)·running + f·batch with
+    f = momentum, or 1/num_batches_tracked for ``momentum=None``. ``unbiased_var`` is the batch
+    variance with Bessel's correction already applied (the caller knows the count)."""
+    with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         if momentum is None:
@@ -279,9 +336,8 @@ def update_running_stats(
             factor = num_batches_tracked.reciprocal().to(stats_dtype(mean.dtype))
         else:
             factor = momentum
-        unbiased = var * (count / max(count - 1, 1))
         new_mean = _acc(running_mean) * (1 - factor) + mean * factor
-        new_var = _acc(running_var) * (1 - factor) + unbiased * factor
+        new_var = _acc(running_var) * (1 - factor) + unbiased_var * factor
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
 
