@@ -30,9 +30,21 @@ def _builder(name: str) -> Callable[..., nn.Module]:
     return getattr(importlib.import_module(module), func)
 
 
-def get_model(name: str, **kwargs) -> nn.Module:
-    """Build zoo model ``name`` (see ``list_models()``) with builder keyword arguments."""
-    return _builder(name)(**kwargs)
+def get_model(name: str, *, sync_bn: bool = False, process_group=None, **kwargs) -> nn.Module:
+    """Build zoo model ``name`` (see ``list_models()``) with builder keyword arguments.
+
+    ``sync_bn=True`` (needs ``fused=True``) sets the model's ``sync_bn``/``process_group``: its
+    fused forward synchronises training-mode BatchNorm statistics over ``process_group`` (default
+    WORLD) when torch.distributed is initialised with more than one rank."""
+    if sync_bn and not kwargs.get("fused", False):
+        raise ValueError("sync_bn=True needs fused=True (the synchronisation lives in the fused op)")
+    if process_group is not None and not sync_bn:
+        raise ValueError("process_group is given but sync_bn=False: pass sync_bn=True to synchronise "
+                         "BatchNorm statistics over it")
+    model = _builder(name)(**kwargs)
+    if sync_bn:
+        model.sync_bn, model.process_group = True, process_group
+    return model
 
 
 def __getattr__(name: str):

@@ -13,17 +13,24 @@ from ..nn import conv_bn_act, stock_conv_bn_act
 
 class FusableModel(nn.Module):
     """Base of the zoo models. ``fused`` and ``backend`` may be changed at any time; neither
-    touches parameters or buffers, so fused and stock models have identical state_dicts."""
+    touches parameters or buffers, so fused and stock models have identical state_dicts.
+
+    ``sync_bn`` (and ``process_group``, default WORLD), also changeable at any time: the fused
+    forward synchronises training-mode BatchNorm statistics across ranks (fused SyncBatchNorm, see
+    ``c3dzoo.ops.sync_batch_norm``). The stock forward (``fused=False``) ignores it."""
 
     def __init__(self, fused: bool = False, backend: Optional[str] = None):
         super().__init__()
         self.fused = bool(fused)
         self.backend = backend
+        self.sync_bn = False
+        self.process_group = None
 
     def chain(self, x, conv, bn=None, activation: str = "relu", negative_slope: float = 0.01, pool=None):
         """conv → bn → activation → pool, fused or stock according to ``self.fused``."""
         if self.fused:
-            return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend)
+            return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend,
+                               self.sync_bn, self.process_group)
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
 
 

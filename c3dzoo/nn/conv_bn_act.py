@@ -51,10 +51,10 @@ def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[
     if conv_padding(conv) is None:
         return "padding='same' with an even effective kernel is asymmetric"
     if bn is not None:
-        if not isinstance(bn, nn.BatchNorm3d) or isinstance(bn, nn.SyncBatchNorm):
-            return f"{type(bn).__name__} is not an nn.BatchNorm3d"
+        if not isinstance(bn, (nn.BatchNorm3d, nn.SyncBatchNorm)):
+            return f"{type(bn).__name__} is not an nn.BatchNorm3d or nn.SyncBatchNorm"
         if bn.num_features != conv.out_channels:
-            return f"BatchNorm3d has {bn.num_features} features but the conv has {conv.out_channels} outputs"
+            return f"{type(bn).__name__} has {bn.num_features} features but the conv has {conv.out_channels} outputs"
     if pool is not None:
         if not isinstance(pool, nn.MaxPool3d):
             return f"{type(pool).__name__} is not an nn.MaxPool3d"
@@ -86,10 +86,17 @@ def conv_bn_act(
     negative_slope: float = 0.01,
     pool: Optional[nn.MaxPool3d] = None,
     backend: Optional[str] = None,
+    sync_bn: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
     parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
-    Chains the fused op cannot express run stock."""
+    Chains the fused op cannot express run stock.
+
+    ``sync_bn=True``, or a ``bn`` that is an ``nn.SyncBatchNorm``: training-mode batch statistics
+    are synchronised over ``process_group`` (else the SyncBatchNorm's own group, else WORLD) by the
+    fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
+    this changes nothing."""
     if unsupported_reason(conv, bn, pool) is not None:
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
     common = dict(
@@ -98,6 +105,9 @@ def conv_bn_act(
     )
     if bn is None:
         return conv3d_bn_act(x, conv.weight, conv.bias, training=False, batch_norm=False, **common)
+    if isinstance(bn, nn.SyncBatchNorm):
+        sync_bn = True
+        process_group = process_group if process_group is not None else bn.process_group
     tracks = bn.track_running_stats
     use_running = (not bn.training) or tracks
     return conv3d_bn_act(
@@ -108,6 +118,8 @@ def conv_bn_act(
         momentum=bn.momentum,
         eps=bn.eps,
         num_batches_tracked=bn.num_batches_tracked if (bn.training and tracks) else None,
+        sync=sync_bn,
+        process_group=process_group if sync_bn else None,
         **common,
     )
 
@@ -118,6 +130,11 @@ class Conv3dBNAct(nn.Module):
     Its children are a real ``nn.Conv3d`` named ``conv``, a real ``nn.BatchNorm3d`` named ``bn``
     (absent with ``batch_norm=False``) and, with ``pool``, an ``nn.MaxPool3d`` named ``pool``, so
     optimizers, checkpoints and ``train()``/``eval()`` behave as for the stock modules.
+
+    ``sync_bn=True`` synchronises the training-mode batch statistics over ``process_group``
+    (default: WORLD) inside the fused op — fused SyncBatchNorm, also on CPU with gloo. ``bn`` stays
+    a plain ``nn.BatchNorm3d`` (same state_dict; DDP accepts it on CPU). Without an initialised
+    torch.distributed, or with one rank, it changes nothing.
     """
 
     def __init__(
@@ -140,6 +157,8 @@ class Conv3dBNAct(nn.Module):
         backend: Optional[str] = None,
         device=None,
         dtype=None,
+        sync_bn: bool = False,
+        process_group=None,
     ):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
@@ -157,13 +176,15 @@ class Conv3dBNAct(nn.Module):
         if activation == "leaky_relu":
             self.negative_slope = negative_slope
         self.backend = backend
+        self.sync_bn, self.process_group = _check_sync_args(sync_bn, process_group)
         reason = unsupported_reason(self.conv, self.bn, self.pool)
         if reason is not None:
             raise ValueError(f"Conv3dBNAct cannot fuse this configuration: {reason}")
 
     @classmethod
     def from_modules(cls, conv: nn.Conv3d, bn: Optional[nn.BatchNorm3d] = None, activation="relu",
-                     pool: Optional[nn.MaxPool3d] = None, backend: Optional[str] = None) -> "Conv3dBNAct":
+                     pool: Optional[nn.MaxPool3d] = None, backend: Optional[str] = None,
+                     sync_bn: bool = False, process_group=None) -> "Conv3dBNAct":
         """Wrap existing modules (shared, not copied)."""
         reason = unsupported_reason(conv, bn, pool)
         if reason is not None:
@@ -173,14 +194,25 @@ class Conv3dBNAct(nn.Module):
         self.conv, self.bn, self.pool = conv, bn, pool
         self.activation, self.negative_slope = activation_spec(activation)
         self.backend = backend
+        self.sync_bn, self.process_group = _check_sync_args(sync_bn, process_group)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv_bn_act(x, self.conv, self.bn, self.activation, self.negative_slope, self.pool, self.backend)
+        return conv_bn_act(x, self.conv, self.bn, self.activation, self.negative_slope, self.pool, self.backend,
+                           self.sync_bn, self.process_group)
 
     def extra_repr(self) -> str:
         act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
-        return f"activation={act}, backend={self.backend or 'auto'}"
+        return f"activation={act}, backend={self.backend or 'auto'}" + (", sync_bn=True" if self.sync_bn else "")
+
+
+def _check_sync_args(sync_bn, process_group):
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"sync_bn must be True or False, got {sync_bn!r}")
+    if process_group is not None and not sync_bn:
+        raise ValueError("process_group is given but sync_bn=False: pass sync_bn=True to synchronise "
+                         "BatchNorm statistics over it")
+    return sync_bn, process_group
 
 
 Conv3dBNReLU = Conv3dBNAct

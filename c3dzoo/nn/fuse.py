@@ -1,4 +1,4 @@
-"""``c3dzoo.fuse``: rewrite a model's Conv3d → BatchNorm3d → ReLU (→ MaxPool3d) chains to the fused op.
+"""``c3dzoo.fuse``: rewrite a model's Conv3d → BatchNorm3d (or SyncBatchNorm) → ReLU (→ MaxPool3d) chains to the fused op.
 
 The model is traced with torch.fx. A chain is fused only when every intermediate value has the
 next link as its only user; anything else stays stock. The original conv and BN modules stay
@@ -16,31 +16,36 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_bn_act import activation_spec, conv_bn_act, unsupported_reason
+from .conv_bn_act import _check_sync_args, activation_spec, conv_bn_act, unsupported_reason
 
 
 class FusedChain(nn.Module):
     """Runs one fused chain. It refers to the model's own conv/BN/pool modules without registering
     them (they stay at their original names), so it adds nothing to the state_dict."""
 
-    def __init__(self, conv, bn, activation: str, negative_slope: float, pool, backend: Optional[str]):
+    def __init__(self, conv, bn, activation: str, negative_slope: float, pool, backend: Optional[str],
+                 sync_bn: bool = False, process_group=None):
         super().__init__()
         object.__setattr__(self, "_modules_ref", (conv, bn, pool))
         self.activation = activation
         self.negative_slope = negative_slope
         self.backend = backend
+        self.sync_bn, self.process_group = _check_sync_args(sync_bn, process_group)
 
     def forward(self, x):
         conv, bn, pool = self._modules_ref
-        return conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend)
+        return conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend,
+                           self.sync_bn, self.process_group)
 
     def extra_repr(self) -> str:
         conv, bn, pool = self._modules_ref
-        parts = ["Conv3d", "BatchNorm3d" if bn is not None else None, self.activation,
+        parts = ["Conv3d", type(bn).__name__ if bn is not None else None, self.activation,
                  "MaxPool3d" if pool is not None else None]
-        return " → ".join(p for p in parts if p and p != "none") + f", backend={self.backend or 'auto'}"
+        sync = ", sync_bn=True" if self.sync_bn or isinstance(bn, nn.SyncBatchNorm) else ""
+        return " → ".join(p for p in parts if p and p != "none") + f", backend={self.backend or 'auto'}" + sync
 
 
+_BATCH_NORMS = (nn.BatchNorm3d, nn.SyncBatchNorm)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _LEAKY_FUNCTIONS = (F.leaky_relu,)
 
@@ -90,14 +95,23 @@ def _as_pool(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> Optional[nn.
     return None
 
 
-def fuse(model: nn.Module, backend: Optional[str] = None) -> torch.fx.GraphModule:
+def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = False,
+         process_group=None) -> torch.fx.GraphModule:
     """Return a module computing what ``model`` computes, with its Conv3d → BatchNorm3d → ReLU/LeakyReLU
     (→ MaxPool3d) chains running the fused op. The state_dict is unchanged (same keys, same tensors).
+
+    ``sync_bn=True``: every fused chain synchronises its training-mode batch statistics over
+    ``process_group`` (default: WORLD) — fused SyncBatchNorm; the BN children stay plain
+    ``nn.BatchNorm3d`` (so DDP accepts the model on CPU too). Chains whose BN is an
+    ``nn.SyncBatchNorm`` (from ``nn.SyncBatchNorm.convert_sync_batchnorm``) are fused with
+    synchronisation over that module's own group whatever ``sync_bn`` says. Without an initialised
+    torch.distributed, or with one rank, synchronisation changes nothing.
 
     Raises TypeError if ``model`` cannot be traced by torch.fx.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse() takes an nn.Module, got {type(model).__name__}")
+    _check_sync_args(sync_bn, process_group)
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as exc:
@@ -117,7 +131,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> torch.fx.GraphModul
         bn = pool = None
         activation, slope = "none", 0.0
         nxt = _sole_user(node)
-        if nxt is not None and nxt.op == "call_module" and type(modules[nxt.target]) is nn.BatchNorm3d:
+        if nxt is not None and nxt.op == "call_module" and type(modules[nxt.target]) in _BATCH_NORMS:
             bn = modules[nxt.target]
             chain.append(nxt)
             nxt = _sole_user(nxt)
@@ -135,7 +149,8 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> torch.fx.GraphModul
         if unsupported_reason(conv, bn, pool) is not None:
             continue
         name = "c3dzoo_fused_" + node.target.replace(".", "_")
-        gm.add_module(name, FusedChain(conv, bn, activation, slope, pool, backend))
+        gm.add_module(name, FusedChain(conv, bn, activation, slope, pool, backend,
+                                       sync_bn, process_group if sync_bn else None))
         with graph.inserting_after(chain[-1]):
             fused_node = graph.call_module(name, (node.args[0],))
         chain[-1].replace_all_uses_with(fused_node)

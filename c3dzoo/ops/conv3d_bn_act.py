@@ -8,6 +8,8 @@ implementation) and differentiable:
 * ``c3dzoo::bn_update_running_stats_`` — mutates running_mean/var/num_batches_tracked.
 
 The backend is chosen here (``c3dzoo.ops.backends``) and passed to the custom ops by name.
+With ``sync=True`` under torch.distributed, training-mode calls take ``sync_batch_norm``'s path
+(an eager autograd.Function whose statistics are all-reduced across ranks) instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from . import backends as _backends
 from . import reference as _reference
+from . import sync_batch_norm as _sync_batch_norm
 
 Tensor = torch.Tensor
 IntOrTriple = Union[int, Sequence[int]]
@@ -328,6 +331,8 @@ def conv3d_bn_act(
     num_batches_tracked: Optional[Tensor] = None,
     batch_norm: bool = True,
     backend: Optional[str] = None,
+    sync: bool = False,
+    process_group=None,
 ) -> Tensor:
     """``pool(act(batch_norm(conv3d(x))))`` in one op, with BatchNorm semantics of ``nn.BatchNorm3d``.
 
@@ -339,6 +344,9 @@ def conv3d_bn_act(
     ``batch_norm=False`` leaves BatchNorm out (conv → activation → pool).
     ``pool``: None, an ``nn.MaxPool3d``, or (kernel_size, stride, padding).
     ``backend``: "reference", "triton", "cuda" or "auto" (default: ``$C3DZOO_BACKEND`` or "auto").
+    ``sync=True``: SyncBatchNorm — in training mode the batch statistics are taken over every rank
+    of ``process_group`` (default: the WORLD group), see ``c3dzoo.ops.sync_batch_norm``; without an
+    initialised torch.distributed, with one rank, in eval mode or with a frozen BN it changes nothing.
     """
     if not batch_norm:
         norm = "none"
@@ -347,6 +355,7 @@ def conv3d_bn_act(
     else:
         norm = "running"
     _check_inputs(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, norm, activation)
+    group = _sync_batch_norm.sync_group(sync, process_group, norm == "batch" and training)
     stride, padding, dilation = _triple(stride, "stride"), _triple(padding, "padding"), _triple(dilation, "dilation")
     if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
         raise ValueError(f"unsupported stride/padding/dilation {stride}/{padding}/{dilation}")
@@ -363,7 +372,7 @@ def conv3d_bn_act(
     updates_running_stats = norm == "batch" and training and running_mean is not None
     if updates_running_stats and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
-    if norm == "batch" and count <= 1:
+    if norm == "batch" and count <= 1 and group is None:  # synchronised: the global count counts
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
@@ -380,6 +389,18 @@ def conv3d_bn_act(
             f"x is {x.dtype} but conv_weight is {conv_weight.dtype}; cast one of them or use autocast"
         )
 
+    if group is not None:
+        # the backend runs only the conv (norm "none"); statistics, normalisation, activation and
+        # pool follow the all_reduce in the sync path
+        name = _resolve_backend(backend, _config_fields(x, conv_weight, "none", "none", stride, padding, dilation, ()))
+        return _sync_batch_norm.sync_conv3d_bn_act(
+            x, conv_weight, conv_bias, bn_weight, bn_bias,
+            running_mean if updates_running_stats else None, running_var if updates_running_stats else None,
+            num_batches_tracked if updates_running_stats else None,
+            momentum=None if momentum is None else float(momentum), eps=float(eps), stride=stride,
+            padding=padding, dilation=dilation, activation=activation, negative_slope=float(negative_slope),
+            pool=pool, backend=name, group=group, memory_format=output_memory_format(x, name),
+        )
     name = _resolve_backend(
         backend, _config_fields(x, conv_weight, norm, activation, stride, padding, dilation, pool)
     )
