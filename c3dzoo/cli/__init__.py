@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 import c3dzoo
 from c3dzoo import checkpoint as ckpt
 
-from . import bench, check, info, predict, train
+from . import bench, check, features, info, predict, train
 from ._common import PROG, CommandError, UsageError, _Parser
 
-COMMANDS = ("info", "check", "train", "predict", "export", "bench")
+COMMANDS = ("info", "check", "train", "predict", "export", "bench", "features", "linear-probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", **debug)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = [info.add_parser(sub), check.add_parser(sub), train.add_parser(sub),
-                predict.add_parser(sub), predict.add_export_parser(sub), bench.add_parser(sub)]
+                predict.add_parser(sub), predict.add_export_parser(sub), bench.add_parser(sub),
+                features.add_parser(sub), features.add_probe_parser(sub)]
     for command in commands:
         command.add_argument("--debug", **debug, default=argparse.SUPPRESS)
     parser.subparsers = dict(zip(COMMANDS, commands))
