@@ -104,52 +104,60 @@ def conv_tile_flat_k(
     INPUT_PRECISION: tl.constexpr,
 ):
     """Same tile as ``conv_tile_channel_blocks``, for tiny C_in: K = taps·C_in walked in BLOCK_K
-    chunks, each K index decoded into (tap, channel) and gathered. Needs KD·KH·KW ≤ 32.
+    chunks, each K index decoded into (tap, channel) and gathered.
 
-    Per-row state lives in registers for the whole loop, so before it every row is reduced to one
-    int32 offset and a bitmask of the taps that fall inside the input (bit t = tap t): element
-    (r, k) reads ``x_ptr + row_offset[r] + col_offset[k]`` if bit tap(k) of ``tap_ok[r]`` is set,
-    one add and one shift per element instead of three coordinates and six compares.
+    Per-row state lives in registers for the whole loop. With at most 32 taps (C3D's 3×3×3) every row
+    is reduced before the loop to one int32 offset and a bitmask of the taps that fall inside the
+    input (bit t = tap t): element (r, k) reads ``x_ptr + row_offset[r] + col_offset[k]`` if bit
+    tap(k) of ``tap_ok[r]`` is set, one add and one shift per element instead of three coordinates
+    and six compares. Larger kernels (the video ResNets' 3×7×7 stems: 147 taps) take the general
+    path, which checks each element's coordinates.
     """
     stride_xw = in_c
     stride_xh = in_w * in_c
     stride_xd = in_h * stride_xh
-    tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for kd in tl.static_range(KD):
-        d = in_d0 + kd * dil_d
-        ok_d = row_mask & (d >= 0) & (d < in_d)
-        for kh in tl.static_range(KH):
-            h = in_h0 + kh * dil_h
-            ok_dh = ok_d & (h >= 0) & (h < in_h)
-            for kw in tl.static_range(KW):
-                w = in_w0 + kw * dil_w
-                ok = ok_dh & (w >= 0) & (w < in_w)
-                tap_ok = tap_ok | (ok.to(tl.int32) << ((kd * KH + kh) * KW + kw))
-    row_offset = row_offset + in_d0 * stride_xd + in_h0 * stride_xh + in_w0 * stride_xw
+    TAPS: tl.constexpr = KD * KH * KW
+    if TAPS <= 32:
+        tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for kd in tl.static_range(KD):
+            d = in_d0 + kd * dil_d
+            ok_d = row_mask & (d >= 0) & (d < in_d)
+            for kh in tl.static_range(KH):
+                h = in_h0 + kh * dil_h
+                ok_dh = ok_d & (h >= 0) & (h < in_h)
+                for kw in tl.static_range(KW):
+                    w = in_w0 + kw * dil_w
+                    ok = ok_dh & (w >= 0) & (w < in_w)
+                    tap_ok = tap_ok | (ok.to(tl.int32) << ((kd * KH + kh) * KW + kw))
+        row_offset = row_offset + in_d0 * stride_xd + in_h0 * stride_xh + in_w0 * stride_xw
 
     offs_k = tl.arange(0, BLOCK_K)
     col_mask = offs_n < out_c
-    k_total = KD * KH * KW * in_c
+    k_total = TAPS * in_c
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_total, BLOCK_K):
         offs_kk = k0 + offs_k
         k_mask = offs_kk < k_total
-        tap = tl.minimum(offs_kk // in_c, KD * KH * KW - 1)  # clamped: a shift ≥ 32 is undefined
+        tap = tl.minimum(offs_kk // in_c, TAPS - 1)  # clamped: a shift ≥ 32 is undefined
         c = offs_kk - tap * in_c
-        col_offset = (
-            (tap // (KH * KW)) * dil_d * stride_xd
-            + ((tap // KW) % KH) * dil_h * stride_xh
-            + (tap % KW) * dil_w * stride_xw
-            + c
-        )
+        tap_d = (tap // (KH * KW)) * dil_d
+        tap_h = ((tap // KW) % KH) * dil_h
+        tap_w = (tap % KW) * dil_w
         # loaded as A^T [BLOCK_K, BLOCK_M]: with no contiguous direction Triton spreads a warp's
         # threads along the last dimension, here the rows, so each thread holds few rows (and
         # neighbouring rows are neighbouring output positions: the warp's reads still coalesce)
-        inside = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
-        a_t = tl.load(
-            x_ptr + (col_offset[:, None] + row_offset[None, :]),
-            mask=inside & k_mask[:, None], other=0.0,
-        )
+        if TAPS <= 32:
+            inside = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
+            col_offset = tap_d * stride_xd + tap_h * stride_xh + tap_w * stride_xw + c
+            a_ptrs = x_ptr + (col_offset[:, None] + row_offset[None, :])
+        else:
+            d = in_d0[None, :] + tap_d[:, None]
+            h = in_h0[None, :] + tap_h[:, None]
+            w = in_w0[None, :] + tap_w[:, None]
+            inside = (row_mask[None, :] & (d >= 0) & (d < in_d) & (h >= 0) & (h < in_h)
+                      & (w >= 0) & (w < in_w))
+            a_ptrs = x_ptr + (row_offset[None, :] + d * stride_xd + h * stride_xh + w * stride_xw + c[:, None])
+        a_t = tl.load(a_ptrs, mask=inside & k_mask[:, None], other=0.0)
         b = tl.load(
             w_ptr + offs_kk[:, None] * out_c + offs_n[None, :],
             mask=k_mask[:, None] & col_mask[None, :], other=0.0,

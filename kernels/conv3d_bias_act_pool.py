@@ -151,10 +151,8 @@ HOPPER_CONFIGS: Tuple[TileConfig, ...] = (
     CHANNEL_BLOCKS_64x64x64, FLAT_K_128x64x32,
 )
 
-# Below this many input channels a channel block would mostly multiply zeros: flatten K instead
-# (the flat-K loop keeps one bit per kernel tap and row, so at most 32 taps).
+# Below this many input channels a channel block would mostly multiply zeros: flatten K instead.
 FLAT_K_MAX_IN_CHANNELS = 16
-FLAT_K_MAX_TAPS = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +165,7 @@ def _next_pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _use_flat_k(in_c: int, taps: int) -> bool:
-    return in_c < FLAT_K_MAX_IN_CHANNELS and taps <= FLAT_K_MAX_TAPS
+    return in_c < FLAT_K_MAX_IN_CHANNELS
 
 
 def _interpreter_config(in_c: int, out_c: int, taps: int, positions: int) -> TileConfig:
@@ -266,8 +264,6 @@ def plan_launch(
     tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
     if config is None:
         config = select_config(in_c, out_c, kd * kh * kw, positions, dtype, device, tf32)
-    if config.flat_k and kd * kh * kw > FLAT_K_MAX_TAPS:
-        raise ValueError(f"tile config {config.name} (flat K) takes at most {FLAT_K_MAX_TAPS} kernel taps")
     # int32 in the kernel: input offsets within the samples one tile spans, the pooled position
     # index, and weight offsets
     samples_per_tile = (config.block_m - 1) // positions_per_sample + 2

@@ -122,6 +122,9 @@ GEOMETRIES = {
     # C_in ≥ 16 takes the (tap, channel block) main loop; 20 and 24 are no multiples of 16
     "cin20_k333_pool5_channel_blocks": (20, 24, (3, 3, 3), 1, 1, 1, POOL5, "relu", True, (2, 2, 6, 6)),
     "cin20_k133_stride2_nobias": (20, 7, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, None, "relu", True, (1, 3, 9, 9)),
+    # the video ResNets' stems: more than 32 taps take the flat-K loop's per-element bounds path
+    "cin3_k377_stride122_r3d_stem": (3, 8, (3, 7, 7), (1, 2, 2), (1, 3, 3), 1, None, "relu", True, (2, 4, 12, 12)),
+    "cin3_k177_stride122_r2plus1d_stem": (3, 8, (1, 7, 7), (1, 2, 2), (0, 3, 3), 1, None, "relu", True, (1, 3, 11, 11)),
 }
 
 

@@ -131,7 +131,14 @@ BACKWARD_ELEMENTWISE_CASES = {
     for pool in (("nopool", "pool5") if kernel == "act_pool_backward" else ("nopool",))
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
 }
-ALL_CASES = [*CASES, *STATS_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES, *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
+# the video ResNets' 3×7×7 stem (147 taps: the flat-K loop's per-element bounds path), in every dtype
+STEM_CASES = {
+    f"stem377-{K.FLAT_K_128x64x32.for_dtype(dtype, tf32).name}-{dtype_name}":
+        (K.FLAT_K_128x64x32.for_dtype(dtype, tf32), (32, 3, 16, 112, 112), 64, (), dtype, tf32, "inference",
+         dict(kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), dilation=(1, 1, 1)))
+    for dtype_name, (dtype, tf32) in _DTYPES.items()
+}
+ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES, *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +161,8 @@ def _ptxas() -> str | None:
 def _compile_case(case: str) -> dict:
     if case in STATS_CASES:
         return compile_sm90(*STATS_CASES[case], kernel="stats")
+    if case in STEM_CASES:
+        return compile_sm90(*STEM_CASES[case])
     if case in ELEMENTWISE_CASES:
         return compile_elementwise_sm90(*ELEMENTWISE_CASES[case])
     if case in WGRAD_CASES:
@@ -168,11 +177,12 @@ def _compile_case(case: str) -> dict:
 _ELEMENT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="inference") -> dict:
+def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="inference", geometry=None) -> dict:
     """Compile the conv kernel (``kernel``: "inference", or "stats", the training forward's conv
-    with the statistics epilogue) as the launcher would launch it for this layer; report its resources."""
+    with the statistics epilogue) as the launcher would launch it for this layer (C3D's 3×3×3
+    geometry unless ``geometry`` is given); report its resources."""
     torch.backends.cudnn.allow_tf32 = allow_tf32  # what the launcher reads for fp32
-    geometry = dict(kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
+    geometry = geometry or dict(kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
     element = _ELEMENT[dtype]
     if kernel == "stats":
         plan = S.plan_stats_launch(
