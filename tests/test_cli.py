@@ -314,3 +314,250 @@ def test_bench_without_source_tree_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(c3dzoo, "__file__", str(tmp_path / "site-packages" / "c3dzoo" / "__init__.py"))
     assert cli.main(["bench", "--out", str(tmp_path / "out")]) == 2
     assert "ships with the source tree" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# real data (video folders, frame folders with a CSV), --grow, curves PNG, predict on videos
+# --------------------------------------------------------------------------------------------
+
+TINY_MODEL = ["--width-mult", "0.0625", "--frames", "16", "--size", "32", "--device", "cpu",
+              "--workers", "0", "--no-progress", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+    """Two classes (a square moving left or right) of 4 tiny videos each, plus a corrupt file and
+    a video too short to use."""
+    from test_data_folders import make_video
+
+    pytest.importorskip("av")
+    root = tmp_path_factory.mktemp("videos") / "data"
+    for name, frames in (("left", 18), ("right", 20)):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            make_video(root / name / f"v{i}.mp4", frames=frames + i)
+    (root / "left" / "corrupt.mp4").write_bytes(b"\x00\x01 not a video" * 64)
+    make_video(root / "right" / "short.mp4", frames=3)
+    return root
+
+
+def test_train_on_video_folder_counts_skips_and_plots(video_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(video_folder), "--epochs", "1", "--out", str(out)] + TINY_MODEL) == 0
+    captured = capsys.readouterr()
+    assert "6 videos from" in captured.out and "2 classes" in captured.out and "val 2" in captured.out
+    summary = captured.out.strip().splitlines()[-1]
+    assert summary.startswith("done in") and "skipped 1 unreadable and 1 too-short" in summary
+    warned = [line for line in captured.err.splitlines() if "warning: skipped" in line]
+    assert len(warned) == 2 and any("corrupt.mp4" in w for w in warned) and any("short.mp4" in w for w in warned)
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["train_top5"]) == 100.0  # 2 classes: top-5 is everything
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["class_names"] == ["left", "right"] and checkpoint["model_kwargs"]["num_classes"] == 2
+    assert checkpoint["data"]["kind"] == "videos" and checkpoint["data"]["frames"] == 16
+
+
+def test_train_on_frame_folders_with_csv(tmp_path, capsys):
+    from test_data_folders import make_frame_folder
+
+    pytest.importorskip("PIL")
+    root = tmp_path / "frames"
+    for vid in range(6):
+        make_frame_folder(root / str(100 + vid), frames=16)
+    (tmp_path / "train.csv").write_text("".join(f"{100 + v};{'ab'[v % 2]}\n" for v in range(4)))
+    (tmp_path / "val.csv").write_text("104,a\n105,b\n")  # the other separator
+    assert cli.main(["train", "--data", str(root), "--labels", str(tmp_path / "train.csv"),
+                     "--val-labels", str(tmp_path / "val.csv"), "--epochs", "1"] + TINY_MODEL) == 0
+    out = capsys.readouterr().out
+    assert "4 videos from" in out and "val 2 (given)" in out and "skipped" not in out
+
+
+def test_curves_png_needs_matplotlib(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert cli.main(TINY_TRAIN + ["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out and "pip install matplotlib" in out
+    assert not (tmp_path / "curves.png").exists() and (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "{tmp}/nope"], "data folder not found"),
+    (["--data", "{tmp}/flat"], "one subfolder per class"),
+    (["--data", "{tmp}/emptyclass"], "holds no videos"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/missing_ids.csv"], "name no folder"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/bad_rows.csv"], "is not 'video id;label'"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/nope.csv"], "labels CSV not found"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--classes", "{tmp}/other_classes.txt"],
+     "not a known class"),
+    (["--labels", "{tmp}/good.csv"], "give --data"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--val-split", "0.5",
+      "--val-labels", "{tmp}/good.csv"], "not both"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--train-samples", "8"], "synthetic"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--val-split", "2"], "between 0 and 1"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--num-classes", "5"], "has 2 classes"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--frame-stride", "0"], "stride"),
+    (["--grow", "2:wider=conv5b"], "needs *FACTOR"),
+    (["--grow", "2:taller=conv5b"], "cannot read"),
+    (["--grow", "2:wider=conv9z*2"], "unknown layer"),
+    (["--grow", "2:wider=fc8*2"], "--grow 2:wider=fc8"),
+    (["--grow", "5:deeper=conv5b"], "outside 1..2"),
+    (["--grow", "2:deeper=fc8"], "unknown layer 'fc8' for deeper"),
+])
+def test_bad_data_and_grow_one_line_exit_2(argv, message, tmp_path, capsys):
+    from test_data_folders import make_frame_folder
+
+    pytest.importorskip("PIL")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.mp4").write_bytes(b"x")
+    (tmp_path / "emptyclass" / "a").mkdir(parents=True)
+    for vid in ("1", "2"):
+        make_frame_folder(tmp_path / "frames" / vid, frames=16)
+    (tmp_path / "good.csv").write_text("1;a\n2;b\n")
+    (tmp_path / "missing_ids.csv").write_text("1;a\n2;b\n3;a\n")
+    (tmp_path / "bad_rows.csv").write_text("1;a\n2\n")
+    (tmp_path / "other_classes.txt").write_text("a\nc\n")
+    base = ["train", "--epochs", "2", "--device", "cpu", "--no-progress", "--width-mult", "0.0625",
+            "--frames", "16", "--size", "32"]
+    assert cli.main(base + [a.format(tmp=tmp_path) for a in argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("c3dzoo: error:") and message in err and "\n" not in err, err
+    assert "Traceback" not in captured.err + captured.out
+
+
+GROW = ["--grow", "2:wider=conv5b*2,3:deeper=conv4b"]
+THREE_EPOCHS = TWO_EPOCHS[:2] + ["3"] + TWO_EPOCHS[3:]  # TWO_EPOCHS with --epochs 3
+
+
+@pytest.fixture(scope="module")
+def grown_run(tmp_path_factory):
+    """3 epochs on synthetic data, conv5b widened at epoch 2 and a conv inserted after conv4b at 3."""
+    out = tmp_path_factory.mktemp("grown")
+    assert cli.main(THREE_EPOCHS + GROW + ["--out", str(out)]) == 0
+    return out
+
+
+def test_grow_applies_wider_and_deeper_at_their_epochs(grown_run, capsys):
+    checkpoint = torch.load(grown_run / "last.pt", map_location="cpu", weights_only=True)
+    base = c3dzoo.get_model("c3d_bn", num_classes=4, width_mult=0.0625, input_size=(16, 32, 32))
+    assert checkpoint["model"]["conv5b.weight"].shape[0] == 2 * base.conv5b.out_channels
+    assert checkpoint["model"]["conv4c.weight"].shape == (base.conv4b.out_channels,) * 2 + (3, 3, 3)
+    assert [(s["epoch"], s["op"], s["layer"]) for s in checkpoint["growth"]] == [
+        (2, "wider", "conv5b"), (3, "deeper", "conv4b")]
+    assert checkpoint["growth"][1]["name"] == "conv4c"
+    # the momentum buffers were remapped with their parameters: one per parameter, same shapes
+    state = checkpoint["optimizer"]["state"]
+    assert len(state) == len(list(checkpoint["model"])) - sum(
+        k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in checkpoint["model"])
+    assert (grown_run / "curves.png").exists()
+
+
+def test_grow_prints_what_grew(tmp_path, capsys):
+    assert cli.main(TWO_EPOCHS + ["--grow", "2:wider=fc6:300"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2: grew wider fc6 256 -> 300 units" in out
+    assert out.index("epoch 1/2:") < out.index("grew") < out.index("epoch 2/2:")
+
+
+@pytest.mark.parametrize("interrupt_step", [3, 5])  # epoch 2 after the wider; epoch 3 after deeper
+def test_resume_after_growth_is_exact(grown_run, interrupt_step, tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        _interrupt_at_train_step(m, interrupt_step)
+        assert cli.main(THREE_EPOCHS + GROW + ["--out", str(tmp_path)]) == 130
+    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert len(saved["growth"]) == (1 if interrupt_step == 3 else 2)
+    # the grown architecture is rebuilt from the checkpoint before its weights load
+    assert cli.main(["train", "--resume", "--out", str(tmp_path), "--no-progress"]) == 0
+    expected, got = _weights(grown_run / "last.pt"), _weights(tmp_path / "last.pt")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_with_a_different_grow_schedule_exit_2(grown_run, tmp_path, capsys):
+    assert cli.main(["train", "--resume", str(grown_run / "last.pt"), "--out", str(tmp_path),
+                     "--epochs", "4", "--grow", "2:wider=conv5b*3"]) == 2
+    err = capsys.readouterr().err
+    assert "does not begin with the growth" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_and_export_grown_checkpoint(grown_run, tmp_path, capsys):
+    assert cli.main(["predict", "--checkpoint", str(grown_run / "last.pt"), "--synthetic", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    out = tmp_path / "w.pt"
+    assert cli.main(["export", "--checkpoint", str(grown_run / "last.pt"), "--out", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    expected = _weights(grown_run / "last.pt")
+    assert state.keys() == expected.keys() and "conv4c.weight" in state
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    assert "--grow step(s)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def video_checkpoint(video_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("video_run")
+    assert cli.main(["train", "--data", str(video_folder), "--epochs", "1", "--out", str(out)] + TINY_MODEL) == 0
+    return out / "last.pt"
+
+
+def test_predict_on_video_files_and_frame_folders(video_folder, video_checkpoint, tmp_path, capsys):
+    from test_data_folders import make_frame_folder
+
+    frames = make_frame_folder(tmp_path / "clip_frames", frames=16)
+    inputs = [str(video_folder / "left" / "v0.mp4"), frames, str(video_folder / "left" / "corrupt.mp4"),
+              str(video_folder / "right" / "short.mp4"), str(tmp_path / "nope.mp4")]
+    capsys.readouterr()
+    assert cli.main(["predict", "--checkpoint", str(video_checkpoint), "--top-k", "2"] + inputs) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == inputs[:2]
+    assert all("left" in line and "right" in line and "%" in line for line in lines)
+    errors = captured.err.strip().splitlines()
+    assert [e.split(": ")[1].split()[-1] for e in errors[:3]] == inputs[2:]
+    assert "too short" in errors[1] and "not found" in errors[2]
+    assert errors[3] == "c3dzoo: 3 of 5 input(s) could not be read"
+
+
+def test_predict_video_matches_validation_clip(video_folder, video_checkpoint, capsys):
+    """predict reads a video as validation does: its printed top-1 is the model's on the val clip."""
+    from c3dzoo.cli.predict import grown_stock_model
+    from c3dzoo.data import ClipSampler, VideoClipDataset, VideoItem, count_frames
+
+    checkpoint = torch.load(video_checkpoint, map_location="cpu", weights_only=True)
+    model = grown_stock_model(checkpoint).eval()
+    path = str(video_folder / "right" / "v2.mp4")
+    val = VideoClipDataset([VideoItem(path, 1, count_frames(path))], checkpoint["class_names"], frames=16,
+                           size=32, train=False)
+    with torch.no_grad():
+        probs = model(val[0][0][None]).softmax(1)[0]
+    assert cli.main(["predict", "--checkpoint", str(video_checkpoint), "--top-k", "1", path]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: {checkpoint['class_names'][probs.argmax()]} {probs.max():.1%}"
+    assert ClipSampler(16).fits(count_frames(path))
+
+
+def test_resume_on_videos_with_workers_is_exact(video_folder, tmp_path, monkeypatch, capsys):
+    """Random clip starts and crops come from (seed, epoch, index), not from a worker's RNG: a run
+    interrupted in epoch 2 and resumed ends with the same weights as one run straight through."""
+    argv = ["train", "--data", str(video_folder), "--epochs", "2", "--frame-stride", "2"] + TINY_MODEL
+    argv[argv.index("--workers") + 1] = "2"
+    argv[argv.index("--batch-size") + 1] = "2"  # 6 videos: 3 steps an epoch
+    assert cli.main(argv + ["--out", str(tmp_path / "full")]) == 0
+    with monkeypatch.context() as m:
+        _interrupt_at_train_step(m, 4)  # the first step of epoch 2; the resumed run does the other two
+        assert cli.main(argv + ["--out", str(tmp_path / "cut")]) == 130
+    assert cli.main(["train", "--resume", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0
+    expected, got = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_video_batches_carry_the_epoch():
+    """Real-data batches hold (index, epoch) keys, so each epoch draws new clip starts and crops."""
+    batches = cli.train._EpochBatches(5, 2, drop_last=True, seed=0, keyed=True)
+    batches.epoch = 3
+    keys = [key for batch in batches for key in batch]
+    assert len(keys) == 4 and {epoch for _, epoch in keys} == {3} and len({i for i, _ in keys}) == 4
+    assert all(isinstance(i, int) for i in next(iter(cli.train._EpochBatches(5, 2, True, 0))))

@@ -1,4 +1,4 @@
-"""``c3dzoo predict`` (top-k classes from a training checkpoint) and ``c3dzoo export`` (its
+"""``c3dzoo predict`` (top-k classes of videos from a training checkpoint) and ``c3dzoo export`` (its
 weights as a plain state_dict)."""
 
 from __future__ import annotations
@@ -6,58 +6,118 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 
 import torch
 
+import c3dzoo
 from c3dzoo import checkpoint as ckpt
-from c3dzoo.data import SyntheticVideoDataset
+from c3dzoo.data import (ClipSampler, ClipTransform, SyntheticVideoDataset, UnreadableVideo,
+                         count_frames, read_frames)
+from c3dzoo.data.video_io import VIDEO_EXTENSIONS
 
-from ._common import CommandError, UsageError, resolve_device
+from ._common import PROG, CommandError, UsageError, resolve_device
 
 
-def _load_input(path: str) -> torch.Tensor:
-    """A clip ``3 × T × H × W`` from a ``.pt`` tensor file; video files need PyAV (not yet read)."""
-    if not path.endswith(".pt"):
-        if importlib.util.find_spec("av") is None:
-            raise UsageError(f"{path}: reading video files needs PyAV (pip install av), which is "
-                             f"not installed; give .pt clip tensors or --synthetic N")
-        raise UsageError(f"{path}: reading video files is not supported yet; give .pt clip tensors")
-    if not os.path.isfile(path):
-        raise UsageError(f"input not found: {path}")
+def grown_stock_model(checkpoint: dict, path: str = "checkpoint") -> torch.nn.Module:
+    """The stock model of a training checkpoint, with the Net2Net growth it recorded (``--grow``)
+    replayed before its weights load strictly."""
+    growth = checkpoint.get("growth") or []
+    if not growth:
+        return ckpt.stock_model(checkpoint, path)
+    from .train import apply_growth
+
+    name, kwargs = checkpoint["model_name"], checkpoint["model_kwargs"]
+    try:
+        model = c3dzoo.get_model(name, fused=False, **kwargs)
+        for step in growth:
+            apply_growth(model, step)
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"checkpoint {path} does not build {ckpt.describe(name, kwargs)} "
+                                   f"grown by {len(growth)} step(s): {str(exc).strip().splitlines()[0]}") from None
+    return model
+
+
+def _load_tensor(path: str) -> torch.Tensor:
+    """A clip ``3 × T × H × W`` from a ``.pt`` tensor file. Raises UnreadableVideo."""
     try:
         clip = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+        raise UnreadableVideo(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
     if not isinstance(clip, torch.Tensor) or clip.dim() != 4 or clip.shape[0] != 3:
         shape = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
-        raise UsageError(f"{path}: expected a clip tensor 3 x T x H x W, got {shape}")
+        raise UnreadableVideo(f"expected a clip tensor 3 x T x H x W, got {shape}")
     return clip.float()
+
+
+def _clip_maker(checkpoint: dict):
+    """(sampler, transform) of the checkpoint's validation clips: centred, as ``c3dzoo train``
+    validates. A checkpoint trained on the synthetic set gets the defaults at its clip size."""
+    saved, config = checkpoint.get("args", {}), checkpoint.get("data") or {}
+    input_size = checkpoint["model_kwargs"].get("input_size")
+    frames = config.get("frames", saved.get("frames") or (input_size[0] if input_size else 16))
+    size = tuple(config.get("size", saved.get("size") or (input_size[1:] if input_size else (112, 112))))
+    sampler = ClipSampler(frames, config.get("stride", 1), config.get("min_frames"))
+    extra = {k: tuple(config[k]) for k in ("mean", "std") if k in config}
+    return sampler, ClipTransform(size, config.get("short_side"), **extra)
+
+
+def _load_input(path: str, sampler: ClipSampler, transform: ClipTransform) -> torch.Tensor:
+    """The clip of one input: a ``.pt`` tensor, a video file or a folder of frames (the centred
+    clip, as validation takes it). Raises UnreadableVideo."""
+    if not os.path.exists(path):
+        raise UnreadableVideo("not found")
+    if path.endswith(".pt") and os.path.isfile(path):
+        return _load_tensor(path)
+    if os.path.isfile(path) and not path.lower().endswith(VIDEO_EXTENSIONS):
+        raise UnreadableVideo(f"not a clip tensor (.pt), a video file ({', '.join(VIDEO_EXTENSIONS[:4])}, "
+                              f"...) or a folder of frames")
+    num_frames = count_frames(path)
+    if not sampler.fits(num_frames):
+        raise UnreadableVideo(f"too short: {num_frames} frames, fewer than {sampler.shortest}")
+    return transform(read_frames(path, sampler.indices(num_frames).tolist()))
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     checkpoint = ckpt.load(args.checkpoint)
     if args.synthetic is None and not args.inputs:
-        raise UsageError("give clip files (.pt) or --synthetic N")
+        raise UsageError("give videos, frame folders or clip files (.pt), or --synthetic N")
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    videos = [p for p in args.inputs if p.lower().endswith(VIDEO_EXTENSIONS)]
+    if videos and importlib.util.find_spec("av") is None:
+        raise UsageError(f"{videos[0]}: reading video files needs PyAV, which is not installed: "
+                         f"pip install av (or give frame folders, .pt clip tensors or --synthetic N)")
     device = resolve_device(args.device)
-    model = ckpt.stock_model(checkpoint, args.checkpoint).to(device).eval()
+    model = grown_stock_model(checkpoint, args.checkpoint).to(device).eval()
     num_classes = checkpoint["model_kwargs"].get("num_classes")
     names = checkpoint.get("class_names") or [f"class {i}" for i in range(num_classes or 0)]
-    items = []  # (label to print, clip, true class or None)
+    items = []  # (label to print, clip or None when a file is read in turn, true class or None)
     if args.synthetic is not None:
         saved = checkpoint.get("args", {})
         try:  # the validation split the checkpoint was trained beside
+            if saved.get("data"):
+                raise ValueError("it was trained on real data")
             val_set = SyntheticVideoDataset(num_classes=saved["num_classes"], frames=saved["frames"],
                                             size=tuple(saved["size"]), seed=saved.get("seed", 0),
                                             num_samples=args.synthetic, split="val")
         except (KeyError, ValueError) as exc:
             raise UsageError(f"--synthetic: cannot rebuild the checkpoint's synthetic data ({exc})") from None
         items += [(f"synthetic val[{i}]", *val_set[i]) for i in range(len(val_set))]
-    items += [(path, _load_input(path), None) for path in args.inputs]
+    items += [(path, None, None) for path in args.inputs]
+    sampler, transform = _clip_maker(checkpoint)
     k = min(args.top_k, len(names) or args.top_k)
+    unreadable = 0
     with torch.no_grad():
         for label, clip, truth in items:
+            if clip is None:  # inputs are read one at a time: a long list never sits in memory
+                try:
+                    clip = _load_input(label, sampler, transform)
+                except UnreadableVideo as exc:
+                    print(f"{PROG}: cannot read {label}: {exc}", file=sys.stderr)
+                    unreadable += 1
+                    continue
             try:
                 probs = model(clip[None].to(device)).float().softmax(1)[0]
             except (ValueError, RuntimeError) as exc:
@@ -68,28 +128,39 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                for p, i in zip(top.values.tolist(), top.indices.tolist()))
             true = f"  (true: {names[truth]})" if truth is not None else ""
             print(f"{label}: {ranked}{true}")
+    if unreadable:
+        print(f"{PROG}: {unreadable} of {len(args.inputs)} input(s) could not be read", file=sys.stderr)
+        return 1
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     checkpoint = ckpt.load(args.checkpoint)
-    model = ckpt.stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
+    model = grown_stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
     state = ckpt.plain_state_dict(model.state_dict())
     try:
         ckpt.save_atomic(state, args.out)
     except OSError as exc:
         raise CommandError(f"cannot write {args.out}: {exc}") from None
     kwargs = ", ".join(f"{k}={v!r}" for k, v in checkpoint["model_kwargs"].items())
+    growth = checkpoint.get("growth") or []
+    grown = (f", after replaying its {len(growth)} --grow step(s) with c3dzoo.net2net "
+             f"(c3dzoo.cli.predict.grown_stock_model does both)") if growth else ""
     print(f"wrote {args.out}: {len(state)} tensors; load with c3dzoo.get_model("
-          f"{checkpoint['model_name']!r}, {kwargs}).load_state_dict(torch.load(path))")
+          f"{checkpoint['model_name']!r}, {kwargs}).load_state_dict(torch.load(path)){grown}")
     return 0
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    predict = sub.add_parser("predict", help="top-k classes of clips from a training checkpoint")
+    predict = sub.add_parser(
+        "predict", help="top-k classes of videos from a training checkpoint",
+        description="Top-k classes of video files, folders of frame images or .pt clip tensors, "
+                    "read as c3dzoo train validates (the centred clip, resized and centre-cropped). "
+                    "Inputs that cannot be read are reported one line each; the exit status is then 1.")
     predict.add_argument("--checkpoint", required=True, metavar="CKPT", help="from c3dzoo train")
-    predict.add_argument("inputs", nargs="*", metavar="CLIP",
-                         help=".pt files holding a clip tensor 3 x T x H x W")
+    predict.add_argument("inputs", nargs="*", metavar="VIDEO",
+                         help="video files, folders of frame images, or .pt files holding a clip "
+                              "tensor 3 x T x H x W")
     predict.add_argument("--synthetic", type=int, metavar="N",
                          help="the first N clips of the checkpoint's synthetic validation split")
     predict.add_argument("--top-k", type=int, default=5, help="(default %(default)s)")

@@ -1,5 +1,7 @@
-"""``c3dzoo train``: a zoo model on the built-in synthetic motion data set, with progress bars,
-a metrics CSV, atomic checkpoints, exact ``--resume`` and a checkpoint on Ctrl-C."""
+"""``c3dzoo train``: a zoo model on the built-in synthetic motion data set or on real videos (a
+folder with one subfolder per class, or frame folders with a CSV of labels), with progress bars, a
+metrics CSV and a PNG of the curves, a Net2Net ``--grow`` schedule, atomic checkpoints, exact
+``--resume`` and a checkpoint on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import importlib.util
 import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from typing import Optional, Tuple
+import warnings
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +27,10 @@ from tqdm import tqdm
 
 import c3dzoo
 from c3dzoo import checkpoint as ckpt
-from c3dzoo.data import MOTIONS, SyntheticVideoDataset
+from c3dzoo import net2net
+from c3dzoo.data import (MOTIONS, ClipSampler, ClipTransform, DataError, SkippedVideoWarning,
+                         SyntheticVideoDataset, VideoClipDataset, read_class_names, scan_class_folders,
+                         scan_frame_folders, split_videos)
 
 from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
                       builder_accepts, resolve_device, size_arg)
@@ -39,8 +47,10 @@ TRAIN_DEFAULTS = {
     "cuda": dict(width_mult=1.0, frames=16, size=(112, 112), batch_size=32, epochs=10,
                  train_samples=8192, val_samples=1024, workers=min(8, os.cpu_count() or 1), amp=True),
 }
-METRICS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+METRICS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
            "epoch_seconds", "train_clips_per_s")
+DEFAULT_VAL_SPLIT = 0.1  # of a real training set, when no --val-data/--val-labels is given
+CURVES_PNG = "curves.png"
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
@@ -72,6 +82,216 @@ def _apply_train_defaults(args: argparse.Namespace, device: torch.device) -> Non
         raise UsageError(f"--workers must be non-negative, got {args.workers}")
     if args.amp and device.type != "cuda":
         raise UsageError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU")
+
+
+# --------------------------------------------------------------------------------------------
+# data: the synthetic set, or real videos
+# --------------------------------------------------------------------------------------------
+
+# options that only mean something with --data
+REAL_DATA_OPTIONS = ("labels", "val_data", "val_labels", "val_split", "classes", "frame_stride", "min_frames")
+MAX_SKIP_LINES = 10  # warnings printed for skipped videos; the rest are counted
+
+
+@dataclasses.dataclass
+class _Data:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    description: str  # what the header line says the training set is
+    config: dict  # how clips are made, for the checkpoint (predict reads it)
+    unreadable: int = 0  # videos left out by the scans
+    too_short: int = 0
+
+    @property
+    def skipped_note(self) -> str:
+        if not self.unreadable + self.too_short:
+            return ""
+        return f"skipped {self.unreadable} unreadable and {self.too_short} too-short video(s)"
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scan(root: str, labels: Optional[str], sampler, class_names, workers: int):
+    if labels:
+        return scan_frame_folders(root, labels, sampler, class_names, workers=workers)
+    return scan_class_folders(root, sampler, class_names, workers=workers)
+
+
+def _report_skips(caught) -> None:
+    lines = [str(w.message) for w in caught if issubclass(w.category, SkippedVideoWarning)]
+    for line in lines[:MAX_SKIP_LINES]:
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+    if len(lines) > MAX_SKIP_LINES:
+        print(f"{PROG}: warning: ... and {len(lines) - MAX_SKIP_LINES} more skipped videos", file=sys.stderr)
+    for w in caught:  # anything else goes on as a normal warning
+        if not issubclass(w.category, SkippedVideoWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _make_data(args: argparse.Namespace) -> _Data:
+    """The training and validation sets the options describe. Bad paths and layouts are usage
+    errors; unreadable and too-short videos are left out with a warning each and counted."""
+    if args.data is None:
+        extra = [_option(k) for k in REAL_DATA_OPTIONS if getattr(args, k) is not None]
+        if extra:
+            raise UsageError(f"{extra[0]} is for real data: give --data PATH as well")
+        data = dict(num_classes=args.num_classes, frames=args.frames, size=args.size, seed=args.seed)
+        try:
+            train_set = SyntheticVideoDataset(num_samples=args.train_samples, split="train", **data)
+            val_set = SyntheticVideoDataset(num_samples=args.val_samples, split="val", **data)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return _Data(train_set, val_set, f"{len(train_set)} synthetic clips", {"kind": "synthetic"})
+
+    for key in ("train_samples", "val_samples"):
+        if key in args.given:
+            raise UsageError(f"{_option(key)} is for the synthetic set; with --data an epoch is one "
+                             f"clip from each video")
+    if args.val_split is not None and (args.val_data or args.val_labels):
+        raise UsageError("give --val-data/--val-labels or --val-split, not both")
+    if args.labels and args.val_data and not args.val_labels:
+        raise UsageError("--val-data with frame folders needs --val-labels CSV")
+    val_split = args.val_split
+    if val_split is None and not (args.val_data or args.val_labels):
+        val_split = DEFAULT_VAL_SPLIT
+    try:
+        stride = 1 if args.frame_stride is None else args.frame_stride
+        sampler = ClipSampler(args.frames, stride, args.min_frames)
+        transform = ClipTransform(args.size)
+        workers = min(8, os.cpu_count() or 1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SkippedVideoWarning)
+            class_names = read_class_names(args.classes) if args.classes else None
+            train_scan = _scan(args.data, args.labels, sampler, class_names, workers)
+            val_scan = None
+            if args.val_data or args.val_labels:
+                val_scan = _scan(args.val_data or args.data, args.val_labels, sampler,
+                                 train_scan.class_names, workers)
+        _report_skips(caught)
+        class_names = train_scan.class_names
+        if val_scan is not None:
+            train_videos, val_videos = train_scan.videos, val_scan.videos
+        else:
+            train_videos, val_videos = split_videos(train_scan.videos, val_split, args.seed)
+    except (DataError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    unreadable = len(train_scan.unreadable) + (len(val_scan.unreadable) if val_scan else 0)
+    too_short = len(train_scan.too_short) + (len(val_scan.too_short) if val_scan else 0)
+    skipped = f" ({unreadable + too_short} skipped)" if unreadable + too_short else ""
+    if len(class_names) < 2:
+        raise UsageError(f"{args.data}: found {len(class_names)} class; classification needs at least 2")
+    if "num_classes" in args.given and args.num_classes != len(class_names):
+        raise UsageError(f"--num-classes {args.num_classes}, but {args.data} has {len(class_names)} classes")
+    if not train_videos:
+        raise UsageError(f"{args.data}: no readable training videos{skipped}")
+    if not val_videos:
+        raise UsageError(f"no validation videos{skipped}: give --val-data, or a --val-split that leaves "
+                         f"some (classes need two videos or more to split)")
+    args.num_classes = len(class_names)
+    clips = dict(class_names=class_names, frames=args.frames, size=args.size, stride=stride,
+                 seed=args.seed, min_frames=args.min_frames)
+    config = dict(kind="videos", frames=args.frames, stride=stride, min_frames=args.min_frames,
+                  size=tuple(args.size), short_side=transform.resize_to, mean=tuple(transform.mean),
+                  std=tuple(transform.std))
+    where = f"{args.data}" + (f" ({os.path.basename(args.labels)})" if args.labels else "")
+    split = f", val {len(val_videos)} ({'split ' + format(val_split, 'g') if val_scan is None else 'given'})"
+    return _Data(VideoClipDataset(train_videos, train=True, **clips),
+                 VideoClipDataset(val_videos, train=False, **clips),
+                 f"{len(train_videos)} videos from {where} in {len(class_names)} classes{split}",
+                 config, unreadable, too_short)
+
+
+# --------------------------------------------------------------------------------------------
+# --grow: Net2Net at the start of given epochs
+# --------------------------------------------------------------------------------------------
+
+GROW_SYNTAX = ("EPOCH:wider=LAYER*FACTOR, EPOCH:wider=LAYER:UNITS or EPOCH:deeper=LAYER, comma "
+               "separated (e.g. 3:wider=conv5b*2,5:deeper=conv5b)")
+_GROW_ITEM = re.compile(r"(?P<epoch>\d+):(?P<op>wider|deeper)=(?P<layer>[A-Za-z_][\w.]*)"
+                        r"(?:\*(?P<factor>\d+(?:\.\d*)?)|:(?P<units>\d+))?")
+
+
+def parse_grow(text: str) -> List[dict]:
+    """``--grow`` as steps ``{"epoch", "op", "layer", "factor" | "units"}`` in epoch order (steps
+    of one epoch in the order given)."""
+    steps = []
+    for item in (part.strip() for part in text.split(",")):
+        match = _GROW_ITEM.fullmatch(item)
+        if not match:
+            raise UsageError(f"--grow: cannot read {item!r}; expected {GROW_SYNTAX}")
+        step = dict(epoch=int(match["epoch"]), op=match["op"], layer=match["layer"])
+        if match["op"] == "wider":
+            if match["factor"] is None and match["units"] is None:
+                raise UsageError(f"--grow: {item!r} needs *FACTOR or :UNITS (e.g. {item}*2)")
+            if match["factor"] is not None:
+                step["factor"] = float(match["factor"])
+            else:
+                step["units"] = int(match["units"])
+        elif match["factor"] is not None or match["units"] is not None:
+            raise UsageError(f"--grow: deeper takes a layer only, got {item!r}")
+        steps.append(step)
+    return sorted(steps, key=lambda step: step["epoch"])
+
+
+def _units(model: nn.Module, layer: str) -> int:
+    module = model.get_submodule(layer)
+    return module.out_channels if isinstance(module, nn.Conv3d) else module.out_features
+
+
+def _grow_names(model: nn.Module) -> set:
+    return set(getattr(model, "layer_names", ())) | set(getattr(model, "fc_names", ()))
+
+
+def apply_growth(model: nn.Module, record: dict, optimizer=None, data: Optional[torch.Tensor] = None,
+                 noise: float = 0.0, generator: Optional[torch.Generator] = None) -> str:
+    """Applies one resolved growth record (see ``_resolve_growth``) to ``model`` (and
+    ``optimizer``) in place; returns what grew, in words. Raises ValueError from net2net."""
+    if record["op"] == "wider":
+        before = _units(model, record["layer"])
+        # a seeded generator even without noise: replaying a checkpoint's growth must not draw
+        # from the global RNG, which the checkpoint restores afterwards anyway
+        net2net.wider(model, record["layer"], record["width"], noise=noise, optimizer=optimizer,
+                      generator=generator or torch.Generator().manual_seed(0))
+        return f"wider {record['layer']} {before} -> {record['width']} units"
+    net2net.deeper(model, record["layer"], optimizer=optimizer, data=data, name=record["name"])
+    return f"deeper: new layer {record['name']} after {record['layer']}"
+
+
+def _resolve_growth(args: argparse.Namespace, model_kwargs: dict) -> List[dict]:
+    """The ``--grow`` steps with their widths and new layer names fixed, checked by growing a CPU
+    copy of the model: a bad layer or width is a usage error now, not after hours of training."""
+    if not args.grow:
+        return []
+    steps = parse_grow(args.grow)
+    for step in steps:
+        if not 1 <= step["epoch"] <= args.epochs:
+            raise UsageError(f"--grow: epoch {step['epoch']} is outside 1..{args.epochs} (--epochs)")
+    trial = c3dzoo.get_model(args.model, fused=False, **model_kwargs)
+    resolved = []
+    for step in steps:
+        label = f"--grow {step['epoch']}:{step['op']}={step['layer']}"
+        record = dict(epoch=step["epoch"], op=step["op"], layer=step["layer"])
+        try:
+            if step["op"] == "wider":
+                try:
+                    current = _units(trial, step["layer"])
+                except AttributeError:
+                    raise ValueError(f"unknown layer {step['layer']!r}; widenable: "
+                                     f"{', '.join(net2net.widenable_layers(trial))}") from None
+                record["width"] = step.get("units") or int(round(current * step["factor"]))
+            else:
+                names = _grow_names(trial)
+                net2net.deeper(trial, step["layer"])
+                record["name"] = (_grow_names(trial) - names).pop()
+                resolved.append(record)
+                continue
+            net2net.wider(trial, step["layer"], record["width"], generator=torch.Generator().manual_seed(0))
+        except ValueError as exc:
+            raise UsageError(f"{label}: {str(exc).strip().splitlines()[0]}") from None
+        resolved.append(record)
+    return resolved
 
 
 def _make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -148,10 +368,12 @@ def _build_model(args: argparse.Namespace, device: torch.device, example: torch.
 
 class _EpochBatches(torch.utils.data.Sampler):
     """Shuffled batches of ``range(n)``; the order depends only on (seed, epoch), and the first
-    ``skip`` batches can be left out, so a run resumed mid-epoch sees the batches it had left."""
+    ``skip`` batches can be left out, so a run resumed mid-epoch sees the batches it had left.
+    With ``keyed`` the batches hold ``(index, epoch)`` keys, from which VideoClipDataset draws
+    its random clip starts and crops (in whichever worker process reads them)."""
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int):
-        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, keyed: bool = False):
+        self.n, self.batch_size, self.drop_last, self.seed, self.keyed = n, batch_size, drop_last, seed, keyed
         self.epoch, self.skip = 1, 0
 
     def __len__(self) -> int:
@@ -162,7 +384,8 @@ class _EpochBatches(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
         order = torch.randperm(self.n, generator=generator).tolist()
         for b in range(self.skip, len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(i, self.epoch) for i in batch] if self.keyed else batch
 
 
 @dataclasses.dataclass
@@ -175,12 +398,14 @@ class _Progress:
     global_step: int = 0
     loss_sum: float = 0.0  # sums over the batches of the current epoch
     correct: int = 0
+    correct5: int = 0  # top-5 (top-min(5, classes)) hits
     seen: int = 0
     updating: bool = False
     best: Tuple[float, int] = (-1.0, 0)  # (val top-1, epoch)
+    growth: List[dict] = dataclasses.field(default_factory=list)  # --grow steps applied so far
 
     def start_epoch(self) -> None:
-        self.batch, self.loss_sum, self.correct, self.seen = 0, 0.0, 0, 0
+        self.batch, self.loss_sum, self.correct, self.correct5, self.seen = 0, 0.0, 0, 0, 0
 
 
 class _DeferredInterrupt:
@@ -237,7 +462,9 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         progress.batch += 1
         progress.global_step += 1
         progress.loss_sum += loss.item() * labels.numel()
-        progress.correct += (logits.argmax(1) == labels).sum().item()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        progress.correct += hits[:, 0].sum().item()
+        progress.correct5 += hits.any(dim=1).sum().item()
         progress.seen += labels.numel()
         bar.update(labels.numel())
         bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", refresh=False)
@@ -248,7 +475,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "num_classes",
-                   "train_samples", "val_samples", "frames", "size", "fused", "seed")
+                   "train_samples", "val_samples", "frames", "size", "fused", "seed",
+                   "data", "grow", "grow_noise", *REAL_DATA_OPTIONS)
 
 
 def _resume_path(args: argparse.Namespace) -> str:
@@ -271,7 +499,7 @@ def _apply_resumed_options(args: argparse.Namespace, checkpoint: dict, given: se
                                    f"{saved['optimizer']}, not {args.optimizer}")
 
 
-def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, class_names,
+def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, data: _Data,
                         progress: _Progress, metrics: Optional[dict]) -> dict:
     return {
         # fused and stock models have the same state_dict: this loads into either
@@ -280,13 +508,17 @@ def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, class_n
         "scheduler": scheduler.state_dict(),
         "epoch": progress.epoch,
         "batch_in_epoch": progress.batch,
-        "epoch_sums": {"loss_sum": progress.loss_sum, "correct": progress.correct, "seen": progress.seen},
+        "epoch_sums": {"loss_sum": progress.loss_sum, "correct": progress.correct,
+                       "correct5": progress.correct5, "seen": progress.seen},
         "global_step": progress.global_step,
         "best": progress.best,
         "rng": ckpt.rng_state(),
         "model_name": args.model,
         "model_kwargs": model_kwargs,
-        "class_names": class_names,
+        # Net2Net steps applied after building the model from model_kwargs, in order
+        "growth": list(progress.growth),
+        "class_names": data.train.class_names,
+        "data": data.config,
         "metrics": metrics,
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "given")},
         "c3dzoo_version": c3dzoo.__version__,
@@ -300,6 +532,59 @@ def _save(path: str, payload: dict) -> None:
         raise CommandError(f"cannot write checkpoint {path}: {exc}") from None
 
 
+def _metrics_file(path: str, append: bool):
+    """metrics.csv opened for new rows; an older file with other columns is rewritten with
+    today's header first (its rows keep their values, new columns left empty)."""
+    if append:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), tuple(reader.fieldnames or ())
+        if header != METRICS:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRICS, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+    return open(path, "a" if append else "w", newline="")
+
+
+def _plot_curves(metrics_path: str, png_path: str, growth: List[dict]) -> None:
+    """Loss and top-1/top-5 (train and val) per epoch from metrics.csv, as a PNG; a dotted line
+    marks each epoch where the model grew. Written atomically like the checkpoints."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import MaxNLocator
+
+    with open(metrics_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def column(key):
+        return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
+
+    epochs = [int(r["epoch"]) for r in rows]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_axes, acc_axes = figure.subplots(1, 2)
+    for key, style in (("train_loss", "-"), ("val_loss", "--")):
+        loss_axes.plot(epochs, column(key), style, marker="o", label=key.replace("_", " "))
+    for key, style in (("train_top1", "-"), ("train_top5", "-"), ("val_top1", "--"), ("val_top5", "--")):
+        acc_axes.plot(epochs, column(key), style, marker="o", label=key.replace("_", " "))
+    for axes, ylabel in ((loss_axes, "cross-entropy"), (acc_axes, "accuracy (%)")):
+        for grown_at in sorted({step["epoch"] for step in growth}):
+            axes.axvline(grown_at - 0.5, color="grey", linestyle=":", linewidth=1)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    acc_axes.set_ylim(0, 100)
+    title = os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))
+    figure.suptitle(f"{title}" + (" (dotted: --grow)" if growth else ""))
+    tmp = png_path + ".tmp.png"
+    try:
+        figure.savefig(tmp, dpi=100)
+        os.replace(tmp, png_path)
+    except OSError as exc:
+        raise CommandError(f"cannot write {png_path}: {exc}") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     checkpoint = None
@@ -309,18 +594,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _apply_resumed_options(args, checkpoint, args.given)
         if not args.out:  # a resumed run goes on writing where it was
             args.out = os.path.dirname(os.path.abspath(args.resume))
+    for key in ("data", "labels", "val_data", "val_labels", "classes"):  # checkpoints outlive the cwd
+        if getattr(args, key):
+            setattr(args, key, os.path.abspath(getattr(args, key)))
     _apply_train_defaults(args, device)
     if args.progress is None:  # bars redrawn with \r only make a mess of a log file
         args.progress = sys.stderr.isatty()
-    data = dict(num_classes=args.num_classes, frames=args.frames, size=args.size, seed=args.seed)
-    try:
-        train_set = SyntheticVideoDataset(num_samples=args.train_samples, split="train", **data)
-        val_set = SyntheticVideoDataset(num_samples=args.val_samples, split="val", **data)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    if not args.grow_noise >= 0:
+        raise UsageError(f"--grow-noise must be non-negative, got {args.grow_noise}")
+    data = _make_data(args)
+    train_set, val_set = data.train, data.val
     if checkpoint is not None:  # before building: a mismatch is a usage error, not a shape error
         ckpt.check_matches(checkpoint, args.resume, args.model, _model_kwargs(args))
+        saved_names = checkpoint.get("class_names")
+        if saved_names and list(saved_names) != list(train_set.class_names):
+            raise ckpt.CheckpointError(f"checkpoint {args.resume} was trained on other classes "
+                                       f"({', '.join(saved_names[:4])}, ...) than this data's "
+                                       f"({', '.join(train_set.class_names[:4])}, ...)")
     model, model_kwargs = _build_model(args, device, train_set[0][0])
+    growth_plan = _resolve_growth(args, model_kwargs)
 
     # the loaders get their own generators, so that starting an iterator does not draw from the
     # global RNG (which dropout uses): a resumed run draws the same dropout masks
@@ -328,7 +620,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        persistent_workers=args.workers > 0)
     # drop the last partial batch (a batch of one breaks BatchNorm) unless there is only one
     drop_last = len(train_set) > args.batch_size
-    batches = _EpochBatches(len(train_set), args.batch_size, drop_last, args.seed)
+    batches = _EpochBatches(len(train_set), args.batch_size, drop_last, args.seed,
+                            keyed=isinstance(train_set, VideoClipDataset))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=batches, generator=torch.Generator().manual_seed(args.seed), **loader_args)
     val_loader = torch.utils.data.DataLoader(
@@ -340,6 +633,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     progress = _Progress()
     if checkpoint is not None:
+        progress.growth = [dict(step) for step in checkpoint.get("growth", [])]
+        if growth_plan[:len(progress.growth)] != progress.growth:
+            raise UsageError(f"--grow {args.grow!r} does not begin with the growth checkpoint {args.resume} "
+                             f"recorded ({len(progress.growth)} step(s) from "
+                             f"--grow {checkpoint.get('args', {}).get('grow')!r})")
+        try:  # the grown architecture first (its optimizer param groups too), then the weights
+            for step in progress.growth:
+                apply_growth(model, step, optimizer)
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"checkpoint {args.resume}: cannot replay its growth: {exc}") from None
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last_3d)
         model.load_state_dict(checkpoint["model"])
         try:  # the optimizer after the scheduler: the scheduler's constructor sets the lr
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -355,13 +660,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
             setattr(progress, key, value)
         if "rng" in checkpoint:
             ckpt.set_rng_state(checkpoint["rng"])
+    pending = growth_plan[len(progress.growth):]
+    if pending and (pending[0]["epoch"] < progress.epoch + 1
+                    or (pending[0]["epoch"] == progress.epoch + 1 and progress.batch > 0)):
+        raise UsageError(f"--grow: epoch {pending[0]['epoch']} has begun or passed in checkpoint "
+                         f"{args.resume} (it resumes in epoch {progress.epoch + 1})")
 
     params = sum(p.numel() for p in model.parameters())
     print(f"training {args.model} ({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}; "
           f"{params / 1e6:.2f} M parameters) {'fused' if args.fused else 'stock'} on {device}"
-          f"{' with bf16 autocast' if args.amp else ''}: {args.epochs} epochs of {len(train_set)} "
-          f"synthetic clips {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch_size}, "
+          f"{' with bf16 autocast' if args.amp else ''}: {args.epochs} epochs of {data.description}, "
+          f"clips {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch_size}, "
           f"{args.optimizer} lr {args.lr:g}; chance is {100 / args.num_classes:.1f} %")
+    if data.skipped_note:
+        print(f"{data.skipped_note} (warnings above)")
+    if growth_plan:
+        print("grow schedule: " + "; ".join(
+            f"epoch {s['epoch']} {s['op']} {s['layer']}" + (f" to {s['width']}" if "width" in s else "")
+            for s in growth_plan))
     if checkpoint is not None:
         print(f"resuming from {args.resume} at epoch {progress.epoch + 1}, batch {progress.batch + 1} "
               f"(step {progress.global_step})")
@@ -369,12 +685,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
     last_path = os.path.join(args.out, "last.pt") if args.out else None
     metrics_path = os.path.join(args.out, "metrics.csv") if args.out else None
+    curves_path = os.path.join(args.out, CURVES_PNG) if args.out else None
+    plot = args.out is not None and importlib.util.find_spec("matplotlib") is not None
+    if args.out and not plot:
+        print(f"note: matplotlib is not installed, so no {CURVES_PNG} (pip install matplotlib)")
     append = checkpoint is not None and os.path.isfile(metrics_path) and os.path.getsize(metrics_path) > 0
     start = time.perf_counter()
     row = None
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
-                                                  train_set.class_names, progress, metrics)
-    with (open(metrics_path, "a" if append else "w", newline="") if args.out
+                                                  data, progress, metrics)
+    with (_metrics_file(metrics_path, append) if args.out
           else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop:
         writer = csv.DictWriter(metrics_file, fieldnames=METRICS) if metrics_file else None
         if writer and not append:
@@ -383,6 +703,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             while progress.epoch < args.epochs:
                 epoch = progress.epoch + 1
                 epoch_start = time.perf_counter()
+                while pending and pending[0]["epoch"] == epoch:
+                    _grow(model, pending.pop(0), optimizer, train_set, args, device, progress)
                 batches.epoch, batches.skip = epoch, progress.batch
                 with tqdm(total=clips_per_epoch, initial=progress.seen, desc=f"epoch {epoch}/{args.epochs}",
                           unit="clip", disable=not args.progress) as bar:
@@ -392,12 +714,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 clips_per_s = (progress.seen - seen_before) / (time.perf_counter() - epoch_start)
                 train_loss = progress.loss_sum / max(1, progress.seen)
                 train_top1 = 100.0 * progress.correct / max(1, progress.seen)
+                train_top5 = 100.0 * progress.correct5 / max(1, progress.seen)
                 val_loss, val_top1, val_top5 = _evaluate(model, val_loader, device, args.amp, args.progress)
                 progress.epoch += 1
                 progress.start_epoch()
                 progress.best = max(progress.best, (val_top1, epoch))
                 row = dict(epoch=epoch, lr=f"{optimizer.param_groups[0]['lr']:.6g}",
                            train_loss=f"{train_loss:.4f}", train_top1=f"{train_top1:.2f}",
+                           train_top5=f"{train_top5:.2f}",
                            val_loss=f"{val_loss:.4f}", val_top1=f"{val_top1:.2f}", val_top5=f"{val_top5:.2f}",
                            epoch_seconds=f"{time.perf_counter() - epoch_start:.1f}",
                            train_clips_per_s=f"{clips_per_s:.1f}")
@@ -408,6 +732,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     writer.writerow(row)
                     metrics_file.flush()
                     _save(last_path, payload(row))
+                    if plot:
+                        _plot_curves(metrics_path, curves_path, progress.growth)
         except KeyboardInterrupt:
             if progress.updating:  # the weights are half-updated: keep the previous checkpoint
                 note = f"not saved (mid-step); {last_path} is the previous checkpoint" if last_path \
@@ -420,15 +746,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"{PROG}: interrupted at epoch {progress.epoch + 1} step {progress.global_step}: {note}",
                   file=sys.stderr)
             return 130
-    saved = f"; wrote metrics.csv and last.pt to {args.out}" if args.out else "; nothing saved (no --out)"
+    written = ["metrics.csv", CURVES_PNG, "last.pt"] if plot else ["metrics.csv", "last.pt"]
+    saved = f"; wrote {', '.join(written)} to {args.out}" if args.out else "; nothing saved (no --out)"
     if row is None:
         print(f"nothing to do: the checkpoint has finished all {args.epochs} epochs (raise --epochs "
               f"to train on)")
         return 0
+    skipped = f"; {data.skipped_note}" if data.skipped_note else ""
     print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {val_top1:.1f} % top-5 "
           f"{val_top5:.1f} %, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
-          f"{100 / args.num_classes:.1f} %{saved}")
+          f"{100 / args.num_classes:.1f} %{skipped}{saved}")
     return 0
+
+
+def _grow(model, step: dict, optimizer, train_set, args, device, progress: _Progress) -> None:
+    """One ``--grow`` step at the start of its epoch; ``deeper`` sets its new BatchNorm from a
+    batch of training clips, ``wider`` perturbs the replicas by ``--grow-noise`` (seeded)."""
+    before = sum(p.numel() for p in model.parameters())
+    data = None
+    if step["op"] == "deeper":
+        data = _to_device(torch.stack([train_set[i][0] for i in range(min(len(train_set), args.batch_size))]),
+                          device)
+    generator = torch.Generator().manual_seed(hash((args.seed, step["epoch"], len(progress.growth))) & (2**63 - 1))
+    try:
+        what = apply_growth(model, step, optimizer, data=data, noise=args.grow_noise, generator=generator)
+    except ValueError as exc:  # _resolve_growth tried every step already; this is a safety net
+        raise CommandError(f"--grow at epoch {step['epoch']}: {exc}") from None
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last_3d)
+    progress.growth.append(step)
+    after = sum(p.numel() for p in model.parameters())
+    tqdm.write(f"epoch {step['epoch']}: grew {what}; {before / 1e6:.3f} M -> {after / 1e6:.3f} M parameters")
 
 
 def _by_device(key: str) -> str:
@@ -440,10 +788,12 @@ def _by_device(key: str) -> str:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     train = sub.add_parser(
-        "train", help="train a zoo model on the built-in synthetic motion data set",
-        description="Train a zoo model on the built-in SyntheticVideoDataset, whose classes are "
-                    "defined by motion. The defaults by device are a small model that trains in a "
-                    "few minutes on a CPU, and the full model on CUDA.")
+        "train", help="train a zoo model on real videos or the built-in synthetic motion data set",
+        description="Train a zoo model on a folder of videos (one subfolder per class; video files "
+                    "or folders of frame images), on frame folders labelled by a CSV (--labels), or "
+                    "by default on the built-in SyntheticVideoDataset, whose classes are defined by "
+                    "motion. The defaults by device are a small model that trains in a few minutes "
+                    "on a CPU, and the full model on CUDA.")
     train.add_argument("--model", default="c3d_bn", choices=c3dzoo.list_models(),
                        help="zoo model (default %(default)s)")
     train.add_argument("--epochs", type=int, help=_by_device("epochs"))
@@ -454,9 +804,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="SGD with Nesterov momentum 0.9, or Adam (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=1e-4, help="(default %(default)s)")
     train.add_argument("--num-classes", type=int, default=10,
-                       help=f"motion classes, 1 to {len(MOTIONS)} (default %(default)s)")
-    train.add_argument("--train-samples", type=int, help=_by_device("train_samples"))
-    train.add_argument("--val-samples", type=int, help=_by_device("val_samples"))
+                       help=f"synthetic motion classes, 1 to {len(MOTIONS)} (default %(default)s; "
+                            f"with --data the data's class count)")
+    real = train.add_argument_group("real data (default: the built-in synthetic set)")
+    real.add_argument("--data", metavar="PATH",
+                      help="a folder with one subfolder per class holding videos (files, or folders of "
+                           "frame images); or, with --labels, a folder of frame folders")
+    real.add_argument("--labels", metavar="CSV",
+                      help="labels of the frame folders under --data: rows 'video id;label' or 'video id,label'")
+    real.add_argument("--classes", metavar="FILE",
+                      help="class names in label order, one a line (default: sorted folder names or CSV labels)")
+    real.add_argument("--val-data", metavar="PATH", help="validation videos, laid out as --data")
+    real.add_argument("--val-labels", metavar="CSV",
+                      help="labels of validation frame folders (under --val-data, else under --data)")
+    real.add_argument("--val-split", type=float, metavar="FRACTION",
+                      help=f"validate on this fraction of each class of --data, chosen by --seed "
+                           f"(default {DEFAULT_VAL_SPLIT:g} without --val-data/--val-labels)")
+    real.add_argument("--frame-stride", type=int, metavar="N",
+                      help="take every N-th frame (default 1; lowered for videos too short for the span)")
+    real.add_argument("--min-frames", type=int, metavar="N",
+                      help="skip videos with fewer frames; shorter than a clip but not than this: looped "
+                           "(default: half of --frames, at least 2)")
+    train.add_argument("--train-samples", type=int, help="synthetic clips per epoch; " + _by_device("train_samples"))
+    train.add_argument("--val-samples", type=int, help="synthetic validation clips; " + _by_device("val_samples"))
     train.add_argument("--frames", type=int, help="frames per clip; " + _by_device("frames"))
     train.add_argument("--size", type=size_arg, help="frame size, N or HxW; " + _by_device("size"))
     train.add_argument("--width-mult", type=float, help="channel multiplier; " + _by_device("width_mult"))
@@ -468,7 +838,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="bf16 autocast (default: on for CUDA; CUDA only)")
     train.add_argument("--workers", type=int, help="data loader workers; " + _by_device("workers"))
     train.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (default 0)")
-    train.add_argument("--out", metavar="DIR", help="write metrics.csv and last.pt here")
+    train.add_argument("--grow", metavar="SCHEDULE",
+                       help="Net2Net growth at the start of given epochs: " + GROW_SYNTAX.replace("%", "%%"))
+    train.add_argument("--grow-noise", type=float, default=0.02,
+                       help="noise (x the layer's weight std) on the replicas of a wider layer, so they "
+                            "can diverge; 0 keeps the function exactly (default %(default)s)")
+    train.add_argument("--out", metavar="DIR", help=f"write metrics.csv, {CURVES_PNG} and last.pt here")
     train.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
                        help="continue from checkpoint CKPT (default with --out: DIR/last.pt); "
                             "options not given again are taken from the checkpoint")

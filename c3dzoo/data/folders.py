@@ -1,0 +1,300 @@
+"""Real video data sets: a folder with one subfolder per class, or a root of frame folders with a
+CSV of labels.
+
+Layouts (a *video* is a video file or a folder of frame images, see ``video_io``):
+
+* ``scan_class_folders(root)``: ``root/<class>/<video>``; class names are the subfolder names in
+  sorted order. Files directly in ``root``, or a class folder without videos, are layout errors.
+* ``scan_frame_folders(root, labels_csv)``: ``root/<video id>/00001.jpg …`` (20BN-Jester,
+  UCF101 frame dumps) and a CSV of ``id;label`` or ``id,label`` rows (an optional header row
+  whose second column is ``label`` or ``class``). Class names come from ``classes`` (e.g. a
+  labels file, one name a line) or are the CSV's labels in sorted order.
+
+Scanning probes every video (frame count; a video file must decode its first frame): unreadable
+and too-short videos are left out with a ``SkippedVideoWarning`` each and counted in the returned
+``VideoSet``. Layout problems raise ``DataError`` (one line).
+
+``VideoClipDataset`` turns the scanned videos into ``(clip, label)`` samples: ``clip`` is
+``3 × frames × H × W`` float32 (``transforms``), one clip per video. Training samples draw their
+start frame and crop from ``(seed, epoch, index)``: key a sample as ``dataset[(index, epoch)]``
+(a plain int means epoch 0), so that data-loader workers and resumed runs see the same clips. It
+holds only paths and numbers, so it pickles to loader workers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import os
+import re
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import KINETICS_MEAN, KINETICS_STD, ClipSampler, ClipTransform
+from .video_io import (IMAGE_EXTENSIONS, DataError, UnreadableVideo, count_frames, is_video_file,
+                       read_frames, require_pyav)
+
+__all__ = ["SkippedVideoWarning", "VideoItem", "VideoSet", "scan_class_folders", "scan_frame_folders",
+           "read_class_names", "split_videos", "VideoClipDataset"]
+
+
+class SkippedVideoWarning(UserWarning):
+    """A video left out of a data set (unreadable or too short)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoItem:
+    path: str  # a video file or a folder of frames
+    label: int
+    num_frames: int
+
+
+@dataclasses.dataclass
+class VideoSet:
+    """What a scan found: usable videos, class names, and the videos it left out (path, reason)."""
+
+    videos: List[VideoItem]
+    class_names: List[str]
+    unreadable: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    too_short: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.unreadable) + len(self.too_short)
+
+
+def _is_frame_folder(path: str) -> bool:
+    try:
+        return os.path.isdir(path) and any(n.lower().endswith(IMAGE_EXTENSIONS) for n in os.listdir(path))
+    except OSError:
+        return False
+
+
+def _visible(folder: str) -> List[str]:
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+
+
+def _some(names: Sequence[str]) -> str:
+    """``3: a, b, c`` / ``40: a, b, c, d, e, ...``: class names for a one-line message."""
+    names = list(names)
+    return f"{len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+
+
+def _check_root(root: str, what: str) -> None:
+    if not os.path.exists(root):
+        raise DataError(f"{what} not found: {root}")
+    if not os.path.isdir(root):
+        raise DataError(f"{what} {root} is not a folder")
+
+
+def scan_class_folders(root: str, sampler: ClipSampler, class_names: Optional[Sequence[str]] = None,
+                       workers: int = 8) -> VideoSet:
+    """Videos under ``root/<class>/``. With ``class_names`` (e.g. the training set's, for a
+    validation folder) every subfolder must be one of them, and labels follow their order."""
+    _check_root(root, "data folder")
+    entries = _visible(root)
+    stray = [n for n in entries if not os.path.isdir(os.path.join(root, n))]
+    if stray:
+        raise DataError(f"{root} must hold one subfolder per class, but holds files such as {stray[0]!r} "
+                        f"(for a folder of frame folders give --labels CSV)")
+    if not entries:
+        raise DataError(f"{root} holds no class subfolders")
+    if class_names is None:
+        class_names = entries
+    else:
+        unknown = [n for n in entries if n not in class_names]
+        if unknown:
+            raise DataError(f"{root}: class folder {unknown[0]!r} is not one of the training classes "
+                            f"({_some(class_names)})")
+    index = {name: i for i, name in enumerate(class_names)}
+    candidates = []
+    for name in entries:
+        folder = os.path.join(root, name)
+        videos = [os.path.join(folder, n) for n in _visible(folder)]
+        videos = [p for p in videos if is_video_file(p) or _is_frame_folder(p)]
+        if not videos:
+            raise DataError(f"class folder {folder} holds no videos (video files or folders of frame images)")
+        candidates += [(p, index[name]) for p in videos]
+    return _probe(candidates, list(class_names), sampler, workers)
+
+
+def _csv_rows(path: str) -> List[List[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        text = f.read()
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    delimiter = ";" if ";" in first else ","  # Jester writes id;label, others id,label
+    return [[field.strip() for field in row] for row in csv.reader(text.splitlines(), delimiter=delimiter)
+            if row and any(field.strip() for field in row)]
+
+
+def read_class_names(path: str) -> List[str]:
+    """Class names in order from a labels file: one name a line (20BN-Jester's labels CSV), or
+    ``INDEX NAME`` lines (UCF101's classInd.txt)."""
+    if not os.path.isfile(path):
+        raise DataError(f"class list not found: {path}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read class list {path}: {exc}") from None
+    numbered = [re.fullmatch(r"\d+[\s,;]+(.+)", line) for line in lines]
+    names = [m.group(1).strip() for m in numbered] if lines and all(numbered) else lines
+    if not names:
+        raise DataError(f"class list {path} is empty")
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"class list {path} names {duplicate!r} twice")
+    return names
+
+
+def _read_labels(path: str, root: str) -> List[Tuple[str, str]]:
+    """(video id, label) rows of a labels CSV."""
+    if not os.path.isfile(path):
+        raise DataError(f"labels CSV not found: {path}")
+    try:
+        rows = _csv_rows(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read labels CSV {path}: {exc}") from None
+    if rows and len(rows[0]) >= 2 and rows[0][1].lower() in ("label", "class", "class_name", "category") \
+            and not os.path.isdir(os.path.join(root, rows[0][0])):
+        rows = rows[1:]  # a header row
+    if not rows:
+        raise DataError(f"labels CSV {path} has no rows")
+    for line, row in enumerate(rows, 1):
+        if len(row) != 2 or not row[0] or not row[1]:
+            raise DataError(f"labels CSV {path}: row {line} {';'.join(row)!r} is not 'video id;label' "
+                            f"or 'video id,label'")
+    return [(row[0], row[1]) for row in rows]
+
+
+def scan_frame_folders(root: str, labels_csv: str, sampler: ClipSampler,
+                       class_names: Optional[Sequence[str]] = None, workers: int = 8) -> VideoSet:
+    """Frame folders ``root/<video id>/`` labelled by ``labels_csv``. Class names: ``class_names``
+    if given (every label must be one of them), else the CSV's labels in sorted order."""
+    _check_root(root, "frames folder")
+    rows = _read_labels(labels_csv, root)
+    if class_names is None:
+        class_names = sorted({label for _, label in rows})
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted({label for _, label in rows if label not in index})
+    if unknown:
+        raise DataError(f"labels CSV {labels_csv}: label {unknown[0]!r} is not a known class "
+                        f"({_some(class_names)})")
+    missing = [vid for vid, _ in rows if not os.path.isdir(os.path.join(root, vid))]
+    if missing:
+        raise DataError(f"labels CSV {labels_csv}: {len(missing)} of {len(rows)} video ids name no "
+                        f"folder under {root} (first: {missing[0]!r})")
+    candidates = [(os.path.join(root, vid), index[label]) for vid, label in rows]
+    return _probe(candidates, list(class_names), sampler, workers)
+
+
+def _probe_one(path: str) -> Union[int, str]:
+    try:
+        return count_frames(path)
+    except UnreadableVideo as exc:
+        return str(exc)
+
+
+def _probe(candidates: Sequence[Tuple[str, int]], class_names: List[str], sampler: ClipSampler,
+           workers: int) -> VideoSet:
+    """Frame counts of ``candidates`` (in threads: decoding and file I/O release the GIL); the
+    unreadable and too-short ones are left out, with a warning each."""
+    if any(is_video_file(p) for p, _ in candidates):
+        require_pyav()  # one clear error before any thread starts, not one per video
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        counts = list(pool.map(_probe_one, [p for p, _ in candidates]))
+    found = VideoSet([], class_names)
+    for (path, label), count in zip(candidates, counts):
+        if isinstance(count, str):
+            found.unreadable.append((path, count))
+            warnings.warn(f"skipped unreadable video {path}: {count}", SkippedVideoWarning, stacklevel=2)
+        elif not sampler.fits(count):
+            reason = f"{count} frames, fewer than {sampler.shortest}"
+            found.too_short.append((path, reason))
+            warnings.warn(f"skipped too-short video {path}: {reason}", SkippedVideoWarning, stacklevel=2)
+        else:
+            found.videos.append(VideoItem(path, label, count))
+    return found
+
+
+def split_videos(videos: Sequence[VideoItem], fraction: float, seed: int) -> Tuple[List[VideoItem], List[VideoItem]]:
+    """(train, val): ``fraction`` of each class's videos (rounded, at least one where a class has
+    two or more) chosen by ``seed``, the same every run."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be between 0 and 1, got {fraction}")
+    by_class: Dict[int, List[int]] = {}
+    for i, video in enumerate(videos):
+        by_class.setdefault(video.label, []).append(i)
+    val = set()
+    for label, members in sorted(by_class.items()):
+        rng = np.random.default_rng([seed, label])
+        take = min(len(members) - 1, max(1, round(fraction * len(members))))
+        val.update(members[j] for j in rng.permutation(len(members))[:take])
+    return ([v for i, v in enumerate(videos) if i not in val],
+            [v for i, v in enumerate(videos) if i in val])
+
+
+class VideoClipDataset(Dataset):
+    """One ``(clip, label)`` per video: ``clip`` ``3 × frames × H × W`` float32 (see the module doc).
+
+    Args:
+        videos: from a scan (``VideoSet.videos``) or ``split_videos``.
+        class_names: names of the labels.
+        frames, stride, min_frames: clip sampling (``ClipSampler``).
+        size: ``(height, width)`` of the crop; ``short_side`` the resize before it.
+        train: random start and crop (from ``seed``, the epoch and the index) or centred ones.
+        mean, std: per-channel statistics of pixels in [0, 1].
+    """
+
+    def __init__(self, videos: Sequence[VideoItem], class_names: Sequence[str], frames: int,
+                 size: Union[int, Sequence[int]], stride: int = 1, train: bool = False, seed: int = 0,
+                 min_frames: Optional[int] = None, short_side: Optional[int] = None,
+                 mean: Sequence[float] = KINETICS_MEAN, std: Sequence[float] = KINETICS_STD):
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.videos = list(videos)
+        self.class_names = list(class_names)
+        self.sampler = ClipSampler(frames, stride, min_frames)
+        self.transform = ClipTransform(size, short_side, tuple(mean), tuple(std))
+        self.train = train
+        self.seed = seed
+        self.decode_failures = 0  # videos that failed after the scan (this process only)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def _rng(self, index: int, epoch: int) -> Optional[np.random.Generator]:
+        return np.random.default_rng([self.seed, epoch, index]) if self.train else None
+
+    def clip(self, video: VideoItem, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        """The clip of one video (random with ``rng``, centred without). Raises UnreadableVideo."""
+        frames = read_frames(video.path, self.sampler.indices(video.num_frames, rng).tolist())
+        return self.transform(frames, rng)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} videos")
+        # a video that decoded at scan time but fails now (damaged further in): warn and take the
+        # next one, so one bad file does not end a long run
+        for attempt in range(min(len(self), 10)):
+            video = self.videos[(index + attempt) % len(self)]
+            try:
+                return self.clip(video, self._rng(index, epoch)), video.label
+            except UnreadableVideo as exc:
+                self.decode_failures += 1
+                warnings.warn(f"skipped unreadable video {video.path}: {exc}", SkippedVideoWarning)
+        raise UnreadableVideo(f"{min(len(self), 10)} videos in a row failed to decode, from "
+                              f"{self.videos[index].path}")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({len(self)} videos, {len(self.class_names)} classes, "
+                f"frames={self.sampler.frames}, stride={self.sampler.stride}, size={self.transform.size}, "
+                f"train={self.train})")
+

@@ -1,0 +1,159 @@
+"""Reading frames from video files (PyAV) and from folders of extracted frames (PIL).
+
+Two kinds of *video source* share one interface: a video file, decoded with PyAV, and a folder
+holding one image per frame (the 20BN-Jester / UCF101 frame-dump layout: ``00001.jpg``,
+``00002.jpg``, …, ordered by the number in the name). ``count_frames`` probes a source (and proves
+it decodes); ``read_frames`` returns the requested frames as ``T × H × W × 3`` uint8 RGB.
+
+PyAV and PIL are imported on first use, so a folder of frames needs no PyAV and the synthetic data
+set needs neither; a missing one is a ``DataError`` that says what to install. (torchvision's
+``read_video`` decodes through PyAV as well, so PyAV is the one requirement for video files.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import List, Sequence
+
+import numpy as np
+
+__all__ = ["DataError", "UnreadableVideo", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS", "is_video_file",
+           "frame_files", "count_frames", "read_frames", "require_pyav"]
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp",
+                    ".ogv", ".wmv")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as given (missing path, wrong layout, bad label file, missing
+    decoder); the message is one line that names what is wrong."""
+
+
+class UnreadableVideo(Exception):
+    """One video source that cannot be decoded; the message says why (one line)."""
+
+
+def require_pyav():
+    """The ``av`` module, or a DataError saying how to install it."""
+    try:
+        import av
+    except ImportError:
+        raise DataError("reading video files needs PyAV, which is not installed: pip install av "
+                        "(folders of extracted frames need only Pillow)") from None
+    return av
+
+
+def _pil_image():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading frame images needs Pillow, which is not installed: pip install pillow") from None
+    return Image
+
+
+def _reason(exc: BaseException) -> str:
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc).strip())  # FFmpeg's error numbers say nothing
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_video_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def _frame_number(name: str):
+    # natural order: frame 10 after frame 9, whatever the zero padding
+    numbers = re.findall(r"\d+", name)
+    return (int(numbers[-1]) if numbers else -1, name)
+
+
+def frame_files(folder: str) -> List[str]:
+    """The image files of a frame folder in frame order (by the last number in each name)."""
+    names = [n for n in os.listdir(folder)
+             if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return [os.path.join(folder, n) for n in sorted(names, key=_frame_number)]
+
+
+def count_frames(source: str) -> int:
+    """The number of frames of a video file or frame folder. For a video file it also decodes the
+    first frame, so a file that opens but does not decode is caught here. Raises UnreadableVideo."""
+    if os.path.isdir(source):
+        try:
+            return len(frame_files(source))
+        except OSError as exc:
+            raise UnreadableVideo(_reason(exc)) from None
+    av = require_pyav()
+    try:
+        with av.open(source) as container:
+            if not container.streams.video:
+                raise UnreadableVideo("no video stream")
+            stream = container.streams.video[0]
+            frames = stream.frames  # from the container's index; 0 where the format has none
+            decoded = 0
+            for _ in container.decode(stream):
+                decoded += 1
+                if frames > 0:  # the first frame decodes: trust the index for the rest
+                    break
+            if decoded == 0:
+                raise UnreadableVideo("no frame decodes")
+            return frames if frames > 0 else decoded
+    except UnreadableVideo:
+        raise
+    except Exception as exc:  # av.error.FFmpegError and friends: corrupt or truncated files
+        raise UnreadableVideo(_reason(exc)) from None
+
+
+def read_frames(source: str, indices: Sequence[int]) -> np.ndarray:
+    """Frames ``indices`` (any order, repeats allowed) of ``source`` as ``T × H × W × 3`` uint8 RGB.
+
+    A video that ends before an index (its container's frame count was too high) gives its last
+    decoded frame there. Raises UnreadableVideo."""
+    if len(indices) == 0:
+        raise ValueError("no frame indices")
+    if os.path.isdir(source):
+        return _read_frame_folder(source, indices)
+    av = require_pyav()
+    wanted, last = set(indices), max(indices)
+    frames, final, final_frame = {}, None, None
+    try:
+        with av.open(source) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                final, final_frame = i, frame  # converted below only if the video ends early
+                if i >= last:
+                    break
+            if final is None:
+                raise UnreadableVideo("no frame decodes")
+            if final < last and final not in frames:
+                frames[final] = final_frame.to_ndarray(format="rgb24")
+    except UnreadableVideo:
+        raise
+    except Exception as exc:
+        raise UnreadableVideo(_reason(exc)) from None
+    return np.stack([frames[min(i, final)] for i in indices])
+
+
+def _read_frame_folder(folder: str, indices: Sequence[int]) -> np.ndarray:
+    Image = _pil_image()
+    try:
+        files = frame_files(folder)
+    except OSError as exc:
+        raise UnreadableVideo(_reason(exc)) from None
+    if not files:
+        raise UnreadableVideo("no frame images")
+    images = {}
+    for i in set(indices):
+        path = files[min(i, len(files) - 1)]
+        try:
+            with Image.open(path) as image:
+                images[i] = np.asarray(image.convert("RGB"))
+        except Exception as exc:  # PIL.UnidentifiedImageError, truncated files, permissions
+            raise UnreadableVideo(f"{os.path.basename(path)}: {_reason(exc)}") from None
+    shapes = {a.shape for a in images.values()}
+    if len(shapes) > 1:
+        raise UnreadableVideo(f"frames of different sizes {sorted(s[:2] for s in shapes)}")
+    return np.stack([images[i] for i in indices])
