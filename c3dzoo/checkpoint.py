@@ -80,15 +80,35 @@ def check_matches(checkpoint: Dict[str, Any], path: str, model_name: str,
 
 
 def stock_model(checkpoint: Dict[str, Any], path: str = "checkpoint") -> nn.Module:
-    """The stock (unfused) model the checkpoint describes, with its weights loaded strictly."""
+    """The stock (unfused) model the checkpoint describes, with the Net2Net growth it recorded
+    (``c3dzoo train --grow``: a ``growth`` list of {"op": "wider"|"deeper", "layer", "width"|"name"})
+    replayed, then its weights loaded strictly."""
+    name, kwargs = checkpoint.get("model_name"), checkpoint.get("model_kwargs", {})
+    growth = checkpoint.get("growth") or []
     try:
-        model = c3dzoo.get_model(checkpoint["model_name"], fused=False, **checkpoint["model_kwargs"])
+        model = c3dzoo.get_model(name, fused=False, **kwargs)
+        replay_growth(model, growth)
         model.load_state_dict(checkpoint["model"], strict=True)
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not build "
-                              f"{describe(checkpoint['model_name'], checkpoint['model_kwargs'])}: "
-                              f"{reason}") from None
+        grown = f" grown by {len(growth)} step(s)" if growth else ""
+        raise CheckpointError(f"checkpoint {path} does not build {describe(name, kwargs)}{grown}: {reason}") from None
+    return model
+
+
+def replay_growth(model: nn.Module, growth) -> nn.Module:
+    """Redo recorded Net2Net growth steps on ``model`` in place, for their architecture: the
+    weights a checkpoint holds are loaded afterwards, so the replica mapping does not matter
+    (a fixed generator keeps the global RNG untouched)."""
+    from . import net2net
+
+    for step in growth:
+        if step["op"] == "wider":
+            net2net.wider(model, step["layer"], step["width"], generator=torch.Generator().manual_seed(0))
+        elif step["op"] == "deeper":
+            net2net.deeper(model, step["layer"], name=step["name"])
+        else:
+            raise ValueError(f"unknown growth step {step['op']!r}")
     return model
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import c3dzoo
+from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli
 
 TINY_TRAIN = ["train", "--epochs", "1", "--train-samples", "16", "--val-samples", "8",
@@ -524,11 +525,10 @@ def test_predict_on_video_files_and_frame_folders(video_folder, video_checkpoint
 
 def test_predict_video_matches_validation_clip(video_folder, video_checkpoint, capsys):
     """predict reads a video as validation does: its printed top-1 is the model's on the val clip."""
-    from c3dzoo.cli.predict import grown_stock_model
     from c3dzoo.data import ClipSampler, VideoClipDataset, VideoItem, count_frames
 
     checkpoint = torch.load(video_checkpoint, map_location="cpu", weights_only=True)
-    model = grown_stock_model(checkpoint).eval()
+    model = ckpt.stock_model(checkpoint).eval()
     path = str(video_folder / "right" / "v2.mp4")
     val = VideoClipDataset([VideoItem(path, 1, count_frames(path))], checkpoint["class_names"], frames=16,
                            size=32, train=False)

@@ -568,3 +568,22 @@ def test_plots_without_matplotlib_say_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(evaluation.PlotUnavailable, match=r"pip install 'c3dzoo\[plot\]'"):
         evaluation.save_confusion_matrix_png(np.eye(2, dtype=int), tmp_path / "cm.png")
     assert not (tmp_path / "cm.png").exists()
+
+
+def test_load_pretrained_from_a_grown_training_checkpoint(tmp_path):
+    """A checkpoint of a run grown with --grow loads through the growth it records."""
+    from c3dzoo import net2net
+
+    kwargs = dict(num_classes=5, width_mult=0.125, input_size=(16, 32, 32))
+    grown = c3dzoo.get_model("c3d_bn", **kwargs)
+    net2net.wider(grown, "conv5b", 96, generator=torch.Generator().manual_seed(3))
+    payload = {"model": grown.state_dict(), "model_name": "c3d_bn", "model_kwargs": kwargs,
+               "growth": [{"op": "wider", "layer": "conv5b", "width": 96, "epoch": 2}]}
+    path = tmp_path / "grown.pt"
+    torch.save(payload, path)
+    model = ckpt.stock_model(torch.load(path, weights_only=True), str(path))
+    for key, value in grown.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    without_growth = dict(payload, growth=[])
+    with pytest.raises(ckpt.CheckpointError, match="does not build"):
+        ckpt.stock_model(without_growth)

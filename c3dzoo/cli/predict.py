@@ -10,33 +10,12 @@ import sys
 
 import torch
 
-import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo.data import (ClipSampler, ClipTransform, SyntheticVideoDataset, UnreadableVideo,
                          count_frames, read_frames)
 from c3dzoo.data.video_io import VIDEO_EXTENSIONS
 
 from ._common import PROG, CommandError, UsageError, resolve_device
-
-
-def grown_stock_model(checkpoint: dict, path: str = "checkpoint") -> torch.nn.Module:
-    """The stock model of a training checkpoint, with the Net2Net growth it recorded (``--grow``)
-    replayed before its weights load strictly."""
-    growth = checkpoint.get("growth") or []
-    if not growth:
-        return ckpt.stock_model(checkpoint, path)
-    from .train import apply_growth
-
-    name, kwargs = checkpoint["model_name"], checkpoint["model_kwargs"]
-    try:
-        model = c3dzoo.get_model(name, fused=False, **kwargs)
-        for step in growth:
-            apply_growth(model, step)
-        model.load_state_dict(checkpoint["model"], strict=True)
-    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        raise ckpt.CheckpointError(f"checkpoint {path} does not build {ckpt.describe(name, kwargs)} "
-                                   f"grown by {len(growth)} step(s): {str(exc).strip().splitlines()[0]}") from None
-    return model
 
 
 def _load_tensor(path: str) -> torch.Tensor:
@@ -90,7 +69,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"{videos[0]}: reading video files needs PyAV, which is not installed: "
                          f"pip install av (or give frame folders, .pt clip tensors or --synthetic N)")
     device = resolve_device(args.device)
-    model = grown_stock_model(checkpoint, args.checkpoint).to(device).eval()
+    model = ckpt.stock_model(checkpoint, args.checkpoint).to(device).eval()
     num_classes = checkpoint["model_kwargs"].get("num_classes")
     names = checkpoint.get("class_names") or [f"class {i}" for i in range(num_classes or 0)]
     items = []  # (label to print, clip or None when a file is read in turn, true class or None)
@@ -136,7 +115,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     checkpoint = ckpt.load(args.checkpoint)
-    model = grown_stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
+    model = ckpt.stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
     state = ckpt.plain_state_dict(model.state_dict())
     try:
         ckpt.save_atomic(state, args.out)
@@ -145,7 +124,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     kwargs = ", ".join(f"{k}={v!r}" for k, v in checkpoint["model_kwargs"].items())
     growth = checkpoint.get("growth") or []
     grown = (f", after replaying its {len(growth)} --grow step(s) with c3dzoo.net2net "
-             f"(c3dzoo.cli.predict.grown_stock_model does both)") if growth else ""
+             f"(c3dzoo.checkpoint.stock_model does both)") if growth else ""
     print(f"wrote {args.out}: {len(state)} tensors; load with c3dzoo.get_model("
           f"{checkpoint['model_name']!r}, {kwargs}).load_state_dict(torch.load(path)){grown}")
     return 0
