@@ -28,7 +28,9 @@ the first sample of the tile and check that the samples one tile spans fit in in
 is kept small on purpose: it lives in registers for the whole K loop (see the sm_90 register
 report in tests/test_triton_sm90.py).
 
-Later kernels (training forward with a statistics epilogue, dgrad, wgrad) reuse these helpers.
+Later kernels (training forward with a statistics epilogue, dgrad, wgrad) reuse these helpers, and
+the elementwise kernels over a conv output (``bn_act_pool`` and its backward) share the tile, pool
+window and BatchNorm helpers at the end of this file.
 """
 
 import triton
@@ -225,3 +227,53 @@ def output_tile(pid, out_c, out_positions, out_d, out_h, out_w, sample_size,
     row_offset = (sample - first_sample) * sample_size
     return (offs_m, offs_n, offs_m < out_positions, offs_n < out_c,
             pos_d, pos_h, pos_w, first_sample, row_offset)
+
+
+# --------------------------------------------------------------------------------------------
+# elementwise kernels over an NDHWC conv output: (pooled) positions × channels tiles
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def channel_tile(pid, positions, channels, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program ``pid``'s tile of a 1-D grid over ``positions`` × ``channels`` (channel blocks
+    fastest): (pid_p, offs_p, offs_c, p_mask, c_mask)."""
+    c_blocks = tl.cdiv(channels, BLOCK_C)
+    pid_p = pid // c_blocks
+    pid_c = pid - pid_p * c_blocks
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_p, offs_p, offs_c, offs_p < positions, offs_c < channels
+
+
+@triton.jit
+def pool_window_position(
+    window, sample, pooled_d, pooled_h, pooled_w, p_mask, conv_d, conv_h, conv_w,
+    POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
+    POOL_SD: tl.constexpr, POOL_SH: tl.constexpr, POOL_SW: tl.constexpr,
+    POOL_PD: tl.constexpr, POOL_PH: tl.constexpr, POOL_PW: tl.constexpr,
+):
+    """(int64 conv position, valid) of offset ``window`` (d, h, w order) of each row's pool window;
+    rows in the pool's padding or past the conv output are not valid."""
+    d = pooled_d * POOL_SD - POOL_PD + window // (POOL_KH * POOL_KW)
+    h = pooled_h * POOL_SH - POOL_PH + (window // POOL_KW) % POOL_KH
+    w = pooled_w * POOL_SW - POOL_PW + window % POOL_KW
+    valid = p_mask & (d >= 0) & (d < conv_d) & (h >= 0) & (h < conv_h) & (w >= 0) & (w < conv_w)
+    return ((sample.to(tl.int64) * conv_d + d) * conv_h + h) * conv_w + w, valid
+
+
+@triton.jit
+def batch_norm_coefficients(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_c, c_mask, eps,
+                            HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """Per channel (fp32): mean, 1/σ, scale = γ/σ and β (0 without β), so that
+    z = (y − mean)·scale + β. ``1/tl.sqrt``: libdevice's rsqrt fails under the interpreter."""
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_mask, other=1.0) + eps)
+    scale = invstd
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_c, mask=c_mask, other=1.0)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0)
+    else:
+        beta = tl.zeros_like(mean)
+    return mean, invstd, scale, beta

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import apply_activation, split_position
+from ._implicit_gemm import (apply_activation, batch_norm_coefficients, channel_tile,
+                             pool_window_position, split_position)
 
 
 @triton.jit
@@ -36,38 +37,22 @@ def bn_act_pool_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c_blocks = tl.cdiv(channels, BLOCK_C)
-    pid_p = pid // c_blocks
-    pid_c = pid - pid_p * c_blocks
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = offs_p < out_positions
-    c_mask = offs_c < channels
-
-    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
-    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_mask, other=1.0) + eps)
-    if HAS_GAMMA:
-        scale = scale * tl.load(gamma_ptr + offs_c, mask=c_mask, other=1.0)
-    if HAS_BETA:
-        beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0)
+    _, offs_p, offs_c, p_mask, c_mask = channel_tile(tl.program_id(0), out_positions, channels, BLOCK_P, BLOCK_C)
+    mean, _, scale, beta = batch_norm_coefficients(
+        mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_c, c_mask, eps, HAS_GAMMA, HAS_BETA)
 
     sample, pooled_d, pooled_h, pooled_w = split_position(offs_p, out_d, out_h, out_w)
     out_dtype = out_ptr.dtype.element_ty
     pooled = tl.full((BLOCK_P, BLOCK_C), float("-inf"), out_dtype)
     for window in range(POOL_KD * POOL_KH * POOL_KW):
-        d = pooled_d * POOL_SD - POOL_PD + window // (POOL_KH * POOL_KW)
-        h = pooled_h * POOL_SH - POOL_PH + (window // POOL_KW) % POOL_KH
-        w = pooled_w * POOL_SW - POOL_PW + window % POOL_KW
-        valid = p_mask & (d >= 0) & (d < conv_d) & (h >= 0) & (h < conv_h) & (w >= 0) & (w < conv_w)
-        position = ((sample.to(tl.int64) * conv_d + d) * conv_h + h) * conv_w + w
+        position, valid = pool_window_position(
+            window, sample, pooled_d, pooled_h, pooled_w, p_mask, conv_d, conv_h, conv_w,
+            POOL_KH, POOL_KW, POOL_SD, POOL_SH, POOL_SW, POOL_PD, POOL_PH, POOL_PW)
         y = tl.load(
             y_ptr + position[:, None] * channels + offs_c[None, :],
             mask=valid[:, None] & c_mask[None, :], other=0.0,
         )
-        z = (y.to(tl.float32) - mean[None, :]) * scale[None, :]
-        if HAS_BETA:
-            z = z + beta[None, :]
+        z = (y.to(tl.float32) - mean[None, :]) * scale[None, :] + beta[None, :]
         # -inf before the cast: masked rows read 0, and (0 − mean)·scale may not fit the output dtype
         z = tl.where(valid[:, None], z, float("-inf")).to(out_dtype)
         pooled = tl.maximum(pooled, apply_activation(z, ACTIVATION, negative_slope))

@@ -32,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import apply_activation, split_position
-from .bn_act_pool import ElementwisePlan, ElementwiseConfig, plan_bn_act_pool
+from ._implicit_gemm import (apply_activation, batch_norm_coefficients, channel_tile,
+                             pool_window_position, split_position)
+from .bn_act_pool import ElementwiseConfig, ElementwisePlan, plan_bn_act_pool, select_config
 
 
 @triton.jit
@@ -48,24 +49,12 @@ def act_pool_backward_reduce_kernel(
     HAS_NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c_blocks = tl.cdiv(channels, BLOCK_C)
-    pid_p = pid // c_blocks
-    pid_c = pid - pid_p * c_blocks
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = offs_p < out_positions
-    c_mask = offs_c < channels
+    pid_p, offs_p, offs_c, p_mask, c_mask = channel_tile(
+        tl.program_id(0), out_positions, channels, BLOCK_P, BLOCK_C)
     mask = p_mask[:, None] & c_mask[None, :]
-
     if HAS_NORM:
-        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
-        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_mask, other=1.0) + eps)
-        scale = invstd
-        if HAS_GAMMA:
-            scale = scale * tl.load(gamma_ptr + offs_c, mask=c_mask, other=1.0)
-        if HAS_BETA:
-            beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0)
+        mean, invstd, scale, beta = batch_norm_coefficients(
+            mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_c, c_mask, eps, HAS_GAMMA, HAS_BETA)
 
     sample, pooled_d, pooled_h, pooled_w = split_position(offs_p, out_d, out_h, out_w)
     dz_dtype = dz_ptr.dtype.element_ty
@@ -73,20 +62,16 @@ def act_pool_backward_reduce_kernel(
     best_window = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32)
     best_y = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for window in range(POOL_KD * POOL_KH * POOL_KW):
-        d = pooled_d * POOL_SD - POOL_PD + window // (POOL_KH * POOL_KW)
-        h = pooled_h * POOL_SH - POOL_PH + (window // POOL_KW) % POOL_KH
-        w = pooled_w * POOL_SW - POOL_PW + window % POOL_KW
-        valid = p_mask & (d >= 0) & (d < conv_d) & (h >= 0) & (h < conv_h) & (w >= 0) & (w < conv_w)
-        position = ((sample.to(tl.int64) * conv_d + d) * conv_h + h) * conv_w + w
+        position, valid = pool_window_position(
+            window, sample, pooled_d, pooled_h, pooled_w, p_mask, conv_d, conv_h, conv_w,
+            POOL_KH, POOL_KW, POOL_SD, POOL_SH, POOL_SW, POOL_PD, POOL_PH, POOL_PW)
         y = tl.load(
             y_ptr + position[:, None] * channels + offs_c[None, :],
             mask=valid[:, None] & c_mask[None, :], other=0.0,
         ).to(tl.float32)
         z = y
         if HAS_NORM:
-            z = (y - mean[None, :]) * scale[None, :]
-            if HAS_BETA:
-                z = z + beta[None, :]
+            z = (y - mean[None, :]) * scale[None, :] + beta[None, :]
         z = tl.where(valid[:, None], z, float("-inf")).to(dz_dtype)
         a = apply_activation(z, ACTIVATION, negative_slope)
         take = a > best  # strict: the first maximum in window order wins, as in MaxPool3d
@@ -105,11 +90,9 @@ def act_pool_backward_reduce_kernel(
     dz = tl.where(mask, dz, 0.0)
 
     for window in range(POOL_KD * POOL_KH * POOL_KW):
-        d = pooled_d * POOL_SD - POOL_PD + window // (POOL_KH * POOL_KW)
-        h = pooled_h * POOL_SH - POOL_PH + (window // POOL_KW) % POOL_KH
-        w = pooled_w * POOL_SW - POOL_PW + window % POOL_KW
-        valid = p_mask & (d >= 0) & (d < conv_d) & (h >= 0) & (h < conv_h) & (w >= 0) & (w < conv_w)
-        position = ((sample.to(tl.int64) * conv_d + d) * conv_h + h) * conv_w + w
+        position, valid = pool_window_position(
+            window, sample, pooled_d, pooled_h, pooled_w, p_mask, conv_d, conv_h, conv_w,
+            POOL_KH, POOL_KW, POOL_SD, POOL_SH, POOL_SW, POOL_PD, POOL_PH, POOL_PW)
         tl.store(
             dz_ptr + position[:, None] * channels + offs_c[None, :],
             tl.where(best_window == window, dz, 0.0).to(dz_dtype),
@@ -130,14 +113,8 @@ def bn_backward_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dy = coef·(dz − mean(dz) − x̂·mean(dz·x̂)), coef = γ/σ; dy may be dz (in place)."""
-    pid = tl.program_id(0)
-    c_blocks = tl.cdiv(channels, BLOCK_C)
-    pid_p = pid // c_blocks
-    pid_c = pid - pid_p * c_blocks
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < channels
-    mask = (offs_p < positions)[:, None] & c_mask[None, :]
+    _, offs_p, offs_c, p_mask, c_mask = channel_tile(tl.program_id(0), positions, channels, BLOCK_P, BLOCK_C)
+    mask = p_mask[:, None] & c_mask[None, :]
     offsets = offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :]
     mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
@@ -182,7 +159,12 @@ def plan_act_pool_backward(
     device: torch.device,
     config: Optional[ElementwiseConfig] = None,
 ) -> ElementwisePlan:
-    """The forward ``bn_act_pool``'s plan (same output tiling), with this kernel's extra flag."""
+    """The forward ``bn_act_pool``'s plan, with this kernel's extra flag. On a GPU half the forward's
+    positions per program: each element carries more state through the window loop (the running
+    maximum, its window and its y), and 4096 elements a program needed ~210 registers a thread."""
+    if config is None and device.type == "cuda":
+        forward = select_config(int(y_shape[1]), 1, device)
+        config = dataclasses.replace(forward, block_p=max(1, forward.block_p // 2))
     plan = plan_bn_act_pool(
         y_shape, eps=eps, activation=activation, negative_slope=negative_slope, pool=pool,
         has_gamma=has_gamma, has_beta=has_beta, device=device, config=config,
