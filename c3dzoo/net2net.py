@@ -4,13 +4,17 @@
   random old ones (mapping ``g``), the BatchNorm after the layer copies γ, β and the running
   statistics of the same units, and the next layer's incoming weights are divided by the number of
   copies, so the output is unchanged (eval and train mode; replicas have identical batch stats).
-* ``deeper(model, after)`` inserts an identity layer (Dirac Conv3d → identity BatchNorm3d → ReLU,
-  or identity Linear → ReLU) after a layer of the C3D family.
+* ``wider_group(model, stream, width)`` does that for a residual stream of a video ResNet: every
+  layer adding into the stream grows with one shared mapping, every layer reading it is divided.
+* ``deeper(model, after)`` inserts an identity layer: Dirac Conv3d → identity BatchNorm3d → ReLU
+  (or identity Linear → ReLU) in the C3D family, a BasicBlock whose branch adds exactly 0 in the
+  video ResNets, a Dirac Conv3d → identity BatchNorm3d (no activation) in the ConvColumn.
 
-Both rewrite the optimizer too (momentum and Adam moments follow their parameters), validate
-everything before touching the model, and replace modules by new ``nn.Conv3d``/``nn.BatchNorm*``/
-``nn.Linear`` of the grown size at the same names, so the state_dict keys stay those of the stock
-architecture at the grown size, and the fused path (which reads the same modules) keeps working.
+All rewrite the optimizer too (momentum and Adam moments follow their parameters), validate
+everything before touching the model, and replace or insert plain ``nn.Conv3d``/``nn.BatchNorm*``/
+``nn.Linear`` modules, so the state_dict keys are those of the stock architecture grown the same
+way (inserting into a Sequential shifts the later indices), and the fused path (which reads the
+same modules) keeps working.
 Models wrapped by ``c3dzoo.fuse`` hold references to the old modules: grow first, then fuse.
 
 Tensor rewrites all go through ``c3dzoo.ops.net2net_remap`` (the place for faster backends).
@@ -18,6 +22,7 @@ Tensor rewrites all go through ``c3dzoo.ops.net2net_remap`` (the place for faste
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import string
@@ -34,7 +39,7 @@ Tensor = torch.Tensor
 # (state tensor, power) → remapped tensor; power is 2 for moments quadratic in the parameter
 Remap = Callable[[Tensor, int], Tensor]
 
-__all__ = ["wider", "deeper", "widenable_layers"]
+__all__ = ["wider", "wider_group", "deeper", "widenable_layers", "residual_streams"]
 
 # optimizer state entries that are quadratic in the gradient (and so in the parameter's scale)
 _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -57,14 +62,27 @@ class _Stage:
 class _Segment:
     """Stages where each one's output feeds only the next one's input, through per-channel ops
     (activations, pools, dropout, BatchNorm, flatten). The last stage's output leaves the
-    segment: it is the model's output, or, when ``tied`` is set, a residual stream whose channels
-    are shared with the layers in ``tied``."""
+    segment: it is the model's output, or, when ``stream`` is set, it is added into that
+    residual stream (see ``_Stream``)."""
 
     stages: Tuple[_Stage, ...]
-    tied: Tuple[str, ...] = ()
+    stream: Optional[str] = None
 
 
-def _segments(model: nn.Module) -> List[_Segment]:
+@dataclass(frozen=True)
+class _Stream:
+    """A residual stream of a video ResNet: the channels that ``writers`` (the stem's last conv
+    or the downsample shortcut that starts the stream, then each block's last conv, each with its
+    BatchNorm) produce and the residual additions sum, and that ``readers`` take in (each block's
+    first conv, the next stage's downsample conv, ``fc``). Its channels only grow all together."""
+
+    name: str
+    writers: Tuple[_Stage, ...]
+    readers: Tuple[str, ...]
+
+
+def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
+    """The segments of ``model`` and its residual streams (none outside the video ResNets)."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
     from .models.video_resnet import VideoResNet
@@ -72,17 +90,21 @@ def _segments(model: nn.Module) -> List[_Segment]:
     if isinstance(model, C3D):
         convs = [_Stage(n, n + "_bn" if model.batch_norm else None) for n in model.layer_names]
         fcs = [_Stage(n) for n in _c3d_fc_names(model) + ("fc8",)]
-        return [_Segment(tuple(convs + fcs))]
+        return [_Segment(tuple(convs + fcs))], []
     if isinstance(model, ConvColumn):
         paths = [p for i in range(1, 5) for p in _leaf_paths(model, f"conv_layer{i}")]
         paths += ["conv_layer5", "fc5", "batch0", "fc6", "batch1", "fc7"]  # forward order
-        return [_Segment(_stages(model, paths))]
+        return [_Segment(_stages(model, paths))], []
     if isinstance(model, VideoResNet):
-        return _resnet_segments(model)
+        return _resnet_graph(model)
     raise ValueError(
         f"net2net does not know the layer graph of {type(model).__name__}; it supports the zoo's "
         f"C3D, ConvColumn (jester_convcolumn) and VideoResNet models (not fx-fused copies: grow, then fuse)"
     )
+
+
+def _segments(model: nn.Module) -> List[_Segment]:
+    return _graph(model)[0]
 
 
 def _leaf_paths(model: nn.Module, prefix: str) -> List[str]:
@@ -103,45 +125,90 @@ def _stages(model: nn.Module, paths: Sequence[str]) -> Tuple[_Stage, ...]:
     return tuple(stages)
 
 
-def _resnet_segments(model: nn.Module) -> List[_Segment]:
-    # Each block's conv1 → conv2 is a chain whose last conv writes into the residual stream; so
-    # do the stem and the downsample shortcuts. A stream is re-started by each downsample.
-    chains: List[Tuple[Tuple[_Stage, ...], List[str]]] = []
-    stream: List[str] = []
-    chains.append((_stages(model, _leaf_paths(model, "stem")), stream))
+def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
+    # The stem, each downsample shortcut and each block's conv1 → conv2 are chains. A block's
+    # first conv (and its shortcut) reads the stream the blocks before it wrote; its last conv
+    # adds into the stream it outputs, which a shortcut starts afresh.
+    names: List[str] = []
+    writers: List[List[_Stage]] = []
+    readers: List[List[str]] = []
+    chains: List[Tuple[Tuple[_Stage, ...], int]] = []
+
+    def start_stream(name: str) -> int:
+        names.append(name)
+        writers.append([])
+        readers.append([])
+        return len(names) - 1
+
+    def add_chain(prefix: str, parts: Sequence[str], stream: int) -> Tuple[_Stage, ...]:
+        stages = _stages(model, [p for part in parts for p in _leaf_paths(model, prefix + part)])
+        chains.append((stages, stream))
+        writers[stream].append(stages[-1])
+        return stages
+
+    stream = start_stream("stem")
+    add_chain("stem", [""], stream)
     for li in range(1, 5):
-        for bi, block in enumerate(model.get_submodule(f"layer{li}")):
-            prefix = f"layer{li}.{bi}"
+        layer = f"layer{li}"
+        for bi, block in enumerate(model.get_submodule(layer)):
+            prefix = f"{layer}.{bi}."
+            reads = stream
             if block.downsample is not None:
-                stream = []
-                chains.append((_stages(model, _leaf_paths(model, prefix + ".downsample")), stream))
-            body = _leaf_paths(model, prefix + ".conv1") + _leaf_paths(model, prefix + ".conv2")
-            chains.append((_stages(model, body), stream))
-    for stages, writers in chains:
-        writers.append(stages[-1].layer)
-    segments = [_Segment(stages, tuple(writers)) for stages, writers in chains]
-    return segments + [_Segment((_Stage("fc"),))]
+                stream = start_stream(layer)
+                readers[reads].append(add_chain(prefix, ["downsample"], stream)[0].layer)
+            names[stream] = layer  # a stream is named after the last stage adding into it
+            readers[reads].append(add_chain(prefix, ["conv1", "conv2"], stream)[0].layer)
+    readers[stream].append("fc")
+    segments = [_Segment(stages, names[s]) for stages, s in chains] + [_Segment((_Stage("fc"),))]
+    return segments, [_Stream(n, tuple(w), tuple(r)) for n, w, r in zip(names, writers, readers)]
 
 
 def widenable_layers(model: nn.Module) -> List[str]:
-    """The layers ``wider`` accepts for ``model``, in forward order."""
+    """The layers ``wider`` grows one at a time for ``model``, in forward order (see
+    ``residual_streams`` for the layers of a video ResNet that only grow together)."""
     return [s.layer for seg in _segments(model) for s in seg.stages[:-1]]
+
+
+def residual_streams(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
+    """The residual streams of a video ResNet ``model`` (empty for other models), in forward
+    order: stream name (``"layer1"`` … ``"layer4"``: the stage whose blocks add into it; the
+    stem writes into ``"layer1"``) → the layers writing into it, which ``wider_group`` grows
+    together."""
+    return {s.name: tuple(w.layer for w in s.writers) for s in _graph(model)[1]}
+
+
+def _find_stream(model: nn.Module, name: str) -> _Stream:
+    """The residual stream called ``name`` or written by layer ``name``, or ValueError."""
+    streams = _graph(model)[1]
+    for stream in streams:
+        if name == stream.name or name in (w.layer for w in stream.writers):
+            return stream
+    if not streams:
+        raise ValueError(f"{type(model).__name__} has no residual streams; grow its layers one at a time "
+                         f"with wider: {', '.join(widenable_layers(model))}")
+    raise ValueError(
+        f"unknown residual stream {name!r} in {type(model).__name__}: give a stream "
+        f"({', '.join(s.name for s in streams)}) or a layer writing into one "
+        f"({', '.join(w.layer for s in streams for w in s.writers)})"
+    )
 
 
 def _link(model: nn.Module, layer: str) -> Tuple[_Stage, _Stage]:
     """(the stage of ``layer``, the stage that consumes its output), or ValueError."""
-    for seg in _segments(model):
+    segments, streams = _graph(model)
+    for seg in segments:
         for i, stage in enumerate(seg.stages):
             if stage.layer != layer:
                 continue
             if i + 1 < len(seg.stages):
                 return stage, seg.stages[i + 1]
-            if seg.tied:
-                others = [t for t in seg.tied if t != layer]
+            if seg.stream is not None:
+                stream = next(s for s in streams if s.name == seg.stream)
+                others = ", ".join(w.layer for w in stream.writers if w.layer != layer)
                 raise ValueError(
-                    f"{layer!r} feeds a residual addition: its output channels are tied to "
-                    f"{', '.join(others) or 'the residual stream'} (and to the layers reading that "
-                    f"stream); growing tied layers together is not supported"
+                    f"{layer!r} writes into the residual stream {stream.name!r}: its output channels are "
+                    f"tied to {others} and to the layers reading the stream; grow them all together with "
+                    f"wider_group(model, {stream.name!r}, width)"
                 )
             raise ValueError(
                 f"{layer!r} is the output layer of {type(model).__name__}: no following layer "
@@ -151,9 +218,10 @@ def _link(model: nn.Module, layer: str) -> Tuple[_Stage, _Stage]:
         what = f"is a {type(model.get_submodule(layer)).__name__}, not a Conv3d or Linear net2net knows"
     except AttributeError:
         what = "is unknown"
+    streams_note = f"; residual streams: {', '.join(s.name for s in streams)}" if streams else ""
     raise ValueError(
         f"layer {layer!r} {what} in {type(model).__name__}; layers that can be widened: "
-        f"{', '.join(widenable_layers(model))}"
+        f"{', '.join(widenable_layers(model))}{streams_note}"
     )
 
 
@@ -278,57 +346,110 @@ def wider(model: nn.Module, layer: str, width: int, *, noise: float = 0.0,
     changes slightly); the default is exact. ``optimizer``'s parameters and state are rewritten
     to match (see ``_optimizer_commit``); gradients are not carried over.
 
+    ``layer`` may also name a residual stream of a video ResNet (``"layer1"`` … ``"layer4"``):
+    that is ``wider_group(model, layer, width, ...)``. A single layer writing into a stream
+    cannot grow alone.
+
     Raises ValueError, leaving model and optimizer untouched, for an unknown layer, a width not
     larger than the current one, a layer with no following layer to rewrite (the output layer),
     or one whose output feeds a residual addition.
     """
+    if layer in residual_streams(model):
+        return wider_group(model, layer, width, noise=noise, generator=generator, optimizer=optimizer)
     stage, next_stage = _link(model, layer)
-    producer = model.get_submodule(stage.layer)
-    consumer = model.get_submodule(next_stage.layer)
-    norm = model.get_submodule(stage.norm) if stage.norm else None
-    old = _units(producer)
-    if isinstance(width, bool) or not isinstance(width, int) or width <= old:
-        raise ValueError(f"width must be an int larger than {layer!r}'s current {old} units, got {width!r}")
-    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    for path, module in ((stage.layer, producer), (next_stage.layer, consumer)):
+    return _grow(model, repr(layer), (stage,), (next_stage.layer,), width, noise, generator, optimizer)
+
+
+def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0,
+                generator: Optional[torch.Generator] = None,
+                optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
+    """Grow a residual stream of a video ResNet ``model`` to ``width`` channels, in place,
+    without changing what the model computes; returns ``model``.
+
+    ``stream`` is a stream name (``"layer1"`` … ``"layer4"``, see ``residual_streams``; the stem
+    writes into ``"layer1"``) or any layer writing into it (``"stem.0"``,
+    ``"layer2.0.downsample.0"``, ``"layer3.1.conv2.0"``, R(2+1)D's ``"stem.3"`` …). Every writer
+    (the stem's last conv or the downsample shortcut that starts the stream, and each block's
+    last conv) grows with one shared mapping ``g``, its BatchNorm copying γ, β and the running
+    statistics, so every residual addition adds replicas to replicas; every reader (each block's
+    first conv, the next stage's downsample conv, ``fc`` after the last stream) has its incoming
+    weights divided by the replica counts. Exact in eval and train mode (replicated channels have
+    identical batch statistics). ``noise``, ``generator`` and ``optimizer`` as for ``wider``
+    (noise goes on each writer's replicas, scaled by that writer's weight std).
+
+    Raises ValueError, leaving model and optimizer untouched, for a model without residual
+    streams, an unknown stream, or a width not larger than the current one.
+    """
+    found = _find_stream(model, stream)
+    return _grow(model, f"residual stream {found.name!r}", found.writers, found.readers, width, noise,
+                 generator, optimizer)
+
+
+def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: Sequence[str], width: int,
+          noise: float, generator: Optional[torch.Generator],
+          optimizer: Optional[torch.optim.Optimizer]) -> nn.Module:
+    """Grow the layers of ``producers`` (all with the same units; each with its BatchNorm, if
+    any) to ``width`` units with one shared replica mapping, and divide the incoming weights of
+    every layer in ``consumers`` (which read exactly the producers' units). ``what`` names the
+    grown thing in errors. Validates everything before touching model or optimizer."""
+    layers = {path: model.get_submodule(path) for path in [s.layer for s in producers] + list(consumers)}
+    for path, module in layers.items():
         if type(module) not in _UNIT_LAYERS or getattr(module, "groups", 1) != 1:
             raise ValueError(f"net2net grows plain nn.Conv3d (groups=1) and nn.Linear layers; {path} is {module}")
-    if norm is not None and (type(norm) not in _NORMS or norm.num_features != old):
-        raise ValueError(f"{stage.norm} ({norm}) does not normalise {layer!r}'s {old} outputs")
-    fan_in = _units(consumer, incoming=True)
-    if fan_in % old or (isinstance(consumer, nn.Conv3d) and fan_in != old):
-        raise ValueError(f"{next_stage.layer} takes {fan_in} inputs, not a multiple of {layer!r}'s {old} outputs")
-    group = fan_in // old  # D·H·W columns per channel when a flatten feeds a Linear
+    old = _units(layers[producers[0].layer])
+    for stage in producers[1:]:
+        if _units(layers[stage.layer]) != old:
+            raise ValueError(f"{stage.layer} has {_units(layers[stage.layer])} output units, not the {old} "
+                             f"of {producers[0].layer}, so {what} cannot grow as one")
+    if isinstance(width, bool) or not isinstance(width, int) or width <= old:
+        raise ValueError(f"width must be an int larger than {what}'s current {old} units, got {width!r}")
+    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    norms = {s.norm: model.get_submodule(s.norm) for s in producers if s.norm}
+    for path, norm in norms.items():
+        if type(norm) not in _NORMS or norm.num_features != old:
+            raise ValueError(f"{path} ({norm}) does not normalise {what}'s {old} outputs")
+    groups = {}  # consumer → input columns per producer unit (D·H·W when a flatten feeds a Linear)
+    for path in consumers:
+        fan_in = _units(layers[path], incoming=True)
+        if fan_in % old or (isinstance(layers[path], nn.Conv3d) and fan_in != old):
+            raise ValueError(f"{path} takes {fan_in} inputs, not a multiple of {what}'s {old} outputs")
+        groups[path] = fan_in // old
 
-    g = remap.replica_mapping(old, width, generator, device=producer.weight.device)
+    g = remap.replica_mapping(old, width, generator, device=layers[producers[0].layer].weight.device)
     counts = remap.replica_counts(g, old)
 
     def replicate(t: Tensor, power: int = 1) -> Tensor:
         return remap.gather_units(t, g, 0)
 
-    def divide(t: Tensor, power: int = 1) -> Tensor:
-        return remap.divide_incoming(t, g, counts, 1, group, power=power)
+    def divide_by(group: int) -> Remap:
+        return lambda t, power=1: remap.divide_incoming(t, g, counts, 1, group, power=power)
 
-    producer_remaps: Dict[str, Remap] = {"weight": replicate, "bias": replicate}
     # running stats and affine parameters are per channel; num_batches_tracked (0-d) is copied
     norm_remaps: Dict[str, Remap] = {"weight": replicate, "bias": replicate,
                                      "running_mean": replicate, "running_var": replicate}
-    consumer_remaps: Dict[str, Remap] = {"weight": divide}
-
-    rewrites = [(stage.layer, producer, _resized(producer, out_units=width), producer_remaps),
-                (next_stage.layer, consumer, _resized(consumer, in_units=width * group), consumer_remaps)]
-    if norm is not None:
-        rewrites.append((stage.norm, norm, _resized(norm, out_units=width), norm_remaps))
+    rewrites = []  # (path, module, its grown replacement, remaps)
+    for stage in producers:
+        producer = layers[stage.layer]
+        rewrites.append((stage.layer, producer, _resized(producer, out_units=width),
+                         {"weight": replicate, "bias": replicate}))
+        if stage.norm:
+            rewrites.append((stage.norm, norms[stage.norm], _resized(norms[stage.norm], out_units=width), norm_remaps))
+    for path in consumers:
+        consumer = layers[path]
+        rewrites.append((path, consumer, _resized(consumer, in_units=width * groups[path]),
+                         {"weight": divide_by(groups[path])}))
     swaps = [s for path, module, new, remaps in rewrites for s in _param_swaps(path, module, new, remaps)]
     commit_optimizer = _optimizer_commit(optimizer, swaps)
 
     # nothing above touched model or optimizer; from here on nothing can fail on bad input
-    built = [(path, _rebuilt(module, new, remaps)) for path, module, new, remaps in rewrites]
+    built = {path: _rebuilt(module, new, remaps) for path, module, new, remaps in rewrites}
     if noise > 0:
-        _perturb_replicas_(built[0][1].weight, old, noise * producer.weight.float().std(correction=0).item(),
-                           generator)
-    for path, new in built:
+        for stage in producers:
+            weight = layers[stage.layer].weight
+            _perturb_replicas_(built[stage.layer].weight, old, noise * weight.float().std(correction=0).item(),
+                               generator)
+    for path, new in built.items():
         _set_module(model, path, new)
     commit_optimizer()
     return model
@@ -344,8 +465,141 @@ def _perturb_replicas_(weight: Tensor, old: int, std: float, generator: Optional
 
 
 # --------------------------------------------------------------------------------------------
-# deeper (C3D family)
+# deeper
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Insertion:
+    """A validated deeper step: ``commit()`` puts ``modules`` into the model (nothing before it
+    touches the model) and cannot fail; their parameters join the optimizer's param group that
+    holds ``anchor``."""
+
+    modules: Tuple[nn.Module, ...]
+    anchor: nn.Parameter
+    commit: Callable[[], None]
+
+
+def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Optimizer] = None,
+           data: Optional[Tensor] = None, name: Optional[str] = None,
+           generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Insert an identity layer after ``after`` in ``model``, in place, without changing what it
+    computes; returns ``model``. New parameters join ``optimizer``'s param group of ``after``
+    with empty state.
+
+    C3D / C3D-BN (``after``: a conv of ``layer_names`` or a hidden Linear of ``fc_names``).
+    After a conv: a 3×3×3 Conv3d (padding 1, same channels) with a Dirac kernel and zero bias,
+    then (C3D-BN) a BatchNorm3d, then ReLU (idempotent on the ReLU output it receives). The pool
+    that followed ``after`` moves after the new layer (the model's ``pool_names``). Without
+    ``data`` the BatchNorm has running mean 0, variance 1, γ = sqrt(1 + eps), β = 0: identity in
+    eval mode. With ``data`` (an input batch) the model is run to ``after`` in train mode
+    (buffers restored) and the BatchNorm gets the batch's mean μ and biased variance σ² as
+    running statistics, γ = sqrt(σ² + eps) and β = μ: identity in eval mode, and in train mode
+    on that batch. (C3D without BatchNorm needs no ``data``.) After a hidden Linear: an identity
+    Linear with zero bias; the forward's ReLU follows it (dropout too, so train-mode outputs with
+    dropout > 0 differ in distribution). That needs the model to list its hidden Linears in
+    ``fc_names`` (each run as Linear → ReLU → dropout before ``fc8``). The new layer is named
+    ``name`` or the next free letter (``conv3b`` → ``conv3c``, its BN ``conv3c_bn``; ``fc6`` →
+    ``fc6a``) and registered in ``layer_names`` (or ``fc_names``).
+
+    Video ResNets (``after``: a block such as ``"layer2.1"``). A new BasicBlock of the stream's
+    width and the stage's convolution kind (3×3×3, 1×3×3 or (2+1)D) goes into the ``layerN``
+    Sequential right after it (later blocks move up one index: ``layer2.2`` becomes
+    ``layer2.3``). Its convs get torchvision's initialisation (drawn from ``generator``, else the
+    global RNG) and its last BatchNorm γ = β = 0, so its residual branch adds exactly 0 in eval
+    and train mode, and the ReLU after the addition is idempotent on the stream it receives (a
+    ReLU output): exact without ``data`` (ignored). γ still gets gradients, so the block learns.
+
+    ConvColumn (``after``: a conv of ``conv_layer1`` … ``conv_layer4``, e.g.
+    ``"conv_layer2.3"``). An identity Conv3d and BatchNorm3d (as for C3D-BN, ``data`` included)
+    go into the block's Sequential right after that conv's BatchNorm and activation, before the
+    block's pool (later modules move up). No activation follows them: the model's LeakyReLU is
+    not idempotent (leaky(leaky(x)) = s²·x for x < 0), so one there would change the function
+    (after a ReLU a ReLU is added). A fused ConvColumn runs each block as exactly its seven stock
+    modules, so it is refused, and a deepened ConvColumn must stay unfused.
+
+    In the Sequential-based models the new module's path is fixed by its position; ``name`` may
+    only repeat it.
+
+    Raises ValueError, leaving model and optimizer untouched, for other models, unknown or
+    unsupported layers, taken names, bad ``data``, or an optimizer without ``after``'s weight.
+    """
+    from .models.c3d_family import C3D
+    from .models.jester import ConvColumn
+    from .models.video_resnet import VideoResNet
+
+    if isinstance(model, C3D):
+        insertion = _c3d_insertion(model, after, data, name)
+    elif isinstance(model, VideoResNet):
+        insertion = _resnet_insertion(model, after, name, generator)
+    elif isinstance(model, ConvColumn):
+        insertion = _convcolumn_insertion(model, after, data, name)
+    else:
+        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn and VideoResNet models, "
+                         f"not {type(model).__name__}")
+    group = None
+    if optimizer is not None:
+        group = next((g for g in optimizer.param_groups if any(p is insertion.anchor for p in g["params"])), None)
+        if group is None:
+            raise ValueError(f"the optimizer does not hold {after}'s weight, so the new layer has no group to join")
+    insertion.commit()
+    if group is not None:
+        group["params"].extend(p for m in insertion.modules for p in m.parameters())
+    return model
+
+
+def _fixed_path(name: Optional[str], path: str) -> None:
+    if name is not None and name != path:
+        raise ValueError(f"the new layer's path is fixed by its position in the Sequential ({path!r}), "
+                         f"so name={name!r} cannot be used")
+
+
+@contextlib.contextmanager
+def _train_mode_probe(model: nn.Module):
+    """Run ``model`` in train mode (no grad) inside the block, then restore every buffer and
+    train/eval flag it had."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        model.train()
+        with torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _identity_conv(channels: int, factory: dict) -> nn.Conv3d:
+    """A 3×3×3 Conv3d (padding 1, zero bias) that returns its input."""
+    conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1, **factory)
+    remap.dirac_(conv.weight.data)
+    with torch.no_grad():
+        conv.bias.zero_()
+    return conv
+
+
+def _identity_norm(reference: _BatchNorm, factory: dict, batch: Optional[Tensor]) -> nn.BatchNorm3d:
+    """A BatchNorm3d (``reference``'s eps and momentum) that is identity in eval mode: running
+    statistics μ, σ² with γ = sqrt(σ² + eps), β = μ; μ, σ² are ``batch``'s per-channel mean and
+    biased variance (so it is identity in train mode on that batch too), else 0 and 1."""
+    channels = reference.num_features
+    norm = nn.BatchNorm3d(channels, eps=reference.eps, momentum=reference.momentum, **factory)
+    mean, var = torch.zeros(channels, **factory), torch.ones(channels, **factory)
+    if batch is not None:
+        batch = batch.to(**factory)
+        mean, var = batch.mean(dim=(0, 2, 3, 4)), batch.var(dim=(0, 2, 3, 4), correction=0)
+    with torch.no_grad():
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+        norm.weight.copy_(torch.sqrt(var + norm.eps))
+        norm.bias.copy_(mean)
+    return norm
+
+
+# C3D family ---------------------------------------------------------------------------------
 
 
 def _c3d_fc_names(model: nn.Module) -> Tuple[str, ...]:
@@ -369,7 +623,6 @@ def _new_layer_name(model: nn.Module, after: str, taken: Sequence[str]) -> str:
     raise ValueError(f"no free layer name after {after!r}; pass name=...")
 
 
-@torch.no_grad()
 def _c3d_activation(model: nn.Module, after: str, data: Tensor) -> Tensor:
     """The output of conv ``after``'s chain (after ReLU, before its pool) on ``data`` in train
     mode, leaving every buffer and train/eval flag of the model as it was."""
@@ -377,10 +630,7 @@ def _c3d_activation(model: nn.Module, after: str, data: Tensor) -> Tensor:
 
     check_input(data, model.in_channels, model.input_size, type(model).__name__)
     pools = _c3d_pool_names(model)
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    try:
-        model.train()
+    with _train_mode_probe(model):
         x = data
         for name in model.layer_names:
             bn = getattr(model, name + "_bn") if model.batch_norm else None
@@ -388,44 +638,10 @@ def _c3d_activation(model: nn.Module, after: str, data: Tensor) -> Tensor:
             x = model.chain(x, getattr(model, name), bn, "relu", 0.0, pool)
             if name == after:
                 return x
-    finally:
-        for b, saved in buffers:
-            b.copy_(saved)
-        for m, mode in modes:
-            m.training = mode
     raise AssertionError("unreachable: after is in layer_names")
 
 
-def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Optimizer] = None,
-           data: Optional[Tensor] = None, name: Optional[str] = None) -> nn.Module:
-    """Insert an identity layer after layer ``after`` of a C3D/C3D-BN ``model``, in place, without
-    changing what it computes; returns ``model``.
-
-    After a conv: a 3×3×3 Conv3d (padding 1, same channels) with a Dirac kernel and zero bias,
-    then (C3D-BN) a BatchNorm3d, then ReLU (idempotent on the ReLU output it receives). The
-    pool that followed ``after`` moves after the new layer (the model's ``pool_names``). Without ``data`` the BatchNorm has
-    running mean 0, variance 1, γ = sqrt(1 + eps), β = 0: identity in eval mode. With ``data``
-    (an input batch) the model is run to ``after`` in train mode (buffers restored) and the
-    BatchNorm gets the batch's mean μ and biased variance σ² as running statistics, γ =
-    sqrt(σ² + eps) and β = μ: identity in eval mode, and in train mode on that batch. (C3D
-    without BatchNorm needs no ``data``.)
-
-    After a hidden Linear: an identity Linear with zero bias; the forward's ReLU follows it
-    (dropout too, so train-mode outputs with dropout > 0 differ in distribution). That needs the
-    model to list its hidden Linears in ``fc_names`` (each run as Linear → ReLU → dropout before
-    ``fc8``); the stock C3D's forward runs a fixed fc6 → fc7 → fc8 and has none.
-
-    The new layer is named ``name`` or the next free letter (``conv3b`` → ``conv3c``, its BN
-    ``conv3c_bn``; ``fc6`` → ``fc6a``) and registered in ``layer_names`` (or ``fc_names``). Its
-    parameters join ``optimizer``'s param group of ``after`` with empty state.
-
-    Raises ValueError, leaving model and optimizer untouched, for models outside the C3D family,
-    unknown or unsupported layers, taken names, or bad ``data``.
-    """
-    from .models.c3d_family import C3D
-
-    if not isinstance(model, C3D):
-        raise ValueError(f"deeper supports the C3D family (C3D, C3D-BN), not {type(model).__name__}")
+def _c3d_insertion(model: nn.Module, after: str, data: Optional[Tensor], name: Optional[str]) -> _Insertion:
     convs, fcs = tuple(model.layer_names), _c3d_fc_names(model)
     if after not in convs + fcs:
         raise ValueError(f"unknown layer {after!r} for deeper: choose one of {', '.join(convs + fcs)}")
@@ -438,11 +654,6 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     old = getattr(model, after)
     if type(old) not in _UNIT_LAYERS:
         raise ValueError(f"{after!r} is a {type(old).__name__}, not a plain nn.Conv3d or nn.Linear")
-    group = None
-    if optimizer is not None:
-        group = next((g for g in optimizer.param_groups if any(p is old.weight for p in g["params"])), None)
-        if group is None:
-            raise ValueError(f"the optimizer does not hold {after}.weight, so the new layer has no group to join")
     f = _factory(old)
 
     if after in fcs:
@@ -454,26 +665,10 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
         update = dict(fc_names=_insert(fcs, after, name))
     else:
         pools = _c3d_pool_names(model)
-        channels = old.out_channels
-        conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1, **f)
-        remap.dirac_(conv.weight.data)
-        with torch.no_grad():
-            conv.bias.zero_()
-        modules = {name: conv}
+        modules = {name: _identity_conv(old.out_channels, f)}
         if model.batch_norm:
-            ref = getattr(model, after + "_bn")
-            bn = nn.BatchNorm3d(channels, eps=ref.eps, momentum=ref.momentum, **f)
-            mean = torch.zeros(channels, **f)
-            var = torch.ones(channels, **f)
-            if data is not None:
-                y = _c3d_activation(model, after, data).to(**f)
-                mean, var = y.mean(dim=(0, 2, 3, 4)), y.var(dim=(0, 2, 3, 4), correction=0)
-            with torch.no_grad():
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                bn.weight.copy_(torch.sqrt(var + bn.eps))
-                bn.bias.copy_(mean)
-            modules[name + "_bn"] = bn
+            batch = _c3d_activation(model, after, data) if data is not None else None
+            modules[name + "_bn"] = _identity_norm(getattr(model, after + "_bn"), f, batch)
         update = dict(layer_names=_insert(convs, after, name))
         if after in pools:
             moved = {k: v for k, v in pools.items() if k != after}
@@ -482,15 +677,128 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     for module in modules.values():
         module.train(old.training)
 
-    for key, module in modules.items():
-        setattr(model, key, module)
-    for key, value in update.items():
-        setattr(model, key, value)
-    if group is not None:
-        group["params"].extend(p for m in modules.values() for p in m.parameters())
-    return model
+    def commit() -> None:
+        for key, module in modules.items():
+            setattr(model, key, module)
+        for key, value in update.items():
+            setattr(model, key, value)
+
+    return _Insertion(tuple(modules.values()), old.weight, commit)
 
 
 def _insert(names: Tuple[str, ...], after: str, name: str) -> Tuple[str, ...]:
     i = names.index(after) + 1
     return names[:i] + (name,) + names[i:]
+
+
+# video ResNets ------------------------------------------------------------------------------
+
+
+def _resnet_insertion(model: nn.Module, after: str, name: Optional[str],
+                      generator: Optional[torch.Generator]) -> _Insertion:
+    from .models.video_resnet import BasicBlock
+
+    blocks = [f"layer{li}.{bi}" for li in range(1, 5) for bi in range(len(model.get_submodule(f"layer{li}")))]
+    if after not in blocks:
+        raise ValueError(f"deeper inserts a block after a block of {type(model).__name__}; {after!r} is not "
+                         f"one of {', '.join(blocks)}")
+    layer_name, index = after.split(".")
+    layer, index = model.get_submodule(layer_name), int(index)
+    _fixed_path(name, f"{layer_name}.{index + 1}")
+    block = layer[index]
+    writer = model.get_submodule(_stages(model, _leaf_paths(model, after + ".conv2"))[-1].layer)
+    reader = model.get_submodule(_stages(model, _leaf_paths(model, after + ".conv1"))[0].layer)
+    channels = writer.out_channels
+    new = BasicBlock(channels, channels, _resnet_conv_builder(block.conv2[0]))
+    if generator is not None:
+        new.to(generator.device)  # nn.init draws on the tensor's device
+    for m in new.modules():  # VideoResNet's (torchvision's) initialisation
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+    # the residual branch ends in BN(γ = 0, β = 0): it adds exactly 0, in train mode as well
+    last_norm = new.conv2[-1]
+    if not isinstance(last_norm, nn.BatchNorm3d):
+        raise ValueError(f"the new block's conv2 does not end in a BatchNorm3d ({last_norm}); cannot zero it")
+    nn.init.zeros_(last_norm.weight)
+    nn.init.zeros_(last_norm.bias)
+    new.to(**_factory(writer)).train(block.training)
+    return _Insertion((new,), reader.weight, lambda: layer.insert(index + 1, new))
+
+
+def _resnet_conv_builder(conv: nn.Module) -> Callable[..., nn.Module]:
+    """The VideoResNet conv builder that made ``conv`` (a block's first module of conv2)."""
+    from .models.video_resnet import Conv2Plus1D, Conv3DNoTemporal, Conv3DSimple
+
+    if type(conv) is Conv2Plus1D:
+        return Conv2Plus1D  # its constructor takes the builder's (in, out, mid, stride)
+    for builder in (Conv3DSimple(), Conv3DNoTemporal()):
+        probe = builder(1, 1, 1)
+        if type(conv) is nn.Conv3d and (conv.kernel_size, conv.padding) == (probe.kernel_size, probe.padding):
+            return builder
+    raise ValueError(f"no VideoResNet conv builder makes {conv}, so deeper cannot build a matching block")
+
+
+# ConvColumn ---------------------------------------------------------------------------------
+
+_STAGE_TAIL = (_BatchNorm, nn.ReLU, nn.LeakyReLU)  # what follows a conv within its stage
+
+
+class _Captured(Exception):
+    """Stops a probing forward once the wanted activation is captured."""
+
+
+def _module_output(model: nn.Module, module: nn.Module, data: Tensor) -> Tensor:
+    """``module``'s output when ``model`` runs ``data`` in train mode (buffers and modes restored;
+    the forward stops there)."""
+    captured: List[Tensor] = []
+
+    def capture(_module, _inputs, output):
+        captured.append(output.detach().clone())
+        raise _Captured
+
+    handle = module.register_forward_hook(capture)
+    try:
+        with _train_mode_probe(model):
+            model(data)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _convcolumn_insertion(model: nn.Module, after: str, data: Optional[Tensor], name: Optional[str]) -> _Insertion:
+    sites = {}  # conv path → (its block, the index right after its BatchNorm and activation)
+    for i in range(1, 5):
+        block = model.get_submodule(f"conv_layer{i}")
+        for k, module in enumerate(block):
+            if type(module) is nn.Conv3d:
+                end = k + 1
+                while end < len(block) and isinstance(block[end], _STAGE_TAIL):
+                    end += 1
+                sites[f"conv_layer{i}.{k}"] = (block, end)
+    if after not in sites:
+        raise ValueError(f"deeper inserts after a conv of conv_layer1..4 of {type(model).__name__}; {after!r} "
+                         f"is not one of {', '.join(sites)}")
+    if model.fused:
+        raise ValueError(f"a fused {type(model).__name__} runs each conv block as exactly its seven stock "
+                         f"modules, so it could not run an inserted layer; deepen it with fused=False")
+    block, end = sites[after]
+    _fixed_path(name, f"{after.split('.')[0]}.{end}")
+    conv = model.get_submodule(after)
+    norms = [m for m in block[int(after.split(".")[1]) + 1:end] if isinstance(m, _BatchNorm)]
+    if not norms:
+        raise ValueError(f"{after!r} has no BatchNorm to take eps and momentum from")
+    f = _factory(conv)
+    batch = _module_output(model, block[end - 1], data) if data is not None else None
+    new = [_identity_conv(conv.out_channels, f), _identity_norm(norms[0], f, batch)]
+    if isinstance(block[end - 1], nn.ReLU):  # idempotent on its own output, so exact
+        new.append(nn.ReLU())
+    for module in new:
+        module.train(conv.training)
+
+    def commit() -> None:
+        for offset, module in enumerate(new):
+            block.insert(end + offset, module)
+
+    return _Insertion(tuple(new), conv.weight, commit)

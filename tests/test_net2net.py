@@ -492,7 +492,334 @@ def test_errors_leave_model_and_optimizer_unchanged(call, match, trained_c3d_bn)
 
 
 def test_unsupported_models_raise():
-    with pytest.raises(ValueError, match="C3D family"):
-        net2net.deeper(jester_convcolumn(num_classes=5), "conv_layer1.0")
+    with pytest.raises(ValueError, match="supports the zoo's"):
+        net2net.deeper(nn.Sequential(nn.Conv3d(3, 4, 3), nn.Conv3d(4, 4, 3)), "0")
     with pytest.raises(ValueError, match="does not know"):
         net2net.wider(nn.Sequential(nn.Conv3d(3, 4, 3), nn.Conv3d(4, 4, 3)), "0", 8)
+
+
+# --------------------------------------------------------------------------------------------
+# video ResNets: residual streams grown as one (wider_group)
+# --------------------------------------------------------------------------------------------
+
+
+def small_resnet(name, **kw):
+    return randomize_bn(RESNETS[name](num_classes=5, **kw))
+
+
+def resnet_clip(seed=0, n=2):
+    return torch.randn(n, 3, 4, 32, 32, generator=gen(seed))
+
+
+def stream_units(model, stream):
+    return units(model, net2net.residual_streams(model)[stream][0])
+
+
+def assert_same_eval_then_train(grown, base, x, rtol=1e-5, train_rtol=1e-4):
+    """Same outputs in eval mode, then in train mode. (Train-mode BN over the few values per
+    channel of the last stages amplifies rounding: R(2+1)D in float32 is itself 1e-5 away from
+    float64 there, hence the default ``train_rtol``.)"""
+    with torch.no_grad():
+        for training, tolerance in ((False, rtol), (True, train_rtol)):
+            base.train(training), grown.train(training)
+            assert_same(grown(x), base(x), rtol=tolerance)
+
+
+@pytest.fixture
+def fused_chains(monkeypatch):
+    """Why each chain of a fused model's forward could not run fused (None: it ran fused)."""
+    from c3dzoo.models import _common
+    from c3dzoo.nn.conv_bn_act import unsupported_reason
+
+    reasons = []
+    fused_op = _common.conv_bn_act
+
+    def spy(x, conv, bn=None, activation="relu", negative_slope=0.01, pool=None, *args, **kwargs):
+        reasons.append(unsupported_reason(conv, bn, pool))
+        return fused_op(x, conv, bn, activation, negative_slope, pool, *args, **kwargs)
+
+    monkeypatch.setattr(_common, "conv_bn_act", spy)
+    return reasons
+
+
+def test_residual_streams_layout():
+    streams = net2net.residual_streams(r3d_18(num_classes=5))
+    assert list(streams) == ["layer1", "layer2", "layer3", "layer4"]
+    assert streams["layer1"] == ("stem.0", "layer1.0.conv2.0", "layer1.1.conv2.0")
+    assert streams["layer3"] == ("layer3.0.downsample.0", "layer3.0.conv2.0", "layer3.1.conv2.0")
+    assert net2net.residual_streams(r2plus1d_18(num_classes=5))["layer2"][1] == "layer2.0.conv2.0.3"
+    assert net2net.residual_streams(small_c3d_bn()) == {}
+
+
+# each stream once, by stream name or by a member; R(2+1)D also grows its factored convs' mid channels
+STREAM_STEPS = {
+    "r3d_18": ["stem.0", "layer2", "layer3.0.downsample.0", "layer4"],
+    "mc3_18": ["layer1", "layer2.1.conv2.0", "layer3", "layer4.0.conv2.0"],
+    "r2plus1d_18": ["stem.3", "layer2", "layer3.0.downsample.0", "layer4", ("stem.0",), ("layer4.0.conv2.0.0",)],
+}
+
+
+@pytest.mark.parametrize("name,fused", [("r3d_18", False), ("mc3_18", True), ("r2plus1d_18", False),
+                                        ("r2plus1d_18", True)])
+def test_wider_group_every_stream_exact(name, fused, fused_chains):
+    torch.manual_seed(0)
+    base = small_resnet(name, fused=fused).eval()
+    grown = copy.deepcopy(base)
+    x = resnet_clip()
+    with torch.no_grad():
+        expected = base(x)
+    for i, step in enumerate(STREAM_STEPS[name]):
+        if isinstance(step, tuple):  # a single inner layer (a mid-channel conv), grown by wider
+            net2net.wider(grown, step[0], units(grown, step[0]) + 5, generator=gen(i))
+        else:
+            stream = next(s for s, writers in net2net.residual_streams(grown).items() if step in (s,) + writers)
+            width = stream_units(grown, stream) + 3 + i
+            net2net.wider_group(grown, step, width, generator=gen(i))
+            for writer in net2net.residual_streams(grown)[stream]:
+                assert units(grown, writer) == width, writer
+        with torch.no_grad():
+            assert_same(grown(x), expected)
+    assert grown.fc.in_features == stream_units(grown, "layer4")
+    assert_same_eval_then_train(grown, base, x)
+    if fused:  # the grown modules are still ones the fused op takes
+        assert fused_chains and all(reason is None for reason in fused_chains), set(fused_chains)
+
+
+def test_wider_accepts_stream_names_and_points_tied_layers_to_wider_group():
+    a, b = r3d_18(num_classes=5), r3d_18(num_classes=5)
+    b.load_state_dict(a.state_dict())
+    net2net.wider(a, "layer3", 260, generator=gen(3))
+    net2net.wider_group(b, "layer3.1.conv2.0", 260, generator=gen(3))
+    for key, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[key], value), key
+    with pytest.raises(ValueError, match=r"wider_group\(model, 'layer2', width\)"):
+        net2net.wider(a, "layer2.1.conv2.0", 200)
+
+
+def test_wider_group_noise_only_on_each_writers_replicas():
+    base = r3d_18(num_classes=5)
+    exact, noisy = copy.deepcopy(base), copy.deepcopy(base)
+    net2net.wider_group(exact, "layer2", 136, generator=gen(4))
+    net2net.wider_group(noisy, "layer2", 136, noise=0.1, generator=gen(4))
+    writers = {w + ".weight" for w in net2net.residual_streams(base)["layer2"]}
+    for key, value in exact.state_dict().items():
+        if key in writers:
+            assert torch.equal(noisy.state_dict()[key][:128], base.state_dict()[key]), key
+            assert not torch.equal(noisy.state_dict()[key][128:], value[128:]), key
+        else:
+            assert torch.equal(noisy.state_dict()[key], value), key
+
+
+def test_wider_group_twice_then_deeper_and_state_dict_round_trip():
+    def grow(model):
+        net2net.wider_group(model, "layer2", 130, generator=gen(1))
+        net2net.wider_group(model, "layer2.1.conv2.0", 137, generator=gen(2))  # twice in a row
+        net2net.wider(model, "layer2.1.conv1.0", 140, generator=gen(3))  # the block's inner width
+        net2net.deeper(model, "layer2.0")  # the grown layer2.1 becomes layer2.2
+        net2net.wider_group(model, "layer2", 141, generator=gen(4))  # the new block's conv2 too
+        return model
+
+    torch.manual_seed(0)
+    base = small_resnet("mc3_18")
+    x = resnet_clip()
+    grown = grow(copy.deepcopy(base))
+    assert [block.conv2[0].out_channels for block in grown.layer2] == [141, 141, 141]
+    assert grown.layer2[2].conv1[0].out_channels == 140 and grown.layer3[0].conv1[0].in_channels == 141
+    assert_same_eval_then_train(grown, base, x)
+    fresh = grow(mc3_18(num_classes=5))
+    fresh.load_state_dict(grown.state_dict())  # strict: same keys and shapes
+    fresh.eval(), grown.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), grown(x))
+
+
+def test_wider_group_gradients_follow_replication():
+    torch.manual_seed(0)
+    base = small_resnet("mc3_18").train()
+    grown = copy.deepcopy(base)
+    net2net.wider_group(grown, "layer1", 70, generator=gen(6))
+    g = replica_mapping(64, 70, gen(6))
+    counts = replica_counts(g, 64)[g]
+    x = resnet_clip()
+    base(x).square().sum().backward()
+    grown(x).square().sum().backward()
+    old, new = dict(base.named_parameters()), dict(grown.named_parameters())
+    for writer in net2net.residual_streams(base)["layer1"]:
+        # a replica's output reaches the loss through 1/count of its original's downstream weights
+        w = writer + ".weight"
+        assert_same(new[w].grad, old[w].grad[g] / counts.view(-1, 1, 1, 1, 1), rtol=1e-4)
+    for norm in ("stem.1", "layer1.0.conv2.1", "layer1.1.conv2.1"):
+        assert_same(new[norm + ".weight"].grad, old[norm + ".weight"].grad[g] / counts, rtol=1e-4)
+    for reader in ("layer1.0.conv1.0", "layer1.1.conv1.0", "layer2.0.conv1.0", "layer2.0.downsample.0"):
+        w = reader + ".weight"  # each divided incoming weight sees its original's input
+        assert_same(new[w].grad, old[w].grad[:, g], rtol=1e-4)
+    assert_same(new["layer3.0.conv1.0.weight"].grad, old["layer3.0.conv1.0.weight"].grad, rtol=1e-4)
+
+
+def test_wider_group_sgd_momentum_and_adam_moments():
+    torch.manual_seed(0)
+    model = small_resnet("mc3_18").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    loss = lambda m, seed: m(resnet_clip(seed)).square().mean()  # noqa: E731
+    for seed in range(2):
+        opt.zero_grad()
+        loss(model, seed).backward()
+        opt.step()
+    model_a, opt_a = copy.deepcopy((model, opt))
+    model_b, opt_b = copy.deepcopy((model, opt))
+    net2net.wider_group(model_a, "layer4", 515, generator=gen(5), optimizer=opt_a)  # writers and fc
+    params = dict(model_a.named_parameters())
+    assert {id(p) for g in opt_a.param_groups for p in g["params"]} == {id(p) for p in params.values()}
+    assert all(opt_a.state[p]["momentum_buffer"].shape == p.shape for p in params.values())
+    # a momentum-only step after growth equals growing after that step
+    _zero_grad_step(model_a, opt_a)
+    _zero_grad_step(model_b, opt_b)
+    net2net.wider_group(model_b, "layer4", 515, generator=gen(5))
+    for key, value in model_b.state_dict().items():
+        assert_same(model_a.state_dict()[key], value)
+
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    adam.zero_grad()
+    loss(model, 3).backward()
+    adam.step()
+    before = {n: {k: v.clone() for k, v in adam.state[p].items()} for n, p in model.named_parameters()}
+    net2net.wider_group(model, "layer4", 515, generator=gen(5), optimizer=adam)
+    g = replica_mapping(512, 515, gen(5))
+    counts = replica_counts(g, 512)
+    state = {n: adam.state[p] for n, p in model.named_parameters()}
+    assert torch.equal(state["layer4.0.downsample.1.weight"]["exp_avg_sq"],
+                       before["layer4.0.downsample.1.weight"]["exp_avg_sq"][g])
+    assert_same(state["fc.weight"]["exp_avg"], divide_incoming(before["fc.weight"]["exp_avg"], g, counts, 1))
+    assert_same(state["fc.weight"]["exp_avg_sq"],
+                divide_incoming(before["fc.weight"]["exp_avg_sq"], g, counts, 1, power=2))
+    adam.zero_grad()
+    loss(model, 4).backward()
+    adam.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# deeper: video ResNets and the ConvColumn
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,fused", [("r3d_18", False), ("mc3_18", True), ("r2plus1d_18", False),
+                                        ("r2plus1d_18", True)])
+def test_deeper_resnet_exact_in_eval_and_train(name, fused, fused_chains):
+    from c3dzoo.models.video_resnet import BasicBlock
+
+    torch.manual_seed(0)
+    base = small_resnet(name, fused=fused)
+    grown = copy.deepcopy(base)
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
+    shifted = grown.layer1[1]
+    net2net.deeper(grown, "layer1.0", optimizer=opt, generator=gen(0))  # mid-layer: later blocks shift
+    net2net.deeper(grown, "layer4.1", optimizer=opt, generator=gen(1))  # the last block, read by fc
+    assert len(grown.layer1) == 3 and grown.layer1[2] is shifted and isinstance(grown.layer1[1], BasicBlock)
+    assert len(grown.layer4) == 3 and grown.layer4[2].downsample is None
+    kind = type(base.layer4[1].conv2[0])
+    assert type(grown.layer4[2].conv2[0]) is kind and type(grown.layer1[1].conv1[0]) is type(base.layer1[1].conv1[0])
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in grown.parameters()}
+    x = resnet_clip()
+    assert_same_eval_then_train(grown, base, x, rtol=1e-6, train_rtol=1e-6)
+    if fused:
+        assert fused_chains and all(reason is None for reason in fused_chains), set(fused_chains)
+    # the zero γ that silences the new branch still learns
+    grown(x).square().sum().backward()
+    assert grown.layer4[2].conv2[1].weight.grad.abs().sum() > 0
+    fresh = RESNETS[name](num_classes=5, fused=fused)
+    net2net.deeper(fresh, "layer1.0")
+    net2net.deeper(fresh, "layer4.1")
+    fresh.load_state_dict(grown.state_dict())  # strict: the grown architecture rebuilds by replaying
+    fresh.eval(), grown.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), grown(x))
+
+
+def test_deeper_convcolumn_linear_identity_layer():
+    torch.manual_seed(0)
+    # float64: train-mode BatchNorm1d over a batch of 2 amplifies float32 rounding (see above)
+    base = randomize_bn(jester_convcolumn(num_classes=5)).double()
+    base.drop.p = 0.0
+    x = torch.randn(2, 3, *JESTER_SIZE, generator=gen(0), dtype=torch.float64)
+    grown = copy.deepcopy(base)
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
+    pool = grown.conv_layer2[6]
+    net2net.deeper(grown, "conv_layer2.3", optimizer=opt, data=x)  # BN fitted on x: exact in train mode
+    # conv → BN → LeakyReLU → new conv → new BN (no activation: LeakyReLU is not idempotent) → pool
+    assert [type(m) for m in grown.conv_layer2][3:] == [nn.Conv3d, nn.BatchNorm3d, nn.LeakyReLU, nn.Conv3d,
+                                                        nn.BatchNorm3d, nn.MaxPool3d]
+    assert grown.conv_layer2[8] is pool
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in grown.parameters()}
+    assert_same_eval_then_train(grown, base, x)
+
+    # without data the new BN is identity in eval mode; the new conv then grows like any other
+    base, x = base.float().eval(), x[:1].float()
+    grown = copy.deepcopy(base)
+    with torch.no_grad():
+        expected = base(x)
+    net2net.deeper(grown, "conv_layer1.0")
+    net2net.wider(grown, "conv_layer1.3", 40, generator=gen(1))
+    assert grown.conv_layer1[5].in_channels == 40
+    with torch.no_grad():
+        assert_same(grown(x), expected)
+    fresh = jester_convcolumn(num_classes=5)
+    net2net.deeper(fresh, "conv_layer1.0")
+    net2net.wider(fresh, "conv_layer1.3", 40, generator=gen(1))
+    fresh.load_state_dict(grown.state_dict())  # strict: the grown architecture rebuilds by replaying
+
+
+# --------------------------------------------------------------------------------------------
+# residual-group and deeper errors leave everything unchanged
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_mc3():
+    """A small MC3-18 and its SGD optimizer with momentum buffers (copy before use)."""
+    torch.manual_seed(0)
+    model = mc3_18(num_classes=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.zero_grad()
+    model(resnet_clip()).square().mean().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, o: net2net.wider_group(m, "layer5", 300, optimizer=o), "layer1, layer2, layer3, layer4"),
+    (lambda m, o: net2net.wider_group(m, "layer2.0.conv1.0", 300, optimizer=o), "unknown residual stream"),
+    (lambda m, o: net2net.wider_group(m, "layer2", 128, optimizer=o), "larger than residual stream 'layer2'"),
+    (lambda m, o: net2net.wider_group(m, "layer2", 200, noise=float("nan"), optimizer=o), "noise"),
+    (lambda m, o: net2net.wider(m, "layer4.1.conv2.0", 600, optimizer=o), "wider_group"),
+    (lambda m, o: net2net.wider(m, "layer9", 600, optimizer=o), "residual streams: layer1"),
+    (lambda m, o: net2net.deeper(m, "layer5.0", optimizer=o), "layer4.1"),
+    (lambda m, o: net2net.deeper(m, "layer2.0.conv1.0", optimizer=o), "inserts a block after a block"),
+    (lambda m, o: net2net.deeper(m, "layer2.1", name="layer2.5", optimizer=o), "'layer2.2'"),
+    (lambda m, o: net2net.deeper(m, "layer2.1", optimizer=torch.optim.SGD(m.fc.parameters(), lr=0.1)),
+     "optimizer"),
+])
+def test_resnet_errors_leave_model_and_optimizer_unchanged(call, match, trained_mc3):
+    model, opt = copy.deepcopy(trained_mc3)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        call(model, opt)
+    assert_unchanged(before, model, opt)
+
+
+def test_convcolumn_deeper_errors_leave_model_unchanged():
+    model = jester_convcolumn(num_classes=5)
+    before = snapshot(model)
+    for kwargs, match in [(dict(after="fc5"), "conv_layer4.3"), (dict(after="conv_layer5"), "conv_layer1.0"),
+                          (dict(after="conv_layer1.0", name="conv_layer1.4"), "'conv_layer1.3'"),
+                          (dict(after="conv_layer1.0", data=torch.randn(1, 3, 16, 84, 84)), "expects input")]:
+        with pytest.raises(ValueError, match=match):
+            net2net.deeper(model, **kwargs)
+    assert_unchanged(before, model)
+    fused = jester_convcolumn(num_classes=5, fused=True)
+    before = snapshot(fused)
+    with pytest.raises(ValueError, match="fused"):
+        net2net.deeper(fused, "conv_layer1.0")
+    assert_unchanged(before, fused)
+    with pytest.raises(ValueError, match="no residual streams"):
+        net2net.wider_group(small_c3d_bn(), "conv3a", 40)
