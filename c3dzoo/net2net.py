@@ -780,9 +780,6 @@ def _convcolumn_insertion(model: nn.Module, after: str, data: Optional[Tensor], 
     if after not in sites:
         raise ValueError(f"deeper inserts after a conv of conv_layer1..4 of {type(model).__name__}; {after!r} "
                          f"is not one of {', '.join(sites)}")
-    if model.fused:
-        raise ValueError(f"a fused {type(model).__name__} runs each conv block as exactly its seven stock "
-                         f"modules, so it could not run an inserted layer; deepen it with fused=False")
     block, end = sites[after]
     _fixed_path(name, f"{after.split('.')[0]}.{end}")
     conv = model.get_submodule(after)

@@ -816,10 +816,27 @@ def test_convcolumn_deeper_errors_leave_model_unchanged():
         with pytest.raises(ValueError, match=match):
             net2net.deeper(model, **kwargs)
     assert_unchanged(before, model)
-    fused = jester_convcolumn(num_classes=5, fused=True)
-    before = snapshot(fused)
-    with pytest.raises(ValueError, match="fused"):
-        net2net.deeper(fused, "conv_layer1.0")
-    assert_unchanged(before, fused)
     with pytest.raises(ValueError, match="no residual streams"):
         net2net.wider_group(small_c3d_bn(), "conv3a", 40)
+
+
+def test_deeper_fused_convcolumn_runs_the_inserted_layer_fused(monkeypatch):
+    """A fused ConvColumn reads its chains from each block's Sequential, so a layer inserted by
+    deeper runs (fused, with the following pool) and the function is kept."""
+    from c3dzoo.models import _common
+
+    torch.manual_seed(0)
+    base = randomize_bn(jester_convcolumn(num_classes=5)).eval()
+    x = torch.randn(1, 3, *JESTER_SIZE, generator=gen(2))
+    with torch.no_grad():
+        expected = base(x)
+    fused = jester_convcolumn(num_classes=5, fused=True).eval()
+    fused.load_state_dict(base.state_dict())
+    net2net.deeper(fused, "conv_layer2.3")
+    calls = []
+    real = _common.conv_bn_act
+    monkeypatch.setattr(_common, "conv_bn_act", lambda x, conv, *a, **k: calls.append(conv) or real(x, conv, *a, **k))
+    with torch.no_grad():
+        assert_same(fused(x), expected)
+    assert fused.conv_layer2[6] in calls  # the inserted conv ran through the fused op
+    assert len(calls) == 9  # 2 chains in each of the 4 blocks + the inserted one

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -49,3 +49,46 @@ def check_input(x: torch.Tensor, channels: int, input_size: Sequence[int], model
 def scaled(channels: int, width_mult: float) -> int:
     """A channel count scaled by ``width_mult`` (at least 1)."""
     return max(1, int(round(channels * width_mult)))
+
+
+Chain = Callable[..., torch.Tensor]  # FusableModel.chain
+
+
+def _leaves(module: nn.Module):
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            yield from _leaves(child)
+    else:
+        yield module
+
+
+def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) -> torch.Tensor:
+    """``seq(x)`` for a (possibly nested) Sequential of chains Conv3d → [BatchNorm3d] →
+    [ReLU | LeakyReLU] → [MaxPool3d].
+
+    With ``chain`` (a ``FusableModel.chain``), each chain runs as one call; without it, ``seq`` is
+    simply called. Reading the chains from the Sequential (rather than unpacking a fixed number of
+    modules) lets Net2Net's ``deeper`` insert layers into a block of a fused model.
+    """
+    if chain is None:
+        return seq(x)
+    modules = list(_leaves(seq))
+    i = 0
+    while i < len(modules):
+        conv = modules[i]
+        if type(conv) is not nn.Conv3d:
+            raise TypeError(f"expected an nn.Conv3d to start a chain, got {type(conv).__name__}")
+        i += 1
+        bn = None
+        if i < len(modules) and isinstance(modules[i], nn.BatchNorm3d):
+            bn, i = modules[i], i + 1
+        activation, slope = "none", 0.0
+        if i < len(modules) and isinstance(modules[i], nn.ReLU):
+            activation, i = "relu", i + 1
+        elif i < len(modules) and isinstance(modules[i], nn.LeakyReLU):
+            activation, slope, i = "leaky_relu", modules[i].negative_slope, i + 1
+        pool = None
+        if i < len(modules) and isinstance(modules[i], nn.MaxPool3d):
+            pool, i = modules[i], i + 1
+        x = chain(x, conv, bn, activation, slope, pool)
+    return x

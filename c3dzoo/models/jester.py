@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._common import FusableModel
+from ._common import FusableModel, run_chained
 
 Tensor = torch.Tensor
 
@@ -52,11 +52,7 @@ class ConvColumn(FusableModel):
         self.fc7 = nn.Linear(256, num_classes)
 
     def _block(self, block: nn.Sequential, x: Tensor) -> Tensor:
-        if not self.fused:
-            return block(x)
-        conv1, bn1, act1, conv2, bn2, act2, pool = block
-        x = self.chain(x, conv1, bn1, "leaky_relu", act1.negative_slope)
-        return self.chain(x, conv2, bn2, "leaky_relu", act2.negative_slope, pool)
+        return run_chained(block, x, self.chain if self.fused else None)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x)

@@ -15,10 +15,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._common import FusableModel
+from ._common import Chain, FusableModel, run_chained
 
 Tensor = torch.Tensor
-Chain = Callable[..., Tensor]  # FusableModel.chain
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,39 +78,6 @@ class _Conv2Plus1DBuilder(ConvBuilder):
 # --------------------------------------------------------------------------------------------
 # running a Sequential of convs, BNs and ReLUs as fused chains
 # --------------------------------------------------------------------------------------------
-
-
-def _leaves(module: nn.Module):
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            yield from _leaves(child)
-    else:
-        yield module
-
-
-def run_chained(seq: nn.Module, x: Tensor, chain: Optional[Chain] = None) -> Tensor:
-    """``seq(x)`` for a (possibly nested) Sequential of Conv3d, BatchNorm3d and ReLU modules.
-
-    With ``chain`` (a ``FusableModel.chain``), each Conv3d and the BatchNorm3d and ReLU right
-    after it run as one chain; without it, ``seq`` is simply called.
-    """
-    if chain is None:
-        return seq(x)
-    modules = list(_leaves(seq))
-    i = 0
-    while i < len(modules):
-        conv = modules[i]
-        if type(conv) is not nn.Conv3d:
-            raise TypeError(f"expected an nn.Conv3d to start a chain, got {type(conv).__name__}")
-        i += 1
-        bn = None
-        if i < len(modules) and isinstance(modules[i], nn.BatchNorm3d):
-            bn, i = modules[i], i + 1
-        activation = "none"
-        if i < len(modules) and isinstance(modules[i], nn.ReLU):
-            activation, i = "relu", i + 1
-        x = chain(x, conv, bn, activation, 0.0)
-    return x
 
 
 # --------------------------------------------------------------------------------------------
