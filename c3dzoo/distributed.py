@@ -135,7 +135,7 @@ def init_from_env(backend: Optional[str] = None, *, init_method: Optional[str] =
         raise ValueError(f"RANK={global_rank} is outside 0..WORLD_SIZE-1 ({size - 1})")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and backend == "nccl":  # gloo ranks may train on the CPU of a GPU machine
         if local_rank() >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank()} but this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(local_rank())

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from c3dzoo import checkpoint as ckpt
+from c3dzoo import transfer
 from c3dzoo.data import (ClipSampler, ClipTransform, SyntheticVideoDataset, UnreadableVideo,
                          count_frames, read_frames)
 from c3dzoo.data.video_io import VIDEO_EXTENSIONS
@@ -58,8 +59,50 @@ def _load_input(path: str, sampler: ClipSampler, transform: ClipTransform) -> to
     return transform(read_frames(path, sampler.indices(num_frames).tolist()))
 
 
+def _clip_signature(checkpoint: dict) -> tuple:
+    """How the checkpoint's model takes its clips: frames, stride, crop, resize and normalisation."""
+    sampler, transform = _clip_maker(checkpoint)
+    return (sampler.frames, sampler.stride, tuple(transform.size), transform.resize_to,
+            tuple(transform.mean), tuple(transform.std))
+
+
+def _describe_clips(signature: tuple) -> str:
+    frames, stride, size, short_side, mean, std = signature
+    return (f"{frames}x{size[0]}x{size[1]} clips, stride {stride}, short side {short_side}, "
+            f"mean {', '.join(f'{m:g}' for m in mean)}, std {', '.join(f'{v:g}' for v in std)}")
+
+
+def _load_models(paths, device):
+    """The checkpoints, their stock models on ``device`` and their shared class names. Several
+    checkpoints (an ensemble) must agree on the class names and on how clips are made."""
+    checkpoints, models, names = [], [], None
+    for path in paths:
+        checkpoint = ckpt.load(path)
+        classes = checkpoint["model_kwargs"].get("num_classes") or 0
+        these = list(checkpoint.get("class_names") or [f"class {i}" for i in range(classes)])
+        if checkpoints:
+            if these != names:
+                raise ckpt.CheckpointError(
+                    f"checkpoints disagree on the classes: {paths[0]} has {len(names)} ({', '.join(names[:3])}"
+                    f"{', ...' if len(names) > 3 else ''}), {path} has {len(these)} ({', '.join(these[:3])}"
+                    f"{', ...' if len(these) > 3 else ''})")
+            first, this = _clip_signature(checkpoints[0]), _clip_signature(checkpoint)
+            if this != first:
+                raise ckpt.CheckpointError(f"checkpoints disagree on the input: {paths[0]} takes "
+                                           f"{_describe_clips(first)}; {path} takes {_describe_clips(this)}")
+        names = these
+        checkpoints.append(checkpoint)
+        models.append(ckpt.stock_model(checkpoint, path).to(device).eval())
+    return checkpoints, models, names
+
+
+def _ranked(probs: torch.Tensor, names, k: int) -> str:
+    top = probs.topk(k)
+    return ", ".join(f"{names[i] if i < len(names) else i} {p:.1%}"
+                     for p, i in zip(top.values.tolist(), top.indices.tolist()))
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    checkpoint = ckpt.load(args.checkpoint)
     if args.synthetic is None and not args.inputs:
         raise UsageError("give videos, frame folders or clip files (.pt), or --synthetic N")
     if args.top_k < 1:
@@ -69,9 +112,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"{videos[0]}: reading video files needs PyAV, which is not installed: "
                          f"pip install av (or give frame folders, .pt clip tensors or --synthetic N)")
     device = resolve_device(args.device)
-    model = ckpt.stock_model(checkpoint, args.checkpoint).to(device).eval()
-    num_classes = checkpoint["model_kwargs"].get("num_classes")
-    names = checkpoint.get("class_names") or [f"class {i}" for i in range(num_classes or 0)]
+    checkpoints, models, names = _load_models(args.checkpoint, device)
+    checkpoint = checkpoints[0]  # they agree on classes and clips: the first one describes the data
     items = []  # (label to print, clip or None when a file is read in turn, true class or None)
     if args.synthetic is not None:
         saved = checkpoint.get("args", {})
@@ -88,25 +130,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     sampler, transform = _clip_maker(checkpoint)
     k = min(args.top_k, len(names) or args.top_k)
     unreadable = 0
-    with torch.no_grad():
-        for label, clip, truth in items:
-            if clip is None:  # inputs are read one at a time: a long list never sits in memory
-                try:
-                    clip = _load_input(label, sampler, transform)
-                except UnreadableVideo as exc:
-                    print(f"{PROG}: cannot read {label}: {exc}", file=sys.stderr)
-                    unreadable += 1
-                    continue
+    for label, clip, truth in items:
+        if clip is None:  # inputs are read one at a time: a long list never sits in memory
             try:
-                probs = model(clip[None].to(device)).float().softmax(1)[0]
-            except (ValueError, RuntimeError) as exc:
-                raise UsageError(f"{label}: clip of shape {tuple(clip.shape)} does not fit the model: "
-                                 f"{str(exc).strip().splitlines()[0]}") from None
-            top = probs.topk(k)
-            ranked = ", ".join(f"{names[i] if i < len(names) else i} {p:.1%}"
-                               for p, i in zip(top.values.tolist(), top.indices.tolist()))
-            true = f"  (true: {names[truth]})" if truth is not None else ""
-            print(f"{label}: {ranked}{true}")
+                clip = _load_input(label, sampler, transform)
+            except UnreadableVideo as exc:
+                print(f"{PROG}: cannot read {label}: {exc}", file=sys.stderr)
+                unreadable += 1
+                continue
+        try:
+            probs = transfer.ensemble_probabilities(models, clip[None].to(device))
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(f"{label}: clip of shape {tuple(clip.shape)} does not fit the model: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
+        true = f"  (true: {names[truth]})" if truth is not None else ""
+        if len(models) == 1:
+            print(f"{label}: {_ranked(probs.combined[0], names, k)}{true}")
+            continue
+        for path, model_probs in zip(args.checkpoint, probs.per_model):
+            print(f"{label} [{path}]: {_ranked(model_probs[0], names, k)}")
+        print(f"{label} [ensemble of {len(models)}]: {_ranked(probs.combined[0], names, k)}{true}")
     if unreadable:
         print(f"{PROG}: {unreadable} of {len(args.inputs)} input(s) could not be read", file=sys.stderr)
         return 1
@@ -132,11 +175,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     predict = sub.add_parser(
-        "predict", help="top-k classes of videos from a training checkpoint",
+        "predict", help="top-k classes of videos from a training checkpoint (or an ensemble)",
         description="Top-k classes of video files, folders of frame images or .pt clip tensors, "
                     "read as c3dzoo train validates (the centred clip, resized and centre-cropped). "
                     "Inputs that cannot be read are reported one line each; the exit status is then 1.")
-    predict.add_argument("--checkpoint", required=True, metavar="CKPT", help="from c3dzoo train")
+    predict.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+                         help="from c3dzoo train; several: an ensemble (the mean of their class "
+                              "probabilities), printed with each model's own top-k")
     predict.add_argument("inputs", nargs="*", metavar="VIDEO",
                          help="video files, folders of frame images, or .pt files holding a clip "
                               "tensor 3 x T x H x W")

@@ -1,7 +1,14 @@
 """``c3dzoo train``: a zoo model on the built-in synthetic motion data set or on real videos (a
 folder with one subfolder per class, or frame folders with a CSV of labels), with progress bars, a
 metrics CSV and a PNG of the curves, a Net2Net ``--grow`` schedule, atomic checkpoints, exact
-``--resume`` and a checkpoint on Ctrl-C."""
+``--resume`` and a checkpoint on Ctrl-C; fine-tuning from ``--pretrained`` weights (``--new-head``,
+``--freeze``, ``--head-lr-mult``); and, started by ``torchrun``, DistributedDataParallel training.
+
+Distributed (``WORLD_SIZE`` > 1 in the environment): every rank builds the same model, reads the
+same data and takes every world-th batch of one global batch order (see ``_EpochBatches``);
+progress is counted in global batches, so a checkpoint resumes on any number of ranks. Only rank 0
+prints, draws progress bars and writes files; a non-finite loss or a Ctrl-C on any rank stops every
+rank at the same step (one all-reduce per step carries the flags with the step's statistics)."""
 
 from __future__ import annotations
 
@@ -21,13 +28,15 @@ import warnings
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 import c3dzoo
 from c3dzoo import checkpoint as ckpt
-from c3dzoo import net2net
+from c3dzoo import distributed as dist
+from c3dzoo import evaluation, net2net, transfer
 from c3dzoo.data import (MOTIONS, ClipSampler, ClipTransform, DataError, SkippedVideoWarning,
                          SyntheticVideoDataset, VideoClipDataset, read_class_names, scan_class_folders,
                          scan_frame_folders, split_videos)
@@ -51,6 +60,9 @@ METRICS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", 
            "epoch_seconds", "train_clips_per_s")
 DEFAULT_VAL_SPLIT = 0.1  # of a real training set, when no --val-data/--val-labels is given
 CURVES_PNG = "curves.png"
+CONFUSION_PNG = "confusion.png"  # of the final validation, with PER_CLASS_CSV
+PER_CLASS_CSV = "per_class.csv"
+MAX_PER_CLASS_PRINTED = 20  # more classes: the summary names the worst few
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
@@ -295,24 +307,45 @@ def _resolve_growth(args: argparse.Namespace, model_kwargs: dict) -> List[dict]:
 
 
 def _make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or Adam over every parameter; with ``--freeze`` or ``--head-lr-mult``, over the trainable
+    ones in two groups (``transfer.param_groups``: body at --lr, head at --lr x --head-lr-mult).
+    A plain run keeps one group, so its checkpoints stay as they were."""
+    if args.freeze != "none" or args.head_lr_mult != 1.0:
+        try:
+            params = transfer.param_groups(model, args.lr, head_lr_mult=args.head_lr_mult)
+        except ValueError as exc:  # everything frozen
+            raise UsageError(f"--freeze {args.freeze}: {exc}") from None
+    else:
+        params = model.parameters()
     if args.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True,
                                weight_decay=args.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def _warmup_cosine(total_steps: int):
+def _warmup_cosine(total_clips: int, clips_per_step: int):
     """Linear warm-up over the first 5 % of steps (at most 200), then cosine decay to zero:
-    a fast, robust schedule for runs of a few hundred steps as for long ones."""
-    warmup = max(1, min(200, total_steps // 20))
+    a fast, robust schedule for runs of a few hundred steps as for long ones.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+    The factor is a function of the training position in clips (global batches x --batch-size,
+    see ``_set_lr``), not of the step count, so that a run resumed on another number of ranks
+    goes on with the learning rate of where it is; in one process it is the step's factor."""
+    warmup = max(1, min(200, total_clips // clips_per_step // 20)) * clips_per_step
+
+    def factor(position: int) -> float:
+        if position < warmup:
+            return (position + clips_per_step) / warmup
+        progress = (position - warmup) / max(1, total_clips - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def _set_lr(scheduler, position: int) -> None:
+    """The learning rate of the step that starts at ``position`` clips (LambdaLR.step() evaluates
+    its factor at ``last_epoch + 1``)."""
+    scheduler.last_epoch = position - 1
+    scheduler.step()
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -321,24 +354,64 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x
 
 
-def _evaluate(model, loader, device, amp, progress) -> Tuple[float, float, float]:
-    """(mean loss, top-1 %, top-5 %) on ``loader``; top-5 is top-min(5, classes)."""
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (nothing to do in one process)."""
+    if dist.world_size() > 1:
+        torch_dist.all_reduce(tensor)
+    return tensor
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm running statistics on every rank: without --sync-bn each rank's last
+    forward updated them from its own batch. DDP broadcasts them before every training forward
+    anyway; doing it before validation makes every rank validate the model rank 0 saves."""
+    if dist.world_size() > 1:
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+
+@dataclasses.dataclass
+class _Validation:
+    loss: float
+    top1: float  # %
+    top5: float  # % (top-min(5, classes))
+    confusion: torch.Tensor  # classes x classes counts, row = true class (CPU)
+
+
+def _evaluate(model, loader, device, amp, progress) -> _Validation:
+    """Loss, top-1, top-5 and confusion matrix on ``loader`` (this rank's shard of the validation
+    set under torch.distributed: the sums are all-reduced, so every rank gets the same figures)."""
     model.eval()
-    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, clips
+    confusion = None
     with torch.no_grad(), tqdm(total=len(loader.dataset), desc="  val", unit="clip",
                                leave=False, disable=not progress) as bar:
         for clips, labels in loader:
             clips, labels = _to_device(clips, device), labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(clips)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            classes = logits.shape[1]
+            ranked = logits.topk(min(5, classes), dim=1).indices
             hits = ranked == labels[:, None]
-            top1 += hits[:, 0].sum().item()
-            top5 += hits.any(dim=1).sum().item()
-            seen += labels.numel()
+            sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum").double(),
+                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+            counts = torch.bincount(labels * classes + ranked[:, 0], minlength=classes * classes)
+            confusion = counts if confusion is None else confusion + counts
             bar.update(labels.numel())
-    return loss_sum / seen, 100.0 * top1 / seen, 100.0 * top5 / seen
+    if confusion is None:  # an empty shard (fewer validation clips than ranks) still joins the sums
+        classes = _num_classes(model)
+        confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
+    _all_reduce_sum(sums)
+    _all_reduce_sum(confusion)
+    loss_sum, top1, top5, seen = sums.tolist()
+    classes = int(round(confusion.numel() ** 0.5))
+    return _Validation(loss_sum / seen, 100.0 * top1 / seen, 100.0 * top5 / seen,
+                       confusion.reshape(classes, classes).cpu())
+
+
+def _num_classes(model: nn.Module) -> int:
+    return model.get_submodule(transfer.head_name(model)).out_features
 
 
 def _build_model(args: argparse.Namespace, device: torch.device, example: torch.Tensor):
@@ -370,20 +443,39 @@ class _EpochBatches(torch.utils.data.Sampler):
     """Shuffled batches of ``range(n)``; the order depends only on (seed, epoch), and the first
     ``skip`` batches can be left out, so a run resumed mid-epoch sees the batches it had left.
     With ``keyed`` the batches hold ``(index, epoch)`` keys, from which VideoClipDataset draws
-    its random clip starts and crops (in whichever worker process reads them)."""
+    its random clip starts and crops (in whichever worker process reads them).
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, keyed: bool = False):
+    Under torch.distributed there is still one global order (of ``global_batches`` batches of
+    ``batch_size``): rank r takes batches skip + r, skip + r + world, ... and one training step
+    consumes ``world`` consecutive batches. ``skip`` counts global batches, so a run resumed on
+    another number of ranks goes on at the same batch of the same order. Only whole steps run: the
+    last (global_batches - skip) % world batches of an epoch are left out (every rank must take
+    the same number of steps)."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, keyed: bool = False,
+                 rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.drop_last, self.seed, self.keyed = n, batch_size, drop_last, seed, keyed
+        self.rank, self.world = rank, world
         self.epoch, self.skip = 1, 0
 
-    def __len__(self) -> int:
+    @property
+    def global_batches(self) -> int:
+        """Batches of the global order in an epoch."""
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.global_batches // self.world
+
+    def __len__(self) -> int:  # batches this rank takes in the pass that skips ``skip``
+        return (self.global_batches - self.skip) // self.world
 
     def __iter__(self):
         # hash of a tuple of ints is not randomised per process: the same order in every run
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
         order = torch.randperm(self.n, generator=generator).tolist()
-        for b in range(self.skip, len(self)):
+        for step in range(len(self)):
+            b = self.skip + step * self.world + self.rank
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield [(i, self.epoch) for i in batch] if self.keyed else batch
 
@@ -394,9 +486,9 @@ class _Progress:
     weights (``updating`` is True while a step is changing them, from the forward on)."""
 
     epoch: int = 0  # completed epochs
-    batch: int = 0  # batches done in epoch + 1
-    global_step: int = 0
-    loss_sum: float = 0.0  # sums over the batches of the current epoch
+    batch: int = 0  # global batches done in epoch + 1 (world size per step)
+    global_step: int = 0  # optimizer steps
+    loss_sum: float = 0.0  # sums over the batches of the current epoch (all ranks)
     correct: int = 0
     correct5: int = 0  # top-5 (top-min(5, classes)) hits
     seen: int = 0
@@ -431,11 +523,17 @@ class _DeferredInterrupt:
 
 
 def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
-                 stop: _DeferredInterrupt) -> None:
+                 stop: _DeferredInterrupt, position, reseed) -> None:
     """The rest of one pass over ``loader``, accumulating into ``progress``. Raises CommandError
     on a non-finite loss (before the step, so the weights stay finite) and KeyboardInterrupt at a
-    batch boundary once ``stop`` was requested."""
-    model.train()
+    batch boundary once ``stop`` was requested. ``position()``: clips trained on so far (for the
+    learning rate); ``reseed(position)``: per-rank RNG before each forward (None in one process).
+
+    Under torch.distributed one all-reduce per step sums the step's loss and hits over the ranks
+    together with a non-finite flag (checked before the backward) and the Ctrl-C flag (acted on
+    after the step), so every rank stops at the same step and the epoch sums are global."""
+    model.train()  # frozen BatchNorms stay in eval mode: transfer.freeze pins them
+    world = dist.world_size()
     batches = iter(loader)
     while True:
         try:
@@ -447,28 +545,40 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         if batch is None:
             return
         clips, labels = _to_device(batch[0], device), batch[1].to(device)
+        if reseed is not None:
+            reseed(position())
         progress.updating = True  # from the forward on: it updates the BatchNorm running stats
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(clips)
         loss = F.cross_entropy(logits.float(), labels)
-        if not torch.isfinite(loss):  # last.pt is left as it was: it has the last good weights
-            raise CommandError(f"the training loss became {loss.item()} at epoch {progress.epoch + 1} "
+        with torch.no_grad():
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            finite = torch.isfinite(loss)
+            # loss sum, top-1 hits, top-5 hits, clips, non-finite losses, Ctrl-C requests
+            step_sums = torch.stack([
+                torch.where(finite, loss.detach(), torch.zeros_like(loss)).double() * labels.numel(),
+                hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                (~finite).double(), torch.tensor(float(stop.requested), dtype=torch.float64, device=device)])
+        loss_sum, top1, top5, seen, non_finite, stop_requested = _all_reduce_sum(step_sums).tolist()
+        if non_finite:  # last.pt is left as it was: it has the last good weights
+            where = f"{loss.item()}" if not finite else "non-finite on another rank"
+            raise CommandError(f"the training loss became {where} at epoch {progress.epoch + 1} "
                                f"step {progress.global_step + 1}; stopped (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
         progress.updating = False
-        progress.batch += 1
+        progress.batch += world
         progress.global_step += 1
-        progress.loss_sum += loss.item() * labels.numel()
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        progress.correct += hits[:, 0].sum().item()
-        progress.correct5 += hits.any(dim=1).sum().item()
-        progress.seen += labels.numel()
-        bar.update(labels.numel())
+        _set_lr(scheduler, position())
+        progress.loss_sum += loss_sum
+        progress.correct += int(top1)
+        progress.correct5 += int(top5)
+        progress.seen += int(seen)
+        bar.update(int(seen))
         bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", refresh=False)
-        if stop.requested:
+        if stop_requested if world > 1 else stop.requested:  # never one rank alone: it would deadlock
             raise KeyboardInterrupt
 
 
@@ -476,7 +586,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
 # device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "num_classes",
                    "train_samples", "val_samples", "frames", "size", "fused", "seed",
-                   "data", "grow", "grow_noise", *REAL_DATA_OPTIONS)
+                   "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head", "freeze",
+                   "head_lr_mult", *REAL_DATA_OPTIONS)
 
 
 def _resume_path(args: argparse.Namespace) -> str:
@@ -521,6 +632,7 @@ def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, data: _
         "data": data.config,
         "metrics": metrics,
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "given")},
+        "world_size": dist.world_size(),  # informative: a checkpoint resumes on any number of ranks
         "c3dzoo_version": c3dzoo.__version__,
     }
 
@@ -585,21 +697,108 @@ def _plot_curves(metrics_path: str, png_path: str, growth: List[dict]) -> None:
         raise CommandError(f"cannot write {png_path}: {exc}") from None
 
 
+def _init_distributed(args: argparse.Namespace) -> torch.device:
+    """This process's device. Started by torchrun (``WORLD_SIZE`` > 1 in the environment): joins
+    the process group first — gloo on the CPU, NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``."""
+    if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+        return resolve_device(args.device)
+    requested = resolve_device(args.device) if args.device else None
+    if requested is not None and requested.type == "cuda" and requested.index is not None:
+        raise UsageError(f"--device {args.device}: under torchrun each rank takes cuda:LOCAL_RANK; "
+                         f"give --device cuda (or leave it out)")
+    on_cuda = torch.cuda.is_available() if requested is None else requested.type == "cuda"
+    try:
+        device = dist.init_from_env("nccl" if on_cuda else "gloo")
+    except ValueError as exc:  # RANK outside WORLD_SIZE, more local ranks than GPUs, ...
+        raise UsageError(f"torchrun environment: {exc}") from None
+    return device if on_cuda else torch.device("cpu")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    """``c3dzoo train``; under torchrun every rank runs it, and only rank 0 prints or writes."""
+    device = _init_distributed(args)
+    try:
+        if dist.is_main():
+            status = _train(args, device)
+        else:
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
+                    contextlib.redirect_stderr(sink):
+                try:
+                    status = _train(args, device)
+                except (UsageError, CommandError, ckpt.CheckpointError) as exc:
+                    # main() prints it, outside the redirection: say which rank it was
+                    raise type(exc)(f"rank {dist.rank()}: {exc}") from None
+        if status == 0:
+            dist.barrier()  # rank 0 may still be writing; leave together
+        return status
+    finally:
+        dist.teardown()
+
+
+def _load_checkpoint(path: str) -> dict:
+    """``ckpt.load(path)`` on rank 0, shared with the other ranks (they need no copy of the file,
+    e.g. on other machines); its error, if any, is raised on every rank."""
+    if dist.world_size() == 1:
+        return ckpt.load(path)
+    loaded = None
+    if dist.is_main():
+        try:
+            loaded = ckpt.load(path)
+        except ckpt.CheckpointError as exc:
+            loaded = str(exc)
+    loaded = dist.broadcast_object(loaded)
+    if isinstance(loaded, str):
+        raise ckpt.CheckpointError(loaded)
+    return loaded
+
+
+def _check_transfer_options(args: argparse.Namespace) -> None:
+    if args.sync_bn and not args.fused:
+        given = "" if "sync_bn" in args.given else " (taken from the checkpoint; add --no-sync-bn)"
+        raise UsageError(f"--sync-bn needs --fused: the synchronisation lives in the fused op{given}")
+    if args.new_head and not args.pretrained:
+        raise UsageError("--new-head replaces the head of --pretrained weights: give --pretrained PATH")
+    if not args.head_lr_mult > 0:
+        raise UsageError(f"--head-lr-mult must be positive, got {args.head_lr_mult}")
+    if args.grow and args.freeze != "none":
+        raise UsageError("--grow cannot be combined with --freeze (a grown layer gets new, trainable "
+                         "parameters); grow first, or fine-tune without growth")
+
+
+def _prepare_model(args, model: nn.Module, resuming: bool) -> None:
+    """--pretrained (not when resuming: the checkpoint has the weights, and the file may be gone),
+    then --freeze; both before the optimizer is made."""
+    if args.pretrained and not resuming:
+        report = transfer.load_pretrained(model, args.pretrained, head="skip" if args.new_head else "load")
+        print(report)
+    try:
+        frozen = transfer.freeze(model, args.freeze)
+    except ValueError as exc:
+        raise UsageError(f"--freeze: {exc}") from None
+    if frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"frozen: {', '.join(frozen)} (their BatchNorms on running statistics); "
+              f"{trainable / 1e6:.3f} M parameters train")
+
+
+def _train(args: argparse.Namespace, device: torch.device) -> int:
+    world, rank = dist.world_size(), dist.rank()
+    main_rank = dist.is_main()
     checkpoint = None
     if args.resume:
         args.resume = _resume_path(args)
-        checkpoint = ckpt.load(args.resume)
+        checkpoint = _load_checkpoint(args.resume)
         _apply_resumed_options(args, checkpoint, args.given)
         if not args.out:  # a resumed run goes on writing where it was
             args.out = os.path.dirname(os.path.abspath(args.resume))
-    for key in ("data", "labels", "val_data", "val_labels", "classes"):  # checkpoints outlive the cwd
+    for key in ("data", "labels", "val_data", "val_labels", "classes", "pretrained"):  # checkpoints outlive the cwd
         if getattr(args, key):
             setattr(args, key, os.path.abspath(getattr(args, key)))
     _apply_train_defaults(args, device)
+    _check_transfer_options(args)
     if args.progress is None:  # bars redrawn with \r only make a mess of a log file
         args.progress = sys.stderr.isatty()
+    args.progress = args.progress and main_rank
     if not args.grow_noise >= 0:
         raise UsageError(f"--grow-noise must be non-negative, got {args.grow_noise}")
     data = _make_data(args)
@@ -612,7 +811,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                        f"({', '.join(saved_names[:4])}, ...) than this data's "
                                        f"({', '.join(train_set.class_names[:4])}, ...)")
     model, model_kwargs = _build_model(args, device, train_set[0][0])
+    model.sync_bn = args.sync_bn  # fused SyncBatchNorm; in one process it changes nothing
     growth_plan = _resolve_growth(args, model_kwargs)
+    _prepare_model(args, model, resuming=checkpoint is not None)
 
     # the loaders get their own generators, so that starting an iterator does not draw from the
     # global RNG (which dropout uses): a resumed run draws the same dropout masks
@@ -621,15 +822,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # drop the last partial batch (a batch of one breaks BatchNorm) unless there is only one
     drop_last = len(train_set) > args.batch_size
     batches = _EpochBatches(len(train_set), args.batch_size, drop_last, args.seed,
-                            keyed=isinstance(train_set, VideoClipDataset))
+                            keyed=isinstance(train_set, VideoClipDataset), rank=rank, world=world)
+    if batches.steps_per_epoch < 1:
+        raise UsageError(f"an epoch has {batches.global_batches} batch(es) of {args.batch_size}, fewer "
+                         f"than the {world} ranks: lower --batch-size (it is per rank)")
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=batches, generator=torch.Generator().manual_seed(args.seed), **loader_args)
+    # validation: rank r takes clips r, r + world, ...; _evaluate sums over the ranks
+    val_shard = val_set if world == 1 else torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.batch_size, shuffle=False,
+        val_shard, batch_size=args.batch_size, shuffle=False,
         generator=torch.Generator().manual_seed(args.seed), **loader_args)
-    clips_per_epoch = len(train_loader) * args.batch_size if drop_last else len(train_set)
+    used_batches = batches.steps_per_epoch * world
+    clips_per_epoch = (len(train_set) if used_batches == batches.global_batches and not drop_last
+                       else used_batches * args.batch_size)
     optimizer = _make_optimizer(args, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(args.epochs * len(train_loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(
+        args.epochs * batches.global_batches * args.batch_size, world * args.batch_size))
 
     progress = _Progress()
     if checkpoint is not None:
@@ -660,18 +869,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
             setattr(progress, key, value)
         if "rng" in checkpoint:
             ckpt.set_rng_state(checkpoint["rng"])
+        if progress.batch > batches.global_batches:
+            raise ckpt.CheckpointError(f"checkpoint {args.resume} is at batch {progress.batch} of an epoch "
+                                       f"of {batches.global_batches}: was --batch-size changed?")
     pending = growth_plan[len(progress.growth):]
     if pending and (pending[0]["epoch"] < progress.epoch + 1
                     or (pending[0]["epoch"] == progress.epoch + 1 and progress.batch > 0)):
         raise UsageError(f"--grow: epoch {pending[0]['epoch']} has begun or passed in checkpoint "
                          f"{args.resume} (it resumes in epoch {progress.epoch + 1})")
 
+    def position() -> int:  # clips trained on: the learning rate is a function of it
+        return (progress.epoch * batches.global_batches + progress.batch) * args.batch_size
+
+    if checkpoint is not None and checkpoint.get("world_size", 1) != world:
+        _set_lr(scheduler, position())  # the saved lr is for the other world size's step
+    def reseed(at: int) -> None:
+        # dropout masks differ between ranks and depend only on the position, so a run resumed on
+        # as many ranks draws the same ones (only rank 0's RNG state is in the checkpoint)
+        torch.manual_seed(hash((args.seed, rank, at)) & (2**63 - 1))
+    ddp_model = dist.wrap_ddp(model)  # after loading and growth: DDP broadcasts rank 0's weights
+
     params = sum(p.numel() for p in model.parameters())
+    ranks = (f", {world} ranks{' with SyncBatchNorm' if args.sync_bn else ''} (global batch "
+             f"{world * args.batch_size})" if world > 1 else "")
     print(f"training {args.model} ({', '.join(f'{k}={v}' for k, v in model_kwargs.items())}; "
           f"{params / 1e6:.2f} M parameters) {'fused' if args.fused else 'stock'} on {device}"
           f"{' with bf16 autocast' if args.amp else ''}: {args.epochs} epochs of {data.description}, "
-          f"clips {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch_size}, "
-          f"{args.optimizer} lr {args.lr:g}; chance is {100 / args.num_classes:.1f} %")
+          f"clips {args.frames}x{args.size[0]}x{args.size[1]}, batch {args.batch_size}{ranks}, "
+          f"{args.optimizer} lr {args.lr:g}"
+          f"{f' (head x{args.head_lr_mult:g})' if args.head_lr_mult != 1.0 else ''}; "
+          f"chance is {100 / args.num_classes:.1f} %")
     if data.skipped_note:
         print(f"{data.skipped_note} (warnings above)")
     if growth_plan:
@@ -681,20 +908,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         print(f"resuming from {args.resume} at epoch {progress.epoch + 1}, batch {progress.batch + 1} "
               f"(step {progress.global_step})")
-    if args.out:
+    writes = bool(args.out) and main_rank  # only rank 0 writes files
+    if writes:
         os.makedirs(args.out, exist_ok=True)
     last_path = os.path.join(args.out, "last.pt") if args.out else None
     metrics_path = os.path.join(args.out, "metrics.csv") if args.out else None
     curves_path = os.path.join(args.out, CURVES_PNG) if args.out else None
-    plot = args.out is not None and importlib.util.find_spec("matplotlib") is not None
+    plot = writes and importlib.util.find_spec("matplotlib") is not None
     if args.out and not plot:
-        print(f"note: matplotlib is not installed, so no {CURVES_PNG} (pip install matplotlib)")
-    append = checkpoint is not None and os.path.isfile(metrics_path) and os.path.getsize(metrics_path) > 0
+        print(f"note: matplotlib is not installed, so no {CURVES_PNG} and no {CONFUSION_PNG} "
+              f"(pip install matplotlib)")
+    append = writes and checkpoint is not None and os.path.isfile(metrics_path) and os.path.getsize(metrics_path) > 0
     start = time.perf_counter()
-    row = None
+    row = validation = None
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
                                                   data, progress, metrics)
-    with (_metrics_file(metrics_path, append) if args.out
+    with (_metrics_file(metrics_path, append) if writes
           else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop:
         writer = csv.DictWriter(metrics_file, fieldnames=METRICS) if metrics_file else None
         if writer and not append:
@@ -703,31 +932,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
             while progress.epoch < args.epochs:
                 epoch = progress.epoch + 1
                 epoch_start = time.perf_counter()
-                while pending and pending[0]["epoch"] == epoch:
-                    _grow(model, pending.pop(0), optimizer, train_set, args, device, progress)
+                if pending and pending[0]["epoch"] == epoch:
+                    while pending and pending[0]["epoch"] == epoch:
+                        # the same seeded growth on every rank (see _grow), then a new DDP
+                        # wrapper: the old one holds the old parameters
+                        _grow(model, pending.pop(0), optimizer, train_set, args, device, progress)
+                    ddp_model = dist.wrap_ddp(model)
                 batches.epoch, batches.skip = epoch, progress.batch
                 with tqdm(total=clips_per_epoch, initial=progress.seen, desc=f"epoch {epoch}/{args.epochs}",
                           unit="clip", disable=not args.progress) as bar:
                     seen_before = progress.seen
-                    _train_epoch(model, train_loader, optimizer, scheduler, device, args.amp, bar,
-                                 progress, stop)
+                    _train_epoch(ddp_model, train_loader, optimizer, scheduler, device, args.amp, bar,
+                                 progress, stop, position, reseed if world > 1 else None)
                 clips_per_s = (progress.seen - seen_before) / (time.perf_counter() - epoch_start)
                 train_loss = progress.loss_sum / max(1, progress.seen)
                 train_top1 = 100.0 * progress.correct / max(1, progress.seen)
                 train_top5 = 100.0 * progress.correct5 / max(1, progress.seen)
-                val_loss, val_top1, val_top5 = _evaluate(model, val_loader, device, args.amp, args.progress)
+                _broadcast_buffers(model)
+                validation = _evaluate(model, val_loader, device, args.amp, args.progress)
                 progress.epoch += 1
                 progress.start_epoch()
-                progress.best = max(progress.best, (val_top1, epoch))
+                progress.best = max(progress.best, (validation.top1, epoch))
                 row = dict(epoch=epoch, lr=f"{optimizer.param_groups[0]['lr']:.6g}",
                            train_loss=f"{train_loss:.4f}", train_top1=f"{train_top1:.2f}",
-                           train_top5=f"{train_top5:.2f}",
-                           val_loss=f"{val_loss:.4f}", val_top1=f"{val_top1:.2f}", val_top5=f"{val_top5:.2f}",
+                           train_top5=f"{train_top5:.2f}", val_loss=f"{validation.loss:.4f}",
+                           val_top1=f"{validation.top1:.2f}", val_top5=f"{validation.top5:.2f}",
                            epoch_seconds=f"{time.perf_counter() - epoch_start:.1f}",
                            train_clips_per_s=f"{clips_per_s:.1f}")
                 tqdm.write(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f} % "
-                           f"| val loss {val_loss:.4f} top-1 {val_top1:.1f} % top-5 {val_top5:.1f} % "
-                           f"| {clips_per_s:.1f} clips/s")
+                           f"| val loss {validation.loss:.4f} top-1 {validation.top1:.1f} % top-5 "
+                           f"{validation.top5:.1f} % | {clips_per_s:.1f} clips/s")
                 if writer:
                     writer.writerow(row)
                     metrics_file.flush()
@@ -738,7 +972,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if progress.updating:  # the weights are half-updated: keep the previous checkpoint
                 note = f"not saved (mid-step); {last_path} is the previous checkpoint" if last_path \
                     else "nothing saved (no --out)"
-            elif last_path:
+            elif writes:
                 _save(last_path, payload(None))
                 note = f"saved {last_path}; continue with --resume --out {args.out}"
             else:
@@ -746,22 +980,68 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"{PROG}: interrupted at epoch {progress.epoch + 1} step {progress.global_step}: {note}",
                   file=sys.stderr)
             return 130
-    written = ["metrics.csv", CURVES_PNG, "last.pt"] if plot else ["metrics.csv", "last.pt"]
-    saved = f"; wrote {', '.join(written)} to {args.out}" if args.out else "; nothing saved (no --out)"
     if row is None:
         print(f"nothing to do: the checkpoint has finished all {args.epochs} epochs (raise --epochs "
               f"to train on)")
         return 0
+    written = ["metrics.csv", "last.pt"]
+    if writes:
+        written += _write_final_report(validation, train_set.class_names, args.out, plot)
+    if plot:
+        written.insert(1, CURVES_PNG)
+    saved = f"; wrote {', '.join(written)} to {args.out}" if args.out else "; nothing saved (no --out)"
     skipped = f"; {data.skipped_note}" if data.skipped_note else ""
-    print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {val_top1:.1f} % top-5 "
-          f"{val_top5:.1f} %, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
+    print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {validation.top1:.1f} % top-5 "
+          f"{validation.top5:.1f} %, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
           f"{100 / args.num_classes:.1f} %{skipped}{saved}")
     return 0
 
 
+def _write_final_report(validation: _Validation, class_names, out: str, plot: bool) -> List[str]:
+    """Per-class accuracy of the final validation: a line, PER_CLASS_CSV and (with matplotlib)
+    the confusion matrix as CONFUSION_PNG, next to metrics.csv. Returns the files written."""
+    confusion = validation.confusion.numpy()
+    per_class = evaluation.per_class_accuracy(confusion)
+    names = list(class_names)
+
+    def shown(i):
+        return f"{names[i]} {'n/a' if math.isnan(per_class[i]) else f'{100 * per_class[i]:.0f} %'}"
+
+    if len(names) <= MAX_PER_CLASS_PRINTED:
+        print("final val top-1 per class: " + ", ".join(shown(i) for i in range(len(names))))
+    else:
+        worst = sorted((i for i in range(len(names)) if not math.isnan(per_class[i])), key=lambda i: per_class[i])
+        print(f"final val top-1 per class (lowest 5 of {len(names)}; all in {PER_CLASS_CSV}): "
+              + ", ".join(shown(i) for i in worst[:5]))
+    path = os.path.join(out, PER_CLASS_CSV)
+    try:
+        with open(path + ".tmp", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(("class", "clips", "correct", "top1"))
+            for i, name in enumerate(names):
+                writer.writerow((name, int(confusion[i].sum()), int(confusion[i, i]),
+                                 "" if math.isnan(per_class[i]) else f"{100 * per_class[i]:.2f}"))
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc}") from None
+    written = [PER_CLASS_CSV]
+    if plot:
+        png = os.path.join(out, CONFUSION_PNG)
+        tmp = png + ".tmp.png"
+        try:
+            evaluation.save_confusion_matrix_png(confusion, tmp, names, title="final validation")
+            os.replace(tmp, png)
+        except OSError as exc:
+            raise CommandError(f"cannot write {png}: {exc}") from None
+        written.append(CONFUSION_PNG)
+    return written
+
+
 def _grow(model, step: dict, optimizer, train_set, args, device, progress: _Progress) -> None:
-    """One ``--grow`` step at the start of its epoch; ``deeper`` sets its new BatchNorm from a
-    batch of training clips, ``wider`` perturbs the replicas by ``--grow-noise`` (seeded)."""
+    """One ``--grow`` step at the start of its epoch on the plain model; ``deeper`` sets its new
+    BatchNorm from a batch of training clips, ``wider`` perturbs the replicas by ``--grow-noise``.
+    Both depend only on (seed, epoch, step) and the weights, so every rank of a distributed run
+    grows identically (then the caller wraps the model in a new DDP)."""
     before = sum(p.numel() for p in model.parameters())
     data = None
     if step["op"] == "deeper":
@@ -843,7 +1123,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
     train.add_argument("--grow-noise", type=float, default=0.02,
                        help="noise (x the layer's weight std) on the replicas of a wider layer, so they "
                             "can diverge; 0 keeps the function exactly (default %(default)s)")
-    train.add_argument("--out", metavar="DIR", help=f"write metrics.csv, {CURVES_PNG} and last.pt here")
+    tune = train.add_argument_group("fine-tuning")
+    tune.add_argument("--pretrained", metavar="PATH",
+                      help="start from these weights (a c3dzoo checkpoint or export, a stock state_dict "
+                           "of the model, torchvision video ResNet weights); strict: a mismatch stops "
+                           "with one line. Not reloaded on --resume")
+    tune.add_argument("--new-head", action="store_true",
+                      help="load everything but the final Linear, which stays freshly initialised "
+                           "(for a different class count)")
+    tune.add_argument("--freeze", default="none", metavar="none|features|up-to=LAYER",
+                      help="do not train these layers (BatchNorms there on running statistics): none, "
+                           "every layer before the first fully connected one, or LAYER and all "
+                           "before it (default %(default)s)")
+    tune.add_argument("--head-lr-mult", type=float, default=1.0, metavar="X",
+                      help="learning rate of the final Linear = --lr x X (default %(default)s)")
+    multi = train.add_argument_group(
+        "several GPUs or machines",
+        "Start with torchrun (torchrun --nproc_per_node=N -m c3dzoo.cli train ...): each rank trains "
+        "on its own device, --batch-size is per rank, rank 0 alone prints and writes, and a "
+        "checkpoint resumes on any number of ranks. Without torchrun these options change nothing.")
+    multi.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                       help="BatchNorm statistics over the global batch (fused SyncBatchNorm; needs "
+                            "--fused); changes nothing in a single process (default: off)")
+    train.add_argument("--out", metavar="DIR",
+                       help=f"write metrics.csv, {CURVES_PNG}, last.pt and, after the last epoch, "
+                            f"{PER_CLASS_CSV} and {CONFUSION_PNG} here")
     train.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
                        help="continue from checkpoint CKPT (default with --out: DIR/last.pt); "
                             "options not given again are taken from the checkpoint")
