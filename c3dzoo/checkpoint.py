@@ -106,7 +106,7 @@ def replay_growth(model: nn.Module, growth) -> nn.Module:
         if step["op"] == "wider":
             net2net.wider(model, step["layer"], step["width"], generator=torch.Generator().manual_seed(0))
         elif step["op"] == "deeper":
-            net2net.deeper(model, step["layer"], name=step["name"])
+            net2net.deeper(model, step["layer"], name=step.get("name"))
         else:
             raise ValueError(f"unknown growth step {step['op']!r}")
     return model

@@ -561,3 +561,19 @@ def test_video_batches_carry_the_epoch():
     keys = [key for batch in batches for key in batch]
     assert len(keys) == 4 and {epoch for _, epoch in keys} == {3} and len({i for i, _ in keys}) == 4
     assert all(isinstance(i, int) for i in next(iter(cli.train._EpochBatches(5, 2, True, 0))))
+
+
+def test_grow_video_resnet_stream_and_block(tmp_path, capsys):
+    """--grow on a video ResNet: a residual stream grows as a group (wider=layer4*2) and deeper
+    inserts a block; the checkpoint replays both (export loads it strictly)."""
+    out = tmp_path / "r3d"
+    argv = ["train", "--model", "r3d_18", "--epochs", "2", "--train-samples", "8", "--val-samples", "4",
+            "--batch-size", "4", "--num-classes", "3", "--frames", "8", "--size", "32", "--device", "cpu",
+            "--no-progress", "--grow", "2:wider=layer4*2,2:deeper=layer3.1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "wider layer4 512 -> 1024 units" in printed and "deeper: new block after layer3.1" in printed
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    model = ckpt.stock_model(checkpoint)
+    assert model.fc.in_features == 1024 and len(model.layer3) == 3
+    assert cli.main(["export", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "w.pt")]) == 0

@@ -248,7 +248,9 @@ def parse_grow(text: str) -> List[dict]:
 
 
 def _units(model: nn.Module, layer: str) -> int:
-    module = model.get_submodule(layer)
+    """Output units of ``layer``, or of a video ResNet's residual stream (``layer1``…``layer4``)."""
+    streams = net2net.residual_streams(model)
+    module = model.get_submodule(streams[layer][0] if layer in streams else layer)
     return module.out_channels if isinstance(module, nn.Conv3d) else module.out_features
 
 
@@ -267,8 +269,8 @@ def apply_growth(model: nn.Module, record: dict, optimizer=None, data: Optional[
         net2net.wider(model, record["layer"], record["width"], noise=noise, optimizer=optimizer,
                       generator=generator or torch.Generator().manual_seed(0))
         return f"wider {record['layer']} {before} -> {record['width']} units"
-    net2net.deeper(model, record["layer"], optimizer=optimizer, data=data, name=record["name"])
-    return f"deeper: new layer {record['name']} after {record['layer']}"
+    net2net.deeper(model, record["layer"], optimizer=optimizer, data=data, name=record.get("name"))
+    return f"deeper: new {'layer ' + record['name'] if record.get('name') else 'block'} after {record['layer']}"
 
 
 def _resolve_growth(args: argparse.Namespace, model_kwargs: dict) -> List[dict]:
@@ -296,7 +298,10 @@ def _resolve_growth(args: argparse.Namespace, model_kwargs: dict) -> List[dict]:
             else:
                 names = _grow_names(trial)
                 net2net.deeper(trial, step["layer"])
-                record["name"] = (_grow_names(trial) - names).pop()
+                # C3D names its new layer (conv5c); a ResNet block or ConvColumn layer goes to a fixed
+                # position that deeper derives again on replay (None)
+                added = _grow_names(trial) - names
+                record["name"] = added.pop() if added else None
                 resolved.append(record)
                 continue
             net2net.wider(trial, step["layer"], record["width"], generator=torch.Generator().manual_seed(0))
