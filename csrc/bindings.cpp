@@ -17,6 +17,8 @@ namespace c3dzoo {
 void launch_stem_forward(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int dtype,
                          int w_stride, uintptr_t stream);
 int stem_channels_per_thread();
+void launch_stem_conv_stats(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y,
+                            uintptr_t part_mean, uintptr_t part_m2, int dtype, int w_stride, uintptr_t stream);
 void launch_bn_finalize(uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps,
                         float momentum, int cumulative, uintptr_t num_batches_tracked, uintptr_t running_mean,
                         uintptr_t running_var, uintptr_t mean_out, uintptr_t var_out, uintptr_t invstd_out,
@@ -66,6 +68,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("padding"), py::arg("dilation"), py::arg("pool_kernel"), py::arg("pool_stride"),
       py::arg("pool_padding"), py::arg("activation"), py::arg("negative_slope"), py::arg("w_stride"),
       py::arg("stream"));
+  m.def(
+      "stem_conv_stats",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, uintptr_t part_mean, uintptr_t part_m2, int dtype,
+         int64_t n, int d, int h, int wd, int cin, int cout, I3 kernel, I3 stride, I3 padding, I3 dilation,
+         int w_stride, uintptr_t stream) {
+        const I3 one{1, 1, 1}, zero{0, 0, 0};
+        const auto s = stem_shape(n, d, h, wd, cin, cout, kernel, stride, padding, dilation, one, one, zero,
+                                  c3dzoo::kActNone, 0.f);
+        py::gil_scoped_release release;
+        c3dzoo::launch_stem_conv_stats(s, x, w, bias, y, part_mean, part_m2, dtype, w_stride, stream);
+      },
+      "Training forward of the stem: y = conv(x) + bias (NDHWC, dtype 0 fp32/1 fp16/2 bf16) and per-block "
+      "fp32 (mean, M2) partials [blocks][C_out], blocks = ceil(positions / stem_stats_positions_per_block(C_out)).",
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("part_mean"), py::arg("part_m2"),
+      py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("h"), py::arg("w_size"), py::arg("cin"), py::arg("cout"),
+      py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("w_stride"),
+      py::arg("stream"));
+  m.def("stem_stats_positions_per_block", [](int cout) {
+    return c3dzoo::stem_stats_rows(cout, c3dzoo::stem_channels_per_thread()) * c3dzoo::kStemStatsIters;
+  });
   m.def(
       "bn_finalize",
       [](uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps, float momentum,

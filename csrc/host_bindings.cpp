@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -45,6 +46,50 @@ void stem_forward_host(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, 
       float r[1];
       c3dzoo::stem_pooled_point<1>(xp, wp, bp, w_stride, s, nn, yd, yh, yw, co, r);
       op[pos * cout + co] = r[0];
+    }
+  }
+}
+
+// The training-forward stem's y and (mean, M2) partials, block by block and thread by thread in the
+// device kernel's order (stem_math.h), so the partials are the device's bit for bit (fp32 x, y).
+void stem_conv_stats_host(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, uintptr_t part_mean,
+                          uintptr_t part_m2, int64_t n, int d, int h, int wd, int cin, int cout, I3 kernel, I3 stride,
+                          I3 padding, I3 dilation, int cpt, int w_stride) {
+  c3dzoo::StemShape s;
+  const char* err = nullptr;
+  const I3 one{1, 1, 1}, zero{0, 0, 0};
+  if (!c3dzoo::make_stem_shape(n, d, h, wd, cin, cout, kernel.data(), stride.data(), padding.data(),
+                               dilation.data(), one.data(), one.data(), zero.data(), c3dzoo::kActNone, 0.f, &s, &err))
+    throw std::invalid_argument(std::string("c3dzoo._C_host.stem_conv_stats_host: ") + err);
+  if (cpt != 8) throw std::invalid_argument("c3dzoo._C_host.stem_conv_stats_host: the device kernel uses 8 channels a thread");
+  if (w_stride < cout || w_stride % cpt) throw std::invalid_argument("c3dzoo._C_host.stem_conv_stats_host: bad w_stride");
+  constexpr int CPT = 8;
+  const int groups = (cout + CPT - 1) / CPT;
+  const int rows = c3dzoo::stem_stats_rows(cout, CPT);
+  const int64_t positions = s.n * s.od * s.oh * (int64_t)s.ow;
+  const int64_t per_block = (int64_t)rows * c3dzoo::kStemStatsIters;
+  const int64_t blocks = (positions + per_block - 1) / per_block;
+  std::vector<c3dzoo::ShiftedSums> sums((size_t)rows * groups * CPT);
+  py::gil_scoped_release release;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int r = 0; r < rows; ++r) {
+      for (int grp = 0; grp < groups; ++grp) {
+        c3dzoo::ShiftedSums* m = &sums[((size_t)r * groups + grp) * CPT];
+        for (int j = 0; j < CPT; ++j) m[j] = c3dzoo::ShiftedSums{0.f, 0.f, 0.f, 0.f};
+        for (int it = 0; it < c3dzoo::kStemStatsIters; ++it) {
+          const int64_t pos = c3dzoo::stem_stats_position(b, rows, r, it);
+          if (pos >= positions) break;
+          float v[CPT];
+          c3dzoo::stem_stats_point<CPT>(cptr<float>(x), cptr<float>(w), cptr<float>(bias), w_stride, s, pos,
+                                        grp * CPT, m, v);
+          for (int j = 0; j < CPT && grp * CPT + j < cout; ++j) mptr<float>(y)[pos * cout + grp * CPT + j] = v[j];
+        }
+      }
+    }
+    for (int c = 0; c < cout; ++c) {
+      const c3dzoo::Moments total = c3dzoo::stem_stats_combine(sums.data(), rows, groups, CPT, c);
+      mptr<float>(part_mean)[b * cout + c] = total.mean;
+      mptr<float>(part_m2)[b * cout + c] = total.m2;
     }
   }
 }
@@ -102,6 +147,16 @@ void net2net_divide_host(uintptr_t src, uintptr_t dst, int dtype, uintptr_t g, u
 PYBIND11_MODULE(_C_host, m) {
   m.doc() = "Host (g++) reference loops over c3dzoo's CUDA per-element math (csrc/stem_math.h), float32";
   m.attr("MAX_STEM_CIN") = c3dzoo::kMaxStemCin;
+  m.def("stem_conv_stats_host", &stem_conv_stats_host,
+        "Training-forward stem on the host: y = conv(x) + bias (NDHWC fp32) and per-block (mean, M2) "
+        "partials [blocks][C_out] in the device kernel's work split.",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("part_mean"), py::arg("part_m2"),
+        py::arg("n"), py::arg("d"), py::arg("h"), py::arg("w_size"), py::arg("cin"), py::arg("cout"),
+        py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("cpt"),
+        py::arg("w_stride"));
+  m.def("stem_stats_positions_per_block", [](int cout) {
+    return c3dzoo::stem_stats_rows(cout, 8) * c3dzoo::kStemStatsIters;
+  });
   m.def("stem_forward_host", &stem_forward_host,
         "Pooled NDHWC fp32 output of conv(C_in<=4)+bias+act+maxpool; x NDHWC fp32, w fp32 "
         "[kd*kh*kw*C_in][w_stride] (C_out innermost), bias fp32 [>= C_out].",

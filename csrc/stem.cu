@@ -1,6 +1,7 @@
 // CUDA kernels of c3dzoo._C (first version):
 //   * stem: direct Conv3d for C_in <= 4 + folded BatchNorm bias + activation + MaxPool3d, writing
 //     only the pooled NDHWC output (the conv output never goes to memory);
+//   * stem training forward: the raw conv output and per-block (mean, M2) batch statistics;
 //   * bn_finalize: per-channel batch statistics -> mean / biased var / invstd + running stats update;
 //   * net2net gather / divide.
 // The per-element math lives in stem_math.h (shared with the g++-built host module c3dzoo._C_host).
@@ -76,6 +77,59 @@ __global__ void __launch_bounds__(kStemThreads)
     stem_pooled_point<CPT>(x, wp, bp, w_stride, s, n, yd, yh, yw, co0, r);
     store_group<T, CPT>(out + pos * s.cout + co0, r, s.cout - co0, vec_store != 0);
   }
+}
+
+// Training forward of the stem: the raw conv output y (NDHWC, type T) and per-block partial
+// (mean, M2) of every output channel (see kStemStatsThreads in stem_math.h for the work split).
+// Thread (r, grp) keeps CPT shifted sums; the block combines its rows' sums in shared memory.
+template <typename T, int CPT>
+__global__ void __launch_bounds__(kStemStatsThreads)
+    stem_conv_stats_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                           T* __restrict__ y, float* __restrict__ part_mean, float* __restrict__ part_m2,
+                           StemShape s, int w_stride, int groups, int rows, int64_t positions, int vec_store) {
+  extern __shared__ ShiftedSums block_sums[];  // [rows][groups][CPT]
+  const int tid = threadIdx.x;
+  const bool active = tid < rows * groups;
+  const int r = tid / groups, grp = tid % groups;
+  ShiftedSums m[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) m[j] = ShiftedSums{0.f, 0.f, 0.f, 0.f};
+  if (active) {
+    const int co0 = grp * CPT;
+    for (int it = 0; it < kStemStatsIters; ++it) {
+      const int64_t pos = stem_stats_position(blockIdx.x, rows, r, it);
+      if (pos >= positions) break;
+      float v[CPT];
+      stem_stats_point<CPT>(x, w, bias, w_stride, s, pos, co0, m, v);
+      store_group<T, CPT>(y + pos * s.cout + co0, v, s.cout - co0, vec_store != 0);
+    }
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) block_sums[tid * CPT + j] = m[j];
+  }
+  __syncthreads();
+  for (int c = tid; c < s.cout; c += blockDim.x) {
+    const Moments total = stem_stats_combine(block_sums, rows, groups, CPT, c);
+    part_mean[blockIdx.x * (int64_t)s.cout + c] = total.mean;
+    part_m2[blockIdx.x * (int64_t)s.cout + c] = total.m2;
+  }
+}
+
+template <typename T>
+void launch_stem_stats_typed(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y,
+                             uintptr_t part_mean, uintptr_t part_m2, int w_stride, cudaStream_t stream) {
+  constexpr int CPT = kStemCPT;
+  const int groups = (s.cout + CPT - 1) / CPT;
+  const int rows = stem_stats_rows(s.cout, CPT);
+  const int64_t positions = s.n * s.od * s.oh * (int64_t)s.ow;
+  const int64_t per_block = (int64_t)rows * kStemStatsIters;
+  const int64_t blocks = (positions + per_block - 1) / per_block;
+  const size_t smem = (size_t)rows * groups * CPT * sizeof(ShiftedSums);
+  const int vec = (s.cout % CPT) == 0 && (y % 16) == 0;
+  stem_conv_stats_kernel<T, CPT><<<(unsigned)blocks, kStemStatsThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(bias),
+      reinterpret_cast<T*>(y), reinterpret_cast<float*>(part_mean), reinterpret_cast<float*>(part_m2), s,
+      w_stride, groups, rows, positions, vec);
+  check(cudaGetLastError(), "stem statistics kernel launch");
 }
 
 int sm_count() {
@@ -176,6 +230,22 @@ void launch_stem_forward(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t
     case 0: launch_stem_typed<float>(s, x, w, bias, out, w_stride, st); break;
     case 1: launch_stem_typed<__half>(s, x, w, bias, out, w_stride, st); break;
     case 2: launch_stem_typed<__nv_bfloat16>(s, x, w, bias, out, w_stride, st); break;
+    default: throw std::invalid_argument("c3dzoo._C: stem dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  }
+}
+
+// dtype: 0 float32, 1 float16, 2 bfloat16. Partial buffers: [stem_stats_blocks][C_out] fp32.
+void launch_stem_conv_stats(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y,
+                            uintptr_t part_mean, uintptr_t part_m2, int dtype, int w_stride, uintptr_t stream) {
+  if (w_stride < s.cout || w_stride % kStemCPT != 0)
+    throw std::invalid_argument("c3dzoo._C: w_stride must be >= C_out and a multiple of 8");
+  if (stem_stats_rows(s.cout, kStemCPT) < 1)
+    throw std::invalid_argument("c3dzoo._C: the stem statistics kernel takes at most 2048 output channels");
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case 0: launch_stem_stats_typed<float>(s, x, w, bias, y, part_mean, part_m2, w_stride, st); break;
+    case 1: launch_stem_stats_typed<__half>(s, x, w, bias, y, part_mean, part_m2, w_stride, st); break;
+    case 2: launch_stem_stats_typed<__nv_bfloat16>(s, x, w, bias, y, part_mean, part_m2, w_stride, st); break;
     default: throw std::invalid_argument("c3dzoo._C: stem dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
   }
 }

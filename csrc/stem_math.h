@@ -156,6 +156,123 @@ C3DZOO_HD C3DZOO_INLINE void stem_unflatten(const StemShape& s, int64_t pos, int
   *n = pos / s.yd;
 }
 
+// Conv output position (n, zd, zh, zw) of flat index `pos` over the un-pooled conv output.
+C3DZOO_HD C3DZOO_INLINE void conv_unflatten(const StemShape& s, int64_t pos, int64_t* n, int* zd, int* zh,
+                                            int* zw) {
+  *zw = (int)(pos % s.ow);
+  pos /= s.ow;
+  *zh = (int)(pos % s.oh);
+  pos /= s.oh;
+  *zd = (int)(pos % s.od);
+  *n = pos / s.od;
+}
+
+// y[j] = conv(x)[n, zd, zh, zw, co0 + j] + bias[co0 + j]: the raw conv output (training forward).
+template <int CPT, typename T>
+C3DZOO_HD C3DZOO_INLINE void stem_conv_point(const T* __restrict__ x, const float* __restrict__ w,
+                                             const float* __restrict__ bias, int w_stride, const StemShape& s,
+                                             int64_t n, int zd, int zh, int zw, int co0, float* y) {
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) y[j] = bias[co0 + j];
+  stem_conv_accumulate<CPT>(x, w, w_stride, s, n, zd, zh, zw, co0, y);
+}
+
+// ------------------------------------------------------------------------------------------------
+// batch statistics of the stem's training forward: per thread, sums of deviations from the thread's
+// first value (no division in the loop: an IEEE division is a called subroutine on the GPU, whose
+// calling convention spills the live accumulators); then (count, mean, M2) per thread, combined
+// across the threads of a block by Chan's formula, so |mean| >> std costs no precision (the shift
+// is a sample of the data, and no sum of raw squares is ever formed)
+// ------------------------------------------------------------------------------------------------
+struct ShiftedSums {
+  float count, shift, s1, s2;
+};
+
+struct Moments {
+  float count, mean, m2;
+};
+
+C3DZOO_HD C3DZOO_INLINE void shifted_add(ShiftedSums* a, float v) {
+  if (a->count == 0.f) a->shift = v;
+  const float d = v - a->shift;
+  a->s1 += d;
+  a->s2 = fmaf(d, d, a->s2);
+  a->count += 1.f;
+}
+
+// (count, mean − k, M2) of a thread's sums, relative to a shift k near its values: a mean of
+// |mean| >> std is never rounded at its own magnitude before the block's combination is done.
+C3DZOO_HD C3DZOO_INLINE Moments shifted_moments(const ShiftedSums& a, float k) {
+  if (a.count == 0.f) return Moments{0.f, 0.f, 0.f};
+  const float correction = a.s1 / a.count;  // mean − shift
+  const float m2 = a.s2 - a.s1 * correction;
+  return Moments{a.count, (a.shift - k) + correction, m2 > 0.f ? m2 : 0.f};
+}
+
+C3DZOO_HD C3DZOO_INLINE void moments_merge(Moments* a, const Moments& b) {
+  if (b.count == 0.f) return;
+  if (a->count == 0.f) {
+    *a = b;
+    return;
+  }
+  const float n = a->count + b.count;
+  const float delta = b.mean - a->mean;
+  a->mean += delta * (b.count / n);
+  a->m2 += b.m2 + delta * delta * (a->count * b.count / n);
+  a->count = n;
+}
+
+// The training-forward stem's work split, shared by the device kernel and the host loop so both
+// produce the same partials: a block of kStemStatsThreads threads is `rows` positions x `groups`
+// channel groups (CPT channels each); it walks kStemStatsIters steps of `rows` consecutive conv
+// positions, so block b covers positions [b*P, (b+1)*P) with P = rows * kStemStatsIters, and
+// writes one (mean, M2) partial row of C_out values.
+constexpr int kStemStatsThreads = 256;
+constexpr int kStemStatsIters = 16;
+
+C3DZOO_HD C3DZOO_INLINE int stem_stats_rows(int cout, int cpt) {
+  const int groups = (cout + cpt - 1) / cpt;
+  return groups > kStemStatsThreads ? 0 : kStemStatsThreads / groups;
+}
+
+// Flat conv position of step `it` of row `r` in block `b` (see kStemStatsThreads).
+C3DZOO_HD C3DZOO_INLINE int64_t stem_stats_position(int64_t b, int rows, int r, int it) {
+  return (b * kStemStatsIters + it) * rows + r;
+}
+
+// One position of one thread: the conv output's CPT values, rounded to the stored type T (the
+// statistics are those of the values stored, which the normalisation then reads), added to the
+// thread's sums `a[CPT]`; returned in `v` for the caller to store.
+template <int CPT, typename T>
+C3DZOO_HD C3DZOO_INLINE void stem_stats_point(const T* __restrict__ x, const float* __restrict__ w,
+                                              const float* __restrict__ bias, int w_stride, const StemShape& s,
+                                              int64_t pos, int co0, ShiftedSums* a, float* v) {
+  int64_t n;
+  int zd, zh, zw;
+  conv_unflatten(s, pos, &n, &zd, &zh, &zw);
+  stem_conv_point<CPT>(x, w, bias, w_stride, s, n, zd, zh, zw, co0, v);
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    T stored;
+    from_float(v[j], &stored);
+    v[j] = to_float(stored);
+    shifted_add(&a[j], v[j]);
+  }
+}
+
+// Channel c's (mean, M2) over a block: Chan's combination of the block's rows in row order, from
+// the threads' sums laid out [rows][groups][CPT], in offsets from row 0's shift (so the merges work
+// at the data's spread, not at |mean|); the mean gets that shift back once, at the end.
+C3DZOO_HD C3DZOO_INLINE Moments stem_stats_combine(const ShiftedSums* thread_sums, int rows, int groups, int cpt,
+                                                   int c) {
+  const int grp = c / cpt, j = c % cpt;
+  const float k = thread_sums[grp * cpt + j].shift;
+  Moments acc{0.f, 0.f, 0.f};
+  for (int r = 0; r < rows; ++r) moments_merge(&acc, shifted_moments(thread_sums[(r * groups + grp) * cpt + j], k));
+  acc.mean += k;
+  return acc;
+}
+
 // Host-side builder (validates and derives output sizes). Returns false with *err set when invalid.
 inline bool make_stem_shape(int64_t n, int d, int h, int w, int cin, int cout, const int* kernel,
                             const int* stride, const int* padding, const int* dilation, const int* pool_kernel,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._implicit_gemm import conv_tile, output_tile
+from ._statistics import finalize_statistics
 from .conv3d_bias_act_pool import LaunchPlan, TileConfig, _triple, plan_launch
 
 
@@ -107,26 +108,6 @@ def plan_stats_launch(
     missing = set(names) - set(scalars) - set(constexprs)
     assert not missing, missing
     return dataclasses.replace(plan, scalars=scalars, constexprs=constexprs)
-
-
-def finalize_statistics(
-    part_mean: torch.Tensor, part_m2: torch.Tensor, positions: int, block_m: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Chan's parallel combination of per-tile (count, mean, M2) into the batch mean and biased var:
-
-        mean = Σ n_i·mean_i / n,   M2 = Σ M2_i + Σ n_i·(mean_i − mean)²,   var = M2 / n
-
-    (the k-way form of the pairwise update, exact in exact arithmetic). Tile counts are known on the
-    host (every tile is full but the last), so nothing is read back from the device."""
-    tiles = part_mean.shape[0]
-    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float32, device=part_mean.device)
-    counts[-1] = float(positions - (tiles - 1) * block_m)
-    weights = counts / float(positions)
-    # shifted by the first tile's mean: the weighted sum adds small differences, not |mean|-sized values
-    shift = part_mean[0]
-    mean = shift + (weights * (part_mean - shift)).sum(dim=0)
-    m2 = part_m2.sum(dim=0) + (counts * (part_mean - mean).square()).sum(dim=0)
-    return mean, m2 / float(positions)
 
 
 def conv3d_bn_stats(

@@ -214,3 +214,52 @@ def test_net2net_divide(dtype, power, shape, dim, group):
     host.net2net_divide_host(t.data_ptr(), out.data_ptr(), 0 if dtype == torch.float32 else 3, g.data_ptr(),
                              counts.data_ptr(), power, outer, size, inner, g.numel(), group)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# (N, D, H, W, C_in, C_out, kernel, stride, padding, conv bias offset): C3D's conv1, the r3d stem,
+# R(2+1)D's 45-channel first stem conv (no multiple of the 8 channels a thread), and |mean| >> std
+STEM_STATS_CASES = {
+    "c3d_conv1": (2, 4, 10, 10, 3, 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), 0.0),
+    "r3d_stem": (1, 3, 14, 14, 3, 8, (3, 7, 7), (1, 2, 2), (1, 3, 3), 0.0),
+    "r2plus1d_45": (2, 3, 9, 9, 3, 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), 0.0),
+    "mean_dominates": (2, 4, 10, 10, 3, 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), 1000.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEM_STATS_CASES))
+def test_stem_conv_stats_matches_stock(name):
+    """The training-forward stem on the host: y = conv(x) + b, and per-block (mean, M2) partials
+    whose Chan combination (``kernels._statistics``) is the batch mean and biased variance."""
+    from c3dzoo.kernels._statistics import finalize_statistics
+
+    n, d, h, w, c_in, c_out, kernel, stride, padding, offset = STEM_STATS_CASES[name]
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(n, c_in, d, h, w, generator=g, dtype=torch.float64)
+    weight64 = torch.randn(c_out, c_in, *kernel, generator=g, dtype=torch.float64) / (c_in * kernel[0] * kernel[1] * kernel[2]) ** 0.5
+    bias64 = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1 + offset
+    x, weight, bias = x64.float(), weight64.float(), bias64.float()
+    w_packed, b_packed, w_stride = pack_stem_weight(weight, bias)
+    y_ref = torch.nn.functional.conv3d(x64, weight64, bias64, stride, padding)
+    positions = y_ref.numel() // c_out
+    per_block = host.stem_stats_positions_per_block(c_out)
+    blocks = -(-positions // per_block)
+    y = torch.empty(y_ref.shape, memory_format=torch.channels_last_3d)
+    part_mean, part_m2 = torch.empty(blocks, c_out), torch.empty(blocks, c_out)
+    xc = x.contiguous(memory_format=torch.channels_last_3d)
+    host.stem_conv_stats_host(xc.data_ptr(), w_packed.data_ptr(), b_packed.data_ptr(), y.data_ptr(),
+                              part_mean.data_ptr(), part_m2.data_ptr(), n, d, h, w, c_in, c_out, list(kernel),
+                              list(stride), list(padding), [1, 1, 1], 8, w_stride)
+    y_stock = torch.nn.functional.conv3d(x, weight, bias, stride, padding)
+    assert_parity(y, y_stock, y_ref, torch.float32, f"{name}: conv output")
+    mean, var = finalize_statistics(part_mean, part_m2, positions, per_block)
+    # the statistics of the values stored (fp32 here), against float64 over those values, and
+    # stock's own fp32 statistics as the budget
+    var_ref, mean_ref = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+    var_stock, mean_stock = torch.var_mean(y, dim=(0, 2, 3, 4), correction=0)
+    assert_parity(mean, mean_stock, mean_ref, torch.float32, f"{name}: mean")
+    assert_parity(var, var_stock, var_ref, torch.float32, f"{name}: var")
+    # the partials are per block of per_block consecutive positions, as finalize assumes
+    flat = y.permute(0, 2, 3, 4, 1).reshape(positions, c_out).double()
+    first = flat[:per_block]
+    torch.testing.assert_close(part_mean[0].double(), first.mean(0), rtol=1e-5, atol=1e-5 * (1 + offset))
+    torch.testing.assert_close(part_m2[0].double(), first.var(0, correction=0) * first.shape[0], rtol=1e-4, atol=1e-4)

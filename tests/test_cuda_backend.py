@@ -42,7 +42,7 @@ def test_supports_scope():
     assert cuda_impl.supports(_cfg(norm="none", pool=())) is None
     reason = cuda_impl.supports(_cfg(in_channels=64))
     assert reason and "only the stem (C_in ≤ 4)" in reason
-    assert "batch statistics" in cuda_impl.supports(_cfg(norm="batch"))
+    assert cuda_impl.supports(_cfg(norm="batch")) is None  # the training forward's stem
     assert "device" in cuda_impl.supports(_cfg(device="cpu"))
     assert "float64" in cuda_impl.supports(_cfg(dtype="torch.float64"))
 
@@ -120,3 +120,38 @@ def test_cuda_backend_declines_non_stem_layers():
     x = torch.randn(1, 16, 4, 8, 8, device="cuda")
     with pytest.warns(RuntimeWarning, match="only the stem"):
         conv3d_bn_act(x, **p, training=False, padding=1, backend="cuda")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_cuda_stem_training_parity(name, dtype, monkeypatch):
+    """Training mode (batch statistics): output, batch statistics through the running statistics,
+    and gradients, cuda backend vs stock in the same dtype, both against float64."""
+    if _cuda_reason() is not None:
+        pytest.skip(f"cuda backend unavailable: {_cuda_reason()}")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x_shape, c_out, kernel, stride, padding, pool, act = SHAPES[name]
+    p = _params(x_shape[1], c_out, kernel, "cuda", seed=len(name))
+    x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(2)).cuda()
+    kw = dict(training=True, stride=stride, padding=padding, activation=act, negative_slope=0.05, pool=pool)
+
+    def run(dt, backend):
+        q = {k: v.clone() for k, v in p.items()}
+        q["conv_weight"] = q["conv_weight"].to(dt)
+        q["conv_bias"] = q["conv_bias"].to(dt)
+        if dt == torch.float64:
+            q = {k: v.double() for k, v in q.items()}
+        xin = x.to(dt).requires_grad_(True)
+        q["conv_weight"].requires_grad_(True)
+        out = conv3d_bn_act(xin, **q, **kw, backend=backend)
+        out.double().square().mean().backward()
+        return out, q["running_mean"], q["running_var"], xin.grad, q["conv_weight"].grad
+
+    c3dzoo.ops.backends.clear_fallbacks()
+    fused = run(dtype, "cuda")
+    assert not c3dzoo.ops.backends.fallbacks(), c3dzoo.ops.backends.fallbacks()
+    stock, ref = run(dtype, "reference"), run(torch.float64, "reference")
+    for what, f, s_, r in zip(("output", "running_mean", "running_var", "x.grad", "weight.grad"), fused, stock, ref):
+        assert_parity(f, s_, r, dtype, f"cuda stem training {name} {dtype}: {what}")

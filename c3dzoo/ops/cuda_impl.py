@@ -1,10 +1,18 @@
 """The ``cuda`` backend: hand-written CUDA C++ kernels from csrc/, through the ``c3dzoo._C`` module.
 
 Implemented in this version: the stem only — Conv3d with C_in ≤ 4 (conv1 of C3D, the r3d / r2plus1d
-stems) + BatchNorm with running statistics folded into the weight and bias (or no BatchNorm) +
-activation (+ MaxPool3d), one direct-convolution kernel that writes only the pooled NDHWC output.
+stems):
+
+* inference — BatchNorm with running statistics folded into the weight and bias (or no BatchNorm) +
+  activation (+ MaxPool3d), one direct-convolution kernel that writes only the pooled NDHWC output;
+* training (batch statistics) — a direct-convolution kernel that writes the raw conv output and
+  per-block (mean, M2) partials (``stem_conv_stats``), the Chan combination of the partials
+  (``c3dzoo.kernels._statistics``), then normalise + activation (+ pool) (``_normalize``: the Triton
+  kernel when Triton runs, else stock ops).
+
 Every other configuration is declined by ``supports`` (the registry then falls back, with the reason).
-Backward delegates to ``reference.backward`` (it recomputes from the saved input).
+Backward: the Triton backend's (recompute the conv output from x, Triton act/pool/BN backward, dgrad,
+wgrad) when Triton runs on the device, else ``reference.backward``.
 
 ``c3dzoo._C`` takes raw device pointers and a stream handle, so it has no libtorch linkage; this
 module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight packing, layout.
@@ -16,7 +24,10 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from c3dzoo.kernels._statistics import finalize_statistics
+
 from . import reference as _reference
+from ._normalize import kernel_available, normalize_act_pool
 from ._weight_cache import FoldedWeightCache, cached_folded
 from .backends import ConvBNActConfig
 
@@ -39,9 +50,8 @@ def _lib():
 
 def supports(cfg: ConvBNActConfig) -> Optional[str]:
     """None if the CUDA kernels can run ``cfg``, else why not."""
-    if cfg.norm not in ("running", "none"):
-        return (f"{_SCOPE}; norm={cfg.norm!r} (training-mode BatchNorm with batch statistics) is not "
-                "implemented, only norm 'running' (folded) or 'none'")
+    if cfg.norm not in ("running", "none", "batch"):
+        return f"{_SCOPE}; norm={cfg.norm!r} is not implemented"
     if cfg.in_channels > MAX_STEM_CIN:
         return f"{_SCOPE}; this layer has C_in = {cfg.in_channels}"
     if cfg.device != "cuda":
@@ -105,11 +115,17 @@ def forward(
     negative_slope: float,
     pool: Sequence[int],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused stem forward (norm "running" or "none"); returns (out channels_last_3d, empty, empty)."""
-    if norm not in ("running", "none"):
+    """Fused stem forward. Returns (out channels_last_3d, mean, var): fp32 batch statistics (C_out,)
+    for norm "batch", empty otherwise."""
+    if norm not in ("running", "none", "batch"):
         raise NotImplementedError(f"cuda backend: norm={norm!r} is not implemented (see supports())")
     if x.dim() != 5 or x.shape[1] > MAX_STEM_CIN or x.dtype not in _DTYPE_CODES or x.device.type != "cuda":
         raise NotImplementedError(f"cuda backend: {_SCOPE}, fp16/bf16/fp32 CUDA tensors (see supports())")
+    if norm == "batch":
+        return _forward_batch_norm(
+            x, weight, bias, bn_weight, bn_bias, eps=eps, stride=stride, padding=padding, dilation=dilation,
+            activation=activation, negative_slope=negative_slope, pool=pool,
+        )
     lib = _lib()
     pool = tuple(pool)
     if pool:
@@ -123,10 +139,7 @@ def forward(
         xc = x.contiguous(memory_format=torch.channels_last_3d)
         n, c_in, d, h, w = x.shape
         c_out = weight.shape[0]
-        size = [
-            (s + 2 * p - dl * (k - 1) - 1) // st + 1
-            for s, k, st, p, dl in zip((d, h, w), weight.shape[2:], stride, padding, dilation)
-        ]
+        size = _conv_size(x, weight, stride, padding, dilation)
         size = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, pool_kernel, pool_stride, pool_padding)]
         out = torch.empty((n, c_out, *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
         if out.numel():
@@ -141,5 +154,47 @@ def forward(
     return out, mean, var
 
 
-# Gradients: not fused yet, the reference backward (recomputes the conv output from x).
-backward = _reference.backward
+def _conv_size(x: Tensor, weight: Tensor, stride, padding, dilation):
+    return [
+        (s + 2 * p - dl * (k - 1) - 1) // st + 1
+        for s, k, st, p, dl in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    ]
+
+
+def _forward_batch_norm(
+    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward: the stem conv with its statistics partials, their Chan combination, then
+    normalise/act/pool (the statistics are of the stored, rounded conv output)."""
+    lib = _lib()
+    with torch.no_grad(), torch.cuda.device(x.device):
+        w_packed, b_packed, w_stride = _folded_packed(weight, bias, None, None, None, None, norm="none", eps=eps)
+        xc = x.contiguous(memory_format=torch.channels_last_3d)
+        n, c_in, d, h, w = x.shape
+        c_out = weight.shape[0]
+        size = _conv_size(x, weight, stride, padding, dilation)
+        y = torch.empty((n, c_out, *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+        positions = n * size[0] * size[1] * size[2]
+        per_block = lib.stem_stats_positions_per_block(c_out)
+        blocks = -(-positions // per_block)
+        part_mean = torch.empty((blocks, c_out), dtype=torch.float32, device=x.device)
+        part_m2 = torch.empty((blocks, c_out), dtype=torch.float32, device=x.device)
+        lib.stem_conv_stats(
+            xc.data_ptr(), w_packed.data_ptr(), b_packed.data_ptr(), y.data_ptr(), part_mean.data_ptr(),
+            part_m2.data_ptr(), _DTYPE_CODES[x.dtype], n, d, h, w, c_in, c_out, list(weight.shape[2:]),
+            list(stride), list(padding), list(dilation), w_stride, torch.cuda.current_stream(x.device).cuda_stream,
+        )
+        mean, var = finalize_statistics(part_mean, part_m2, positions, per_block)
+        out = normalize_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
+                                 negative_slope=negative_slope, pool=pool, use_kernel=True)
+    return out.contiguous(memory_format=torch.channels_last_3d), mean, var
+
+
+def backward(grad_out: Tensor, x: Tensor, *args, **kwargs):
+    """The Triton backward where Triton runs on the device (less memory, fused), else the reference's
+    (both recompute the conv output from x; signature of ``reference.backward``)."""
+    if kernel_available(x):
+        from . import triton_impl
+
+        return triton_impl.backward(grad_out, x, *args, **kwargs)
+    return _reference.backward(grad_out, x, *args, **kwargs)

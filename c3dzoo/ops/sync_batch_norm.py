@@ -38,7 +38,6 @@ This path is an eager ``torch.autograd.Function``; it has not been tested under 
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Sequence
 
 import torch
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 from . import backends as _backends
 from . import reference as _reference
+from ._normalize import normalize_act_pool
 
 Tensor = torch.Tensor
 _REDUCE_DIMS = (0, 2, 3, 4)
@@ -121,18 +121,6 @@ def global_batch_statistics(y: Tensor, shift: Tensor, group):
     return shift + mean_shifted, var, total
 
 
-def _use_bn_act_pool_kernel(backend: str, y: Tensor) -> bool:
-    # the Triton kernel the triton backend's training forward uses for the same step; only when the
-    # conv itself ran on a kernel backend (on CPU that means the Triton interpreter)
-    if backend not in ("triton", "cuda"):
-        return False
-    try:
-        importlib.import_module("c3dzoo.kernels.bn_act_pool")
-    except Exception:  # no Triton: the reference's ops do the same step
-        return False
-    return y.is_cuda or backend == "triton"
-
-
 class _SyncConvBNAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
@@ -153,14 +141,11 @@ class _SyncConvBNAct(torch.autograd.Function):
                 _reference.blend_running_stats(running_mean, running_var, num_batches_tracked, mean,
                                                unbiased, momentum)
             invstd = torch.rsqrt(var + eps)
-            if _use_bn_act_pool_kernel(backend, y):
-                from c3dzoo.kernels.bn_act_pool import bn_act_pool
-
-                out = bn_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
-                                  negative_slope=negative_slope, pool=tuple(pool))
-            else:
-                _, z = _reference.batch_norm_affine(y, mean, invstd, bn_weight, bn_bias)
-                out = _reference.apply_pool(_reference.apply_activation(z, activation, negative_slope), pool)
+            # the Triton kernel the triton backend's training forward uses for the same step, when the
+            # conv itself ran on a kernel backend
+            out = normalize_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
+                                     negative_slope=negative_slope, pool=pool,
+                                     use_kernel=backend in ("triton", "cuda"))
         ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd, count)
         ctx.params = (stride, padding, dilation, activation, negative_slope, pool, group)
         return out.contiguous(memory_format=memory_format)
