@@ -253,16 +253,15 @@ def backward(
         elif need_b:
             grad_bias = grad.sum(dim=_REDUCE_DIMS)
 
-    def cast(g, like, need):
-        return g.to(like.dtype) if (need and like is not None and g is not None) else None
+    return cast_gradients((gx, gw, grad_bias, grad_gamma, grad_beta), (x, weight, bias, bn_weight, bn_bias),
+                          needs_grad)
 
-    return [
-        cast(gx, x, need_x),
-        cast(gw, weight, need_w),
-        cast(grad_bias, bias, need_b),
-        cast(grad_gamma, bn_weight, need_g),
-        cast(grad_beta, bn_bias, need_beta),
-    ]
+
+def cast_gradients(grads: Sequence[Optional[Tensor]], inputs: Sequence[Optional[Tensor]],
+                   needs_grad: Sequence[bool]) -> List[Optional[Tensor]]:
+    """Each gradient in its input's dtype; None where not needed, not computed or no input."""
+    return [g.to(t.dtype) if (need and t is not None and g is not None) else None
+            for g, t, need in zip(grads, inputs, needs_grad)]
 
 
 def unfold_batch_norm_grads(

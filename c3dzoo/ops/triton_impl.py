@@ -246,13 +246,5 @@ def backward(
         else:
             grad_bias = sum_dz
 
-    def cast(g, like, need):
-        return g.to(like.dtype) if (need and like is not None and g is not None) else None
-
-    return [
-        cast(grad_x, x, need_x),
-        cast(grad_w, weight, need_w),
-        cast(grad_bias, bias, need_b),
-        cast(grad_gamma, bn_weight, need_g),
-        cast(grad_beta, bn_bias, need_beta),
-    ]
+    return _reference.cast_gradients((grad_x, grad_w, grad_bias, grad_gamma, grad_beta),
+                                     (x, weight, bias, bn_weight, bn_bias), needs_grad)
