@@ -110,3 +110,64 @@ def test_c3d_bn_training_step_bf16_autocast(frozen_bn):
         assert_parity(fused[1][name], stock[1][name], reference[1][name], torch.bfloat16, f"{name}.grad")
     for name in reference[2]:
         assert_parity(fused[2][name], stock[2][name], reference[2][name], torch.bfloat16, name)
+
+
+# (name, C_in, C_out, D, H, W at a 16×112×112 input, pool after it): C3D's layers
+C3D_LAYERS = [
+    ("conv1", 3, 64, 16, 112, 112, ((1, 2, 2), (1, 2, 2), 0)),
+    ("conv2", 64, 128, 16, 56, 56, ((2, 2, 2), (2, 2, 2), 0)),
+    ("conv3a", 128, 256, 8, 28, 28, None),
+    ("conv3b", 256, 256, 8, 28, 28, ((2, 2, 2), (2, 2, 2), 0)),
+    ("conv4a", 256, 512, 4, 14, 14, None),
+    ("conv5b", 512, 512, 2, 7, 7, ((2, 2, 2), (2, 2, 2), (0, 1, 1))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layer", C3D_LAYERS, ids=lambda layer: layer[0])
+def test_c3d_layer_training_on_gpu(layer, dtype):
+    """Each C3D layer's training forward and Triton backward at its real size (batch 2): output,
+    running statistics and every gradient within the parity budget, ReLU/pool ties masked."""
+    from c3dzoo.ops import conv3d_bn_act
+    from c3dzoo.ops.conv3d_bn_act import normalize_pool
+    from parity import ambiguous_positions
+
+    name, c_in, c_out, d, h, w, pool = layer
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(c_in, c_out, 3, padding=1).cuda().double()
+    bn = torch.nn.BatchNorm3d(c_out).cuda().double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, c_in, d, h, w, device="cuda", dtype=torch.float64)
+    p = normalize_pool(pool)
+    with torch.no_grad():
+        z_d = F.batch_norm(F.conv3d(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), padding=1),
+                           None, None, bn.weight.to(dtype), bn.bias.to(dtype), True)
+        z_r = F.batch_norm(conv(x), None, None, bn.weight, bn.bias, True)
+    skip = ambiguous_positions(z_d, z_r, "relu", (p[0:3], p[3:6], p[6:9]) if p else None)
+
+    def run(run_dtype, backend):
+        c, b = copy.deepcopy(conv).to(run_dtype), copy.deepcopy(bn).to(run_dtype)
+        xin = x.to(run_dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+        if backend is None:
+            out = F.relu(b(c(xin)))
+            if p:
+                out = F.max_pool3d(out, p[0:3], p[3:6], p[6:9])
+        else:
+            out = conv3d_bn_act(xin, c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var,
+                                training=True, padding=1, pool=pool, num_batches_tracked=b.num_batches_tracked,
+                                backend=backend)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out * grad.cuda().masked_fill(skip, 0).to(run_dtype)).sum().backward()
+        return {"out": out, "x.grad": xin.grad, "weight.grad": c.weight.grad, "bias.grad": c.bias.grad,
+                "gamma.grad": b.weight.grad, "beta.grad": b.bias.grad, "running_mean": b.running_mean,
+                "running_var": b.running_var}
+
+    reference, stock, fused = run(torch.float64, None), run(dtype, None), run(dtype, "triton")
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    for key in reference:
+        if key == "bias.grad":  # exactly 0 under batch statistics; stock's is rounding noise
+            assert torch.count_nonzero(fused[key]) == 0
+            continue
+        assert_parity(fused[key], stock[key], reference[key], dtype, f"{name} {dtype}: {key}")
