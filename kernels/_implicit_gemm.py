@@ -118,8 +118,7 @@ def conv_tile_flat_k(
     stride_xw = in_c
     stride_xh = in_w * in_c
     stride_xd = in_h * stride_xh
-    TAPS: tl.constexpr = KD * KH * KW
-    if TAPS <= 32:
+    if KD * KH * KW <= 32:
         tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for kd in tl.static_range(KD):
             d = in_d0 + kd * dil_d
@@ -135,12 +134,12 @@ def conv_tile_flat_k(
 
     offs_k = tl.arange(0, BLOCK_K)
     col_mask = offs_n < out_c
-    k_total = TAPS * in_c
+    k_total = KD * KH * KW * in_c
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_total, BLOCK_K):
         offs_kk = k0 + offs_k
         k_mask = offs_kk < k_total
-        tap = tl.minimum(offs_kk // in_c, TAPS - 1)  # clamped: a shift ≥ 32 is undefined
+        tap = tl.minimum(offs_kk // in_c, KD * KH * KW - 1)  # clamped: a shift ≥ 32 is undefined
         c = offs_kk - tap * in_c
         tap_d = (tap // (KH * KW)) * dil_d
         tap_h = ((tap // KW) % KH) * dil_h
@@ -148,7 +147,7 @@ def conv_tile_flat_k(
         # loaded as A^T [BLOCK_K, BLOCK_M]: with no contiguous direction Triton spreads a warp's
         # threads along the last dimension, here the rows, so each thread holds few rows (and
         # neighbouring rows are neighbouring output positions: the warp's reads still coalesce)
-        if TAPS <= 32:
+        if KD * KH * KW <= 32:
             inside = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
             col_offset = tap_d * stride_xd + tap_h * stride_xh + tap_w * stride_xw + c
             a_ptrs = x_ptr + (col_offset[:, None] + row_offset[None, :])

@@ -55,7 +55,9 @@ def bn_act_pool_kernel(
         z = (y.to(tl.float32) - mean[None, :]) * scale[None, :] + beta[None, :]
         # -inf before the cast: masked rows read 0, and (0 − mean)·scale may not fit the output dtype
         z = tl.where(valid[:, None], z, float("-inf")).to(out_dtype)
-        pooled = tl.maximum(pooled, apply_activation(z, ACTIVATION, negative_slope))
+        # cast back: triton 3.6 computes max/where of 16-bit floats in fp32, and a loop-carried
+        # value must keep its type
+        pooled = tl.maximum(pooled, apply_activation(z, ACTIVATION, negative_slope).to(out_dtype)).to(out_dtype)
 
     out_offsets = offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :]
     tl.store(out_ptr + out_offsets, pooled, mask=p_mask[:, None] & c_mask[None, :])

@@ -73,11 +73,11 @@ def act_pool_backward_reduce_kernel(
         if HAS_NORM:
             z = (y - mean[None, :]) * scale[None, :] + beta[None, :]
         z = tl.where(valid[:, None], z, float("-inf")).to(dz_dtype)
-        a = apply_activation(z, ACTIVATION, negative_slope)
+        a = apply_activation(z, ACTIVATION, negative_slope).to(dz_dtype)  # as the forward stores it
         take = a > best  # strict: the first maximum in window order wins, as in MaxPool3d
-        best = tl.where(take, a, best)
-        best_window = tl.where(take, window, best_window)
-        best_y = tl.where(take, y, best_y)
+        best = tl.where(take, a, best).to(dz_dtype)  # triton 3.6 widens 16-bit where
+        best_window = tl.where(take, window, best_window).to(tl.int32)
+        best_y = tl.where(take, y, best_y).to(tl.float32)
 
     g = tl.load(grad_out_ptr + offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :], mask=mask, other=0.0)
     g = g.to(tl.float32)

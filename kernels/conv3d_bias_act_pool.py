@@ -83,7 +83,7 @@ def conv3d_bias_act_pool_kernel(
             acc = acc + bias[None, :]
         y = apply_activation(acc, ACTIVATION, negative_slope)
         y = tl.where(conv_valid[:, None], y, float("-inf"))
-        pooled = tl.maximum(pooled, y.to(out_dtype))
+        pooled = tl.maximum(pooled, y.to(out_dtype)).to(out_dtype)  # triton 3.6: max of bf16 is fp32
 
     out_offsets = offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :]
     tl.store(out_ptr + out_offsets, pooled, mask=m_mask[:, None] & n_mask[None, :])
@@ -122,12 +122,13 @@ class TileConfig:
         fp32 as TF32 (tensor cores): half the K depth, so shared memory per stage stays the same,
         and at most 64 columns on 8 warps, since the fused pool's running max is fp32 too.
         Full-precision fp32 has no tensor-core path (``tl.dot`` runs on FMA units and holds its
-        operands in registers): small 64×64×16 tiles, 8 warps, 2 stages.
+        operands in registers): small 64×64×16 tiles, 8 warps, one stage (no
+        cp.async pipeline to feed; with a fused pool two stages spilled under triton 3.6).
         """
         if dtype != torch.float32:
             return self
         if not tf32:
-            return TileConfig(64, 64, 16, num_warps=8, num_stages=2, flat_k=self.flat_k)
+            return TileConfig(64, 64, 16, num_warps=8, num_stages=1, flat_k=self.flat_k)
         block_n = min(self.block_n, 64)
         return dataclasses.replace(
             self, block_k=max(16, self.block_k // 2), block_n=block_n,
@@ -143,12 +144,14 @@ CHANNEL_BLOCKS_128x128x64 = TileConfig(128, 128, 64, num_warps=8, num_stages=3) 
 CHANNEL_BLOCKS_128x128x32 = TileConfig(128, 128, 32, num_warps=8, num_stages=4)  # 16 ≤ C_in < 64
 CHANNEL_BLOCKS_128x64x64 = TileConfig(128, 64, 64, num_warps=8, num_stages=3)  # C_out ≤ 64
 CHANNEL_BLOCKS_64x64x64 = TileConfig(64, 64, 64, num_warps=4, num_stages=3)  # too few tiles to fill the GPU
-# C_in < 16 (C3D's conv1): 4 warps, so two CTAs per SM hide each other's gathered loads, which
-# (2-byte, not contiguous) cannot go through the cp.async pipeline
-FLAT_K_128x64x32 = TileConfig(128, 64, 32, num_warps=4, num_stages=3, flat_k=True)
+# C_in < 16 (C3D's conv1, the ResNet stems): 128 rows on 8 warps with 16-deep K steps. Triton 3.6 (our
+# GPU machine's) generates far more registers for the gathered flat-K loads than 3.9: 4 warps at
+# 128x64x32 used 255 registers and spilled 0.5-1.4 KB there; this config spills on neither
+# (tests/test_triton_sm90.py compiles every config with the installed triton)
+FLAT_K_128x64x16 = TileConfig(128, 64, 16, num_warps=8, num_stages=3, flat_k=True)
 HOPPER_CONFIGS: Tuple[TileConfig, ...] = (
     CHANNEL_BLOCKS_128x128x64, CHANNEL_BLOCKS_128x128x32, CHANNEL_BLOCKS_128x64x64,
-    CHANNEL_BLOCKS_64x64x64, FLAT_K_128x64x32,
+    CHANNEL_BLOCKS_64x64x64, FLAT_K_128x64x16,
 )
 
 # Below this many input channels a channel block would mostly multiply zeros: flatten K instead.
@@ -187,7 +190,7 @@ def select_config(
     if device.type != "cuda":
         return _interpreter_config(in_c, out_c, taps, positions)
     if _use_flat_k(in_c, taps):
-        config = FLAT_K_128x64x32
+        config = FLAT_K_128x64x16
     elif out_c <= 64:
         config = CHANNEL_BLOCKS_128x64x64
     elif in_c < 64:

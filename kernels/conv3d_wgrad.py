@@ -114,8 +114,9 @@ def conv3d_wgrad_kernel(
 WGRAD_128x128x64 = TileConfig(128, 128, 64, num_warps=8, num_stages=3)  # C_in ≥ 128, C_out > 64
 WGRAD_64x128x64 = TileConfig(64, 128, 64, num_warps=4, num_stages=3)  # 16 ≤ C_in < 128, C_out > 64
 WGRAD_64x64x64 = TileConfig(64, 64, 64, num_warps=4, num_stages=3)  # C_out ≤ 64
-WGRAD_FLAT_K_64x64x64 = TileConfig(64, 64, 64, num_warps=4, num_stages=3, flat_k=True)  # C_in < 16
-WGRAD_HOPPER_CONFIGS: Tuple[TileConfig, ...] = (WGRAD_128x128x64, WGRAD_64x128x64, WGRAD_64x64x64, WGRAD_FLAT_K_64x64x64)
+# C_in < 16: 32 positions a step (64 spilled 4 B under triton 3.6)
+WGRAD_FLAT_K_64x64x32 = TileConfig(64, 64, 32, num_warps=4, num_stages=3, flat_k=True)
+WGRAD_HOPPER_CONFIGS: Tuple[TileConfig, ...] = (WGRAD_128x128x64, WGRAD_64x128x64, WGRAD_64x64x64, WGRAD_FLAT_K_64x64x32)
 
 # at least this many reduction steps per split: fewer would spend the program on its prologue
 _MIN_STEPS_PER_SPLIT = 8
@@ -127,7 +128,7 @@ def select_wgrad_config(in_c: int, out_c: int, dtype: torch.dtype, device: torch
         return TileConfig(64 if flat_k else _next_pow2(in_c, 16, 64), _next_pow2(out_c, 16, 64), 128,
                           num_warps=4, num_stages=1, flat_k=flat_k)
     if in_c < FLAT_K_MAX_IN_CHANNELS:
-        config = WGRAD_FLAT_K_64x64x64
+        config = WGRAD_FLAT_K_64x64x32
     elif out_c <= 64:
         config = WGRAD_64x64x64
     elif in_c < 128:

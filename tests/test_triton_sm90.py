@@ -46,7 +46,7 @@ _SHAPES = {
     K.CHANNEL_BLOCKS_128x128x32: ((32, 32, 16, 56, 56), 128),
     K.CHANNEL_BLOCKS_128x64x64: ((32, 64, 16, 56, 56), 64),
     K.CHANNEL_BLOCKS_64x64x64: ((32, 512, 2, 7, 7), 512),
-    K.FLAT_K_128x64x32: ((32, 3, 16, 112, 112), 64),
+    K.FLAT_K_128x64x16: ((32, 3, 16, 112, 112), 64),
 }
 _POOLS = {
     "nopool": (),
@@ -109,7 +109,7 @@ _WGRAD_SHAPES = {
     W.WGRAD_128x128x64: ((32, 256, 8, 28, 28), 256),
     W.WGRAD_64x128x64: ((32, 64, 16, 56, 56), 128),
     W.WGRAD_64x64x64: ((32, 64, 16, 56, 56), 64),
-    W.WGRAD_FLAT_K_64x64x64: ((32, 3, 16, 112, 112), 64),
+    W.WGRAD_FLAT_K_64x64x32: ((32, 3, 16, 112, 112), 64),
 }
 WGRAD_CASES = {}
 for _config in W.WGRAD_HOPPER_CONFIGS:
@@ -133,8 +133,8 @@ BACKWARD_ELEMENTWISE_CASES = {
 }
 # the video ResNets' 3×7×7 stem (147 taps: the flat-K loop's per-element bounds path), in every dtype
 STEM_CASES = {
-    f"stem377-{K.FLAT_K_128x64x32.for_dtype(dtype, tf32).name}-{dtype_name}":
-        (K.FLAT_K_128x64x32.for_dtype(dtype, tf32), (32, 3, 16, 112, 112), 64, (), dtype, tf32, "inference",
+    f"stem377-{K.FLAT_K_128x64x16.for_dtype(dtype, tf32).name}-{dtype_name}":
+        (K.FLAT_K_128x64x16.for_dtype(dtype, tf32), (32, 3, 16, 112, 112), 64, (), dtype, tf32, "inference",
          dict(kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), dilation=(1, 1, 1)))
     for dtype_name, (dtype, tf32) in _DTYPES.items()
 }
