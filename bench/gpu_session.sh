@@ -99,7 +99,7 @@ else
     if (( rest_s < 30 )); then
         echo "the other tests: skipped, no time left (${rest_s}s)"
     else
-        timeout -k 10 "$rest_s" "$PY" -m pytest tests -q -rs -p no:cacheprovider -m "not gpu" -x \
+        timeout -k 10 "$rest_s" "$PY" -m pytest tests -q -rs -p no:cacheprovider -m "not gpu" \
             --junitxml="$OUT/tests-junit.xml" > "$OUT/tests.log" 2>&1
         rc=$?
         (( rc == 124 || rc == 137 )) && echo "the other tests: TIMED OUT after ${rest_s}s (partial: $OUT/tests.log)"
