@@ -132,6 +132,11 @@ def plan_bn_act_pool(
     return ElementwisePlan(config, grid, (n, channels, *out_size), scalars, constexprs)
 
 
+def fp32_vectors(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Per-channel vectors (statistics, γ, β) as the kernels read them: detached contiguous fp32."""
+    return tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in tensors)
+
+
 def bn_act_pool(
     y: torch.Tensor,
     mean: torch.Tensor,
@@ -158,8 +163,7 @@ def bn_act_pool(
     out = torch.empty(plan.out_shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last_3d)
     if out.numel() == 0:
         return out
-    f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
-    mean, var, gamma, beta = f32(mean), f32(var), f32(gamma), f32(beta)
+    mean, var, gamma, beta = fp32_vectors(mean, var, gamma, beta)
     bn_act_pool_kernel[plan.grid](
         y, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, out,
         **plan.scalars, **plan.constexprs, num_warps=plan.config.num_warps,

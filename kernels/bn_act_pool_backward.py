@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ._implicit_gemm import (apply_activation, batch_norm_coefficients, channel_tile,
                              pool_window_position, split_position)
-from .bn_act_pool import ElementwiseConfig, ElementwisePlan, plan_bn_act_pool, select_config
+from .bn_act_pool import ElementwiseConfig, ElementwisePlan, fp32_vectors, plan_bn_act_pool, select_config
 
 
 @triton.jit
@@ -211,8 +211,7 @@ def act_pool_backward(
     tiles = triton.cdiv(plan.scalars["out_positions"], plan.config.block_p)
     part_sum = torch.empty((tiles, channels), dtype=torch.float32, device=y.device)
     part_dot = torch.empty((tiles, channels), dtype=torch.float32, device=y.device) if has_norm else part_sum
-    f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
-    mean, var, gamma, beta = f32(mean), f32(var), f32(gamma), f32(beta)
+    mean, var, gamma, beta = fp32_vectors(mean, var, gamma, beta)
     dummy = part_sum
     act_pool_backward_reduce_kernel[plan.grid](
         grad_out, y, *(t if t is not None else dummy for t in (mean, var, gamma, beta)), dz, part_sum, part_dot,

@@ -28,6 +28,7 @@ from c3dzoo.kernels._statistics import finalize_statistics
 
 from . import reference as _reference
 from ._normalize import kernel_available, normalize_act_pool
+from .conv3d_bn_act import output_shape
 from ._weight_cache import FoldedWeightCache, cached_folded
 from .backends import ConvBNActConfig
 
@@ -139,8 +140,7 @@ def forward(
         xc = x.contiguous(memory_format=torch.channels_last_3d)
         n, c_in, d, h, w = x.shape
         c_out = weight.shape[0]
-        size = _conv_size(x, weight, stride, padding, dilation)
-        size = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, pool_kernel, pool_stride, pool_padding)]
+        size = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)[2:]
         out = torch.empty((n, c_out, *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
         if out.numel():
             lib.stem_forward(
@@ -154,13 +154,6 @@ def forward(
     return out, mean, var
 
 
-def _conv_size(x: Tensor, weight: Tensor, stride, padding, dilation):
-    return [
-        (s + 2 * p - dl * (k - 1) - 1) // st + 1
-        for s, k, st, p, dl in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    ]
-
-
 def _forward_batch_norm(
     x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -172,7 +165,7 @@ def _forward_batch_norm(
         xc = x.contiguous(memory_format=torch.channels_last_3d)
         n, c_in, d, h, w = x.shape
         c_out = weight.shape[0]
-        size = _conv_size(x, weight, stride, padding, dilation)
+        size = output_shape(x.shape, weight.shape, stride, padding, dilation, ())[2:]
         y = torch.empty((n, c_out, *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
         positions = n * size[0] * size[1] * size[2]
         per_block = lib.stem_stats_positions_per_block(c_out)
