@@ -28,6 +28,14 @@ the first sample of the tile and check that the samples one tile spans fit in in
 is kept small on purpose: it lives in registers for the whole K loop (see the sm_90 register
 report in tests/test_triton_sm90.py).
 
+Input prologue (``INPUT_NORM``): the input may be the RAW output of the previous conv whose
+training-mode BatchNorm and activation were deferred to this kernel (prologue fusion): every loaded
+input element becomes ``act((x − mean)·γ/σ + β)`` (``normalize_activate``, the same code and order
+as ``bn_act_pool``, so the values are bit-identical to the materialised activation), and elements in
+the padding are zeroed AFTER the transform, as the padded normalised tensor would read. The
+per-channel (mean, var, γ, β) come as one fp32 [4, C_in] tensor. The normalised activation is then
+never written to memory in the forward.
+
 Later kernels (training forward with a statistics epilogue, dgrad, wgrad) reuse these helpers, and
 the elementwise kernels over a conv output (``bn_act_pool`` and its backward) share the tile, pool
 window and BatchNorm helpers at the end of this file.
@@ -48,14 +56,35 @@ def apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
+def normalize_activate(v, mean, scale, beta, ACTIVATION: tl.constexpr, negative_slope):
+    """``act((v − mean)·scale + β)`` in v's dtype: BatchNorm in fp32 with (v − mean) taken before
+    scaling (a large mean cancels exactly), rounded to v's dtype, then the activation — the
+    reference's order. ``mean``/``scale``/``beta`` come broadcastable against v."""
+    z = ((v.to(tl.float32) - mean) * scale + beta).to(v.dtype)
+    # cast back: triton 3.6 computes where() of 16-bit floats in fp32
+    return apply_activation(z, ACTIVATION, negative_slope).to(v.dtype)
+
+
+@triton.jit
+def input_norm_coefficients(stats_ptr, offs_c, c_mask, channels, eps):
+    """(mean, scale = γ/σ, β) of the deferred BatchNorm for input channels ``offs_c``, from the
+    [4, channels] fp32 rows (mean, biased var, γ, β)."""
+    mean, _, scale, beta = batch_norm_coefficients(
+        stats_ptr, stats_ptr + channels, stats_ptr + 2 * channels, stats_ptr + 3 * channels,
+        offs_c, c_mask, eps, True, True)
+    return mean, scale, beta
+
+
+@triton.jit
 def conv_tile_channel_blocks(
     x_ptr, w_ptr,
     row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
     in_d, in_h, in_w, in_c, out_c,
     dil_d, dil_h, dil_w,
+    in_stats_ptr, in_eps, in_slope,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INPUT_NORM: tl.constexpr, INPUT_ACTIVATION: tl.constexpr,
 ):
     """fp32 tile ``[BLOCK_M, BLOCK_N]`` of conv(x, w) with K walked as (tap, channel block).
 
@@ -87,6 +116,10 @@ def conv_tile_channel_blocks(
             x_ptr + (row_offset + d * stride_xd + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :],
             mask=in_bounds[:, None] & c_mask[None, :], other=0.0,
         )
+        if INPUT_NORM:
+            mean, scale, beta = input_norm_coefficients(in_stats_ptr, offs_c, c_mask, in_c, in_eps)
+            a = normalize_activate(a, mean[None, :], scale[None, :], beta[None, :], INPUT_ACTIVATION, in_slope)
+            a = tl.where(in_bounds[:, None] & c_mask[None, :], a, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(
             w_ptr + (tap * in_c + offs_c)[:, None] * out_c + offs_n[None, :],
             mask=c_mask[:, None] & col_mask[None, :], other=0.0,
@@ -101,9 +134,10 @@ def conv_tile_flat_k(
     row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
     in_d, in_h, in_w, in_c, out_c,
     dil_d, dil_h, dil_w,
+    in_stats_ptr, in_eps, in_slope,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INPUT_NORM: tl.constexpr, INPUT_ACTIVATION: tl.constexpr,
 ):
     """Same tile as ``conv_tile_channel_blocks``, for tiny C_in: K = taps·C_in walked in BLOCK_K
     chunks, each K index decoded into (tap, channel) and gathered.
@@ -159,6 +193,10 @@ def conv_tile_flat_k(
                       & (w >= 0) & (w < in_w))
             a_ptrs = x_ptr + (row_offset[None, :] + d * stride_xd + h * stride_xh + w * stride_xw + c[:, None])
         a_t = tl.load(a_ptrs, mask=inside & k_mask[:, None], other=0.0)
+        if INPUT_NORM:
+            mean, scale, beta = input_norm_coefficients(in_stats_ptr, c, k_mask, in_c, in_eps)
+            a_t = normalize_activate(a_t, mean[:, None], scale[:, None], beta[:, None], INPUT_ACTIVATION, in_slope)
+            a_t = tl.where(inside & k_mask[:, None], a_t, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(
             w_ptr + offs_kk[:, None] * out_c + offs_n[None, :],
             mask=k_mask[:, None] & col_mask[None, :], other=0.0,
@@ -173,22 +211,24 @@ def conv_tile(
     row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
     in_d, in_h, in_w, in_c, out_c,
     dil_d, dil_h, dil_w,
+    in_stats_ptr, in_eps, in_slope,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INPUT_NORM: tl.constexpr, INPUT_ACTIVATION: tl.constexpr,
 ):
     """One fp32 conv tile, by the main loop ``FLAT_K`` selects (see the module docstring)."""
     if FLAT_K:
         acc = conv_tile_flat_k(
             x_ptr, w_ptr, row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
-            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
-            KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w, in_stats_ptr, in_eps, in_slope,
+            KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INPUT_NORM, INPUT_ACTIVATION,
         )
     else:
         acc = conv_tile_channel_blocks(
             x_ptr, w_ptr, row_offset, in_d0, in_h0, in_w0, row_mask, offs_n,
-            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
-            KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w, in_stats_ptr, in_eps, in_slope,
+            KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INPUT_NORM, INPUT_ACTIVATION,
         )
     return acc
 

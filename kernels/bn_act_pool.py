@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._implicit_gemm import (apply_activation, batch_norm_coefficients, channel_tile,
+from ._implicit_gemm import (batch_norm_coefficients, channel_tile, normalize_activate,
                              pool_window_position, split_position)
 
 
@@ -52,12 +52,12 @@ def bn_act_pool_kernel(
             y_ptr + position[:, None] * channels + offs_c[None, :],
             mask=valid[:, None] & c_mask[None, :], other=0.0,
         )
-        z = (y.to(tl.float32) - mean[None, :]) * scale[None, :] + beta[None, :]
-        # -inf before the cast: masked rows read 0, and (0 − mean)·scale may not fit the output dtype
-        z = tl.where(valid[:, None], z, float("-inf")).to(out_dtype)
-        # cast back: triton 3.6 computes max/where of 16-bit floats in fp32, and a loop-carried
-        # value must keep its type
-        pooled = tl.maximum(pooled, apply_activation(z, ACTIVATION, negative_slope).to(out_dtype)).to(out_dtype)
+        # the conv input prologue's code (``normalize_activate``): bit-identical values either way
+        a = normalize_activate(y, mean[None, :], scale[None, :], beta[None, :], ACTIVATION, negative_slope)
+        # masked rows read 0 (normalised to anything, ±inf included): they pool as -inf. Cast back:
+        # triton 3.6 computes max/where of 16-bit floats in fp32, and a loop-carried value keeps its type
+        a = tl.where(valid[:, None], a, float("-inf")).to(out_dtype)
+        pooled = tl.maximum(pooled, a).to(out_dtype)
 
     out_offsets = offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :]
     tl.store(out_ptr + out_offsets, pooled, mask=p_mask[:, None] & c_mask[None, :])

@@ -36,20 +36,21 @@ _INT32_LIMIT = 2**31
 
 @triton.jit
 def conv3d_bias_act_pool_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, in_stats_ptr,
     in_d, in_h, in_w, in_c,
     conv_d, conv_h, conv_w, out_c,
     out_d, out_h, out_w, out_positions,
     stride_d, stride_h, stride_w,
     pad_d, pad_h, pad_w,
     dil_d, dil_h, dil_w,
-    negative_slope,
+    negative_slope, in_eps, in_slope,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     POOL_KD: tl.constexpr, POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
     POOL_SD: tl.constexpr, POOL_SH: tl.constexpr, POOL_SW: tl.constexpr,
     POOL_PD: tl.constexpr, POOL_PH: tl.constexpr, POOL_PW: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INPUT_NORM: tl.constexpr, INPUT_ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     sample_size = in_d * in_h * in_w * in_c
@@ -76,8 +77,9 @@ def conv3d_bias_act_pool_kernel(
             x_tile_ptr, w_ptr, row_offset,
             conv_pd * stride_d - pad_d, conv_ph * stride_h - pad_h, conv_pw * stride_w - pad_w,
             conv_valid, offs_n,
-            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
+            in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w, in_stats_ptr, in_eps, in_slope,
             KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, FLAT_K, INPUT_PRECISION,
+            INPUT_NORM, INPUT_ACTIVATION,
         )
         if HAS_BIAS:
             acc = acc + bias[None, :]
@@ -154,6 +156,15 @@ HOPPER_CONFIGS: Tuple[TileConfig, ...] = (
     CHANNEL_BLOCKS_64x64x64, FLAT_K_128x64x16,
 )
 
+def with_prologue_and_pool(config: TileConfig) -> TileConfig:
+    """The variant for a launch with BOTH the input prologue and a fused pool: the prologue's fp32
+    temporaries on every input tile come on top of the accumulator and the pool's running max, and
+    128-column tiles spilled (up to 84 B, sm_90) there; at most 64 columns on 8 warps do not."""
+    if config.flat_k or (config.block_n <= 64 and config.num_warps == 8):
+        return config
+    return dataclasses.replace(config, block_n=min(config.block_n, 64), num_warps=8)
+
+
 # Below this many input channels a channel block would mostly multiply zeros: flatten K instead.
 FLAT_K_MAX_IN_CHANNELS = 16
 
@@ -215,6 +226,16 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 4, 1, 0).reshape(-1, c_out).contiguous()
 
 
+def checked_input_stats(input_stats: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The prologue's [4, C_in] (mean, var, γ, β) as the kernels read them: contiguous fp32."""
+    if input_stats is None:
+        return None
+    if tuple(input_stats.shape) != (4, x.shape[1]):
+        raise ValueError(f"input_stats must have shape (4, {x.shape[1]}) (mean, var, γ, β of x's "
+                         f"channels), got {tuple(input_stats.shape)}")
+    return input_stats.detach().to(torch.float32).contiguous()
+
+
 def _triple(v) -> Tuple[int, int, int]:
     return tuple(int(i) for i in v)  # type: ignore[return-value]
 
@@ -245,9 +266,14 @@ def plan_launch(
     dtype: torch.dtype,
     device: torch.device,
     config: Optional[TileConfig] = None,
+    input_activation: Optional[str] = None,
+    input_eps: float = 0.0,
+    input_negative_slope: float = 0.0,
 ) -> LaunchPlan:
     """Output geometry, tile config, grid and kernel arguments of one launch. A function of shapes
-    alone (no tensors), so the sm_90 tests compile exactly what the launcher would launch."""
+    alone (no tensors), so the sm_90 tests compile exactly what the launcher would launch.
+    ``input_activation`` (not None): the input prologue normalises and activates x (see
+    ``_implicit_gemm``)."""
     n, in_c, in_d, in_h, in_w = (int(s) for s in x_shape)
     kd, kh, kw = _triple(kernel_size)
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
@@ -267,6 +293,8 @@ def plan_launch(
     tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
     if config is None:
         config = select_config(in_c, out_c, kd * kh * kw, positions, dtype, device, tf32)
+        if input_activation is not None and pool != (1, 1, 1, 1, 1, 1, 0, 0, 0) and device.type == "cuda":
+            config = with_prologue_and_pool(config)
     # int32 in the kernel: input offsets within the samples one tile spans, the pooled position
     # index, and weight offsets
     samples_per_tile = (config.block_m - 1) // positions_per_sample + 2
@@ -286,6 +314,7 @@ def plan_launch(
         pad_d=padding[0], pad_h=padding[1], pad_w=padding[2],
         dil_d=dilation[0], dil_h=dilation[1], dil_w=dilation[2],
         negative_slope=float(negative_slope),
+        in_eps=float(input_eps), in_slope=float(input_negative_slope),
     )
     constexprs = dict(
         KD=kd, KH=kh, KW=kw,
@@ -294,6 +323,7 @@ def plan_launch(
         POOL_PD=pool_padding[0], POOL_PH=pool_padding[1], POOL_PW=pool_padding[2],
         HAS_BIAS=bool(has_bias), ACTIVATION=activation,
         FLAT_K=config.flat_k, INPUT_PRECISION="tf32" if tf32 else "ieee",
+        INPUT_NORM=input_activation is not None, INPUT_ACTIVATION=input_activation or "none",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
     )
     return LaunchPlan(config, grid, (n, out_c, *out_size), scalars, constexprs)
@@ -313,12 +343,18 @@ def conv3d_bias_act_pool(
     pool: Sequence[int],
     out_dtype: torch.dtype,
     config: Optional[TileConfig] = None,
+    input_stats: Optional[torch.Tensor] = None,
+    input_eps: float = 0.0,
+    input_activation: str = "none",
+    input_negative_slope: float = 0.0,
 ) -> torch.Tensor:
     """``max_pool3d(act(conv3d(x, w) + bias))`` (pool optional) with one kernel launch.
 
     x: (N, C_in, D, H, W), any layout (copied to channels-last if it is not); w_packed: from
     ``pack_weight``, in x's dtype; bias: fp32 (C_out,) or None; pool: () or kernel(3) + stride(3) +
     padding(3). Returns (N, C_out, D', H', W') in ``out_dtype``, channels_last_3d.
+    ``input_stats`` ([4, C_in] fp32: mean, biased var, γ, β): x is a raw conv output, and the conv
+    reads ``input_activation(batch_norm(x))`` instead (prologue fusion, see ``_implicit_gemm``).
     ``config`` overrides the tile choice (tests).
     """
     if w_packed.dtype != x.dtype:
@@ -326,10 +362,13 @@ def conv3d_bias_act_pool(
     x = x.contiguous(memory_format=torch.channels_last_3d)
     w_packed = w_packed.contiguous()
     out_c = w_packed.shape[1]
+    input_stats = checked_input_stats(input_stats, x)
     plan = plan_launch(
         x.shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, has_bias=bias is not None,
         dtype=x.dtype, device=x.device, config=config,
+        input_activation=None if input_stats is None else input_activation,
+        input_eps=input_eps, input_negative_slope=input_negative_slope,
     )
     kd, kh, kw = _triple(kernel_size)
     if w_packed.shape[0] != kd * kh * kw * x.shape[1]:
@@ -341,6 +380,7 @@ def conv3d_bias_act_pool(
         return out
     conv3d_bias_act_pool_kernel[plan.grid](
         x, w_packed, bias if bias is not None else w_packed, out,
+        input_stats if input_stats is not None else w_packed,
         **plan.scalars, **plan.constexprs,
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )

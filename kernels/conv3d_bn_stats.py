@@ -32,19 +32,21 @@ import triton.language as tl
 
 from ._implicit_gemm import conv_tile, output_tile
 from ._statistics import finalize_statistics
-from .conv3d_bias_act_pool import LaunchPlan, TileConfig, _triple, plan_launch
+from .conv3d_bias_act_pool import LaunchPlan, TileConfig, _triple, checked_input_stats, plan_launch
 
 
 @triton.jit
 def conv3d_bn_stats_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, part_mean_ptr, part_m2_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_mean_ptr, part_m2_ptr, in_stats_ptr,
     in_d, in_h, in_w, in_c,
     out_d, out_h, out_w, out_c, out_positions,
     stride_d, stride_h, stride_w,
     pad_d, pad_h, pad_w,
     dil_d, dil_h, dil_w,
+    in_eps, in_slope,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INPUT_NORM: tl.constexpr, INPUT_ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     sample_size = in_d * in_h * in_w * in_c
@@ -56,8 +58,9 @@ def conv3d_bn_stats_kernel(
         x_tile_ptr, w_ptr, row_offset,
         conv_pd * stride_d - pad_d, conv_ph * stride_h - pad_h, conv_pw * stride_w - pad_w,
         m_mask, offs_n,
-        in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w,
+        in_d, in_h, in_w, in_c, out_c, dil_d, dil_h, dil_w, in_stats_ptr, in_eps, in_slope,
         KD, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, FLAT_K, INPUT_PRECISION,
+        INPUT_NORM, INPUT_ACTIVATION,
     )
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
@@ -93,13 +96,17 @@ def plan_stats_launch(
     dtype: torch.dtype,
     device: torch.device,
     config: Optional[TileConfig] = None,
+    input_activation: Optional[str] = None,
+    input_eps: float = 0.0,
+    input_negative_slope: float = 0.0,
 ) -> LaunchPlan:
     """The launch of ``conv3d_bn_stats_kernel``: the inference plan without pool or activation
     (same tile choice, grid and int32 checks), its arguments renamed to this kernel's."""
     plan = plan_launch(
         x_shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
         activation="none", negative_slope=0.0, pool=(), has_bias=has_bias, dtype=dtype, device=device,
-        config=config,
+        config=config, input_activation=input_activation, input_eps=input_eps,
+        input_negative_slope=input_negative_slope,
     )
     s, c = plan.scalars, plan.constexprs
     names = [n for n in conv3d_bn_stats_kernel.arg_names if not n.endswith("_ptr")]
@@ -120,12 +127,17 @@ def conv3d_bn_stats(
     padding: Sequence[int],
     dilation: Sequence[int],
     config: Optional[TileConfig] = None,
+    input_stats: Optional[torch.Tensor] = None,
+    input_eps: float = 0.0,
+    input_activation: str = "none",
+    input_negative_slope: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, var): y = conv3d(x, w) + bias as (N, C_out, D', H', W') in x's dtype,
     channels_last_3d; mean and biased var of y per channel, fp32 (C_out,).
 
     x: any layout (copied to channels-last if it is not); w_packed from ``pack_weight`` in x's dtype;
-    bias fp32 (C_out,) or None. ``config`` overrides the tile choice (tests).
+    bias fp32 (C_out,) or None. ``input_stats`` etc.: the input prologue, as in
+    ``conv3d_bias_act_pool``. ``config`` overrides the tile choice (tests).
     """
     if w_packed.dtype != x.dtype:
         raise TypeError(f"w_packed is {w_packed.dtype} but x is {x.dtype}")
@@ -137,9 +149,12 @@ def conv3d_bn_stats(
         raise ValueError(
             f"w_packed of shape {tuple(w_packed.shape)} does not match x {tuple(x.shape)} and kernel {(kd, kh, kw)}"
         )
+    input_stats = checked_input_stats(input_stats, x)
     plan = plan_stats_launch(
         x.shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
         has_bias=bias is not None, dtype=x.dtype, device=x.device, config=config,
+        input_activation=None if input_stats is None else input_activation,
+        input_eps=input_eps, input_negative_slope=input_negative_slope,
     )
     y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     positions = plan.scalars["out_positions"]
@@ -151,6 +166,7 @@ def conv3d_bn_stats(
     part_m2 = torch.empty((tiles, out_c), dtype=torch.float32, device=x.device)
     conv3d_bn_stats_kernel[plan.grid](
         x, w_packed, bias if bias is not None else w_packed, y, part_mean, part_m2,
+        input_stats if input_stats is not None else part_mean,
         **plan.scalars, **plan.constexprs,
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )

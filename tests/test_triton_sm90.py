@@ -62,6 +62,8 @@ _DTYPES = {
     "fp32full": (torch.float32, False),
 }
 
+_ELEMENT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
 
 def _cases():
     """case id → (tile config as launched, x shape, C_out, pool, dtype, allow_tf32); a variant that
@@ -97,6 +99,25 @@ def _stats_cases():
 
 
 STATS_CASES = _stats_cases()
+
+
+def _prologue_cases():
+    """The conv kernels with the input prologue (a deferred BatchNorm + ReLU of the previous layer,
+    ``_implicit_gemm.normalize_activate`` on every loaded input tile): the statistics conv (the
+    training consumer) and the inference kernel with and without a pool (a frozen-BN consumer),
+    in every config × dtype variant."""
+    cases = {}
+    for name, (launched, x_shape, out_c, pool, dtype, tf32) in STATS_CASES.items():
+        cases[f"prologue-{name}"] = (launched, x_shape, out_c, pool, dtype, tf32, "stats", None, True)
+    for launched, x_shape, out_c, pool, dtype, tf32 in CASES.values():
+        if pool:  # the launcher's variant for prologue + pool
+            launched = K.with_prologue_and_pool(launched)
+        name = f"prologue-{launched.name}-{'pool' if pool else 'nopool'}-{_ELEMENT[dtype]}{'' if tf32 or dtype != torch.float32 else 'full'}"
+        cases.setdefault(name, (launched, x_shape, out_c, pool, dtype, tf32, "inference", None, True))
+    return cases
+
+
+PROLOGUE_CASES = _prologue_cases()
 # the elementwise kernel on C3D-like conv outputs (N, C, D, H, W): pool5 (padded windows), no pool
 ELEMENTWISE_CASES = {
     f"bn_act_pool-{pool}-{dtype_name}": ((32, 512, 2, 7, 7) if pool == "pool5" else (32, 64, 16, 56, 56),
@@ -138,7 +159,7 @@ STEM_CASES = {
          dict(kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), dilation=(1, 1, 1)))
     for dtype_name, (dtype, tf32) in _DTYPES.items()
 }
-ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES, *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
+ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *PROLOGUE_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES, *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +182,8 @@ def _ptxas() -> str | None:
 def _compile_case(case: str) -> dict:
     if case in STATS_CASES:
         return compile_sm90(*STATS_CASES[case], kernel="stats")
+    if case in PROLOGUE_CASES:
+        return compile_sm90(*PROLOGUE_CASES[case])
     if case in STEM_CASES:
         return compile_sm90(*STEM_CASES[case])
     if case in ELEMENTWISE_CASES:
@@ -174,30 +197,34 @@ def _compile_case(case: str) -> dict:
     return compile_sm90(*CASES[case])
 
 
-_ELEMENT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="inference", geometry=None) -> dict:
+def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="inference", geometry=None,
+                 prologue=False) -> dict:
     """Compile the conv kernel (``kernel``: "inference", or "stats", the training forward's conv
     with the statistics epilogue) as the launcher would launch it for this layer (C3D's 3×3×3
-    geometry unless ``geometry`` is given); report its resources."""
+    geometry unless ``geometry`` is given), with the input prologue (BatchNorm + ReLU of the input)
+    if ``prologue``; report its resources."""
     torch.backends.cudnn.allow_tf32 = allow_tf32  # what the launcher reads for fp32
     geometry = geometry or dict(kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
+    input_norm = dict(input_activation="relu" if prologue else None, input_eps=1e-5)
     element = _ELEMENT[dtype]
     if kernel == "stats":
         plan = S.plan_stats_launch(
             x_shape, out_c, **geometry, has_bias=True, dtype=dtype, device=torch.device("cuda"), config=config,
+            **input_norm,
         )
         fn = S.conv3d_bn_stats_kernel
         pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "y_ptr": f"*{element}",
-                    "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32"}
+                    "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32", "in_stats_ptr": "*fp32"}
     else:
         plan = K.plan_launch(
             x_shape, out_c, **geometry, activation="relu", negative_slope=0.0, pool=pool, has_bias=True,
-            dtype=dtype, device=torch.device("cuda"), config=config,
+            dtype=dtype, device=torch.device("cuda"), config=config, **input_norm,
         )
         fn = K.conv3d_bias_act_pool_kernel
-        pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "out_ptr": f"*{element}"}
+        pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "out_ptr": f"*{element}",
+                    "in_stats_ptr": "*fp32"}
     report = _compile(fn, plan, pointers, config.num_warps, config.num_stages)
     report.update(tensor_cores=dtype != torch.float32 or allow_tf32,
                   tile=[config.block_m, config.block_n, config.block_k])
@@ -244,7 +271,8 @@ def compile_dgrad_sm90(dy_shape, c_in, dtype, allow_tf32) -> dict:
         activation="none", negative_slope=0.0, pool=(), has_bias=False, dtype=dtype, device=torch.device("cuda", 0),
     )
     element = _ELEMENT[dtype]
-    pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": f"*{element}", "out_ptr": f"*{element}"}
+    pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": f"*{element}", "out_ptr": f"*{element}",
+                "in_stats_ptr": "*fp32"}
     report = _compile(K.conv3d_bias_act_pool_kernel, plan, pointers, plan.config.num_warps, plan.config.num_stages)
     report.update(tensor_cores=dtype != torch.float32 or allow_tf32,
                   tile=[plan.config.block_m, plan.config.block_n, plan.config.block_k])
@@ -395,6 +423,12 @@ def test_launcher_picks_only_compiled_configs(monkeypatch):
                 assert config in compiled, config
                 seen.add(config)
     assert set(K.HOPPER_CONFIGS) <= seen, "a shipped config is never picked"
+    # with the input prologue (deferred BatchNorm of the previous layer) and a pool, the launcher
+    # runs its variant of the config: each of those is compiled too
+    prologue_pooled = {case[0] for case in PROLOGUE_CASES.values() if case[3] and case[6] == "inference"}
+    for config in seen:
+        if not config.flat_k:
+            assert K.with_prologue_and_pool(config) in prologue_pooled, config
 
 
 if __name__ == "__main__":
