@@ -26,11 +26,16 @@ class FusableModel(nn.Module):
         self.sync_bn = False
         self.process_group = None
 
-    def chain(self, x, conv, bn=None, activation: str = "relu", negative_slope: float = 0.01, pool=None):
-        """conv → bn → activation → pool, fused or stock according to ``self.fused``."""
+    def chain(self, x, conv, bn=None, activation: str = "relu", negative_slope: float = 0.01, pool=None,
+              defer: bool = False):
+        """conv → bn → activation → pool, fused or stock according to ``self.fused``.
+
+        ``defer=True`` when the result feeds the next ``chain`` directly: the fused path may then
+        leave a training-mode BN's normalisation to that chain's input prologue (prologue fusion)
+        and return a ``c3dzoo.ops.PendingBatchNorm`` instead of a tensor."""
         if self.fused:
             return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend,
-                               self.sync_bn, self.process_group)
+                               self.sync_bn, self.process_group, defer=defer)
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
 
 
@@ -74,6 +79,7 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
         return seq(x)
     modules = list(_leaves(seq))
     i = 0
+    chains = []
     while i < len(modules):
         conv = modules[i]
         if type(conv) is not nn.Conv3d:
@@ -90,5 +96,8 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
         pool = None
         if i < len(modules) and isinstance(modules[i], nn.MaxPool3d):
             pool, i = modules[i], i + 1
-        x = chain(x, conv, bn, activation, slope, pool)
+        chains.append((conv, bn, activation, slope, pool))
+    for k, (conv, bn, activation, slope, pool) in enumerate(chains):
+        # every chain but the last feeds the next one: its BN may be deferred into that one's input
+        x = chain(x, conv, bn, activation, slope, pool, defer=k + 1 < len(chains))
     return x

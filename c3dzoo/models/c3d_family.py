@@ -90,10 +90,12 @@ class C3D(FusableModel):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of pool5 (N × C × D × H × W)."""
         check_input(x, self.in_channels, self.input_size, type(self).__name__)
-        for name in self.layer_names:
+        for i, name in enumerate(self.layer_names):
             bn = getattr(self, name + "_bn") if self.batch_norm else None
             pool = getattr(self, self.pool_names[name]) if name in self.pool_names else None
-            x = self.chain(x, getattr(self, name), bn, "relu", 0.0, pool)
+            # all but the last layer feed the next conv: a fused training-mode BN without a pool
+            # is then normalised in that conv's input prologue
+            x = self.chain(x, getattr(self, name), bn, "relu", 0.0, pool, defer=i + 1 < len(self.layer_names))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops import conv3d_bn_act, unsupported_pool_reason
+from ..ops import PendingBatchNorm, conv3d_bn_act, unsupported_pool_reason
 from ..ops.reference import apply_activation
 
 Tensor = torch.Tensor
@@ -88,20 +88,27 @@ def conv_bn_act(
     backend: Optional[str] = None,
     sync_bn: bool = False,
     process_group=None,
-) -> Tensor:
+    defer: bool = False,
+):
     """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
     parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
     Chains the fused op cannot express run stock.
+
+    ``defer=True``: the result goes straight into another ``conv_bn_act``, so a training-mode BN
+    without a pool may hand its normalisation to that call (a ``c3dzoo.ops.PendingBatchNorm`` is
+    returned then; see ``c3dzoo.ops.conv3d_bn_act``). ``x`` may be such a pending output.
 
     ``sync_bn=True``, or a ``bn`` that is an ``nn.SyncBatchNorm``: training-mode batch statistics
     are synchronised over ``process_group`` (else the SyncBatchNorm's own group, else WORLD) by the
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
     this changes nothing."""
     if unsupported_reason(conv, bn, pool) is not None:
+        if isinstance(x, PendingBatchNorm):
+            x = x.materialize()
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
     common = dict(
         stride=conv.stride, padding=conv_padding(conv), dilation=conv.dilation,
-        activation=activation, negative_slope=negative_slope, pool=pool, backend=backend,
+        activation=activation, negative_slope=negative_slope, pool=pool, backend=backend, defer=defer,
     )
     if bn is None:
         return conv3d_bn_act(x, conv.weight, conv.bias, training=False, batch_norm=False, **common)

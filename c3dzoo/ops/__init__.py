@@ -2,8 +2,8 @@
 
 from . import backends
 from ._registry import register_builtin_backends
-from .conv3d_bn_act import ACTIVATIONS, conv3d_bn_act, normalize_pool, unsupported_pool_reason
+from .conv3d_bn_act import ACTIVATIONS, PendingBatchNorm, conv3d_bn_act, normalize_pool, unsupported_pool_reason
 
 register_builtin_backends()
 
-__all__ = ["conv3d_bn_act", "backends", "normalize_pool", "unsupported_pool_reason", "ACTIVATIONS"]
+__all__ = ["conv3d_bn_act", "PendingBatchNorm", "backends", "normalize_pool", "unsupported_pool_reason", "ACTIVATIONS"]

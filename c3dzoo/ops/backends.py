@@ -12,7 +12,7 @@ import dataclasses
 import os
 import threading
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 ENV_VAR = "C3DZOO_BACKEND"
 # Best first: "auto" takes the first available backend that supports the configuration.
@@ -23,7 +23,9 @@ PREFERENCE = ("cuda", "triton", "reference")
 class ConvBNActConfig:
     """Everything about a fused call that decides whether a backend can run it."""
 
-    norm: str  # "batch" (batch statistics), "running" (folded running statistics) or "none"
+    # "batch" (batch statistics), "running" (folded running statistics), "none", or "stats" (the conv
+    # output itself, raw, with its batch statistics: the next layer normalises it, see InputNorm)
+    norm: str
     activation: str  # "none", "relu" or "leaky_relu"
     stride: Tuple[int, int, int]
     padding: Tuple[int, int, int]
@@ -34,6 +36,23 @@ class ConvBNActConfig:
     device: str  # device type: "cpu", "cuda"
     in_channels: int
     out_channels: int
+    input_norm: bool = False  # x is a raw conv output to normalise + activate on load (InputNorm)
+
+
+class InputNorm(NamedTuple):
+    """A training-mode BatchNorm + activation of the PREVIOUS layer, deferred into this layer's input
+    (prologue fusion): the conv reads ``activation(batch_norm(x))`` where x is the previous conv's raw
+    output and ``stats`` its per-channel [4, C_in] rows (batch mean, biased batch var, γ, β) in the
+    statistics dtype (fp32; fp64 for fp64).
+
+    The batch statistics must be those of x itself: the gradient a backend returns for x is then the
+    total derivative through the statistics (BatchNorm's full backward), and the gradient for
+    ``stats`` has zero mean/var rows and γ/β's gradients in rows 2 and 3."""
+
+    stats: "object"  # torch.Tensor (kept untyped: this module does not import torch)
+    eps: float
+    activation: str
+    negative_slope: float
 
 
 @dataclasses.dataclass
@@ -42,7 +61,9 @@ class Backend:
 
     ``probe`` returns None when the backend can run at all, else the reason it cannot;
     ``supports`` returns None when it can run a configuration, else the reason.
-    ``forward``/``backward`` have the signatures of ``c3dzoo.ops.reference``'s functions.
+    ``forward``/``backward`` have the signatures of ``c3dzoo.ops.reference``'s functions; a backend
+    whose ``supports`` accepts ``cfg.input_norm`` also provides ``normalize_input`` and
+    ``input_norm_backward`` (see ``InputNorm``) and a forward that takes ``input_norm=``.
     """
 
     name: str

@@ -8,13 +8,18 @@ implementation) and differentiable:
 * ``c3dzoo::bn_update_running_stats_`` — mutates running_mean/var/num_batches_tracked.
 
 The backend is chosen here (``c3dzoo.ops.backends``) and passed to the custom ops by name.
+
+Prologue fusion: with ``defer=True`` a training-mode BatchNorm without a pool returns a
+``PendingBatchNorm`` (the raw conv output and its statistics; norm "stats" in the op), and the next
+call takes it as ``x`` and applies that BatchNorm + activation while loading its input
+(``input_stats`` and friends of the forward op; ``InputNorm`` in the backends).
 With ``sync=True`` under torch.distributed, training-mode calls take ``sync_batch_norm``'s path
 (an eager autograd.Function whose statistics are all-reduced across ranks) instead.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -63,14 +68,25 @@ def _forward_op(
     activation: str,
     negative_slope: float,
     pool: List[int],
+    input_stats: Optional[Tensor],
+    input_eps: float,
+    input_activation: str,
+    input_negative_slope: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     out, mean, var = _impl(backend).forward(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
         norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
         activation=activation, negative_slope=negative_slope, pool=pool,
+        input_norm=_input_norm(input_stats, input_eps, input_activation, input_negative_slope),
     )
     return out, mean, var
+
+
+def _input_norm(input_stats, input_eps, input_activation, input_negative_slope) -> Optional[_backends.InputNorm]:
+    if input_stats is None:
+        return None
+    return _backends.InputNorm(input_stats, input_eps, input_activation, input_negative_slope)
 
 
 def output_shape(x_shape, weight_shape, stride, padding, dilation, pool) -> List[int]:
@@ -99,10 +115,11 @@ def output_memory_format(x: Tensor, backend: str) -> torch.memory_format:
 
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
-                  stride, padding, dilation, activation, negative_slope, pool, backend):
+                  stride, padding, dilation, activation, negative_slope, pool,
+                  input_stats, input_eps, input_activation, input_negative_slope, backend):
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, backend))
-    stats = weight.shape[0] if norm == "batch" else 0
+    stats = weight.shape[0] if norm in ("batch", "stats") else 0
     dtype = _reference.stats_dtype(x.dtype)
     return out, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype)
 
@@ -127,49 +144,77 @@ def _backward_op(
     activation: str,
     negative_slope: float,
     pool: List[int],
+    input_stats: Optional[Tensor],
+    input_eps: float,
+    input_activation: str,
+    input_negative_slope: float,
     backend: str,
     needs_grad: List[bool],
 ) -> List[Tensor]:
-    grads = _impl(backend).backward(
-        grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
+    """Gradients for (x, weight, bias, bn_weight, bn_bias, input_stats). With an input prologue the
+    backend's backward runs on the normalised input it recomputes (``normalize_input``), and
+    ``input_norm_backward`` takes that input's gradient back through the previous layer's
+    activation and BatchNorm."""
+    impl = _impl(backend)
+    input_norm = _input_norm(input_stats, input_eps, input_activation, input_negative_slope)
+    need_input = input_norm is not None and bool(needs_grad[5])
+    layer_input = x if input_norm is None else impl.normalize_input(x, input_norm)
+    grads = impl.backward(
+        grad_out, layer_input, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
         norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
-        activation=activation, negative_slope=negative_slope, pool=pool, needs_grad=needs_grad,
+        activation=activation, negative_slope=negative_slope, pool=pool,
+        needs_grad=[bool(needs_grad[0]) or need_input, *needs_grad[1:5]],
     )
+    del layer_input
+    grads = list(grads) + [None]
+    if input_norm is not None and (needs_grad[0] or need_input):
+        grads[0], grads[5] = impl.input_norm_backward(grads[0], x, input_norm, need_x=bool(needs_grad[0]))
     # custom ops cannot return None: an empty tensor stands for "no gradient"
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return [g if (g is not None and need) else x.new_empty(0) for g, need in zip(grads, needs_grad)]
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                    mean, var, norm, eps, stride, padding, dilation, activation, negative_slope,
-                   pool, backend, needs_grad):
-    inputs = (x, weight, bias, bn_weight, bn_bias)
+                   pool, input_stats, input_eps, input_activation, input_negative_slope, backend, needs_grad):
+    inputs = (x, weight, bias, bn_weight, bn_bias, input_stats)
     return [
         torch.empty_like(t) if (t is not None and need) else x.new_empty(0)
         for t, need in zip(inputs, needs_grad)
     ]
 
 
+_INPUT_STATS_INDEX = 15  # position of input_stats among _forward_op's arguments
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
-     stride, padding, dilation, activation, negative_slope, pool, backend) = inputs
+     stride, padding, dilation, activation, negative_slope, pool,
+     input_stats, input_eps, input_activation, input_negative_slope, backend) = inputs
     _, mean, var = output
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var)
-    ctx.params = (norm, eps, stride, padding, dilation, activation, negative_slope, pool, backend)
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, input_stats)
+    ctx.params = (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+                  input_eps, input_activation, input_negative_slope, backend)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    saved = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    *saved, input_stats = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]] + [bool(ctx.needs_input_grad[_INPUT_STATS_INDEX])]
+    n_inputs = len(ctx.needs_input_grad)
     if not any(needs):
-        return (None,) * 16
-    norm, eps, stride, padding, dilation, activation, negative_slope, pool, backend = ctx.params
+        return (None,) * n_inputs
+    (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+     input_eps, input_activation, input_negative_slope, backend) = ctx.params
     grads = _backward_op(
         grad_out.contiguous(memory_format=_reference._memory_format(grad_out)), *saved,
-        norm, eps, stride, padding, dilation, activation, negative_slope, pool, backend, needs,
+        norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+        input_stats, input_eps, input_activation, input_negative_slope, backend, needs,
     )
     grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads,) + (None,) * 11
+    out = [None] * n_inputs
+    out[:5] = grads[:5]
+    out[_INPUT_STATS_INDEX] = grads[5]
+    return tuple(out)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -297,13 +342,44 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _config_fields(x, weight, norm, activation, stride, padding, dilation, pool) -> tuple:
+def _config_fields(x, weight, norm, activation, stride, padding, dilation, pool, input_norm=False) -> tuple:
     """ConvBNActConfig's fields, in order, as plain Python values."""
     return (
         norm, activation, tuple(stride), tuple(padding), tuple(dilation),
         tuple(int(k) for k in weight.shape[2:]), tuple(pool), str(x.dtype), x.device.type,
-        int(weight.shape[1]), int(weight.shape[0]),
+        int(weight.shape[1]), int(weight.shape[0]), bool(input_norm),
     )
+
+
+class PendingBatchNorm(NamedTuple):
+    """The output of a layer whose training-mode BatchNorm and activation are deferred to the next
+    layer (``conv3d_bn_act(..., defer=True)``): ``y`` is the raw conv output and the next
+    ``conv3d_bn_act`` applies ``activation(batch_norm(y))`` while loading it (prologue fusion), so the
+    normalised activation is never written. ``stats``: [4, C] rows (batch mean and biased var of y,
+    detached; γ and β, through which their gradients flow), fp32 (fp64 for fp64).
+    ``materialize()`` gives the ordinary tensor (stock ops) for any other consumer."""
+
+    y: Tensor
+    stats: Tensor
+    eps: float
+    activation: str
+    negative_slope: float
+
+    def materialize(self) -> Tensor:
+        """``activation(batch_norm(y))`` with stock ops, differentiable (BatchNorm recomputes the
+        batch statistics of y, so the gradient goes through them as a stock BatchNorm's does)."""
+        _, _, gamma, beta = self.stats.unbind(0)
+        z = torch.nn.functional.batch_norm(self.y.to(self.stats.dtype), None, None, gamma, beta,
+                                           training=True, momentum=0.0, eps=self.eps).to(self.y.dtype)
+        return _reference.apply_activation(z, self.activation, self.negative_slope)
+
+
+def _deferred_stats(mean: Tensor, var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]) -> Tensor:
+    """[4, C] (mean, var, γ, β) of a deferred BatchNorm: statistics detached (the next layer's
+    backward differentiates through them itself), γ and β with their autograd history."""
+    gamma = bn_weight.to(mean.dtype) if bn_weight is not None else torch.ones_like(mean)
+    beta = bn_bias.to(mean.dtype) if bn_bias is not None else torch.zeros_like(mean)
+    return torch.stack([mean.detach(), var.detach(), gamma, beta])
 
 
 def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
@@ -333,7 +409,8 @@ def conv3d_bn_act(
     backend: Optional[str] = None,
     sync: bool = False,
     process_group=None,
-) -> Tensor:
+    defer: bool = False,
+) -> Union[Tensor, PendingBatchNorm]:
     """``pool(act(batch_norm(conv3d(x))))`` in one op, with BatchNorm semantics of ``nn.BatchNorm3d``.
 
     ``training`` — use batch statistics (and update running statistics when given), as
@@ -347,7 +424,22 @@ def conv3d_bn_act(
     ``sync=True``: SyncBatchNorm — in training mode the batch statistics are taken over every rank
     of ``process_group`` (default: the WORLD group), see ``c3dzoo.ops.sync_batch_norm``; without an
     initialised torch.distributed, with one rank, in eval mode or with a frozen BN it changes nothing.
+
+    Prologue fusion: ``x`` may be a ``PendingBatchNorm`` (the previous call's output with
+    ``defer=True``); this op then normalises and activates it while loading it. ``defer=True`` says
+    the caller passes the result straight to another ``conv3d_bn_act``: when this layer normalises
+    with batch statistics and has no pool (and no SyncBatchNorm), it returns a ``PendingBatchNorm``
+    (raw conv output + statistics; running statistics are updated here as usual) instead of the
+    normalised tensor; otherwise a Tensor as always.
     """
+    pending = x if isinstance(x, PendingBatchNorm) else None
+    if pending is not None:
+        x = pending.y
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or tuple(pending.stats.shape) != (4, x.shape[1]):
+            raise ValueError(
+                f"PendingBatchNorm: stats must be (4, C) for y of shape (N, C, D, H, W), got stats "
+                f"{tuple(pending.stats.shape)} and y {tuple(getattr(x, 'shape', ()))}"
+            )
     if not batch_norm:
         norm = "none"
     elif training or running_mean is None:
@@ -389,6 +481,8 @@ def conv3d_bn_act(
             f"x is {x.dtype} but conv_weight is {conv_weight.dtype}; cast one of them or use autocast"
         )
 
+    if pending is not None and group is not None:  # the sync path has no input prologue
+        x, pending = pending.materialize(), None
     if group is not None:
         # the backend runs only the conv (norm "none"); statistics, normalisation, activation and
         # pool follow the all_reduce in the sync path
@@ -401,18 +495,31 @@ def conv3d_bn_act(
             padding=padding, dilation=dilation, activation=activation, negative_slope=float(negative_slope),
             pool=pool, backend=name, group=group, memory_format=output_memory_format(x, name),
         )
+    # defer this layer's normalisation + activation into the next layer's input (see PendingBatchNorm)
+    deferred = defer and norm == "batch" and not pool
+    op_norm, op_activation = ("stats", "none") if deferred else (norm, activation)
     name = _resolve_backend(
-        backend, _config_fields(x, conv_weight, norm, activation, stride, padding, dilation, pool)
+        backend, _config_fields(x, conv_weight, op_norm, op_activation, stride, padding, dilation, pool,
+                                input_norm=pending is not None)
     )
     out, mean, var = _forward_op(
-        x, conv_weight, conv_bias, bn_weight, bn_bias,
+        # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
+        x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
         running_mean if norm == "running" else None, running_var if norm == "running" else None,
-        norm, float(eps), list(stride), list(padding), list(dilation), activation,
-        float(negative_slope), list(pool), name,
+        op_norm, float(eps), list(stride), list(padding), list(dilation), op_activation,
+        float(negative_slope), list(pool),
+        None if pending is None else pending.stats,
+        0.0 if pending is None else float(pending.eps),
+        "none" if pending is None else pending.activation,
+        0.0 if pending is None else float(pending.negative_slope),
+        name,
     )
     if updates_running_stats:
         _update_running_stats_op(
             running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
             None if momentum is None else float(momentum),
         )
+    if deferred:
+        return PendingBatchNorm(out, _deferred_stats(mean, var, bn_weight, bn_bias), float(eps), activation,
+                                float(negative_slope))
     return out

@@ -51,8 +51,10 @@ def _lib():
 
 def supports(cfg: ConvBNActConfig) -> Optional[str]:
     """None if the CUDA kernels can run ``cfg``, else why not."""
-    if cfg.norm not in ("running", "none", "batch"):
+    if cfg.norm not in ("running", "none", "batch", "stats"):
         return f"{_SCOPE}; norm={cfg.norm!r} is not implemented"
+    if cfg.input_norm:
+        return f"{_SCOPE}; it has no input prologue for a deferred BatchNorm of the previous layer"
     if cfg.in_channels > MAX_STEM_CIN:
         return f"{_SCOPE}; this layer has C_in = {cfg.in_channels}"
     if cfg.device != "cuda":
@@ -115,17 +117,18 @@ def forward(
     activation: str,
     negative_slope: float,
     pool: Sequence[int],
+    input_norm=None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused stem forward. Returns (out channels_last_3d, mean, var): fp32 batch statistics (C_out,)
-    for norm "batch", empty otherwise."""
-    if norm not in ("running", "none", "batch"):
-        raise NotImplementedError(f"cuda backend: norm={norm!r} is not implemented (see supports())")
+    for norm "batch" and "stats" (whose out is the raw conv output), empty otherwise."""
+    if norm not in ("running", "none", "batch", "stats") or input_norm is not None:
+        raise NotImplementedError(f"cuda backend: norm={norm!r} / an input prologue is not implemented (see supports())")
     if x.dim() != 5 or x.shape[1] > MAX_STEM_CIN or x.dtype not in _DTYPE_CODES or x.device.type != "cuda":
         raise NotImplementedError(f"cuda backend: {_SCOPE}, fp16/bf16/fp32 CUDA tensors (see supports())")
-    if norm == "batch":
+    if norm in ("batch", "stats"):
         return _forward_batch_norm(
             x, weight, bias, bn_weight, bn_bias, eps=eps, stride=stride, padding=padding, dilation=dilation,
-            activation=activation, negative_slope=negative_slope, pool=pool,
+            activation=activation, negative_slope=negative_slope, pool=pool, normalize=norm == "batch",
         )
     lib = _lib()
     pool = tuple(pool)
@@ -155,10 +158,11 @@ def forward(
 
 
 def _forward_batch_norm(
-    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool
+    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool,
+    normalize,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Training forward: the stem conv with its statistics partials, their Chan combination, then
-    normalise/act/pool (the statistics are of the stored, rounded conv output)."""
+    (``normalize``) normalise/act/pool (the statistics are of the stored, rounded conv output)."""
     lib = _lib()
     with torch.no_grad(), torch.cuda.device(x.device):
         w_packed, b_packed, w_stride = _folded_packed(weight, bias, None, None, None, None, norm="none", eps=eps)
@@ -178,6 +182,8 @@ def _forward_batch_norm(
             list(stride), list(padding), list(dilation), w_stride, torch.cuda.current_stream(x.device).cuda_stream,
         )
         mean, var = finalize_statistics(part_mean, part_m2, positions, per_block)
+        if not normalize:
+            return y, mean, var
         out = normalize_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
                                  negative_slope=negative_slope, pool=pool, use_kernel=True)
     return out.contiguous(memory_format=torch.channels_last_3d), mean, var

@@ -105,11 +105,46 @@ def _forward_graph(
         y = F.conv3d(
             x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation
         )
-        if norm == "batch":
+        if norm in ("batch", "stats"):
             mean, var = batch_statistics(y)
+        if norm == "batch":
             _, y = batch_norm_affine(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
     out = apply_pool(apply_activation(y, activation, negative_slope), pool)
     return out, mean, var
+
+
+def _input_norm_terms(x: Tensor, input_norm) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x̂, z, invstd, γ) of an ``InputNorm`` (c3dzoo.ops.backends) over x."""
+    mean, var, gamma, beta = input_norm.stats.to(stats_dtype(x.dtype)).unbind(0)
+    invstd = torch.rsqrt(var + input_norm.eps)
+    xhat, z = batch_norm_affine(x, mean, invstd, gamma, beta)
+    return xhat, z, invstd, gamma
+
+
+def normalize_input(x: Tensor, input_norm) -> Tensor:
+    """``activation(batch_norm(x))`` of an ``InputNorm``: the tensor a deferred-normalisation
+    layer's conv reads, in x's dtype (normalised in fp32, rounded, activated)."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        _, z, _, _ = _input_norm_terms(x, input_norm)
+        return apply_activation(z, input_norm.activation, input_norm.negative_slope)
+
+
+def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bool) -> Tuple[Optional[Tensor], Tensor]:
+    """(gradient for x, gradient for ``input_norm.stats``) from ``grad_input``, the gradient of the
+    normalised + activated input: activation backward, then BatchNorm's full backward with the
+    batch statistics as functions of x (see ``InputNorm``); stats' gradient rows: 0, 0, γ's, β's."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        xhat, z, invstd, gamma = _input_norm_terms(x, input_norm)
+        grad = act_pool_backward(grad_input, z, input_norm.activation, input_norm.negative_slope, ())
+        sum_dz = grad.sum(dim=_REDUCE_DIMS)
+        sum_dz_xhat = (grad * xhat).sum(dim=_REDUCE_DIMS)
+        grad_x = None
+        if need_x:
+            count = xhat.numel() // xhat.shape[1]
+            grad_x = batch_norm_input_grad(grad, xhat, invstd, gamma, sum_dz, sum_dz_xhat, count).to(x.dtype)
+        zeros = torch.zeros_like(sum_dz)
+        grad_stats = torch.stack([zeros, zeros, sum_dz_xhat, sum_dz]).to(input_norm.stats.dtype)
+    return grad_x, grad_stats
 
 
 def forward(
@@ -129,16 +164,21 @@ def forward(
     activation: str,
     negative_slope: float,
     pool: Sequence[int],
+    input_norm=None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward. Returns (out, batch mean, biased batch var); the statistics are fp32 and
-    empty unless ``norm == "batch"``."""
+    empty unless norm is "batch" or "stats". ``input_norm`` (an ``InputNorm``): x is first
+    normalised and activated (``normalize_input``)."""
+    layout = _memory_format(x)
+    if input_norm is not None:
+        x = normalize_input(x, input_norm)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         out, mean, var = _forward_graph(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
             norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
             activation=activation, negative_slope=negative_slope, pool=pool,
         )
-    return out.contiguous(memory_format=_memory_format(x)), mean, var
+    return out.contiguous(memory_format=layout), mean, var
 
 
 def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int]) -> Tensor:
@@ -247,9 +287,11 @@ def backward(
                 gw, grad_beta, weight, bias, bn_weight, running_mean, running_var, eps,
                 need_w=need_w, need_b=need_b, need_g=need_g,
             )
-        elif norm == "batch" and need_b:
-            # batch normalisation removes any per-channel shift: the exact gradient is zero
-            grad_bias = torch.zeros_like(grad_beta)
+        elif norm in ("batch", "stats") and need_b:
+            # batch normalisation removes any per-channel shift: the exact gradient is zero. For
+            # "stats" too: its raw output is only ever consumed by a batch normalisation of it (the
+            # next layer's InputNorm; "stats" is reached by deferral alone)
+            grad_bias = torch.zeros(weight.shape[0], dtype=stats_dtype(dtype), device=x.device)
         elif need_b:
             grad_bias = grad.sum(dim=_REDUCE_DIMS)
 

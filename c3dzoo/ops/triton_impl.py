@@ -11,6 +11,13 @@ Forward, all in Triton:
   biased variance (torch ops on the small partial buffer, no host synchronisation), then one
   elementwise kernel for normalise + γ/β + activation (+ max-pool) (``c3dzoo.kernels.bn_act_pool``).
   The running statistics are updated from the returned mean/var by the op wrapper.
+* prologue fusion — a training-mode layer without a pool that feeds another conv (``defer=True``
+  in ``conv3d_bn_act``) stops after step 1 (norm "stats": raw y + statistics), and the next layer's
+  conv kernel normalises + activates every input tile as it loads it (``input_norm``; the
+  ``_implicit_gemm`` input prologue, the same code as ``bn_act_pool``), so that activation is
+  never written. Its backward: ``normalize_input`` recomputes the activation (``bn_act_pool``),
+  the layer's backward runs on it, and ``input_norm_backward`` takes the input gradient back
+  through the previous layer's activation and BatchNorm (``act_pool_backward`` + ``bn_backward_``).
 
 Backward, in Triton too (``backward``): only x is saved between forward and backward (plus the fp32
 batch mean/var); the conv output is recomputed by the forward's own kernel, then
@@ -47,7 +54,7 @@ _DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
 
 def supports(cfg: ConvBNActConfig) -> Optional[str]:
     """None if the Triton kernels can run ``cfg``, else why not."""
-    if cfg.norm not in ("batch", "running", "none"):
+    if cfg.norm not in ("batch", "stats", "running", "none"):
         return f"norm={cfg.norm!r} is not supported by the Triton backend"
     if cfg.activation not in ("none", "relu", "leaky_relu"):
         return f"activation {cfg.activation!r} is not supported by the Triton backend"
@@ -110,18 +117,24 @@ def forward(
     activation: str,
     negative_slope: float,
     pool: Sequence[int],
+    input_norm=None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward. Returns (out, mean, var), out in x's dtype, channels_last_3d.
 
     norm "batch": mean and biased var of the conv output per channel, fp32 (C_out,), used to
-    normalise (two kernels, see the module docstring). norm "running" (BatchNorm folded) or "none":
-    one kernel; mean and var are empty fp32 (no batch statistics in these modes)."""
-    if norm not in ("batch", "running", "none"):
+    normalise (two kernels, see the module docstring); norm "stats": the conv output itself with
+    those statistics (one kernel; the next layer normalises). norm "running" (BatchNorm folded) or
+    "none": one kernel; mean and var are empty fp32 (no batch statistics in these modes).
+    ``input_norm`` (an ``InputNorm``): the previous layer's BatchNorm + activation, applied by the
+    conv kernel's input prologue (x is that layer's raw conv output)."""
+    if norm not in ("batch", "stats", "running", "none"):
         raise NotImplementedError(f"triton backend: norm={norm!r} is not implemented (see supports())")
-    if norm == "batch":
+    prologue = _prologue_arguments(input_norm)
+    if norm in ("batch", "stats"):
         return _forward_batch_norm(
             x, weight, bias, bn_weight, bn_bias, eps=eps, stride=stride, padding=padding,
             dilation=dilation, activation=activation, negative_slope=negative_slope, pool=pool,
+            normalize=norm == "batch", prologue=prologue,
         )
     with torch.no_grad():
         w_packed, folded_bias = _folded_packed_weight(
@@ -131,6 +144,7 @@ def forward(
             x, w_packed, folded_bias,
             kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
             activation=activation, negative_slope=negative_slope, pool=tuple(pool), out_dtype=x.dtype,
+            **prologue,
         )
     # The kernel writes channels_last_3d, which is this backend's output contract (see
     # conv3d_bn_act.output_memory_format): the next fused layer reads it without a copy.
@@ -140,10 +154,20 @@ def forward(
     return out, mean, var
 
 
+def _prologue_arguments(input_norm) -> dict:
+    """The conv launchers' input-prologue keywords for an ``InputNorm`` (none without one)."""
+    if input_norm is None:
+        return {}
+    return dict(input_stats=input_norm.stats, input_eps=float(input_norm.eps),
+                input_activation=input_norm.activation, input_negative_slope=float(input_norm.negative_slope))
+
+
 def _forward_batch_norm(
-    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool
+    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool,
+    normalize, prologue,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training forward: conv + statistics epilogue, Chan finalize, then normalise/act/pool."""
+    """Training forward: conv + statistics epilogue, Chan finalize, then (``normalize``)
+    normalise/act/pool."""
     with torch.no_grad():
         # norm "none" in the cache: the conv's own weight, packed in x's dtype, and its fp32 bias
         w_packed, conv_bias = _folded_packed_weight(
@@ -152,7 +176,10 @@ def _forward_batch_norm(
         y, mean, var = conv3d_bn_stats(
             x, w_packed, conv_bias,
             kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
+            **prologue,
         )
+        if not normalize:
+            return y, mean, var
         out = bn_act_pool(
             y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
             negative_slope=negative_slope, pool=tuple(pool),
@@ -198,24 +225,29 @@ def backward(
         )
     need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
     geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation)
+    batch = norm == "batch"
     with torch.no_grad():
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        # the forward's weights: the conv's own ("batch", "none") or BatchNorm folded in ("running")
-        w_packed, conv_bias = _folded_packed_weight(
-            weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
-        )
-        y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none", negative_slope=0.0,
-                                 pool=(), out_dtype=x.dtype)
-        batch = norm == "batch"
-        grad, sum_dz, sum_dz_xhat = act_pool_backward(
-            grad_out, y, mean if batch else None, var if batch else None,
-            bn_weight if batch else None, bn_bias if batch else None,
-            eps=eps, activation=activation, negative_slope=negative_slope, pool=pool,
-        )
-        if batch:
-            grad = bn_backward_(grad, y, mean, var, bn_weight, sum_dz, sum_dz_xhat, eps=eps)
-        del y
+        if norm in ("none", "stats") and activation == "none" and not pool:
+            # the op's output is the conv output itself: its gradient is grad_out, nothing to recompute
+            grad = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
+            sum_dz = grad.sum(dim=(0, 2, 3, 4), dtype=torch.float32) if (need_b and norm == "none") else None
+        else:
+            # the forward's weights: the conv's own ("batch", "none") or BatchNorm folded in ("running")
+            w_packed, conv_bias = _folded_packed_weight(
+                weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
+            )
+            y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none", negative_slope=0.0,
+                                     pool=(), out_dtype=x.dtype)
+            grad, sum_dz, sum_dz_xhat = act_pool_backward(
+                grad_out, y, mean if batch else None, var if batch else None,
+                bn_weight if batch else None, bn_bias if batch else None,
+                eps=eps, activation=activation, negative_slope=negative_slope, pool=pool,
+            )
+            if batch:
+                grad = bn_backward_(grad, y, mean, var, bn_weight, sum_dz, sum_dz_xhat, eps=eps)
+            del y
 
         conv_weight = weight
         if norm == "running":
@@ -243,8 +275,36 @@ def backward(
                 grad_w, sum_dz, weight, bias, bn_weight, running_mean, running_var, eps,
                 need_w=need_w, need_b=need_b, need_g=need_g,
             )
+        elif norm == "stats" and need_b:  # see reference.backward: the consumer normalises
+            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
         else:
             grad_bias = sum_dz
 
     return _reference.cast_gradients((grad_x, grad_w, grad_bias, grad_gamma, grad_beta),
                                      (x, weight, bias, bn_weight, bn_bias), needs_grad)
+
+
+def normalize_input(x: Tensor, input_norm) -> Tensor:
+    """``activation(batch_norm(x))`` of an ``InputNorm`` by ``bn_act_pool``: the same code as the conv
+    kernels' input prologue, so the same values (the backward recomputes from it)."""
+    mean, var, gamma, beta = input_norm.stats.unbind(0)
+    with torch.no_grad():
+        return bn_act_pool(x, mean, var, gamma, beta, eps=float(input_norm.eps), activation=input_norm.activation,
+                           negative_slope=float(input_norm.negative_slope), pool=())
+
+
+def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bool) -> Tuple[Optional[Tensor], Tensor]:
+    """As ``reference.input_norm_backward``, by ``act_pool_backward`` (activation backward with Σdz
+    and Σdz·x̂ in the same pass) and ``bn_backward_`` (in place)."""
+    mean, var, gamma, beta = input_norm.stats.unbind(0)
+    eps = float(input_norm.eps)
+    with torch.no_grad():
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        grad, sum_dz, sum_dz_xhat = act_pool_backward(
+            grad_input, x, mean, var, gamma, beta, eps=eps, activation=input_norm.activation,
+            negative_slope=float(input_norm.negative_slope), pool=(),
+        )
+        grad_x = bn_backward_(grad, x, mean, var, gamma, sum_dz, sum_dz_xhat, eps=eps) if need_x else None
+        zeros = torch.zeros_like(sum_dz)
+        grad_stats = torch.stack([zeros, zeros, sum_dz_xhat, sum_dz]).to(input_norm.stats.dtype)
+    return grad_x, grad_stats
