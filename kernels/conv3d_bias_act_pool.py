@@ -156,12 +156,16 @@ HOPPER_CONFIGS: Tuple[TileConfig, ...] = (
     CHANNEL_BLOCKS_64x64x64, FLAT_K_128x64x16,
 )
 
-def with_prologue_and_pool(config: TileConfig) -> TileConfig:
-    """The variant for a launch with BOTH the input prologue and a fused pool: the prologue's fp32
-    temporaries on every input tile come on top of the accumulator and the pool's running max, and
-    128-column tiles spilled (up to 84 B, sm_90) there; at most 64 columns on 8 warps do not."""
-    if config.flat_k or (config.block_n <= 64 and config.num_warps == 8):
-        return config
+def with_prologue_and_pool(config: TileConfig, dtype: torch.dtype, tf32: bool) -> TileConfig:
+    """The variant of a (dtype-adjusted) config for a launch with BOTH the input prologue and a
+    fused pool: the prologue's fp32 temporaries on every input tile come on top of the accumulator
+    and the pool's running max. Measured on sm_90 (tests/test_triton_sm90.py, triton 3.6 and 3.9):
+    128-column tiles spilled up to 84 B, so at most 64 columns on 8 warps; full-precision fp32 (no
+    tensor cores, operands in registers) 4 warps, and 32 rows for flat K; TF32 flat K 64 rows."""
+    if dtype == torch.float32 and not tf32:
+        return dataclasses.replace(config, block_m=32 if config.flat_k else 64, num_warps=4)
+    if config.flat_k:
+        return dataclasses.replace(config, block_m=64) if dtype == torch.float32 else config
     return dataclasses.replace(config, block_n=min(config.block_n, 64), num_warps=8)
 
 
@@ -294,7 +298,7 @@ def plan_launch(
     if config is None:
         config = select_config(in_c, out_c, kd * kh * kw, positions, dtype, device, tf32)
         if input_activation is not None and pool != (1, 1, 1, 1, 1, 1, 0, 0, 0) and device.type == "cuda":
-            config = with_prologue_and_pool(config)
+            config = with_prologue_and_pool(config, dtype, tf32)
     # int32 in the kernel: input offsets within the samples one tile spans, the pooled position
     # index, and weight offsets
     samples_per_tile = (config.block_m - 1) // positions_per_sample + 2

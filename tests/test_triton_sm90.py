@@ -111,7 +111,7 @@ def _prologue_cases():
         cases[f"prologue-{name}"] = (launched, x_shape, out_c, pool, dtype, tf32, "stats", None, True)
     for launched, x_shape, out_c, pool, dtype, tf32 in CASES.values():
         if pool:  # the launcher's variant for prologue + pool
-            launched = K.with_prologue_and_pool(launched)
+            launched = K.with_prologue_and_pool(launched, dtype, tf32)
         name = f"prologue-{launched.name}-{'pool' if pool else 'nopool'}-{_ELEMENT[dtype]}{'' if tf32 or dtype != torch.float32 else 'full'}"
         cases.setdefault(name, (launched, x_shape, out_c, pool, dtype, tf32, "inference", None, True))
     return cases
@@ -426,9 +426,10 @@ def test_launcher_picks_only_compiled_configs(monkeypatch):
     # with the input prologue (deferred BatchNorm of the previous layer) and a pool, the launcher
     # runs its variant of the config: each of those is compiled too
     prologue_pooled = {case[0] for case in PROLOGUE_CASES.values() if case[3] and case[6] == "inference"}
-    for config in seen:
-        if not config.flat_k:
-            assert K.with_prologue_and_pool(config) in prologue_pooled, config
+    for config in K.HOPPER_CONFIGS:
+        for dtype, tf32 in _DTYPES.values():
+            launched = config.for_dtype(dtype, tf32)
+            assert K.with_prologue_and_pool(launched, dtype, tf32) in prologue_pooled, (launched, dtype)
 
 
 if __name__ == "__main__":
