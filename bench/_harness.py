@@ -888,6 +888,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             peak_mem_bytes=peak, resident_mem_bytes=resident,
             first_call_s=first_call_s, compile_s=first_call_s if c.compile_mode else None,
             rel_err_vs_fp32=rel_err, fallbacks=sorted(set(c3dzoo.fallbacks().values())),
+            auto_choices=c3dzoo.ops.backends.tuning(),  # which backend "auto" measured faster, where several could run
             rounds=rounds, iterations=iterations, input_sets=len(sets), gpu=gpu,
         )
         _record(request.config, benchmark, median)

@@ -171,3 +171,23 @@ def test_c3d_layer_training_on_gpu(layer, dtype):
             assert torch.count_nonzero(fused[key]) == 0
             continue
         assert_parity(fused[key], stock[key], reference[key], dtype, f"{name} {dtype}: {key}")
+
+
+def test_auto_measures_and_picks_the_faster_stem():
+    """C3D's conv1 can run on the CUDA stem kernel and on the Triton kernel: "auto" times both once
+    and runs the faster; the whole fused model then matches the stock model."""
+    if "cuda" not in c3dzoo.backends() or not c3dzoo.backends()["cuda"]["available"]:
+        pytest.skip(f"the cuda backend is not available: {c3dzoo.backends().get('cuda')}")
+    model = _c3d_bn_with_statistics(fused=True).eval().bfloat16()
+    stock = copy.deepcopy(model)
+    stock.fused = False
+    x = torch.randn(4, 3, 16, 112, 112, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(x)
+        ref = stock.double()(x.double())
+        out_stock = stock.bfloat16()(x)
+    stems = {cfg: times for cfg, times in c3dzoo.ops.backends.tuning().items() if "in_channels=3," in cfg}
+    assert stems, c3dzoo.ops.backends.tuning()
+    for times in stems.values():
+        assert set(times) == {"cuda", "triton"} and all(t < float("inf") for t in times.values()), times
+    assert_parity(out, out_stock, ref, torch.bfloat16, "logits with the auto-picked stem")

@@ -56,6 +56,50 @@ def _supports_cuda(cfg: _backends.ConvBNActConfig) -> Optional[str]:
     return impl.supports(cfg)
 
 
+# the input "auto" times contenders on: C3D's clip size (the configurations several backends can run
+# are the stems, C_in ≤ 4, whose input is the clip), a batch big enough to fill the GPU
+_TIMING_INPUT = (8, 16, 112, 112)  # N, D, H, W
+
+
+def time_forward_ms(name: str, cfg: _backends.ConvBNActConfig, repeats: int = 10) -> float:
+    """Milliseconds of one forward of backend ``name`` on ``cfg`` (CUDA events, after warm-up that
+    also compiles), on random data of ``_TIMING_INPUT``'s size; inf if it cannot run."""
+    if cfg.device != "cuda" or not torch.cuda.is_available():
+        return float("inf")
+    impl = _backends.get(name)
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, cfg.dtype.rsplit(".", 1)[-1])
+    n, d, h, w = _TIMING_INPUT
+    fp32 = dict(device=device, dtype=torch.float32)
+    x = torch.randn(n, cfg.in_channels, d, h, w, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(cfg.out_channels, cfg.in_channels, *cfg.kernel_size, device=device, dtype=dtype) * 0.1
+    c = cfg.out_channels
+    running = cfg.norm == "running"
+    args = (x, weight, torch.zeros(c, device=device, dtype=dtype), torch.ones(c, **fp32), torch.zeros(c, **fp32),
+            torch.zeros(c, **fp32) if running else None, torch.ones(c, **fp32) if running else None)
+    kwargs = dict(norm=cfg.norm, eps=1e-5, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation,
+                  activation=cfg.activation, negative_slope=0.01, pool=cfg.pool)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                impl.forward(*args, **kwargs)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                impl.forward(*args, **kwargs)
+            end.record()
+            end.synchronize()
+    except Exception:  # a contender that fails here is simply not chosen
+        return float("inf")
+    return start.elapsed_time(end) / repeats
+
+
+def _can_time_now() -> bool:
+    # measuring synchronises: not while a CUDA graph is being captured
+    return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+
+
 def register_builtin_backends() -> None:
     _backends.register(
         _backends.Backend("reference", _probe_reference, lambda cfg: None, lambda: _reference)
@@ -74,3 +118,4 @@ def register_builtin_backends() -> None:
             auto_devices=("cuda",),
         )
     )
+    _backends.set_timer(time_forward_ms, _can_time_now)

@@ -156,9 +156,14 @@ def _record_fallback(requested: str, cfg: ConvBNActConfig, reason: str, warn: bo
 
 
 def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
-    """Name of the backend that will run ``cfg``."""
+    """Name of the backend that will run ``cfg``.
+
+    "auto" takes the first backend in preference order that can run ``cfg``; where several
+    non-reference backends can (C3D's conv1: the CUDA stem kernel and the Triton kernel), the faster
+    one, measured once per configuration (see ``set_timer``) when a timer is set and may run now."""
     requested = requested_backend(backend)
     candidates = names() if requested == "auto" else (requested,)
+    runnable = []
     for name in candidates:
         auto_devices = _REGISTRY[name].auto_devices
         if requested == "auto" and auto_devices is not None and cfg.device not in auto_devices:
@@ -166,12 +171,57 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
         unavailable = _unavailable_reason(name)
         reason = unavailable if unavailable is not None else _REGISTRY[name].supports(cfg)
         if reason is None:
-            return name
+            runnable.append(name)
+            if requested != "auto":
+                break
+            continue
         if requested != "auto":
             _record_fallback(name, cfg, reason, warn=True)
         elif unavailable is None:  # available but not for this configuration
             _record_fallback(name, cfg, reason, warn=False)
-    return "reference"
+    contenders = [name for name in runnable if name != "reference"]
+    if len(contenders) > 1:
+        return _fastest(contenders, cfg)
+    return runnable[0] if runnable else "reference"
+
+
+# --------------------------------------------------------------------------------------------
+# "auto" between several capable backends: measured, once per configuration
+# --------------------------------------------------------------------------------------------
+
+AUTOTUNE_ENV_VAR = "C3DZOO_AUTOTUNE"  # "0": no measuring, preference order decides
+_timer: Optional[Callable[[str, ConvBNActConfig], float]] = None
+_can_measure: Callable[[], bool] = lambda: True
+_TUNED: Dict[ConvBNActConfig, Dict[str, float]] = {}
+
+
+def set_timer(timer: Optional[Callable[[str, ConvBNActConfig], float]],
+              can_measure: Callable[[], bool] = lambda: True) -> None:
+    """Install how "auto" measures a backend on a configuration: ``timer(name, cfg)`` returns the
+    time of one forward (any unit; inf if it failed); ``can_measure()`` says whether measuring is
+    allowed right now (not while a CUDA graph is being captured, say). Clears earlier results."""
+    global _timer, _can_measure
+    _timer, _can_measure = timer, can_measure
+    with _lock:
+        _TUNED.clear()
+
+
+def tuning() -> Dict[str, Dict[str, float]]:
+    """The measurements "auto" chose by: ``{configuration: {backend: time}}``."""
+    with _lock:
+        return {str(cfg): dict(times) for cfg, times in _TUNED.items()}
+
+
+def _fastest(contenders, cfg: ConvBNActConfig) -> str:
+    with _lock:
+        times = _TUNED.get(cfg)
+    if times is None:
+        if (_timer is None or os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0" or not _can_measure()):
+            return contenders[0]  # preference order
+        times = {name: float(_timer(name, cfg)) for name in contenders}
+        with _lock:
+            _TUNED[cfg] = times
+    return min(contenders, key=lambda name: (times.get(name, float("inf")), contenders.index(name)))
 
 
 def get(name: str):
