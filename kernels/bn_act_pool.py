@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import (batch_norm_coefficients, channel_tile, normalize_activate,
                              pool_window_position, split_position)
 
@@ -112,8 +113,8 @@ def plan_bn_act_pool(
     if min(out_size) < 1:
         raise ValueError(f"conv output {tuple(y_shape)} is too small for pool {pool}")
     positions = n * out_size[0] * out_size[1] * out_size[2]
-    if positions >= 2**31:
-        raise ValueError(f"bn_act_pool: output of {positions} positions is too large for int32 positions")
+    if positions >= INT32_LIMIT:
+        raise IndexOverflowError(f"bn_act_pool: output of {positions} positions is too large for int32 positions")
     if config is None:
         config = select_config(channels, positions, device)
     grid = (triton.cdiv(positions, config.block_p) * triton.cdiv(channels, config.block_c),)

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import apply_activation, conv_tile, output_tile
 
-_INT32_LIMIT = 2**31
 
 
 @triton.jit
@@ -304,11 +304,11 @@ def plan_launch(
     samples_per_tile = (config.block_m - 1) // positions_per_sample + 2
     sample_size = in_d * in_h * in_w * in_c
     if (
-        min(samples_per_tile, n) * sample_size >= _INT32_LIMIT
-        or positions >= _INT32_LIMIT
-        or kd * kh * kw * in_c * out_c >= _INT32_LIMIT
+        min(samples_per_tile, n) * sample_size >= INT32_LIMIT
+        or positions >= INT32_LIMIT
+        or kd * kh * kw * in_c * out_c >= INT32_LIMIT
     ):
-        raise ValueError(f"conv3d_bias_act_pool: input {tuple(x_shape)} is too large for the kernel's int32 offsets")
+        raise IndexOverflowError(f"conv3d_bias_act_pool: input {tuple(x_shape)} is too large for the kernel's int32 offsets")
     grid = (triton.cdiv(positions, config.block_m) * triton.cdiv(out_c, config.block_n),)
     scalars = dict(
         in_d=in_d, in_h=in_h, in_w=in_w, in_c=in_c,

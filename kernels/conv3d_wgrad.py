@@ -23,12 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import split_position
 from .conv3d_bias_act_pool import (
     FLAT_K_MAX_IN_CHANNELS, LaunchPlan, TileConfig, _next_pow2, _sm_count, _triple,
 )
 
-_INT32_LIMIT = 2**31
 
 
 @triton.jit
@@ -158,8 +158,8 @@ def plan_wgrad_launch(
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
     positions = n * out_d * out_h * out_w
     rows = kd * kh * kw * in_c
-    if n * in_d * in_h * in_w >= _INT32_LIMIT or positions >= _INT32_LIMIT or rows * out_c >= _INT32_LIMIT:
-        raise ValueError(f"conv3d_wgrad: input {tuple(x_shape)} is too large for the kernel's int32 positions")
+    if n * in_d * in_h * in_w >= INT32_LIMIT or positions >= INT32_LIMIT or rows * out_c >= INT32_LIMIT:
+        raise IndexOverflowError(f"conv3d_wgrad: input {tuple(x_shape)} is too large for the kernel's int32 positions")
     tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
     if config is None:
         config = select_wgrad_config(in_c, out_c, dtype, device, tf32)

@@ -10,6 +10,7 @@ tiles. Every result — output, running statistics, gradients — is held to the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Optional, Tuple
@@ -233,3 +234,29 @@ def test_bn_act_pool_launcher_small_blocks(pool):
 
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert_parity(out, run(torch.float32), run(torch.float64), torch.float32, "bn_act_pool")
+
+
+def test_beyond_int32_indexing_runs_on_reference(monkeypatch):
+    """A call the kernels cannot index in int32 runs on the reference backend instead of failing:
+    recorded in c3dzoo.fallbacks(), same results as the reference (here with the limit lowered)."""
+    from c3dzoo.kernels import conv3d_wgrad as W
+
+    case = CASES["pool5_padding"]
+    conv, bn, x = _build(case, torch.float32)
+    results = {}
+    for backend in ("reference", "triton"):
+        if backend == "triton":
+            monkeypatch.setattr(K, "INT32_LIMIT", 64)  # every launch of this layer is "too large" now
+            monkeypatch.setattr(W, "INT32_LIMIT", 64)
+        c, b = copy.deepcopy(conv), copy.deepcopy(bn)
+        xx = x.clone().requires_grad_(True)
+        with pytest.warns(RuntimeWarning, match="int32") if backend == "triton" else contextlib.nullcontext():
+            out = conv3d_bn_act(xx, c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var,
+                                training=True, eps=b.eps, padding=case.padding, pool=case.pool,
+                                num_batches_tracked=b.num_batches_tracked, backend=backend)
+            out.square().sum().backward()
+        results[backend] = (out, xx.grad, c.weight.grad, b.weight.grad, b.running_var)
+    assert any("int32" in reason for reason in c3dzoo.fallbacks().values()), c3dzoo.fallbacks()
+    assert results["triton"][0].is_contiguous(memory_format=torch.channels_last_3d)
+    for got, expected in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, expected)

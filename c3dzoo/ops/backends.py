@@ -155,6 +155,13 @@ def _record_fallback(requested: str, cfg: ConvBNActConfig, reason: str, warn: bo
     )
 
 
+def record_runtime_fallback(backend: str, reason: str) -> None:
+    """A backend found, while running a call, that it cannot run it (a tensor beyond its kernels'
+    int32 index range, say) and ran it with ``reference``: recorded in ``fallbacks()`` and warned
+    about once per reason."""
+    _record_fallback(backend, f"<at run time> {reason}", reason, warn=True)  # type: ignore[arg-type]
+
+
 def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
     """Name of the backend that will run ``cfg``.
 

@@ -31,6 +31,7 @@ Runs on CUDA, or on CPU under the Triton interpreter (``TRITON_INTERPRET=1``; sl
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -41,7 +42,9 @@ from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weigh
 from c3dzoo.kernels.conv3d_bn_stats import conv3d_bn_stats
 from c3dzoo.kernels.conv3d_dgrad import conv3d_dgrad, dgrad_unsupported_reason, pack_dgrad_weight
 from c3dzoo.kernels.conv3d_wgrad import conv3d_wgrad
+from c3dzoo.kernels._limits import IndexOverflowError
 
+from . import backends as _backends
 from . import reference as _reference
 from ._weight_cache import FoldedWeightCache, cached_folded
 from ._registry import triton_interpreter_enabled
@@ -100,7 +103,7 @@ def _folded_packed_weight(
 # --------------------------------------------------------------------------------------------
 
 
-def forward(
+def _forward(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -188,7 +191,7 @@ def _forward_batch_norm(
     return out, mean, var
 
 
-def backward(
+def _backward(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -284,7 +287,7 @@ def backward(
                                      (x, weight, bias, bn_weight, bn_bias), needs_grad)
 
 
-def normalize_input(x: Tensor, input_norm) -> Tensor:
+def _normalize_input(x: Tensor, input_norm) -> Tensor:
     """``activation(batch_norm(x))`` of an ``InputNorm`` by ``bn_act_pool``: the same code as the conv
     kernels' input prologue, so the same values (the backward recomputes from it)."""
     mean, var, gamma, beta = input_norm.stats.unbind(0)
@@ -293,7 +296,7 @@ def normalize_input(x: Tensor, input_norm) -> Tensor:
                            negative_slope=float(input_norm.negative_slope), pool=())
 
 
-def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bool) -> Tuple[Optional[Tensor], Tensor]:
+def _input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bool) -> Tuple[Optional[Tensor], Tensor]:
     """As ``reference.input_norm_backward``, by ``act_pool_backward`` (activation backward with Σdz
     and Σdz·x̂ in the same pass) and ``bn_backward_`` (in place)."""
     mean, var, gamma, beta = input_norm.stats.unbind(0)
@@ -308,3 +311,30 @@ def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bo
         zeros = torch.zeros_like(sum_dz)
         grad_stats = torch.stack([zeros, zeros, sum_dz_xhat, sum_dz]).to(input_norm.stats.dtype)
     return grad_x, grad_stats
+
+
+# --------------------------------------------------------------------------------------------
+# the entry points: a call beyond the kernels' int32 index range runs on the reference backend
+# --------------------------------------------------------------------------------------------
+
+
+def _with_reference_fallback(kernel_path, reference_path, channels_last_output: bool):
+    @functools.wraps(kernel_path)
+    def run(*args, **kwargs):
+        try:
+            return kernel_path(*args, **kwargs)
+        except IndexOverflowError as exc:
+            _backends.record_runtime_fallback("triton", str(exc))
+            result = reference_path(*args, **kwargs)
+            if channels_last_output:  # this backend's output layout contract
+                out, *rest = result
+                return (out.contiguous(memory_format=torch.channels_last_3d), *rest)
+            return result
+    return run
+
+
+forward = _with_reference_fallback(_forward, _reference.forward, channels_last_output=True)
+backward = _with_reference_fallback(_backward, _reference.backward, channels_last_output=False)
+normalize_input = _with_reference_fallback(_normalize_input, _reference.normalize_input, channels_last_output=False)
+input_norm_backward = _with_reference_fallback(_input_norm_backward, _reference.input_norm_backward,
+                                               channels_last_output=False)
