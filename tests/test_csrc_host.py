@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from c3dzoo.ops import net2net_remap as remap
 from c3dzoo.ops import reference
+from c3dzoo.ops.backends import LayerParams
 from c3dzoo.ops.cuda_impl import pack_stem_weight
 from parity import assert_parity
 
@@ -92,8 +93,7 @@ def test_stem_matches_stock(name):
         t = {k: (None if v is None else v.to(dtype)) for k, v in p.items()}
         out, _, _ = reference.forward(
             x64.to(dtype), t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], t["running_mean"],
-            t["running_var"], norm=norm, eps=1e-5, stride=stride, padding=padding, dilation=dilation,
-            activation=act, negative_slope=slope, pool=pool9,
+            t["running_var"], LayerParams.of(norm, 1e-5, stride, padding, dilation, act, slope, pool9),
         )
         return out
 

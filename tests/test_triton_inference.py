@@ -330,13 +330,13 @@ def test_bf16_on_the_interpreter_falls_back():
 
 def test_forward_returns_distinct_empty_statistics():
     from c3dzoo.ops import triton_impl
+    from c3dzoo.ops.backends import LayerParams
 
     p = make_params(3, 5, (1, 1, 1), dtype=torch.float32)
     x = torch.randn(1, 3, 2, 3, 3, device=DEVICE)
     out, mean, var = triton_impl.forward(
         x, p["weight"], p["bias"], p["bn_weight"], p["bn_bias"], p["running_mean"], p["running_var"],
-        norm="running", eps=1e-5, stride=[1, 1, 1], padding=[0, 0, 0], dilation=[1, 1, 1],
-        activation="relu", negative_slope=0.0, pool=[],
+        LayerParams.of("running", 1e-5, [1, 1, 1], [0, 0, 0], [1, 1, 1], "relu", 0.0, []),
     )
     assert mean.numel() == 0 and var.numel() == 0 and mean.dtype == var.dtype == torch.float32
     assert mean is not var and mean.untyped_storage() is not var.untyped_storage()

@@ -160,21 +160,22 @@ def test_training_forward_matches_stock(name, dtype):
 def test_forward_returns_fp32_statistics():
     """The backend's forward: (out, mean, biased var), two distinct fp32 tensors, as reference's."""
     from c3dzoo.ops import reference, triton_impl
+    from c3dzoo.ops.backends import LayerParams
 
     case = CASES["pool5_padding"]
     conv, bn, x = _build(case, torch.float32)
-    kwargs = dict(norm="batch", eps=1e-5, stride=case.stride, padding=case.padding, dilation=(1, 1, 1),
-                  activation="relu", negative_slope=0.0, pool=normalize_pool(case.pool))
+    params = LayerParams.of("batch", 1e-5, case.stride, case.padding, (1, 1, 1), "relu", 0.0,
+                            normalize_pool(case.pool))
     args = (x, conv.weight.detach(), conv.bias.detach(), bn.weight.detach(), bn.bias.detach(), None, None)
-    out, mean, var = triton_impl.forward(*args, **kwargs)
-    out_r, mean_r, var_r = reference.forward(*args, **kwargs)
+    out, mean, var = triton_impl.forward(*args, params)
+    out_r, mean_r, var_r = reference.forward(*args, params)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (case.c_out,)
     assert mean.data_ptr() != var.data_ptr()
     y64 = F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), padding=case.padding)
     var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3, 4), correction=0)
     assert_parity(mean, mean_r, mean64, torch.float32, "mean")
     assert_parity(var, var_r, var64, torch.float32, "var")
-    assert_parity(out, out_r, reference.forward(*(a.double() if a is not None else None for a in args), **kwargs)[0],
+    assert_parity(out, out_r, reference.forward(*(a.double() if a is not None else None for a in args), params)[0],
                   torch.float32, "out")
 
 

@@ -78,16 +78,16 @@ def time_forward_ms(name: str, cfg: _backends.ConvBNActConfig, repeats: int = 10
     running = cfg.norm == "running"
     args = (x, weight, torch.zeros(c, device=device, dtype=dtype), torch.ones(c, **fp32), torch.zeros(c, **fp32),
             torch.zeros(c, **fp32) if running else None, torch.ones(c, **fp32) if running else None)
-    kwargs = dict(norm=cfg.norm, eps=1e-5, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation,
-                  activation=cfg.activation, negative_slope=0.01, pool=cfg.pool)
+    params = _backends.LayerParams.of(cfg.norm, 1e-5, cfg.stride, cfg.padding, cfg.dilation, cfg.activation,
+                                      0.01, cfg.pool)
     try:
         with torch.no_grad():
             for _ in range(3):
-                impl.forward(*args, **kwargs)
+                impl.forward(*args, params)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(repeats):
-                impl.forward(*args, **kwargs)
+                impl.forward(*args, params)
             end.record()
             end.synchronize()
     except Exception:  # a contender that fails here is simply not chosen

@@ -39,6 +39,32 @@ class ConvBNActConfig:
     input_norm: bool = False  # x is a raw conv output to normalise + activate on load (InputNorm)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerParams:
+    """What a fused call computes, besides its tensors: the ``params`` of every backend's forward
+    and backward (see ``c3dzoo.ops.reference``)."""
+
+    norm: str  # as ConvBNActConfig.norm
+    eps: float
+    stride: Tuple[int, int, int]
+    padding: Tuple[int, int, int]
+    dilation: Tuple[int, int, int]
+    activation: str
+    negative_slope: float
+    pool: Tuple[int, ...]  # () or kernel(3) + stride(3) + padding(3)
+
+    @classmethod
+    def of(cls, norm, eps, stride, padding, dilation, activation, negative_slope, pool) -> "LayerParams":
+        """From the custom ops' plain arguments (lists become tuples, numbers Python numbers)."""
+        return cls(str(norm), float(eps), tuple(int(v) for v in stride), tuple(int(v) for v in padding),
+                   tuple(int(v) for v in dilation), str(activation), float(negative_slope),
+                   tuple(int(v) for v in pool))
+
+    def geometry(self) -> Dict[str, Tuple[int, int, int]]:
+        """stride / padding / dilation as keywords."""
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
 class InputNorm(NamedTuple):
     """A training-mode BatchNorm + activation of the PREVIOUS layer, deferred into this layer's input
     (prologue fusion): the conv reads ``activation(batch_norm(x))`` where x is the previous conv's raw

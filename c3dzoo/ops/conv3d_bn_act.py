@@ -74,13 +74,11 @@ def _forward_op(
     input_negative_slope: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    out, mean, var = _impl(backend).forward(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
-        activation=activation, negative_slope=negative_slope, pool=pool,
-        input_norm=_input_norm(input_stats, input_eps, input_activation, input_negative_slope),
+    params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
+    return _impl(backend).forward(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
+        _input_norm(input_stats, input_eps, input_activation, input_negative_slope),
     )
-    return out, mean, var
 
 
 def _input_norm(input_stats, input_eps, input_activation, input_negative_slope) -> Optional[_backends.InputNorm]:
@@ -159,11 +157,10 @@ def _backward_op(
     input_norm = _input_norm(input_stats, input_eps, input_activation, input_negative_slope)
     need_input = input_norm is not None and bool(needs_grad[5])
     layer_input = x if input_norm is None else impl.normalize_input(x, input_norm)
+    params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
     grads = impl.backward(
-        grad_out, layer_input, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
-        norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
-        activation=activation, negative_slope=negative_slope, pool=pool,
-        needs_grad=[bool(needs_grad[0]) or need_input, *needs_grad[1:5]],
+        grad_out, layer_input, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, params,
+        [bool(needs_grad[0]) or need_input, *needs_grad[1:5]],
     )
     del layer_input
     grads = list(grads) + [None]

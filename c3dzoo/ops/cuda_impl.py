@@ -20,7 +20,7 @@ module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight p
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,7 +30,7 @@ from . import reference as _reference
 from ._normalize import kernel_available, normalize_act_pool
 from .conv3d_bn_act import output_shape
 from ._weight_cache import FoldedWeightCache, cached_folded
-from .backends import ConvBNActConfig
+from .backends import ConvBNActConfig, InputNorm, LayerParams
 
 Tensor = torch.Tensor
 
@@ -108,37 +108,27 @@ def forward(
     bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
-    *,
-    norm: str,
-    eps: float,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    negative_slope: float,
-    pool: Sequence[int],
-    input_norm=None,
+    params: LayerParams,
+    input_norm: Optional[InputNorm] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused stem forward. Returns (out channels_last_3d, mean, var): fp32 batch statistics (C_out,)
     for norm "batch" and "stats" (whose out is the raw conv output), empty otherwise."""
+    norm = params.norm
     if norm not in ("running", "none", "batch", "stats") or input_norm is not None:
         raise NotImplementedError(f"cuda backend: norm={norm!r} / an input prologue is not implemented (see supports())")
     if x.dim() != 5 or x.shape[1] > MAX_STEM_CIN or x.dtype not in _DTYPE_CODES or x.device.type != "cuda":
         raise NotImplementedError(f"cuda backend: {_SCOPE}, fp16/bf16/fp32 CUDA tensors (see supports())")
     if norm in ("batch", "stats"):
-        return _forward_batch_norm(
-            x, weight, bias, bn_weight, bn_bias, eps=eps, stride=stride, padding=padding, dilation=dilation,
-            activation=activation, negative_slope=negative_slope, pool=pool, normalize=norm == "batch",
-        )
+        return _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params)
     lib = _lib()
-    pool = tuple(pool)
+    stride, padding, dilation, pool = params.stride, params.padding, params.dilation, params.pool
     if pool:
         pool_kernel, pool_stride, pool_padding = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
     else:
         pool_kernel, pool_stride, pool_padding = [1, 1, 1], [1, 1, 1], [0, 0, 0]
     with torch.no_grad(), torch.cuda.device(x.device):
         w_packed, b_packed, w_stride = _folded_packed(
-            weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps
+            weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=params.eps
         )
         xc = x.contiguous(memory_format=torch.channels_last_3d)
         n, c_in, d, h, w = x.shape
@@ -149,7 +139,7 @@ def forward(
             lib.stem_forward(
                 xc.data_ptr(), w_packed.data_ptr(), b_packed.data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype],
                 n, d, h, w, c_in, c_out, list(weight.shape[2:]), list(stride), list(padding), list(dilation),
-                pool_kernel, pool_stride, pool_padding, _ACTIVATIONS[activation], float(negative_slope),
+                pool_kernel, pool_stride, pool_padding, _ACTIVATIONS[params.activation], params.negative_slope,
                 w_stride, torch.cuda.current_stream(x.device).cuda_stream,
             )
     mean = x.new_empty(0, dtype=torch.float32)
@@ -157,12 +147,11 @@ def forward(
     return out, mean, var
 
 
-def _forward_batch_norm(
-    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool,
-    normalize,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams) -> Tuple[Tensor, Tensor, Tensor]:
     """Training forward: the stem conv with its statistics partials, their Chan combination, then
-    (``normalize``) normalise/act/pool (the statistics are of the stored, rounded conv output)."""
+    (norm "batch", not "stats") normalise/act/pool (the statistics are of the stored, rounded conv
+    output)."""
+    eps, stride, padding, dilation = params.eps, params.stride, params.padding, params.dilation
     lib = _lib()
     with torch.no_grad(), torch.cuda.device(x.device):
         w_packed, b_packed, w_stride = _folded_packed(weight, bias, None, None, None, None, norm="none", eps=eps)
@@ -182,10 +171,10 @@ def _forward_batch_norm(
             list(stride), list(padding), list(dilation), w_stride, torch.cuda.current_stream(x.device).cuda_stream,
         )
         mean, var = finalize_statistics(part_mean, part_m2, positions, per_block)
-        if not normalize:
+        if params.norm == "stats":
             return y, mean, var
-        out = normalize_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
-                                 negative_slope=negative_slope, pool=pool, use_kernel=True)
+        out = normalize_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=params.activation,
+                                 negative_slope=params.negative_slope, pool=params.pool, use_kernel=True)
     return out.contiguous(memory_format=torch.channels_last_3d), mean, var
 
 

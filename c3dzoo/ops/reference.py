@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .backends import InputNorm, LayerParams
+
 Tensor = torch.Tensor
 _REDUCE_DIMS = (0, 2, 3, 4)
 
@@ -89,12 +91,9 @@ def batch_norm_affine(
     return xhat, z.to(y.dtype)
 
 
-def _forward_graph(
-    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
-    norm, eps, stride, padding, dilation, activation, negative_slope, pool,
-):
+def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams):
     """The fused computation written with stock ops; differentiable. Returns (out, mean, var)."""
-    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    norm, eps, stride, padding, dilation = params.norm, params.eps, params.stride, params.padding, params.dilation
     dtype = x.dtype
     mean = x.new_empty(0, dtype=stats_dtype(dtype))
     var = x.new_empty(0, dtype=stats_dtype(dtype))  # distinct tensors: custom op outputs must not alias
@@ -109,7 +108,7 @@ def _forward_graph(
             mean, var = batch_statistics(y)
         if norm == "batch":
             _, y = batch_norm_affine(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
-    out = apply_pool(apply_activation(y, activation, negative_slope), pool)
+    out = apply_pool(apply_activation(y, params.activation, params.negative_slope), params.pool)
     return out, mean, var
 
 
@@ -155,16 +154,8 @@ def forward(
     bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
-    *,
-    norm: str,
-    eps: float,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    negative_slope: float,
-    pool: Sequence[int],
-    input_norm=None,
+    params: LayerParams,
+    input_norm: Optional[InputNorm] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward. Returns (out, batch mean, biased batch var); the statistics are fp32 and
     empty unless norm is "batch" or "stats". ``input_norm`` (an ``InputNorm``): x is first
@@ -173,11 +164,7 @@ def forward(
     if input_norm is not None:
         x = normalize_input(x, input_norm)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        out, mean, var = _forward_graph(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation,
-            activation=activation, negative_slope=negative_slope, pool=pool,
-        )
+        out, mean, var = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params)
     return out.contiguous(memory_format=layout), mean, var
 
 
@@ -230,15 +217,7 @@ def backward(
     running_var: Optional[Tensor],
     mean: Tensor,
     var: Tensor,
-    *,
-    norm: str,
-    eps: float,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    negative_slope: float,
-    pool: Sequence[int],
+    params: LayerParams,
     needs_grad: Sequence[bool],
 ) -> List[Optional[Tensor]]:
     """Gradients for (x, weight, bias, bn_weight, bn_bias); None where not needed or not present.
@@ -249,7 +228,9 @@ def backward(
     Σ gy'·(conv(x,W)+b−rm) = Σ W·wgrad(x, gy') + (b−rm)·Σ gy'.
     """
     need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
-    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    norm, eps, activation, negative_slope, pool = (params.norm, params.eps, params.activation,
+                                                   params.negative_slope, params.pool)
+    stride, padding, dilation = list(params.stride), list(params.padding), list(params.dilation)
     dtype = x.dtype
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         conv_weight = weight.to(dtype)

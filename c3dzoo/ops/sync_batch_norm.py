@@ -127,10 +127,8 @@ class _SyncConvBNAct(torch.autograd.Function):
                 momentum, eps, stride, padding, dilation, activation, negative_slope, pool, backend,
                 group, memory_format):
         with torch.autocast(x.device.type, enabled=False):
-            y, _, _ = _backends.get(backend).forward(
-                x, weight, bias, None, None, None, None, norm="none", eps=eps, stride=stride,
-                padding=padding, dilation=dilation, activation="none", negative_slope=0.0, pool=(),
-            )
+            conv_only = _backends.LayerParams.of("none", eps, stride, padding, dilation, "none", 0.0, ())
+            y, _, _ = _backends.get(backend).forward(x, weight, bias, None, None, None, None, conv_only)
             stats = _reference.stats_dtype(x.dtype)
             shift = (running_mean.detach().to(stats) if running_mean is not None
                      else torch.zeros(y.shape[1], dtype=stats, device=y.device))

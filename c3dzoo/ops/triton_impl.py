@@ -48,7 +48,7 @@ from . import backends as _backends
 from . import reference as _reference
 from ._weight_cache import FoldedWeightCache, cached_folded
 from ._registry import triton_interpreter_enabled
-from .backends import ConvBNActConfig
+from .backends import ConvBNActConfig, InputNorm, LayerParams
 
 Tensor = torch.Tensor
 
@@ -111,16 +111,8 @@ def _forward(
     bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
-    *,
-    norm: str,
-    eps: float,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    negative_slope: float,
-    pool: Sequence[int],
-    input_norm=None,
+    params: LayerParams,
+    input_norm: Optional[InputNorm] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward. Returns (out, mean, var), out in x's dtype, channels_last_3d.
 
@@ -130,24 +122,20 @@ def _forward(
     "none": one kernel; mean and var are empty fp32 (no batch statistics in these modes).
     ``input_norm`` (an ``InputNorm``): the previous layer's BatchNorm + activation, applied by the
     conv kernel's input prologue (x is that layer's raw conv output)."""
-    if norm not in ("batch", "stats", "running", "none"):
-        raise NotImplementedError(f"triton backend: norm={norm!r} is not implemented (see supports())")
+    if params.norm not in ("batch", "stats", "running", "none"):
+        raise NotImplementedError(f"triton backend: norm={params.norm!r} is not implemented (see supports())")
     prologue = _prologue_arguments(input_norm)
-    if norm in ("batch", "stats"):
-        return _forward_batch_norm(
-            x, weight, bias, bn_weight, bn_bias, eps=eps, stride=stride, padding=padding,
-            dilation=dilation, activation=activation, negative_slope=negative_slope, pool=pool,
-            normalize=norm == "batch", prologue=prologue,
-        )
+    if params.norm in ("batch", "stats"):
+        return _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params, prologue)
     with torch.no_grad():
         w_packed, folded_bias = _folded_packed_weight(
-            weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps, dtype=x.dtype
+            weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=params.norm, eps=params.eps,
+            dtype=x.dtype,
         )
         out = conv3d_bias_act_pool(
-            x, w_packed, folded_bias,
-            kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
-            activation=activation, negative_slope=negative_slope, pool=tuple(pool), out_dtype=x.dtype,
-            **prologue,
+            x, w_packed, folded_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(),
+            activation=params.activation, negative_slope=params.negative_slope, pool=params.pool,
+            out_dtype=x.dtype, **prologue,
         )
     # The kernel writes channels_last_3d, which is this backend's output contract (see
     # conv3d_bn_act.output_memory_format): the next fused layer reads it without a copy.
@@ -165,27 +153,23 @@ def _prologue_arguments(input_norm) -> dict:
                 input_activation=input_norm.activation, input_negative_slope=float(input_norm.negative_slope))
 
 
-def _forward_batch_norm(
-    x, weight, bias, bn_weight, bn_bias, *, eps, stride, padding, dilation, activation, negative_slope, pool,
-    normalize, prologue,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training forward: conv + statistics epilogue, Chan finalize, then (``normalize``)
-    normalise/act/pool."""
+def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams, prologue: dict
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward: conv + statistics epilogue, Chan finalize, then (norm "batch", not
+    "stats") normalise/act/pool."""
     with torch.no_grad():
         # norm "none" in the cache: the conv's own weight, packed in x's dtype, and its fp32 bias
         w_packed, conv_bias = _folded_packed_weight(
-            weight, bias, None, None, None, None, norm="none", eps=eps, dtype=x.dtype
+            weight, bias, None, None, None, None, norm="none", eps=params.eps, dtype=x.dtype
         )
         y, mean, var = conv3d_bn_stats(
-            x, w_packed, conv_bias,
-            kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation,
-            **prologue,
+            x, w_packed, conv_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(), **prologue,
         )
-        if not normalize:
+        if params.norm == "stats":
             return y, mean, var
         out = bn_act_pool(
-            y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
-            negative_slope=negative_slope, pool=tuple(pool),
+            y, mean, var, bn_weight, bn_bias, eps=params.eps, activation=params.activation,
+            negative_slope=params.negative_slope, pool=params.pool,
         )
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     return out, mean, var
@@ -202,15 +186,7 @@ def _backward(
     running_var: Optional[Tensor],
     mean: Tensor,
     var: Tensor,
-    *,
-    norm: str,
-    eps: float,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    activation: str,
-    negative_slope: float,
-    pool: Sequence[int],
+    params: LayerParams,
     needs_grad: Sequence[bool],
 ) -> List[Optional[Tensor]]:
     """Gradients for (x, weight, bias, bn_weight, bn_bias), as ``reference.backward`` defines them.
@@ -220,14 +196,14 @@ def _backward(
     sums Σdz, Σdz·x̂), ``bn_backward_`` (dz → dy in place), and ``conv3d_dgrad`` / ``conv3d_wgrad``.
     Overlapping pool windows go to the reference backward, as does the input gradient of a strided
     conv (``conv3d_dgrad`` covers stride 1), through ``aten.convolution_backward``."""
-    if pool_overlaps(pool):
-        return _reference.backward(
-            grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
-            norm=norm, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,
-            negative_slope=negative_slope, pool=pool, needs_grad=needs_grad,
-        )
+    if pool_overlaps(params.pool):
+        return _reference.backward(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                   mean, var, params, needs_grad)
     need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
-    geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation)
+    norm, eps, activation, negative_slope, pool = (params.norm, params.eps, params.activation,
+                                                   params.negative_slope, params.pool)
+    stride, padding, dilation = params.stride, params.padding, params.dilation
+    geometry = dict(kernel_size=tuple(weight.shape[2:]), **params.geometry())
     batch = norm == "batch"
     with torch.no_grad():
         x = x.contiguous(memory_format=torch.channels_last_3d)
