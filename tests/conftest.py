@@ -14,3 +14,8 @@ if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared `parity` helper
+
+# caches (the video frame-count index) go to a directory of this test session, not the user's
+import tempfile  # noqa: E402
+
+os.environ.setdefault("C3DZOO_CACHE_DIR", tempfile.mkdtemp(prefix="c3dzoo-test-cache-"))

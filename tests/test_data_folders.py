@@ -3,6 +3,7 @@ and CSV layouts, skipping unreadable and too-short videos, and the errors for ba
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 
@@ -339,3 +340,56 @@ def test_split_is_deterministic_and_per_class(tmp_path):
     assert not {v.path for v in train} & {v.path for v in val} and len(train) + len(val) == 30
     with pytest.raises(ValueError):
         split_videos(videos, 1.5, seed=0)
+
+
+def test_video_probes_are_cached_across_scans(tmp_path, monkeypatch):
+    """A second scan of the same root opens no unchanged video file (frame counts and unreadable
+    verdicts come from the index cache); an edited file is probed again; the cache is keyed by
+    file size and modification time and lives under $C3DZOO_CACHE_DIR."""
+    import c3dzoo.data.folders as folders
+
+    monkeypatch.setenv("C3DZOO_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_class_folders(tmp_path / "data", videos_per_class=2)
+    (root / "left" / "corrupt.mp4").write_bytes(b"\x00garbage" * 100)
+    make_frame_folder(root / "right" / "dumped", frames=16)
+    probed = []
+    real = folders.count_frames
+    monkeypatch.setattr(folders, "count_frames", lambda path: probed.append(path) or real(path))
+
+    def scan():
+        probed.clear()
+        with pytest.warns(SkippedVideoWarning):
+            return scan_class_folders(str(root), ClipSampler(16))
+
+    first = scan()
+    assert len(probed) == 6 and list((tmp_path / "cache" / "video-index").glob("*.json"))
+    second = scan()
+    assert [p.split("/")[-1] for p in probed] == ["dumped"], "only the frame folder is listed again"
+    assert second.videos == first.videos and second.unreadable == first.unreadable
+
+    make_video(root / "left" / "v0.mp4", frames=30)  # replaced: another size (and time)
+    third = scan()
+    assert [p.split("/")[-2:] for p in probed] == [["left", "v0.mp4"], ["right", "dumped"]]
+    assert {v.path.split("/")[-1]: v.num_frames for v in third.videos if v.label == 0}["v0.mp4"] == 30
+
+    probed.clear()
+    with pytest.warns(SkippedVideoWarning):
+        scan_class_folders(str(root), ClipSampler(16), index_cache=False)
+    assert len(probed) == 6
+
+
+def test_unusable_index_cache_is_ignored(tmp_path, monkeypatch):
+    """A corrupt cache file, or a cache directory that cannot be written, only costs the probes."""
+    from c3dzoo.data.index_cache import FrameCountCache
+
+    root = make_class_folders(tmp_path / "data", videos_per_class=1)
+    monkeypatch.setenv("C3DZOO_CACHE_DIR", str(tmp_path / "cache"))
+    cache_file = FrameCountCache(str(root)).path
+    os.makedirs(os.path.dirname(cache_file))
+    with open(cache_file, "w") as f:
+        f.write("{not json")
+    assert len(scan_class_folders(str(root), ClipSampler(16)).videos) == 2
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("C3DZOO_CACHE_DIR", str(blocker))
+    assert len(scan_class_folders(str(root), ClipSampler(16)).videos) == 2

@@ -12,7 +12,8 @@ Layouts (a *video* is a video file or a folder of frame images, see ``video_io``
 
 Scanning probes every video (frame count; a video file must decode its first frame): unreadable
 and too-short videos are left out with a ``SkippedVideoWarning`` each and counted in the returned
-``VideoSet``. Layout problems raise ``DataError`` (one line).
+``VideoSet``. Video files' probes are cached across runs (``index_cache``), so a large set is probed
+once. Layout problems raise ``DataError`` (one line).
 
 ``VideoClipDataset`` turns the scanned videos into ``(clip, label)`` samples: ``clip`` is
 ``3 × frames × H × W`` float32 (``transforms``), one clip per video. Training samples draw their
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .index_cache import FrameCountCache
 from .transforms import KINETICS_MEAN, KINETICS_STD, ClipSampler, ClipTransform
 from .video_io import (IMAGE_EXTENSIONS, DataError, UnreadableVideo, count_frames, is_video_file,
                        read_frames, require_pyav)
@@ -93,9 +95,11 @@ def _check_root(root: str, what: str) -> None:
 
 
 def scan_class_folders(root: str, sampler: ClipSampler, class_names: Optional[Sequence[str]] = None,
-                       workers: int = 8) -> VideoSet:
+                       workers: int = 8, index_cache: bool = True) -> VideoSet:
     """Videos under ``root/<class>/``. With ``class_names`` (e.g. the training set's, for a
-    validation folder) every subfolder must be one of them, and labels follow their order."""
+    validation folder) every subfolder must be one of them, and labels follow their order.
+    ``index_cache``: reuse and update the frame counts cached for this root (``index_cache``
+    module)."""
     _check_root(root, "data folder")
     entries = _visible(root)
     stray = [n for n in entries if not os.path.isdir(os.path.join(root, n))]
@@ -120,7 +124,7 @@ def scan_class_folders(root: str, sampler: ClipSampler, class_names: Optional[Se
         if not videos:
             raise DataError(f"class folder {folder} holds no videos (video files or folders of frame images)")
         candidates += [(p, index[name]) for p in videos]
-    return _probe(candidates, list(class_names), sampler, workers)
+    return _probe(candidates, list(class_names), sampler, workers, FrameCountCache(root) if index_cache else None)
 
 
 def _csv_rows(path: str) -> List[List[str]]:
@@ -190,7 +194,8 @@ def scan_frame_folders(root: str, labels_csv: str, sampler: ClipSampler,
         raise DataError(f"labels CSV {labels_csv}: {len(missing)} of {len(rows)} video ids name no "
                         f"folder under {root} (first: {missing[0]!r})")
     candidates = [(os.path.join(root, vid), index[label]) for vid, label in rows]
-    return _probe(candidates, list(class_names), sampler, workers)
+    # frame folders only: nothing to cache (listing a folder is what counting it costs)
+    return _probe(candidates, list(class_names), sampler, workers, None)
 
 
 def _probe_one(path: str) -> Union[int, str]:
@@ -201,13 +206,24 @@ def _probe_one(path: str) -> Union[int, str]:
 
 
 def _probe(candidates: Sequence[Tuple[str, int]], class_names: List[str], sampler: ClipSampler,
-           workers: int) -> VideoSet:
-    """Frame counts of ``candidates`` (in threads: decoding and file I/O release the GIL); the
-    unreadable and too-short ones are left out, with a warning each."""
-    if any(is_video_file(p) for p, _ in candidates):
+           workers: int, cache: Optional[FrameCountCache]) -> VideoSet:
+    """Frame counts of ``candidates`` (in threads: decoding and file I/O release the GIL; video
+    files found unchanged in ``cache`` are not opened); the unreadable and too-short ones are left
+    out, with a warning each."""
+    paths = [p for p, _ in candidates]
+    counts: List[Optional[Union[int, str]]] = [None] * len(paths)
+    if cache is not None:
+        counts = [cache.get(p) if is_video_file(p) else None for p in paths]
+    todo = [i for i, count in enumerate(counts) if count is None]
+    if any(is_video_file(paths[i]) for i in todo):
         require_pyav()  # one clear error before any thread starts, not one per video
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        counts = list(pool.map(_probe_one, [p for p, _ in candidates]))
+        for i, count in zip(todo, pool.map(_probe_one, [paths[i] for i in todo])):
+            counts[i] = count
+            if cache is not None and is_video_file(paths[i]):
+                cache.put(paths[i], count)
+    if cache is not None:
+        cache.save()
     found = VideoSet([], class_names)
     for (path, label), count in zip(candidates, counts):
         if isinstance(count, str):
