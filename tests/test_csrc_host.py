@@ -91,7 +91,7 @@ def test_stem_matches_stock(name):
 
     def run_reference(dtype):
         t = {k: (None if v is None else v.to(dtype)) for k, v in p.items()}
-        out, _, _ = reference.forward(
+        out, *_ = reference.forward(
             x64.to(dtype), t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], t["running_mean"],
             t["running_var"], LayerParams.of(norm, 1e-5, stride, padding, dilation, act, slope, pool9),
         )

@@ -17,7 +17,12 @@ class FusableModel(nn.Module):
 
     ``sync_bn`` (and ``process_group``, default WORLD), also changeable at any time: the fused
     forward synchronises training-mode BatchNorm statistics across ranks (fused SyncBatchNorm, see
-    ``c3dzoo.ops.sync_batch_norm``). The stock forward (``fused=False``) ignores it."""
+    ``c3dzoo.ops.sync_batch_norm``). The stock forward (``fused=False``) ignores it.
+
+    ``keep_conv_outputs`` (changeable at any time; fused training only): None keeps each
+    training-mode layer's raw conv output for the backward except the stem's (see
+    ``c3dzoo.ops.keeps_conv_output``); False recomputes every conv in the backward instead (least
+    memory, one more conv per layer); True keeps them all. Results are the same bit for bit."""
 
     def __init__(self, fused: bool = False, backend: Optional[str] = None):
         super().__init__()
@@ -25,6 +30,7 @@ class FusableModel(nn.Module):
         self.backend = backend
         self.sync_bn = False
         self.process_group = None
+        self.keep_conv_outputs: Optional[bool] = None
 
     def chain(self, x, conv, bn=None, activation: str = "relu", negative_slope: float = 0.01, pool=None,
               defer: bool = False):
@@ -35,7 +41,8 @@ class FusableModel(nn.Module):
         and return a ``c3dzoo.ops.PendingBatchNorm`` instead of a tensor."""
         if self.fused:
             return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend,
-                               self.sync_bn, self.process_group, defer=defer)
+                               self.sync_bn, self.process_group, defer=defer,
+                               keep_conv_output=self.keep_conv_outputs)
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
 
 

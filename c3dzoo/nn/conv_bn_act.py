@@ -89,6 +89,7 @@ def conv_bn_act(
     sync_bn: bool = False,
     process_group=None,
     defer: bool = False,
+    keep_conv_output: Optional[bool] = None,
 ):
     """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
     parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
@@ -101,7 +102,7 @@ def conv_bn_act(
     ``sync_bn=True``, or a ``bn`` that is an ``nn.SyncBatchNorm``: training-mode batch statistics
     are synchronised over ``process_group`` (else the SyncBatchNorm's own group, else WORLD) by the
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
-    this changes nothing."""
+    this changes nothing. ``keep_conv_output``: see ``c3dzoo.ops.conv3d_bn_act``."""
     if unsupported_reason(conv, bn, pool) is not None:
         if isinstance(x, PendingBatchNorm):
             x = x.materialize()
@@ -109,6 +110,7 @@ def conv_bn_act(
     common = dict(
         stride=conv.stride, padding=conv_padding(conv), dilation=conv.dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, backend=backend, defer=defer,
+        keep_conv_output=keep_conv_output,
     )
     if bn is None:
         return conv3d_bn_act(x, conv.weight, conv.bias, training=False, batch_norm=False, **common)
@@ -142,7 +144,12 @@ class Conv3dBNAct(nn.Module):
     (default: WORLD) inside the fused op — fused SyncBatchNorm, also on CPU with gloo. ``bn`` stays
     a plain ``nn.BatchNorm3d`` (same state_dict; DDP accepts it on CPU). Without an initialised
     torch.distributed, or with one rank, it changes nothing.
+
+    ``keep_conv_output`` (attribute, None by default): whether training keeps the raw conv output for
+    the backward or recomputes it, see ``c3dzoo.ops.conv3d_bn_act``.
     """
+
+    keep_conv_output: Optional[bool] = None
 
     def __init__(
         self,
@@ -206,7 +213,7 @@ class Conv3dBNAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return conv_bn_act(x, self.conv, self.bn, self.activation, self.negative_slope, self.pool, self.backend,
-                           self.sync_bn, self.process_group)
+                           self.sync_bn, self.process_group, keep_conv_output=self.keep_conv_output)
 
     def extra_repr(self) -> str:
         act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")

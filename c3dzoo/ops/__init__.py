@@ -2,8 +2,10 @@
 
 from . import backends
 from ._registry import register_builtin_backends
-from .conv3d_bn_act import ACTIVATIONS, PendingBatchNorm, conv3d_bn_act, normalize_pool, unsupported_pool_reason
+from .conv3d_bn_act import (ACTIVATIONS, PendingBatchNorm, conv3d_bn_act, keeps_conv_output, normalize_pool,
+                            unsupported_pool_reason)
 
 register_builtin_backends()
 
-__all__ = ["conv3d_bn_act", "PendingBatchNorm", "backends", "normalize_pool", "unsupported_pool_reason", "ACTIVATIONS"]
+__all__ = ["conv3d_bn_act", "PendingBatchNorm", "keeps_conv_output", "backends", "normalize_pool",
+           "unsupported_pool_reason", "ACTIVATIONS"]

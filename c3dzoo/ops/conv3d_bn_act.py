@@ -3,7 +3,8 @@
 Three ``torch.library`` custom ops make it traceable by ``torch.compile`` (each has a fake
 implementation) and differentiable:
 
-* ``c3dzoo::conv3d_bn_act_forward``  — functional; returns (out, batch mean, batch var),
+* ``c3dzoo::conv3d_bn_act_forward``  — functional; returns (out, batch mean, batch var, and the raw
+  conv output when it is kept for the backward, see ``keeps_conv_output``),
 * ``c3dzoo::conv3d_bn_act_backward`` — gradients for x, conv weight/bias, BN γ/β,
 * ``c3dzoo::bn_update_running_stats_`` — mutates running_mean/var/num_batches_tracked.
 
@@ -73,11 +74,13 @@ def _forward_op(
     input_activation: str,
     input_negative_slope: float,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    keep_conv_output: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
     return _impl(backend).forward(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
         _input_norm(input_stats, input_eps, input_activation, input_negative_slope),
+        keep_conv_output=keep_conv_output,
     )
 
 
@@ -114,12 +117,18 @@ def output_memory_format(x: Tensor, backend: str) -> torch.memory_format:
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
                   stride, padding, dilation, activation, negative_slope, pool,
-                  input_stats, input_eps, input_activation, input_negative_slope, backend):
+                  input_stats, input_eps, input_activation, input_negative_slope, backend, keep_conv_output):
+    layout = output_memory_format(x, backend)
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x, backend))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
     stats = weight.shape[0] if norm in ("batch", "stats") else 0
     dtype = _reference.stats_dtype(x.dtype)
-    return out, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype)
+    if keep_conv_output and norm == "batch":  # as reference.kept_conv_output
+        conv_out = torch.empty(output_shape(x.shape, weight.shape, stride, padding, dilation, ()),
+                               dtype=x.dtype, device=x.device, memory_format=layout)
+    else:
+        conv_out = x.new_empty(0)
+    return out, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype), conv_out
 
 
 @torch.library.custom_op("c3dzoo::conv3d_bn_act_backward", mutates_args=())
@@ -134,6 +143,7 @@ def _backward_op(
     running_var: Optional[Tensor],
     mean: Tensor,
     var: Tensor,
+    conv_output: Optional[Tensor],
     norm: str,
     eps: float,
     stride: List[int],
@@ -149,7 +159,8 @@ def _backward_op(
     backend: str,
     needs_grad: List[bool],
 ) -> List[Tensor]:
-    """Gradients for (x, weight, bias, bn_weight, bn_bias, input_stats). With an input prologue the
+    """Gradients for (x, weight, bias, bn_weight, bn_bias, input_stats). ``conv_output``: the raw
+    conv output the forward kept (else None: the backend recomputes it). With an input prologue the
     backend's backward runs on the normalised input it recomputes (``normalize_input``), and
     ``input_norm_backward`` takes that input's gradient back through the previous layer's
     activation and BatchNorm."""
@@ -160,7 +171,7 @@ def _backward_op(
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
     grads = impl.backward(
         grad_out, layer_input, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, params,
-        [bool(needs_grad[0]) or need_input, *needs_grad[1:5]],
+        [bool(needs_grad[0]) or need_input, *needs_grad[1:5]], conv_output,
     )
     del layer_input
     grads = list(grads) + [None]
@@ -172,7 +183,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                   mean, var, norm, eps, stride, padding, dilation, activation, negative_slope,
+                   mean, var, conv_output, norm, eps, stride, padding, dilation, activation, negative_slope,
                    pool, input_stats, input_eps, input_activation, input_negative_slope, backend, needs_grad):
     inputs = (x, weight, bias, bn_weight, bn_bias, input_stats)
     return [
@@ -187,14 +198,16 @@ _INPUT_STATS_INDEX = 15  # position of input_stats among _forward_op's arguments
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
      stride, padding, dilation, activation, negative_slope, pool,
-     input_stats, input_eps, input_activation, input_negative_slope, backend) = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, input_stats)
+     input_stats, input_eps, input_activation, input_negative_slope, backend, keep_conv_output) = inputs
+    _, mean, var, conv_output = output
+    kept = keep_conv_output and norm == "batch"  # else conv_output is empty (reference.kept_conv_output)
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
+                          conv_output if kept else None, input_stats)
     ctx.params = (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
                   input_eps, input_activation, input_negative_slope, backend)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output):
     *saved, input_stats = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]] + [bool(ctx.needs_input_grad[_INPUT_STATS_INDEX])]
     n_inputs = len(ctx.needs_input_grad)
@@ -379,6 +392,24 @@ def _deferred_stats(mean: Tensor, var: Tensor, bn_weight: Optional[Tensor], bn_b
     return torch.stack([mean.detach(), var.detach(), gamma, beta])
 
 
+# A stem (a raw clip's few input channels) recomputes its conv in the backward: that conv is cheap
+# (C_in·kd·kh·kw MACs per output: 81 for C3D's conv1) and its output is the model's largest
+# activation. Every other training-mode layer keeps the conv output its forward writes anyway, which
+# spares the backward a whole conv (recomputing it would also write and read that tensor again).
+RECOMPUTE_MAX_IN_CHANNELS = 4
+
+
+def keeps_conv_output(keep: Optional[bool], norm: str, in_channels: int, needs_grad: bool) -> bool:
+    """Whether a fused call keeps its raw conv output for the backward: only for norm "batch" (the
+    mode that writes it), only when a backward can follow; then ``keep`` if given, else the policy
+    above."""
+    if norm != "batch" or not needs_grad:
+        return False
+    if keep is not None:
+        return bool(keep)
+    return in_channels > RECOMPUTE_MAX_IN_CHANNELS
+
+
 def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
     return _backends.ConvBNActConfig(*_config_fields(x, weight, norm, activation, stride, padding, dilation, pool))
 
@@ -407,6 +438,7 @@ def conv3d_bn_act(
     sync: bool = False,
     process_group=None,
     defer: bool = False,
+    keep_conv_output: Optional[bool] = None,
 ) -> Union[Tensor, PendingBatchNorm]:
     """``pool(act(batch_norm(conv3d(x))))`` in one op, with BatchNorm semantics of ``nn.BatchNorm3d``.
 
@@ -428,6 +460,10 @@ def conv3d_bn_act(
     with batch statistics and has no pool (and no SyncBatchNorm), it returns a ``PendingBatchNorm``
     (raw conv output + statistics; running statistics are updated here as usual) instead of the
     normalised tensor; otherwise a Tensor as always.
+
+    ``keep_conv_output``: whether a training-mode BatchNorm keeps its raw conv output for the
+    backward (which otherwise recomputes the conv from x): faster, for the memory of that tensor.
+    None (default) keeps it except in a stem (see ``keeps_conv_output``); it changes nothing else.
     """
     pending = x if isinstance(x, PendingBatchNorm) else None
     if pending is not None:
@@ -499,7 +535,12 @@ def conv3d_bn_act(
         backend, _config_fields(x, conv_weight, op_norm, op_activation, stride, padding, dilation, pool,
                                 input_norm=pending is not None)
     )
-    out, mean, var = _forward_op(
+    keep = keeps_conv_output(
+        keep_conv_output, op_norm, x.shape[1],
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            x, conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats)),
+    )
+    out, mean, var, _ = _forward_op(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
         running_mean if norm == "running" else None, running_var if norm == "running" else None,
@@ -510,6 +551,7 @@ def conv3d_bn_act(
         "none" if pending is None else pending.activation,
         0.0 if pending is None else float(pending.negative_slope),
         name,
+        keep,
     )
     if updates_running_stats:
         _update_running_stats_op(

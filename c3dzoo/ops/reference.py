@@ -92,7 +92,8 @@ def batch_norm_affine(
 
 
 def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams):
-    """The fused computation written with stock ops; differentiable. Returns (out, mean, var)."""
+    """The fused computation written with stock ops; differentiable. Returns (out, mean, var, y), y
+    the conv output (BatchNorm folded in for norm "running")."""
     norm, eps, stride, padding, dilation = params.norm, params.eps, params.stride, params.padding, params.dilation
     dtype = x.dtype
     mean = x.new_empty(0, dtype=stats_dtype(dtype))
@@ -106,10 +107,11 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
         )
         if norm in ("batch", "stats"):
             mean, var = batch_statistics(y)
-        if norm == "batch":
-            _, y = batch_norm_affine(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
-    out = apply_pool(apply_activation(y, params.activation, params.negative_slope), params.pool)
-    return out, mean, var
+    z = y
+    if norm == "batch":
+        _, z = batch_norm_affine(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
+    out = apply_pool(apply_activation(z, params.activation, params.negative_slope), params.pool)
+    return out, mean, var, y
 
 
 def _input_norm_terms(x: Tensor, input_norm) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -156,16 +158,28 @@ def forward(
     running_var: Optional[Tensor],
     params: LayerParams,
     input_norm: Optional[InputNorm] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused forward. Returns (out, batch mean, biased batch var); the statistics are fp32 and
-    empty unless norm is "batch" or "stats". ``input_norm`` (an ``InputNorm``): x is first
-    normalised and activated (``normalize_input``)."""
+    *,
+    keep_conv_output: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward. Returns (out, batch mean, biased batch var, conv output); the statistics are
+    fp32 and empty unless norm is "batch" or "stats". ``input_norm`` (an ``InputNorm``): x is first
+    normalised and activated (``normalize_input``). ``keep_conv_output`` (norm "batch" only): the
+    fourth tensor is the raw conv output, for ``backward(conv_output=...)`` to use instead of
+    recomputing it; otherwise it is empty."""
     layout = _memory_format(x)
     if input_norm is not None:
         x = normalize_input(x, input_norm)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        out, mean, var = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params)
-    return out.contiguous(memory_format=layout), mean, var
+        out, mean, var, y = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params)
+    return out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output)
+
+
+def kept_conv_output(y: Tensor, params: LayerParams, keep: bool) -> Tensor:
+    """A backend forward's fourth result: the raw conv output y when asked to keep it (norm "batch":
+    the only mode whose forward computes y anyway and whose backward needs it), else empty."""
+    if keep and params.norm == "batch":
+        return y
+    return y.new_empty(0)
 
 
 def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int]) -> Tensor:
@@ -219,10 +233,12 @@ def backward(
     var: Tensor,
     params: LayerParams,
     needs_grad: Sequence[bool],
+    conv_output: Optional[Tensor] = None,
 ) -> List[Optional[Tensor]]:
     """Gradients for (x, weight, bias, bn_weight, bn_bias); None where not needed or not present.
 
-    Recomputes the conv output from the saved input (nothing but x is stored), then runs pool,
+    Recomputes the conv output from the saved input unless the forward kept it (``conv_output``,
+    norm "batch": see ``forward(keep_conv_output=True)``), then runs pool,
     activation and BatchNorm backward in fp32 and the conv's dgrad/wgrad in the compute dtype.
     In "running" mode the BN is folded, so γ's gradient comes from the wgrad result:
     Σ gy'·(conv(x,W)+b−rm) = Σ W·wgrad(x, gy') + (b−rm)·Σ gy'.
@@ -238,6 +254,8 @@ def backward(
             folded_w, folded_b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
             conv_weight = folded_w.to(dtype)
             y = F.conv3d(x, conv_weight, folded_b.to(dtype), stride, padding, dilation)
+        elif conv_output is not None and norm == "batch":
+            y = conv_output
         else:
             y = F.conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
         z = y

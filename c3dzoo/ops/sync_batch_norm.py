@@ -128,7 +128,7 @@ class _SyncConvBNAct(torch.autograd.Function):
                 group, memory_format):
         with torch.autocast(x.device.type, enabled=False):
             conv_only = _backends.LayerParams.of("none", eps, stride, padding, dilation, "none", 0.0, ())
-            y, _, _ = _backends.get(backend).forward(x, weight, bias, None, None, None, None, conv_only)
+            y, *_ = _backends.get(backend).forward(x, weight, bias, None, None, None, None, conv_only)
             stats = _reference.stats_dtype(x.dtype)
             shift = (running_mean.detach().to(stats) if running_mean is not None
                      else torch.zeros(y.shape[1], dtype=stats, device=y.device))

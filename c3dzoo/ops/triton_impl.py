@@ -113,20 +113,25 @@ def _forward(
     running_var: Optional[Tensor],
     params: LayerParams,
     input_norm: Optional[InputNorm] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused forward. Returns (out, mean, var), out in x's dtype, channels_last_3d.
+    *,
+    keep_conv_output: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward. Returns (out, mean, var, conv output), out in x's dtype, channels_last_3d.
 
     norm "batch": mean and biased var of the conv output per channel, fp32 (C_out,), used to
     normalise (two kernels, see the module docstring); norm "stats": the conv output itself with
     those statistics (one kernel; the next layer normalises). norm "running" (BatchNorm folded) or
     "none": one kernel; mean and var are empty fp32 (no batch statistics in these modes).
     ``input_norm`` (an ``InputNorm``): the previous layer's BatchNorm + activation, applied by the
-    conv kernel's input prologue (x is that layer's raw conv output)."""
+    conv kernel's input prologue (x is that layer's raw conv output). ``keep_conv_output``: as
+    ``reference.forward``'s (norm "batch" writes the raw conv output anyway, so keeping it costs
+    only the memory it holds until the backward)."""
     if params.norm not in ("batch", "stats", "running", "none"):
         raise NotImplementedError(f"triton backend: norm={params.norm!r} is not implemented (see supports())")
     prologue = _prologue_arguments(input_norm)
     if params.norm in ("batch", "stats"):
-        return _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params, prologue)
+        out, mean, var, y = _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params, prologue)
+        return out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output)
     with torch.no_grad():
         w_packed, folded_bias = _folded_packed_weight(
             weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=params.norm, eps=params.eps,
@@ -142,7 +147,7 @@ def _forward(
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     mean = x.new_empty(0, dtype=torch.float32)
     var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
-    return out, mean, var
+    return out, mean, var, x.new_empty(0)
 
 
 def _prologue_arguments(input_norm) -> dict:
@@ -154,9 +159,10 @@ def _prologue_arguments(input_norm) -> dict:
 
 
 def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams, prologue: dict
-                        ) -> Tuple[Tensor, Tensor, Tensor]:
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training forward: conv + statistics epilogue, Chan finalize, then (norm "batch", not
-    "stats") normalise/act/pool."""
+    "stats") normalise/act/pool. Returns (out, mean, var, the raw conv output y); for "stats" out
+    is y itself."""
     with torch.no_grad():
         # norm "none" in the cache: the conv's own weight, packed in x's dtype, and its fp32 bias
         w_packed, conv_bias = _folded_packed_weight(
@@ -166,13 +172,13 @@ def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
             x, w_packed, conv_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(), **prologue,
         )
         if params.norm == "stats":
-            return y, mean, var
+            return y, mean, var, y
         out = bn_act_pool(
             y, mean, var, bn_weight, bn_bias, eps=params.eps, activation=params.activation,
             negative_slope=params.negative_slope, pool=params.pool,
         )
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    return out, mean, var
+    return out, mean, var, y
 
 
 def _backward(
@@ -188,17 +194,19 @@ def _backward(
     var: Tensor,
     params: LayerParams,
     needs_grad: Sequence[bool],
+    conv_output: Optional[Tensor] = None,
 ) -> List[Optional[Tensor]]:
     """Gradients for (x, weight, bias, bn_weight, bn_bias), as ``reference.backward`` defines them.
 
-    Recomputes the conv output y from x with the forward's kernel (bit-identical values, so max-pool
-    and activation decisions are the forward's), then ``act_pool_backward`` (dz and its per-channel
+    Takes the conv output y the forward kept (``conv_output``, norm "batch"), or recomputes it from
+    x with the forward's kernel (bit-identical values, so max-pool and activation decisions are the
+    forward's either way), then ``act_pool_backward`` (dz and its per-channel
     sums Σdz, Σdz·x̂), ``bn_backward_`` (dz → dy in place), and ``conv3d_dgrad`` / ``conv3d_wgrad``.
     Overlapping pool windows go to the reference backward, as does the input gradient of a strided
     conv (``conv3d_dgrad`` covers stride 1), through ``aten.convolution_backward``."""
     if pool_overlaps(params.pool):
         return _reference.backward(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                   mean, var, params, needs_grad)
+                                   mean, var, params, needs_grad, conv_output)
     need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
     norm, eps, activation, negative_slope, pool = (params.norm, params.eps, params.activation,
                                                    params.negative_slope, params.pool)
@@ -217,8 +225,11 @@ def _backward(
                 weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
             )
-            y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none", negative_slope=0.0,
-                                     pool=(), out_dtype=x.dtype)
+            if conv_output is not None and batch:
+                y = conv_output.contiguous(memory_format=torch.channels_last_3d)
+            else:
+                y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none",
+                                         negative_slope=0.0, pool=(), out_dtype=x.dtype)
             grad, sum_dz, sum_dz_xhat = act_pool_backward(
                 grad_out, y, mean if batch else None, var if batch else None,
                 bn_weight if batch else None, bn_bias if batch else None,
