@@ -53,6 +53,12 @@ class LayerParams:
     negative_slope: float
     pool: Tuple[int, ...]  # () or kernel(3) + stride(3) + padding(3)
 
+    def __post_init__(self):
+        if self.norm == "stats" and (self.activation != "none" or self.pool):
+            # "stats" returns the raw conv output: the next layer normalises and activates it
+            raise ValueError(f"norm 'stats' takes activation 'none' and no pool, got {self.activation!r} "
+                             f"and pool {self.pool!r}")
+
     @classmethod
     def of(cls, norm, eps, stride, padding, dilation, activation, negative_slope, pool) -> "LayerParams":
         """From the custom ops' plain arguments (lists become tuples, numbers Python numbers)."""

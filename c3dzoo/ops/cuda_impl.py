@@ -20,6 +20,7 @@ module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight p
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -43,10 +44,26 @@ _CHANNELS_PER_THREAD = 8  # c3dzoo._C.STEM_CHANNELS_PER_THREAD; packed weight ro
 _SCOPE = "the cuda backend implements only the stem (C_in ≤ 4) in this version"
 
 
-def _lib():
+def extension():
+    """The ``c3dzoo._C`` module (imported on first use)."""
     from c3dzoo import _C  # noqa: PLC0415 - imported lazily: the registry probes it first
 
     return _C
+
+
+# The device whose memory the pointers given to ``extension()`` address. Only tests change it (with
+# ``extension``): tests/host_lib.py runs this module's tensor bookkeeping on CPU through c3dzoo._C_host,
+# the host build of the same per-element math.
+DEVICE_TYPE = "cuda"
+
+
+def device_scope(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def stream_handle(t: Tensor) -> int:
+    """The handle of the current stream on ``t``'s device (0 for a host run)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
 def supports(cfg: ConvBNActConfig) -> Optional[str]:
@@ -110,23 +127,27 @@ def forward(
     running_var: Optional[Tensor],
     params: LayerParams,
     input_norm: Optional[InputNorm] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused stem forward. Returns (out channels_last_3d, mean, var): fp32 batch statistics (C_out,)
-    for norm "batch" and "stats" (whose out is the raw conv output), empty otherwise."""
+    *,
+    keep_conv_output: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused stem forward. Returns (out channels_last_3d, mean, var, conv output): fp32 batch
+    statistics (C_out,) for norm "batch" and "stats" (whose out is the raw conv output), empty
+    otherwise; the conv output as ``reference.forward``'s ``keep_conv_output`` says."""
     norm = params.norm
     if norm not in ("running", "none", "batch", "stats") or input_norm is not None:
         raise NotImplementedError(f"cuda backend: norm={norm!r} / an input prologue is not implemented (see supports())")
-    if x.dim() != 5 or x.shape[1] > MAX_STEM_CIN or x.dtype not in _DTYPE_CODES or x.device.type != "cuda":
+    if x.dim() != 5 or x.shape[1] > MAX_STEM_CIN or x.dtype not in _DTYPE_CODES or x.device.type != DEVICE_TYPE:
         raise NotImplementedError(f"cuda backend: {_SCOPE}, fp16/bf16/fp32 CUDA tensors (see supports())")
     if norm in ("batch", "stats"):
-        return _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params)
-    lib = _lib()
+        out, mean, var, y = _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params)
+        return out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output)
+    lib = extension()
     stride, padding, dilation, pool = params.stride, params.padding, params.dilation, params.pool
     if pool:
         pool_kernel, pool_stride, pool_padding = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
     else:
         pool_kernel, pool_stride, pool_padding = [1, 1, 1], [1, 1, 1], [0, 0, 0]
-    with torch.no_grad(), torch.cuda.device(x.device):
+    with torch.no_grad(), device_scope(x):
         w_packed, b_packed, w_stride = _folded_packed(
             weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=params.eps
         )
@@ -140,20 +161,21 @@ def forward(
                 xc.data_ptr(), w_packed.data_ptr(), b_packed.data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype],
                 n, d, h, w, c_in, c_out, list(weight.shape[2:]), list(stride), list(padding), list(dilation),
                 pool_kernel, pool_stride, pool_padding, _ACTIVATIONS[params.activation], params.negative_slope,
-                w_stride, torch.cuda.current_stream(x.device).cuda_stream,
+                w_stride, stream_handle(x),
             )
     mean = x.new_empty(0, dtype=torch.float32)
     var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
-    return out, mean, var
+    return out, mean, var, x.new_empty(0)
 
 
-def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training forward: the stem conv with its statistics partials, their Chan combination, then
     (norm "batch", not "stats") normalise/act/pool (the statistics are of the stored, rounded conv
-    output)."""
+    output). Returns (out, mean, var, the raw conv output y); for "stats" out is y itself."""
     eps, stride, padding, dilation = params.eps, params.stride, params.padding, params.dilation
-    lib = _lib()
-    with torch.no_grad(), torch.cuda.device(x.device):
+    lib = extension()
+    with torch.no_grad(), device_scope(x):
         w_packed, b_packed, w_stride = _folded_packed(weight, bias, None, None, None, None, norm="none", eps=eps)
         xc = x.contiguous(memory_format=torch.channels_last_3d)
         n, c_in, d, h, w = x.shape
@@ -168,19 +190,20 @@ def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
         lib.stem_conv_stats(
             xc.data_ptr(), w_packed.data_ptr(), b_packed.data_ptr(), y.data_ptr(), part_mean.data_ptr(),
             part_m2.data_ptr(), _DTYPE_CODES[x.dtype], n, d, h, w, c_in, c_out, list(weight.shape[2:]),
-            list(stride), list(padding), list(dilation), w_stride, torch.cuda.current_stream(x.device).cuda_stream,
+            list(stride), list(padding), list(dilation), w_stride, stream_handle(x),
         )
         mean, var = finalize_statistics(part_mean, part_m2, positions, per_block)
         if params.norm == "stats":
-            return y, mean, var
+            return y, mean, var, y
         out = normalize_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=params.activation,
                                  negative_slope=params.negative_slope, pool=params.pool, use_kernel=True)
-    return out.contiguous(memory_format=torch.channels_last_3d), mean, var
+    return out.contiguous(memory_format=torch.channels_last_3d), mean, var, y
 
 
 def backward(grad_out: Tensor, x: Tensor, *args, **kwargs):
     """The Triton backward where Triton runs on the device (less memory, fused), else the reference's
-    (both recompute the conv output from x; signature of ``reference.backward``)."""
+    (both take the conv output the forward kept, or recompute it from x; signature of
+    ``reference.backward``)."""
     if kernel_available(x):
         from . import triton_impl
 

@@ -19,7 +19,6 @@ copy old unit ``i`` (the original included).
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -106,7 +105,9 @@ _CUDA_DIVIDE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, to
 
 
 def _remap_cuda(t: Tensor, g: Tensor, counts: Tensor, dim: int, group: int, power: int) -> Tensor:
-    lib = importlib.import_module("c3dzoo._C")
+    from . import cuda_impl
+
+    lib = cuda_impl.extension()
     src = t.contiguous()
     inner = 1
     for s in src.shape[dim + 1:]:
@@ -117,8 +118,8 @@ def _remap_cuda(t: Tensor, g: Tensor, counts: Tensor, dim: int, group: int, powe
     if out.numel() == 0:
         return out
     g, counts = g.contiguous(), counts.contiguous()
-    stream = torch.cuda.current_stream(src.device).cuda_stream
-    with torch.cuda.device(src.device):
+    stream = cuda_impl.stream_handle(src)
+    with cuda_impl.device_scope(src):
         if power:
             lib.net2net_divide(src.data_ptr(), out.data_ptr(), _CUDA_DIVIDE_DTYPES[src.dtype], g.data_ptr(),
                                counts.data_ptr(), power, outer, src.shape[dim], inner, g.numel(), group, stream)

@@ -1,0 +1,138 @@
+"""The cuda backend's Python side on CPU: ``c3dzoo.ops.cuda_impl`` (and the Net2Net remap's cuda
+path) with ``c3dzoo._C`` replaced by its host build (tests/host_lib.py), fp32.
+
+The host build runs the same per-element math as the device kernels (tests/test_csrc_host.py), so
+what is checked here is everything around it that otherwise first runs on a GPU: BatchNorm folding,
+weight packing, layouts, the output and statistics-partials buffers and their shapes, the Chan
+finalize, the normalise/activation/pool step, the kept conv output, and the remap arguments —
+against the reference backend, within the parity budget (float64 reference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from c3dzoo.ops import cuda_impl, reference
+from c3dzoo.ops.backends import LayerParams
+from c3dzoo.ops.conv3d_bn_act import normalize_pool
+from parity import assert_parity
+
+pytest.importorskip(
+    "c3dzoo._C_host",
+    reason="c3dzoo._C_host is not built (reinstall with pybind11 importable: pip install -e . --no-build-isolation)",
+)
+from host_lib import use_host_extension  # noqa: E402
+
+# x shape, C_out, kernel, stride, padding, pool, activation (the stems of tests/test_cuda_backend.py,
+# smaller)
+CASES = {
+    "c3d_conv1": ((2, 3, 4, 12, 12), 16, (3, 3, 3), 1, 1, ((1, 2, 2), (1, 2, 2), 0), "relu"),
+    "c3d_conv1_odd": ((1, 3, 5, 9, 7), 12, (3, 3, 3), 1, 1, ((1, 2, 2), (1, 2, 2), 0), "leaky_relu"),
+    "r3d_stem": ((2, 3, 4, 16, 16), 8, (3, 7, 7), (1, 2, 2), (1, 3, 3), None, "relu"),
+    "r2plus1d_stem": ((1, 3, 4, 14, 14), 10, (1, 7, 7), (1, 2, 2), (0, 3, 3), None, "relu"),
+    "pool5_style": ((2, 4, 4, 6, 6), 8, (3, 3, 3), 1, 1, ((2, 2, 2), (2, 2, 2), (0, 1, 1)), "none"),
+}
+
+
+def _triple(v):
+    return (v,) * 3 if isinstance(v, int) else tuple(v)
+
+
+def _tensors(x_shape, c_out, kernel, seed):
+    g = torch.Generator().manual_seed(seed)
+    c_in = x_shape[1]
+    fan_in = c_in * kernel[0] * kernel[1] * kernel[2]
+    x = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, *kernel, generator=g, dtype=torch.float64) / fan_in ** 0.5
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1
+    gamma = torch.rand(c_out, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1
+    running_mean = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1
+    running_var = torch.rand(c_out, generator=g, dtype=torch.float64) + 0.5
+    return x, weight, bias, gamma, beta, running_mean, running_var
+
+
+def _params(name, norm):
+    _, _, _, stride, padding, pool, act = CASES[name]
+    if norm == "stats":  # the raw conv output (a deferred BN: the next layer normalises and activates)
+        act, pool = "none", None
+    return LayerParams.of(norm, 1e-5, _triple(stride), _triple(padding), (1, 1, 1), act, 0.05, normalize_pool(pool))
+
+
+def _as_fp32(tensors):
+    x, weight, bias, *bn = tensors
+    return (x.float(), weight.float(), bias.float(), *(t.float() for t in bn))
+
+
+@pytest.mark.parametrize("norm", ["running", "none"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_stem_inference_on_the_host_build(name, norm, monkeypatch):
+    ext = use_host_extension(monkeypatch)
+    x_shape, c_out, kernel, *_ = CASES[name]
+    t64 = _tensors(x_shape, c_out, kernel, seed=len(name))
+    params = _params(name, norm)
+    args = _as_fp32(t64)
+    out, mean, var, kept = cuda_impl.forward(*args, params)
+    assert ext.calls == ["stem_forward"]
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert mean.numel() == var.numel() == kept.numel() == 0
+    stock = reference.forward(*args, params)[0]
+    assert_parity(out, stock, reference.forward(*t64, params)[0], torch.float32, f"{name} {norm}")
+
+
+@pytest.mark.parametrize("norm", ["batch", "stats"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_stem_training_forward_on_the_host_build(name, norm, monkeypatch):
+    ext = use_host_extension(monkeypatch)
+    x_shape, c_out, kernel, *_ = CASES[name]
+    t64 = _tensors(x_shape, c_out, kernel, seed=len(name))
+    x64, w64, b64, g64, beta64, _, _ = t64
+    params = _params(name, norm)
+    args = (*_as_fp32(t64)[:5], None, None)
+    out, mean, var, kept = cuda_impl.forward(*args, params, keep_conv_output=True)
+    assert ext.calls == ["stem_conv_stats"]
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    stock_out, stock_mean, stock_var, stock_kept = reference.forward(*args, params, keep_conv_output=True)
+    ref_out, ref_mean, ref_var, ref_kept = reference.forward(x64, w64, b64, g64, beta64, None, None, params,
+                                                             keep_conv_output=True)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (c_out,)
+    assert_parity(mean, stock_mean, ref_mean, torch.float32, f"{name}: mean")
+    assert_parity(var, stock_var, ref_var, torch.float32, f"{name}: var")
+    assert_parity(out, stock_out, ref_out, torch.float32, f"{name} {norm}: out")
+    if norm == "batch":  # the raw conv output, kept for the backward
+        assert kept.shape == ref_kept.shape and kept.is_contiguous(memory_format=torch.channels_last_3d)
+        assert_parity(kept, stock_kept, ref_kept, torch.float32, f"{name}: kept conv output")
+    else:  # "stats": out is the conv output itself, nothing else is kept
+        assert kept.numel() == 0
+
+
+def test_the_host_build_is_really_called(monkeypatch):
+    """The shim serves fp32 only: another dtype must reach it and fail there, not be computed elsewhere."""
+    use_host_extension(monkeypatch)
+    x_shape, c_out, kernel, *_ = CASES["c3d_conv1"]
+    x, weight, bias, *bn = _tensors(x_shape, c_out, kernel, seed=0)
+    with pytest.raises(NotImplementedError, match="fp32 only"):
+        cuda_impl.forward(x.half(), weight.half(), bias.half(), *(t.float() for t in bn), _params("c3d_conv1", "running"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.float16], ids=str)
+@pytest.mark.parametrize("power", [0, 1, 2])
+def test_net2net_remap_cuda_path_on_the_host_build(dtype, power, monkeypatch):
+    from c3dzoo.ops import net2net_remap as remap
+
+    if power and dtype not in (torch.float32, torch.float64):
+        pytest.skip("the divide runs on floating point tensors, and the host build on fp32/fp64 only")
+    ext = use_host_extension(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    t = (torch.randn(6, 10, 3, 3, 3, generator=g) * 10).to(dtype)
+    mapping = torch.tensor([0, 1, 2, 3, 4, 0, 3, 3], dtype=torch.int64)  # 5 units of group 2, widened to 8
+    counts = torch.bincount(mapping, minlength=5)
+    got = remap._remap_cuda(t, mapping, counts, dim=1, group=2, power=power)
+    want = remap._remap_reference(t, mapping, counts, dim=1, group=2, power=power)
+    assert ext.calls == ["net2net_divide" if power else "net2net_gather"]
+    assert got.shape == want.shape == (6, 16, 3, 3, 3)
+    if power:
+        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    else:
+        assert torch.equal(got, want)
