@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 # preferred baselines when the file does not name one
 DEFAULT_BASELINES = ("eager-bf16-cl", "eager-fp32")
 _FAMILY = {"eager": 0, "compile": 1, "c3dzoo": 2}
+FIT_CAPACITY_BYTES = 80e9  # "how large a batch fits in 80 GB" (issue #5)
 
 
 @dataclasses.dataclass
@@ -37,6 +38,7 @@ class Record:
     flops: Optional[float]
     peak_tflops: Optional[float]
     peak_mem_bytes: Optional[int]
+    resident_mem_bytes: Optional[int]  # allocated before the measured call (parameters, optimizer state)
     rel_err: Optional[float]
     compile_s: Optional[float]
     fallbacks: List[str]
@@ -53,6 +55,17 @@ class Record:
     def pct_peak(self) -> Optional[float]:
         t = self.tflops
         return None if t is None or not self.peak_tflops else 100.0 * t / self.peak_tflops
+
+    def batch_that_fits(self, capacity_bytes: float = FIT_CAPACITY_BYTES) -> Optional[int]:
+        """The largest batch whose step fits in ``capacity_bytes``, extrapolated linearly from this
+        run: what was resident before the step (parameters, gradients, optimizer state: independent
+        of the batch) + batch × (peak − resident) / this batch."""
+        if self.peak_mem_bytes is None or self.resident_mem_bytes is None:
+            return None
+        per_clip = (self.peak_mem_bytes - self.resident_mem_bytes) / self.batch
+        if per_clip <= 0:
+            return None
+        return max(0, int((capacity_bytes - self.resident_mem_bytes) // per_clip))
 
 
 def load(path: str) -> dict:
@@ -77,7 +90,8 @@ def records(data: dict) -> List[Record]:
             kind=info["kind"], target=info["target"], mode=info["mode"], contestant=info["contestant"],
             baseline=info.get("baseline"), median_s=float(stats["median"]), batch=int(info["batch"]),
             flops=info.get("flops_per_call"), peak_tflops=info.get("peak_tflops"),
-            peak_mem_bytes=info.get("peak_mem_bytes"), rel_err=info.get("rel_err_vs_fp32"),
+            peak_mem_bytes=info.get("peak_mem_bytes"), resident_mem_bytes=info.get("resident_mem_bytes"),
+            rel_err=info.get("rel_err_vs_fp32"),
             compile_s=info.get("compile_s"), fallbacks=list(info.get("fallbacks") or []),
         ))
     return out
@@ -165,6 +179,31 @@ def _matrix(recs: Sequence[Record], kind: str, cell, baseline: Optional[str]) ->
     return _table([kind, "mode", *names], rows)
 
 
+def training_memory(recs: Sequence[Record], baseline: Optional[str] = None) -> Optional[str]:
+    """Rows: whole models in training; columns: contestants; cells: peak (ratio to the baseline's
+    peak), batch that fits. None when the run measured no memory (CPU)."""
+    recs = [r for r in recs if r.kind == "model" and r.mode == "train" and r.peak_mem_bytes]
+    if not recs:
+        return None
+    names = contestant_order(recs)
+    rows = []
+    for target in _unique(r.target for r in recs):
+        group = [r for r in recs if r.target == target]
+        base = {r.contestant: r for r in group}.get(baseline_of(group, baseline))
+        found = {r.contestant: r for r in group}
+        cells = []
+        for n in names:
+            r = found.get(n)
+            if r is None:
+                cells.append("—")
+                continue
+            ratio = None if base is None else r.peak_mem_bytes / base.peak_mem_bytes
+            fits = r.batch_that_fits()
+            cells.append(f"{_gb(r.peak_mem_bytes)} ({_x(ratio)}); batch ≤ {'—' if fits is None else f'{fits:,}'}")
+        rows.append([target, *cells])
+    return _table(["model (train)", *names], rows)
+
+
 def _describe(data: dict, recs: Sequence[Record], baseline: Optional[str]) -> str:
     m = data.get("machine_info") or {}
     commit = m.get("c3dzoo_commit") or {}
@@ -190,6 +229,11 @@ def headline(data: dict, recs: Optional[Sequence[Record]] = None, baseline: Opti
     models = _matrix(recs, "model", lambda r, x: f"{_num(r.clips_per_s)} ({_x(x)})", baseline)
     if models:
         parts += ["", "Whole models, clips/s (speed-up):", "", models]
+    memory = training_memory(recs, baseline)
+    if memory:
+        parts += ["", "Training step memory, whole models: peak allocated (× the baseline's peak); the largest "
+                  f"batch that fits in {FIT_CAPACITY_BYTES / 1e9:.0f} GB, extrapolated linearly from this run "
+                  "(resident before the step + batch × per-clip):", "", memory]
     layers = _matrix(recs, "layer", lambda r, x: f"{_ms(r.median_s)} ms ({_x(x)})", baseline)
     if layers:
         parts += ["", "C3D layers (conv + BN + ReLU + pool), median ms per batch (speed-up):", "", layers]

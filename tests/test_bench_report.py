@@ -25,7 +25,8 @@ def _load(name: str, filename: str):
 report = _load("c3dzoo_bench_report", "report.py")
 
 
-def _bench(kind, target, mode, contestant, median_s, batch=32, flops=None, peak_tflops=None):
+def _bench(kind, target, mode, contestant, median_s, batch=32, flops=None, peak_tflops=None,
+           peak_mem=2_200_000_000, resident_mem=None):
     """One entry as pytest-benchmark writes it (with the extra_info bench/_harness.py adds)."""
     return {
         "group": f"{kind} {target} {mode}",
@@ -38,7 +39,8 @@ def _bench(kind, target, mode, contestant, median_s, batch=32, flops=None, peak_
                   "median": median_s, "rounds": 10, "iterations": 1},
         "extra_info": {"kind": kind, "target": target, "mode": mode, "contestant": contestant,
                        "baseline": "eager-bf16-cl", "batch": batch, "flops_per_call": flops,
-                       "peak_tflops": peak_tflops, "peak_mem_bytes": 2_200_000_000, "fallbacks": []},
+                       "peak_tflops": peak_tflops, "peak_mem_bytes": peak_mem, "resident_mem_bytes": resident_mem,
+                       "fallbacks": []},
     }
 
 
@@ -54,8 +56,13 @@ def _run():
             _bench("model", "c3d_bn", "inference", "eager-fp32", 0.0640, flops=gflop, peak_tflops=66.9),
             _bench("model", "c3d_bn", "inference", "eager-bf16-cl", 0.0128, flops=gflop, peak_tflops=989.4),
             _bench("model", "c3d_bn", "inference", "c3dzoo-triton-bf16-cl", 0.0064, flops=gflop, peak_tflops=989.4),
-            _bench("model", "c3d_bn", "train", "eager-bf16-cl", 0.0400),
-            _bench("model", "c3d_bn", "train", "compile-bf16-cl", 0.0250),
+            # training: 1 GB resident (parameters, optimizer state) + 4.5 GB / 32 clips for stock
+            _bench("model", "c3d_bn", "train", "eager-bf16-cl", 0.0400, peak_mem=5_500_000_000,
+                   resident_mem=1_000_000_000),
+            _bench("model", "c3d_bn", "train", "compile-bf16-cl", 0.0250, peak_mem=4_400_000_000,
+                   resident_mem=1_000_000_000),
+            _bench("model", "c3d_bn", "train", "c3dzoo-triton-bf16-cl", 0.0250, peak_mem=2_200_000_000,
+                   resident_mem=1_000_000_000),
             _bench("layer", "conv1", "inference", "eager-bf16-cl", 0.0034),
             _bench("layer", "conv1", "inference", "c3dzoo-triton-bf16-cl", 0.0017),
             # a group without its baseline: no speed-up can be claimed
@@ -80,7 +87,7 @@ def _cells(table: str, *row_start: str) -> dict:
 
 def test_records_compute_throughput_and_efficiency():
     recs = report.records(_run())
-    assert len(recs) == 8  # the foreign entry is skipped
+    assert len(recs) == 9  # the foreign entry is skipped
     triton = next(r for r in recs if r.contestant == "c3dzoo-triton-bf16-cl" and r.kind == "model")
     assert triton.clips_per_s == pytest.approx(32 / 0.0064)
     assert triton.tflops == pytest.approx(77.0 * 32 / 0.0064 / 1e3)
@@ -147,3 +154,26 @@ def test_flop_counts_from_shapes():
     assert counter.forward_flops / 1e9 == pytest.approx(77.09, rel=1e-3)
     conv1 = 2 * 64 * 16 * 112 * 112 * 3 * 27
     assert counter.train_flops == 3 * counter.forward_flops - conv1
+
+
+def test_training_memory_and_the_batch_that_fits():
+    recs = report.records(_run())
+    stock = next(r for r in recs if r.contestant == "eager-bf16-cl" and r.mode == "train")
+    # (80 GB − 1 GB resident) / (4.5 GB / 32 clips) = 561.8 → 561
+    assert stock.batch_that_fits() == 561
+    assert stock.batch_that_fits(capacity_bytes=5.5e9) == 32  # the measured batch itself fits exactly
+    fused = next(r for r in recs if r.contestant == "c3dzoo-triton-bf16-cl" and r.mode == "train")
+    assert fused.batch_that_fits() == int(79e9 // (1.2e9 / 32))  # 2106
+    # inference entries hold no resident figure: no extrapolation
+    assert next(r for r in recs if r.mode == "inference").batch_that_fits() is None
+    text = report.headline(_run())
+    row = _cells(text[text.index("Training step memory"):], "c3d_bn")
+    assert row["eager-bf16-cl"] == "5.50 GB (1.00×); batch ≤ 561"
+    assert row["c3dzoo-triton-bf16-cl"] == "2.20 GB (0.40×); batch ≤ 2,106"
+    assert "eager-fp32" not in row  # measured in inference only
+    # a CPU run measures no memory: no table
+    cpu = _run()
+    for bench in cpu["benchmarks"]:
+        if bench.get("extra_info"):
+            bench["extra_info"]["peak_mem_bytes"] = None
+    assert "Training step memory" not in report.headline(cpu)
