@@ -19,12 +19,10 @@ import dataclasses
 import importlib.util
 import math
 import os
-import re
 import signal
 import sys
 import threading
 import time
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,19 +34,21 @@ from tqdm import tqdm
 import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import distributed as dist
-from c3dzoo import evaluation, net2net, transfer
-from c3dzoo.data import (MOTIONS, ClipSampler, ClipTransform, DataError, SkippedVideoWarning,
-                         SyntheticVideoDataset, VideoClipDataset, read_class_names, scan_class_folders,
-                         scan_frame_folders, split_videos)
+from c3dzoo import transfer
+from c3dzoo.data import MOTIONS, VideoClipDataset
 
 from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
                       builder_accepts, resolve_device, size_arg)
+from .train_data import DEFAULT_VAL_SPLIT, REAL_DATA_OPTIONS, TrainingData, make_data
+from .train_growth import GROW_SYNTAX, apply_growth, resolve_growth
+from .train_outputs import (CONFUSION_PNG, CURVES_PNG, METRICS, PER_CLASS_CSV, open_metrics, plot_curves,
+                            write_final_report)
 
 
 # Defaults by device: a small C3D-BN that trains in a few minutes on a laptop CPU, the full model
 # on a GPU. Anything given on the command line wins.
 # On an idle 2-core CPU the cpu defaults train at ~90-100 clips/s (the fused ops run the
-# reference backend there, which recomputes each conv in the backward): ~12 s an epoch, ~2 minutes
+# reference backend there): ~12 s an epoch, ~2 minutes
 # in all, ending at ~85-90 % top-1 on the 10 classes (chance: 10 %).
 TRAIN_DEFAULTS = {
     "cpu": dict(width_mult=0.125, frames=16, size=(32, 32), batch_size=16, epochs=10,
@@ -56,13 +56,6 @@ TRAIN_DEFAULTS = {
     "cuda": dict(width_mult=1.0, frames=16, size=(112, 112), batch_size=32, epochs=10,
                  train_samples=8192, val_samples=1024, workers=min(8, os.cpu_count() or 1), amp=True),
 }
-METRICS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-           "epoch_seconds", "train_clips_per_s")
-DEFAULT_VAL_SPLIT = 0.1  # of a real training set, when no --val-data/--val-labels is given
-CURVES_PNG = "curves.png"
-CONFUSION_PNG = "confusion.png"  # of the final validation, with PER_CLASS_CSV
-PER_CLASS_CSV = "per_class.csv"
-MAX_PER_CLASS_PRINTED = 20  # more classes: the summary names the worst few
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
@@ -94,221 +87,6 @@ def _apply_train_defaults(args: argparse.Namespace, device: torch.device) -> Non
         raise UsageError(f"--workers must be non-negative, got {args.workers}")
     if args.amp and device.type != "cuda":
         raise UsageError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU")
-
-
-# --------------------------------------------------------------------------------------------
-# data: the synthetic set, or real videos
-# --------------------------------------------------------------------------------------------
-
-# options that only mean something with --data
-REAL_DATA_OPTIONS = ("labels", "val_data", "val_labels", "val_split", "classes", "frame_stride", "min_frames")
-MAX_SKIP_LINES = 10  # warnings printed for skipped videos; the rest are counted
-
-
-@dataclasses.dataclass
-class _Data:
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
-    description: str  # what the header line says the training set is
-    config: dict  # how clips are made, for the checkpoint (predict reads it)
-    unreadable: int = 0  # videos left out by the scans
-    too_short: int = 0
-
-    @property
-    def skipped_note(self) -> str:
-        if not self.unreadable + self.too_short:
-            return ""
-        return f"skipped {self.unreadable} unreadable and {self.too_short} too-short video(s)"
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _scan(root: str, labels: Optional[str], sampler, class_names, workers: int):
-    if labels:
-        return scan_frame_folders(root, labels, sampler, class_names, workers=workers)
-    return scan_class_folders(root, sampler, class_names, workers=workers)
-
-
-def _report_skips(caught) -> None:
-    lines = [str(w.message) for w in caught if issubclass(w.category, SkippedVideoWarning)]
-    for line in lines[:MAX_SKIP_LINES]:
-        print(f"{PROG}: warning: {line}", file=sys.stderr)
-    if len(lines) > MAX_SKIP_LINES:
-        print(f"{PROG}: warning: ... and {len(lines) - MAX_SKIP_LINES} more skipped videos", file=sys.stderr)
-    for w in caught:  # anything else goes on as a normal warning
-        if not issubclass(w.category, SkippedVideoWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def _make_data(args: argparse.Namespace) -> _Data:
-    """The training and validation sets the options describe. Bad paths and layouts are usage
-    errors; unreadable and too-short videos are left out with a warning each and counted."""
-    if args.data is None:
-        extra = [_option(k) for k in REAL_DATA_OPTIONS if getattr(args, k) is not None]
-        if extra:
-            raise UsageError(f"{extra[0]} is for real data: give --data PATH as well")
-        data = dict(num_classes=args.num_classes, frames=args.frames, size=args.size, seed=args.seed)
-        try:
-            train_set = SyntheticVideoDataset(num_samples=args.train_samples, split="train", **data)
-            val_set = SyntheticVideoDataset(num_samples=args.val_samples, split="val", **data)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        return _Data(train_set, val_set, f"{len(train_set)} synthetic clips", {"kind": "synthetic"})
-
-    for key in ("train_samples", "val_samples"):
-        if key in args.given:
-            raise UsageError(f"{_option(key)} is for the synthetic set; with --data an epoch is one "
-                             f"clip from each video")
-    if args.val_split is not None and (args.val_data or args.val_labels):
-        raise UsageError("give --val-data/--val-labels or --val-split, not both")
-    if args.labels and args.val_data and not args.val_labels:
-        raise UsageError("--val-data with frame folders needs --val-labels CSV")
-    val_split = args.val_split
-    if val_split is None and not (args.val_data or args.val_labels):
-        val_split = DEFAULT_VAL_SPLIT
-    try:
-        stride = 1 if args.frame_stride is None else args.frame_stride
-        sampler = ClipSampler(args.frames, stride, args.min_frames)
-        transform = ClipTransform(args.size)
-        workers = min(8, os.cpu_count() or 1)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SkippedVideoWarning)
-            class_names = read_class_names(args.classes) if args.classes else None
-            train_scan = _scan(args.data, args.labels, sampler, class_names, workers)
-            val_scan = None
-            if args.val_data or args.val_labels:
-                val_scan = _scan(args.val_data or args.data, args.val_labels, sampler,
-                                 train_scan.class_names, workers)
-        _report_skips(caught)
-        class_names = train_scan.class_names
-        if val_scan is not None:
-            train_videos, val_videos = train_scan.videos, val_scan.videos
-        else:
-            train_videos, val_videos = split_videos(train_scan.videos, val_split, args.seed)
-    except (DataError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    unreadable = len(train_scan.unreadable) + (len(val_scan.unreadable) if val_scan else 0)
-    too_short = len(train_scan.too_short) + (len(val_scan.too_short) if val_scan else 0)
-    skipped = f" ({unreadable + too_short} skipped)" if unreadable + too_short else ""
-    if len(class_names) < 2:
-        raise UsageError(f"{args.data}: found {len(class_names)} class; classification needs at least 2")
-    if "num_classes" in args.given and args.num_classes != len(class_names):
-        raise UsageError(f"--num-classes {args.num_classes}, but {args.data} has {len(class_names)} classes")
-    if not train_videos:
-        raise UsageError(f"{args.data}: no readable training videos{skipped}")
-    if not val_videos:
-        raise UsageError(f"no validation videos{skipped}: give --val-data, or a --val-split that leaves "
-                         f"some (classes need two videos or more to split)")
-    args.num_classes = len(class_names)
-    clips = dict(class_names=class_names, frames=args.frames, size=args.size, stride=stride,
-                 seed=args.seed, min_frames=args.min_frames)
-    config = dict(kind="videos", frames=args.frames, stride=stride, min_frames=args.min_frames,
-                  size=tuple(args.size), short_side=transform.resize_to, mean=tuple(transform.mean),
-                  std=tuple(transform.std))
-    where = f"{args.data}" + (f" ({os.path.basename(args.labels)})" if args.labels else "")
-    split = f", val {len(val_videos)} ({'split ' + format(val_split, 'g') if val_scan is None else 'given'})"
-    return _Data(VideoClipDataset(train_videos, train=True, **clips),
-                 VideoClipDataset(val_videos, train=False, **clips),
-                 f"{len(train_videos)} videos from {where} in {len(class_names)} classes{split}",
-                 config, unreadable, too_short)
-
-
-# --------------------------------------------------------------------------------------------
-# --grow: Net2Net at the start of given epochs
-# --------------------------------------------------------------------------------------------
-
-GROW_SYNTAX = ("EPOCH:wider=LAYER*FACTOR, EPOCH:wider=LAYER:UNITS or EPOCH:deeper=LAYER, comma "
-               "separated (e.g. 3:wider=conv5b*2,5:deeper=conv5b)")
-_GROW_ITEM = re.compile(r"(?P<epoch>\d+):(?P<op>wider|deeper)=(?P<layer>[A-Za-z_][\w.]*)"
-                        r"(?:\*(?P<factor>\d+(?:\.\d*)?)|:(?P<units>\d+))?")
-
-
-def parse_grow(text: str) -> List[dict]:
-    """``--grow`` as steps ``{"epoch", "op", "layer", "factor" | "units"}`` in epoch order (steps
-    of one epoch in the order given)."""
-    steps = []
-    for item in (part.strip() for part in text.split(",")):
-        match = _GROW_ITEM.fullmatch(item)
-        if not match:
-            raise UsageError(f"--grow: cannot read {item!r}; expected {GROW_SYNTAX}")
-        step = dict(epoch=int(match["epoch"]), op=match["op"], layer=match["layer"])
-        if match["op"] == "wider":
-            if match["factor"] is None and match["units"] is None:
-                raise UsageError(f"--grow: {item!r} needs *FACTOR or :UNITS (e.g. {item}*2)")
-            if match["factor"] is not None:
-                step["factor"] = float(match["factor"])
-            else:
-                step["units"] = int(match["units"])
-        elif match["factor"] is not None or match["units"] is not None:
-            raise UsageError(f"--grow: deeper takes a layer only, got {item!r}")
-        steps.append(step)
-    return sorted(steps, key=lambda step: step["epoch"])
-
-
-def _units(model: nn.Module, layer: str) -> int:
-    """Output units of ``layer``, or of a video ResNet's residual stream (``layer1``…``layer4``)."""
-    streams = net2net.residual_streams(model)
-    module = model.get_submodule(streams[layer][0] if layer in streams else layer)
-    return module.out_channels if isinstance(module, nn.Conv3d) else module.out_features
-
-
-def _grow_names(model: nn.Module) -> set:
-    return set(getattr(model, "layer_names", ())) | set(getattr(model, "fc_names", ()))
-
-
-def apply_growth(model: nn.Module, record: dict, optimizer=None, data: Optional[torch.Tensor] = None,
-                 noise: float = 0.0, generator: Optional[torch.Generator] = None) -> str:
-    """Applies one resolved growth record (see ``_resolve_growth``) to ``model`` (and
-    ``optimizer``) in place; returns what grew, in words. Raises ValueError from net2net."""
-    if record["op"] == "wider":
-        before = _units(model, record["layer"])
-        # a seeded generator even without noise: replaying a checkpoint's growth must not draw
-        # from the global RNG, which the checkpoint restores afterwards anyway
-        net2net.wider(model, record["layer"], record["width"], noise=noise, optimizer=optimizer,
-                      generator=generator or torch.Generator().manual_seed(0))
-        return f"wider {record['layer']} {before} -> {record['width']} units"
-    net2net.deeper(model, record["layer"], optimizer=optimizer, data=data, name=record.get("name"))
-    return f"deeper: new {'layer ' + record['name'] if record.get('name') else 'block'} after {record['layer']}"
-
-
-def _resolve_growth(args: argparse.Namespace, model_kwargs: dict) -> List[dict]:
-    """The ``--grow`` steps with their widths and new layer names fixed, checked by growing a CPU
-    copy of the model: a bad layer or width is a usage error now, not after hours of training."""
-    if not args.grow:
-        return []
-    steps = parse_grow(args.grow)
-    for step in steps:
-        if not 1 <= step["epoch"] <= args.epochs:
-            raise UsageError(f"--grow: epoch {step['epoch']} is outside 1..{args.epochs} (--epochs)")
-    trial = c3dzoo.get_model(args.model, fused=False, **model_kwargs)
-    resolved = []
-    for step in steps:
-        label = f"--grow {step['epoch']}:{step['op']}={step['layer']}"
-        record = dict(epoch=step["epoch"], op=step["op"], layer=step["layer"])
-        try:
-            if step["op"] == "wider":
-                try:
-                    current = _units(trial, step["layer"])
-                except AttributeError:
-                    raise ValueError(f"unknown layer {step['layer']!r}; widenable: "
-                                     f"{', '.join(net2net.widenable_layers(trial))}") from None
-                record["width"] = step.get("units") or int(round(current * step["factor"]))
-            else:
-                names = _grow_names(trial)
-                net2net.deeper(trial, step["layer"])
-                # C3D names its new layer (conv5c); a ResNet block or ConvColumn layer goes to a fixed
-                # position that deeper derives again on replay (None)
-                added = _grow_names(trial) - names
-                record["name"] = added.pop() if added else None
-                resolved.append(record)
-                continue
-            net2net.wider(trial, step["layer"], record["width"], generator=torch.Generator().manual_seed(0))
-        except ValueError as exc:
-            raise UsageError(f"{label}: {str(exc).strip().splitlines()[0]}") from None
-        resolved.append(record)
-    return resolved
 
 
 def _make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -615,7 +393,7 @@ def _apply_resumed_options(args: argparse.Namespace, checkpoint: dict, given: se
                                    f"{saved['optimizer']}, not {args.optimizer}")
 
 
-def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, data: _Data,
+def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, data: TrainingData,
                         progress: _Progress, metrics: Optional[dict]) -> dict:
     return {
         # fused and stock models have the same state_dict: this loads into either
@@ -647,59 +425,6 @@ def _save(path: str, payload: dict) -> None:
         ckpt.save_atomic(payload, path)
     except OSError as exc:
         raise CommandError(f"cannot write checkpoint {path}: {exc}") from None
-
-
-def _metrics_file(path: str, append: bool):
-    """metrics.csv opened for new rows; an older file with other columns is rewritten with
-    today's header first (its rows keep their values, new columns left empty)."""
-    if append:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows, header = list(reader), tuple(reader.fieldnames or ())
-        if header != METRICS:
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=METRICS, restval="", extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-    return open(path, "a" if append else "w", newline="")
-
-
-def _plot_curves(metrics_path: str, png_path: str, growth: List[dict]) -> None:
-    """Loss and top-1/top-5 (train and val) per epoch from metrics.csv, as a PNG; a dotted line
-    marks each epoch where the model grew. Written atomically like the checkpoints."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    from matplotlib.ticker import MaxNLocator
-
-    with open(metrics_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-
-    def column(key):
-        return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
-
-    epochs = [int(r["epoch"]) for r in rows]
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    loss_axes, acc_axes = figure.subplots(1, 2)
-    for key, style in (("train_loss", "-"), ("val_loss", "--")):
-        loss_axes.plot(epochs, column(key), style, marker="o", label=key.replace("_", " "))
-    for key, style in (("train_top1", "-"), ("train_top5", "-"), ("val_top1", "--"), ("val_top5", "--")):
-        acc_axes.plot(epochs, column(key), style, marker="o", label=key.replace("_", " "))
-    for axes, ylabel in ((loss_axes, "cross-entropy"), (acc_axes, "accuracy (%)")):
-        for grown_at in sorted({step["epoch"] for step in growth}):
-            axes.axvline(grown_at - 0.5, color="grey", linestyle=":", linewidth=1)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(ylabel)
-        axes.grid(alpha=0.3)
-        axes.legend()
-    acc_axes.set_ylim(0, 100)
-    title = os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))
-    figure.suptitle(f"{title}" + (" (dotted: --grow)" if growth else ""))
-    tmp = png_path + ".tmp.png"
-    try:
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, png_path)
-    except OSError as exc:
-        raise CommandError(f"cannot write {png_path}: {exc}") from None
 
 
 def _init_distributed(args: argparse.Namespace) -> torch.device:
@@ -806,7 +531,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     args.progress = args.progress and main_rank
     if not args.grow_noise >= 0:
         raise UsageError(f"--grow-noise must be non-negative, got {args.grow_noise}")
-    data = _make_data(args)
+    data = make_data(args)
     train_set, val_set = data.train, data.val
     if checkpoint is not None:  # before building: a mismatch is a usage error, not a shape error
         ckpt.check_matches(checkpoint, args.resume, args.model, _model_kwargs(args))
@@ -817,7 +542,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                                        f"({', '.join(train_set.class_names[:4])}, ...)")
     model, model_kwargs = _build_model(args, device, train_set[0][0])
     model.sync_bn = args.sync_bn  # fused SyncBatchNorm; in one process it changes nothing
-    growth_plan = _resolve_growth(args, model_kwargs)
+    growth_plan = resolve_growth(args, model_kwargs)
     _prepare_model(args, model, resuming=checkpoint is not None)
 
     # the loaders get their own generators, so that starting an iterator does not draw from the
@@ -928,7 +653,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     row = validation = None
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
                                                   data, progress, metrics)
-    with (_metrics_file(metrics_path, append) if writes
+    with (open_metrics(metrics_path, append) if writes
           else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop:
         writer = csv.DictWriter(metrics_file, fieldnames=METRICS) if metrics_file else None
         if writer and not append:
@@ -972,7 +697,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                     metrics_file.flush()
                     _save(last_path, payload(row))
                     if plot:
-                        _plot_curves(metrics_path, curves_path, progress.growth)
+                        plot_curves(metrics_path, curves_path, progress.growth)
         except KeyboardInterrupt:
             if progress.updating:  # the weights are half-updated: keep the previous checkpoint
                 note = f"not saved (mid-step); {last_path} is the previous checkpoint" if last_path \
@@ -991,7 +716,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
         return 0
     written = ["metrics.csv", "last.pt"]
     if writes:
-        written += _write_final_report(validation, train_set.class_names, args.out, plot)
+        written += write_final_report(validation, train_set.class_names, args.out, plot)
     if plot:
         written.insert(1, CURVES_PNG)
     saved = f"; wrote {', '.join(written)} to {args.out}" if args.out else "; nothing saved (no --out)"
@@ -1000,46 +725,6 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
           f"{validation.top5:.1f} %, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
           f"{100 / args.num_classes:.1f} %{skipped}{saved}")
     return 0
-
-
-def _write_final_report(validation: _Validation, class_names, out: str, plot: bool) -> List[str]:
-    """Per-class accuracy of the final validation: a line, PER_CLASS_CSV and (with matplotlib)
-    the confusion matrix as CONFUSION_PNG, next to metrics.csv. Returns the files written."""
-    confusion = validation.confusion.numpy()
-    per_class = evaluation.per_class_accuracy(confusion)
-    names = list(class_names)
-
-    def shown(i):
-        return f"{names[i]} {'n/a' if math.isnan(per_class[i]) else f'{100 * per_class[i]:.0f} %'}"
-
-    if len(names) <= MAX_PER_CLASS_PRINTED:
-        print("final val top-1 per class: " + ", ".join(shown(i) for i in range(len(names))))
-    else:
-        worst = sorted((i for i in range(len(names)) if not math.isnan(per_class[i])), key=lambda i: per_class[i])
-        print(f"final val top-1 per class (lowest 5 of {len(names)}; all in {PER_CLASS_CSV}): "
-              + ", ".join(shown(i) for i in worst[:5]))
-    path = os.path.join(out, PER_CLASS_CSV)
-    try:
-        with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(("class", "clips", "correct", "top1"))
-            for i, name in enumerate(names):
-                writer.writerow((name, int(confusion[i].sum()), int(confusion[i, i]),
-                                 "" if math.isnan(per_class[i]) else f"{100 * per_class[i]:.2f}"))
-        os.replace(path + ".tmp", path)
-    except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc}") from None
-    written = [PER_CLASS_CSV]
-    if plot:
-        png = os.path.join(out, CONFUSION_PNG)
-        tmp = png + ".tmp.png"
-        try:
-            evaluation.save_confusion_matrix_png(confusion, tmp, names, title="final validation")
-            os.replace(tmp, png)
-        except OSError as exc:
-            raise CommandError(f"cannot write {png}: {exc}") from None
-        written.append(CONFUSION_PNG)
-    return written
 
 
 def _grow(model, step: dict, optimizer, train_set, args, device, progress: _Progress) -> None:
@@ -1055,7 +740,7 @@ def _grow(model, step: dict, optimizer, train_set, args, device, progress: _Prog
     generator = torch.Generator().manual_seed(hash((args.seed, step["epoch"], len(progress.growth))) & (2**63 - 1))
     try:
         what = apply_growth(model, step, optimizer, data=data, noise=args.grow_noise, generator=generator)
-    except ValueError as exc:  # _resolve_growth tried every step already; this is a safety net
+    except ValueError as exc:  # resolve_growth tried every step already; this is a safety net
         raise CommandError(f"--grow at epoch {step['epoch']}: {exc}") from None
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last_3d)
