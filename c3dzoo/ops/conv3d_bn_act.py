@@ -123,7 +123,7 @@ def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
     stats = weight.shape[0] if norm in ("batch", "stats") else 0
     dtype = _reference.stats_dtype(x.dtype)
-    if keep_conv_output and norm == "batch":  # as reference.kept_conv_output
+    if _reference.conv_output_is_kept(norm, keep_conv_output):
         conv_out = torch.empty(output_shape(x.shape, weight.shape, stride, padding, dilation, ()),
                                dtype=x.dtype, device=x.device, memory_format=layout)
     else:
@@ -200,7 +200,7 @@ def _setup_context(ctx, inputs, output):
      stride, padding, dilation, activation, negative_slope, pool,
      input_stats, input_eps, input_activation, input_negative_slope, backend, keep_conv_output) = inputs
     _, mean, var, conv_output = output
-    kept = keep_conv_output and norm == "batch"  # else conv_output is empty (reference.kept_conv_output)
+    kept = _reference.conv_output_is_kept(norm, keep_conv_output)  # else conv_output is empty
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
                           conv_output if kept else None, input_stats)
     ctx.params = (norm, eps, stride, padding, dilation, activation, negative_slope, pool,

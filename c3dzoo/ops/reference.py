@@ -174,12 +174,15 @@ def forward(
     return out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output)
 
 
+def conv_output_is_kept(norm: str, keep: bool) -> bool:
+    """Whether a forward asked to keep its raw conv output returns it: for norm "batch" only, the one
+    mode whose forward computes that tensor anyway and whose backward needs it."""
+    return bool(keep) and norm == "batch"
+
+
 def kept_conv_output(y: Tensor, params: LayerParams, keep: bool) -> Tensor:
-    """A backend forward's fourth result: the raw conv output y when asked to keep it (norm "batch":
-    the only mode whose forward computes y anyway and whose backward needs it), else empty."""
-    if keep and params.norm == "batch":
-        return y
-    return y.new_empty(0)
+    """A backend forward's fourth result: y where ``conv_output_is_kept``, else an empty tensor."""
+    return y if conv_output_is_kept(params.norm, keep) else y.new_empty(0)
 
 
 def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int]) -> Tensor:
