@@ -171,6 +171,9 @@ class Contestant:
     channels_last: bool = False  # model and input in torch.channels_last_3d
     compile_mode: Optional[str] = None  # torch.compile mode; None: eager
     backend: Optional[str] = None  # c3dzoo backend of the fused model; None: stock modules
+    # fused training recomputes every conv in the backward (model.keep_conv_outputs = False): the
+    # least-memory setting, measured on whole-model training steps only
+    recompute: bool = False
 
     @property
     def compile_tier(self) -> int:
@@ -196,6 +199,7 @@ def contestants() -> List[Contestant]:
             c("compile-bf16-cl", "bf16", True, "default"),
             c("compile-maxat-bf16-cl", "bf16", True, AUTOTUNE_MODE),
             *[c(f"c3dzoo-{b}-bf16-cl", "bf16", True, backend=b) for b in FUSED_BACKENDS],
+            c("c3dzoo-triton-bf16-cl-recompute", "bf16", True, backend="triton", recompute=True),
         ]
     # CPU: fp32 only. bf16 is slow there, the Triton interpreter computes it wrongly (kernels.md),
     # and stock bf16-autocast conv3d weight gradients on CPU (torch 2.13) were seen to differ
@@ -204,6 +208,7 @@ def contestants() -> List[Contestant]:
         c("eager-fp32", "fp32"),
         c("compile-fp32", "fp32", compile_mode="default"),
         *[c(f"c3dzoo-{b}-fp32", "fp32", backend=b) for b in FUSED_BACKENDS],
+        c("c3dzoo-reference-fp32-recompute", "fp32", backend="reference", recompute=True),
     ]
 
 
@@ -216,8 +221,10 @@ def contestant_names() -> List[str]:
     return list(CONTESTANTS)
 
 
-def skip_reason(c: Contestant) -> Optional[str]:
-    """Why contestant ``c`` does not run in this session (None if it does)."""
+def skip_reason(c: Contestant, case: Optional["Case"] = None) -> Optional[str]:
+    """Why contestant ``c`` does not run in this session, or on ``case`` (None if it does)."""
+    if c.recompute and case is not None and (case.kind, case.mode) != ("model", "train"):
+        return "the recompute contestant is measured on whole-model training steps only"
     if c.compile_mode == AUTOTUNE_MODE and not PROFILE.autotune:
         return "torch.compile max-autotune takes minutes per graph: set C3DZOO_BENCH_AUTOTUNE=1"
     if c.compile_mode is not None and not PROFILE.compile:
@@ -515,6 +522,8 @@ def build_model(case: Case, c: Contestant, train: bool) -> nn.Module:
     model = model.to_empty(device=DEVICE)
     model.load_state_dict(seeded_state(case))
     model.train(train)
+    if c.recompute:
+        model.keep_conv_outputs = False
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     return model
@@ -827,7 +836,7 @@ def _record(config, benchmark, median: float) -> None:
 def run(benchmark, request, case: Case, c: Contestant) -> None:
     """Measure ``c`` on ``case`` and fill ``benchmark.extra_info``; skips with the reason when the
     contestant is unavailable or the session budget is spent."""
-    reason = skip_reason(c) or budget_skip_reason(case, c)
+    reason = skip_reason(c, case) or budget_skip_reason(case, c)
     if reason:
         pytest.skip(reason)
     benchmark.group = case.group
@@ -882,6 +891,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             kind=case.kind, target=case.target, mode=case.mode, contestant=c.name, baseline=BASELINE,
             device=DEVICE, batch=case.batch, input_shape=list(case.in_shape), precision=c.precision,
             channels_last=c.channels_last, compile_mode=c.compile_mode, backend=c.backend,
+            keep_conv_outputs=False if c.recompute else None,
             flops_per_call=case.flops, gflop_per_clip=case.flops / case.batch / 1e9,
             median_s=median, clips_per_s=case.batch / median, tflops=tflops, peak_tflops=peak_t,
             pct_peak=None if peak_t is None else 100.0 * tflops / peak_t,
