@@ -220,14 +220,14 @@ def _backward(
             grad = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
             sum_dz = grad.sum(dim=(0, 2, 3, 4), dtype=torch.float32) if (need_b and norm == "none") else None
         else:
-            # the forward's weights: the conv's own ("batch", "none") or BatchNorm folded in ("running")
-            w_packed, conv_bias = _folded_packed_weight(
-                weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
-            )
             if conv_output is not None and batch:
                 y = conv_output.contiguous(memory_format=torch.channels_last_3d)
             else:
+                # the forward's weights: the conv's own ("batch", "none") or BatchNorm folded in ("running")
+                w_packed, conv_bias = _folded_packed_weight(
+                    weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                    norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
+                )
                 y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none",
                                          negative_slope=0.0, pool=(), out_dtype=x.dtype)
             grad, sum_dz, sum_dz_xhat = act_pool_backward(
