@@ -49,6 +49,7 @@ from torch import nn
 
 import c3dzoo
 from c3dzoo.nn import Conv3dBNAct, stock_conv_bn_act
+from c3dzoo.ops import batch_statistics
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -785,6 +786,8 @@ def session_info() -> dict:
         "nvidia_ml_py": _dist_version("nvidia-ml-py"),
         "c3dzoo_commit": git_commit(),
         "c3dzoo_backends": {n: ("available" if s["available"] else s["reason"]) for n, s in c3dzoo.backends().items()},
+        # which BatchNorm statistics finalize / running update the fused training contestants ran
+        "c3dzoo_batch_statistics": batch_statistics.implementation(torch.empty(0, device=DEVICE)),
         "c3dzoo_bench": {
             **dataclasses.asdict(PROFILE),
             "baseline": BASELINE,

@@ -19,10 +19,13 @@ void launch_stem_forward(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t
 int stem_channels_per_thread();
 void launch_stem_conv_stats(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y,
                             uintptr_t part_mean, uintptr_t part_m2, int dtype, int w_stride, uintptr_t stream);
-void launch_bn_finalize(uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps,
-                        float momentum, int cumulative, uintptr_t num_batches_tracked, uintptr_t running_mean,
-                        uintptr_t running_var, uintptr_t mean_out, uintptr_t var_out, uintptr_t invstd_out,
-                        uintptr_t stream);
+int64_t bn_chan_workspace_bytes(int64_t tiles, int C);
+void launch_bn_chan_finalize(uintptr_t part_mean, uintptr_t part_m2, int64_t tiles, int C, int64_t positions,
+                             int64_t block_m, uintptr_t workspace, uintptr_t mean_out, uintptr_t var_out,
+                             uintptr_t stream);
+void launch_bn_update_running(uintptr_t mean, uintptr_t var, int C, int64_t count, float momentum, int cumulative,
+                              uintptr_t num_batches_tracked, uintptr_t running_mean, uintptr_t running_var,
+                              uintptr_t stream);
 void launch_net2net_gather(uintptr_t src, uintptr_t dst, int elem_size, uintptr_t g, const Net2NetShape& s,
                            uintptr_t stream);
 void launch_net2net_divide(uintptr_t src, uintptr_t dst, int dtype, uintptr_t g, uintptr_t counts, int power,
@@ -47,7 +50,7 @@ c3dzoo::StemShape stem_shape(int64_t n, int d, int h, int w, int cin, int cout, 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "c3dzoo CUDA kernels (stem conv+BN+act+pool, BN finalize, Net2Net remap) over raw device pointers";
+  m.doc() = "c3dzoo CUDA kernels (stem conv+BN+act+pool, BN statistics, Net2Net remap) over raw device pointers";
   m.attr("STEM_CHANNELS_PER_THREAD") = c3dzoo::stem_channels_per_thread();
   m.attr("MAX_STEM_CIN") = c3dzoo::kMaxStemCin;
   m.def("cuda_runtime_version", &c3dzoo::cuda_runtime_version);
@@ -88,20 +91,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("stem_stats_positions_per_block", [](int cout) {
     return c3dzoo::stem_stats_rows(cout, c3dzoo::stem_channels_per_thread()) * c3dzoo::kStemStatsIters;
   });
+  m.def("bn_chan_workspace_bytes", &c3dzoo::bn_chan_workspace_bytes,
+        "Bytes of device workspace bn_chan_finalize needs for `tiles` partial rows of C channels.",
+        py::arg("tiles"), py::arg("C"));
   m.def(
-      "bn_finalize",
-      [](uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps, float momentum,
-         int cumulative, uintptr_t nbt, uintptr_t running_mean, uintptr_t running_var, uintptr_t mean_out,
-         uintptr_t var_out, uintptr_t invstd_out, uintptr_t stream) {
-        c3dzoo::launch_bn_finalize(a, b, num_partials, mode, C, count, eps, momentum, cumulative, nbt, running_mean,
-                                   running_var, mean_out, var_out, invstd_out, stream);
+      "bn_chan_finalize",
+      [](uintptr_t part_mean, uintptr_t part_m2, int64_t tiles, int C, int64_t positions, int64_t block_m,
+         uintptr_t workspace, uintptr_t mean_out, uintptr_t var_out, uintptr_t stream) {
+        c3dzoo::launch_bn_chan_finalize(part_mean, part_m2, tiles, C, positions, block_m, workspace, mean_out,
+                                        var_out, stream);
       },
-      "mode 0: a,b = [num_partials, C] fp32 Σy, Σy²; mode 1: a,b = mean, biased var. Pointers may be 0. "
-      "cumulative=1 uses 1/num_batches_tracked (already incremented, int64 on device).",
-      py::arg("a"), py::arg("b"), py::arg("num_partials"), py::arg("mode"), py::arg("C"), py::arg("count"),
-      py::arg("eps"), py::arg("momentum"), py::arg("cumulative"), py::arg("num_batches_tracked"),
-      py::arg("running_mean"), py::arg("running_var"), py::arg("mean_out"), py::arg("var_out"),
-      py::arg("invstd_out"), py::arg("stream"));
+      "Batch mean and biased variance (fp32 [C]) from per-tile fp32 (mean, M2) partials [tiles][C] of "
+      "block_m positions each (the last tile: the rest of `positions`), by Chan's combination in double.",
+      py::arg("part_mean"), py::arg("part_m2"), py::arg("tiles"), py::arg("C"), py::arg("positions"),
+      py::arg("block_m"), py::arg("workspace"), py::arg("mean_out"), py::arg("var_out"), py::arg("stream"));
+  m.def(
+      "bn_update_running",
+      [](uintptr_t mean, uintptr_t var, int C, int64_t count, float momentum, int cumulative, uintptr_t nbt,
+         uintptr_t running_mean, uintptr_t running_var, uintptr_t stream) {
+        c3dzoo::launch_bn_update_running(mean, var, C, count, momentum, cumulative, nbt, running_mean, running_var,
+                                         stream);
+      },
+      "In place, as nn.BatchNorm3d: running = (1-f)*running + f*batch (unbiased var over `count` values); "
+      "f = momentum, or 1/num_batches_tracked (int64 on device, already incremented) when cumulative=1.",
+      py::arg("mean"), py::arg("var"), py::arg("C"), py::arg("count"), py::arg("momentum"), py::arg("cumulative"),
+      py::arg("num_batches_tracked"), py::arg("running_mean"), py::arg("running_var"), py::arg("stream"));
   m.def(
       "net2net_gather",
       [](uintptr_t src, uintptr_t dst, int elem_size, uintptr_t g, int64_t outer, int64_t old_size, int64_t inner,

@@ -94,14 +94,63 @@ void stem_conv_stats_host(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y,
   }
 }
 
-void bn_finalize_host(uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps,
-                      float momentum, int cumulative, int64_t num_batches_tracked, uintptr_t running_mean,
-                      uintptr_t running_var, uintptr_t mean_out, uintptr_t var_out, uintptr_t invstd_out) {
+int64_t bn_chan_workspace_bytes(int64_t tiles, int C) {
+  return c3dzoo::chan_splits(tiles, C) * (int64_t)C * (int64_t)sizeof(c3dzoo::MomentsD);
+}
+
+// The device's two steps, block by block and thread by thread in its order (the trees included), so
+// the results are the device's bit for bit. `workspace` as on the device ([splits][C] MomentsD).
+void bn_chan_finalize_host(uintptr_t part_mean, uintptr_t part_m2, int64_t tiles, int C, int64_t positions,
+                           int64_t block_m, uintptr_t workspace, uintptr_t mean_out, uintptr_t var_out) {
+  using c3dzoo::kChanLanes;
+  using c3dzoo::kChanRows;
+  using c3dzoo::MomentsD;
+  if (C < 1 || tiles < 1 || block_m < 1 || positions < 1 || positions > tiles * block_m ||
+      positions <= (tiles - 1) * block_m)
+    throw std::invalid_argument("c3dzoo._C_host.bn_chan_finalize_host: tiles, block_m and positions disagree");
+  const int64_t splits = c3dzoo::chan_splits(tiles, C);
+  const int64_t per_split = c3dzoo::chan_tiles_per_split(tiles, splits);
+  MomentsD* ws = mptr<MomentsD>(workspace);
+  std::vector<MomentsD> column(kChanRows * kChanLanes);
+  py::gil_scoped_release release;
+  const auto tree = [&]() {
+    for (int half = kChanRows / 2; half > 0; half /= 2)
+      for (int lane = 0; lane < kChanLanes; ++lane)
+        for (int r = 0; r < kChanRows; ++r) c3dzoo::chan_tree_level(&column[lane], r, half);
+  };
+  for (int chunk = 0; chunk < c3dzoo::chan_chunks(C); ++chunk) {
+    for (int64_t split = 0; split < splits; ++split) {
+      const int64_t begin = split * per_split;
+      const int64_t end = begin + per_split < tiles ? begin + per_split : tiles;
+      for (int t = 0; t < kChanRows * kChanLanes; ++t) {
+        const int lane = t % kChanLanes, r = t / kChanLanes, c = chunk * kChanLanes + lane;
+        column[t] = c < C ? c3dzoo::chan_fold_tiles(cptr<float>(part_mean), cptr<float>(part_m2), C, c, begin + r,
+                                                    end, tiles, positions, block_m)
+                          : MomentsD{0.0, 0.0, 0.0};
+      }
+      tree();
+      for (int lane = 0; lane < kChanLanes; ++lane)
+        if (chunk * kChanLanes + lane < C) ws[split * C + chunk * kChanLanes + lane] = column[lane];
+    }
+  }
+  for (int chunk = 0; chunk < c3dzoo::chan_chunks(C); ++chunk) {
+    for (int t = 0; t < kChanRows * kChanLanes; ++t) {
+      const int lane = t % kChanLanes, r = t / kChanLanes, c = chunk * kChanLanes + lane;
+      column[t] = c < C ? c3dzoo::chan_fold_splits(ws, C, c, r, splits) : MomentsD{0.0, 0.0, 0.0};
+    }
+    tree();
+    for (int lane = 0; lane < kChanLanes; ++lane)
+      if (chunk * kChanLanes + lane < C)
+        c3dzoo::chan_write(column[lane], chunk * kChanLanes + lane, mptr<float>(mean_out), mptr<float>(var_out));
+  }
+}
+
+void bn_update_running_host(uintptr_t mean, uintptr_t var, int C, int64_t count, float momentum, int cumulative,
+                            int64_t num_batches_tracked, uintptr_t running_mean, uintptr_t running_var) {
   const float factor = c3dzoo::bn_running_factor(cumulative, momentum, num_batches_tracked);
   for (int c = 0; c < C; ++c)
-    c3dzoo::bn_finalize_one(c, C, cptr<float>(a), cptr<float>(b), num_partials, mode, count, eps, factor,
-                            mptr<float>(running_mean), mptr<float>(running_var), mptr<float>(mean_out),
-                            mptr<float>(var_out), mptr<float>(invstd_out));
+    c3dzoo::bn_update_running_one(c, cptr<float>(mean), cptr<float>(var), count, factor, mptr<float>(running_mean),
+                                  mptr<float>(running_var));
 }
 
 template <typename E>
@@ -164,10 +213,15 @@ PYBIND11_MODULE(_C_host, m) {
         py::arg("w_size"), py::arg("cin"), py::arg("cout"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("pool_kernel"), py::arg("pool_stride"), py::arg("pool_padding"),
         py::arg("activation"), py::arg("negative_slope"), py::arg("w_stride"));
-  m.def("bn_finalize_host", &bn_finalize_host, py::arg("a"), py::arg("b"), py::arg("num_partials"), py::arg("mode"),
-        py::arg("C"), py::arg("count"), py::arg("eps"), py::arg("momentum"), py::arg("cumulative"),
-        py::arg("num_batches_tracked"), py::arg("running_mean"), py::arg("running_var"), py::arg("mean_out"),
-        py::arg("var_out"), py::arg("invstd_out"));
+  m.def("bn_chan_workspace_bytes", &bn_chan_workspace_bytes, py::arg("tiles"), py::arg("C"));
+  m.def("bn_chan_splits", &c3dzoo::chan_splits, py::arg("tiles"), py::arg("C"));
+  m.def("bn_chan_finalize_host", &bn_chan_finalize_host,
+        "Batch mean and biased variance from per-tile (mean, M2) partials, in the device kernels' order.",
+        py::arg("part_mean"), py::arg("part_m2"), py::arg("tiles"), py::arg("C"), py::arg("positions"),
+        py::arg("block_m"), py::arg("workspace"), py::arg("mean_out"), py::arg("var_out"));
+  m.def("bn_update_running_host", &bn_update_running_host, py::arg("mean"), py::arg("var"), py::arg("C"),
+        py::arg("count"), py::arg("momentum"), py::arg("cumulative"), py::arg("num_batches_tracked"),
+        py::arg("running_mean"), py::arg("running_var"));
   m.def("net2net_gather_host", &net2net_gather_host, py::arg("src"), py::arg("dst"), py::arg("elem_size"),
         py::arg("g"), py::arg("outer"), py::arg("old_size"), py::arg("inner"), py::arg("new_units"),
         py::arg("group"));

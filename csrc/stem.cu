@@ -2,7 +2,8 @@
 //   * stem: direct Conv3d for C_in <= 4 + folded BatchNorm bias + activation + MaxPool3d, writing
 //     only the pooled NDHWC output (the conv output never goes to memory);
 //   * stem training forward: the raw conv output and per-block (mean, M2) batch statistics;
-//   * bn_finalize: per-channel batch statistics -> mean / biased var / invstd + running stats update;
+//   * BatchNorm statistics: Chan's combination of any training kernel's per-tile (mean, M2) partials
+//     into the batch mean / biased var, and the running-statistics update;
 //   * net2net gather / divide.
 // The per-element math lives in stem_math.h (shared with the g++-built host module c3dzoo._C_host).
 // Launchers take raw device pointers (uintptr_t) and a cudaStream_t passed as an integer: no
@@ -182,16 +183,51 @@ void launch_stem_typed(const StemShape& s, uintptr_t x, uintptr_t w, uintptr_t b
   check(cudaGetLastError(), "stem kernel launch");
 }
 
-__global__ void bn_finalize_kernel(const float* a, const float* b, int num_partials, int mode, int C,
-                                   int64_t count, float eps, float momentum, int cumulative,
-                                   const int64_t* num_batches_tracked, float* running_mean,
-                                   float* running_var, float* mean_out, float* var_out, float* invstd_out) {
+// BatchNorm batch statistics, step 1 (stem_math.h, "per-tile (mean, M2) partials"): block
+// (blockIdx.x = channel chunk, blockIdx.y = split) -> workspace[split][c].
+__global__ void __launch_bounds__(kChanThreads)
+    bn_chan_partials_kernel(const float* __restrict__ part_mean, const float* __restrict__ part_m2, int C,
+                            int64_t tiles, int64_t positions, int64_t block_m, int64_t per_split,
+                            MomentsD* __restrict__ ws) {
+  __shared__ MomentsD column[kChanRows * kChanLanes];
+  const int lane = threadIdx.x % kChanLanes, r = threadIdx.x / kChanLanes;
+  const int c = blockIdx.x * kChanLanes + lane;
+  const int64_t begin = (int64_t)blockIdx.y * per_split;
+  const int64_t end = begin + per_split < tiles ? begin + per_split : tiles;
+  column[threadIdx.x] = c < C ? chan_fold_tiles(part_mean, part_m2, C, c, begin + r, end, tiles, positions, block_m)
+                              : MomentsD{0.0, 0.0, 0.0};
+  __syncthreads();
+  for (int half = kChanRows / 2; half > 0; half /= 2) {
+    chan_tree_level(&column[lane], r, half);
+    __syncthreads();
+  }
+  if (r == 0 && c < C) ws[(int64_t)blockIdx.y * C + c] = column[lane];
+}
+
+// Step 2: block `chunk` folds the splits of its channels -> mean, biased var.
+__global__ void __launch_bounds__(kChanThreads)
+    bn_chan_combine_kernel(const MomentsD* __restrict__ ws, int C, int64_t splits, float* __restrict__ mean_out,
+                           float* __restrict__ var_out) {
+  __shared__ MomentsD column[kChanRows * kChanLanes];
+  const int lane = threadIdx.x % kChanLanes, r = threadIdx.x / kChanLanes;
+  const int c = blockIdx.x * kChanLanes + lane;
+  column[threadIdx.x] = c < C ? chan_fold_splits(ws, C, c, r, splits) : MomentsD{0.0, 0.0, 0.0};
+  __syncthreads();
+  for (int half = kChanRows / 2; half > 0; half /= 2) {
+    chan_tree_level(&column[lane], r, half);
+    __syncthreads();
+  }
+  if (r == 0 && c < C) chan_write(column[lane], c, mean_out, var_out);
+}
+
+__global__ void bn_update_running_kernel(const float* __restrict__ mean, const float* __restrict__ var, int C,
+                                         int64_t count, float momentum, int cumulative,
+                                         const int64_t* __restrict__ num_batches_tracked,
+                                         float* __restrict__ running_mean, float* __restrict__ running_var) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const int64_t nbt = num_batches_tracked ? *num_batches_tracked : 1;
-  const float factor = bn_running_factor(cumulative, momentum, nbt);
-  bn_finalize_one(c, C, a, b, num_partials, mode, count, eps, factor, running_mean, running_var, mean_out,
-                  var_out, invstd_out);
+  const float factor = bn_running_factor(cumulative, momentum, cumulative ? *num_batches_tracked : 1);
+  bn_update_running_one(c, mean, var, count, factor, running_mean, running_var);
 }
 
 template <typename E>
@@ -252,18 +288,42 @@ void launch_stem_conv_stats(const StemShape& s, uintptr_t x, uintptr_t w, uintpt
 
 int stem_channels_per_thread() { return kStemCPT; }
 
-void launch_bn_finalize(uintptr_t a, uintptr_t b, int num_partials, int mode, int C, int64_t count, float eps,
-                        float momentum, int cumulative, uintptr_t num_batches_tracked, uintptr_t running_mean,
-                        uintptr_t running_var, uintptr_t mean_out, uintptr_t var_out, uintptr_t invstd_out,
-                        uintptr_t stream) {
+int64_t bn_chan_workspace_bytes(int64_t tiles, int C) {
+  return chan_splits(tiles, C) * (int64_t)C * (int64_t)sizeof(MomentsD);
+}
+
+void launch_bn_chan_finalize(uintptr_t part_mean, uintptr_t part_m2, int64_t tiles, int C, int64_t positions,
+                             int64_t block_m, uintptr_t workspace, uintptr_t mean_out, uintptr_t var_out,
+                             uintptr_t stream) {
+  if (C < 1 || tiles < 1 || block_m < 1 || positions < 1 || positions > tiles * block_m ||
+      positions <= (tiles - 1) * block_m)
+    throw std::invalid_argument("c3dzoo._C.bn_chan_finalize: tiles, block_m and positions disagree");
+  const int64_t splits = chan_splits(tiles, C);
+  const int64_t per_split = chan_tiles_per_split(tiles, splits);
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  auto ws = reinterpret_cast<MomentsD*>(workspace);
+  const dim3 grid1((unsigned)chan_chunks(C), (unsigned)splits);
+  bn_chan_partials_kernel<<<grid1, kChanThreads, 0, st>>>(reinterpret_cast<const float*>(part_mean),
+                                                         reinterpret_cast<const float*>(part_m2), C, tiles,
+                                                         positions, block_m, per_split, ws);
+  check(cudaGetLastError(), "bn_chan_partials kernel launch");
+  bn_chan_combine_kernel<<<(unsigned)chan_chunks(C), kChanThreads, 0, st>>>(
+      ws, C, splits, reinterpret_cast<float*>(mean_out), reinterpret_cast<float*>(var_out));
+  check(cudaGetLastError(), "bn_chan_combine kernel launch");
+}
+
+void launch_bn_update_running(uintptr_t mean, uintptr_t var, int C, int64_t count, float momentum, int cumulative,
+                              uintptr_t num_batches_tracked, uintptr_t running_mean, uintptr_t running_var,
+                              uintptr_t stream) {
   if (C < 1) return;
+  if (cumulative && !num_batches_tracked)
+    throw std::invalid_argument("c3dzoo._C.bn_update_running: momentum=None needs num_batches_tracked");
   const int threads = 128;
-  bn_finalize_kernel<<<(C + threads - 1) / threads, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), num_partials, mode, C, count, eps,
-      momentum, cumulative, reinterpret_cast<const int64_t*>(num_batches_tracked),
-      reinterpret_cast<float*>(running_mean), reinterpret_cast<float*>(running_var),
-      reinterpret_cast<float*>(mean_out), reinterpret_cast<float*>(var_out), reinterpret_cast<float*>(invstd_out));
-  check(cudaGetLastError(), "bn_finalize kernel launch");
+  bn_update_running_kernel<<<(C + threads - 1) / threads, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const float*>(mean), reinterpret_cast<const float*>(var), C, count, momentum, cumulative,
+      reinterpret_cast<const int64_t*>(num_batches_tracked), reinterpret_cast<float*>(running_mean),
+      reinterpret_cast<float*>(running_var));
+  check(cudaGetLastError(), "bn_update_running kernel launch");
 }
 
 void launch_net2net_gather(uintptr_t src, uintptr_t dst, int elem_size, uintptr_t g, const Net2NetShape& s,

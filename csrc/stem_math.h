@@ -188,9 +188,11 @@ struct ShiftedSums {
   float count, shift, s1, s2;
 };
 
-struct Moments {
-  float count, mean, m2;
+template <typename S>
+struct MomentsOf {
+  S count, mean, m2;
 };
+using Moments = MomentsOf<float>;
 
 C3DZOO_HD C3DZOO_INLINE void shifted_add(ShiftedSums* a, float v) {
   if (a->count == 0.f) a->shift = v;
@@ -209,14 +211,16 @@ C3DZOO_HD C3DZOO_INLINE Moments shifted_moments(const ShiftedSums& a, float k) {
   return Moments{a.count, (a.shift - k) + correction, m2 > 0.f ? m2 : 0.f};
 }
 
-C3DZOO_HD C3DZOO_INLINE void moments_merge(Moments* a, const Moments& b) {
-  if (b.count == 0.f) return;
-  if (a->count == 0.f) {
+// Chan's pairwise update: a <- a ∪ b.
+template <typename S>
+C3DZOO_HD C3DZOO_INLINE void moments_merge(MomentsOf<S>* a, const MomentsOf<S>& b) {
+  if (b.count == S(0)) return;
+  if (a->count == S(0)) {
     *a = b;
     return;
   }
-  const float n = a->count + b.count;
-  const float delta = b.mean - a->mean;
+  const S n = a->count + b.count;
+  const S delta = b.mean - a->mean;
   a->mean += delta * (b.count / n);
   a->m2 += b.m2 + delta * delta * (a->count * b.count / n);
   a->count = n;
@@ -312,74 +316,88 @@ inline bool make_stem_shape(int64_t n, int d, int h, int w, int cin, int cout, c
 }
 
 // ------------------------------------------------------------------------------------------------
-// BatchNorm statistics finalize (per channel), as nn.BatchNorm3d in training mode
+// BatchNorm batch statistics from per-tile (mean, M2) partials, the format every training-forward
+// kernel emits ([tiles][C] fp32; every tile holds block_m positions but the last, which holds the
+// rest, so counts follow from the shape and nothing is read back), combined by Chan's formula in
+// double (no Σy² is formed, so |mean| >> std costs no precision):
+//   step 1: block (chunk, split) takes kChanLanes consecutive channels (coalesced row reads) and the
+//           tiles of its split; its kChanRows threads per channel stride those tiles, then a tree
+//           over the kChanRows partial results -> one (count, mean, M2) per (split, channel);
+//   step 2: block `chunk` folds the splits the same way -> batch mean and biased variance (fp32).
 // ------------------------------------------------------------------------------------------------
-struct BNFinalized {
-  float mean;     // batch mean
-  float var;      // biased batch variance (used to normalise)
-  float invstd;   // 1 / sqrt(var + eps)
-  float running_mean;
-  float running_var;  // updated with the unbiased variance
-};
+using MomentsD = MomentsOf<double>;
+constexpr int kChanLanes = 32;
+constexpr int kChanRows = 8;
+constexpr int kChanThreads = kChanLanes * kChanRows;
+constexpr int64_t kChanMinTilesPerSplit = 128;  // >= 16 tiles per thread: the fold, not the tree, dominates
+constexpr int64_t kChanMaxBlocks = 1024;        // a few waves on a Hopper-sized GPU
 
-// mean/var from Σy and Σy² accumulated in double (clamped at 0 against cancellation).
-C3DZOO_HD C3DZOO_INLINE void bn_moments_from_sums(double sum, double sumsq, int64_t count, float* mean,
-                                                  float* var) {
-  const double m = sum / (double)count;
-  double v = sumsq / (double)count - m * m;
-  if (v < 0.0) v = 0.0;
-  *mean = (float)m;
-  *var = (float)v;
+C3DZOO_HD C3DZOO_INLINE int chan_chunks(int C) { return (C + kChanLanes - 1) / kChanLanes; }
+
+C3DZOO_HD C3DZOO_INLINE int64_t chan_splits(int64_t tiles, int C) {
+  const int64_t by_tiles = (tiles + kChanMinTilesPerSplit - 1) / kChanMinTilesPerSplit;
+  const int64_t by_blocks = kChanMaxBlocks / chan_chunks(C);
+  int64_t s = by_tiles < by_blocks ? by_tiles : by_blocks;
+  return s < 1 ? 1 : s;
 }
 
-// factor: momentum, or 1/num_batches_tracked (already incremented) for a cumulative average.
+C3DZOO_HD C3DZOO_INLINE int64_t chan_tiles_per_split(int64_t tiles, int64_t splits) {
+  return (tiles + splits - 1) / splits;
+}
+
+C3DZOO_HD C3DZOO_INLINE double chan_tile_count(int64_t r, int64_t tiles, int64_t positions, int64_t block_m) {
+  return (double)(r == tiles - 1 ? positions - (tiles - 1) * block_m : block_m);
+}
+
+// Step 1, one thread: channel c over tiles begin, begin + kChanRows, ... < end.
+C3DZOO_HD C3DZOO_INLINE MomentsD chan_fold_tiles(const float* part_mean, const float* part_m2, int C, int c,
+                                                 int64_t begin, int64_t end, int64_t tiles, int64_t positions,
+                                                 int64_t block_m) {
+  MomentsD acc{0.0, 0.0, 0.0};
+  for (int64_t r = begin; r < end; r += kChanRows) {
+    const MomentsD tile{chan_tile_count(r, tiles, positions, block_m), (double)part_mean[r * C + c],
+                        (double)part_m2[r * C + c]};
+    moments_merge(&acc, tile);
+  }
+  return acc;
+}
+
+// Step 2, one thread: channel c over splits begin, begin + kChanRows, ... < splits of the workspace
+// ([splits][C] MomentsD).
+C3DZOO_HD C3DZOO_INLINE MomentsD chan_fold_splits(const MomentsD* ws, int C, int c, int64_t begin, int64_t splits) {
+  MomentsD acc{0.0, 0.0, 0.0};
+  for (int64_t s = begin; s < splits; s += kChanRows) moments_merge(&acc, ws[s * C + c]);
+  return acc;
+}
+
+// One level of a block's tree: row r (< half) of a lane's column absorbs row r + half. The column is
+// `kChanRows` entries kChanLanes apart (a [kChanRows][kChanLanes] shared array); levels half = 4, 2, 1
+// follow each other (a barrier apart on the device).
+C3DZOO_HD C3DZOO_INLINE void chan_tree_level(MomentsD* column, int r, int half) {
+  if (r < half) moments_merge(&column[r * kChanLanes], column[(r + half) * kChanLanes]);
+}
+
+C3DZOO_HD C3DZOO_INLINE void chan_write(const MomentsD& m, int c, float* mean_out, float* var_out) {
+  mean_out[c] = (float)m.mean;
+  var_out[c] = m.count > 0.0 ? (float)(m.m2 / m.count) : 0.f;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Running statistics, as nn.BatchNorm3d in training mode: running = (1 − f)·running + f·batch with
+// the unbiased variance var·count/(count − 1); f = momentum, or 1/num_batches_tracked (already
+// incremented) for momentum=None (a cumulative average).
+// ------------------------------------------------------------------------------------------------
 C3DZOO_HD C3DZOO_INLINE float bn_running_factor(int cumulative, float momentum, int64_t num_batches_tracked) {
   if (cumulative) return 1.0f / (float)(num_batches_tracked > 0 ? num_batches_tracked : 1);
   return momentum;
 }
 
-C3DZOO_HD C3DZOO_INLINE BNFinalized bn_finalize_channel(float mean, float var, int64_t count, float eps,
-                                                        float factor, float running_mean,
-                                                        float running_var) {
-  BNFinalized r;
-  r.mean = mean;
-  r.var = var;
-  r.invstd = 1.0f / sqrtf(var + eps);
+C3DZOO_HD C3DZOO_INLINE void bn_update_running_one(int c, const float* mean, const float* var, int64_t count,
+                                                   float factor, float* running_mean, float* running_var) {
   const int64_t denom = count - 1 > 1 ? count - 1 : 1;
-  const float unbiased = var * (float)((double)count / (double)denom);
-  r.running_mean = running_mean * (1.0f - factor) + mean * factor;
-  r.running_var = running_var * (1.0f - factor) + unbiased * factor;
-  return r;
-}
-
-// One channel c of the finalize step, shared by the device kernel and the host loop.
-// mode 0: a, b are [num_partials, C] partial Σy and Σy² (reduced in double);
-// mode 1: a, b are the batch mean and biased variance [C].
-// running_mean/running_var (may be null) are updated in place; mean/var/invstd outputs may be null.
-C3DZOO_HD C3DZOO_INLINE void bn_finalize_one(int c, int C, const float* a, const float* b, int num_partials,
-                                             int mode, int64_t count, float eps, float factor,
-                                             float* running_mean, float* running_var, float* mean_out,
-                                             float* var_out, float* invstd_out) {
-  float mean, var;
-  if (mode == 0) {
-    double sum = 0.0, sumsq = 0.0;
-    for (int p = 0; p < num_partials; ++p) {
-      sum += (double)a[(int64_t)p * C + c];
-      sumsq += (double)b[(int64_t)p * C + c];
-    }
-    bn_moments_from_sums(sum, sumsq, count, &mean, &var);
-  } else {
-    mean = a[c];
-    var = b[c];
-  }
-  const float rm = running_mean ? running_mean[c] : 0.f;
-  const float rv = running_var ? running_var[c] : 1.f;
-  const BNFinalized r = bn_finalize_channel(mean, var, count, eps, factor, rm, rv);
-  if (running_mean) running_mean[c] = r.running_mean;
-  if (running_var) running_var[c] = r.running_var;
-  if (mean_out) mean_out[c] = r.mean;
-  if (var_out) var_out[c] = r.var;
-  if (invstd_out) invstd_out[c] = r.invstd;
+  const float unbiased = var[c] * (float)((double)count / (double)denom);
+  running_mean[c] = running_mean[c] * (1.0f - factor) + mean[c] * factor;
+  running_var[c] = running_var[c] * (1.0f - factor) + unbiased * factor;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ every conv output is known, so the training forward is two kernels (kernels.md, 
    the inference kernel) whose epilogue stores the raw conv output y (NDHWC, compute dtype, conv
    bias added) and, per tile of BLOCK_M positions, the tile's per-channel mean and M2 (sum of
    squared deviations from the tile mean, by the corrected two-pass algorithm within the tile) in fp32 into a ``[num_m_tiles, C_out]`` partial buffer;
-   ``finalize_statistics`` then combines the partials with Chan's parallel formula into the batch
-   mean and biased variance (fp32) with a few torch ops on that small buffer, on the device
-   (no host synchronisation);
+   ``finalize_statistics`` (or the caller's ``finalize``: c3dzoo's ops pass the CUDA kernel of
+   c3dzoo._C where it runs) then combines the partials with Chan's parallel formula into the batch
+   mean and biased variance (fp32) on the device (no host synchronisation);
 2. ``bn_act_pool``: normalise + γ/β + activation (+ max-pool) over y.
 
 Why mean/M2 per tile and not Σy, Σy²: var = E[y²] − E[y]² in fp32 cancels catastrophically when
@@ -24,7 +24,7 @@ values step 2 normalises, as stock BatchNorm takes them over its conv's output.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -131,13 +131,15 @@ def conv3d_bn_stats(
     input_eps: float = 0.0,
     input_activation: str = "none",
     input_negative_slope: float = 0.0,
+    finalize: Callable[..., Tuple[torch.Tensor, torch.Tensor]] = finalize_statistics,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, var): y = conv3d(x, w) + bias as (N, C_out, D', H', W') in x's dtype,
     channels_last_3d; mean and biased var of y per channel, fp32 (C_out,).
 
     x: any layout (copied to channels-last if it is not); w_packed from ``pack_weight`` in x's dtype;
     bias fp32 (C_out,) or None. ``input_stats`` etc.: the input prologue, as in
-    ``conv3d_bias_act_pool``. ``config`` overrides the tile choice (tests).
+    ``conv3d_bias_act_pool``. ``config`` overrides the tile choice (tests). ``finalize(part_mean,
+    part_m2, positions, block_m)`` combines the per-tile partials (the caller may run its own kernel).
     """
     if w_packed.dtype != x.dtype:
         raise TypeError(f"w_packed is {w_packed.dtype} but x is {x.dtype}")
@@ -170,5 +172,5 @@ def conv3d_bn_stats(
         **plan.scalars, **plan.constexprs,
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )
-    mean, var = finalize_statistics(part_mean, part_m2, positions, block_m)
+    mean, var = finalize(part_mean, part_m2, positions, block_m)
     return y, mean, var

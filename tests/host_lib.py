@@ -1,13 +1,15 @@
 """``c3dzoo._C``'s functions, served on CPU by ``c3dzoo._C_host`` (the g++ build of the same
 per-element math, fp32/fp64), so that the cuda backend's tensor bookkeeping — weight packing, BN
-folding, layouts, output and partial-buffer shapes, the finalize and normalise steps, the Net2Net
-remap arguments — runs in CPU tests, not first on a GPU.
+folding, layouts, output and partial-buffer shapes, the statistics finalize (for every training
+backend) and running-statistics update, the normalise step, the Net2Net remap arguments — runs in CPU
+tests, not first on a GPU.
 
 ``use_host_extension(monkeypatch)`` points ``c3dzoo.ops.cuda_impl`` at it for one test.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 
 _FP32, _FP64 = 0, 3
@@ -43,6 +45,22 @@ class HostExtension:
     def stem_stats_positions_per_block(self, cout):
         return self.host.stem_stats_positions_per_block(cout)
 
+    def bn_chan_workspace_bytes(self, tiles, c):
+        return self.host.bn_chan_workspace_bytes(tiles, c)
+
+    def bn_chan_finalize(self, part_mean, part_m2, tiles, c, positions, block_m, workspace, mean, var, stream):
+        self.calls.append("bn_chan_finalize")
+        assert stream == 0
+        self.host.bn_chan_finalize_host(part_mean, part_m2, tiles, c, positions, block_m, workspace, mean, var)
+
+    def bn_update_running(self, mean, var, c, count, momentum, cumulative, num_batches_tracked, running_mean,
+                          running_var, stream):
+        self.calls.append("bn_update_running")
+        assert stream == 0
+        # the device kernel reads num_batches_tracked from device memory; the host function takes its value
+        nbt = ctypes.c_int64.from_address(num_batches_tracked).value if num_batches_tracked else 1
+        self.host.bn_update_running_host(mean, var, c, count, momentum, cumulative, nbt, running_mean, running_var)
+
     def net2net_gather(self, src, dst, elem_size, g, outer, old_size, inner, new_units, group, stream):
         self.calls.append("net2net_gather")
         assert stream == 0
@@ -57,7 +75,8 @@ class HostExtension:
 
 
 def use_host_extension(monkeypatch) -> HostExtension:
-    """Make ``c3dzoo.ops.cuda_impl`` call the host build on CPU tensors for the rest of the test."""
+    """Make ``c3dzoo.ops.cuda_impl`` call the host build on CPU tensors for the rest of the test (the
+    BatchNorm statistics of every backend included: ``c3dzoo.ops.batch_statistics``)."""
     from c3dzoo.ops import cuda_impl
 
     ext = HostExtension()

@@ -1,7 +1,8 @@
 """The per-element math of the CUDA kernels (csrc/stem_math.h), run on the host through the g++-built
 ``c3dzoo._C_host`` module, against stock PyTorch: the stem conv + folded BN + activation + MaxPool3d
 (held to the parity budget of tests/parity.py in fp32, float64 reference), the BatchNorm finalize
-step against ``nn.BatchNorm3d``'s running statistics, and the Net2Net gather/divide against
+statistics (Chan's combination of per-tile partials against float64, the running-statistics update
+against ``nn.BatchNorm3d``), and the Net2Net gather/divide against
 ``c3dzoo.ops.net2net_remap``. No GPU and no build step needed (the module is built by pip install).
 """
 
@@ -120,56 +121,101 @@ def test_stem_rejects_bad_shapes():
                                [1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0], 1, 0.0, 8)
 
 
-def _bn_host(mode, a, b, num_partials, count, eps, momentum, nbt, running_mean, running_var):
-    C = running_mean.numel()
-    mean, var, invstd = torch.empty(C), torch.empty(C), torch.empty(C)
-    host.bn_finalize_host(
-        a.data_ptr(), b.data_ptr(), num_partials, mode, C, count, eps, 0.0 if momentum is None else momentum,
-        int(momentum is None), nbt, running_mean.data_ptr(), running_var.data_ptr(), mean.data_ptr(),
-        var.data_ptr(), invstd.data_ptr(),
-    )
-    return mean, var, invstd
+def _chan_finalize_host(part_mean, part_m2, positions, block_m):
+    tiles, c = part_mean.shape
+    workspace = torch.empty(host.bn_chan_workspace_bytes(tiles, c), dtype=torch.uint8)
+    mean, var = torch.full((c,), float("nan")), torch.full((c,), float("nan"))
+    host.bn_chan_finalize_host(part_mean.data_ptr(), part_m2.data_ptr(), tiles, c, positions, block_m,
+                               workspace.data_ptr(), mean.data_ptr(), var.data_ptr())
+    return mean, var
+
+
+def _tile_partials(y, block_m):
+    """fp32 per-tile (mean, M2) of y [positions, C], as the training kernels emit them."""
+    parts = y.double().split(block_m)
+    part_mean = torch.stack([p.mean(dim=0) for p in parts])
+    part_m2 = torch.stack([((p - p.mean(dim=0)) ** 2).sum(dim=0) for p in parts])
+    return part_mean.float().contiguous(), part_m2.float().contiguous()
+
+
+# positions, C, block_m: one tile; a short last tile; channels not a multiple of the 32 lanes; enough
+# tiles for several splits (and a split count that does not divide them); one channel
+CHAN_CASES = [(7, 3, 16), (1000, 5, 64), (4100, 70, 16), (70_001, 33, 8), (513, 1, 4)]
+
+
+@pytest.mark.parametrize("big_mean", [False, True], ids=["unit", "mean_1e3_std_1e-2"])
+@pytest.mark.parametrize("positions,C,block_m", CHAN_CASES)
+def test_chan_finalize_matches_float64(positions, C, block_m, big_mean):
+    """The device's two-step Chan combination (host build, same order) against float64 statistics of
+    the data, and against the torch-ops finalize the other paths use, when |mean| ≫ std too."""
+    from c3dzoo.kernels._statistics import finalize_statistics
+
+    g = torch.Generator().manual_seed(positions + C)
+    y = torch.randn(positions, C, generator=g, dtype=torch.float64) * (1 + torch.arange(C))
+    if big_mean:
+        y = y * 0.01 + 1000.0
+    y = y.float().double()  # the stored fp32 values are the data
+    var64, mean64 = torch.var_mean(y, dim=0, correction=0)
+    part_mean, part_m2 = _tile_partials(y, block_m)
+    tiles = part_mean.shape[0]
+    assert host.bn_chan_splits(tiles, C) == max(1, min(-(-tiles // 128), 1024 // -(-C // 32)))
+    mean, var = _chan_finalize_host(part_mean, part_m2, positions, block_m)
+    # the combination's own error: against the exact (float64) combination of the same fp32 partials
+    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float64)
+    counts[-1] = positions - (tiles - 1) * block_m
+    exact_mean = (counts * part_mean.double()).sum(dim=0) / positions
+    exact_var = (part_m2.double().sum(dim=0) + (counts * (part_mean.double() - exact_mean) ** 2).sum(dim=0)) / positions
+    torch.testing.assert_close(mean, exact_mean.float(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var, exact_var.float(), rtol=1e-6, atol=0)
+    # and against the data: what is left is the rounding of the tile means to fp32 (an ulp of |mean|
+    # per tile: ~1e-4 of the variance when |mean|/std = 1e5), never the cancellation Σy² − n·mean² has
+    torch.testing.assert_close(mean, mean64.float(), rtol=2e-7, atol=1e-7 * float(mean64.abs().max()))
+    torch.testing.assert_close(var, var64.float(), rtol=1e-3 if big_mean else 5e-6, atol=0)
+    torch_mean, torch_var = finalize_statistics(part_mean, part_m2, positions, block_m)
+    # the torch ops sum in fp32: an error of ~eps32 of the data's magnitude, not of the mean's
+    torch.testing.assert_close(mean, torch_mean, rtol=1e-6, atol=1e-6 * float(y.abs().max()))
+    torch.testing.assert_close(var, torch_var, rtol=1e-4 if big_mean else 2e-5, atol=0)
+
+
+def test_chan_finalize_rejects_inconsistent_counts():
+    part = torch.zeros(4, 3)
+    for positions in (0, 3 * 8, 4 * 8 + 1):  # empty; the last tile empty; more than 4 tiles hold
+        with pytest.raises(ValueError, match="disagree"):
+            _chan_finalize_host(part, part, positions, 8)
+
+
+def _update_host(mean, var, count, momentum, nbt, running_mean, running_var):
+    host.bn_update_running_host(mean.data_ptr(), var.data_ptr(), mean.numel(), count,
+                                0.0 if momentum is None else momentum, int(momentum is None), nbt,
+                                running_mean.data_ptr(), running_var.data_ptr())
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
-@pytest.mark.parametrize("mode", [0, 1])
-def test_bn_finalize_matches_batchnorm3d(momentum, mode):
-    C, eps = 7, 1e-5
-    bn = nn.BatchNorm3d(C, eps=eps, momentum=momentum)
+def test_running_update_matches_batchnorm3d(momentum):
+    C = 7
+    bn = nn.BatchNorm3d(C, momentum=momentum)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         bn.running_mean.copy_(torch.randn(C, generator=g))
         bn.running_var.copy_(0.5 + torch.rand(C, generator=g))
     rm, rv = bn.running_mean.clone(), bn.running_var.clone()
-    for step in range(3):  # several steps: the cumulative average depends on num_batches_tracked
+    for _ in range(3):  # several steps: the cumulative average depends on num_batches_tracked
         y = torch.randn(3, C, 2, 5, 4, generator=g) * (1 + torch.arange(C).view(1, C, 1, 1, 1)) + 0.5
         bn.train()(y)
-        count = y.numel() // C
-        if mode == 0:  # per-sample fp32 partial sums, reduced in double by the kernel math
-            a = y.sum(dim=(2, 3, 4)).contiguous()
-            b = (y * y).sum(dim=(2, 3, 4)).contiguous()
-            parts = y.shape[0]
-        else:
-            var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
-            a, b, parts = mean64.float().contiguous(), var64.float().contiguous(), 1
-        mean, var, invstd = _bn_host(mode, a, b, parts, count, eps, momentum, int(bn.num_batches_tracked), rm, rv)
-        var_ref, mean_ref = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
-        tol = dict(rtol=2e-5, atol=2e-5) if mode == 0 else dict(rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(mean, mean_ref.float(), **tol)
-        torch.testing.assert_close(var, var_ref.float(), **tol)
-        torch.testing.assert_close(invstd, torch.rsqrt(var_ref + eps).float(), **tol)
-        torch.testing.assert_close(rm, bn.running_mean, **tol)
-        torch.testing.assert_close(rv, bn.running_var, **tol)
+        var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+        _update_host(mean64.float(), var64.float(), y.numel() // C, momentum, int(bn.num_batches_tracked), rm, rv)
+        torch.testing.assert_close(rm, bn.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv, bn.running_var, rtol=1e-6, atol=1e-6)
 
 
-def test_bn_finalize_matches_reference_update():
+def test_running_update_matches_reference_update():
     C = 5
     g = torch.Generator().manual_seed(4)
     mean, var = torch.randn(C, generator=g), torch.rand(C, generator=g)
     rm, rv = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5
     rm2, rv2 = rm.clone(), rv.clone()
     reference.update_running_stats(rm2, rv2, None, mean, var, 40, 0.1)
-    _bn_host(1, mean, var, 1, 40, 1e-5, 0.1, 0, rm, rv)
+    _update_host(mean, var, 40, 0.1, 0, rm, rv)
     torch.testing.assert_close(rm, rm2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(rv, rv2, rtol=1e-6, atol=1e-7)
 

@@ -155,3 +155,59 @@ def test_cuda_stem_training_parity(name, dtype, monkeypatch):
     stock, ref = run(dtype, "reference"), run(torch.float64, "reference")
     for what, f, s_, r in zip(("output", "running_mean", "running_var", "x.grad", "weight.grad"), fused, stock, ref):
         assert_parity(f, s_, r, dtype, f"cuda stem training {name} {dtype}: {what}")
+
+
+def _exact_combination(part_mean, part_m2, positions, block_m):
+    tiles = part_mean.shape[0]
+    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float64, device=part_mean.device)
+    counts[-1] = positions - (tiles - 1) * block_m
+    mean = (counts * part_mean.double()).sum(dim=0) / positions
+    m2 = part_m2.double().sum(dim=0) + (counts * (part_mean.double() - mean) ** 2).sum(dim=0)
+    return mean, m2 / positions
+
+
+@gpu
+@pytest.mark.gpu
+# positions, C, block_m: conv1 and conv3a of C3D at batch 32 (Triton tiles of 128 / 64), a short last tile
+@pytest.mark.parametrize("positions,C,block_m", [(32 * 16 * 112 * 112, 64, 128), (32 * 8 * 28 * 28, 256, 64),
+                                                 (1000, 5, 64)])
+def test_statistics_kernels_on_the_gpu(positions, C, block_m):
+    """bn_chan_finalize against the exact combination of the same partials (|mean| ≫ spread), also
+    inside a CUDA graph; bn_update_running against nn.BatchNorm3d over several steps."""
+    if _cuda_reason() is not None:
+        pytest.skip(f"cuda backend unavailable: {_cuda_reason()}")
+    from c3dzoo.kernels._statistics import finalize_statistics
+
+    tiles = -(-positions // block_m)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    part_mean = 100.0 + 0.1 * torch.randn(tiles, C, device="cuda", generator=g)
+    part_m2 = torch.rand(tiles, C, device="cuda", generator=g) * block_m * 0.01
+    mean, var = cuda_impl.finalize_statistics(part_mean, part_m2, positions, block_m)
+    exact_mean, exact_var = _exact_combination(part_mean, part_m2, positions, block_m)
+    torch.testing.assert_close(mean, exact_mean.float(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var, exact_var.float(), rtol=1e-6, atol=0)
+    torch_mean, torch_var = finalize_statistics(part_mean, part_m2, positions, block_m)
+    torch.testing.assert_close(mean, torch_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var, torch_var, rtol=1e-3, atol=0)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_mean, g_var = cuda_impl.finalize_statistics(part_mean, part_m2, positions, block_m)
+    part_mean.add_(1.0)  # the replay reads the new partials
+    graph.replay()
+    torch.cuda.synchronize()
+    exact_mean, exact_var = _exact_combination(part_mean, part_m2, positions, block_m)
+    torch.testing.assert_close(g_mean, exact_mean.float(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(g_var, exact_var.float(), rtol=1e-6, atol=0)
+
+    for momentum in (0.1, None):
+        bn = torch.nn.BatchNorm3d(C, momentum=momentum).cuda()
+        rm, rv, nbt = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+        for _ in range(3):
+            y = torch.randn(2, C, 2, 3, 3, device="cuda", generator=g) * 3 + 1
+            bn.train()(y)
+            var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+            assert cuda_impl.update_running_stats(rm, rv, nbt, mean64.float(), var64.float(), y.numel() // C, momentum)
+        torch.testing.assert_close(rm, bn.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv, bn.running_var, rtol=1e-6, atol=1e-6)
+        assert torch.equal(nbt, bn.num_batches_tracked)

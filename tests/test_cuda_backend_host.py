@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import c3dzoo
 from c3dzoo.ops import cuda_impl, reference
 from c3dzoo.ops.backends import LayerParams
 from c3dzoo.ops.conv3d_bn_act import normalize_pool
@@ -91,7 +92,7 @@ def test_stem_training_forward_on_the_host_build(name, norm, monkeypatch):
     params = _params(name, norm)
     args = (*_as_fp32(t64)[:5], None, None)
     out, mean, var, kept = cuda_impl.forward(*args, params, keep_conv_output=True)
-    assert ext.calls == ["stem_conv_stats"]
+    assert ext.calls == ["stem_conv_stats", "bn_chan_finalize"]
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     stock_out, stock_mean, stock_var, stock_kept = reference.forward(*args, params, keep_conv_output=True)
     ref_out, ref_mean, ref_var, ref_kept = reference.forward(x64, w64, b64, g64, beta64, None, None, params,
@@ -136,3 +137,63 @@ def test_net2net_remap_cuda_path_on_the_host_build(dtype, power, monkeypatch):
         torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=0)
     else:
         assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm statistics: every training backend finalizes and updates through c3dzoo._C where it runs
+# --------------------------------------------------------------------------------------------
+
+
+def _training_steps(backend, momentum, steps=3, dtype=torch.float32):
+    """``steps`` training calls of the fused op and of stock modules on the same data: (fused
+    outputs, BN buffers), (stock outputs, BN buffers)."""
+    g = torch.Generator().manual_seed(8)
+    conv = torch.nn.Conv3d(5, 6, 3, padding=1).to(dtype)
+    bn = torch.nn.BatchNorm3d(6, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        conv.bias.add_(50.0)  # |mean| ≫ std for the statistics
+        bn.running_var.fill_(2.0)
+    buffers = [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    outs, stock = [], []
+    for _ in range(steps):
+        x = torch.randn(2, 5, 3, 5, 5, generator=g, dtype=dtype)
+        outs.append(c3dzoo.ops.conv3d_bn_act(
+            x, conv.weight, conv.bias, bn.weight, bn.bias, buffers[0], buffers[1], num_batches_tracked=buffers[2],
+            training=True, momentum=momentum, padding=1, activation="relu", backend=backend,
+        ).detach())
+        stock.append(torch.relu(bn.train()(conv(x))).detach())
+    return (outs, buffers), (stock, [bn.running_mean, bn.running_var, bn.num_batches_tracked])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_training_statistics_run_on_the_extension(backend, momentum, monkeypatch):
+    """The Triton conv's partials are finalized by bn_chan_finalize and its running statistics
+    updated by bn_update_running (momentum=None: 1/num_batches_tracked after its increment); the
+    reference backend stays stock PyTorch. Both equal stock BatchNorm3d over several steps."""
+    ext = use_host_extension(monkeypatch)
+    (outs, buffers), (stock, stock_buffers) = _training_steps(backend, momentum)
+    step_calls = ["bn_chan_finalize", "bn_update_running"] if backend == "triton" else []
+    assert ext.calls == step_calls * 3
+    for out, want in zip(outs, stock):
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    for got, want in zip(buffers, stock_buffers):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert buffers[2].item() == 3
+
+
+def test_statistics_kernels_can_be_switched_off_and_skip_what_they_do_not_take(monkeypatch):
+    ext = use_host_extension(monkeypatch)
+    ones64 = torch.ones(4, dtype=torch.float64)
+    strided = torch.zeros(8)[::2]
+    for rm, rv, mean in ((torch.zeros(4, dtype=torch.float64), ones64.clone(), ones64),  # fp64 buffers
+                         (strided, torch.ones(4), torch.ones(4)),  # a non-contiguous buffer
+                         (torch.zeros(4), torch.ones(4), torch.ones(5))):  # mismatched lengths
+        before = (rm.clone(), rv.clone())
+        assert not cuda_impl.update_running_stats(rm, rv, None, mean, mean.clone(), 10, 0.1)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    assert ext.calls == []
+    monkeypatch.setenv(cuda_impl.STATISTICS_ENV_VAR, "0")
+    (_, buffers), (_, stock_buffers) = _training_steps("triton", 0.1, steps=1)
+    assert ext.calls == []
+    torch.testing.assert_close(buffers[1], stock_buffers[1], rtol=1e-5, atol=1e-5)

@@ -25,6 +25,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from . import backends as _backends
+from . import batch_statistics as _batch_statistics
 from . import reference as _reference
 from . import sync_batch_norm as _sync_batch_norm
 
@@ -242,12 +243,15 @@ def _update_running_stats_op(
     var: Tensor,
     count: int,
     momentum: Optional[float],
+    backend: str,
 ) -> None:
-    _reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    _batch_statistics.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                                           momentum, backend=backend)
 
 
 @_update_running_stats_op.register_fake
-def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum,
+                               backend):
     return None
 
 
@@ -556,7 +560,7 @@ def conv3d_bn_act(
     if updates_running_stats:
         _update_running_stats_op(
             running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
-            None if momentum is None else float(momentum),
+            None if momentum is None else float(momentum), name,
         )
     if deferred:
         return PendingBatchNorm(out, _deferred_stats(mean, var, bn_weight, bn_bias), float(eps), activation,

@@ -1,14 +1,17 @@
 """The ``cuda`` backend: hand-written CUDA C++ kernels from csrc/, through the ``c3dzoo._C`` module.
 
-Implemented in this version: the stem only — Conv3d with C_in ≤ 4 (conv1 of C3D, the r3d / r2plus1d
-stems):
+As a conv backend it implements the stem only — Conv3d with C_in ≤ 4 (conv1 of C3D, the r3d /
+r2plus1d stems):
 
 * inference — BatchNorm with running statistics folded into the weight and bias (or no BatchNorm) +
   activation (+ MaxPool3d), one direct-convolution kernel that writes only the pooled NDHWC output;
 * training (batch statistics) — a direct-convolution kernel that writes the raw conv output and
   per-block (mean, M2) partials (``stem_conv_stats``), the Chan combination of the partials
-  (``c3dzoo.kernels._statistics``), then normalise + activation (+ pool) (``_normalize``: the Triton
+  (``batch_statistics.finalize``), then normalise + activation (+ pool) (``_normalize``: the Triton
   kernel when Triton runs, else stock ops).
+
+It also holds the BatchNorm statistics kernels every training backend uses where ``c3dzoo._C`` runs
+(``finalize_statistics``, ``update_running_stats``; ``batch_statistics`` chooses).
 
 Every other configuration is declined by ``supports`` (the registry then falls back, with the reason).
 Backward: the Triton backend's (recompute the conv output from x, Triton act/pool/BN backward, dgrad,
@@ -21,12 +24,13 @@ module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight p
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from typing import Optional, Tuple
 
 import torch
 
-from c3dzoo.kernels._statistics import finalize_statistics
-
+from . import batch_statistics
 from . import reference as _reference
 from ._normalize import kernel_available, normalize_act_pool
 from .conv3d_bn_act import output_shape
@@ -50,6 +54,17 @@ def extension():
 
     return _C
 
+
+@functools.lru_cache(maxsize=None)
+def _extension_loads() -> bool:
+    try:
+        extension()
+    except ImportError:
+        return False
+    return True
+
+
+_DEFAULT_EXTENSION = extension
 
 # The device whose memory the pointers given to ``extension()`` address. Only tests change it (with
 # ``extension``): tests/host_lib.py runs this module's tensor bookkeeping on CPU through c3dzoo._C_host,
@@ -192,12 +207,73 @@ def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
             part_m2.data_ptr(), _DTYPE_CODES[x.dtype], n, d, h, w, c_in, c_out, list(weight.shape[2:]),
             list(stride), list(padding), list(dilation), w_stride, stream_handle(x),
         )
-        mean, var = finalize_statistics(part_mean, part_m2, positions, per_block)
+        mean, var = batch_statistics.finalize(part_mean, part_m2, positions, per_block)
         if params.norm == "stats":
             return y, mean, var, y
         out = normalize_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=params.activation,
                                  negative_slope=params.negative_slope, pool=params.pool, use_kernel=True)
     return out.contiguous(memory_format=torch.channels_last_3d), mean, var, y
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm statistics kernels, used by every training backend (``batch_statistics`` chooses)
+# --------------------------------------------------------------------------------------------
+
+STATISTICS_ENV_VAR = "C3DZOO_CUDA_STATISTICS"
+
+
+def runs_statistics(t: Tensor) -> bool:
+    """Whether ``c3dzoo._C``'s statistics kernels run on ``t``'s device (not with
+    ``C3DZOO_CUDA_STATISTICS=0``)."""
+    if t.device.type != DEVICE_TYPE or os.environ.get(STATISTICS_ENV_VAR, "1").strip() == "0":
+        return False
+    if extension is _DEFAULT_EXTENSION:
+        return _extension_loads()
+    return True  # a test's stand-in (tests/host_lib.py)
+
+
+def finalize_statistics(part_mean: Tensor, part_m2: Tensor, positions: int, block_m: int) -> Tuple[Tensor, Tensor]:
+    """``kernels._statistics.finalize_statistics`` on the device: Chan's combination of fp32
+    [tiles, C] (mean, M2) partials in double, two launches."""
+    if part_mean.dtype != torch.float32 or part_m2.dtype != torch.float32 or part_mean.shape != part_m2.shape \
+            or part_mean.dim() != 2:
+        raise ValueError(f"partials must be two float32 [tiles, C] tensors, got {part_mean.dtype} "
+                         f"{tuple(part_mean.shape)} and {part_m2.dtype} {tuple(part_m2.shape)}")
+    lib = extension()
+    tiles, c = part_mean.shape
+    part_mean, part_m2 = part_mean.contiguous(), part_m2.contiguous()
+    workspace = torch.empty(lib.bn_chan_workspace_bytes(tiles, c), dtype=torch.uint8, device=part_mean.device)
+    mean = torch.empty(c, dtype=torch.float32, device=part_mean.device)
+    var = torch.empty(c, dtype=torch.float32, device=part_mean.device)
+    with device_scope(part_mean):
+        lib.bn_chan_finalize(part_mean.data_ptr(), part_m2.data_ptr(), tiles, c, int(positions), int(block_m),
+                             workspace.data_ptr(), mean.data_ptr(), var.data_ptr(), stream_handle(part_mean))
+    return mean, var
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                         mean: Tensor, var: Tensor, count: int, momentum: Optional[float]) -> bool:
+    """``reference.update_running_stats`` in one launch (plus num_batches_tracked's increment);
+    False, having changed nothing, for tensors it does not take (not contiguous fp32 vectors of one
+    length, or a num_batches_tracked that is not an int64 scalar)."""
+    c = running_mean.numel()
+    vectors_ok = all(t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous() and t.numel() == c
+                     for t in (running_mean, running_var, mean, var))
+    nbt_ok = num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
+                                            and num_batches_tracked.numel() == 1)
+    if not (vectors_ok and nbt_ok):
+        return False
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    with device_scope(running_mean):
+        extension().bn_update_running(
+            mean.data_ptr(), var.data_ptr(), c, int(count), 0.0 if momentum is None else float(momentum),
+            int(momentum is None), 0 if num_batches_tracked is None else num_batches_tracked.data_ptr(),
+            running_mean.data_ptr(), running_var.data_ptr(), stream_handle(running_mean),
+        )
+    return True
 
 
 def backward(grad_out: Tensor, x: Tensor, *args, **kwargs):

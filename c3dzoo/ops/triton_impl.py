@@ -44,6 +44,7 @@ from c3dzoo.kernels.conv3d_dgrad import conv3d_dgrad, dgrad_unsupported_reason, 
 from c3dzoo.kernels.conv3d_wgrad import conv3d_wgrad
 from c3dzoo.kernels._limits import IndexOverflowError
 
+from . import batch_statistics
 from . import backends as _backends
 from . import reference as _reference
 from ._weight_cache import FoldedWeightCache, cached_folded
@@ -170,6 +171,7 @@ def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
         )
         y, mean, var = conv3d_bn_stats(
             x, w_packed, conv_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(), **prologue,
+            finalize=batch_statistics.finalize,
         )
         if params.norm == "stats":
             return y, mean, var, y
