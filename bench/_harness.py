@@ -624,6 +624,21 @@ def _schedule(t_call: float) -> Tuple[int, int]:
     return int(min(p.max_rounds, max(p.min_rounds, rounds))), int(iterations)
 
 
+def _host_time(call: Callable, calls: int = 5) -> float:
+    """Median seconds the host spends issuing one call (Python, dispatch, launches), each started on
+    an idle device and timed until it returns, before its kernels finish. A step whose host time
+    approaches its device time is bound by the CPU: CUDA graphs or torch.compile would help it."""
+    times = []
+    for _ in range(calls):
+        device_timer()
+        t0 = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - t0)
+        del result
+    device_timer()
+    return sorted(times)[len(times) // 2]
+
+
 def _peak_memory(call: Callable) -> Tuple[Optional[int], Optional[int]]:
     """(peak bytes allocated during one call, bytes allocated before it)."""
     if not CUDA:
@@ -874,6 +889,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
                 raise AssertionError(f"{c.name} on {case.group}: non-finite output")
             rel_err = None if train else _rel_err(result, _reference_output(case))
             result = None
+            host_s = _host_time(lambda: step(*sets[0])) if CUDA else None  # on CPU: the wall time
             peak, resident = _peak_memory(lambda: step(*sets[0]))
 
             sets += [make_inputs(case, c, train, i) for i in range(1, _input_sets_needed(_input_bytes(sets[0])))]
@@ -900,6 +916,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             pct_peak=None if peak_t is None else 100.0 * tflops / peak_t,
             peak_mem_bytes=peak, resident_mem_bytes=resident,
             first_call_s=first_call_s, compile_s=first_call_s if c.compile_mode else None,
+            host_s=host_s, host_bound=None if not CUDA else host_s > 0.9 * median,
             rel_err_vs_fp32=rel_err, fallbacks=sorted(set(c3dzoo.fallbacks().values())),
             auto_choices=c3dzoo.ops.backends.tuning(),  # which backend "auto" measured faster, where several could run
             rounds=rounds, iterations=iterations, input_sets=len(sets), gpu=gpu,

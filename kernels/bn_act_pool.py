@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cached_plan, cdiv, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import (batch_norm_coefficients, channel_tile, normalize_activate,
                              pool_window_position, split_position)
@@ -78,9 +79,9 @@ class ElementwiseConfig:
 def select_config(channels: int, positions: int, device: torch.device) -> ElementwiseConfig:
     """4096 elements a program on a GPU (channels contiguous: a warp reads whole channel rows);
     under the interpreter, which pays per program, few large blocks."""
-    block_c = max(16, min(64, triton.next_power_of_2(channels)))
+    block_c = max(16, min(64, next_power_of_2(channels)))
     if device.type != "cuda":
-        return ElementwiseConfig(max(16, min(1024, triton.next_power_of_2(positions))), block_c, 4)
+        return ElementwiseConfig(max(16, min(1024, next_power_of_2(positions))), block_c, 4)
     return ElementwiseConfig(4096 // block_c, block_c, 4)
 
 
@@ -93,6 +94,7 @@ class ElementwisePlan:
     constexprs: Dict[str, object]
 
 
+@cached_plan
 def plan_bn_act_pool(
     y_shape: Sequence[int],
     *,
@@ -117,7 +119,7 @@ def plan_bn_act_pool(
         raise IndexOverflowError(f"bn_act_pool: output of {positions} positions is too large for int32 positions")
     if config is None:
         config = select_config(channels, positions, device)
-    grid = (triton.cdiv(positions, config.block_p) * triton.cdiv(channels, config.block_c),)
+    grid = (cdiv(positions, config.block_p) * cdiv(channels, config.block_c),)
     scalars = dict(
         conv_d=conv_d, conv_h=conv_h, conv_w=conv_w, channels=channels,
         out_d=out_size[0], out_h=out_size[1], out_w=out_size[2], out_positions=positions,

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cached_plan, cdiv
 from ._implicit_gemm import (apply_activation, batch_norm_coefficients, channel_tile,
                              pool_window_position, split_position)
 from .bn_act_pool import ElementwiseConfig, ElementwisePlan, fp32_vectors, plan_bn_act_pool, select_config
@@ -146,6 +147,7 @@ def _pool_covers(conv_size: Sequence[int], out_size: Sequence[int], pool: Sequen
     return all(k == s and o * s - p >= c for c, o, k, s, p in zip(conv_size, out_size, kernel, stride, padding))
 
 
+@cached_plan
 def plan_act_pool_backward(
     y_shape: Sequence[int],
     *,
@@ -208,7 +210,7 @@ def act_pool_backward(
     dz = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last_3d)
     if not covered:
         dz.zero_()
-    tiles = triton.cdiv(plan.scalars["out_positions"], plan.config.block_p)
+    tiles = cdiv(plan.scalars["out_positions"], plan.config.block_p)
     part_sum = torch.empty((tiles, channels), dtype=torch.float32, device=y.device)
     part_dot = torch.empty((tiles, channels), dtype=torch.float32, device=y.device) if has_norm else part_sum
     mean, var, gamma, beta = fp32_vectors(mean, var, gamma, beta)
@@ -245,7 +247,7 @@ def bn_backward_(
         y.shape, eps=eps, activation="none", negative_slope=0.0, pool=(), has_gamma=False, has_beta=False,
         device=y.device, config=config,
     )
-    grid = (triton.cdiv(positions, plan.config.block_p) * triton.cdiv(channels, plan.config.block_c),)
+    grid = (cdiv(positions, plan.config.block_p) * cdiv(channels, plan.config.block_c),)
     bn_backward_kernel[grid](
         dz, y, mean.float().contiguous(), invstd.contiguous(), coef.contiguous(),
         (sum_dz / positions).contiguous(), (sum_dz_xhat / positions).contiguous(), dz,

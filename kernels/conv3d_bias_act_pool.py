@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cached_plan, cdiv, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import apply_activation, conv_tile, output_tile
 
@@ -179,7 +180,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _next_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+    return max(lo, min(hi, next_power_of_2(max(1, n))))
 
 
 def _use_flat_k(in_c: int, taps: int) -> bool:
@@ -213,7 +214,7 @@ def select_config(
     else:
         config = CHANNEL_BLOCKS_128x128x64
     if not config.flat_k:
-        tiles = triton.cdiv(positions, config.block_m) * triton.cdiv(out_c, config.block_n)
+        tiles = cdiv(positions, config.block_m) * cdiv(out_c, config.block_n)
         if tiles < _sm_count(device.index if device.index is not None else torch.cuda.current_device()):
             config = CHANNEL_BLOCKS_64x64x64
     return config.for_dtype(dtype, tf32)
@@ -255,6 +256,7 @@ class LaunchPlan:
     constexprs: Dict[str, object]
 
 
+@cached_plan
 def plan_launch(
     x_shape: Sequence[int],
     out_c: int,
@@ -309,7 +311,7 @@ def plan_launch(
         or kd * kh * kw * in_c * out_c >= INT32_LIMIT
     ):
         raise IndexOverflowError(f"conv3d_bias_act_pool: input {tuple(x_shape)} is too large for the kernel's int32 offsets")
-    grid = (triton.cdiv(positions, config.block_m) * triton.cdiv(out_c, config.block_n),)
+    grid = (cdiv(positions, config.block_m) * cdiv(out_c, config.block_n),)
     scalars = dict(
         in_d=in_d, in_h=in_h, in_w=in_w, in_c=in_c,
         conv_d=conv_size[0], conv_h=conv_size[1], conv_w=conv_size[2], out_c=out_c,

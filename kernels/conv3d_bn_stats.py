@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cached_plan, cdiv
 from ._implicit_gemm import conv_tile, output_tile
 from ._statistics import finalize_statistics
 from .conv3d_bias_act_pool import LaunchPlan, TileConfig, _triple, checked_input_stats, plan_launch
@@ -84,6 +85,7 @@ def conv3d_bn_stats_kernel(
     tl.store(part_m2_ptr + part, tile_m2, mask=n_mask)
 
 
+@cached_plan
 def plan_stats_launch(
     x_shape: Sequence[int],
     out_c: int,
@@ -163,7 +165,7 @@ def conv3d_bn_stats(
     if positions == 0:
         raise ValueError("batch statistics of an empty tensor")
     block_m = plan.config.block_m
-    tiles = triton.cdiv(positions, block_m)
+    tiles = cdiv(positions, block_m)
     part_mean = torch.empty((tiles, out_c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty((tiles, out_c), dtype=torch.float32, device=x.device)
     conv3d_bn_stats_kernel[plan.grid](

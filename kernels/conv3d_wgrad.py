@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cached_plan, cdiv
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import split_position
 from .conv3d_bias_act_pool import (
@@ -138,6 +139,7 @@ def select_wgrad_config(in_c: int, out_c: int, dtype: torch.dtype, device: torch
     return config.for_dtype(dtype, tf32)
 
 
+@cached_plan
 def plan_wgrad_launch(
     x_shape: Sequence[int],
     dy_shape: Sequence[int],
@@ -164,20 +166,20 @@ def plan_wgrad_launch(
     if config is None:
         config = select_wgrad_config(in_c, out_c, dtype, device, tf32)
     if config.flat_k:
-        row_tiles = triton.cdiv(rows, config.block_m)
+        row_tiles = cdiv(rows, config.block_m)
     else:
-        row_tiles = kd * kh * kw * triton.cdiv(in_c, config.block_m)
-    tiles = row_tiles * triton.cdiv(out_c, config.block_n)
-    steps = triton.cdiv(positions, config.block_k)
+        row_tiles = kd * kh * kw * cdiv(in_c, config.block_m)
+    tiles = row_tiles * cdiv(out_c, config.block_n)
+    steps = cdiv(positions, config.block_k)
     if splits is None:
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
-            wanted = triton.cdiv(4 * _sm_count(index), tiles)  # about four programs per SM
+            wanted = cdiv(4 * _sm_count(index), tiles)  # about four programs per SM
             splits = max(1, min(wanted, steps // _MIN_STEPS_PER_SPLIT))
         else:
             splits = 1
-    steps_per_split = triton.cdiv(steps, splits)
-    splits = triton.cdiv(steps, steps_per_split)  # no empty split
+    steps_per_split = cdiv(steps, splits)
+    splits = cdiv(steps, steps_per_split)  # no empty split
     scalars = dict(
         in_d=in_d, in_h=in_h, in_w=in_w, in_c=in_c,
         out_d=out_d, out_h=out_h, out_w=out_w, out_c=out_c,

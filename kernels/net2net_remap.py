@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cdiv
+
 
 @triton.jit
 def net2net_remap_kernel(
@@ -72,7 +74,7 @@ def net2net_remap(src: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, *, d
     g = g.to(device=src.device, dtype=torch.int64).contiguous()
     counts = counts.to(device=src.device, dtype=torch.int64).contiguous()
     block = 1024
-    net2net_remap_kernel[(triton.cdiv(total, block),)](
+    net2net_remap_kernel[(cdiv(total, block),)](
         src, out, g, counts, total, inner, size, new_units * group, group,
         POWER=power, COMPUTE_FP64=src.dtype == torch.float64, BLOCK=block,
     )

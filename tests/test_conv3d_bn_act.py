@@ -8,6 +8,7 @@ and bias, BN γ and β, and running_mean / running_var / num_batches_tracked.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Optional, Tuple
@@ -286,3 +287,41 @@ def test_torch_compile_traces_the_fused_op():
     torch.testing.assert_close(fused.bn.running_mean, bn_s.running_mean)
     assert fused.bn.num_batches_tracked.item() == bn_s.num_batches_tracked.item()
     assert x.grad is not None and fused.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eager_path_and_custom_ops_give_the_same_results(backend):
+    """Plain tensors in eager mode run the op's implementation through an autograd.Function; under a
+    dispatch mode (as with FakeTensor, or torch.compile's tracing) the custom ops run. Same
+    implementation: outputs, every gradient and the running statistics agree bit for bit, and the
+    mode sees the custom ops (the forward, its backward, the running-statistics update)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 4, 3, 6, 6, generator=g)
+    base = Conv3dBNAct(4, 6, 3, padding=1, activation="relu", pool=((1, 2, 2), (1, 2, 2), 0), backend=backend)
+    results = []
+    for use_mode in (False, True):
+        module = copy.deepcopy(base).train()
+        x = x0.clone().requires_grad_(True)
+        recorder = Recorder()
+        with recorder if use_mode else contextlib.nullcontext():
+            out = module(x)
+            out.square().sum().backward()
+        tensors = [out.detach(), x.grad, *(p.grad for p in module.parameters()), *module.buffers()]
+        results.append((tensors, recorder.ops))
+    (eager, eager_ops), (dispatched, dispatched_ops) = results
+    assert eager_ops == set()
+    assert {"c3dzoo.conv3d_bn_act_forward", "c3dzoo.conv3d_bn_act_backward",
+            "c3dzoo.bn_update_running_stats_"} <= dispatched_ops, dispatched_ops
+    for a, b in zip(eager, dispatched):
+        assert torch.equal(a, b)

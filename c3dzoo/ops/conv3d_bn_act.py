@@ -9,6 +9,9 @@ implementation) and differentiable:
 * ``c3dzoo::bn_update_running_stats_`` — mutates running_mean/var/num_batches_tracked.
 
 The backend is chosen here (``c3dzoo.ops.backends``) and passed to the custom ops by name.
+In eager mode on plain tensors the same implementations run through an ``autograd.Function``
+instead (``_EagerForward``): the custom-op dispatch costs tens of µs of Python per call, which a
+GPU step of small layers would otherwise wait on.
 
 Prologue fusion: with ``defer=True`` a training-mode BatchNorm without a pool returns a
 ``PendingBatchNorm`` (the raw conv output and its statistics; norm "stats" in the op), and the next
@@ -23,6 +26,7 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.utils import _python_dispatch
 
 from . import backends as _backends
 from . import batch_statistics as _batch_statistics
@@ -53,8 +57,7 @@ def _resolve_backend(backend: Optional[str], cfg_fields: tuple) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("c3dzoo::conv3d_bn_act_forward", mutates_args=())
-def _forward_op(
+def _forward_impl(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -83,6 +86,9 @@ def _forward_op(
         _input_norm(input_stats, input_eps, input_activation, input_negative_slope),
         keep_conv_output=keep_conv_output,
     )
+
+
+_forward_op = torch.library.custom_op("c3dzoo::conv3d_bn_act_forward", _forward_impl, mutates_args=())
 
 
 def _input_norm(input_stats, input_eps, input_activation, input_negative_slope) -> Optional[_backends.InputNorm]:
@@ -132,8 +138,7 @@ def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     return out, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype), conv_out
 
 
-@torch.library.custom_op("c3dzoo::conv3d_bn_act_backward", mutates_args=())
-def _backward_op(
+def _backward_impl(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -182,6 +187,9 @@ def _backward_op(
     return [g if (g is not None and need) else x.new_empty(0) for g, need in zip(grads, needs_grad)]
 
 
+_backward_op = torch.library.custom_op("c3dzoo::conv3d_bn_act_backward", _backward_impl, mutates_args=())
+
+
 @_backward_op.register_fake
 def _backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                    mean, var, conv_output, norm, eps, stride, padding, dilation, activation, negative_slope,
@@ -208,15 +216,15 @@ def _setup_context(ctx, inputs, output):
                   input_eps, input_activation, input_negative_slope, backend)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output):
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backward=None):
     *saved, input_stats = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]] + [bool(ctx.needs_input_grad[_INPUT_STATS_INDEX])]
     n_inputs = len(ctx.needs_input_grad)
-    if not any(needs):
+    if not any(needs) or grad_out is None:  # None: the output was not used (eager, unmaterialised)
         return (None,) * n_inputs
     (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
      input_eps, input_activation, input_negative_slope, backend) = ctx.params
-    grads = _backward_op(
+    grads = (run_backward or _backward_op)(
         grad_out.contiguous(memory_format=_reference._memory_format(grad_out)), *saved,
         norm, eps, stride, padding, dilation, activation, negative_slope, pool,
         input_stats, input_eps, input_activation, input_negative_slope, backend, needs,
@@ -231,11 +239,30 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op(
-    "c3dzoo::bn_update_running_stats_",
-    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-)
-def _update_running_stats_op(
+class _EagerForward(torch.autograd.Function):
+    """The forward op's autograd without the custom-op dispatch, for plain tensors in eager mode:
+    the same implementation, context and backward, minus tens of µs of Python per call and per
+    backward (torch's custom-op machinery; a training step of C3D makes dozens of these calls).
+    torch.compile, tensor subclasses (FakeTensor, …) and dispatch modes take the custom ops."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)  # the statistics and conv-output "gradients" are never read
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, run_backward=_backward_impl)
+
+
+def _runs_eagerly(x: Tensor) -> bool:
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and x.device.type != "meta"
+            and _python_dispatch._get_current_dispatch_mode() is None)
+
+
+def _update_running_stats_impl(
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Optional[Tensor],
@@ -247,6 +274,12 @@ def _update_running_stats_op(
 ) -> None:
     _batch_statistics.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
                                            momentum, backend=backend)
+
+
+_update_running_stats_op = torch.library.custom_op(
+    "c3dzoo::bn_update_running_stats_", _update_running_stats_impl,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
 
 
 @_update_running_stats_op.register_fake
@@ -544,7 +577,8 @@ def conv3d_bn_act(
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
             x, conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats)),
     )
-    out, mean, var, _ = _forward_op(
+    eager = _runs_eagerly(x)
+    out, mean, var, _ = (_EagerForward.apply if eager else _forward_op)(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
         running_mean if norm == "running" else None, running_var if norm == "running" else None,
@@ -558,7 +592,7 @@ def conv3d_bn_act(
         keep,
     )
     if updates_running_stats:
-        _update_running_stats_op(
+        (_update_running_stats_impl if eager else _update_running_stats_op)(
             running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
             None if momentum is None else float(momentum), name,
         )

@@ -1,0 +1,44 @@
+"""Host-side helpers for grids, tile sizes and launch plans, kept cheap because they run on every
+launch: ``triton.cdiv`` / ``triton.next_power_of_2`` are constexpr functions in recent Triton (~5 µs
+a call from Python), and a plan (geometry, tile choice, int32 checks, arguments) costs tens of µs
+to build while a training step of C3D needs dozens of them, always the same ones."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+
+Plan = TypeVar("Plan")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value  # planners take flat sequences
+
+
+def cached_plan(planner: Callable[..., Plan]) -> Callable[..., Plan]:
+    """Memoise a launch planner. Planners are functions of shapes and settings, never tensors; the
+    one global setting a plan reads (``torch.backends.cudnn.allow_tf32``) is part of the key.
+    Lists are keyed (and passed) as tuples; keyword order is part of the key (callers are few). Plans are shared: callers must not mutate them."""
+
+    @functools.lru_cache(maxsize=4096)
+    def cached(args, kwargs, _tf32):
+        return planner(*args, **dict(kwargs))
+
+    @functools.wraps(planner)
+    def plan(*args, **kwargs):
+        return cached(tuple(map(_hashable, args)), tuple((k, _hashable(v)) for k, v in kwargs.items()),
+                      torch.backends.cudnn.allow_tf32)
+
+    plan.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return plan
