@@ -12,6 +12,8 @@ import torch
 
 Plan = TypeVar("Plan")
 
+_PLANNERS: list = []  # every memoised planner, so that clear_plan_caches() reaches them all
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -41,4 +43,12 @@ def cached_plan(planner: Callable[..., Plan]) -> Callable[..., Plan]:
                       torch.backends.cudnn.allow_tf32)
 
     plan.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    _PLANNERS.append(cached)
     return plan
+
+
+def clear_plan_caches() -> None:
+    """Forget every memoised plan: needed only when something a plan checks against changes, which
+    in normal use never happens (tests that lower ``INT32_LIMIT`` call it)."""
+    for cached in _PLANNERS:
+        cached.cache_clear()

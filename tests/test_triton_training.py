@@ -24,6 +24,7 @@ import c3dzoo
 from c3dzoo.kernels import bn_act_pool as E
 from c3dzoo.kernels import conv3d_bias_act_pool as K
 from c3dzoo.kernels import conv3d_bn_stats as S
+from c3dzoo.kernels._grid import clear_plan_caches
 from c3dzoo.ops import conv3d_bn_act
 from c3dzoo.ops.conv3d_bn_act import normalize_pool
 from parity import ambiguous_positions, assert_parity
@@ -253,6 +254,7 @@ def test_beyond_int32_indexing_runs_on_reference(monkeypatch):
         if backend == "triton":
             monkeypatch.setattr(K, "INT32_LIMIT", 64)  # every launch of this layer is "too large" now
             monkeypatch.setattr(W, "INT32_LIMIT", 64)
+            clear_plan_caches()  # plans made under the real limit by earlier calls would skip the check
         c, b = copy.deepcopy(conv), copy.deepcopy(bn)
         xx = x.clone().requires_grad_(True)
         with pytest.warns(RuntimeWarning, match="int32") if backend == "triton" else contextlib.nullcontext():
