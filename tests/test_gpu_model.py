@@ -64,6 +64,29 @@ def test_cuda_graph_replays_fused_inference():
     assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
 
 
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_fused_inference_allocates_only_its_outputs(backend):
+    """Each fused layer of C3D-BN in eval mode makes one allocation per call, its output (folded
+    weights are cached, statistics are empty, channels-last inputs are read in place)."""
+    model = _c3d_bn_with_statistics(fused=True, backend=backend).eval().bfloat16()
+    x = torch.randn(4, 3, 16, 112, 112, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        model(x)  # warm-up: kernels compiled, weights folded, "auto" has measured the stem
+        h = x
+        for name in model.layer_names:
+            pool = getattr(model, model.pool_names[name]) if name in model.pool_names else None
+            layer = (getattr(model, name), getattr(model, name + "_bn"), "relu", 0.0, pool)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_stats()["allocation.all.allocated"]
+            out = model.chain(h, *layer)
+            torch.cuda.synchronize()
+            allocations = torch.cuda.memory_stats()["allocation.all.allocated"] - before
+            assert allocations == 1, f"{name}: {allocations} allocations for one output"
+            h = out
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+
+
 def test_torch_compile_of_fused_model_matches_eager():
     model = _c3d_bn_with_statistics(fused=True, backend="triton").eval().bfloat16()
     x = torch.randn(2, 3, 16, 112, 112, device="cuda", dtype=torch.bfloat16)
@@ -191,3 +214,39 @@ def test_auto_measures_and_picks_the_faster_stem():
     for times in stems.values():
         assert set(times) == {"cuda", "triton"} and all(t < float("inf") for t in times.values()), times
     assert_parity(out, out_stock, ref, torch.bfloat16, "logits with the auto-picked stem")
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_fused_steps_never_synchronise_with_the_host(backend):
+    """After warm-up (Triton compilation, the stem measurement of "auto"), an inference call and a
+    bf16-autocast SGD training step of the fused C3D-BN make no synchronising CUDA call
+    (torch.cuda.set_sync_debug_mode("error") raises on the first one)."""
+    model = _c3d_bn_with_statistics(fused=True, backend=backend, num_classes=10)
+    model = model.to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 3, 16, 112, 112, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    target = torch.randint(0, 10, (2,), device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model.train()(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model.eval()(x)
+
+    for _ in range(2):
+        train_step()
+        infer()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step()
+        infer()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
