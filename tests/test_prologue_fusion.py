@@ -358,7 +358,9 @@ def test_fused_c3d_defers_its_pool_less_layers_and_trains_as_stock(backend, dtyp
     fused = copy.deepcopy(stock)
     fused.fused, fused.backend = True, backend
     reference = copy.deepcopy(stock).double()
-    x = torch.randn(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # two clips: with one, conv5a's BN normalises 2 values per channel, where x̂ = ±1 up to eps and
+    # its input gradient is all cancellation, so fused vs stock errors there are rounding luck
+    x = torch.randn(2, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     count = _count_deferrals(monkeypatch)
     outs = {}
     for key, model in (("stock", stock), ("fused", fused), ("reference", reference)):
