@@ -42,7 +42,6 @@ def cached_plan(planner: Callable[..., Plan]) -> Callable[..., Plan]:
         return cached(tuple(map(_hashable, args)), tuple((k, _hashable(v)) for k, v in kwargs.items()),
                       torch.backends.cudnn.allow_tf32)
 
-    plan.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
     _PLANNERS.append(cached)
     return plan
 
