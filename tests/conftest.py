@@ -15,7 +15,13 @@ if not _has_cuda:
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared `parity` helper
 
-# caches (the video frame-count index) go to a directory of this test session, not the user's
+# caches (the video frame-count index) go to a directory of this test session, not the user's,
+# removed when the session ends
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ.setdefault("C3DZOO_CACHE_DIR", tempfile.mkdtemp(prefix="c3dzoo-test-cache-"))
+if "C3DZOO_CACHE_DIR" not in os.environ:
+    _session_cache_dir = tempfile.mkdtemp(prefix="c3dzoo-test-cache-")
+    os.environ["C3DZOO_CACHE_DIR"] = _session_cache_dir
+    atexit.register(shutil.rmtree, _session_cache_dir, ignore_errors=True)
