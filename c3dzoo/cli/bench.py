@@ -88,11 +88,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         suffix = "" if batch is None else f"-batch{batch}"
         json_path = os.path.join(out, f"bench{suffix}.json")
         log_path = os.path.join(out, f"pytest{suffix}.log")
-        env = dict(os.environ)
+        # a pytest of its own, never an xdist worker: pytest-benchmark refuses to time when it sees
+        # the variable an xdist worker it was started from (e.g. a parallel test run) passes down
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
         if batch is not None:
             env["C3DZOO_BENCH_BATCH"] = str(batch)  # the suite takes one batch size per session
         command = [sys.executable, "-m", "pytest", bench_dir, "--benchmark-only", "-q", "-p", "no:cacheprovider",
-                   "-k", select, f"--benchmark-json={json_path}"]
+                   "-p", "no:xdist", "-k", select, f"--benchmark-json={json_path}"]
         print(f"running the benchmarks{'' if batch is None else f' at batch {batch}'} (log: {log_path})",
               flush=True)
         with open(log_path, "w") as log:
