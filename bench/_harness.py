@@ -23,6 +23,10 @@ Sizes and knobs (environment variables):
   C3DZOO_BENCH_THREADS            torch threads on CPU (default 1: steady numbers on a shared machine)
   C3DZOO_BENCH_JSONL              also append every result to this file as it is measured, so a
                                   session killed by a time limit still leaves its numbers
+  C3DZOO_BENCH_PREWARMED=1        recorded with the results: an untimed run filled the compile caches
+                                  first, so first-call and compile times are warm-cache times
+  C3DZOO_BENCH_FIRST_CALLS_JSONL  with --benchmark-disable (one untimed call per case, e.g. that
+                                  warm-up), append each case's first-call seconds to this file
   C3DZOO_COMMIT                   the commit to record when the tree has no .git (a copy on a lent GPU)
 """
 
@@ -103,6 +107,9 @@ class Profile:
     cudnn_benchmark: bool
     budget_s: Optional[float]
     cpu_threads: Optional[int]  # torch intra-op threads on CPU (None: torch's default)
+    # an untimed pass filled the Triton and Inductor caches on disk first (bench/gpu_session.sh):
+    # first-call and compile times are then warm-cache times
+    caches_prewarmed: bool
 
 
 def make_profile() -> Profile:
@@ -110,6 +117,7 @@ def make_profile() -> Profile:
         autotune=_env_flag("C3DZOO_BENCH_AUTOTUNE", False),
         cudnn_benchmark=_env_flag("C3DZOO_BENCH_CUDNN_BENCHMARK", True),
         budget_s=_env_number("C3DZOO_BENCH_BUDGET_S", None),
+        caches_prewarmed=_env_flag("C3DZOO_BENCH_PREWARMED", False),
     )
     if CUDA:  # the real sizes: C3D at 16×112×112, batch 32 (as in baselines.md)
         return Profile(
@@ -851,6 +859,15 @@ def _record(config, benchmark, median: float) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
+def _record_first_call(case: Case, c: Contestant, seconds: float) -> None:
+    """Cold first-call (compile) times of an untimed run, kept apart from the timed results."""
+    path = _env("C3DZOO_BENCH_FIRST_CALLS_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"group": case.group, "contestant": c.name, "first_call_s": seconds,
+                                "caches_prewarmed": PROFILE.caches_prewarmed}) + "\n")
+
+
 def run(benchmark, request, case: Case, c: Contestant) -> None:
     """Measure ``c`` on ``case`` and fill ``benchmark.extra_info``; skips with the reason when the
     contestant is unavailable or the session budget is spent."""
@@ -872,8 +889,10 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             model = build_model(case, c, train)
             step = make_step(case, model, c, train)
             sets = [make_inputs(case, c, train, 0)]
-            if benchmark.disabled:  # --benchmark-disable: the fixture makes one call, a smoke test
+            if benchmark.disabled:  # --benchmark-disable: the fixture makes one call (a smoke test, a warm-up)
+                t0 = device_timer()
                 benchmark.pedantic(step, args=sets[0])
+                _record_first_call(case, c, device_timer() - t0)
                 return
 
             # the first call compiles (torch.compile, Triton JIT) and autotunes (cuDNN): timed apart
@@ -916,6 +935,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             pct_peak=None if peak_t is None else 100.0 * tflops / peak_t,
             peak_mem_bytes=peak, resident_mem_bytes=resident,
             first_call_s=first_call_s, compile_s=first_call_s if c.compile_mode else None,
+            caches_prewarmed=PROFILE.caches_prewarmed,
             host_s=host_s, host_bound=None if not CUDA else host_s > 0.9 * median,
             rel_err_vs_fp32=rel_err, fallbacks=sorted(set(c3dzoo.fallbacks().values())),
             auto_choices=c3dzoo.ops.backends.tuning(),  # which backend "auto" measured faster, where several could run

@@ -15,8 +15,9 @@
 # bench/results/ (see bench/results/README.md).
 #
 # Time: the whole script aims at C3DZOO_SESSION_BUDGET_S (default 510 s, under the tool's 600 s
-# per command). The tests get at most C3DZOO_TESTS_TIMEOUT_S (default 180 s); the benchmarks get
-# what is left and skip, with the reason, whatever no longer fits (eager and fused contestants run
+# per command). The tests get at most C3DZOO_TESTS_TIMEOUT_S (default 180 s), with an untimed
+# warm-up of the benchmarks' compile caches beside them (C3DZOO_BENCH_WARM=0 skips it); the
+# benchmarks get what is left and skip, with the reason, whatever no longer fits (eager and fused contestants run
 # first, torch.compile after them). max-autotune runs only with C3DZOO_BENCH_AUTOTUNE=1 and needs
 # a session of its own (minutes per graph). Other knobs: see bench/_harness.py.
 #
@@ -78,9 +79,34 @@ for name, s in c3dzoo.backends().items():
 " 2>&1 | tail -4 | short
 
 # --------------------------------------------------------------------------- 3. parity tests
-section "parity tests (tests/, junit: $OUT/tests-junit.xml)"
+# Most of a cold run's time is compiling: Triton JIT-compiles each kernel specialisation one at a
+# time per process (~2 s each for sm_90, measured here on the CPU machine), and torch.compile takes
+# minutes per model. So the tests run on several processes (pytest-xdist, in the GPU image), and
+# beside them an untimed pass of the whole-model benchmarks fills the Triton and Inductor caches
+# on disk, so the timed benchmarks after it find their kernels and graphs compiled.
+section "parity tests (tests/, junit: $OUT/tests-*junit.xml) + bench cache warm-up beside them"
+XDIST_TESTS=() XDIST_WARM=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST_TESTS=(-n "${C3DZOO_TEST_WORKERS:-6}")
+    XDIST_WARM=(-n 4)
+else
+    echo "pytest-xdist is missing: tests on one process, no cache warm-up"
+fi
 tests_s=$(( $(left) - BENCH_MIN_S ))
 (( tests_s > TESTS_TIMEOUT_S )) && tests_s=$TESTS_TIMEOUT_S
+warm_pid=
+if (( ${#XDIST_WARM[@]} && tests_s >= 30 )) && [[ "${C3DZOO_BENCH_WARM:-1}" != 0 ]]; then
+    # one untimed call per case (--benchmark-disable) of the triton-fused and torch.compile
+    # contestants on the whole models (the cuda and recompute variants reuse the triton kernels; the
+    # layers, the models' shapes), 4 processes (~one model and contestant each), no budget; killed
+    # at the tests' deadline, keeping what it compiled by then
+    rm -f "$OUT/bench-warm-first-calls.jsonl"
+    C3DZOO_BENCH_FIRST_CALLS_JSONL="$OUT/bench-warm-first-calls.jsonl" \
+        timeout -k 5 "$tests_s" "$PY" -m pytest bench/ -q -rs -p no:cacheprovider "${XDIST_WARM[@]}" \
+        --benchmark-disable -k "test_model and (compile- or c3dzoo-triton) and not maxat and not recompute" \
+        > "$OUT/bench-warm.log" 2>&1 &
+    warm_pid=$!
+fi
 if (( tests_s < 30 )); then
     echo "skipped: no time left for the tests (${tests_s}s)"
 else
@@ -88,6 +114,7 @@ else
     # a CPU machine cannot check; the rest of the suite (compiled kernels on small shapes) after them
     start=$SECONDS
     timeout -k 10 "$tests_s" "$PY" -m pytest tests -q -rs -p no:cacheprovider -m gpu \
+        ${XDIST_TESTS[@]+"${XDIST_TESTS[@]}"} \
         --junitxml="$OUT/tests-gpu-junit.xml" > "$OUT/tests-gpu.log" 2>&1
     rc=$?
     (( rc == 124 || rc == 137 )) && echo "TIMED OUT after ${tests_s}s (C3DZOO_TESTS_TIMEOUT_S)"
@@ -100,6 +127,7 @@ else
         echo "the other tests: skipped, no time left (${rest_s}s)"
     else
         timeout -k 10 "$rest_s" "$PY" -m pytest tests -q -rs -p no:cacheprovider -m "not gpu" \
+            ${XDIST_TESTS[@]+"${XDIST_TESTS[@]}"} \
             --junitxml="$OUT/tests-junit.xml" > "$OUT/tests.log" 2>&1
         rc=$?
         (( rc == 124 || rc == 137 )) && echo "the other tests: TIMED OUT after ${rest_s}s (partial: $OUT/tests.log)"
@@ -107,6 +135,21 @@ else
         tail -1 "$OUT/tests.log" | short
         (( rc != 0 && rc != 124 && rc != 137 )) && status=1
     fi
+fi
+if [[ -n "$warm_pid" ]]; then
+    wait "$warm_pid"
+    rc=$?
+    (( rc == 124 || rc == 137 )) && echo "bench warm-up: stopped at the tests' deadline (caches partly filled)"
+    grep -E "^(FAILED|ERROR)" "$OUT/bench-warm.log" | head -4 | short
+    echo "bench warm-up: $(tail -1 "$OUT/bench-warm.log" | short)"
+    # its cold first calls (compiling beside the tests: upper bounds)
+    "$PY" - "$OUT/bench-warm-first-calls.jsonl" <<'EOF' 2>/dev/null | head -12 | short
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"  cold first call: {r['group']}, {r['contestant']}: {r['first_call_s']:.1f} s")
+EOF
+    export C3DZOO_BENCH_PREWARMED=1  # recorded with the results: compile times below are warm-cache times
 fi
 
 # --------------------------------------------------------------------------- 4. benchmarks

@@ -41,6 +41,7 @@ class Record:
     resident_mem_bytes: Optional[int]  # allocated before the measured call (parameters, optimizer state)
     rel_err: Optional[float]
     compile_s: Optional[float]
+    caches_prewarmed: bool
     fallbacks: List[str]
 
     @property
@@ -92,7 +93,8 @@ def records(data: dict) -> List[Record]:
             flops=info.get("flops_per_call"), peak_tflops=info.get("peak_tflops"),
             peak_mem_bytes=info.get("peak_mem_bytes"), resident_mem_bytes=info.get("resident_mem_bytes"),
             rel_err=info.get("rel_err_vs_fp32"),
-            compile_s=info.get("compile_s"), fallbacks=list(info.get("fallbacks") or []),
+            compile_s=info.get("compile_s"), caches_prewarmed=bool(info.get("caches_prewarmed")),
+            fallbacks=list(info.get("fallbacks") or []),
         ))
     return out
 
@@ -252,7 +254,7 @@ def group_tables(recs: Sequence[Record], baseline: Optional[str] = None) -> str:
         for r in members:
             notes = []
             if r.compile_s is not None:
-                notes.append(f"compile {r.compile_s:.0f} s")
+                notes.append(f"compile {r.compile_s:.0f} s" + (" (warm cache)" if r.caches_prewarmed else ""))
             if r.fallbacks:
                 notes.append(f"{len(r.fallbacks)} config(s) fell back to reference")
             rows.append([

@@ -126,6 +126,16 @@ def test_group_tables():
     assert "layer conv2 inference (batch 32; speed-up vs no baseline)" in text
 
 
+def test_compile_times_say_whether_the_caches_were_warmed():
+    data = _run()
+    compiled = next(b for b in data["benchmarks"] if b["extra_info"].get("contestant") == "compile-bf16-cl")
+    compiled["extra_info"]["compile_s"] = 41.6
+    assert _cells(report.group_tables(report.records(data)), "compile-bf16-cl")["notes"] == "compile 42 s"
+    compiled["extra_info"]["caches_prewarmed"] = True  # bench/gpu_session.sh filled them first
+    assert (_cells(report.group_tables(report.records(data)), "compile-bf16-cl")["notes"]
+            == "compile 42 s (warm cache)")
+
+
 def test_cli_reads_json_and_jsonl(tmp_path):
     data = _run()
     path = tmp_path / "nvidia-h100-80gb-hbm3.json"
@@ -177,3 +187,22 @@ def test_training_memory_and_the_batch_that_fits():
         if bench.get("extra_info"):
             bench["extra_info"]["peak_mem_bytes"] = None
     assert "Training step memory" not in report.headline(cpu)
+
+
+def test_untimed_run_records_each_cases_first_call(tmp_path):
+    """bench/gpu_session.sh's cache warm-up: pytest bench/ --benchmark-disable makes one call per case
+    and, asked to, writes its first-call (compile) seconds to a JSONL file apart from the results."""
+    pytest.importorskip("pytest_benchmark")
+    path = tmp_path / "first-calls.jsonl"
+    env = {k: v for k, v in os.environ.items()  # a pytest of its own, even under a parallel test run
+           if not k.startswith("PYTEST_XDIST_") and k != "TRITON_INTERPRET"}  # the bench decides that
+    env.update(C3DZOO_BENCH_FIRST_CALLS_JSONL=str(path), C3DZOO_BENCH_PREWARMED="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         "-k", "test_model and c3d_bn and inference and (eager-fp32 or c3dzoo-reference-fp32)"],
+        cwd=os.path.dirname(BENCH), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["contestant"] for r in rows) == ["c3dzoo-reference-fp32", "eager-fp32"]
+    for r in rows:
+        assert r["group"] == "model c3d_bn inference" and r["first_call_s"] > 0 and r["caches_prewarmed"] is True
