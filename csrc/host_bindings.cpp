@@ -51,7 +51,8 @@ void stem_forward_host(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, 
 }
 
 // The training-forward stem's y and (mean, M2) partials, block by block and thread by thread in the
-// device kernel's order (stem_math.h), so the partials are the device's bit for bit (fp32 x, y).
+// device kernel's order (stem_math.h), so the partials are the device's up to rounding: nvcc fuses
+// a*b+c into FMAs (--fmad=true, its default) where the host compiler does not.
 void stem_conv_stats_host(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, uintptr_t part_mean,
                           uintptr_t part_m2, int64_t n, int d, int h, int wd, int cin, int cout, I3 kernel, I3 stride,
                           I3 padding, I3 dilation, int cpt, int w_stride) {
@@ -99,7 +100,8 @@ int64_t bn_chan_workspace_bytes(int64_t tiles, int C) {
 }
 
 // The device's two steps, block by block and thread by thread in its order (the trees included), so
-// the results are the device's bit for bit. `workspace` as on the device ([splits][C] MomentsD).
+// the results are the device's up to FMA contraction (nvcc's default, not the host compiler's).
+// `workspace` as on the device ([splits][C] MomentsD).
 void bn_chan_finalize_host(uintptr_t part_mean, uintptr_t part_m2, int64_t tiles, int C, int64_t positions,
                            int64_t block_m, uintptr_t workspace, uintptr_t mean_out, uintptr_t var_out) {
   using c3dzoo::kChanLanes;

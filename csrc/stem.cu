@@ -24,6 +24,7 @@ constexpr int kStemCPT = 8;  // output channels per thread (16-byte bf16/fp16 st
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error, or the next launch's check would report it again
     throw std::runtime_error(std::string("c3dzoo._C: ") + what + ": " + cudaGetErrorString(err));
   }
 }

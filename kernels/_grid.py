@@ -51,3 +51,9 @@ def clear_plan_caches() -> None:
     in normal use never happens (tests that lower ``INT32_LIMIT`` call it)."""
     for cached in _PLANNERS:
         cached.cache_clear()
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether a ``@triton.jit`` kernel was built for the Triton interpreter: triton decides when the
+    decorator runs, i.e. by TRITON_INTERPRET at the time the kernel's module was first imported."""
+    return type(kernel).__name__ == "InterpretedFunction"

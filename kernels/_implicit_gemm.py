@@ -46,6 +46,27 @@ import triton.language as tl
 
 
 @triton.jit
+def round_to_tf32(v):
+    """fp32 → the nearest TF32 value (10 mantissa bits, ties away from zero: ``cvt.rna.tf32.f32``),
+    still fp32. Tensor cores read an fp32 operand as TF32 by dropping its low 13 bits, about twice
+    the error of rounding, which is what cuBLAS and cuDNN do. Bit arithmetic, so it also runs under
+    the interpreter; a NaN stays NaN (one whose payload sits in the low bits would become inf)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, rounded)
+
+
+@triton.jit
+def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b``, accumulated in fp32; fp32 operands in "tf32" precision (tensor cores) are
+    rounded to TF32 first (``round_to_tf32``) rather than truncated by the hardware."""
+    if INPUT_PRECISION == "tf32":
+        a = round_to_tf32(a)
+        b = round_to_tf32(b)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
     """``none`` / ``relu`` / ``leaky_relu(negative_slope)``, elementwise, in y's dtype."""
     if ACTIVATION == "relu":
@@ -124,7 +145,7 @@ def conv_tile_channel_blocks(
             w_ptr + (tap * in_c + offs_c)[:, None] * out_c + offs_n[None, :],
             mask=c_mask[:, None] & col_mask[None, :], other=0.0,
         )
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = dot(a, b, acc, INPUT_PRECISION)
     return acc
 
 
@@ -201,7 +222,7 @@ def conv_tile_flat_k(
             w_ptr + offs_kk[:, None] * out_c + offs_n[None, :],
             mask=k_mask[:, None] & col_mask[None, :], other=0.0,
         )
-        acc = tl.dot(tl.trans(a_t), b, acc, input_precision=INPUT_PRECISION)
+        acc = dot(tl.trans(a_t), b, acc, INPUT_PRECISION)
     return acc
 
 

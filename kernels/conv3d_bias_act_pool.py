@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grid import cached_plan, cdiv, next_power_of_2
+from ._grid import cached_plan, cdiv, is_interpreted, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import apply_activation, conv_tile, output_tile
 
@@ -93,9 +93,8 @@ def conv3d_bias_act_pool_kernel(
 
 
 def runs_interpreted() -> bool:
-    """Whether the kernels were built for the Triton interpreter: triton decides when ``@triton.jit``
-    runs, i.e. by TRITON_INTERPRET at the time this module was first imported."""
-    return type(conv3d_bias_act_pool_kernel).__name__ == "InterpretedFunction"
+    """Whether the conv kernels were built for the Triton interpreter (``_grid.is_interpreted``)."""
+    return is_interpreted(conv3d_bias_act_pool_kernel)
 
 
 # --------------------------------------------------------------------------------------------

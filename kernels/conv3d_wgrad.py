@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._grid import cached_plan, cdiv
 from ._limits import INT32_LIMIT, IndexOverflowError
-from ._implicit_gemm import split_position
+from ._implicit_gemm import dot, split_position
 from .conv3d_bias_act_pool import (
     FLAT_K_MAX_IN_CHANNELS, LaunchPlan, TileConfig, _next_pow2, _sm_count, _triple,
 )
@@ -99,7 +99,7 @@ def conv3d_wgrad_kernel(
             dy_ptr + offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :],
             mask=m_mask[:, None] & n_mask[None, :], other=0.0,
         )
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+        acc = dot(tl.trans(a), b, acc, INPUT_PRECISION)
 
     out = dw_ptr + split.to(tl.int64) * rows * out_c + offs_r[:, None] * out_c + offs_n[None, :]
     tl.store(out, acc, mask=r_mask[:, None] & n_mask[None, :])

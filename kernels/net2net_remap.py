@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grid import cdiv
+from ._grid import cdiv, is_interpreted
 
 
 @triton.jit
@@ -46,8 +46,17 @@ def net2net_remap_kernel(
         divisor = count
         for _ in tl.static_range(POWER - 1):
             divisor = divisor * count
-        value = (value.to(compute) / divisor).to(dst_ptr.dtype.element_ty)
+        if COMPUTE_FP64:
+            value = value.to(compute) / divisor  # div.rn.f64: correctly rounded
+        else:  # correctly rounded, as torch divides; triton's fp32 "/" is div.full.f32 (up to 2 ulp off)
+            value = tl.math.div_rn(value.to(compute), divisor)
+        value = value.to(dst_ptr.dtype.element_ty)
     tl.store(dst_ptr + offs, value, mask=mask)
+
+
+def runs_interpreted() -> bool:
+    """Whether the remap kernel was built for the Triton interpreter (``_grid.is_interpreted``)."""
+    return is_interpreted(net2net_remap_kernel)
 
 
 def net2net_remap(src: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, *, dim: int, group: int,

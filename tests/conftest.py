@@ -25,3 +25,15 @@ if "C3DZOO_CACHE_DIR" not in os.environ:
     _session_cache_dir = tempfile.mkdtemp(prefix="c3dzoo-test-cache-")
     os.environ["C3DZOO_CACHE_DIR"] = _session_cache_dir
     atexit.register(shutil.rmtree, _session_cache_dir, ignore_errors=True)
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32(monkeypatch):
+    """fp32 is compared in full precision everywhere: with cuDNN's default allow_tf32 the Triton
+    kernels use TF32 on a GPU, and cuDNN may or may not (it picks non-tensor-core algorithms for tiny
+    channel counts), so neither error would be fp32's. The TF32 tests turn it on themselves."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

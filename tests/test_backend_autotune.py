@@ -79,3 +79,26 @@ def test_builtin_timer_does_not_measure_without_a_gpu():
         pytest.skip("has a GPU: the real timing is exercised by the GPU session's benchmarks")
     assert time_forward_ms("reference", _cfg()) == float("inf")
     assert _can_time_now() is False
+
+
+def test_auto_records_a_decline_only_when_it_falls_back_to_reference(monkeypatch):
+    """The stem-only CUDA backend declines C3D's other layers and Triton runs them: that is no
+    fallback. Only when every available GPU backend declines and "reference" runs is each reason kept."""
+    registry = dict(backends._REGISTRY)
+    monkeypatch.setattr(backends, "_REGISTRY", registry)
+    monkeypatch.setattr(backends, "PREFERENCE", ("stem", "general", "reference"))
+    backends.register(backends.Backend("stem", lambda: None,
+                                       lambda cfg: None if cfg.in_channels <= 4 else "stem layers only",
+                                       lambda: None))
+    backends.register(backends.Backend("general", lambda: None,
+                                       lambda cfg: None if cfg.in_channels % 2 == 0 else "even C_in only",
+                                       lambda: None))
+    monkeypatch.setenv(backends.AUTOTUNE_ENV_VAR, "0")  # preference order, no measuring
+    backends.clear_fallbacks()
+    try:
+        assert backends.resolve("auto", _cfg(in_channels=64)) == "general"
+        assert backends.fallbacks() == {}
+        assert backends.resolve("auto", _cfg(in_channels=65)) == "reference"
+        assert sorted(backends.fallbacks().values()) == ["even C_in only", "stem layers only"]
+    finally:
+        backends.clear_fallbacks()

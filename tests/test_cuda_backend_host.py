@@ -24,6 +24,7 @@ pytest.importorskip(
     reason="c3dzoo._C_host is not built (reinstall with pybind11 importable: pip install -e . --no-build-isolation)",
 )
 from host_lib import use_host_extension  # noqa: E402
+from interpreter import skip_unless_triton_runs_cpu_tensors  # noqa: E402
 
 # x shape, C_out, kernel, stride, padding, pool, activation (the stems of tests/test_cuda_backend.py,
 # smaller)
@@ -171,6 +172,8 @@ def test_training_statistics_run_on_the_extension(backend, momentum, monkeypatch
     """The Triton conv's partials are finalized by bn_chan_finalize and its running statistics
     updated by bn_update_running (momentum=None: 1/num_batches_tracked after its increment); the
     reference backend stays stock PyTorch. Both equal stock BatchNorm3d over several steps."""
+    if backend == "triton":
+        skip_unless_triton_runs_cpu_tensors()
     ext = use_host_extension(monkeypatch)
     (outs, buffers), (stock, stock_buffers) = _training_steps(backend, momentum)
     step_calls = ["bn_chan_finalize", "bn_update_running"] if backend == "triton" else []
@@ -193,6 +196,7 @@ def test_statistics_kernels_can_be_switched_off_and_skip_what_they_do_not_take(m
         assert not cuda_impl.update_running_stats(rm, rv, None, mean, mean.clone(), 10, 0.1)
         assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
     assert ext.calls == []
+    skip_unless_triton_runs_cpu_tensors()
     monkeypatch.setenv(cuda_impl.STATISTICS_ENV_VAR, "0")
     (_, buffers), (_, stock_buffers) = _training_steps("triton", 0.1, steps=1)
     assert ext.calls == []

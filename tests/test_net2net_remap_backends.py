@@ -5,6 +5,10 @@ bit — same index map, one rounding of the division — and the backend choice 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -13,6 +17,7 @@ import torch
 import c3dzoo
 from c3dzoo import net2net
 from c3dzoo.ops import net2net_remap as remap
+from interpreter import skip_unless_triton_runs_cpu_tensors
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")
@@ -66,16 +71,34 @@ def test_triton_remap_equals_reference(dtype, layout, power):
 
 
 def test_triton_gathers_bf16_under_the_interpreter_and_refuses_bf16_division():
+    skip_unless_triton_runs_cpu_tensors()
     t = torch.randn(6, 4, dtype=torch.bfloat16)
     g, counts = _mapping(6, 9)
     assert torch.equal(remap.gather_units(t, g, 0, backend="triton"), remap.gather_units(t, g, 0, backend="reference"))
     assert not c3dzoo.fallbacks()
-    if CUDA:
-        return
     with pytest.warns(RuntimeWarning, match="bfloat16"):
         out = remap.divide_incoming(t.t(), g, counts, 1, backend="triton")
     assert torch.equal(out, remap.divide_incoming(t.t(), g, counts, 1, backend="reference"))
     assert any("bfloat16" in reason for reason in c3dzoo.fallbacks().values())
+
+
+def test_triton_remaps_cpu_tensors_only_under_the_interpreter(monkeypatch):
+    """On a GPU machine the triton backend is available but its kernel is compiled for the GPU: a
+    CPU tensor asked to remap on triton goes to the reference, saying why, rather than reaching a
+    compiled launch with host pointers."""
+    pytest.importorskip("triton")
+    from c3dzoo.kernels import net2net_remap as kernel_module
+
+    monkeypatch.setattr(c3dzoo.ops.backends, "_unavailable_reason", lambda name: None)  # as with a GPU
+    t = torch.randn(6, 4)
+    g, _ = _mapping(6, 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in remap._unsupported_reason("triton", t, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernel_module, "runs_interpreted", lambda: False)
+    with pytest.warns(RuntimeWarning, match="after the Triton kernels were imported"):
+        out = remap.gather_units(t, g, 0, backend="triton")
+    assert torch.equal(out, remap.gather_units(t, g, 0, backend="reference"))
 
 
 def test_cuda_backend_on_cpu_tensors_falls_back_and_says_why():
@@ -104,6 +127,7 @@ def test_unknown_backend_is_a_clear_error():
 
 def test_wider_through_the_triton_backend_equals_the_reference(monkeypatch):
     """A whole Net2Net-wider (weights, BN, next layer, SGD momentum) with every remap on Triton."""
+    skip_unless_triton_runs_cpu_tensors()
     torch.manual_seed(0)
     model = c3dzoo.c3d_bn(num_classes=5, width_mult=0.125, input_size=(16, 32, 32))
     x = torch.randn(2, 3, 16, 32, 32)
@@ -138,3 +162,34 @@ def test_gpu_remap_equals_reference(backend, dtype, layout, power):
     if backend == "cuda" and c3dzoo.backends()["cuda"]["reason"]:
         pytest.skip(f"cuda backend unavailable: {c3dzoo.backends()['cuda']['reason']}")
     _check_backend(backend, "cuda", dtype, layout, power)
+
+
+_DIVISION_PTX = textwrap.dedent("""
+    import re, triton
+    from triton.backends.compiler import GPUTarget
+    from c3dzoo.kernels.net2net_remap import net2net_remap_kernel as kernel
+    signature = {"src_ptr": "*fp32", "dst_ptr": "*fp32", "g_ptr": "*i64", "counts_ptr": "*i64", "total": "i32",
+                 "inner": "i32", "old_size": "i32", "new_size": "i32", "group": "i32",
+                 "POWER": "constexpr", "COMPUTE_FP64": "constexpr", "BLOCK": "constexpr"}
+    for power in (1, 2):
+        compiled = triton.compile(triton.compiler.ASTSource(
+            fn=kernel, signature=signature, constexprs={"POWER": power, "COMPUTE_FP64": False, "BLOCK": 1024}),
+            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        print(" ".join(sorted(set(re.findall(r"\\bdiv\\.[a-z0-9.]+", compiled.asm["ptx"])))))
+""")
+
+
+def test_remap_division_rounds_correctly_on_sm90():
+    """The GPU remap must divide as torch does (the tests above compare bit for bit), but the
+    interpreter divides exactly whatever the kernel asks for: check the sm_90 PTX instead. Triton's
+    fp32 "/" is div.full.f32 (up to 2 ulp off); the kernel asks for div.rn.f32."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    done = subprocess.run([sys.executable, "-c", _DIVISION_PTX], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.split("\n")[:2]
+    for power, line in zip((1, 2), lines):
+        divisions = set(line.split())
+        assert "div.rn.f32" in divisions and not any(d.startswith(("div.full", "div.approx")) for d in divisions), (
+            f"power {power}: {divisions}")

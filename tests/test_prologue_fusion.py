@@ -39,9 +39,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def _no_stale_fallbacks(monkeypatch):
+def _no_stale_fallbacks():
     c3dzoo.ops.backends.clear_fallbacks()
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     yield
 
 

@@ -15,9 +15,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import c3dzoo
 from c3dzoo.kernels import conv3d_bias_act_pool as K
+from c3dzoo.kernels._implicit_gemm import round_to_tf32
 from c3dzoo.ops import backends as backends_module
 from c3dzoo.ops import conv3d_bn_act
 from parity import assert_parity
@@ -38,14 +41,6 @@ POOL_OVERLAP = ((3, 3, 3), (2, 2, 2), 1)  # windows overlap and reach into the p
 def _no_stale_fallbacks():
     c3dzoo.ops.backends.clear_fallbacks()
     yield
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32(monkeypatch):
-    """fp32 is compared in full precision: with allow_tf32 the kernel uses TF32 on a GPU, and cuDNN
-    may or may not (it picks non-tensor-core algorithms for tiny channel counts). TF32 has its own
-    GPU test."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def make_params(c_in, c_out, kernel, *, dtype, device=DEVICE, bias=True, batch_norm=True, seed=0):
@@ -406,12 +401,54 @@ def test_c3d_layer_shapes_on_gpu(layer, dtype):
                         activation="relu", negative_slope=0.0, pool=pool)
 
 
+@triton.jit
+def _round_to_tf32_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs, round_to_tf32(tl.load(src_ptr + offs, mask=mask)), mask=mask)
+
+
+def _nearest_tf32(values: torch.Tensor) -> torch.Tensor:
+    """The reference: of the two TF32 neighbours of each value (its truncation, and one TF32 ulp
+    further from zero), the nearer in exact (float64) arithmetic; ties away from zero."""
+    bits = values.view(torch.int32)
+    low = (bits & -0x2000).view(torch.float32)
+    high = ((bits & -0x2000) + 0x2000).view(torch.float32)
+    # past the largest finite float the upper neighbour is 2^128 (rounding there overflows to inf)
+    high_exact = torch.where(high.isinf(), high.sign().double() * 2.0 ** 128, high.double())
+    d_low = (values.double() - low.double()).abs()
+    d_high = (high_exact - values.double()).abs()
+    nearest = torch.where(d_high <= d_low, high, low)
+    return torch.where(values.isfinite(), nearest, values)
+
+
+def test_tf32_operands_are_rounded_to_nearest():
+    """Tensor cores would truncate fp32 operands to TF32; the kernels round them first, as cuDNN
+    does, so TF32 convolutions stay within the parity budget of cuDNN's own TF32 error."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(200, generator=g) * torch.logspace(-30, 30, 200)
+    tf32_values = torch.tensor([1.0, -3.0, 2.0 ** -100, 65504.0])  # their low 13 bits are 0
+    ties = (tf32_values.view(torch.int32) + 0x1000).view(torch.float32)  # exactly halfway to the next TF32 value
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4028235e38, 1e-45])
+    values = torch.cat([values, ties, special]).to(DEVICE)
+    out = torch.empty_like(values)
+    _round_to_tf32_kernel[(1,)](values, out, values.numel(), BLOCK=256)
+    expected = _nearest_tf32(values.cpu())
+    out = out.cpu()
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite], expected[finite]), (values.cpu()[finite][out[finite] != expected[finite]])
+    assert torch.equal(out[200:204], (ties.view(torch.int32) + 0x1000).view(torch.float32))  # away from zero
+    assert torch.equal(torch.signbit(out[finite]), torch.signbit(expected[finite]))  # -0.0 stays negative
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("layer", C3D_LAYERS[1:], ids=lambda layer: layer[0])
 def test_c3d_layer_shapes_tf32_on_gpu(layer, monkeypatch):
     """fp32 with allow_tf32 (the default for convolutions): the kernel uses TF32 tensor cores, as
-    cuDNN does for these shapes (conv1, C_in = 3, is left out: cuDNN may run it in full fp32)."""
+    cuDNN does for these shapes (conv1, C_in = 3, is left out: cuDNN may run it in full fp32), with
+    its operands rounded to TF32 (test_tf32_operands_are_rounded_to_nearest), as cuDNN rounds them."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     name, c_in, c_out, d, h, w, pool = layer
     p = make_params(c_in, c_out, (3, 3, 3), dtype=torch.float32, device="cuda")

@@ -39,9 +39,8 @@ POOL5 = ((2, 2, 2), (2, 2, 2), (0, 1, 1))
 
 
 @pytest.fixture(autouse=True)
-def _no_stale_fallbacks(monkeypatch):
+def _no_stale_fallbacks():
     c3dzoo.ops.backends.clear_fallbacks()
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 in full precision on a GPU
     yield
 
 

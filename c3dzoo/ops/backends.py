@@ -202,7 +202,7 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
     one, measured once per configuration (see ``set_timer``) when a timer is set and may run now."""
     requested = requested_backend(backend)
     candidates = names() if requested == "auto" else (requested,)
-    runnable = []
+    runnable, declined = [], []
     for name in candidates:
         auto_devices = _REGISTRY[name].auto_devices
         if requested == "auto" and auto_devices is not None and cfg.device not in auto_devices:
@@ -217,11 +217,15 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
         if requested != "auto":
             _record_fallback(name, cfg, reason, warn=True)
         elif unavailable is None:  # available but not for this configuration
-            _record_fallback(name, cfg, reason, warn=False)
+            declined.append((name, reason))
     contenders = [name for name in runnable if name != "reference"]
     if len(contenders) > 1:
         return _fastest(contenders, cfg)
-    return runnable[0] if runnable else "reference"
+    chosen = runnable[0] if runnable else "reference"
+    if chosen == "reference":  # "auto" fell back: say why each available GPU backend declined
+        for name, reason in declined:
+            _record_fallback(name, cfg, reason, warn=False)
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------
