@@ -183,6 +183,9 @@ class Contestant:
     # fused training recomputes every conv in the backward (model.keep_conv_outputs = False): the
     # least-memory setting, measured on whole-model training steps only
     recompute: bool = False
+    # the triton backend times its shipped tile configs per shape and keeps the fastest
+    # (c3dzoo.set_triton_autotune), measured on whole models only
+    autotune: bool = False
 
     @property
     def compile_tier(self) -> int:
@@ -209,6 +212,7 @@ def contestants() -> List[Contestant]:
             c("compile-maxat-bf16-cl", "bf16", True, AUTOTUNE_MODE),
             *[c(f"c3dzoo-{b}-bf16-cl", "bf16", True, backend=b) for b in FUSED_BACKENDS],
             c("c3dzoo-triton-bf16-cl-recompute", "bf16", True, backend="triton", recompute=True),
+            c("c3dzoo-triton-bf16-cl-autotune", "bf16", True, backend="triton", autotune=True),
         ]
     # CPU: fp32 only. bf16 is slow there, the Triton interpreter computes it wrongly (kernels.md),
     # and stock bf16-autocast conv3d weight gradients on CPU (torch 2.13) were seen to differ
@@ -234,6 +238,8 @@ def skip_reason(c: Contestant, case: Optional["Case"] = None) -> Optional[str]:
     """Why contestant ``c`` does not run in this session, or on ``case`` (None if it does)."""
     if c.recompute and case is not None and (case.kind, case.mode) != ("model", "train"):
         return "the recompute contestant is measured on whole-model training steps only"
+    if c.autotune and case is not None and case.kind != "model":
+        return "the autotune contestant is measured on whole models only"
     if c.compile_mode == AUTOTUNE_MODE and not PROFILE.autotune:
         return "torch.compile max-autotune takes minutes per graph: set C3DZOO_BENCH_AUTOTUNE=1"
     if c.compile_mode is not None and not PROFILE.compile:
@@ -290,6 +296,16 @@ def precision_flags(c: Contestant):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def triton_autotuning(c: Contestant):
+    """c3dzoo's Triton tile-config autotuning on for the autotune contestant only."""
+    previous = c3dzoo.set_triton_autotune(c.autotune)
+    try:
+        yield
+    finally:
+        c3dzoo.set_triton_autotune(previous)
 
 
 def _autocast(c: Contestant):
@@ -878,7 +894,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
     train = case.mode == "train"
     model = step = sets = result = cycle = None
     try:
-        with precision_flags(c), warnings.catch_warnings():
+        with precision_flags(c), triton_autotuning(c), warnings.catch_warnings():
             # an explicitly requested backend that falls back warns; c3dzoo.fallbacks() has the reasons
             warnings.filterwarnings("ignore", message="c3dzoo: backend", category=RuntimeWarning)
             c3dzoo.ops.backends.clear_fallbacks()
@@ -938,6 +954,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             caches_prewarmed=PROFILE.caches_prewarmed,
             host_s=host_s, host_bound=None if not CUDA else host_s > 0.9 * median,
             rel_err_vs_fp32=rel_err, fallbacks=sorted(set(c3dzoo.fallbacks().values())),
+            triton_autotune=c3dzoo.ops.backends.triton_autotune_timings() if c.autotune else None,
             auto_choices=c3dzoo.ops.backends.tuning(),  # which backend "auto" measured faster, where several could run
             rounds=rounds, iterations=iterations, input_sets=len(sets), gpu=gpu,
         )

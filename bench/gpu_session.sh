@@ -96,14 +96,15 @@ tests_s=$(( $(left) - BENCH_MIN_S ))
 (( tests_s > TESTS_TIMEOUT_S )) && tests_s=$TESTS_TIMEOUT_S
 warm_pid=
 if (( ${#XDIST_WARM[@]} && tests_s >= 30 )) && [[ "${C3DZOO_BENCH_WARM:-1}" != 0 ]]; then
-    # one untimed call per case (--benchmark-disable) of the triton-fused and torch.compile
-    # contestants on the whole models (the cuda and recompute variants reuse the triton kernels; the
-    # layers, the models' shapes), 4 processes (~one model and contestant each), no budget; killed
-    # at the tests' deadline, keeping what it compiled by then
+    # one untimed call per case (--benchmark-disable) of the torch.compile and the triton-autotune
+    # contestants on the whole models (autotuning compiles every candidate tile config, the default
+    # ones included, so the other fused contestants and the layers, at the models' shapes, find
+    # their kernels too), 4 processes (~one model and contestant each), no budget; killed at the
+    # tests' deadline, keeping what it compiled by then
     rm -f "$OUT/bench-warm-first-calls.jsonl"
     C3DZOO_BENCH_FIRST_CALLS_JSONL="$OUT/bench-warm-first-calls.jsonl" \
         timeout -k 5 "$tests_s" "$PY" -m pytest bench/ -q -rs -p no:cacheprovider "${XDIST_WARM[@]}" \
-        --benchmark-disable -k "test_model and (compile- or c3dzoo-triton) and not maxat and not recompute" \
+        --benchmark-disable -k "test_model and (compile- or autotune) and not maxat" \
         > "$OUT/bench-warm.log" 2>&1 &
     warm_pid=$!
 fi

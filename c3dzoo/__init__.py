@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 from . import distributed, models, nn, ops
 from .models import get_model, list_models
 from .nn import fuse
-from .ops.backends import backends, fallbacks
+from .ops.backends import backends, fallbacks, set_triton_autotune
 
 
 # transfer learning: c3dzoo.load_pretrained, c3dzoo.replace_head (and the modules c3dzoo.transfer,
@@ -32,4 +32,5 @@ def __dir__():
 
 
 __all__ = ["distributed", "models", "nn", "ops", "get_model", "list_models", "fuse", "backends", "fallbacks",
+           "set_triton_autotune",
            "load_pretrained", "replace_head", "transfer", "evaluation", *models._MODELS]

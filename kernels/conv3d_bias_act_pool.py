@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune
 from ._grid import cached_plan, cdiv, is_interpreted, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import apply_activation, conv_tile, output_tile
@@ -155,6 +156,42 @@ HOPPER_CONFIGS: Tuple[TileConfig, ...] = (
     CHANNEL_BLOCKS_128x128x64, CHANNEL_BLOCKS_128x128x32, CHANNEL_BLOCKS_128x64x64,
     CHANNEL_BLOCKS_64x64x64, FLAT_K_128x64x16,
 )
+
+def tuning_candidates(default: TileConfig, shipped: Sequence[TileConfig], in_c: int, dtype: torch.dtype,
+                      tf32: bool, channel_step=lambda c: c.block_k, variant=None) -> Tuple[TileConfig, ...]:
+    """What autotuning (``_autotune``) may launch instead of ``default``, the per-shape rule's choice:
+    every ``shipped`` channel-block config whose step over the input channels (``channel_step``)
+    the channels fill, in the launch's dtype variant (then ``variant(config)``, if given) — each one
+    compiled for sm_90 in tests/test_triton_sm90.py. A flat-K launch (C_in < 16) has its one config."""
+    if default.flat_k:
+        return (default,)
+    candidates = [default]
+    for config in shipped:
+        if config.flat_k or channel_step(config) > next_power_of_2(in_c):
+            continue  # flat K is for C_in < 16; else most of every step would be masked-off channels
+        config = config.for_dtype(dtype, tf32)
+        if variant is not None:
+            config = variant(config)
+        if config not in candidates:
+            candidates.append(config)
+    return tuple(candidates)
+
+
+def tuned_config(kernel: str, x: torch.Tensor, key: tuple, default: TileConfig, launch,
+                 shipped: Sequence[TileConfig] = HOPPER_CONFIGS, channel_step=lambda c: c.block_k,
+                 prologue_and_pool: bool = False) -> TileConfig:
+    """``default``, or with autotuning on, the fastest candidate for this launch (``_autotune.pick``).
+    ``key``: everything besides x's shape, dtype and device the launch's plan depends on."""
+    tf32 = _uses_tf32(x.dtype, x.device)
+    variant = (lambda c: with_prologue_and_pool(c, x.dtype, tf32)) if prologue_and_pool else None
+    candidates = tuning_candidates(default, shipped, int(x.shape[1]), x.dtype, tf32, channel_step, variant)
+    key = (tuple(x.shape), x.dtype, tf32, x.device.index, key)
+    return _autotune.pick(kernel, key, default, candidates, launch, x.device, name=lambda c: c.name)
+
+
+def _uses_tf32(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+
 
 def with_prologue_and_pool(config: TileConfig, dtype: torch.dtype, tf32: bool) -> TileConfig:
     """The variant of a (dtype-adjusted) config for a launch with BOTH the input prologue and a
@@ -295,7 +332,7 @@ def plan_launch(
         raise ValueError(f"input {tuple(x_shape)} is too small for kernel {(kd, kh, kw)} and pool {pool}")
     positions_per_sample = out_size[0] * out_size[1] * out_size[2]
     positions = n * positions_per_sample
-    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    tf32 = _uses_tf32(dtype, device)
     if config is None:
         config = select_config(in_c, out_c, kd * kh * kw, positions, dtype, device, tf32)
         if input_activation is not None and pool != (1, 1, 1, 1, 1, 1, 0, 0, 0) and device.type == "cuda":
@@ -368,13 +405,17 @@ def conv3d_bias_act_pool(
     w_packed = w_packed.contiguous()
     out_c = w_packed.shape[1]
     input_stats = checked_input_stats(input_stats, x)
-    plan = plan_launch(
-        x.shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+    settings = dict(
+        kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, has_bias=bias is not None,
-        dtype=x.dtype, device=x.device, config=config,
         input_activation=None if input_stats is None else input_activation,
         input_eps=input_eps, input_negative_slope=input_negative_slope,
     )
+
+    def make_plan(tile_config: Optional[TileConfig]) -> LaunchPlan:
+        return plan_launch(x.shape, out_c, dtype=x.dtype, device=x.device, config=tile_config, **settings)
+
+    plan = make_plan(config)
     kd, kh, kw = _triple(kernel_size)
     if w_packed.shape[0] != kd * kh * kw * x.shape[1]:
         raise ValueError(
@@ -383,10 +424,25 @@ def conv3d_bias_act_pool(
     out = torch.empty(plan.out_shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last_3d)
     if out.numel() == 0:
         return out
+    tensors = (x, w_packed, bias if bias is not None else w_packed, out,
+               input_stats if input_stats is not None else w_packed)
+    if config is None and _autotune.enabled():
+        prologue_and_pool = input_stats is not None and bool(pool) and tuple(pool) != (1, 1, 1, 1, 1, 1, 0, 0, 0)
+        key = (out_c, *((k, _hashable_setting(v)) for k, v in settings.items()))
+        best = tuned_config("conv3d_bias_act_pool", x, key, plan.config, lambda c: _launch(make_plan(c), tensors),
+                            prologue_and_pool=prologue_and_pool)
+        if best is not plan.config:
+            plan = make_plan(best)
+    _launch(plan, tensors)
+    return out
+
+
+def _hashable_setting(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _launch(plan: LaunchPlan, tensors: Tuple[torch.Tensor, ...]) -> None:
     conv3d_bias_act_pool_kernel[plan.grid](
-        x, w_packed, bias if bias is not None else w_packed, out,
-        input_stats if input_stats is not None else w_packed,
-        **plan.scalars, **plan.constexprs,
+        *tensors, **plan.scalars, **plan.constexprs,
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )
-    return out

@@ -33,7 +33,9 @@ import triton.language as tl
 from ._grid import cached_plan, cdiv
 from ._implicit_gemm import conv_tile, output_tile
 from ._statistics import finalize_statistics
-from .conv3d_bias_act_pool import LaunchPlan, TileConfig, _triple, checked_input_stats, plan_launch
+from . import _autotune
+from .conv3d_bias_act_pool import (LaunchPlan, TileConfig, _hashable_setting, _triple, checked_input_stats, plan_launch,
+                                   tuned_config)
 
 
 @triton.jit
@@ -154,25 +156,41 @@ def conv3d_bn_stats(
             f"w_packed of shape {tuple(w_packed.shape)} does not match x {tuple(x.shape)} and kernel {(kd, kh, kw)}"
         )
     input_stats = checked_input_stats(input_stats, x)
-    plan = plan_stats_launch(
-        x.shape, out_c, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
-        has_bias=bias is not None, dtype=x.dtype, device=x.device, config=config,
+    settings = dict(
+        kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, has_bias=bias is not None,
         input_activation=None if input_stats is None else input_activation,
         input_eps=input_eps, input_negative_slope=input_negative_slope,
     )
+
+    def make_plan(tile_config: Optional[TileConfig]) -> LaunchPlan:
+        return plan_stats_launch(x.shape, out_c, dtype=x.dtype, device=x.device, config=tile_config, **settings)
+
+    plan = make_plan(config)
     y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     positions = plan.scalars["out_positions"]
     if positions == 0:
         raise ValueError("batch statistics of an empty tensor")
-    block_m = plan.config.block_m
-    tiles = cdiv(positions, block_m)
+    tensors = (x, w_packed, bias if bias is not None else w_packed, y, input_stats)
+    if config is None and _autotune.enabled():
+        key = (out_c, *((k, _hashable_setting(v)) for k, v in settings.items()))
+        best = tuned_config("conv3d_bn_stats", x, key, plan.config, lambda c: _launch(make_plan(c), tensors))
+        if best is not plan.config:
+            plan = make_plan(best)
+    part_mean, part_m2 = _launch(plan, tensors)
+    mean, var = finalize(part_mean, part_m2, positions, plan.config.block_m)
+    return y, mean, var
+
+
+def _launch(plan: LaunchPlan, tensors: Tuple) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One launch into y; returns the per-tile (mean, M2) partials, [tiles, C_out] fp32 each."""
+    x, w_packed, bias_or_w, y, input_stats = tensors
+    tiles, out_c = cdiv(plan.scalars["out_positions"], plan.config.block_m), y.shape[1]
     part_mean = torch.empty((tiles, out_c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty((tiles, out_c), dtype=torch.float32, device=x.device)
     conv3d_bn_stats_kernel[plan.grid](
-        x, w_packed, bias if bias is not None else w_packed, y, part_mean, part_m2,
+        x, w_packed, bias_or_w, y, part_mean, part_m2,
         input_stats if input_stats is not None else part_mean,
         **plan.scalars, **plan.constexprs,
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )
-    mean, var = finalize(part_mean, part_m2, positions, block_m)
-    return y, mean, var
+    return part_mean, part_m2

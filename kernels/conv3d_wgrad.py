@@ -23,11 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune
 from ._grid import cached_plan, cdiv
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import dot, split_position
 from .conv3d_bias_act_pool import (
-    FLAT_K_MAX_IN_CHANNELS, LaunchPlan, TileConfig, _next_pow2, _sm_count, _triple,
+    FLAT_K_MAX_IN_CHANNELS, LaunchPlan, TileConfig, _hashable_setting, _next_pow2, _sm_count, _triple, _uses_tf32,
+    tuned_config,
 )
 
 
@@ -162,7 +164,7 @@ def plan_wgrad_launch(
     rows = kd * kh * kw * in_c
     if n * in_d * in_h * in_w >= INT32_LIMIT or positions >= INT32_LIMIT or rows * out_c >= INT32_LIMIT:
         raise IndexOverflowError(f"conv3d_wgrad: input {tuple(x_shape)} is too large for the kernel's int32 positions")
-    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    tf32 = _uses_tf32(dtype, device)
     if config is None:
         config = select_wgrad_config(in_c, out_c, dtype, device, tf32)
     if config.flat_k:
@@ -212,17 +214,30 @@ def conv3d_wgrad(
         raise TypeError(f"x is {x.dtype} but dy is {dy.dtype}")
     x = x.contiguous(memory_format=torch.channels_last_3d)
     dy = dy.contiguous(memory_format=torch.channels_last_3d)
-    plan = plan_wgrad_launch(
-        x.shape, dy.shape, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
-        dtype=x.dtype, device=x.device, config=config, splits=splits,
-    )
-    partial = torch.empty(plan.out_shape, dtype=torch.float32, device=x.device)
-    conv3d_wgrad_kernel[plan.grid](
-        x, dy, partial, **plan.scalars, **plan.constexprs,
-        num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
-    )
+    settings = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, splits=splits)
+
+    def make_plan(tile_config: Optional[TileConfig]) -> LaunchPlan:
+        return plan_wgrad_launch(x.shape, dy.shape, dtype=x.dtype, device=x.device, config=tile_config, **settings)
+
+    plan = make_plan(config)
+    if config is None and _autotune.enabled():
+        key = (tuple(dy.shape), *((k, _hashable_setting(v)) for k, v in settings.items()))
+        best = tuned_config("conv3d_wgrad", x, key, plan.config, lambda c: _launch(make_plan(c), x, dy),
+                            shipped=WGRAD_HOPPER_CONFIGS, channel_step=lambda c: c.block_m)
+        if best is not plan.config:
+            plan = make_plan(best)
+    partial = _launch(plan, x, dy)
     kd, kh, kw = _triple(kernel_size)
     packed = partial.sum(dim=0) if partial.shape[0] > 1 else partial[0]
     # packed rows are (kd, kh, kw, c_in): back to (C_out, C_in, kD, kH, kW)
     return packed.view(kd, kh, kw, x.shape[1], dy.shape[1]).permute(4, 3, 0, 1, 2).contiguous()
 
+
+def _launch(plan: LaunchPlan, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """One launch; returns the split-K partial sums, fp32 [splits, rows, C_out]."""
+    partial = torch.empty(plan.out_shape, dtype=torch.float32, device=x.device)
+    conv3d_wgrad_kernel[plan.grid](
+        x, dy, partial, **plan.scalars, **plan.constexprs,
+        num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
+    )
+    return partial

@@ -22,6 +22,7 @@ the compilation runs in ONE subprocess without it (this file run as a script), w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -430,6 +431,27 @@ def test_launcher_picks_only_compiled_configs(monkeypatch):
         for dtype, tf32 in _DTYPES.values():
             launched = config.for_dtype(dtype, tf32)
             assert K.with_prologue_and_pool(launched, dtype, tf32) in prologue_pooled, (launched, dtype)
+
+
+def test_autotuning_picks_only_compiled_configs():
+    """With autotuning on (``c3dzoo.set_triton_autotune``), the launchers may run any of their
+    tuning candidates: each is among the configs compiled above, for every input channel count,
+    dtype and launch kind (inference, inference with prologue and pool, statistics, weight grad)."""
+    compiled = {case[0] for case in CASES.values()}
+    prologue_pooled = {case[0] for case in PROLOGUE_CASES.values() if case[3] and case[6] == "inference"}
+    stats = {case[0] for case in STATS_CASES.values()}
+    wgrad = {case[0] for case in WGRAD_CASES.values()}
+    for in_c in (16, 20, 32, 64, 96, 128, 256, 512):
+        for dtype, tf32 in _DTYPES.values():
+            for default in (K.CHANNEL_BLOCKS_128x128x64, K.CHANNEL_BLOCKS_64x64x64):
+                default = default.for_dtype(dtype, tf32)
+                assert set(K.tuning_candidates(default, K.HOPPER_CONFIGS, in_c, dtype, tf32)) <= compiled & stats
+                variant = functools.partial(K.with_prologue_and_pool, dtype=dtype, tf32=tf32)
+                assert set(K.tuning_candidates(variant(default), K.HOPPER_CONFIGS, in_c, dtype, tf32,
+                                               variant=variant)) <= prologue_pooled
+            default = W.WGRAD_64x64x64.for_dtype(dtype, tf32)
+            assert set(K.tuning_candidates(default, W.WGRAD_HOPPER_CONFIGS, in_c, dtype, tf32,
+                                           channel_step=lambda c: c.block_m)) <= wgrad
 
 
 if __name__ == "__main__":

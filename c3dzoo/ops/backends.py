@@ -158,6 +158,26 @@ def clear_fallbacks() -> None:
         _FALLBACKS.clear()
 
 
+def set_triton_autotune(enabled: bool) -> bool:
+    """Let the triton backend time its shipped tile configurations on the first GPU launch of each
+    shape and keep the fastest, like ``torch.backends.cudnn.benchmark`` (``C3DZOO_TRITON_AUTOTUNE=1`` in the
+    environment at start does the same). Off by default: a per-shape rule picks the configuration.
+    The first call per shape then compiles every candidate and synchronises once; warm up before
+    capturing a CUDA graph. Returns the previous setting."""
+    from c3dzoo.kernels import _autotune  # needs torch only: works without triton too
+
+    previous = _autotune.enabled()
+    _autotune.set_enabled(enabled)
+    return previous
+
+
+def triton_autotune_timings() -> Dict[str, Dict[str, float]]:
+    """What autotuning measured: {"<kernel> <shape key>": {tile config: ms per launch}}."""
+    from c3dzoo.kernels import _autotune
+
+    return _autotune.timings()
+
+
 def requested_backend(backend: Optional[str]) -> str:
     """The backend the caller asked for: argument, then environment, then "auto"."""
     name = backend if backend is not None else os.environ.get(ENV_VAR, "") or "auto"
