@@ -48,6 +48,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+import torch._dynamo  # at module level: a local import would make `torch` local to run()
 import torch.nn.functional as F
 from torch import nn
 
@@ -899,8 +900,6 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             warnings.filterwarnings("ignore", message="c3dzoo: backend", category=RuntimeWarning)
             c3dzoo.ops.backends.clear_fallbacks()
             if c.compile_mode:
-                import torch._dynamo
-
                 torch._dynamo.reset()  # a fresh cache: no recompile limit carried over from other cases
             model = build_model(case, c, train)
             step = make_step(case, model, c, train)
@@ -964,8 +963,6 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
         # cycle) so that the device memory can go back before the next benchmark
         model = step = sets = result = cycle = None
         if c.compile_mode:
-            import torch._dynamo
-
             torch._dynamo.reset()  # drop the compiled graphs and the module they hold
         gc.collect()
         if CUDA:

@@ -150,7 +150,8 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"  cold first call: {r['group']}, {r['contestant']}: {r['first_call_s']:.1f} s")
 EOF
-    export C3DZOO_BENCH_PREWARMED=1  # recorded with the results: compile times below are warm-cache times
+    # recorded with the results: compile times below are warm-cache times (only if it finished)
+    (( rc == 0 )) && export C3DZOO_BENCH_PREWARMED=1
 fi
 
 # --------------------------------------------------------------------------- 4. benchmarks
