@@ -870,19 +870,22 @@ def _record(config, benchmark, median: float) -> None:
     entry = {"group": benchmark.group, "name": benchmark.name, "stats": {"median": median},
              "extra_info": dict(benchmark.extra_info)}
     config.stash.setdefault(RESULTS, []).append(entry)
-    path = _env("C3DZOO_BENCH_JSONL")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+    _append_jsonl("C3DZOO_BENCH_JSONL", entry)
 
 
 def _record_first_call(case: Case, c: Contestant, seconds: float) -> None:
     """Cold first-call (compile) times of an untimed run, kept apart from the timed results."""
-    path = _env("C3DZOO_BENCH_FIRST_CALLS_JSONL")
+    _append_jsonl("C3DZOO_BENCH_FIRST_CALLS_JSONL", {"group": case.group, "contestant": c.name,
+                                                     "first_call_s": seconds,
+                                                     "caches_prewarmed": PROFILE.caches_prewarmed})
+
+
+def _append_jsonl(env_var: str, entry: dict) -> None:
+    """One JSON line appended to the file ``$env_var`` names, if it names one."""
+    path = _env(env_var)
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"group": case.group, "contestant": c.name, "first_call_s": seconds,
-                                "caches_prewarmed": PROFILE.caches_prewarmed}) + "\n")
+            f.write(json.dumps(entry) + "\n")
 
 
 def run(benchmark, request, case: Case, c: Contestant) -> None:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._grid import cached_plan, cdiv, is_interpreted, next_power_of_2
+from ._grid import _hashable, cached_plan, cdiv, is_interpreted, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import apply_activation, conv_tile, output_tile
 
@@ -177,20 +177,35 @@ def tuning_candidates(default: TileConfig, shipped: Sequence[TileConfig], in_c: 
     return tuple(candidates)
 
 
-def tuned_config(kernel: str, x: torch.Tensor, key: tuple, default: TileConfig, launch,
-                 shipped: Sequence[TileConfig] = HOPPER_CONFIGS, channel_step=lambda c: c.block_k,
-                 prologue_and_pool: bool = False) -> TileConfig:
-    """``default``, or with autotuning on, the fastest candidate for this launch (``_autotune.pick``).
-    ``key``: everything besides x's shape, dtype and device the launch's plan depends on."""
+def autotuned_plan(kernel: str, x: torch.Tensor, plan: LaunchPlan, make_plan, launch, settings: dict,
+                   shape_key: tuple, shipped: Sequence[TileConfig] = HOPPER_CONFIGS,
+                   channel_step=lambda c: c.block_k, prologue_and_pool: bool = False) -> LaunchPlan:
+    """``plan`` (the per-shape rule's), or with autotuning on, the plan of the fastest candidate
+    config for this launch (``_autotune.pick``). ``make_plan(config)`` plans the launch with
+    ``config``, ``launch(plan)`` runs it on the real arguments; ``settings`` (the planner's keyword
+    arguments) and ``shape_key`` (shapes besides x's) identify the launch."""
+    if not _autotune.enabled():
+        return plan
     tf32 = _uses_tf32(x.dtype, x.device)
     variant = (lambda c: with_prologue_and_pool(c, x.dtype, tf32)) if prologue_and_pool else None
-    candidates = tuning_candidates(default, shipped, int(x.shape[1]), x.dtype, tf32, channel_step, variant)
-    key = (tuple(x.shape), x.dtype, tf32, x.device.index, key)
-    return _autotune.pick(kernel, key, default, candidates, launch, x.device, name=lambda c: c.name)
+    candidates = tuning_candidates(plan.config, shipped, int(x.shape[1]), x.dtype, tf32, channel_step, variant)
+    key = (tuple(x.shape), x.dtype, tf32, x.device.index, shape_key,
+           tuple((k, _hashable(v)) for k, v in settings.items()))
+    best = _autotune.pick(kernel, key, plan.config, candidates, lambda c: launch(make_plan(c)), x.device,
+                          name=lambda c: c.name)
+    return plan if best is plan.config else make_plan(best)
 
 
 def _uses_tf32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+
+
+NO_POOL = (1, 1, 1, 1, 1, 1, 0, 0, 0)  # kernel, stride, padding of a pool that changes nothing
+
+
+def _prologue_and_pool(input_activation: Optional[str], pool: Sequence[int]) -> bool:
+    """Whether a launch has both the input prologue and a real pool (``with_prologue_and_pool``)."""
+    return input_activation is not None and bool(pool) and tuple(int(p) for p in pool) != NO_POOL
 
 
 def with_prologue_and_pool(config: TileConfig, dtype: torch.dtype, tf32: bool) -> TileConfig:
@@ -323,7 +338,7 @@ def plan_launch(
         (s + 2 * p - d * (k - 1) - 1) // st + 1
         for s, k, st, p, d in zip((in_d, in_h, in_w), (kd, kh, kw), stride, padding, dilation)
     ]
-    pool = tuple(int(p) for p in pool) if pool else (1, 1, 1, 1, 1, 1, 0, 0, 0)
+    pool = tuple(int(p) for p in pool) if pool else NO_POOL
     pool_kernel, pool_stride, pool_padding = pool[0:3], pool[3:6], pool[6:9]
     out_size = [
         (s + 2 * p - k) // st + 1 for s, k, st, p in zip(conv_size, pool_kernel, pool_stride, pool_padding)
@@ -335,7 +350,7 @@ def plan_launch(
     tf32 = _uses_tf32(dtype, device)
     if config is None:
         config = select_config(in_c, out_c, kd * kh * kw, positions, dtype, device, tf32)
-        if input_activation is not None and pool != (1, 1, 1, 1, 1, 1, 0, 0, 0) and device.type == "cuda":
+        if _prologue_and_pool(input_activation, pool) and device.type == "cuda":
             config = with_prologue_and_pool(config, dtype, tf32)
     # int32 in the kernel: input offsets within the samples one tile spans, the pooled position
     # index, and weight offsets
@@ -426,19 +441,11 @@ def conv3d_bias_act_pool(
         return out
     tensors = (x, w_packed, bias if bias is not None else w_packed, out,
                input_stats if input_stats is not None else w_packed)
-    if config is None and _autotune.enabled():
-        prologue_and_pool = input_stats is not None and bool(pool) and tuple(pool) != (1, 1, 1, 1, 1, 1, 0, 0, 0)
-        key = (out_c, *((k, _hashable_setting(v)) for k, v in settings.items()))
-        best = tuned_config("conv3d_bias_act_pool", x, key, plan.config, lambda c: _launch(make_plan(c), tensors),
-                            prologue_and_pool=prologue_and_pool)
-        if best is not plan.config:
-            plan = make_plan(best)
+    if config is None:
+        plan = autotuned_plan("conv3d_bias_act_pool", x, plan, make_plan, lambda p: _launch(p, tensors), settings,
+                              (out_c,), prologue_and_pool=_prologue_and_pool(settings["input_activation"], pool))
     _launch(plan, tensors)
     return out
-
-
-def _hashable_setting(value):
-    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _launch(plan: LaunchPlan, tensors: Tuple[torch.Tensor, ...]) -> None:

@@ -33,9 +33,8 @@ import triton.language as tl
 from ._grid import cached_plan, cdiv
 from ._implicit_gemm import conv_tile, output_tile
 from ._statistics import finalize_statistics
-from . import _autotune
-from .conv3d_bias_act_pool import (LaunchPlan, TileConfig, _hashable_setting, _triple, checked_input_stats, plan_launch,
-                                   tuned_config)
+from .conv3d_bias_act_pool import (LaunchPlan, TileConfig, _triple, autotuned_plan, checked_input_stats,
+                                   plan_launch)
 
 
 @triton.jit
@@ -171,11 +170,9 @@ def conv3d_bn_stats(
     if positions == 0:
         raise ValueError("batch statistics of an empty tensor")
     tensors = (x, w_packed, bias if bias is not None else w_packed, y, input_stats)
-    if config is None and _autotune.enabled():
-        key = (out_c, *((k, _hashable_setting(v)) for k, v in settings.items()))
-        best = tuned_config("conv3d_bn_stats", x, key, plan.config, lambda c: _launch(make_plan(c), tensors))
-        if best is not plan.config:
-            plan = make_plan(best)
+    if config is None:
+        plan = autotuned_plan("conv3d_bn_stats", x, plan, make_plan, lambda p: _launch(p, tensors), settings,
+                              (out_c,))
     part_mean, part_m2 = _launch(plan, tensors)
     mean, var = finalize(part_mean, part_m2, positions, plan.config.block_m)
     return y, mean, var

@@ -23,13 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _autotune
 from ._grid import cached_plan, cdiv
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import dot, split_position
 from .conv3d_bias_act_pool import (
-    FLAT_K_MAX_IN_CHANNELS, LaunchPlan, TileConfig, _hashable_setting, _next_pow2, _sm_count, _triple, _uses_tf32,
-    tuned_config,
+    FLAT_K_MAX_IN_CHANNELS, LaunchPlan, TileConfig, _next_pow2, _sm_count, _triple, _uses_tf32, autotuned_plan,
 )
 
 
@@ -220,12 +218,9 @@ def conv3d_wgrad(
         return plan_wgrad_launch(x.shape, dy.shape, dtype=x.dtype, device=x.device, config=tile_config, **settings)
 
     plan = make_plan(config)
-    if config is None and _autotune.enabled():
-        key = (tuple(dy.shape), *((k, _hashable_setting(v)) for k, v in settings.items()))
-        best = tuned_config("conv3d_wgrad", x, key, plan.config, lambda c: _launch(make_plan(c), x, dy),
-                            shipped=WGRAD_HOPPER_CONFIGS, channel_step=lambda c: c.block_m)
-        if best is not plan.config:
-            plan = make_plan(best)
+    if config is None:
+        plan = autotuned_plan("conv3d_wgrad", x, plan, make_plan, lambda p: _launch(p, x, dy), settings,
+                              (tuple(dy.shape),), shipped=WGRAD_HOPPER_CONFIGS, channel_step=lambda c: c.block_m)
     partial = _launch(plan, x, dy)
     kd, kh, kw = _triple(kernel_size)
     packed = partial.sum(dim=0) if partial.shape[0] > 1 else partial[0]

@@ -8,8 +8,9 @@ import pytest
 def skip_unless_triton_runs_cpu_tensors() -> None:
     pytest.importorskip("triton")
     from c3dzoo.kernels.conv3d_bias_act_pool import runs_interpreted
-    from c3dzoo.ops._registry import triton_interpreter_enabled
+    from c3dzoo.ops._registry import triton_cpu_unsupported_reason
 
-    if not (triton_interpreter_enabled() and runs_interpreted()):
-        pytest.skip("the triton backend runs CPU tensors under the Triton interpreter only, which the tests "
-                    "turn on only on a machine without a GPU")
+    reason = triton_cpu_unsupported_reason(runs_interpreted)
+    if reason is not None:
+        pytest.skip(f"the triton backend cannot run CPU tensors here ({reason}); the tests turn the "
+                    "interpreter on only on a machine without a GPU")

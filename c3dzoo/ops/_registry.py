@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -15,6 +15,18 @@ from . import reference as _reference
 
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_cpu_unsupported_reason(kernels_interpreted: Callable[[], bool]) -> Optional[str]:
+    """Why the triton backend cannot take a CPU tensor now, or None: CPU tensors run under the
+    interpreter only, switched on before the kernels were imported (``kernels_interpreted()``). On a
+    GPU machine the backend is available but its kernels are compiled for the GPU."""
+    if not triton_interpreter_enabled():
+        return "a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter) for the Triton backend"
+    if not kernels_interpreted():
+        return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported (compiled for "
+                "a GPU); set it before the first use of the triton backend")
+    return None
 
 
 def _probe_reference() -> Optional[str]:

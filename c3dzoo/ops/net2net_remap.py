@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import backends as _backends
-from ._registry import triton_interpreter_enabled
+from ._registry import triton_cpu_unsupported_reason
 
 Tensor = torch.Tensor
 
@@ -143,15 +143,11 @@ def _unsupported_reason(name: str, t: Tensor, power: int) -> Optional[str]:
         if t.element_size() not in (1, 2, 4, 8):
             return f"element size {t.element_size()} is not supported"
     if name == "triton" and t.device.type == "cpu":
-        # a CPU tensor runs under the interpreter only (on a GPU machine, too, where the backend is
-        # available but the kernel is compiled for the GPU)
-        if not triton_interpreter_enabled():
-            return "a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter) for the Triton backend"
         from c3dzoo.kernels.net2net_remap import runs_interpreted
 
-        if not runs_interpreted():
-            return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported (compiled for a GPU); "
-                    "set it before the first use of the triton backend")
+        reason = triton_cpu_unsupported_reason(runs_interpreted)
+        if reason is not None:
+            return reason
         if power and t.dtype == torch.bfloat16:
             return "bfloat16 arithmetic under the Triton interpreter gives wrong results"
     if name == "triton" and t.device.type not in ("cpu", "cuda"):

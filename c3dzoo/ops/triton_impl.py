@@ -48,7 +48,7 @@ from . import batch_statistics
 from . import backends as _backends
 from . import reference as _reference
 from ._weight_cache import FoldedWeightCache, cached_folded
-from ._registry import triton_interpreter_enabled
+from ._registry import triton_cpu_unsupported_reason
 from .backends import ConvBNActConfig, InputNorm, LayerParams
 
 Tensor = torch.Tensor
@@ -67,11 +67,9 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
     if cfg.dtype not in _DTYPES:
         return f"dtype {cfg.dtype} is not supported by the Triton backend (fp16, bf16, fp32 only)"
     if cfg.device == "cpu":
-        if not triton_interpreter_enabled():
-            return "a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter) for the Triton backend"
-        if not runs_interpreted():
-            return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported (compiled for "
-                    "a GPU); set it before the first use of the triton backend")
+        reason = triton_cpu_unsupported_reason(runs_interpreted)
+        if reason is not None:
+            return reason
         if cfg.dtype == "torch.bfloat16":
             return "bfloat16 under the Triton interpreter gives wrong results (its bf16 dot/arithmetic is broken)"
     elif cfg.device != "cuda":
