@@ -43,6 +43,7 @@ import math
 import os
 import subprocess
 import time
+import traceback
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -180,7 +181,8 @@ class Contestant:
     precision: str  # "fp32" (IEEE, TF32 off), "tf32", "bf16" (autocast)
     channels_last: bool = False  # model and input in torch.channels_last_3d
     compile_mode: Optional[str] = None  # torch.compile mode; None: eager
-    backend: Optional[str] = None  # c3dzoo backend of the fused model; None: stock modules
+    # c3dzoo backend of the fused model ("auto": what c3d_bn(fused=True) runs); None: stock modules
+    backend: Optional[str] = None
     # fused training recomputes every conv in the backward (model.keep_conv_outputs = False): the
     # least-memory setting, measured on whole-model training steps only
     recompute: bool = False
@@ -201,9 +203,10 @@ AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
 FUSED_BACKENDS = tuple(reversed(c3dzoo.ops.backends.names()))
 
 
-def contestants() -> List[Contestant]:
+def contestants(device: Optional[str] = None) -> List[Contestant]:
+    """The contestants of a session on ``device`` (default: this machine's)."""
     c = Contestant
-    if PROFILE.device == "cuda":
+    if (device or PROFILE.device) == "cuda":
         return [
             c("eager-fp32", "fp32"),
             c("eager-tf32", "tf32"),
@@ -211,11 +214,14 @@ def contestants() -> List[Contestant]:
             c("eager-bf16-cl", "bf16", True),
             c("compile-bf16-cl", "bf16", True, "default"),
             c("compile-maxat-bf16-cl", "bf16", True, AUTOTUNE_MODE),
+            # what a user gets by default: each layer on the backend "auto" picks (conv1 on the
+            # faster of the CUDA stem and Triton, measured on its first call)
+            c("c3dzoo-auto-bf16-cl", "bf16", True, backend="auto"),
             *[c(f"c3dzoo-{b}-bf16-cl", "bf16", True, backend=b) for b in FUSED_BACKENDS],
             c("c3dzoo-triton-bf16-cl-recompute", "bf16", True, backend="triton", recompute=True),
             c("c3dzoo-triton-bf16-cl-autotune", "bf16", True, backend="triton", autotune=True),
         ]
-    # CPU: fp32 only. bf16 is slow there, the Triton interpreter computes it wrongly (kernels.md),
+    # CPU: fp32 only ("auto" runs CPU tensors on reference: no contestant of its own). bf16 is slow there, the Triton interpreter computes it wrongly (kernels.md),
     # and stock bf16-autocast conv3d weight gradients on CPU (torch 2.13) were seen to differ
     # between identical calls and now and then to be NaN
     return [
@@ -227,12 +233,35 @@ def contestants() -> List[Contestant]:
 
 
 CONTESTANTS: Dict[str, Contestant] = {x.name: x for x in contestants()}
-# speed-ups are against the strongest plain-PyTorch setting a user gets without compiling
-BASELINE = "eager-bf16-cl" if PROFILE.device == "cuda" else "eager-fp32"
+
+
+def baseline_for(device: str) -> str:
+    """Speed-ups are against the strongest plain-PyTorch setting a user gets without compiling."""
+    return "eager-bf16-cl" if device == "cuda" else "eager-fp32"
+
+
+BASELINE = baseline_for(PROFILE.device)
 
 
 def contestant_names() -> List[str]:
     return list(CONTESTANTS)
+
+
+def run_order(kind: str, target: str, c: Contestant, baseline: str = BASELINE) -> Tuple[int, int, int]:
+    """Sort key of a benchmark (kind "model" or "layer"). First what the issues' targets compare:
+    C3D-BN whole (the baseline, the fused contestants, then torch.compile default) and its conv1
+    layer (the eager bf16 contestants and the fused ones); then the other eager and fused
+    contestants, models before layers; torch.compile on the rest; max-autotune last. A session cut
+    short by its time budget (C3DZOO_BENCH_BUDGET_S) so loses the numbers least wanted."""
+    fused = c.backend not in (None, "reference")
+    if kind == "model" and target == "c3d_bn":
+        headline = c.name == baseline or fused or c.compile_tier == 1
+    elif kind == "layer" and target == "conv1":  # issues 4 and 6 compare it with stock eager bf16
+        headline = (c.name == baseline or (fused and not c.autotune and not c.recompute)
+                    or (c.compile_tier == 0 and c.backend is None and c.precision == "bf16"))
+    else:
+        headline = False
+    return (0 if headline and c.compile_tier < 2 else 1, c.compile_tier, 0 if kind == "model" else 1)
 
 
 def skip_reason(c: Contestant, case: Optional["Case"] = None) -> Optional[str]:
@@ -246,26 +275,44 @@ def skip_reason(c: Contestant, case: Optional["Case"] = None) -> Optional[str]:
     if c.compile_mode is not None and not PROFILE.compile:
         return ("torch.compile contestants are off by default on CPU: set C3DZOO_BENCH_COMPILE=1"
                 if PROFILE.device == "cpu" else "torch.compile contestants are off (C3DZOO_BENCH_COMPILE=0)")
-    if c.backend is not None:
+    if c.backend == "auto":
+        states = c3dzoo.backends()
+        if not any(s["available"] for name, s in states.items() if name != "reference"):
+            return ("c3dzoo backend 'auto' would run everything on 'reference' here (measured as "
+                    "its own contestant): " + "; ".join(f"{n}: {s['reason']}" for n, s in states.items()
+                                                        if not s["available"]))
+    elif c.backend is not None:
         if c.backend == "triton" and PROFILE.device == "cpu" and not PROFILE.triton_interpret:
             return ("the triton backend on CPU runs under the (slow) Triton interpreter: "
                     "set C3DZOO_BENCH_TRITON_INTERPRET=1")
         state = c3dzoo.backends()[c.backend]
         if not state["available"]:
             return f"c3dzoo backend {c.backend!r} is unavailable: {state['reason']}"
+    if c.backend == "cuda" and case is not None and (case.kind == "model" or not case.first):
+        # everything else would fall back to reference, measured as a contestant of its own
+        return ("the cuda backend runs stem convs only (the layer that reads the clip); whole models "
+                "use it through c3dzoo-auto")
     return None
 
 
-def _expected_seconds(case: "Case", c: Contestant) -> float:
+def _expected_seconds(case: "Case", c: Contestant, prewarmed: Optional[bool] = None) -> float:
     """A generous guess of one benchmark's wall time, to decide whether it fits the budget.
     Compile times: a cold torch.compile of C3D-BN took 93 s (inference) and 208 s (training) in
-    max-autotune on an H100 (gpu-runs.md); default mode is guessed at about half."""
+    max-autotune on an H100 (gpu-runs.md); default mode is guessed at about half. With the caches
+    filled by an untimed run first (``prewarmed``, bench/gpu_session.sh does it for the default mode
+    and the triton-autotune contestant on whole models), compiling mostly reads them back: a warm
+    Inductor cache cut C3D's first call from 20 s to 2.6 s on the CPU machine; a third is kept."""
+    prewarmed = PROFILE.caches_prewarmed if prewarmed is None else prewarmed
     train = case.mode == "train"
-    seconds = (8.0 if train else 5.0) if case.kind == "model" else 2.0
+    model = case.kind == "model"
+    seconds = (8.0 if train else 5.0) if model else 2.0
     if c.compile_tier == 1:
-        seconds += (100.0 if train else 50.0) if case.kind == "model" else (30.0 if train else 15.0)
+        compile_s = (100.0 if train else 50.0) if model else (30.0 if train else 15.0)
+        seconds += compile_s / 3 if prewarmed and model else compile_s
     elif c.compile_tier == 2:
-        seconds += (240.0 if train else 120.0) if case.kind == "model" else (120.0 if train else 60.0)
+        seconds += (240.0 if train else 120.0) if model else (120.0 if train else 60.0)
+    if c.autotune:  # every candidate tile config of every conv shape is compiled, then timed
+        seconds += 10.0 if prewarmed else 60.0
     return seconds
 
 
@@ -301,8 +348,11 @@ def precision_flags(c: Contestant):
 
 @contextlib.contextmanager
 def triton_autotuning(c: Contestant):
-    """c3dzoo's Triton tile-config autotuning on for the autotune contestant only."""
+    """c3dzoo's Triton tile-config autotuning on for the autotune contestant only, which tunes
+    afresh, so that its record lists the choices of this case alone."""
     previous = c3dzoo.set_triton_autotune(c.autotune)
+    if c.autotune:
+        c3dzoo.ops.backends.reset_triton_autotune()
     try:
         yield
     finally:
@@ -961,6 +1011,11 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             rounds=rounds, iterations=iterations, input_sets=len(sets), gpu=gpu,
         )
         _record(request.config, benchmark, median)
+    except BaseException as exc:
+        # pytest keeps a failure's traceback (sys.last_traceback) until the next one: its frames'
+        # locals (a model, activations) would stay allocated and count in the next cases' memory
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         # drop every reference to the model and the inputs (target() reaches them through the
         # cycle) so that the device memory can go back before the next benchmark

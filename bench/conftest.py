@@ -49,17 +49,18 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the cheap, most wanted numbers first, so that a session cut short by its time budget
-    (C3DZOO_BENCH_BUDGET_S) loses the least: eager and fused contestants on whole models, then on
-    layers, then torch.compile (minutes of compiling) on models, then on layers, max-autotune last.
-    Only this folder's items move; their relative order otherwise stays as collected."""
+    """Run the most wanted numbers first (``_harness.run_order``), so that a session cut short by
+    its time budget (C3DZOO_BENCH_BUDGET_S) loses the least. Only this folder's items move; their
+    relative order otherwise stays as collected."""
     positions = [i for i, item in enumerate(items) if str(item.path).startswith(_BENCH_DIR)]
 
     def key(item):
         params = getattr(getattr(item, "callspec", None), "params", {})
         contestant = H.CONTESTANTS.get(params.get("contestant"))
-        tier = contestant.compile_tier if contestant is not None else 0
-        return (tier, 0 if "model" in params else 1)
+        kind = "model" if "model" in params else "layer"
+        if contestant is None:
+            return (1, 0, 0)
+        return H.run_order(kind, params.get(kind, ""), contestant)
 
     ordered = sorted((items[i] for i in positions), key=key)  # sorted() is stable
     for i, item in zip(positions, ordered):

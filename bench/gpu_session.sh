@@ -17,8 +17,8 @@
 # Time: the whole script aims at C3DZOO_SESSION_BUDGET_S (default 510 s, under the tool's 600 s
 # per command). The tests get at most C3DZOO_TESTS_TIMEOUT_S (default 180 s), with an untimed
 # warm-up of the benchmarks' compile caches beside them (C3DZOO_BENCH_WARM=0 skips it); the
-# benchmarks get what is left and skip, with the reason, whatever no longer fits (eager and fused contestants run
-# first, torch.compile after them). max-autotune runs only with C3DZOO_BENCH_AUTOTUNE=1 and needs
+# benchmarks get what is left and skip, with the reason, whatever no longer fits (what the issues'
+# targets compare runs first: see run_order in bench/_harness.py). max-autotune runs only with C3DZOO_BENCH_AUTOTUNE=1 and needs
 # a session of its own (minutes per graph). Other knobs: see bench/_harness.py.
 #
 # The device copy of the tree has no .git, hence C3DZOO_COMMIT (typed literally: a $(git ...) in

@@ -228,6 +228,12 @@ def headline(data: dict, recs: Optional[Sequence[Record]] = None, baseline: Opti
     if not recs:
         return "no c3dzoo benchmark results in this file"
     parts = [_describe(data, recs, baseline)]
+    stated = baseline or next((r.baseline for r in recs if r.baseline), None) or DEFAULT_BASELINES[0]
+    other = {group: baseline_of(members, baseline) for group, members in by_group(recs).items()}
+    other = {group: base for group, base in other.items() if base != stated}
+    if other:  # the stated baseline did not run there (skipped, failed): say what the ratios are against
+        parts.append("Except: " + "; ".join(f"{group} vs {base or 'nothing (no baseline ran)'}"
+                                            for group, base in other.items()) + ".")
     models = _matrix(recs, "model", lambda r, x: f"{_num(r.clips_per_s)} ({_x(x)})", baseline)
     if models:
         parts += ["", "Whole models, clips/s (speed-up):", "", models]

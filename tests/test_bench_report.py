@@ -115,8 +115,15 @@ def test_another_baseline_on_request():
     text = report.headline(_run(), baseline="eager-fp32")
     inference = _cells(text, "c3d_bn", "inference")
     assert inference["c3dzoo-triton-bf16-cl"] == "5,000 (10.00×)"  # 0.064 / 0.0064
-    # groups without eager-fp32 fall back to the run's own baseline
+    # groups without eager-fp32 fall back to the run's own baseline, and the caption says so
     assert _cells(text, "c3d_bn", "train")["compile-bf16-cl"] == "1,280 (1.60×)"
+    except_line = next(line for line in text.splitlines() if line.startswith("Except: "))
+    assert "model c3d_bn train vs eager-bf16-cl" in except_line
+    assert "layer conv2 inference vs nothing (no baseline ran)" in except_line
+    assert "model c3d_bn inference" not in except_line
+    # against the run's own baseline, only the group that has no baseline at all is an exception
+    default = next(line for line in report.headline(_run()).splitlines() if line.startswith("Except: "))
+    assert default == "Except: layer conv2 inference vs nothing (no baseline ran)."
 
 
 def test_group_tables():

@@ -67,6 +67,17 @@ def test_pick_times_each_candidate_once_and_keeps_the_fastest(tuning):
     assert choice == "b" and launched == [] and tuning["calls"] == 3
 
 
+def test_reset_forgets_choices_and_timings(tuning):
+    from c3dzoo.ops.backends import reset_triton_autotune, triton_autotune_timings
+
+    assert _pick(tuning, [3.0, 1.0, 2.0])[0] == "b"
+    reset_triton_autotune()
+    assert triton_autotune_timings() == {}
+    choice, launched = _pick(tuning, [1.0, 3.0, 2.0])  # tuned again, from scratch
+    assert choice == "a" and launched == ["a", "b", "c"] and tuning["calls"] == 6
+    assert triton_autotune_timings() == {"kernel k": {"a": 1.0, "b": 3.0, "c": 2.0}}
+
+
 def test_pick_keeps_the_rules_choice_on_ties_and_failures(tuning):
     assert _pick(tuning, [1.0, 1.0, 2.0], key="tie")[0] == "a"
     assert _pick(tuning, [None, 2.0, None], key="one works")[0] == "b"

@@ -171,6 +171,14 @@ def set_triton_autotune(enabled: bool) -> bool:
     return previous
 
 
+def reset_triton_autotune() -> None:
+    """Forget the tile configurations tuned so far: the next launch of each shape tunes again
+    (after a change of GPU clocks or power limit, say, or to see one workload's own choices)."""
+    from c3dzoo.kernels import _autotune
+
+    _autotune.clear()
+
+
 def triton_autotune_timings() -> Dict[str, Dict[str, float]]:
     """What autotuning measured: {"<kernel> <shape key>": {tile config: ms per launch}}."""
     from c3dzoo.kernels import _autotune
