@@ -797,7 +797,7 @@ def _nvml(query: str, *args):
 
 
 def gpu_state() -> Optional[dict]:
-    """Clocks, memory in use, temperature and power right after a benchmark's timed rounds."""
+    """Clocks, memory in use, temperature and power, now."""
     if not CUDA:
         return None
     try:
@@ -823,6 +823,20 @@ def gpu_state() -> Optional[dict]:
         # software thermal, 0x80 power brake: any of those during a benchmark means throttled
         "clock_event_reasons": reasons,
     }
+
+
+def gpu_state_under_load(call: Callable, t_call: float, busy_s: float = 0.05) -> Optional[dict]:
+    """``gpu_state()`` read while the device runs queued calls (about ``busy_s`` of them, untimed),
+    as it does during the timed rounds: read after them, an idle GPU may already report lower clocks."""
+    if not CUDA:
+        return None
+    device_timer()
+    for _ in range(max(1, math.ceil(busy_s / max(t_call, 1e-6)))):
+        result = call()
+    state = gpu_state()
+    del result
+    device_timer()
+    return state
 
 
 def _driver_version() -> Optional[str]:
@@ -988,7 +1002,7 @@ def run(benchmark, request, case: Case, c: Contestant) -> None:
             rounds, iterations = _schedule(t_call)
             benchmark.pedantic(target, rounds=rounds, iterations=iterations,
                                warmup_rounds=PROFILE.warmup_rounds)
-            gpu = gpu_state()
+            gpu = gpu_state_under_load(target, t_call)
 
         median = benchmark.stats.stats.median
         peak_t = peak_tflops(c.precision) if CUDA else None

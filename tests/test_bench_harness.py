@@ -120,3 +120,14 @@ def test_a_failed_benchmark_leaves_nothing_allocated_behind():
     gc.collect()
     assert failure.value.__traceback__ is not None  # the traceback is still there, as pytest keeps it
     assert held and held[0]() is None
+
+
+def test_gpu_state_is_read_while_the_device_is_busy(monkeypatch):
+    """Clocks read after the timed rounds would be an idle GPU's: read them with calls queued."""
+    events = []
+    monkeypatch.setattr(H, "CUDA", True)
+    monkeypatch.setattr(H, "device_timer", lambda: events.append("sync"))
+    monkeypatch.setattr(H, "gpu_state", lambda: events.append("read") or {"sm_clock_mhz": 1980})
+    state = H.gpu_state_under_load(lambda: events.append("call"), t_call=0.01, busy_s=0.05)
+    assert state == {"sm_clock_mhz": 1980}
+    assert events == ["sync"] + ["call"] * 5 + ["read", "sync"]
