@@ -109,6 +109,41 @@ def test_stem_training_forward_on_the_host_build(name, norm, monkeypatch):
         assert kept.numel() == 0
 
 
+@pytest.mark.parametrize("name", ["c3d_conv1", "c3d_conv1_odd", "r3d_stem"])
+def test_stem_backward_recomputes_the_forwards_own_conv_output(name, monkeypatch):
+    """A training stem keeps no conv output by default; its backward recomputes it with the
+    forward's kernel, so the values the backward's pool and activation decide on are the forward's
+    bit for bit (another conv would round some differently); the gradients are within the budget."""
+    from c3dzoo.ops import triton_impl
+
+    ext = use_host_extension(monkeypatch)
+    x_shape, c_out, kernel, *_ = CASES[name]
+    t64 = _tensors(x_shape, c_out, kernel, seed=len(name) + 1)
+    params = _params(name, "batch")
+    args = (*_as_fp32(t64)[:5], None, None)
+    out, mean, var, kept = cuda_impl.forward(*args, params, keep_conv_output=True)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    needs = [True] * 5
+    stock_mean, stock_var = reference.forward(*args, params)[1:3]
+    stock = reference.backward(grad_out.float(), *args, stock_mean, stock_var, params, needs)
+    _, ref_mean, ref_var, _ = reference.forward(*t64[:5], None, None, params)
+    ref = reference.backward(grad_out, *t64[:5], None, None, ref_mean, ref_var, params, needs)
+    seen = []
+    for module in (reference, triton_impl):  # whichever runs the rest of the backward here
+        real = module.backward
+
+        def spy(*a, _real=real):
+            seen.append(a[12])
+            return _real(*a)
+
+        monkeypatch.setattr(module, "backward", spy)
+    ext.calls.clear()
+    grads = cuda_impl.backward(grad_out.float(), *args, mean, var, params, needs)
+    assert ext.calls == ["stem_conv_stats"] and len(seen) == 1 and torch.equal(seen[0], kept)
+    for label, got, want, exact in zip(("x", "weight", "bias", "gamma", "beta"), grads, stock, ref):
+        assert_parity(got, want, exact, torch.float32, f"{name}: grad {label}")
+
+
 def test_the_host_build_is_really_called(monkeypatch):
     """The shim serves fp32 only: another dtype must reach it and fail there, not be computed elsewhere."""
     use_host_extension(monkeypatch)

@@ -183,15 +183,15 @@ def forward(
     return out, mean, var, x.new_empty(0)
 
 
-def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Training forward: the stem conv with its statistics partials, their Chan combination, then
-    (norm "batch", not "stats") normalise/act/pool (the statistics are of the stored, rounded conv
-    output). Returns (out, mean, var, the raw conv output y); for "stats" out is y itself."""
-    eps, stride, padding, dilation = params.eps, params.stride, params.padding, params.dilation
+def _stem_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], params: LayerParams
+               ) -> Tuple[Tensor, Tensor, Tensor, int, int]:
+    """The training stem's conv, one ``stem_conv_stats`` launch: (the raw conv output y, NDHWC in
+    x's dtype; its per-block (mean, M2) partials; positions; positions per block)."""
+    stride, padding, dilation = params.stride, params.padding, params.dilation
     lib = extension()
     with torch.no_grad(), device_scope(x):
-        w_packed, b_packed, w_stride = _folded_packed(weight, bias, None, None, None, None, norm="none", eps=eps)
+        w_packed, b_packed, w_stride = _folded_packed(weight, bias, None, None, None, None, norm="none",
+                                                      eps=params.eps)
         xc = x.contiguous(memory_format=torch.channels_last_3d)
         n, c_in, d, h, w = x.shape
         c_out = weight.shape[0]
@@ -207,6 +207,17 @@ def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
             part_m2.data_ptr(), _DTYPE_CODES[x.dtype], n, d, h, w, c_in, c_out, list(weight.shape[2:]),
             list(stride), list(padding), list(dilation), w_stride, stream_handle(x),
         )
+    return y, part_mean, part_m2, positions, per_block
+
+
+def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training forward: the stem conv with its statistics partials, their Chan combination, then
+    (norm "batch", not "stats") normalise/act/pool (the statistics are of the stored, rounded conv
+    output). Returns (out, mean, var, the raw conv output y); for "stats" out is y itself."""
+    eps = params.eps
+    with torch.no_grad(), device_scope(x):
+        y, part_mean, part_m2, positions, per_block = _stem_conv(x, weight, bias, params)
         mean, var = batch_statistics.finalize(part_mean, part_m2, positions, per_block)
         if params.norm == "stats":
             return y, mean, var, y
@@ -276,12 +287,21 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
     return True
 
 
-def backward(grad_out: Tensor, x: Tensor, *args, **kwargs):
+def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+             bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+             mean: Tensor, var: Tensor, params: LayerParams, needs_grad, conv_output: Optional[Tensor] = None):
     """The Triton backward where Triton runs on the device (less memory, fused), else the reference's
-    (both take the conv output the forward kept, or recompute it from x; signature of
-    ``reference.backward``)."""
+    (``reference.backward``'s signature). A training-mode stem that did not keep its conv output
+    (the default: see ``keeps_conv_output``) recomputes it here with the forward's own kernel: the
+    same values bit for bit, so the backward's max-pool and activation decisions are the forward's
+    (Triton's or cuDNN's conv would round a few values differently)."""
+    if conv_output is None and params.norm == "batch":
+        conv_output = _stem_conv(x, weight, bias, params)[0]
     if kernel_available(x):
         from . import triton_impl
 
-        return triton_impl.backward(grad_out, x, *args, **kwargs)
-    return _reference.backward(grad_out, x, *args, **kwargs)
+        impl = triton_impl.backward
+    else:
+        impl = _reference.backward
+    return impl(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, params,
+                needs_grad, conv_output)
