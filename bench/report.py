@@ -181,6 +181,24 @@ def _matrix(recs: Sequence[Record], kind: str, cell, baseline: Optional[str]) ->
     return _table([kind, "mode", *names], rows)
 
 
+def fused_vs_stock(recs: Sequence[Record], kind: str = "model") -> Optional[str]:
+    """Rows: each c3dzoo contestant of each (target, mode); columns: each stock contestant (eager and
+    torch.compile) measured in the same group; cells: the c3dzoo contestant's speed-up over it."""
+    recs = [r for r in recs if r.kind == kind]
+    stock = [n for n in contestant_order(recs) if _FAMILY.get(n.split("-")[0]) in (0, 1)]
+    fused = [n for n in contestant_order(recs) if n.startswith("c3dzoo-")]
+    if not stock or not fused:
+        return None
+    rows = []
+    for group, members in by_group(recs).items():
+        found = {r.contestant: r for r in members}
+        for name in fused:
+            if name in found:
+                cells = [_x(found[s].median_s / found[name].median_s) if s in found else "—" for s in stock]
+                rows.append([members[0].target, members[0].mode, name, *cells])
+    return _table([kind, "mode", "c3dzoo", *(f"vs {n}" for n in stock)], rows) if rows else None
+
+
 def training_memory(recs: Sequence[Record], baseline: Optional[str] = None) -> Optional[str]:
     """Rows: whole models in training; columns: contestants; cells: peak (ratio to the baseline's
     peak), batch that fits. None when the run measured no memory (CPU)."""
@@ -227,6 +245,9 @@ def headline(data: dict, recs: Optional[Sequence[Record]] = None, baseline: Opti
     recs = records(data) if recs is None else recs
     if not recs:
         return "no c3dzoo benchmark results in this file"
+    batches = sorted({r.batch for r in recs})
+    if len(batches) > 1:  # ratios only ever within one batch size (c3dzoo bench --batch 8,16,32)
+        return "\n\n".join(headline(data, [r for r in recs if r.batch == b], baseline) for b in batches)
     parts = [_describe(data, recs, baseline)]
     stated = baseline or next((r.baseline for r in recs if r.baseline), None) or DEFAULT_BASELINES[0]
     other = {group: baseline_of(members, baseline) for group, members in by_group(recs).items()}
@@ -237,6 +258,9 @@ def headline(data: dict, recs: Optional[Sequence[Record]] = None, baseline: Opti
     models = _matrix(recs, "model", lambda r, x: f"{_num(r.clips_per_s)} ({_x(x)})", baseline)
     if models:
         parts += ["", "Whole models, clips/s (speed-up):", "", models]
+    versus = fused_vs_stock(recs, "model")
+    if versus:
+        parts += ["", "Whole models, c3dzoo's speed-up over each stock contestant of the same run:", "", versus]
     memory = training_memory(recs, baseline)
     if memory:
         parts += ["", "Training step memory, whole models: peak allocated (× the baseline's peak); the largest "
@@ -250,6 +274,9 @@ def headline(data: dict, recs: Optional[Sequence[Record]] = None, baseline: Opti
 
 def group_tables(recs: Sequence[Record], baseline: Optional[str] = None) -> str:
     """One table per group: every contestant's time, throughput, speed-up, efficiency, memory."""
+    batches = sorted({r.batch for r in recs})
+    if len(batches) > 1:  # ratios only ever within one batch size
+        return "\n\n".join(group_tables([r for r in recs if r.batch == b], baseline) for b in batches)
     out = []
     names_order = contestant_order(recs)
     for group, members in by_group(recs).items():

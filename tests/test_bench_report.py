@@ -213,3 +213,33 @@ def test_untimed_run_records_each_cases_first_call(tmp_path):
     assert sorted(r["contestant"] for r in rows) == ["c3dzoo-reference-fp32", "eager-fp32"]
     for r in rows:
         assert r["group"] == "model c3d_bn inference" and r["first_call_s"] > 0 and r["caches_prewarmed"] is True
+
+
+def test_fused_speedup_over_each_stock_contestant():
+    text = report.headline(_run())
+    assert "c3dzoo's speed-up over each stock contestant" in text
+    inference = _cells(text, "c3d_bn", "inference", "c3dzoo-triton-bf16-cl")
+    assert inference["vs eager-fp32"] == "10.00×" and inference["vs eager-bf16-cl"] == "2.00×"
+    assert inference["vs compile-bf16-cl"] == "—"  # not measured in that group
+    train = _cells(text, "c3d_bn", "train", "c3dzoo-triton-bf16-cl")
+    assert train["vs compile-bf16-cl"] == "1.00×" and train["vs eager-bf16-cl"] == "1.60×"
+
+
+def test_several_batch_sizes_are_never_compared_with_each_other():
+    """c3dzoo bench --batch 16,32 merges its sessions into one JSON: each batch gets its own tables."""
+    data = _run()
+    doubled = []
+    for bench in data["benchmarks"]:
+        if bench.get("extra_info"):
+            twin = json.loads(json.dumps(bench))
+            twin["extra_info"]["batch"] = 64
+            twin["stats"]["median"] *= 3.0 if twin["extra_info"]["contestant"].startswith("eager") else 1.5
+            doubled.append(twin)
+    data["benchmarks"] += doubled
+    text = report.headline(data)
+    first, second = text.split("\n\nNVIDIA H100")
+    assert "Batch 32." in first and "Batch 64." in second
+    assert _cells(first, "c3d_bn", "inference")["c3dzoo-triton-bf16-cl"] == "5,000 (2.00×)"
+    assert _cells(second, "c3d_bn", "inference")["c3dzoo-triton-bf16-cl"] == "6,667 (4.00×)"  # 3 / 1.5 × 2
+    groups = report.group_tables(report.records(data))
+    assert "model c3d_bn inference (batch 32;" in groups and "model c3d_bn inference (batch 64;" in groups

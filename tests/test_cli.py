@@ -295,6 +295,11 @@ def test_bench_writes_csv(tmp_path, capsys):
     assert rows and all(row["group"] == "model c3d_bn inference" for row in rows)
     assert all(float(row["clips_per_s"]) > 0 for row in rows)
     assert {"eager-fp32"} <= {row["contestant"] for row in rows}
+    base = next(row for row in rows if row["contestant"] == "eager-fp32")
+    assert all(row["speedup_vs"] == "eager-fp32" for row in rows) and float(base["speedup"]) == 1.0
+    fused = next(row for row in rows if row["contestant"] == "c3dzoo-reference-fp32")
+    assert float(fused["speedup"]) == pytest.approx(float(base["median_ms"]) / float(fused["median_ms"]), rel=1e-3)
+    assert "c3dzoo's speed-up over each stock contestant" in printed
     assert (out / "bench.json").is_file()
 
 

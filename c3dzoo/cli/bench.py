@@ -19,7 +19,8 @@ from ._common import CommandError, UsageError
 
 BENCH_MODELS = ("c3d_bn", "r3d_18")  # bench/_harness.py MODELS
 BENCH_MODES = {"inference": ("inference",), "training": ("train",), "both": ("inference", "train")}
-BENCH_CSV = ("group", "contestant", "batch", "median_ms", "clips_per_s", "speedup", "peak_mem_bytes")
+# speedup: the baseline's median / the contestant's, both of the same group and batch (speedup_vs)
+BENCH_CSV = ("group", "contestant", "batch", "median_ms", "clips_per_s", "speedup", "speedup_vs", "peak_mem_bytes")
 
 
 def _batch_list(text: str) -> List[int]:
@@ -120,12 +121,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             at_batch = [r for r in recs if r.batch == batch]
             print(f"\n{report.headline(data, at_batch)}")  # per-group detail: report.py --groups
             for group, members in report.by_group(at_batch).items():
-                ratios = report.speedups(members, report.baseline_of(members))
+                baseline = report.baseline_of(members)
+                ratios = report.speedups(members, baseline)
                 for r in members:
                     ratio = ratios.get(r.contestant)
                     writer.writerow([group, r.contestant, r.batch, f"{r.median_s * 1e3:.4f}",
                                      f"{r.clips_per_s:.3f}", "" if ratio is None else f"{ratio:.4f}",
-                                     "" if r.peak_mem_bytes is None else r.peak_mem_bytes])
+                                     baseline or "", "" if r.peak_mem_bytes is None else r.peak_mem_bytes])
     print(f"\nwrote {csv_path}")
     if importlib.util.find_spec("matplotlib") is None:
         print("no plot: matplotlib is missing (pip install matplotlib)")
