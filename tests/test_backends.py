@@ -68,3 +68,28 @@ def test_unavailable_backend_falls_back_with_reason(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _call(backend="cuda")
+
+
+def test_interpreter_switched_on_after_the_kernels_were_compiled_is_refused():
+    """TRITON_INTERPRET=1 set after the Triton kernels were imported (so built for a GPU): CPU
+    tensors must go to stock ops with the reason, never be handed to a compiled kernel."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import os, torch",
+        "import c3dzoo.kernels.bn_act_pool, c3dzoo.kernels.conv3d_bias_act_pool",
+        "from c3dzoo.ops import _normalize, triton_impl",
+        "os.environ['TRITON_INTERPRET'] = '1'",
+        "print(_normalize.kernel_available(torch.zeros(2)))",
+        "from c3dzoo.ops.backends import ConvBNActConfig",
+        "cfg = ConvBNActConfig('running', 'relu', (1,)*3, (1,)*3, (1,)*3, (3,)*3, (), 'torch.float32', 'cpu', 2, 3)",
+        "print(triton_impl.supports(cfg))",
+    ])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    available, reason = done.stdout.strip().splitlines()[-2:]
+    assert available == "False" and "was set after the Triton kernels were imported" in reason

@@ -16,14 +16,19 @@ Tensor = torch.Tensor
 
 def kernel_available(y: Tensor) -> bool:
     """Whether ``c3dzoo.kernels.bn_act_pool`` can run on ``y``: a CUDA tensor with Triton
-    installed, or any tensor under the Triton interpreter."""
+    installed, or a CPU tensor with the kernels built for the Triton interpreter (TRITON_INTERPRET=1
+    set before they were imported: compiled ones would be handed host pointers)."""
     if not (y.is_cuda or triton_interpreter_enabled()):
         return False
     try:
-        importlib.import_module("c3dzoo.kernels.bn_act_pool")
+        module = importlib.import_module("c3dzoo.kernels.bn_act_pool")
     except Exception:  # no (working) Triton: the stock ops do the same step
         return False
-    return True
+    if y.is_cuda:
+        return True
+    from c3dzoo.kernels._grid import is_interpreted
+
+    return is_interpreted(module.bn_act_pool_kernel)
 
 
 def normalize_act_pool(
