@@ -21,21 +21,24 @@ Tensor = torch.Tensor
 class FoldedWeightCache:
     """Folded, cast and packed (weight, bias) per set of source tensors.
 
-    An entry is valid while its source tensors are the very same objects (weak references, so an
-    entry never keeps a model alive and a recycled address or id never matches) and their
-    ``_version`` counters are unchanged (any in-place update — an optimizer step, a BatchNorm
-    updating running statistics in training mode, ``load_state_dict`` — bumps them). Entries die
-    with their conv weight, and at most ``capacity`` are kept (least recently used first out).
+    One entry per set of source tensors (and ``extra``), valid while they are the very same objects
+    (weak references, so an entry never keeps a model alive and a recycled address or id never
+    matches) with unchanged ``_version`` counters and storage (any in-place update — an optimizer
+    step, a BatchNorm updating running statistics in training mode, ``load_state_dict`` — bumps the
+    counter). A changed source rebuilds its entry in place: a training loop holds one packed copy
+    per layer, not one per step until the cache fills. Entries die with their conv weight, and at
+    most ``capacity`` are kept (least recently used first out).
     Not detected: writes through ``tensor.data``, which bypass the version counter.
     """
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
+        # (source ids, extra) -> (weak references, sources' state, value)
         self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(sources: Sequence[Optional[Tensor]], extra: tuple) -> Optional[tuple]:
+    def _state(sources: Sequence[Optional[Tensor]]) -> Optional[tuple]:
         parts = []
         for t in sources:
             if t is None:
@@ -43,32 +46,35 @@ class FoldedWeightCache:
                 continue
             if t.is_inference():  # inference tensors have no version counter: do not cache
                 return None
-            parts.append((id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype))
-        return tuple(parts) + extra
+            parts.append((t._version, t.data_ptr(), tuple(t.shape), t.dtype))
+        return tuple(parts)
 
     def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
-        key = self._key(sources, extra)
-        if key is None:
+        state = self._state(sources)
+        if state is None:
             return build()
+        key = tuple(None if t is None else id(t) for t in sources) + tuple(extra)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
-                refs, value = entry
-                if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, sources)):
+                refs, seen, value = entry
+                same_objects = all((r is None and t is None) or (r is not None and r() is t)
+                                   for r, t in zip(refs, sources))
+                if same_objects and seen == state:
                     self._entries.move_to_end(key)
                     return value
-                del self._entries[key]  # an id was recycled: stale
+                del self._entries[key]  # a source changed, or an id was recycled: stale, freed now
         value = build()
         entries = self._entries
 
-        def drop(_ref, key=key):  # the conv weight died: its entries are useless
+        def drop(_ref, key=key):  # the conv weight died: its entry is useless
             entries.pop(key, None)
 
         refs = tuple(
             None if t is None else weakref.ref(t, drop if i == 0 else None) for i, t in enumerate(sources)
         )
         with self._lock:
-            entries[key] = (refs, value)
+            entries[key] = (refs, state, value)
             entries.move_to_end(key)
             while len(entries) > self.capacity:
                 entries.popitem(last=False)
