@@ -65,6 +65,36 @@ def test_cuda_graph_replays_fused_inference():
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_cuda_graph_replays_see_parameter_updates(backend):
+    """A captured stock model reads its parameters at each replay; so must a fused one, although
+    eager calls fold and pack the weights once (cached): loading new weights in place after the
+    capture changes the replay's output exactly as it changes an eager call's."""
+    model = _c3d_bn_with_statistics(fused=True, backend=backend).eval().bfloat16()
+    static_x = torch.randn(2, 3, 16, 112, 112, device="cuda", dtype=torch.bfloat16)
+    static_x = static_x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills the folded-weight cache
+            for _ in range(2):
+                model(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        graph.replay()
+        before = static_out.clone()
+        torch.testing.assert_close(before, model(static_x), rtol=0, atol=0)
+        model.conv3a.weight.mul_(-1.5)  # as load_state_dict or an optimizer step would: in place
+        model.conv5b_bn.running_var.mul_(4.0)
+        graph.replay()
+        eager = model(static_x)  # rebuilds its cached packing (and frees the old one)
+        graph.replay()
+        assert not torch.equal(static_out, before)
+        torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_fused_inference_allocates_only_its_outputs(backend):
     """Each fused layer of C3D-BN in eval mode makes one allocation per call, its output (folded
     weights are cached, statistics are empty, channels-last inputs are read in place)."""

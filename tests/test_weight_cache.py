@@ -76,3 +76,22 @@ def test_capacity_evicts_the_least_recently_used():
     assert len(built) == 4
     cache.get_or_build((weights[1],), (), _packer(built))
     assert len(built) == 5
+
+
+def test_nothing_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """Captured, the folding runs inside the graph, so replays see in-place parameter updates (as a
+    captured stock model does); the real capture is tested in tests/test_gpu_model.py."""
+    from c3dzoo.ops import _weight_cache
+
+    cache = FoldedWeightCache()
+    weight = torch.randn(4, 3)
+    built = []
+    monkeypatch.setattr(_weight_cache, "capturing", lambda sources: True)
+    cache.get_or_build((weight, None), (), _packer(built))
+    cache.get_or_build((weight, None), (), _packer(built))
+    assert len(built) == 2 and len(cache) == 0
+    monkeypatch.undo()
+    assert not _weight_cache.capturing((weight, None))  # CPU tensors: never (and no CUDA call)
+    cache.get_or_build((weight, None), (), _packer(built))
+    cache.get_or_build((weight, None), (), _packer(built))
+    assert len(built) == 3 and len(cache) == 1

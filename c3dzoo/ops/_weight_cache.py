@@ -18,6 +18,11 @@ from . import reference as _reference
 Tensor = torch.Tensor
 
 
+def capturing(sources: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of the sources' GPU."""
+    return any(t is not None and t.is_cuda for t in sources) and torch.cuda.is_current_stream_capturing()
+
+
 class FoldedWeightCache:
     """Folded, cast and packed (weight, bias) per set of source tensors.
 
@@ -29,6 +34,10 @@ class FoldedWeightCache:
     per layer, not one per step until the cache fills. Entries die with their conv weight, and at
     most ``capacity`` are kept (least recently used first out).
     Not detected: writes through ``tensor.data``, which bypass the version counter.
+
+    Nothing is cached or looked up while a CUDA graph is being captured: the folding and packing
+    are captured too, so each replay reads the parameters as they are then (as a captured stock
+    model does) instead of a copy frozen at capture time, which a later rebuild could also free.
     """
 
     def __init__(self, capacity: int = 64):
@@ -51,7 +60,7 @@ class FoldedWeightCache:
 
     def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
         state = self._state(sources)
-        if state is None:
+        if state is None or capturing(sources):
             return build()
         key = tuple(None if t is None else id(t) for t in sources) + tuple(extra)
         with self._lock:
