@@ -95,3 +95,36 @@ def test_nothing_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
     cache.get_or_build((weight, None), (), _packer(built))
     cache.get_or_build((weight, None), (), _packer(built))
     assert len(built) == 3 and len(cache) == 1
+
+
+def test_reference_backend_folds_each_eval_layer_once_and_notices_updates():
+    """The reference backend caches its folded weights too (an eval model on CPU folded every layer
+    on every call); an in-place update of any source is seen on the next call."""
+    from c3dzoo.ops import conv3d_bn_act, reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 6, 6, generator=g)
+    conv = torch.nn.Conv3d(3, 5, 3, padding=1)
+    bn = torch.nn.BatchNorm3d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+
+    def fused():
+        return conv3d_bn_act(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                             training=False, padding=1, backend="reference")
+
+    def stock():
+        with torch.no_grad():
+            return torch.relu(bn(conv(x)))
+
+    reference._fold_cache = None
+    first = fused()
+    cache = reference._fold_cache
+    assert len(cache) == 1 and torch.equal(fused(), first) and len(cache) == 1
+    torch.testing.assert_close(first, stock(), rtol=1e-5, atol=1e-5)
+    for update in (lambda: bn.running_var.mul_(3.0), lambda: conv.weight.mul_(-1.0), lambda: bn.bias.add_(1.0)):
+        with torch.no_grad():
+            update()
+        torch.testing.assert_close(fused(), stock(), rtol=1e-5, atol=1e-5)
+        assert len(cache) == 1

@@ -91,6 +91,27 @@ def batch_norm_affine(
     return xhat, z.to(y.dtype)
 
 
+def _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float, dtype: torch.dtype):
+    """``fold_batch_norm`` cast to ``dtype``; outside autograd, cached as the kernel backends cache
+    theirs (an eval-mode model folds each layer once, not on every call)."""
+    def fold():
+        w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        return w.to(dtype), b.to(dtype)
+
+    if torch.is_grad_enabled():  # differentiable: never a cached, detached value
+        return fold()
+    global _fold_cache
+    if _fold_cache is None:
+        from ._weight_cache import FoldedWeightCache  # it imports this module: not at the top
+
+        _fold_cache = FoldedWeightCache()
+    return _fold_cache.get_or_build((weight, bias, bn_weight, bn_bias, running_mean, running_var),
+                                    ("running", float(eps), dtype), fold)
+
+
+_fold_cache = None
+
+
 def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams):
     """The fused computation written with stock ops; differentiable. Returns (out, mean, var, y), y
     the conv output (BatchNorm folded in for norm "running")."""
@@ -99,8 +120,8 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     mean = x.new_empty(0, dtype=stats_dtype(dtype))
     var = x.new_empty(0, dtype=stats_dtype(dtype))  # distinct tensors: custom op outputs must not alias
     if norm == "running":
-        w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        y = F.conv3d(x, w.to(dtype), b.to(dtype), stride, padding, dilation)
+        w, b = _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype)
+        y = F.conv3d(x, w, b, stride, padding, dilation)
     else:
         y = F.conv3d(
             x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation
@@ -254,9 +275,8 @@ def backward(
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         conv_weight = weight.to(dtype)
         if norm == "running":
-            folded_w, folded_b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-            conv_weight = folded_w.to(dtype)
-            y = F.conv3d(x, conv_weight, folded_b.to(dtype), stride, padding, dilation)
+            conv_weight, folded_b = _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype)
+            y = F.conv3d(x, conv_weight, folded_b, stride, padding, dilation)
         elif conv_output is not None and norm == "batch":
             y = conv_output
         else:
