@@ -39,6 +39,21 @@ def _fresh_fallbacks():
     yield
 
 
+def _captured(model, static_x):
+    """(graph, its output tensor) of ``model(static_x)`` captured after a side-stream warm-up (which
+    compiles the kernels and fills the folded-weight cache); call under no_grad."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_x)
+    return graph, static_out
+
+
 def test_cuda_graph_replays_fused_inference():
     """Capture the fused bf16 model in a CUDA graph: no host synchronisation, no allocation per call
     beyond the outputs (the graph's pool), and replays equal eager calls bit for bit."""
@@ -46,15 +61,7 @@ def test_cuda_graph_replays_fused_inference():
     static_x = torch.randn(4, 3, 16, 112, 112, device="cuda", dtype=torch.bfloat16)
     static_x = static_x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills the folded-weight cache
-            for _ in range(2):
-                model(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_x)
+        graph, static_out = _captured(model, static_x)
         for seed in (1, 2):
             torch.manual_seed(seed)
             static_x.copy_(torch.randn_like(static_x))
@@ -73,15 +80,7 @@ def test_cuda_graph_replays_see_parameter_updates(backend):
     static_x = torch.randn(2, 3, 16, 112, 112, device="cuda", dtype=torch.bfloat16)
     static_x = static_x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills the folded-weight cache
-            for _ in range(2):
-                model(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_x)
+        graph, static_out = _captured(model, static_x)
         graph.replay()
         before = static_out.clone()
         torch.testing.assert_close(before, model(static_x), rtol=0, atol=0)
