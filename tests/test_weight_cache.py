@@ -118,9 +118,9 @@ def test_reference_backend_folds_each_eval_layer_once_and_notices_updates():
         with torch.no_grad():
             return torch.relu(bn(conv(x)))
 
-    reference._fold_cache = None
-    first = fused()
     cache = reference._fold_cache
+    cache.clear()
+    first = fused()
     assert len(cache) == 1 and torch.equal(fused(), first) and len(cache) == 1
     torch.testing.assert_close(first, stock(), rtol=1e-5, atol=1e-5)
     for update in (lambda: bn.running_var.mul_(3.0), lambda: conv.weight.mul_(-1.0), lambda: bn.bias.add_(1.0)):

@@ -13,8 +13,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import reference as _reference
-
 Tensor = torch.Tensor
 
 
@@ -107,9 +105,11 @@ def cached_folded(
     or of the conv's own weight and fp32 bias (norm "none"), cached in ``cache``."""
 
     def build():
+        from .reference import fold_batch_norm  # reference caches its own folds here: no import cycle
+
         with torch.no_grad():
             if norm == "running":
-                w, b = _reference.fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+                w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
             else:
                 w, b = weight, (None if bias is None else bias.float())
             return pack(w, b)

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._weight_cache import FoldedWeightCache, cached_folded
 from .backends import InputNorm, LayerParams
 
 Tensor = torch.Tensor
@@ -91,25 +92,17 @@ def batch_norm_affine(
     return xhat, z.to(y.dtype)
 
 
+_fold_cache = FoldedWeightCache()
+
+
 def _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float, dtype: torch.dtype):
     """``fold_batch_norm`` cast to ``dtype``; outside autograd, cached as the kernel backends cache
     theirs (an eval-mode model folds each layer once, not on every call)."""
-    def fold():
+    if torch.is_grad_enabled():  # differentiable: never a cached, detached value
         w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         return w.to(dtype), b.to(dtype)
-
-    if torch.is_grad_enabled():  # differentiable: never a cached, detached value
-        return fold()
-    global _fold_cache
-    if _fold_cache is None:
-        from ._weight_cache import FoldedWeightCache  # it imports this module: not at the top
-
-        _fold_cache = FoldedWeightCache()
-    return _fold_cache.get_or_build((weight, bias, bn_weight, bn_bias, running_mean, running_var),
-                                    ("running", float(eps), dtype), fold)
-
-
-_fold_cache = None
+    return cached_folded(_fold_cache, lambda w, b: (w.to(dtype), b.to(dtype)), weight, bias, bn_weight, bn_bias,
+                         running_mean, running_var, norm="running", eps=eps, extra=(dtype,))
 
 
 def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams):
