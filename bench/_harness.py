@@ -221,9 +221,10 @@ def contestants(device: Optional[str] = None) -> List[Contestant]:
             c("c3dzoo-triton-bf16-cl-recompute", "bf16", True, backend="triton", recompute=True),
             c("c3dzoo-triton-bf16-cl-autotune", "bf16", True, backend="triton", autotune=True),
         ]
-    # CPU: fp32 only ("auto" runs CPU tensors on reference: no contestant of its own). bf16 is slow there, the Triton interpreter computes it wrongly (kernels.md),
-    # and stock bf16-autocast conv3d weight gradients on CPU (torch 2.13) were seen to differ
-    # between identical calls and now and then to be NaN
+    # CPU: fp32 only ("auto" runs CPU tensors on reference: no contestant of its own). bf16 is slow
+    # there, the Triton interpreter computes it wrongly (kernels.md), and stock bf16-autocast conv3d
+    # weight gradients on CPU (torch 2.13) were seen to differ between identical calls and now and
+    # then to be NaN
     return [
         c("eager-fp32", "fp32"),
         c("compile-fp32", "fp32", compile_mode="default"),

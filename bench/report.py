@@ -224,6 +224,16 @@ def training_memory(recs: Sequence[Record], baseline: Optional[str] = None) -> O
     return _table(["model (train)", *names], rows)
 
 
+def _stated_baseline(recs: Sequence[Record], baseline: Optional[str]) -> str:
+    """The baseline a run's caption names: the one asked for, else the run's own."""
+    return baseline or next((r.baseline for r in recs if r.baseline), None) or DEFAULT_BASELINES[0]
+
+
+def _per_batch(recs: Sequence[Record]) -> List[List[Record]]:
+    """The records of each batch size, smallest first: ratios are only ever taken within one."""
+    return [[r for r in recs if r.batch == b] for b in sorted({r.batch for r in recs})]
+
+
 def _describe(data: dict, recs: Sequence[Record], baseline: Optional[str]) -> str:
     m = data.get("machine_info") or {}
     commit = m.get("c3dzoo_commit") or {}
@@ -231,7 +241,7 @@ def _describe(data: dict, recs: Sequence[Record], baseline: Optional[str]) -> st
     dirty = " (uncommitted changes)" if commit.get("dirty") else ""
     device = m.get("gpu_name") or m.get("cpu", {}).get("brand_raw") or m.get("processor") or "unknown device"
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "cuda_runtime", "cudnn") if m.get(k))
-    base = baseline or next((r.baseline for r in recs if r.baseline), None) or DEFAULT_BASELINES[0]
+    base = _stated_baseline(recs, baseline)
     batches = sorted({r.batch for r in recs})
     when = data.get("datetime", "")
     return (f"{device}; {versions or 'versions unknown'}; commit {str(commit_id)[:12]}{dirty}"
@@ -245,11 +255,11 @@ def headline(data: dict, recs: Optional[Sequence[Record]] = None, baseline: Opti
     recs = records(data) if recs is None else recs
     if not recs:
         return "no c3dzoo benchmark results in this file"
-    batches = sorted({r.batch for r in recs})
-    if len(batches) > 1:  # ratios only ever within one batch size (c3dzoo bench --batch 8,16,32)
-        return "\n\n".join(headline(data, [r for r in recs if r.batch == b], baseline) for b in batches)
+    batches = _per_batch(recs)
+    if len(batches) > 1:  # e.g. c3dzoo bench --batch 8,16,32: one headline per batch size
+        return "\n\n".join(headline(data, batch, baseline) for batch in batches)
     parts = [_describe(data, recs, baseline)]
-    stated = baseline or next((r.baseline for r in recs if r.baseline), None) or DEFAULT_BASELINES[0]
+    stated = _stated_baseline(recs, baseline)
     other = {group: baseline_of(members, baseline) for group, members in by_group(recs).items()}
     other = {group: base for group, base in other.items() if base != stated}
     if other:  # the stated baseline did not run there (skipped, failed): say what the ratios are against
@@ -274,9 +284,9 @@ def headline(data: dict, recs: Optional[Sequence[Record]] = None, baseline: Opti
 
 def group_tables(recs: Sequence[Record], baseline: Optional[str] = None) -> str:
     """One table per group: every contestant's time, throughput, speed-up, efficiency, memory."""
-    batches = sorted({r.batch for r in recs})
-    if len(batches) > 1:  # ratios only ever within one batch size
-        return "\n\n".join(group_tables([r for r in recs if r.batch == b], baseline) for b in batches)
+    batches = _per_batch(recs)
+    if len(batches) > 1:
+        return "\n\n".join(group_tables(batch, baseline) for batch in batches)
     out = []
     names_order = contestant_order(recs)
     for group, members in by_group(recs).items():
