@@ -4,9 +4,6 @@ long each is expected to take, and that a failed benchmark leaves nothing alloca
 from __future__ import annotations
 
 import gc
-import importlib.util
-import os
-import sys
 import weakref
 
 import pytest
@@ -14,18 +11,9 @@ import pytest
 pytest.importorskip("pytest_benchmark")  # the harness's module uses pytest-benchmark's mark
 import torch  # noqa: E402
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from bench_modules import load_bench_module  # noqa: E402
 
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("c3dzoo_bench_harness", os.path.join(BENCH, "_harness.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-H = _load_harness()
+H = load_bench_module("_harness.py")
 GPU = {c.name: c for c in H.contestants("cuda")}
 GPU_BASELINE = H.baseline_for("cuda")
 

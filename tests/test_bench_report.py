@@ -3,7 +3,6 @@ Also the benchmark harness's FLOP count, which every TFLOP/s and % of peak rests
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,18 +10,9 @@ import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from bench_modules import BENCH, load_bench_module
 
-
-def _load(name: str, filename: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, filename))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load("c3dzoo_bench_report", "report.py")
+report = load_bench_module("report.py")
 
 
 def _bench(kind, target, mode, contestant, median_s, batch=32, flops=None, peak_tflops=None,
@@ -161,7 +151,7 @@ def test_flop_counts_from_shapes():
     """C3D-BN: 38.5 GMAC = 77.1 GFLOP per 16×112×112 clip forward (baselines.md); a training step
     is 3× that, less conv1's input gradient. Counted on the meta device: no memory, no time."""
     pytest.importorskip("pytest_benchmark")  # the harness's module imports pytest's mark for it
-    harness = _load("c3dzoo_bench_harness", "_harness.py")
+    harness = load_bench_module("_harness.py")
     import torch
 
     with torch.device("meta"):  # built without initialising 78 M parameters
