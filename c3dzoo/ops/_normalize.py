@@ -24,11 +24,9 @@ def kernel_available(y: Tensor) -> bool:
         module = importlib.import_module("c3dzoo.kernels.bn_act_pool")
     except Exception:  # no (working) Triton: the stock ops do the same step
         return False
-    if y.is_cuda:
-        return True
     from c3dzoo.kernels._grid import is_interpreted
 
-    return is_interpreted(module.bn_act_pool_kernel)
+    return y.is_cuda or is_interpreted(module.bn_act_pool_kernel)
 
 
 def normalize_act_pool(
