@@ -50,5 +50,5 @@ def normalize_act_pool(
 
         return bn_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
                            negative_slope=negative_slope, pool=tuple(pool))
-    _, z = _reference.batch_norm_affine(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
+    z = _reference.batch_norm_output(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
     return _reference.apply_pool(_reference.apply_activation(z, activation, negative_slope), pool)

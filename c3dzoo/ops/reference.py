@@ -71,25 +71,65 @@ def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
 
 
 def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``y`` (N, C, D, H, W), in fp32 (two-pass, so sound when |mean| ≫ std)."""
-    var, mean = torch.var_mean(_acc(y), dim=_REDUCE_DIMS, correction=0)
-    return mean, var
+    """Per-channel mean and biased variance of ``y`` (N, C, D, H, W), in the statistics dtype (fp32;
+    fp64 for fp64): stock BatchNorm's own reduction (two-pass on the CPU, Welford on CUDA, so sound
+    when |mean| ≫ std; several times faster than ``torch.var_mean``, which accumulates in double).
+    The running-statistic arguments are scratch: statistics-dtype tensors make a bf16/fp16 input
+    report fp32 statistics (momentum 0 leaves them alone)."""
+    channels, stats = y.shape[1], stats_dtype(y.dtype)
+    scratch_mean = torch.zeros(channels, dtype=stats, device=y.device)
+    scratch_var = torch.ones(channels, dtype=stats, device=y.device)
+    return torch.ops.aten.batch_norm_update_stats(y, scratch_mean, scratch_var, 0.0)
+
+
+def _affine(xhat: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], in_place: bool) -> Tensor:
+    """x̂·γ + β (fp32), in x̂'s storage if ``in_place``."""
+    shape = (1, -1, 1, 1, 1)
+    z = xhat
+    if bn_weight is not None:
+        z = z.mul_(_acc(bn_weight).view(shape)) if in_place else z * _acc(bn_weight).view(shape)
+        in_place = True
+    if bn_bias is not None:
+        z = z.add_(_acc(bn_bias).view(shape)) if in_place else z + _acc(bn_bias).view(shape)
+    return z
+
+
+def _normalized(y: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """x̂ = (y − mean)·invstd in the statistics dtype, a new tensor. (y − mean) is taken before
+    scaling, so a large mean cancels exactly."""
+    shape = (1, -1, 1, 1, 1)
+    acc = _acc(y)
+    xhat = acc.sub_(mean.view(shape)) if acc is not y else y - mean.view(shape)
+    return xhat.mul_(invstd.view(shape))
 
 
 def batch_norm_affine(
     y: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
     """(x̂, z) for per-channel ``mean`` and ``invstd`` (C,): x̂ = (y − mean)·invstd in fp32 (fp64 for
-    fp64), z = x̂·γ + β rounded to y's dtype. (y − mean) is taken before scaling, so a large mean
-    cancels exactly."""
-    shape = (1, -1, 1, 1, 1)
-    xhat = (_acc(y) - mean.view(shape)) * invstd.view(shape)
-    z = xhat
-    if bn_weight is not None:
-        z = z * _acc(bn_weight).view(shape)
-    if bn_bias is not None:
-        z = z + _acc(bn_bias).view(shape)
-    return xhat, z.to(y.dtype)
+    fp64), z = x̂·γ + β rounded to y's dtype; z equals ``batch_norm_output``'s bit for bit."""
+    xhat = _normalized(y, mean, invstd)
+    return xhat, _affine(xhat, bn_weight, bn_bias, in_place=False).to(y.dtype)
+
+
+def batch_norm_output(
+    y: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
+) -> Tensor:
+    """``batch_norm_affine``'s z alone, with one temporary instead of three (each new full-size
+    temporary costs page faults on the CPU: this step ran 4× slower out of place)."""
+    return _affine(_normalized(y, mean, invstd), bn_weight, bn_bias, in_place=True).to(y.dtype)
+
+
+def batch_norm_backward(grad_z: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
+                        bn_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(gradient for y, Σdz·x̂, Σdz) of a training-mode BatchNorm with batch statistics (mean,
+    invstd), all in the statistics dtype: stock's fused kernel, fed fp32 (fp64) operands so a
+    bf16/fp16 y loses nothing to rounding. The y gradient is
+    γ·invstd·(dz − Σdz/n − x̂·Σdz·x̂/n) (``batch_norm_input_grad``)."""
+    gamma = None if bn_weight is None else _acc(bn_weight)
+    return torch.ops.aten.native_batch_norm_backward(
+        _acc(grad_z), _acc(y), gamma, None, None, mean, invstd, True, 0.0,  # eps: train mode reads invstd
+        [True, True, True])
 
 
 _fold_cache = FoldedWeightCache()
@@ -123,24 +163,23 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
             mean, var = batch_statistics(y)
     z = y
     if norm == "batch":
-        _, z = batch_norm_affine(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
+        z = batch_norm_output(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
     out = apply_pool(apply_activation(z, params.activation, params.negative_slope), params.pool)
     return out, mean, var, y
 
 
 def _input_norm_terms(x: Tensor, input_norm) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x̂, z, invstd, γ) of an ``InputNorm`` (c3dzoo.ops.backends) over x."""
+    """(z, mean, invstd, γ) of an ``InputNorm`` (c3dzoo.ops.backends) over x."""
     mean, var, gamma, beta = input_norm.stats.to(stats_dtype(x.dtype)).unbind(0)
     invstd = torch.rsqrt(var + input_norm.eps)
-    xhat, z = batch_norm_affine(x, mean, invstd, gamma, beta)
-    return xhat, z, invstd, gamma
+    return batch_norm_output(x, mean, invstd, gamma, beta), mean, invstd, gamma
 
 
 def normalize_input(x: Tensor, input_norm) -> Tensor:
     """``activation(batch_norm(x))`` of an ``InputNorm``: the tensor a deferred-normalisation
     layer's conv reads, in x's dtype (normalised in fp32, rounded, activated)."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        _, z, _, _ = _input_norm_terms(x, input_norm)
+        z = _input_norm_terms(x, input_norm)[0]
         return apply_activation(z, input_norm.activation, input_norm.negative_slope)
 
 
@@ -149,14 +188,10 @@ def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bo
     normalised + activated input: activation backward, then BatchNorm's full backward with the
     batch statistics as functions of x (see ``InputNorm``); stats' gradient rows: 0, 0, γ's, β's."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        xhat, z, invstd, gamma = _input_norm_terms(x, input_norm)
+        z, mean, invstd, gamma = _input_norm_terms(x, input_norm)
         grad = act_pool_backward(grad_input, z, input_norm.activation, input_norm.negative_slope, ())
-        sum_dz = grad.sum(dim=_REDUCE_DIMS)
-        sum_dz_xhat = (grad * xhat).sum(dim=_REDUCE_DIMS)
-        grad_x = None
-        if need_x:
-            count = xhat.numel() // xhat.shape[1]
-            grad_x = batch_norm_input_grad(grad, xhat, invstd, gamma, sum_dz, sum_dz_xhat, count).to(x.dtype)
+        grad_x, sum_dz_xhat, sum_dz = batch_norm_backward(grad, x, mean, invstd, gamma)
+        grad_x = grad_x.to(x.dtype) if need_x else None
         zeros = torch.zeros_like(sum_dz)
         grad_stats = torch.stack([zeros, zeros, sum_dz_xhat, sum_dz]).to(input_norm.stats.dtype)
     return grad_x, grad_stats
@@ -208,10 +243,11 @@ def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int]) -> Tensor:
 
 
 def _activation_backward(grad: Tensor, z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    # stock's one-pass kernels: grad where z > 0, else 0 (relu) or grad·slope (leaky_relu)
     if activation == "relu":
-        return torch.where(z > 0, grad, torch.zeros_like(grad))
+        return torch.ops.aten.threshold_backward(grad, z, 0)
     if activation == "leaky_relu":
-        return torch.where(z > 0, grad, grad * negative_slope)
+        return torch.ops.aten.leaky_relu_backward(grad, z, negative_slope, False)
     return grad
 
 
@@ -272,21 +308,19 @@ def backward(
             y = F.conv3d(x, conv_weight, folded_b, stride, padding, dilation)
         elif conv_output is not None and norm == "batch":
             y = conv_output
+        elif norm in ("none", "stats") and activation == "none" and not pool:
+            y = None  # the op's output is the conv output itself: its gradient is grad_out, nothing to recompute
         else:
             y = F.conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
         z = y
         if norm == "batch":
             invstd = torch.rsqrt(var + eps)
-            xhat, z = batch_norm_affine(y, mean, invstd, bn_weight, bn_bias)
+            z = batch_norm_output(y, mean, invstd, bn_weight, bn_bias)
         grad = act_pool_backward(grad_out, z, activation, negative_slope, pool)
 
         grad_gamma = grad_beta = None
         if norm == "batch":
-            sum_dy = grad.sum(dim=_REDUCE_DIMS)
-            sum_dy_xhat = (grad * xhat).sum(dim=_REDUCE_DIMS)
-            grad_gamma, grad_beta = sum_dy_xhat, sum_dy
-            count = xhat.numel() // xhat.shape[1]
-            grad = batch_norm_input_grad(grad, xhat, invstd, bn_weight, sum_dy, sum_dy_xhat, count)
+            grad, grad_gamma, grad_beta = batch_norm_backward(grad, y, mean, invstd, bn_weight)
         elif norm == "running":
             grad_beta = grad.sum(dim=_REDUCE_DIMS)
         grad_y = grad.to(dtype)

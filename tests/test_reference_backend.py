@@ -1,0 +1,112 @@
+"""The reference backend's BatchNorm building blocks, which the other backends' fallbacks share.
+
+* ``batch_norm_output`` (the in-place z) equals ``batch_norm_affine``'s z bit for bit: the fused
+  SyncBatchNorm and the cuda backend's normalise step compute a forward's z with one and the
+  backward's with the other, so activation and max-pool decisions must agree exactly;
+* ``batch_statistics`` (stock BatchNorm's reduction) is accurate against float64 when |mean| ≫ std,
+  and reports fp32 statistics for bf16/fp16 inputs;
+* ``batch_norm_backward`` equals autograd through ``F.batch_norm`` in float64, affine or not;
+* a layer whose output is its raw conv output (norm "stats"/"none", no activation, no pool) runs
+  no conv in its backward: the gradient is grad_out itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from c3dzoo.ops import reference
+from c3dzoo.ops.backends import LayerParams
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _y(dtype, channels_last: bool, mean: float = 0.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randn(3, 5, 4, 6, 7, generator=g, dtype=torch.float64) * 2 + mean).to(dtype)
+    return y.contiguous(memory_format=torch.channels_last_3d) if channels_last else y
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "ndhwc"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_norm_output_is_batch_norm_affine_z(dtype, affine, channels_last):
+    y = _y(dtype, channels_last, mean=0.5)
+    y_before = y.clone()
+    stats = reference.stats_dtype(dtype)
+    mean, var = reference.batch_statistics(y)
+    invstd = torch.rsqrt(var + 1e-5)
+    gamma = torch.rand(5, dtype=stats) + 0.5 if affine else None
+    beta = torch.randn(5, dtype=stats) if affine else None
+    _, z = reference.batch_norm_affine(y, mean, invstd, gamma, beta)
+    z_only = reference.batch_norm_output(y, mean, invstd, gamma, beta)
+    assert z_only.dtype == dtype and z.dtype == dtype
+    assert torch.equal(z_only, z)
+    assert torch.equal(y, y_before)  # in place on a temporary, never on y
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e3], ids=["centred", "mean_dominates"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_statistics_against_float64(dtype, mean):
+    y = _y(dtype, channels_last=False, mean=mean)
+    got_mean, got_var = reference.batch_statistics(y)
+    assert got_mean.dtype == reference.stats_dtype(dtype) and got_var.dtype == reference.stats_dtype(dtype)
+    want_var, want_mean = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+    eps = torch.finfo(reference.stats_dtype(dtype)).eps
+    # a two-pass variance: error relative to var (≈4 here) stays near eps even at mean 1e3, where
+    # E[y²] − E[y]² would lose (1e3)²/4 · eps
+    torch.testing.assert_close(got_mean.double(), want_mean, rtol=0, atol=64 * eps * (abs(mean) + 2))
+    torch.testing.assert_close(got_var.double(), want_var, rtol=64 * eps, atol=0)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_batch_norm_backward_is_autograd_of_batch_norm(affine):
+    y = _y(torch.float64, channels_last=False, mean=0.3).requires_grad_()
+    gamma = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    beta = torch.randn(5, dtype=torch.float64).requires_grad_() if affine else None
+    z = F.batch_norm(y, None, None, gamma, beta, training=True, eps=1e-5)
+    grad_z = torch.randn_like(z)
+    wanted = torch.autograd.grad(z, [t for t in (y, gamma, beta) if t is not None], grad_z)
+    mean, var = reference.batch_statistics(y.detach())
+    got_y, got_gamma, got_beta = reference.batch_norm_backward(grad_z, y.detach(), mean, torch.rsqrt(var + 1e-5),
+                                                               None if gamma is None else gamma.detach())
+    torch.testing.assert_close(got_y, wanted[0], rtol=1e-10, atol=1e-12)
+    if affine:
+        torch.testing.assert_close(got_gamma, wanted[1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_beta, wanted[2], rtol=1e-10, atol=1e-12)
+    else:  # the sums γ and β would get: Σdz·x̂ and Σdz
+        xhat = (y.detach() - mean.view(1, -1, 1, 1, 1)) * torch.rsqrt(var + 1e-5).view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(got_gamma, (grad_z * xhat).sum(dim=(0, 2, 3, 4)), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_beta, grad_z.sum(dim=(0, 2, 3, 4)), rtol=1e-10, atol=1e-12)
+
+
+class _NoConv:
+    """torch.nn.functional, except that conv3d fails the test."""
+
+    def __getattr__(self, name):
+        if name == "conv3d":
+            raise AssertionError("the backward recomputed the conv output")
+        return getattr(F, name)
+
+
+@pytest.mark.parametrize("norm", ["stats", "none"])
+def test_raw_conv_output_backward_recomputes_nothing(norm, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 6, 6, generator=g)
+    weight = torch.randn(4, 3, 3, 3, 3, generator=g)
+    bias = torch.randn(4, generator=g)
+    params = LayerParams(norm, 1e-5, (1, 1, 1), (1, 1, 1), (1, 1, 1), "none", 0.0, ())
+    out, mean, var, _ = reference.forward(x, weight, bias, None, None, None, None, params)
+    grad_out = torch.randn(out.shape, generator=g)
+    monkeypatch.setattr(reference, "F", _NoConv())
+    gx, gw, gb, _, _ = reference.backward(grad_out, x, weight, bias, None, None, None, None, mean, var, params,
+                                          (True, True, True, False, False))
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, bias))
+    wanted = torch.autograd.grad(F.conv3d(xr, wr, br, padding=1), (xr, wr, br), grad_out)
+    torch.testing.assert_close(gx, wanted[0])
+    torch.testing.assert_close(gw, wanted[1])
+    if norm == "none":
+        torch.testing.assert_close(gb, wanted[2])
+    else:  # "stats": the consumer batch-normalises this output, which removes any per-channel shift
+        assert torch.equal(gb, torch.zeros_like(gb))
