@@ -572,13 +572,13 @@ def conv3d_bn_act(
         backend, _config_fields(x, conv_weight, op_norm, op_activation, stride, padding, dilation, pool,
                                 input_norm=pending is not None)
     )
-    keep = keeps_conv_output(
-        keep_conv_output, op_norm, x.shape[1],
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-            x, conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats)),
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+        x, conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats))
+    keep = keeps_conv_output(keep_conv_output, op_norm, x.shape[1], needs_grad)
     eager = _runs_eagerly(x)
-    out, mean, var, _ = (_EagerForward.apply if eager else _forward_op)(
+    # eager without a backward to follow (inference): the implementation itself, no autograd node
+    forward = (_EagerForward.apply if needs_grad else _forward_impl) if eager else _forward_op
+    out, mean, var, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
         running_mean if norm == "running" else None, running_var if norm == "running" else None,
