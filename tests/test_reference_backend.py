@@ -72,6 +72,9 @@ def test_batch_norm_backward_is_autograd_of_batch_norm(affine):
     got_y, got_gamma, got_beta = reference.batch_norm_backward(grad_z, y.detach(), mean, torch.rsqrt(var + 1e-5),
                                                                None if gamma is None else gamma.detach())
     torch.testing.assert_close(got_y, wanted[0], rtol=1e-10, atol=1e-12)
+    no_y = reference.batch_norm_backward(grad_z, y.detach(), mean, torch.rsqrt(var + 1e-5),
+                                         None if gamma is None else gamma.detach(), need_y=False)
+    assert no_y[0] is None and torch.equal(no_y[1], got_gamma) and torch.equal(no_y[2], got_beta)
     if affine:
         torch.testing.assert_close(got_gamma, wanted[1], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got_beta, wanted[2], rtol=1e-10, atol=1e-12)

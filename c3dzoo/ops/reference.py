@@ -120,16 +120,16 @@ def batch_norm_output(
     return _affine(_normalized(y, mean, invstd), bn_weight, bn_bias, in_place=True).to(y.dtype)
 
 
-def batch_norm_backward(grad_z: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
-                        bn_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+def batch_norm_backward(grad_z: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                        *, need_y: bool = True) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     """(gradient for y, Σdz·x̂, Σdz) of a training-mode BatchNorm with batch statistics (mean,
     invstd), all in the statistics dtype: stock's fused kernel, fed fp32 (fp64) operands so a
-    bf16/fp16 y loses nothing to rounding. The y gradient is
+    bf16/fp16 y loses nothing to rounding. The y gradient (None unless ``need_y``) is
     γ·invstd·(dz − Σdz/n − x̂·Σdz·x̂/n) (``batch_norm_input_grad``)."""
     gamma = None if bn_weight is None else _acc(bn_weight)
     return torch.ops.aten.native_batch_norm_backward(
         _acc(grad_z), _acc(y), gamma, None, None, mean, invstd, True, 0.0,  # eps: train mode reads invstd
-        [True, True, True])
+        [need_y, True, True])
 
 
 _fold_cache = FoldedWeightCache()
@@ -190,7 +190,7 @@ def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bo
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         z, mean, invstd, gamma = _input_norm_terms(x, input_norm)
         grad = act_pool_backward(grad_input, z, input_norm.activation, input_norm.negative_slope, ())
-        grad_x, sum_dz_xhat, sum_dz = batch_norm_backward(grad, x, mean, invstd, gamma)
+        grad_x, sum_dz_xhat, sum_dz = batch_norm_backward(grad, x, mean, invstd, gamma, need_y=need_x)
         grad_x = grad_x.to(x.dtype) if need_x else None
         zeros = torch.zeros_like(sum_dz)
         grad_stats = torch.stack([zeros, zeros, sum_dz_xhat, sum_dz]).to(input_norm.stats.dtype)
