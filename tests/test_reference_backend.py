@@ -1,4 +1,5 @@
-"""The reference backend's BatchNorm building blocks, which the other backends' fallbacks share.
+"""The reference backend's BatchNorm and max-pool building blocks, which the other backends'
+fallbacks share.
 
 * ``batch_norm_output`` (the in-place z) equals ``batch_norm_affine``'s z bit for bit: the fused
   SyncBatchNorm and the cuda backend's normalise step compute a forward's z with one and the
@@ -7,7 +8,8 @@
   and reports fp32 statistics for bf16/fp16 inputs;
 * ``batch_norm_backward`` equals autograd through ``F.batch_norm`` in float64, affine or not;
 * a layer whose output is its raw conv output (norm "stats"/"none", no activation, no pool) runs
-  no conv in its backward: the gradient is grad_out itself.
+  no conv in its backward: the gradient is grad_out itself;
+* max-pool through a channels-last copy (CPU) gives the NCDHW kernel's values and gradients.
 """
 
 from __future__ import annotations
@@ -113,3 +115,36 @@ def test_raw_conv_output_backward_recomputes_nothing(norm, monkeypatch):
         torch.testing.assert_close(gb, wanted[2])
     else:  # "stats": the consumer batch-normalises this output, which removes any per-channel shift
         assert torch.equal(gb, torch.zeros_like(gb))
+
+
+POOLS = {
+    "pool1": (1, 2, 2, 1, 2, 2, 0, 0, 0),
+    "pool2": (2, 2, 2, 2, 2, 2, 0, 0, 0),
+    "pool5": (2, 2, 2, 2, 2, 2, 0, 1, 1),
+    "overlapping": (3, 3, 3, 2, 2, 2, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("with_nan", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("pool", list(POOLS), ids=list(POOLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_pool_through_channels_last_is_the_ncdhw_pool(dtype, pool, with_nan):
+    """The reference max-pools an NCDHW CPU tensor through a channels-last copy (faster): values,
+    the window element each gradient goes to (ties included: a ReLU output is full of zeros, and
+    integers make ties everywhere) and NaN propagation are those of the NCDHW kernel."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-2, 3, (2, 5, 4, 7, 6), generator=g).to(dtype).clamp_min(0)
+    if with_nan:
+        a[0, 1, 1, 2, 3] = float("nan")
+    assert reference._pool_channels_last(a)
+    p = POOLS[pool]
+    kernel, stride, padding = p[0:3], p[3:6], p[6:9]
+    out = reference.apply_pool(a, p)
+    want, indices = F.max_pool3d(a, kernel, stride, padding, return_indices=True)
+    assert out.is_contiguous() and torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(), want.nan_to_num())
+    grad_out = torch.randn(want.shape, generator=g, dtype=torch.float64).to(dtype)
+    grad = reference._pool_backward(grad_out, a, p)
+    want_grad = torch.ops.aten.max_pool3d_with_indices_backward(
+        grad_out, a, list(kernel), list(stride), list(padding), [1, 1, 1], False, indices)
+    assert grad.is_contiguous() and torch.equal(grad, want_grad)
