@@ -83,9 +83,9 @@ def sync_group(sync: bool, process_group, batch_statistics_in_training: bool):
 
 def _local_moments(y: Tensor, shift: Tensor):
     """(count, Σ(y − shift), Σ(y − shift)²) per channel over this rank's conv output, in the
-    statistics dtype, formed from a two-pass local mean/variance (``reference.batch_statistics``):
-    Σ(y − k) = n·(m − k) and Σ(y − k)² = n·v + n·(m − k)², so no sum of large squares is formed
-    locally."""
+    statistics dtype, formed from a local two-pass (CPU) or Welford (CUDA) mean/variance
+    (``reference.batch_statistics``): Σ(y − k) = n·(m − k) and Σ(y − k)² = n·v + n·(m − k)², so no
+    sum of large squares is formed locally."""
     channels = y.shape[1]
     count = y.numel() // channels if channels else 0
     dtype = shift.dtype
@@ -107,7 +107,7 @@ def global_batch_statistics(y: Tensor, shift: Tensor, group):
     about eps·((mean − shift)/std)² relative precision, so a shift near the batch mean makes it
     as accurate as a two-pass variance; with shift 0 (no running statistics, or the first steps
     from running_mean = 0) it is the plain E[y²] − E[y]², sound while |mean| is not ≫ std, as for
-    conv outputs of a normally initialised net. Per-rank sums come from a local two-pass
+    conv outputs of a normally initialised net. Per-rank sums come from a local cancellation-free
     variance, so only the cross-rank combination depends on the shift. The count is carried in the
     statistics dtype: exact up to 2^24 positions per channel in fp32, relative error ≤ 6e-8 above.
     """
