@@ -43,6 +43,19 @@ def _probe_triton() -> Optional[str]:
     return None
 
 
+def _triton_device_reason(device_type: str) -> Optional[str]:
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        impl = importlib.import_module("c3dzoo.ops.triton_impl")
+        return triton_cpu_unsupported_reason(impl.runs_interpreted)
+    return f"device {device_type!r} is not supported by the Triton backend (cuda, or cpu under TRITON_INTERPRET=1)"
+
+
+def _cuda_device_reason(device_type: str) -> Optional[str]:
+    return None if device_type == "cuda" else f"the cuda backend takes CUDA tensors only, got {device_type!r} tensors"
+
+
 def _supports_triton(cfg: _backends.ConvBNActConfig) -> Optional[str]:
     impl = importlib.import_module("c3dzoo.ops.triton_impl")
     return impl.supports(cfg)
@@ -120,14 +133,14 @@ def register_builtin_backends() -> None:
         _backends.Backend(
             "triton", _probe_triton, _supports_triton,
             lambda: importlib.import_module("c3dzoo.ops.triton_impl"),
-            auto_devices=("cuda",),
+            auto_devices=("cuda",), device_reason=_triton_device_reason,
         )
     )
     _backends.register(
         _backends.Backend(
             "cuda", _probe_cuda, _supports_cuda,
             lambda: importlib.import_module("c3dzoo.ops.cuda_impl"),
-            auto_devices=("cuda",),
+            auto_devices=("cuda",), device_reason=_cuda_device_reason,
         )
     )
     _backends.set_timer(time_forward_ms, _can_time_now)

@@ -105,6 +105,9 @@ class Backend:
     # device types on which "auto" may pick this backend (None: all). The Triton interpreter runs
     # on CPU when asked for by name, but is far too slow to be chosen automatically.
     auto_devices: Optional[Tuple[str, ...]] = None
+    # why it cannot take tensors of a device type right now (None: it can): checked on every run
+    # of the custom ops, which carry the backend chosen when they were traced (see runnable_on)
+    device_reason: Callable[[str], Optional[str]] = lambda device_type: None
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -293,6 +296,20 @@ def _fastest(contenders, cfg: ConvBNActConfig) -> str:
         with _lock:
             _TUNED[cfg] = times
     return min(contenders, key=lambda name: (times.get(name, float("inf")), contenders.index(name)))
+
+
+def runnable_on(name: str, device_type: str) -> str:
+    """``name`` if that backend can take tensors of ``device_type``, else "reference" (recorded in
+    ``fallbacks()`` and warned about once). The custom ops run the backend chosen when they were
+    called or traced: a program exported (``torch.export``) on a GPU machine and run on CPU tensors
+    gets a correct answer from stock ops instead of a kernel launched on the wrong device."""
+    if name == "reference":
+        return name
+    reason = _REGISTRY[name].device_reason(device_type)
+    if reason is None:
+        return name
+    record_runtime_fallback(name, f"{reason} (the backend was chosen when the call was traced or exported)")
+    return "reference"
 
 
 def get(name: str):

@@ -81,7 +81,7 @@ def _forward_impl(
     keep_conv_output: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
-    return _impl(backend).forward(
+    return _impl(_backends.runnable_on(backend, x.device.type)).forward(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
         _input_norm(input_stats, input_eps, input_activation, input_negative_slope),
         keep_conv_output=keep_conv_output,
@@ -170,7 +170,7 @@ def _backward_impl(
     backend's backward runs on the normalised input it recomputes (``normalize_input``), and
     ``input_norm_backward`` takes that input's gradient back through the previous layer's
     activation and BatchNorm."""
-    impl = _impl(backend)
+    impl = _impl(_backends.runnable_on(backend, x.device.type))
     input_norm = _input_norm(input_stats, input_eps, input_activation, input_negative_slope)
     need_input = input_norm is not None and bool(needs_grad[5])
     layer_input = x if input_norm is None else impl.normalize_input(x, input_norm)
