@@ -53,6 +53,28 @@ def test_environment_variable_selects_backend(monkeypatch):
         registry.resolve(None, cfg)
 
 
+def test_the_remembered_choice_follows_the_environment(monkeypatch):
+    """resolve() remembers its answers; a change of what the choice reads (C3DZOO_BACKEND, the
+    interpreter switch) must still change the answer on the next call."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: triton under the interpreter
+    cfg = registry.ConvBNActConfig("running", "relu", (1,) * 3, (1,) * 3, (1,) * 3, (3,) * 3, (),
+                                   "torch.float32", device, 2, 3)
+    if registry.backends()["triton"]["reason"] is not None:
+        pytest.skip(f"the triton backend is unavailable here: {registry.backends()['triton']['reason']}")
+    registry.clear_fallbacks()  # the fallback below is warned about once per configuration
+    monkeypatch.setenv(registry.ENV_VAR, "triton")
+    assert registry.resolve(None, cfg) == "triton"
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    assert registry.resolve(None, cfg) == "reference"
+    monkeypatch.setenv(registry.ENV_VAR, "triton")
+    assert registry.resolve(None, cfg) == "triton"
+    if device == "cuda":
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors need the interpreter
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
+        assert registry.resolve(None, cfg) == "reference"
+
+
 def test_unavailable_backend_falls_back_with_reason(monkeypatch):
     registry.clear_fallbacks()
     reason = c3dzoo.backends()["cuda"]["reason"]

@@ -36,11 +36,18 @@ def _x(*shape, dtype=torch.float32):
         (_x(1, 3, 4, 6, 6), {"stride": (1, 2)}, ValueError, r"stride must be an int or 3 ints"),
         (_x(1, 3, 4, 6, 6), {"momentum": None}, ValueError, r"momentum=None .* needs num_batches_tracked"),
         (_x(1, 3, 1, 1, 1), {"padding": 0, "_kernel": 1}, ValueError, r"Expected more than 1 value per channel"),
+        (_x(1, 3, 4, 6, 6), {"_weight": None}, TypeError, r"conv_weight must be a torch.Tensor, got NoneType"),
+        (_x(1, 3, 4, 6, 6), {"pool": (2.0, 2, 0)}, ValueError, r"pool kernel_size must be an int or 3 ints"),
+        # an empty conv output that the pool's padding alone would turn into one pooled position
+        (_x(1, 3, 2, 6, 6), {"padding": 0, "pool": ((2, 1, 1), (2, 1, 1), (1, 0, 0))}, ValueError,
+         r"too small for kernel"),
     ],
 )
 def test_bad_input_is_named(x, kwargs, error, pattern):
     kernel = kwargs.pop("_kernel", 3)
     args = _args()
+    if "_weight" in kwargs:
+        args["conv_weight"] = kwargs.pop("_weight")
     if kernel != 3:
         args["conv_weight"] = args["conv_weight"][..., :kernel, :kernel, :kernel].contiguous()
     kwargs.setdefault("padding", 1 if "pool" not in kwargs else 0)

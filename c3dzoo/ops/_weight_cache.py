@@ -53,7 +53,7 @@ class FoldedWeightCache:
                 continue
             if t.is_inference():  # inference tensors have no version counter: do not cache
                 return None
-            parts.append((t._version, t.data_ptr(), tuple(t.shape), t.dtype))
+            parts.append((t._version, t.data_ptr(), t.shape, t.dtype))
         return tuple(parts)
 
     def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):

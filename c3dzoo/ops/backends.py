@@ -15,6 +15,7 @@ import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 ENV_VAR = "C3DZOO_BACKEND"
+AUTOTUNE_ENV_VAR = "C3DZOO_AUTOTUNE"  # "0": "auto" measures no contenders, preference order decides
 # Best first: "auto" takes the first available backend that supports the configuration.
 PREFERENCE = ("cuda", "triton", "reference")
 
@@ -62,9 +63,8 @@ class LayerParams:
     @classmethod
     def of(cls, norm, eps, stride, padding, dilation, activation, negative_slope, pool) -> "LayerParams":
         """From the custom ops' plain arguments (lists become tuples, numbers Python numbers)."""
-        return cls(str(norm), float(eps), tuple(int(v) for v in stride), tuple(int(v) for v in padding),
-                   tuple(int(v) for v in dilation), str(activation), float(negative_slope),
-                   tuple(int(v) for v in pool))
+        return cls(str(norm), float(eps), tuple(map(int, stride)), tuple(map(int, padding)),
+                   tuple(map(int, dilation)), str(activation), float(negative_slope), tuple(map(int, pool)))
 
     def geometry(self) -> Dict[str, Tuple[int, int, int]]:
         """stride / padding / dilation as keywords."""
@@ -117,9 +117,24 @@ _lock = threading.Lock()
 _probe_cache: Dict[str, Optional[str]] = {}
 
 
+# resolve()'s answers. An eager fused call resolves on every call (~10 µs of probes and checks); the
+# answer is a function of the request, the configuration, the environment variables below, the
+# registry and the measurements of several contenders, so it is kept per value of all of them, and
+# register(), set_timer() and clear_fallbacks() (which must see fallbacks recorded again) forget it.
+_CHOICE_ENV_VARS = (ENV_VAR, "TRITON_INTERPRET", AUTOTUNE_ENV_VAR)  # read by the choice and the probes
+_RESOLVED: Dict[tuple, str] = {}
+_RESOLVED_LIMIT = 4096
+
+
+def _forget_resolved() -> None:
+    with _lock:
+        _RESOLVED.clear()
+
+
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
     _probe_cache.pop(backend.name, None)
+    _forget_resolved()
 
 
 def names() -> Tuple[str, ...]:
@@ -159,6 +174,7 @@ def fallbacks() -> Dict[str, str]:
 def clear_fallbacks() -> None:
     with _lock:
         _FALLBACKS.clear()
+        _RESOLVED.clear()
 
 
 def set_triton_autotune(enabled: bool) -> bool:
@@ -231,6 +247,21 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
     "auto" takes the first backend in preference order that can run ``cfg``; where several
     non-reference backends can (C3D's conv1: the CUDA stem kernel and the Triton kernel), the faster
     one, measured once per configuration (see ``set_timer``) when a timer is set and may run now."""
+    key = (backend, tuple(map(os.environ.get, _CHOICE_ENV_VARS)), id(_REGISTRY), PREFERENCE, cfg)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name, final = _resolve(backend, cfg)
+        if final:  # not a stand-in for a measurement that could not run now
+            with _lock:
+                if len(_RESOLVED) >= _RESOLVED_LIMIT:
+                    _RESOLVED.clear()
+                _RESOLVED[key] = name
+    return name
+
+
+def _resolve(backend: Optional[str], cfg: ConvBNActConfig) -> Tuple[str, bool]:
+    """(resolve's answer, whether it is final: False when "auto" fell back to preference order only
+    because measuring was not allowed at that moment)."""
     requested = requested_backend(backend)
     candidates = names() if requested == "auto" else (requested,)
     runnable, declined = [], []
@@ -256,14 +287,13 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
     if chosen == "reference":  # "auto" fell back: say why each available GPU backend declined
         for name, reason in declined:
             _record_fallback(name, cfg, reason, warn=False)
-    return chosen
+    return chosen, True
 
 
 # --------------------------------------------------------------------------------------------
 # "auto" between several capable backends: measured, once per configuration
 # --------------------------------------------------------------------------------------------
 
-AUTOTUNE_ENV_VAR = "C3DZOO_AUTOTUNE"  # "0": no measuring, preference order decides
 _timer: Optional[Callable[[str, ConvBNActConfig], float]] = None
 _can_measure: Callable[[], bool] = lambda: True
 _TUNED: Dict[ConvBNActConfig, Dict[str, float]] = {}
@@ -278,6 +308,7 @@ def set_timer(timer: Optional[Callable[[str, ConvBNActConfig], float]],
     _timer, _can_measure = timer, can_measure
     with _lock:
         _TUNED.clear()
+        _RESOLVED.clear()
 
 
 def tuning() -> Dict[str, Dict[str, float]]:
@@ -286,16 +317,19 @@ def tuning() -> Dict[str, Dict[str, float]]:
         return {str(cfg): dict(times) for cfg, times in _TUNED.items()}
 
 
-def _fastest(contenders, cfg: ConvBNActConfig) -> str:
+def _fastest(contenders, cfg: ConvBNActConfig) -> Tuple[str, bool]:
+    """(the fastest contender, whether that is final: see ``_resolve``)."""
     with _lock:
         times = _TUNED.get(cfg)
     if times is None:
-        if (_timer is None or os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0" or not _can_measure()):
-            return contenders[0]  # preference order
+        if _timer is None or os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
+            return contenders[0], True  # preference order
+        if not _can_measure():
+            return contenders[0], False  # for now; measured on a later call
         times = {name: float(_timer(name, cfg)) for name in contenders}
         with _lock:
             _TUNED[cfg] = times
-    return min(contenders, key=lambda name: (times.get(name, float("inf")), contenders.index(name)))
+    return min(contenders, key=lambda name: (times.get(name, float("inf")), contenders.index(name))), True
 
 
 def runnable_on(name: str, device_type: str) -> str:

@@ -105,9 +105,15 @@ def output_shape(x_shape, weight_shape, stride, padding, dilation, pool) -> List
         (s + 2 * p - d * (k - 1) - 1) // st + 1
         for s, k, st, p, d in zip(spatial, kernel, stride, padding, dilation)
     ]
-    if pool:
-        size = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, pool[0:3], pool[3:6], pool[6:9])]
-    return [n, c_out, *size]
+    return pooled_shape([n, c_out, *size], pool)
+
+
+def pooled_shape(shape, pool) -> List[int]:
+    """Shape after the optional pool (9 ints or ()) of a tensor of ``shape``."""
+    if not pool:
+        return list(shape)
+    n, c, *size = shape
+    return [n, c, *((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, pool[0:3], pool[3:6], pool[6:9]))]
 
 
 # Backends whose kernels compute over channels-last activations return channels_last_3d outputs, so
@@ -296,7 +302,10 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, m
 def _triple(value: IntOrTriple, name: str) -> Tuple[int, int, int]:
     if isinstance(value, int):
         return (value,) * 3
-    value = tuple(value)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or 3 ints, got {value!r}") from None
     if len(value) != 3 or not all(isinstance(v, int) for v in value):
         raise ValueError(f"{name} must be an int or 3 ints, got {value!r}")
     return value
@@ -343,11 +352,16 @@ def unsupported_pool_reason(pool: torch.nn.MaxPool3d) -> Optional[str]:
     return None
 
 
+_PARAMETER_NAMES = ("conv_weight", "conv_bias", "bn_weight", "bn_bias", "running_mean", "running_var")
+
+
 def _check_inputs(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, activation):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 5:
         raise ValueError(f"x must be 5-D (N, C, D, H, W), got shape {tuple(x.shape)}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"conv_weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 5:
         raise ValueError(f"conv_weight must be 5-D (C_out, C_in, kD, kH, kW), got shape {tuple(weight.shape)}")
     if x.shape[1] != weight.shape[1]:
@@ -358,20 +372,19 @@ def _check_inputs(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
     c_out = weight.shape[0]
-    named = {
-        "conv_weight": weight, "conv_bias": bias, "bn_weight": bn_weight, "bn_bias": bn_bias,
-        "running_mean": running_mean, "running_var": running_var,
-    }
-    for name, t in named.items():
+    device = x.device
+    vector_shape = (c_out,)
+    for i, t in enumerate((weight, bias, bn_weight, bn_bias, running_mean, running_var)):
         if t is None:
             continue
+        name = _PARAMETER_NAMES[i]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-        if name != "conv_weight" and tuple(t.shape) != (c_out,):
+        if i > 0 and t.shape != vector_shape:
             raise ValueError(f"{name} must have shape ({c_out},) to match conv_weight, got {tuple(t.shape)}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -393,7 +406,7 @@ def _config_fields(x, weight, norm, activation, stride, padding, dilation, pool,
     """ConvBNActConfig's fields, in order, as plain Python values."""
     return (
         norm, activation, tuple(stride), tuple(padding), tuple(dilation),
-        tuple(int(k) for k in weight.shape[2:]), tuple(pool), str(x.dtype), x.device.type,
+        tuple(map(int, weight.shape[2:])), tuple(pool), str(x.dtype), x.device.type,
         int(weight.shape[1]), int(weight.shape[0]), bool(input_norm),
     )
 
@@ -522,14 +535,14 @@ def conv3d_bn_act(
     if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
         raise ValueError(f"unsupported stride/padding/dilation {stride}/{padding}/{dilation}")
     pool = normalize_pool(pool)
-    out_shape = output_shape(x.shape, conv_weight.shape, stride, padding, dilation, pool)
-    if any(s < 1 for s in out_shape[2:]):
+    # conv output positions per channel, over which batch statistics are taken
+    conv_shape = output_shape(x.shape, conv_weight.shape, stride, padding, dilation, ())
+    out_shape = pooled_shape(conv_shape, pool)
+    if any(s < 1 for s in out_shape[2:]) or any(s < 1 for s in conv_shape[2:]):
         raise ValueError(
             f"input of shape {tuple(x.shape)} is too small for kernel {tuple(conv_weight.shape[2:])}, "
             f"stride {stride}, padding {padding}, dilation {dilation} and pool {pool or None}"
         )
-    # conv output positions per channel, over which batch statistics are taken
-    conv_shape = output_shape(x.shape, conv_weight.shape, stride, padding, dilation, ())
     count = conv_shape[0] * conv_shape[2] * conv_shape[3] * conv_shape[4]
     updates_running_stats = norm == "batch" and training and running_mean is not None
     if updates_running_stats and momentum is None and num_batches_tracked is None:
