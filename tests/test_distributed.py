@@ -222,9 +222,23 @@ def _scenario_op(rank):
     }
 
 
+def _scenario_double_backward(rank):
+    """backward(create_graph=True) through a synchronised fused layer: its backward all-reduces
+    values, not graphs, so differentiating it again must raise, never drop those terms silently."""
+    torch.manual_seed(0)
+    layer = c3dzoo.nn.Conv3dBNAct(3, 4, padding=1, backend="reference", sync_bn=True).train()
+    x = torch.randn(2, 3, 4, 6, 6, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    try:
+        grad_x.square().sum().backward()
+    except RuntimeError as exc:
+        return {"raised": str(exc)}
+    return {"raised": None}
+
+
 _SCENARIOS = {
     "train_sync": _scenario_train_sync, "train_local": _scenario_train_local,
-    "grow": _scenario_grow, "op": _scenario_op,
+    "grow": _scenario_grow, "op": _scenario_op, "double_backward": _scenario_double_backward,
 }
 
 
@@ -358,6 +372,11 @@ def test_sync_op_matches_batch_norm_on_the_concatenated_batch(spawned):
         stock_of.update({f"rank {r} grad {k}": v for k, v in stock["grads"].items()})
         stock_of.update({f"rank {r} {k}": v for k, v in stock["stats"].items()})
     _compare_op([r["fp32_triton"] for r in ranks], reference, parity)
+
+
+def test_double_backward_through_sync_batch_norm_raises(spawned):
+    for result in _results(spawned, "double_backward"):
+        assert result["raised"] is not None and "once_differentiable" in result["raised"], result
 
 
 # --------------------------------------------------------------------------------------------

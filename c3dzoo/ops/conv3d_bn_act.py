@@ -230,12 +230,29 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backw
         return (None,) * n_inputs
     (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
      input_eps, input_activation, input_negative_slope, backend) = ctx.params
-    grads = (run_backward or _backward_op)(
-        grad_out.contiguous(memory_format=_reference._memory_format(grad_out)), *saved,
-        norm, eps, stride, padding, dilation, activation, negative_slope, pool,
-        input_stats, input_eps, input_activation, input_negative_slope, backend, needs,
-    )
-    grads = [g if need else None for g, need in zip(grads, needs)]
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): gradient penalties, Hessian-vector products, MAML. The
+        # backends' backward computes values without a graph, so the layer is recomputed with stock
+        # differentiable ops and differentiated instead (torch.compile traces backward without grad).
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var = saved[:7]
+        params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
+        out = _reference.differentiable_forward(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
+            _input_norm(input_stats, input_eps, input_activation, input_negative_slope))
+        inputs = (x, weight, bias, bn_weight, bn_bias, input_stats)
+        wanted = torch.autograd.grad(out, [t for t, need in zip(inputs, needs) if need], grad_out,
+                                     create_graph=True, allow_unused=True)
+        grads, wanted = [], iter(wanted)
+        for t, need in zip(inputs, needs):
+            grad = next(wanted) if need else None
+            grads.append(torch.zeros_like(t) if need and grad is None else grad)  # unused: exactly 0
+    else:
+        grads = (run_backward or _backward_op)(
+            grad_out.contiguous(memory_format=_reference._memory_format(grad_out)), *saved,
+            norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+            input_stats, input_eps, input_activation, input_negative_slope, backend, needs,
+        )
+        grads = [g if need else None for g, need in zip(grads, needs)]
     out = [None] * n_inputs
     out[:5] = grads[:5]
     out[_INPUT_STATS_INDEX] = grads[5]

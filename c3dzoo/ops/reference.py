@@ -157,8 +157,9 @@ def _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: fl
 
 
 def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams):
-    """The fused computation written with stock ops; differentiable. Returns (out, mean, var, y), y
-    the conv output (BatchNorm folded in for norm "running")."""
+    """The fused computation written with stock ops, for ``forward`` (under no_grad: the batch
+    statistics come from a kernel without autograd; ``differentiable_forward`` is the differentiable
+    form). Returns (out, mean, var, y), y the conv output (BatchNorm folded in for norm "running")."""
     norm, eps, stride, padding, dilation = params.norm, params.eps, params.stride, params.padding, params.dilation
     dtype = x.dtype
     mean = x.new_empty(0, dtype=stats_dtype(dtype))
@@ -177,6 +178,28 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
         z = batch_norm_output(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
     out = apply_pool(apply_activation(z, params.activation, params.negative_slope), params.pool)
     return out, mean, var, y
+
+
+def differentiable_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams,
+                           input_norm=None) -> Tensor:
+    """The fused op's output written with stock ops whose autograd differentiates everything, the
+    batch statistics included (``F.batch_norm``), and to any order: what ``backward(create_graph=True)``
+    differentiates. Slower than ``forward``; the same values within rounding. ``input_norm``: x is
+    normalised by its own batch statistics and the γ, β rows of ``input_norm.stats`` first."""
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = x.dtype
+        if input_norm is not None:
+            _, _, gamma, beta = input_norm.stats.unbind(0)
+            z = F.batch_norm(_acc(x), None, None, gamma, beta, training=True, eps=input_norm.eps).to(dtype)
+            x = apply_activation(z, input_norm.activation, input_norm.negative_slope)
+        y = F.conv3d(x, weight.to(dtype), None if bias is None else bias.to(dtype), params.stride, params.padding,
+                     params.dilation)
+        if params.norm in ("batch", "running"):
+            training = params.norm == "batch"
+            y = F.batch_norm(_acc(y), None if training else _acc(running_mean), None if training else _acc(running_var),
+                             None if bn_weight is None else _acc(bn_weight), None if bn_bias is None else _acc(bn_bias),
+                             training=training, eps=params.eps).to(dtype)
+        return apply_pool(apply_activation(y, params.activation, params.negative_slope), params.pool)
 
 
 def _input_norm_terms(x: Tensor, input_norm) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import backends as _backends
 from . import reference as _reference
@@ -149,6 +150,7 @@ class _SyncConvBNAct(torch.autograd.Function):
         return out.contiguous(memory_format=memory_format)
 
     @staticmethod
+    @once_differentiable  # a double backward through it raises, instead of dropping those terms
     def backward(ctx, grad_out):
         x, weight, bias, bn_weight, bn_bias, mean, invstd, count = ctx.saved_tensors
         stride, padding, dilation, activation, negative_slope, pool, group = ctx.params

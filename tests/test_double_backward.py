@@ -1,0 +1,136 @@
+"""backward(create_graph=True) through fused layers — gradient penalties (WGAN-GP, R1), Hessian-vector
+products, MAML — gives the second-order gradients stock PyTorch gives. The backends' backward
+computes values without a graph; with create_graph the op differentiates a stock recomputation of
+the layer instead, so no term is dropped silently (as it would be if the first-order gradients
+carried no graph)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import c3dzoo
+from c3dzoo.nn import Conv3dBNAct, stock_conv_bn_act
+from parity import assert_parity
+
+CASES = {
+    "train_bn_pool": (dict(pool=((1, 2, 2), (1, 2, 2), 0)), "train"),
+    "eval_bn": (dict(), "eval"),
+    "frozen_bn_in_training_model": (dict(pool=((2, 2, 2), (2, 2, 2), 0)), "frozen"),
+    "no_bn_leaky_relu": (dict(batch_norm=False, activation="leaky_relu", negative_slope=0.2), "train"),
+    "train_bn_leaky_overlapping_pool": (dict(activation="leaky_relu", negative_slope=0.1,
+                                             pool=((3, 3, 3), (2, 2, 2), (1, 1, 1))), "train"),
+}
+
+
+def _layer(kwargs, mode, dtype, backend="reference"):
+    torch.manual_seed(0)
+    layer = Conv3dBNAct(3, 5, 3, padding=1, backend=backend, **kwargs).to(dtype)
+    if layer.bn is not None:
+        layer.bn.running_mean.uniform_(-0.3, 0.3)
+        layer.bn.running_var.uniform_(0.5, 1.5)
+        layer.bn.weight.data.uniform_(0.5, 1.5)
+        layer.bn.bias.data.uniform_(-0.3, 0.3)
+    layer.train(mode != "eval")
+    if mode == "frozen":
+        layer.bn.eval()
+    return layer
+
+
+def _stock(layer):
+    return lambda x: stock_conv_bn_act(x, layer.conv, layer.bn, layer.activation, layer.negative_slope, layer.pool)
+
+
+def _penalised_step(forward, params, x):
+    """A loss with a gradient penalty on the input and on the conv weight; returns what its
+    backward leaves: the input's and every parameter's gradient."""
+    x = x.clone().requires_grad_(True)
+    out = forward(x)
+    grad_x, grad_w = torch.autograd.grad(out.square().sum(), (x, params[0]), create_graph=True)
+    loss = out.mean() + grad_x.square().sum() + 0.1 * grad_w.square().sum()
+    loss.backward()
+    return [x.grad] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_second_order_gradients_match_stock_float64(case):
+    kwargs, mode = CASES[case]
+    fused = _layer(kwargs, mode, torch.float64)
+    stock = copy.deepcopy(fused)
+    x = torch.randn(2, 3, 4, 6, 6, dtype=torch.float64)
+    got = _penalised_step(fused, list(fused.parameters()), x)
+    want = _penalised_step(_stock(stock), list(stock.parameters()), x)
+    # absolute tolerance on the problem's scale: under a training BN the conv bias' true gradient is
+    # 0, and both sides give rounding noise around it
+    atol = 1e-12 * max(w.abs().max().item() for w in want)
+    for name, g, w in zip(["x"] + [n for n, _ in fused.named_parameters()], got, want):
+        assert g is not None, name
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=atol, msg=lambda m: f"{name}: {m}")
+    for (name, b), w in zip(fused.named_buffers(), stock.buffers()):
+        torch.testing.assert_close(b, w, rtol=1e-12, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_second_order_gradients_through_the_custom_op_path():
+    """Under a dispatch mode (as with tensor subclasses) the fused layer runs as the custom ops; their
+    registered backward takes the same differentiable route."""
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    kwargs, mode = CASES["train_bn_pool"]
+    layers = [_layer(kwargs, mode, torch.float64) for _ in range(2)]
+    x = torch.randn(2, 3, 4, 6, 6, dtype=torch.float64)
+    results = []
+    for layer, context in zip(layers, (contextlib.nullcontext(), PassThrough())):
+        with context:
+            results.append(_penalised_step(layer, list(layer.parameters()), x))
+    for eager, dispatched in zip(*results):
+        torch.testing.assert_close(eager, dispatched, rtol=1e-12, atol=0)
+
+
+def test_gradient_penalty_on_a_fused_model_matches_stock():
+    """A WGAN-GP-style penalty on the input of a whole train-mode C3D-BN (its conv3a/4a/5a hand their
+    BatchNorm to the next conv's input prologue), float64."""
+    torch.manual_seed(0)
+    fused = c3dzoo.c3d_bn(width_mult=0.0625, input_size=(16, 32, 32), num_classes=3, fused=True).double().train()
+    for module in fused.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    stock = copy.deepcopy(fused)
+    stock.fused = False
+    x = torch.randn(2, 3, 16, 32, 32, dtype=torch.float64)
+
+    def step(model):
+        xx = x.clone().requires_grad_(True)
+        logits = model(xx)
+        (grad_x,) = torch.autograd.grad(logits[:, 0].sum(), xx, create_graph=True)
+        penalty = (grad_x.flatten(1).norm(dim=1) - 1).square().mean()
+        (logits.mean() + penalty).backward()
+        return {"x": xx.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+    got, want = step(fused), step(stock)
+    atol = 1e-11 * max(w.abs().max().item() for w in want.values())  # as above: conv biases under BN
+    for name in want:
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_second_order_gradients_triton_within_the_parity_budget():
+    """The first-order forward on the Triton kernels (the interpreter on CPU), fp32: within the
+    parity budget of stock fp32 against float64."""
+    kwargs, mode = CASES["train_bn_pool"]
+    fused = _layer(kwargs, mode, torch.float32, backend="triton")
+    stock = copy.deepcopy(fused)
+    reference = copy.deepcopy(fused).double()
+    x = torch.randn(2, 3, 4, 6, 6)
+    got = _penalised_step(fused, list(fused.parameters()), x)
+    want = _penalised_step(_stock(stock), list(stock.parameters()), x)
+    ref = _penalised_step(_stock(reference), list(reference.parameters()), x.double())
+    for name, g, w, r in zip(["x"] + [n for n, _ in fused.named_parameters()], got, want, ref):
+        assert_parity(g, w, r, torch.float32, name)
+    assert not c3dzoo.fallbacks()
