@@ -134,3 +134,45 @@ def test_second_order_gradients_triton_within_the_parity_budget():
     for name, g, w, r in zip(["x"] + [n for n, _ in fused.named_parameters()], got, want, ref):
         assert_parity(g, w, r, torch.float32, name)
     assert not c3dzoo.fallbacks()
+
+
+def test_torch_func_grad_matches_stock():
+    """torch.func.grad (functional_call over the parameters: influence functions, meta-learning)
+    through an eval-mode fused model, whose grad transform differentiates with create_graph."""
+    torch.manual_seed(0)
+    fused = c3dzoo.c3d_bn(width_mult=0.0625, input_size=(16, 32, 32), num_classes=3, fused=True).double().eval()
+    stock = copy.deepcopy(fused)
+    stock.fused = False
+    params = {name: p.detach() for name, p in fused.named_parameters()}
+    x = torch.randn(2, 3, 16, 32, 32, dtype=torch.float64)
+
+    def grads(model):
+        loss = lambda p: torch.func.functional_call(model, p, (x,)).square().sum()  # noqa: E731
+        return torch.func.grad(loss)(params)
+
+    got, want = grads(fused), grads(stock)
+    atol = 1e-11 * max(w.abs().max().item() for w in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_torch_func_grad_of_a_train_mode_model_is_refused_as_stock_refuses_it():
+    """In train mode BatchNorm updates its running statistics in place, which torch.func refuses for
+    a stock model too (num_batches_tracked.add_): the fused model raises the same error, no answer."""
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = c3dzoo.c3d_bn(width_mult=0.0625, input_size=(16, 32, 32), num_classes=3, fused=fused).train()
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        x = torch.randn(2, 3, 16, 32, 32)
+        loss = lambda p: torch.func.functional_call(model, p, (x,)).square().sum()  # noqa: E731
+        with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+            torch.func.grad(loss)(params)
+
+
+def test_torch_func_vmap_is_refused_by_name():
+    """vmap (per-sample gradients) has no batching rule for the fused op: a clear error, never a
+    silent answer."""
+    layer = _layer(*CASES["eval_bn"], torch.float64)
+    x = torch.randn(3, 1, 3, 4, 6, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(layer)(x)

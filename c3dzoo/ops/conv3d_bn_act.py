@@ -269,11 +269,13 @@ class _EagerForward(torch.autograd.Function):
     torch.compile, tensor subclasses (FakeTensor, …) and dispatch modes take the custom ops."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(*inputs):
+        return _forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context: torch.func's grad transforms work
         ctx.set_materialize_grads(False)  # the statistics and conv-output "gradients" are never read
-        output = _forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
-        return output
 
     @staticmethod
     def backward(ctx, *grads):
