@@ -528,9 +528,8 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
                     pass
                 if not captured:
                     raise ValueError(
-                        f"layer {layer!r} did not run as a module in {type(model).__name__}'s forward (a "
-                        f"fused chain reads its conv/BN/pool weights directly); take a later layer "
-                        f"(e.g. an fc) or build the model with fused=False")
+                        f"layer {layer!r} did not run as a module in {type(model).__name__}'s forward; "
+                        f"take a layer the forward calls (e.g. an fc)")
                 out = captured[0]
                 if act is not None:
                     out = act(out)

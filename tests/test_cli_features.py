@@ -153,8 +153,8 @@ def test_features_errors(tmp_path, capsys):
     torch.save(torch.randn(3, 8, 32, 32), tmp_path / "short.pt")
     assert "expects input of shape" in _error(capsys, ["features", *TINY_MODEL, "--out", str(tmp_path / "x.pt"),
                                                        str(tmp_path / "short.pt")])
-    assert "pool5' did not run as a module" in _error(
-        capsys, ["features", *TINY_MODEL, "--layer", "pool5", "--synthetic", "2", "--out", str(tmp_path / "x.pt")])
+    assert "has no layer 'pool6'" in _error(
+        capsys, ["features", *TINY_MODEL, "--layer", "pool6", "--synthetic", "2", "--out", str(tmp_path / "x.pt")])
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -424,10 +424,16 @@ def test_features_of_the_head_are_the_logits_and_labels_come_along():
     assert transfer.extract_features(resnet, clips(2, size=(4, 32, 32)), "avgpool").shape == (2, 512)
 
 
-def test_features_of_a_layer_the_fused_forward_skips_is_an_error():
-    with pytest.raises(ValueError, match="'pool5' did not run as a module"):
-        transfer.extract_features(tiny(fused=True), clips(1), "pool5")
-    assert transfer.extract_features(tiny(fused=False), clips(1), "pool5").shape == (1, 128)
+def test_features_of_a_layer_inside_a_fused_chain_are_the_stock_models():
+    """The extraction hook makes that chain run module by module (``c3dzoo.nn.runs_hooks``)."""
+    fused = randomise_bn(tiny(fused=True)).eval()
+    stock = copy.deepcopy(fused)
+    stock.fused = False
+    x = clips(2)
+    for layer in ("pool5", "conv3a_bn"):
+        # the chains before it are fused (BatchNorm folded): equal within fp32 rounding
+        torch.testing.assert_close(transfer.extract_features(fused, x, layer),
+                                   transfer.extract_features(stock, x, layer), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no layer 'fc9'"):
         transfer.extract_features(tiny(), clips(1), "fc9")
 

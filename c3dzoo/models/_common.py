@@ -33,17 +33,19 @@ class FusableModel(nn.Module):
         self.keep_conv_outputs: Optional[bool] = None
 
     def chain(self, x, conv, bn=None, activation: str = "relu", negative_slope: float = 0.01, pool=None,
-              defer: bool = False):
+              defer: bool = False, activation_module=None):
         """conv → bn → activation → pool, fused or stock according to ``self.fused``.
 
         ``defer=True`` when the result feeds the next ``chain`` directly: the fused path may then
         leave a training-mode BN's normalisation to that chain's input prologue (prologue fusion)
-        and return a ``c3dzoo.ops.PendingBatchNorm`` instead of a tensor."""
+        and return a ``c3dzoo.ops.PendingBatchNorm`` instead of a tensor. ``activation_module``:
+        the model's own activation module, if the chain has one (it runs, hooks and all, wherever
+        the stock model would run it)."""
         if self.fused:
             return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend,
                                self.sync_bn, self.process_group, defer=defer,
-                               keep_conv_output=self.keep_conv_outputs)
-        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
+                               keep_conv_output=self.keep_conv_outputs, activation_module=activation_module)
+        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)
 
 
 def check_input(x: torch.Tensor, channels: int, input_size: Sequence[int], model: str) -> None:
@@ -95,16 +97,16 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
         bn = None
         if i < len(modules) and isinstance(modules[i], nn.BatchNorm3d):
             bn, i = modules[i], i + 1
-        activation, slope = "none", 0.0
+        activation, slope, act = "none", 0.0, None
         if i < len(modules) and isinstance(modules[i], nn.ReLU):
-            activation, i = "relu", i + 1
+            activation, act, i = "relu", modules[i], i + 1
         elif i < len(modules) and isinstance(modules[i], nn.LeakyReLU):
-            activation, slope, i = "leaky_relu", modules[i].negative_slope, i + 1
+            activation, slope, act, i = "leaky_relu", modules[i].negative_slope, modules[i], i + 1
         pool = None
         if i < len(modules) and isinstance(modules[i], nn.MaxPool3d):
             pool, i = modules[i], i + 1
-        chains.append((conv, bn, activation, slope, pool))
-    for k, (conv, bn, activation, slope, pool) in enumerate(chains):
+        chains.append((conv, bn, activation, slope, pool, act))
+    for k, (conv, bn, activation, slope, pool, act) in enumerate(chains):
         # every chain but the last feeds the next one: its BN may be deferred into that one's input
-        x = chain(x, conv, bn, activation, slope, pool, defer=k + 1 < len(chains))
+        x = chain(x, conv, bn, activation, slope, pool, defer=k + 1 < len(chains), activation_module=act)
     return x

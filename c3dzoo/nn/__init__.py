@@ -5,6 +5,7 @@ from .conv_bn_act import (
     Conv3dBNReLU,
     activation_spec,
     conv_bn_act,
+    runs_hooks,
     stock_conv_bn_act,
     unsupported_reason,
 )
@@ -12,5 +13,5 @@ from .fuse import FusedChain, fuse
 
 __all__ = [
     "Conv3dBNAct", "Conv3dBNReLU", "FusedChain", "fuse", "conv_bn_act", "stock_conv_bn_act",
-    "activation_spec", "unsupported_reason",
+    "activation_spec", "runs_hooks", "unsupported_reason",
 ]

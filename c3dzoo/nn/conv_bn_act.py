@@ -69,13 +69,30 @@ def stock_conv_bn_act(
     activation: str = "relu",
     negative_slope: float = 0.01,
     pool: Optional[nn.MaxPool3d] = None,
+    activation_module: Optional[nn.Module] = None,
 ) -> Tensor:
-    """The same chain run module by module with stock PyTorch."""
+    """The same chain run module by module with stock PyTorch (the activation by
+    ``activation_module`` when the model has one, so that its hooks run)."""
     y = conv(x)
     if bn is not None:
         y = bn(y)
-    y = apply_activation(y, activation, negative_slope)
+    y = activation_module(y) if activation_module is not None else apply_activation(y, activation, negative_slope)
     return pool(y) if pool is not None else y
+
+
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name, {}) for name in (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
+
+
+def runs_hooks(*modules: Optional[nn.Module]) -> bool:
+    """Whether calling any of these modules would run hooks: their own (forward, forward-pre,
+    backward) or global ones (``nn.modules.module.register_module_forward_hook`` and friends).
+    A fused chain with such a module runs module by module instead (``conv_bn_act``), so every hook
+    sees what it sees in a stock model: Grad-CAM, feature extraction, guided backprop, tracers."""
+    if any(_GLOBAL_HOOKS):
+        return True
+    return any(m is not None and bool(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                                      or m._backward_hooks) for m in modules)
 
 
 def conv_bn_act(
@@ -90,10 +107,12 @@ def conv_bn_act(
     process_group=None,
     defer: bool = False,
     keep_conv_output: Optional[bool] = None,
+    activation_module: Optional[nn.Module] = None,
 ):
     """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
     parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
-    Chains the fused op cannot express run stock.
+    Chains the fused op cannot express run stock, as do chains with a module that has hooks
+    (``runs_hooks``; ``activation_module``: the model's activation module, if it has one).
 
     ``defer=True``: the result goes straight into another ``conv_bn_act``, so a training-mode BN
     without a pool may hand its normalisation to that call (a ``c3dzoo.ops.PendingBatchNorm`` is
@@ -103,10 +122,10 @@ def conv_bn_act(
     are synchronised over ``process_group`` (else the SyncBatchNorm's own group, else WORLD) by the
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
     this changes nothing. ``keep_conv_output``: see ``c3dzoo.ops.conv3d_bn_act``."""
-    if unsupported_reason(conv, bn, pool) is not None:
+    if runs_hooks(conv, bn, activation_module, pool) or unsupported_reason(conv, bn, pool) is not None:
         if isinstance(x, PendingBatchNorm):
             x = x.materialize()
-        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool)
+        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)
     common = dict(
         stride=conv.stride, padding=conv_padding(conv), dilation=conv.dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, backend=backend, defer=defer,

@@ -24,21 +24,21 @@ class FusedChain(nn.Module):
     them (they stay at their original names), so it adds nothing to the state_dict."""
 
     def __init__(self, conv, bn, activation: str, negative_slope: float, pool, backend: Optional[str],
-                 sync_bn: bool = False, process_group=None):
+                 sync_bn: bool = False, process_group=None, activation_module: Optional[nn.Module] = None):
         super().__init__()
-        object.__setattr__(self, "_modules_ref", (conv, bn, pool))
+        object.__setattr__(self, "_modules_ref", (conv, bn, pool, activation_module))
         self.activation = activation
         self.negative_slope = negative_slope
         self.backend = backend
         self.sync_bn, self.process_group = _check_sync_args(sync_bn, process_group)
 
     def forward(self, x):
-        conv, bn, pool = self._modules_ref
+        conv, bn, pool, activation_module = self._modules_ref
         return conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend,
-                           self.sync_bn, self.process_group)
+                           self.sync_bn, self.process_group, activation_module=activation_module)
 
     def extra_repr(self) -> str:
-        conv, bn, pool = self._modules_ref
+        conv, bn, pool, _ = self._modules_ref
         parts = ["Conv3d", type(bn).__name__ if bn is not None else None, self.activation,
                  "MaxPool3d" if pool is not None else None]
         sync = ", sync_bn=True" if self.sync_bn or isinstance(bn, nn.SyncBatchNorm) else ""
@@ -129,7 +129,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
         conv = modules[node.target]
         chain: List[torch.fx.Node] = [node]
         bn = pool = None
-        activation, slope = "none", 0.0
+        activation, slope, activation_module = "none", 0.0, None
         nxt = _sole_user(node)
         if nxt is not None and nxt.op == "call_module" and type(modules[nxt.target]) in _BATCH_NORMS:
             bn = modules[nxt.target]
@@ -138,6 +138,8 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
         act = _as_activation(nxt, modules) if nxt is not None else None
         if act is not None:
             activation, slope = act
+            if nxt.op == "call_module":  # the model's own module: its hooks must still run
+                activation_module = modules[nxt.target]
             chain.append(nxt)
             nxt = _sole_user(nxt)
             candidate = _as_pool(nxt, modules) if nxt is not None else None
@@ -150,7 +152,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
             continue
         name = "c3dzoo_fused_" + node.target.replace(".", "_")
         gm.add_module(name, FusedChain(conv, bn, activation, slope, pool, backend,
-                                       sync_bn, process_group if sync_bn else None))
+                                       sync_bn, process_group if sync_bn else None, activation_module))
         with graph.inserting_after(chain[-1]):
             fused_node = graph.call_module(name, (node.args[0],))
         chain[-1].replace_all_uses_with(fused_node)
