@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -155,3 +156,22 @@ def test_deeper_with_data_on_a_fused_convcolumn():
         torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weight_norm_pre_hook_recomputes_the_weight_the_fused_chain_reads():
+    """``torch.nn.utils.weight_norm`` recomputes ``conv.weight`` in a forward pre-hook: the fused
+    model must not read a stale weight after weight_g changes."""
+    def build(fused):
+        torch.manual_seed(0)
+        model = c3dzoo.c3d_bn(fused=fused, **SMALL).eval()
+        with warnings.catch_warnings():  # deprecated for torch.nn.utils.parametrizations.weight_norm
+            warnings.simplefilter("ignore")
+            torch.nn.utils.weight_norm(model.conv2)
+        with torch.no_grad():
+            model.conv2.weight_g.mul_(2.0)
+        return model
+
+    fused, stock = build(True), build(False)
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock(x), rtol=1e-5, atol=1e-6)
