@@ -144,3 +144,75 @@ def test_conv_without_bn_fuses_activation_and_pool():
     x = torch.randn(1, 3, 4, 6, 6)
     expected = F.max_pool3d(F.leaky_relu(module.conv(x), 0.3), 2)
     torch.testing.assert_close(module(x), expected)
+
+
+class _FrozenBN(nn.BatchNorm3d):
+    """Normalises with its running statistics whatever the training flag (a common fine-tuning
+    module): not what nn.BatchNorm3d computes in train mode."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class _ClippedReLU(nn.ReLU):
+    def forward(self, x):
+        return x.clamp(0.0, 0.5)
+
+
+class _AvgOfMaxPool(nn.MaxPool3d):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+class _Subclassed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.a_bn = nn.Conv3d(3, 4, 3, padding=1), _FrozenBN(4)
+        self.b, self.b_bn, self.b_act = nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4), _ClippedReLU()
+        self.c, self.c_bn, self.c_pool = nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4), _AvgOfMaxPool(2)
+
+    def forward(self, x):
+        x = torch.relu(self.a_bn(self.a(x)))
+        x = self.b_act(self.b_bn(self.b(x)))
+        return self.c_pool(torch.relu(self.c_bn(self.c(x))))
+
+
+@pytest.mark.parametrize("how", ["fuse", "zoo_block"])
+def test_subclasses_that_override_forward_are_not_fused_as_their_base(how):
+    """A BatchNorm3d / ReLU / MaxPool3d subclass with its own forward computes something else: its
+    chain must run it (stock), not the base class's fused arithmetic."""
+    torch.manual_seed(0)
+    if how == "fuse":
+        stock = _Subclassed().train()
+        with torch.no_grad():
+            stock.a_bn.running_mean.uniform_(-0.5, 0.5)
+        fused = c3dzoo.fuse(copy.deepcopy(stock))
+        shape = (2, 3, 4, 6, 6)
+    else:  # the zoo models' Sequential blocks (run_chained), e.g. a fine-tuned R3D with frozen BNs
+        stock = c3dzoo.r3d_18(num_classes=3).train()
+        block = stock.layer1[0]
+        frozen = _FrozenBN(block.conv1[1].num_features)
+        frozen.load_state_dict(block.conv1[1].state_dict())
+        with torch.no_grad():
+            frozen.running_mean.uniform_(-0.5, 0.5)
+        block.conv1[1] = frozen
+        block.conv1[2] = _ClippedReLU()
+        fused = copy.deepcopy(stock)
+        fused.fused = True
+        shape = (2, 3, 4, 32, 32)
+    x = torch.randn(shape)
+    torch.testing.assert_close(fused(x), stock(x), rtol=1e-5, atol=1e-6)
+    if how == "fuse":
+        # torch.fx traces into the subclasses' own forwards (they are not torch.nn leaves): b's
+        # conv → BN fuses and its ReLU subclass runs after it, c's pool subclass calls F.max_pool3d,
+        # which fuses, and scales after; a's BN subclass calls F.batch_norm, which does not
+        assert fused.c3dzoo_fused_chains == 2
+
+
+def test_from_modules_refuses_a_subclass_that_overrides_forward():
+    with pytest.raises(ValueError, match="overrides forward"):
+        Conv3dBNAct.from_modules(nn.Conv3d(3, 4, 3), _FrozenBN(4))
+    with pytest.raises(ValueError, match="overrides forward"):
+        Conv3dBNAct.from_modules(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4), pool=_AvgOfMaxPool(2))
+    with pytest.raises(ValueError, match="override forward"):
+        Conv3dBNAct.from_modules(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4), activation=_ClippedReLU())

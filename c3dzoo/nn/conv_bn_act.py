@@ -13,19 +13,32 @@ from ..ops.reference import apply_activation
 Tensor = torch.Tensor
 
 
+def has_stock_forward(module: nn.Module, *classes: type) -> bool:
+    """Whether ``module`` is one of ``classes`` and computes what that class computes: a subclass
+    that overrides ``forward`` (a frozen BatchNorm that ignores the training flag, a clipped ReLU)
+    computes something the fused op cannot know, so its chain runs stock."""
+    return isinstance(module, classes) and any(type(module).forward is cls.forward for cls in classes)
+
+
+def _activation_reason(act: nn.Module) -> Optional[str]:
+    """Why an activation module cannot be fused (None if it can)."""
+    if not has_stock_forward(act, nn.ReLU, nn.LeakyReLU):
+        return f"{type(act).__name__} is not an nn.ReLU or nn.LeakyReLU (or overrides forward)"
+    return None
+
+
 def activation_spec(act) -> Tuple[str, float]:
     """(name, negative_slope) for an activation given as None, a name, or an nn module."""
-    if act is None or isinstance(act, nn.Identity):
+    if act is None or (isinstance(act, nn.Identity) and type(act).forward is nn.Identity.forward):
         return "none", 0.0
     if isinstance(act, str):
         if act not in ("none", "relu", "leaky_relu"):
             raise ValueError(f"activation must be 'none', 'relu' or 'leaky_relu', got {act!r}")
         return act, 0.01
-    if isinstance(act, nn.ReLU):
-        return "relu", 0.0
-    if isinstance(act, nn.LeakyReLU):
-        return "leaky_relu", float(act.negative_slope)
-    raise ValueError(f"unsupported activation {act!r}: the fused op takes none, ReLU or LeakyReLU")
+    if _activation_reason(act) is None:
+        return ("relu", 0.0) if isinstance(act, nn.ReLU) else ("leaky_relu", float(act.negative_slope))
+    raise ValueError(f"unsupported activation {act!r}: the fused op takes none, ReLU or LeakyReLU "
+                     f"(modules that override forward are not fused)")
 
 
 def conv_padding(conv: nn.Conv3d) -> Optional[Tuple[int, int, int]]:
@@ -40,7 +53,8 @@ def conv_padding(conv: nn.Conv3d) -> Optional[Tuple[int, int, int]]:
     return tuple(conv.padding)
 
 
-def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[nn.Module]) -> Optional[str]:
+def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[nn.Module],
+                       activation_module: Optional[nn.Module] = None) -> Optional[str]:
     """Why this chain cannot run through the fused op (None if it can)."""
     if type(conv) is not nn.Conv3d:
         return f"{type(conv).__name__} is not an nn.Conv3d"
@@ -51,13 +65,15 @@ def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[
     if conv_padding(conv) is None:
         return "padding='same' with an even effective kernel is asymmetric"
     if bn is not None:
-        if not isinstance(bn, (nn.BatchNorm3d, nn.SyncBatchNorm)):
-            return f"{type(bn).__name__} is not an nn.BatchNorm3d or nn.SyncBatchNorm"
+        if not has_stock_forward(bn, nn.BatchNorm3d, nn.SyncBatchNorm):
+            return f"{type(bn).__name__} is not an nn.BatchNorm3d or nn.SyncBatchNorm (or overrides forward)"
         if bn.num_features != conv.out_channels:
             return f"{type(bn).__name__} has {bn.num_features} features but the conv has {conv.out_channels} outputs"
+    if activation_module is not None and _activation_reason(activation_module) is not None:
+        return _activation_reason(activation_module)
     if pool is not None:
-        if not isinstance(pool, nn.MaxPool3d):
-            return f"{type(pool).__name__} is not an nn.MaxPool3d"
+        if not has_stock_forward(pool, nn.MaxPool3d):
+            return f"{type(pool).__name__} is not an nn.MaxPool3d (or overrides forward)"
         return unsupported_pool_reason(pool)
     return None
 
@@ -122,7 +138,7 @@ def conv_bn_act(
     are synchronised over ``process_group`` (else the SyncBatchNorm's own group, else WORLD) by the
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
     this changes nothing. ``keep_conv_output``: see ``c3dzoo.ops.conv3d_bn_act``."""
-    if runs_hooks(conv, bn, activation_module, pool) or unsupported_reason(conv, bn, pool) is not None:
+    if runs_hooks(conv, bn, activation_module, pool) or unsupported_reason(conv, bn, pool, activation_module):
         if isinstance(x, PendingBatchNorm):
             x = x.materialize()
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)

@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_bn_act import _check_sync_args, activation_spec, conv_bn_act, unsupported_reason
+from .conv_bn_act import _check_sync_args, activation_spec, conv_bn_act, has_stock_forward, unsupported_reason
 
 
 class FusedChain(nn.Module):
@@ -67,7 +67,7 @@ def _as_activation(node: torch.fx.Node, modules: Dict[str, nn.Module]):
     """(name, slope) if ``node`` applies ReLU or LeakyReLU to its input, else None."""
     if node.op == "call_module":
         mod = modules[node.target]
-        if isinstance(mod, (nn.ReLU, nn.LeakyReLU)):
+        if has_stock_forward(mod, nn.ReLU, nn.LeakyReLU):
             return activation_spec(mod)
         return None
     if node.op == "call_function":
@@ -84,7 +84,7 @@ def _as_activation(node: torch.fx.Node, modules: Dict[str, nn.Module]):
 def _as_pool(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> Optional[nn.MaxPool3d]:
     if node.op == "call_module":
         mod = modules[node.target]
-        return mod if isinstance(mod, nn.MaxPool3d) else None
+        return mod if has_stock_forward(mod, nn.MaxPool3d) else None
     if node.op == "call_function" and node.target is F.max_pool3d:
         names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
         kwargs = dict(zip(names, node.args[1:]))
