@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from . import distributed, models, nn, ops
 from .models import get_model, list_models
 from .nn import fuse
+from .ops import clear_weight_caches
 from .ops.backends import backends, fallbacks, set_triton_autotune
 
 
@@ -32,5 +33,5 @@ def __dir__():
 
 
 __all__ = ["distributed", "models", "nn", "ops", "get_model", "list_models", "fuse", "backends", "fallbacks",
-           "set_triton_autotune",
+           "set_triton_autotune", "clear_weight_caches",
            "load_pretrained", "replace_head", "transfer", "evaluation", *models._MODELS]

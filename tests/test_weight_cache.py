@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
+import pytest
 import torch
 
+import c3dzoo
 from c3dzoo.ops._weight_cache import FoldedWeightCache
 
 
@@ -128,3 +131,54 @@ def test_reference_backend_folds_each_eval_layer_once_and_notices_updates():
             update()
         torch.testing.assert_close(fused(), stock(), rtol=1e-5, atol=1e-5)
         assert len(cache) == 1
+
+
+def _layer_pair(backend):
+    torch.manual_seed(0)
+    fused = c3dzoo.nn.Conv3dBNAct(3, 5, 3, padding=1, pool=((1, 2, 2), (1, 2, 2), 0), backend=backend)
+    with torch.no_grad():
+        fused.bn.running_mean.normal_(0, 0.2)
+        fused.bn.running_var.uniform_(0.5, 1.5)
+    stock = copy.deepcopy(fused)
+    return fused, lambda x: stock.pool(torch.relu(stock.bn(stock.conv(x)))), stock
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_training_mode_teacher_updated_through_data_is_seen(backend):
+    """An EMA teacher (mean teacher, DINO) runs in train mode under no_grad and is updated with
+    ``p.data.mul_(m).add_(...)``, which no version counter sees: training-mode layers do not cache
+    their packed weights, so every forward reads the weights as they are."""
+    from c3dzoo.ops import triton_impl
+
+    fused, stock_forward, stock = _layer_pair(backend)
+    student = [p.detach().clone() for p in fused.parameters()]
+    x = torch.randn(2, 3, 4, 6, 6)
+    triton_impl._weight_cache.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(fused(x), stock_forward(x), rtol=1e-5, atol=1e-5)
+            for model in (fused, stock):
+                for p, s in zip(model.parameters(), student):
+                    p.data.mul_(0.5).add_(s, alpha=0.5)
+            for s in student:
+                s.add_(0.1)  # the student moves on
+    assert len(triton_impl._weight_cache) == 0  # and no packed copy is held between steps
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_clear_weight_caches_after_writes_through_data_in_eval_mode(backend):
+    """Eval mode caches the folded weights; a write through ``.data`` is invisible to it until
+    ``c3dzoo.clear_weight_caches()``. A write under no_grad is seen without it."""
+    fused, stock_forward, stock = _layer_pair(backend)
+    fused.eval(), stock.eval()
+    x = torch.randn(2, 3, 4, 6, 6)
+    with torch.no_grad():
+        fused(x)  # cached
+        for model in (fused, stock):
+            model.conv.weight.mul_(-1.0)  # seen: the version counter moves
+        torch.testing.assert_close(fused(x), stock_forward(x), rtol=1e-5, atol=1e-5)
+        for model in (fused, stock):
+            model.conv.weight.data.mul_(2.0)
+            model.bn.running_var.data.mul_(3.0)
+        c3dzoo.clear_weight_caches()
+        torch.testing.assert_close(fused(x), stock_forward(x), rtol=1e-5, atol=1e-5)

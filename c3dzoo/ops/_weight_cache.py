@@ -21,6 +21,17 @@ def capturing(sources: Sequence[Optional[Tensor]]) -> bool:
     return any(t is not None and t.is_cuda for t in sources) and torch.cuda.is_current_stream_capturing()
 
 
+_CACHES: "weakref.WeakSet[FoldedWeightCache]" = weakref.WeakSet()
+
+
+def clear_weight_caches() -> None:
+    """Forget every folded/packed weight the backends cached: needed only after writing parameters
+    or BatchNorm buffers of an eval-mode fused model through ``.data`` (which no version counter
+    sees); updates under ``torch.no_grad()``, optimizers and ``load_state_dict`` are seen anyway."""
+    for cache in list(_CACHES):
+        cache.clear()
+
+
 class FoldedWeightCache:
     """Folded, cast and packed (weight, bias) per set of source tensors.
 
@@ -31,7 +42,9 @@ class FoldedWeightCache:
     counter). A changed source rebuilds its entry in place: a training loop holds one packed copy
     per layer, not one per step until the cache fills. Entries die with their conv weight, and at
     most ``capacity`` are kept (least recently used first out).
-    Not detected: writes through ``tensor.data``, which bypass the version counter.
+    Not detected: writes through ``tensor.data``, which bypass the version counter (training-mode
+    layers do not cache for that reason, see ``cached_folded``; ``clear_weight_caches()`` forgets
+    every entry).
 
     Nothing is cached or looked up while a CUDA graph is being captured: the folding and packing
     are captured too, so each replay reads the parameters as they are then (as a captured stock
@@ -39,6 +52,7 @@ class FoldedWeightCache:
     """
 
     def __init__(self, capacity: int = 64):
+        _CACHES.add(self)
         self.capacity = capacity
         # (source ids, extra) -> (weak references, sources' state, value)
         self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -100,9 +114,15 @@ def cached_folded(
     cache: FoldedWeightCache,
     pack: Callable[[Tensor, Optional[Tensor]], object],
     weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm: str, eps: float, extra: tuple = (),
+    use_cache: bool = True,
 ):
     """``pack(w, b)`` of the conv weight and bias with BatchNorm folded in fp32 (norm "running"),
-    or of the conv's own weight and fp32 bias (norm "none"), cached in ``cache``."""
+    or of the conv's own weight and fp32 bias (norm "none"), cached in ``cache``.
+
+    ``use_cache=False`` builds it afresh: what training-mode (batch-statistics) layers do. Their
+    weights change every step, so a cache would only hold a stale-prone copy per layer (memory), and
+    a weight updated through ``.data`` — an EMA teacher (mean teacher, DINO: ``p.data.mul_(m)``) —
+    changes no version counter: a cached copy would never see it."""
 
     def build():
         from .reference import fold_batch_norm  # reference caches its own folds here: no import cycle
@@ -114,6 +134,8 @@ def cached_folded(
                 w, b = weight, (None if bias is None else bias.float())
             return pack(w, b)
 
+    if not use_cache:
+        return build()
     sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
     if norm != "running":
         sources = (weight, bias, None, None, None, None)

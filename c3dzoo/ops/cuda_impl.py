@@ -125,10 +125,10 @@ def pack_stem_weight(weight: Tensor, bias: Optional[Tensor], cpt: int = _CHANNEL
     return packed.contiguous(), b, w_stride
 
 
-def _folded_packed(weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps):
+def _folded_packed(weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps, use_cache=True):
     return cached_folded(
         _weight_cache, pack_stem_weight,
-        weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps,
+        weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps, use_cache=use_cache,
     )
 
 
@@ -191,7 +191,7 @@ def _stem_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], params: LayerP
     lib = extension()
     with torch.no_grad(), device_scope(x):
         w_packed, b_packed, w_stride = _folded_packed(weight, bias, None, None, None, None, norm="none",
-                                                      eps=params.eps)
+                                                      eps=params.eps, use_cache=False)  # training
         xc = x.contiguous(memory_format=torch.channels_last_3d)
         n, c_in, d, h, w = x.shape
         c_out = weight.shape[0]

@@ -88,12 +88,14 @@ _weight_cache = FoldedWeightCache()
 
 
 def _folded_packed_weight(
-    weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps, dtype
+    weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps, dtype, use_cache=True
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """(packed weight in ``dtype``, fp32 bias or None), BatchNorm folded in fp32 when norm == "running"."""
+    """(packed weight in ``dtype``, fp32 bias or None), BatchNorm folded in fp32 when norm == "running"
+    (``use_cache``: see ``cached_folded``)."""
     return cached_folded(
         _weight_cache, lambda w, b: (pack_weight(w.to(dtype)), None if b is None else b.contiguous()),
         weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps, extra=(dtype,),
+        use_cache=use_cache,
     )
 
 
@@ -163,9 +165,9 @@ def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
     "stats") normalise/act/pool. Returns (out, mean, var, the raw conv output y); for "stats" out
     is y itself."""
     with torch.no_grad():
-        # norm "none" in the cache: the conv's own weight, packed in x's dtype, and its fp32 bias
+        # the conv's own weight, packed in x's dtype, and its fp32 bias; not cached (training)
         w_packed, conv_bias = _folded_packed_weight(
-            weight, bias, None, None, None, None, norm="none", eps=params.eps, dtype=x.dtype
+            weight, bias, None, None, None, None, norm="none", eps=params.eps, dtype=x.dtype, use_cache=False
         )
         y, mean, var = conv3d_bn_stats(
             x, w_packed, conv_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(), **prologue,
@@ -227,6 +229,7 @@ def _backward(
                 w_packed, conv_bias = _folded_packed_weight(
                     weight, bias, bn_weight, bn_bias, running_mean, running_var,
                     norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
+                    use_cache=not batch,  # as the forward packed it
                 )
                 y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none",
                                          negative_slope=0.0, pool=(), out_dtype=x.dtype)
