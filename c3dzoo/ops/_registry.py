@@ -44,12 +44,7 @@ def _probe_triton() -> Optional[str]:
 
 
 def _triton_device_reason(device_type: str) -> Optional[str]:
-    if device_type == "cuda":
-        return None
-    if device_type == "cpu":
-        impl = importlib.import_module("c3dzoo.ops.triton_impl")
-        return triton_cpu_unsupported_reason(impl.runs_interpreted)
-    return f"device {device_type!r} is not supported by the Triton backend (cuda, or cpu under TRITON_INTERPRET=1)"
+    return importlib.import_module("c3dzoo.ops.triton_impl").device_reason(device_type)
 
 
 def _cuda_device_reason(device_type: str) -> Optional[str]:

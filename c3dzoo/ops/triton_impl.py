@@ -56,6 +56,15 @@ Tensor = torch.Tensor
 _DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
 
 
+def device_reason(device_type: str) -> Optional[str]:
+    """None if the Triton kernels can take tensors of ``device_type`` now, else why not."""
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        return triton_cpu_unsupported_reason(runs_interpreted)
+    return f"device {device_type!r} is not supported by the Triton backend (cuda, or cpu under TRITON_INTERPRET=1)"
+
+
 def supports(cfg: ConvBNActConfig) -> Optional[str]:
     """None if the Triton kernels can run ``cfg``, else why not."""
     if cfg.norm not in ("batch", "stats", "running", "none"):
@@ -66,14 +75,11 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
         return "float64 is not supported by the Triton kernels (no fp64 tensor-core path); use 'reference'"
     if cfg.dtype not in _DTYPES:
         return f"dtype {cfg.dtype} is not supported by the Triton backend (fp16, bf16, fp32 only)"
-    if cfg.device == "cpu":
-        reason = triton_cpu_unsupported_reason(runs_interpreted)
-        if reason is not None:
-            return reason
-        if cfg.dtype == "torch.bfloat16":
-            return "bfloat16 under the Triton interpreter gives wrong results (its bf16 dot/arithmetic is broken)"
-    elif cfg.device != "cuda":
-        return f"device {cfg.device!r} is not supported by the Triton backend (cuda, or cpu under TRITON_INTERPRET=1)"
+    reason = device_reason(cfg.device)
+    if reason is not None:
+        return reason
+    if cfg.device == "cpu" and cfg.dtype == "torch.bfloat16":
+        return "bfloat16 under the Triton interpreter gives wrong results (its bf16 dot/arithmetic is broken)"
     if len(cfg.pool) not in (0, 9):
         return f"pool {cfg.pool!r} is not kernel(3) + stride(3) + padding(3)"
     return None
