@@ -69,8 +69,10 @@ def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[
             return f"{type(bn).__name__} is not an nn.BatchNorm3d or nn.SyncBatchNorm (or overrides forward)"
         if bn.num_features != conv.out_channels:
             return f"{type(bn).__name__} has {bn.num_features} features but the conv has {conv.out_channels} outputs"
-    if activation_module is not None and _activation_reason(activation_module) is not None:
-        return _activation_reason(activation_module)
+    if activation_module is not None:
+        reason = _activation_reason(activation_module)
+        if reason is not None:
+            return reason
     if pool is not None:
         if not has_stock_forward(pool, nn.MaxPool3d):
             return f"{type(pool).__name__} is not an nn.MaxPool3d (or overrides forward)"

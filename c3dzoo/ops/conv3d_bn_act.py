@@ -447,10 +447,7 @@ class PendingBatchNorm(NamedTuple):
     def materialize(self) -> Tensor:
         """``activation(batch_norm(y))`` with stock ops, differentiable (BatchNorm recomputes the
         batch statistics of y, so the gradient goes through them as a stock BatchNorm's does)."""
-        _, _, gamma, beta = self.stats.unbind(0)
-        z = torch.nn.functional.batch_norm(self.y.to(self.stats.dtype), None, None, gamma, beta,
-                                           training=True, momentum=0.0, eps=self.eps).to(self.y.dtype)
-        return _reference.apply_activation(z, self.activation, self.negative_slope)
+        return _reference.normalize_input_differentiably(self.y, self)
 
 
 def _deferred_stats(mean: Tensor, var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]) -> Tensor:

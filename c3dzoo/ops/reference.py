@@ -180,6 +180,15 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     return out, mean, var, y
 
 
+def normalize_input_differentiably(x: Tensor, input_norm) -> Tensor:
+    """``normalize_input`` with stock differentiable ops: ``F.batch_norm`` recomputes x's batch
+    statistics, so the gradient goes through them as a stock BatchNorm's does; γ and β are rows 2
+    and 3 of ``input_norm.stats`` (an ``InputNorm``, or anything with its fields)."""
+    _, _, gamma, beta = input_norm.stats.unbind(0)
+    z = F.batch_norm(_acc(x), None, None, gamma, beta, training=True, eps=input_norm.eps).to(x.dtype)
+    return apply_activation(z, input_norm.activation, input_norm.negative_slope)
+
+
 def differentiable_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams,
                            input_norm=None) -> Tensor:
     """The fused op's output written with stock ops whose autograd differentiates everything, the
@@ -189,9 +198,7 @@ def differentiable_forward(x, weight, bias, bn_weight, bn_bias, running_mean, ru
     with torch.autocast(x.device.type, enabled=False):
         dtype = x.dtype
         if input_norm is not None:
-            _, _, gamma, beta = input_norm.stats.unbind(0)
-            z = F.batch_norm(_acc(x), None, None, gamma, beta, training=True, eps=input_norm.eps).to(dtype)
-            x = apply_activation(z, input_norm.activation, input_norm.negative_slope)
+            x = normalize_input_differentiably(x, input_norm)
         y = F.conv3d(x, weight.to(dtype), None if bias is None else bias.to(dtype), params.stride, params.padding,
                      params.dilation)
         if params.norm in ("batch", "running"):
