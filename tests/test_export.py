@@ -122,7 +122,9 @@ def test_exported_triton_layer_runs_its_kernels():
     with torch.no_grad():
         out = program.module()(x)
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    # the kernel writes channels_last_3d; the layer hands back stock's layout for a contiguous x and
+    # weight, in the exported program too (tests/test_memory_layout.py)
+    assert out.is_contiguous()
     assert not c3dzoo.fallbacks()
 
 

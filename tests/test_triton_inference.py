@@ -84,10 +84,13 @@ def stock(x, p, *, stride, padding, dilation, activation, negative_slope, pool, 
 
 
 def fused(x, p, *, backend="triton", training=False, **geometry):
+    """The op as the backend computes it: ``layout="any"`` keeps the kernels' output layout (the
+    stock-layout default is tests/test_memory_layout.py's)."""
     bn = "running_mean" in p
     return conv3d_bn_act(
         x, p["weight"], p["bias"], p.get("bn_weight"), p.get("bn_bias"), p.get("running_mean"),
-        p.get("running_var"), training=training, batch_norm=bn, backend=backend, eps=1e-5, **geometry,
+        p.get("running_var"), training=training, batch_norm=bn, backend=backend, eps=1e-5, layout="any",
+        **geometry,
     )
 
 

@@ -114,7 +114,7 @@ def _run(conv, bn, x, case, skip, fused):
             x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
             training=True, momentum=case.momentum, eps=bn.eps, stride=case.stride, padding=case.padding,
             activation=case.activation, negative_slope=case.slope, pool=case.pool,
-            num_batches_tracked=bn.num_batches_tracked, backend="triton",
+            num_batches_tracked=bn.num_batches_tracked, backend="triton", layout="any",  # the kernels' layout
         )
     else:
         out = _act(bn(conv(x)), case)
@@ -259,7 +259,7 @@ def test_beyond_int32_indexing_runs_on_reference(monkeypatch):
         with pytest.warns(RuntimeWarning, match="int32") if backend == "triton" else contextlib.nullcontext():
             out = conv3d_bn_act(xx, c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var,
                                 training=True, eps=b.eps, padding=case.padding, pool=case.pool,
-                                num_batches_tracked=b.num_batches_tracked, backend=backend)
+                                num_batches_tracked=b.num_batches_tracked, backend=backend, layout="any")
             out.square().sum().backward()
         results[backend] = (out, xx.grad, c.weight.grad, b.weight.grad, b.running_var)
     assert any("int32" in reason for reason in c3dzoo.fallbacks().values()), c3dzoo.fallbacks()

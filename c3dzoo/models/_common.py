@@ -40,11 +40,14 @@ class FusableModel(nn.Module):
         leave a training-mode BN's normalisation to that chain's input prologue (prologue fusion)
         and return a ``c3dzoo.ops.PendingBatchNorm`` instead of a tensor. ``activation_module``:
         the model's own activation module, if the chain has one (it runs, hooks and all, wherever
-        the stock model would run it)."""
+        the stock model would run it). The fused result keeps the backend's memory layout
+        (channels_last_3d on the GPU backends): the zoo models' forwards only flatten, add or fuse
+        it further, so a contiguous model pays no layout copies."""
         if self.fused:
             return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend,
                                self.sync_bn, self.process_group, defer=defer,
-                               keep_conv_output=self.keep_conv_outputs, activation_module=activation_module)
+                               keep_conv_output=self.keep_conv_outputs, activation_module=activation_module,
+                               layout="any")
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)
 
 

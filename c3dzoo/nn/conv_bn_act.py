@@ -126,6 +126,7 @@ def conv_bn_act(
     defer: bool = False,
     keep_conv_output: Optional[bool] = None,
     activation_module: Optional[nn.Module] = None,
+    layout: str = "stock",
 ):
     """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
     parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
@@ -139,7 +140,8 @@ def conv_bn_act(
     ``sync_bn=True``, or a ``bn`` that is an ``nn.SyncBatchNorm``: training-mode batch statistics
     are synchronised over ``process_group`` (else the SyncBatchNorm's own group, else WORLD) by the
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
-    this changes nothing. ``keep_conv_output``: see ``c3dzoo.ops.conv3d_bn_act``."""
+    this changes nothing. ``keep_conv_output`` and ``layout`` (the output's memory layout: stock's by
+    default): see ``c3dzoo.ops.conv3d_bn_act``."""
     if runs_hooks(conv, bn, activation_module, pool) or unsupported_reason(conv, bn, pool, activation_module):
         if isinstance(x, PendingBatchNorm):
             x = x.materialize()
@@ -147,7 +149,7 @@ def conv_bn_act(
     common = dict(
         stride=conv.stride, padding=conv_padding(conv), dilation=conv.dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, backend=backend, defer=defer,
-        keep_conv_output=keep_conv_output,
+        keep_conv_output=keep_conv_output, layout=layout,
     )
     if bn is None:
         return conv3d_bn_act(x, conv.weight, conv.bias, training=False, batch_norm=False, **common)

@@ -16,26 +16,39 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import in_layout
 from .conv_bn_act import _check_sync_args, activation_spec, conv_bn_act, has_stock_forward, unsupported_reason
 
 
 class FusedChain(nn.Module):
     """Runs one fused chain. It refers to the model's own conv/BN/pool modules without registering
-    them (they stay at their original names), so it adds nothing to the state_dict."""
+    them (they stay at their original names), so it adds nothing to the state_dict.
+
+    Memory layout: a chain whose only user is the next fused chain (``layout == "any"``) hands it the
+    backend's layout (channels_last_3d on the GPU backends) with no copy; any other chain gives what
+    the stock model gives there (``c3dzoo.ops.stock_memory_format`` of the input of the run of
+    chains it ends, ``path_input``, and of their conv weights), so the model's own code — a
+    ``view(-1, 8192)`` after pool5 — sees stock's layout."""
 
     def __init__(self, conv, bn, activation: str, negative_slope: float, pool, backend: Optional[str],
                  sync_bn: bool = False, process_group=None, activation_module: Optional[nn.Module] = None):
         super().__init__()
         object.__setattr__(self, "_modules_ref", (conv, bn, pool, activation_module))
+        object.__setattr__(self, "_upstream_convs", ())  # convs of the inner chains feeding this one
         self.activation = activation
         self.negative_slope = negative_slope
         self.backend = backend
+        self.layout = "stock"
         self.sync_bn, self.process_group = _check_sync_args(sync_bn, process_group)
 
-    def forward(self, x):
+    def forward(self, x, path_input=None):
         conv, bn, pool, activation_module = self._modules_ref
-        return conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend,
-                           self.sync_bn, self.process_group, activation_module=activation_module)
+        out = conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend,
+                          self.sync_bn, self.process_group, activation_module=activation_module, layout="any")
+        if self.layout == "any":
+            return out
+        weights = [c.weight for c in self._upstream_convs] + [conv.weight]
+        return in_layout(out, "stock", x if path_input is None else path_input, *weights)
 
     def extra_repr(self) -> str:
         conv, bn, pool, _ = self._modules_ref
@@ -159,11 +172,40 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
         for dead in reversed(chain):
             graph.erase_node(dead)
         fused_count += 1
+    _link_chains(gm)
     graph.lint()
     gm.recompile()
     _restore_missing_state(model, gm)
     gm.c3dzoo_fused_chains = fused_count
     return gm
+
+
+def _link_chains(gm: torch.fx.GraphModule) -> None:
+    """Let a fused chain whose only user is the next fused chain keep the backend's layout, and give
+    the chain ending such a run what it needs to restore stock's: the run's input (a second
+    argument) and its convs (see ``FusedChain``)."""
+    def chain_of(node):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FusedChain):
+            return gm.get_submodule(node.target)
+        return None
+
+    nodes = [n for n in gm.graph.nodes if chain_of(n) is not None]
+    for node in nodes:
+        producer = node.args[0]
+        if isinstance(producer, torch.fx.Node) and chain_of(producer) is not None and _sole_user(producer) is node:
+            chain_of(producer).layout = "any"
+    for node in nodes:
+        chain = chain_of(node)
+        if chain.layout == "any":
+            continue
+        upstream, head = [], node
+        while isinstance(head.args[0], torch.fx.Node) and chain_of(head.args[0]) is not None \
+                and chain_of(head.args[0]).layout == "any":
+            head = head.args[0]
+            upstream.insert(0, chain_of(head)._modules_ref[0])
+        if upstream:
+            object.__setattr__(chain, "_upstream_convs", tuple(upstream))
+            node.args = (node.args[0], head.args[0])
 
 
 def _restore_missing_state(model: nn.Module, gm: torch.fx.GraphModule) -> None:

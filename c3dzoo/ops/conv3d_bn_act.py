@@ -122,9 +122,36 @@ _CHANNELS_LAST_BACKENDS = ("triton", "cuda")
 
 
 def output_memory_format(x: Tensor, backend: str) -> torch.memory_format:
+    """The layout ``backend`` writes its output in (see ``layout="any"`` of ``conv3d_bn_act``)."""
     if backend in _CHANNELS_LAST_BACKENDS:
         return torch.channels_last_3d
     return _reference._memory_format(x)
+
+
+LAYOUTS = ("stock", "any")
+
+
+def stock_memory_format(x: Tensor, *weights: Optional[Tensor]) -> torch.memory_format:
+    """The layout stock Conv3d gives (cuDNN, oneDNN), which BatchNorm3d, ReLU and MaxPool3d keep:
+    channels_last_3d when the input or the weight is channels_last_3d, else contiguous; always
+    contiguous for float64 on a CPU (oneDNN takes no float64). Several weights: those of a run of
+    such layers fed by ``x``. (On a CPU, stock also falls back to contiguous for some small
+    problems, e.g. a batch of one; there the fused output may be channels_last_3d where stock's is
+    not.)"""
+    cl = torch.channels_last_3d
+    if x.dtype == torch.float64 and x.device.type == "cpu":
+        return torch.contiguous_format
+    return cl if any(t is not None and _reference._memory_format(t) == cl for t in (x, *weights)) else torch.contiguous_format
+
+
+def in_layout(out: Tensor, layout: str, x: Tensor, *weights: Optional[Tensor]) -> Tensor:
+    """``out`` in the layout ``layout`` asks for (see ``conv3d_bn_act``); ``x`` and ``weights``: the
+    input and weight(s) stock's layout follows (``stock_memory_format``). Only a channels_last_3d output where
+    stock gives a contiguous one is converted: that is the difference user code sees (``view``
+    fails on it). The other way round (the reference backend keeps x's layout) every view works."""
+    if layout == "stock" and not out.is_contiguous() and stock_memory_format(x, *weights) == torch.contiguous_format:
+        return out.contiguous()
+    return out
 
 
 @_forward_op.register_fake
@@ -505,6 +532,7 @@ def conv3d_bn_act(
     process_group=None,
     defer: bool = False,
     keep_conv_output: Optional[bool] = None,
+    layout: str = "stock",
 ) -> Union[Tensor, PendingBatchNorm]:
     """``pool(act(batch_norm(conv3d(x))))`` in one op, with BatchNorm semantics of ``nn.BatchNorm3d``.
 
@@ -530,7 +558,18 @@ def conv3d_bn_act(
     ``keep_conv_output``: whether a training-mode BatchNorm keeps its raw conv output for the
     backward (which otherwise recomputes the conv from x): faster, for the memory of that tensor.
     None (default) keeps it except in a stem (see ``keeps_conv_output``); it changes nothing else.
+
+    ``layout``: "stock" (default) gives the output the memory layout stock ops give on a GPU
+    (``stock_memory_format``: channels_last_3d if x or the conv weight is, else contiguous), so code
+    that ``view``s it works as with stock modules. The triton and cuda backends compute in
+    channels_last_3d: a contiguous x and weight cost a layout copy on the way in and one on the way
+    out, none when either is channels_last_3d (``model.to(memory_format=torch.channels_last_3d)``).
+    "any": whatever the backend writes (channels_last_3d on triton and cuda), for callers that only
+    hand the result to layout-agnostic ops or another fused layer (the zoo models, ``c3dzoo.fuse``'s
+    inner chains).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     pending = x if isinstance(x, PendingBatchNorm) else None
     if pending is not None:
         x = pending.y
@@ -592,7 +631,8 @@ def conv3d_bn_act(
             num_batches_tracked if updates_running_stats else None,
             momentum=None if momentum is None else float(momentum), eps=float(eps), stride=stride,
             padding=padding, dilation=dilation, activation=activation, negative_slope=float(negative_slope),
-            pool=pool, backend=name, group=group, memory_format=output_memory_format(x, name),
+            pool=pool, backend=name, group=group,
+            memory_format=(stock_memory_format(x, conv_weight) if layout == "stock" else output_memory_format(x, name)),
         )
     # defer this layer's normalisation + activation into the next layer's input (see PendingBatchNorm)
     deferred = defer and norm == "batch" and not pool
@@ -628,4 +668,4 @@ def conv3d_bn_act(
     if deferred:
         return PendingBatchNorm(out, _deferred_stats(mean, var, bn_weight, bn_bias), float(eps), activation,
                                 float(negative_slope))
-    return out
+    return in_layout(out, layout, x, conv_weight)
