@@ -130,3 +130,26 @@ def test_layout_any_keeps_the_backends_layout_and_bad_layout_is_named():
     torch.testing.assert_close(fast, stock_like)
     with pytest.raises(ValueError, match="layout must be one of"):
         conv3d_bn_act(x, w, layout="channels_last", **common)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_fused_model_views_and_trains(backend):
+    """torch.compile(fullgraph=True) traces fuse()'s runs of chains and the layout restore (aot_eager:
+    dynamo and the ops' fake implementations, without Inductor's C++ build)."""
+    torch.manual_seed(0)
+    model = ViewsAfterPool()
+    fused = c3dzoo.fuse(copy.deepcopy(model), backend=_backend(backend))
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 4, 8, 8)
+    for training in (True, False):
+        model.train(training)
+        fused.train(training)
+        expected, got = model(x), compiled(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        if training:
+            expected.sum().backward()
+            got.sum().backward()
+            for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+            for (name, b), c in zip(model.named_buffers(), fused.buffers()):
+                torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
