@@ -503,6 +503,17 @@ def keeps_conv_output(keep: Optional[bool], norm: str, in_channels: int, needs_g
     return in_channels > RECOMPUTE_MAX_IN_CHANNELS
 
 
+def _empty_batch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                 params: _backends.LayerParams) -> Tensor:
+    """What stock modules do with an empty batch (N = 0: the last shard of an uneven split): an
+    empty output, zero gradients (autograd through stock ops), running statistics untouched, and
+    ``num_batches_tracked`` counted as ``nn.BatchNorm3d`` counts it. No kernel is sized for no work."""
+    out = _reference.differentiable_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return out
+
+
 def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
     return _backends.ConvBNActConfig(*_config_fields(x, weight, norm, activation, stride, padding, dilation, pool))
 
@@ -602,7 +613,7 @@ def conv3d_bn_act(
     updates_running_stats = norm == "batch" and training and running_mean is not None
     if updates_running_stats and momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
-    if norm == "batch" and count <= 1 and group is None:  # synchronised: the global count counts
+    if norm == "batch" and count == 1 and group is None:  # synchronised: the global count counts
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
@@ -619,6 +630,11 @@ def conv3d_bn_act(
             f"x is {x.dtype} but conv_weight is {conv_weight.dtype}; cast one of them or use autocast"
         )
 
+    if x.shape[0] == 0 and group is None:
+        return _empty_batch(pending.materialize() if pending is not None else x, conv_weight, conv_bias, bn_weight,
+                            bn_bias, running_mean, running_var, num_batches_tracked if updates_running_stats else None,
+                            _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation,
+                                                     negative_slope, pool))
     if pending is not None and group is not None:  # the sync path has no input prologue
         x, pending = pending.materialize(), None
     if group is not None:
