@@ -21,41 +21,41 @@ from .conv_bn_act import _check_sync_args, activation_spec, conv_bn_act, has_sto
 
 
 class FusedChain(nn.Module):
-    """Runs one fused chain. It refers to the model's own conv/BN/pool modules without registering
-    them (they stay at their original names), so it adds nothing to the state_dict.
+    """Runs one fused chain. The rewritten forward hands it the model's own conv, BN, activation and
+    pool modules on every call (``self.c3dzoo_fused_conv1(x, self.conv1, self.conv1_bn, ...)``)
+    rather than the chain keeping references to them: it adds nothing to the state_dict, and a copy
+    of the model whose modules are swapped for copies (``nn.DataParallel``'s replicas,
+    ``torch.nn.parallel.replicate``) runs on its own copies. A pool written as ``F.max_pool3d(...)``
+    has no module in the model: the chain keeps a stand-in ``MaxPool3d`` (no state) as ``pool``.
 
     Memory layout: a chain whose only user is the next fused chain (``layout == "any"``) hands it the
     backend's layout (channels_last_3d on the GPU backends) with no copy; any other chain gives what
     the stock model gives there (``c3dzoo.ops.stock_memory_format`` of the input of the run of
-    chains it ends, ``path_input``, and of their conv weights), so the model's own code — a
-    ``view(-1, 8192)`` after pool5 — sees stock's layout."""
+    chains it ends, ``path_input``, and of their convs' weights, ``upstream`` + its own), so the
+    model's own code — a ``view(-1, 8192)`` after pool5 — sees stock's layout."""
 
-    def __init__(self, conv, bn, activation: str, negative_slope: float, pool, backend: Optional[str],
-                 sync_bn: bool = False, process_group=None, activation_module: Optional[nn.Module] = None):
+    def __init__(self, activation: str, negative_slope: float, backend: Optional[str], sync_bn: bool = False,
+                 process_group=None, pool: Optional[nn.MaxPool3d] = None, description: str = ""):
         super().__init__()
-        object.__setattr__(self, "_modules_ref", (conv, bn, pool, activation_module))
-        object.__setattr__(self, "_upstream_convs", ())  # convs of the inner chains feeding this one
+        self.pool = pool  # only a functional pool's stand-in: a pool module of the model is an argument
         self.activation = activation
         self.negative_slope = negative_slope
         self.backend = backend
         self.layout = "stock"
+        self.description = description
         self.sync_bn, self.process_group = _check_sync_args(sync_bn, process_group)
 
-    def forward(self, x, path_input=None):
-        conv, bn, pool, activation_module = self._modules_ref
+    def forward(self, x, conv, bn=None, pool=None, activation_module=None, *, path_input=None, upstream=()):
+        pool = self.pool if pool is None else pool
         out = conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend,
                           self.sync_bn, self.process_group, activation_module=activation_module, layout="any")
         if self.layout == "any":
             return out
-        weights = [c.weight for c in self._upstream_convs] + [conv.weight]
+        weights = [c.weight for c in upstream] + [conv.weight]
         return in_layout(out, "stock", x if path_input is None else path_input, *weights)
 
     def extra_repr(self) -> str:
-        conv, bn, pool, _ = self._modules_ref
-        parts = ["Conv3d", type(bn).__name__ if bn is not None else None, self.activation,
-                 "MaxPool3d" if pool is not None else None]
-        sync = ", sync_bn=True" if self.sync_bn or isinstance(bn, nn.SyncBatchNorm) else ""
-        return " → ".join(p for p in parts if p and p != "none") + f", backend={self.backend or 'auto'}" + sync
+        return f"{self.description}, backend={self.backend or 'auto'}" + (", sync_bn=True" if self.sync_bn else "")
 
 
 _BATCH_NORMS = (nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -164,10 +164,21 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
         if unsupported_reason(conv, bn, pool) is not None:
             continue
         name = "c3dzoo_fused_" + node.target.replace(".", "_")
-        gm.add_module(name, FusedChain(conv, bn, activation, slope, pool, backend,
-                                       sync_bn, process_group if sync_bn else None, activation_module))
-        with graph.inserting_after(chain[-1]):
-            fused_node = graph.call_module(name, (node.args[0],))
+        pool_node = chain[-1] if pool is not None else None
+        pool_target = pool_node.target if pool_node is not None and pool_node.op == "call_module" else None
+        parts = ["Conv3d", type(bn).__name__ if bn is not None else None, activation if activation != "none" else None,
+                 "MaxPool3d" if pool is not None else None]
+        sync = sync_bn or isinstance(bn, nn.SyncBatchNorm)
+        gm.add_module(name, FusedChain(activation, slope, backend, sync, process_group if sync_bn else None,
+                                       pool=pool if pool is not None and pool_target is None else None,
+                                       description=" → ".join(p for p in parts if p)))
+        # the model's modules are read at call time (see FusedChain); get_attr nodes in creation order
+        with graph.inserting_before(chain[-1].next):
+            targets = [node.target, chain[1].target if bn is not None else None, pool_target,
+                       next((n.target for n in chain if n.op == "call_module" and modules[n.target] is activation_module),
+                            None) if activation_module is not None else None]
+            module_args = tuple(graph.get_attr(t) if t is not None else None for t in targets)
+            fused_node = graph.call_module(name, (node.args[0], *module_args))
         chain[-1].replace_all_uses_with(fused_node)
         for dead in reversed(chain):
             graph.erase_node(dead)
@@ -195,17 +206,15 @@ def _link_chains(gm: torch.fx.GraphModule) -> None:
         if isinstance(producer, torch.fx.Node) and chain_of(producer) is not None and _sole_user(producer) is node:
             chain_of(producer).layout = "any"
     for node in nodes:
-        chain = chain_of(node)
-        if chain.layout == "any":
+        if chain_of(node).layout == "any":
             continue
         upstream, head = [], node
         while isinstance(head.args[0], torch.fx.Node) and chain_of(head.args[0]) is not None \
                 and chain_of(head.args[0]).layout == "any":
             head = head.args[0]
-            upstream.insert(0, chain_of(head)._modules_ref[0])
+            upstream.insert(0, head.args[1])  # its conv's get_attr node
         if upstream:
-            object.__setattr__(chain, "_upstream_convs", tuple(upstream))
-            node.args = (node.args[0], head.args[0])
+            node.kwargs = {**node.kwargs, "path_input": head.args[0], "upstream": tuple(upstream)}
 
 
 def _restore_missing_state(model: nn.Module, gm: torch.fx.GraphModule) -> None:
