@@ -12,7 +12,6 @@ import importlib
 
 import pytest
 import torch
-from torch import nn
 
 import c3dzoo
 from test_memory_layout import ViewsAfterPool
