@@ -8,6 +8,7 @@ recorded reason instead of launching a kernel on the wrong device."""
 from __future__ import annotations
 
 import copy
+import io
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from torch.export import Dim
 
 import c3dzoo
 from c3dzoo.ops import backends
+from interpreter import skip_unless_triton_runs_cpu_tensors
 
 FUSED_OP = torch.ops.c3dzoo.conv3d_bn_act_forward.default
 CONV_LAYERS = 8  # conv1 .. conv5b
@@ -157,3 +159,60 @@ def test_op_traced_for_a_gpu_backend_falls_back_on_cpu_tensors(backend, reason, 
     torch.testing.assert_close(out, stock)
     for got, t in zip(grads, (x, weight, gamma, beta)):
         torch.testing.assert_close(got, t.grad)
+
+
+def _small_layer(seed=0):
+    torch.manual_seed(seed)
+    layer = c3dzoo.nn.Conv3dBNAct(5, 6, 3, padding=1, pool=((1, 2, 2), (1, 2, 2), 0))
+    layer.bn.running_mean.uniform_(-0.2, 0.2)
+    return layer
+
+
+@pytest.mark.parametrize("what", ["c3d_bn-reference", "layer-triton"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_jit_trace_records_the_fused_ops(what, mode):
+    """torch.jit.trace (TorchScript deployment) records the fused custom ops and the traced module
+    runs like stock after torch.jit.save/load: it used to record what an eager call's implementation
+    did instead (the reference backend's graph changed between calls with the folded-weight cache,
+    the triton backend failed inside the interpreter). The triton case is one layer: a whole model
+    under the interpreter takes a minute."""
+    kind, backend = what.split("-")
+    if backend == "triton":
+        skip_unless_triton_runs_cpu_tensors()
+    if kind == "c3d_bn":
+        stock = _model()
+        stock.fused = False
+        fused = copy.deepcopy(stock)
+        fused.fused, fused.backend = True, backend
+        shape = (2, 3, *SMALL["input_size"])
+    else:
+        fused = _small_layer()
+        fused.backend = backend
+        stock = copy.deepcopy(fused)
+        stock = torch.nn.Sequential(stock.conv, stock.bn, torch.nn.ReLU(), stock.pool)
+        shape = (2, 5, 3, 6, 6)
+    for model in (stock, fused):
+        model.train(mode == "train")
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # the traced and stock runs draw no common masks
+    x = torch.randn(*shape)
+    traced = torch.jit.trace(fused, x, check_trace=False)
+    stock(x)  # tracing ran one forward: the stock twin runs it too (running statistics)
+    assert "c3dzoo::conv3d_bn_act_forward" in str(traced.graph)
+    saved = io.BytesIO()
+    torch.jit.save(traced, saved)
+    saved.seek(0)
+    loaded = torch.jit.load(saved)
+    x = torch.randn(3, *shape[1:])  # another batch size: nothing of the traced batch is baked in
+    expected, got = stock(x), loaded(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if mode == "train":
+        expected.sum().backward()
+        got.sum().backward()
+        for (name, p), q in zip(stock.named_parameters(), loaded.parameters()):
+            # atol: a conv bias before a training-mode BN has a true gradient of 0; stock's is
+            # rounding noise of ~1e-5 (gradients here are of order 1)
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=name)
+        for (name, b), c in zip(stock.named_buffers(), loaded.buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -310,8 +310,11 @@ class _EagerForward(torch.autograd.Function):
 
 
 def _runs_eagerly(x: Tensor) -> bool:
+    """Whether a call may skip the custom ops (plain eager tensors): not while torch.compile,
+    torch.jit.trace (which must record the op, not what its implementation does) or a dispatch mode
+    (export, fake tensors) watches."""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and x.device.type != "meta"
-            and _python_dispatch._get_current_dispatch_mode() is None)
+            and _python_dispatch._get_current_dispatch_mode() is None and not torch.jit.is_tracing())
 
 
 def _update_running_stats_impl(
@@ -676,7 +679,14 @@ def conv3d_bn_act(
         name,
         keep,
     )
-    if updates_running_stats:
+    if updates_running_stats and torch.jit.is_tracing():
+        # a TorchScript trace takes the element count from its input's (traced) shape: through the
+        # op's int argument it would bake the traced batch's count into the running_var update
+        count = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
+        _reference.blend_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(),
+                                       var.detach() * (count / (count - 1).clamp_min(1)),
+                                       None if momentum is None else float(momentum))
+    elif updates_running_stats:
         (_update_running_stats_impl if eager else _update_running_stats_op)(
             running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
             None if momentum is None else float(momentum), name,
