@@ -69,7 +69,7 @@ C3DZOO_HD C3DZOO_INLINE int conv_out_size(int in, int k, int s, int p, int d) {
 C3DZOO_HD C3DZOO_INLINE int pool_out_size(int in, int k, int s, int p) { return (in + 2 * p - k) / s + 1; }
 
 C3DZOO_HD C3DZOO_INLINE float activate(float v, int activation, float negative_slope) {
-  if (activation == kActRelu) return v > 0.f ? v : 0.f;
+  if (activation == kActRelu) return v < 0.f ? 0.f : v;  // NaN stays NaN, as in torch.relu
   if (activation == kActLeakyRelu) return v > 0.f ? v : v * negative_slope;
   return v;
 }
@@ -138,7 +138,7 @@ C3DZOO_HD C3DZOO_INLINE void stem_pooled_point(const T* __restrict__ x, const fl
 #pragma unroll
         for (int j = 0; j < CPT; ++j) {
           const float v = activate(acc[j], s.activation, s.negative_slope);
-          out[j] = v > out[j] ? v : out[j];
+          out[j] = (v > out[j] || v != v) ? v : out[j];  // NaN wins, as in MaxPool3d
         }
       }
     }
@@ -208,7 +208,7 @@ C3DZOO_HD C3DZOO_INLINE Moments shifted_moments(const ShiftedSums& a, float k) {
   if (a.count == 0.f) return Moments{0.f, 0.f, 0.f};
   const float correction = a.s1 / a.count;  // mean − shift
   const float m2 = a.s2 - a.s1 * correction;
-  return Moments{a.count, (a.shift - k) + correction, m2 > 0.f ? m2 : 0.f};
+  return Moments{a.count, (a.shift - k) + correction, m2 < 0.f ? 0.f : m2};  // NaN propagates
 }
 
 // Chan's pairwise update: a <- a ∪ b.

@@ -68,12 +68,20 @@ def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
-    """``none`` / ``relu`` / ``leaky_relu(negative_slope)``, elementwise, in y's dtype."""
+    """``none`` / ``relu`` / ``leaky_relu(negative_slope)``, elementwise, in y's dtype. NaN stays NaN,
+    as in torch.relu (a diverging run must show, not turn into zeros)."""
     if ACTIVATION == "relu":
-        y = tl.where(y > 0, y, 0.0)
+        y = tl.where(y < 0, 0.0, y)
     elif ACTIVATION == "leaky_relu":
         y = tl.where(y > 0, y, y * negative_slope)
     return y
+
+
+@triton.jit
+def pool_max(pooled, a):
+    """The running maximum of a pool window. NaN wins, as in MaxPool3d: Triton's default maximum
+    returns the other operand, which would turn a NaN into a number (or -inf)."""
+    return tl.maximum(pooled, a, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

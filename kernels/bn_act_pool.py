@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._grid import cached_plan, cdiv, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
-from ._implicit_gemm import (batch_norm_coefficients, channel_tile, normalize_activate,
+from ._implicit_gemm import (batch_norm_coefficients, channel_tile, normalize_activate, pool_max,
                              pool_window_position, split_position)
 
 
@@ -59,7 +59,7 @@ def bn_act_pool_kernel(
         # masked rows read 0 (normalised to anything, ±inf included): they pool as -inf. Cast back:
         # triton 3.6 computes max/where of 16-bit floats in fp32, and a loop-carried value keeps its type
         a = tl.where(valid[:, None], a, float("-inf")).to(out_dtype)
-        pooled = tl.maximum(pooled, a).to(out_dtype)
+        pooled = pool_max(pooled, a).to(out_dtype)
 
     out_offsets = offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :]
     tl.store(out_ptr + out_offsets, pooled, mask=p_mask[:, None] & c_mask[None, :])

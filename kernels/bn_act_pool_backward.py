@@ -75,7 +75,8 @@ def act_pool_backward_reduce_kernel(
             z = (y - mean[None, :]) * scale[None, :] + beta[None, :]
         z = tl.where(valid[:, None], z, float("-inf")).to(dz_dtype)
         a = apply_activation(z, ACTIVATION, negative_slope).to(dz_dtype)  # as the forward stores it
-        take = a > best  # strict: the first maximum in window order wins, as in MaxPool3d
+        # strict: the first maximum in window order wins, as in MaxPool3d, which also takes every NaN
+        take = (a > best) | (a != a)
         best = tl.where(take, a, best).to(dz_dtype)  # triton 3.6 widens 16-bit where
         best_window = tl.where(take, window, best_window).to(tl.int32)
         best_y = tl.where(take, y, best_y).to(tl.float32)
@@ -83,7 +84,7 @@ def act_pool_backward_reduce_kernel(
     g = tl.load(grad_out_ptr + offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :], mask=mask, other=0.0)
     g = g.to(tl.float32)
     if ACTIVATION == "relu":
-        dz = tl.where(best > 0, g, 0.0)
+        dz = tl.where(best <= 0, 0.0, g)  # relu's backward passes NaN positions' gradient, as stock's
     elif ACTIVATION == "leaky_relu":
         dz = tl.where(best > 0, g, g * negative_slope)
     else:

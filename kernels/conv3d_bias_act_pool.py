@@ -32,7 +32,7 @@ import triton.language as tl
 from . import _autotune
 from ._grid import _hashable, cached_plan, cdiv, is_interpreted, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
-from ._implicit_gemm import apply_activation, conv_tile, output_tile
+from ._implicit_gemm import apply_activation, conv_tile, output_tile, pool_max
 
 
 
@@ -87,7 +87,7 @@ def conv3d_bias_act_pool_kernel(
             acc = acc + bias[None, :]
         y = apply_activation(acc, ACTIVATION, negative_slope)
         y = tl.where(conv_valid[:, None], y, float("-inf"))
-        pooled = tl.maximum(pooled, y.to(out_dtype)).to(out_dtype)  # triton 3.6: max of bf16 is fp32
+        pooled = pool_max(pooled, y.to(out_dtype)).to(out_dtype)  # triton 3.6: max of bf16 is fp32
 
     out_offsets = offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :]
     tl.store(out_ptr + out_offsets, pooled, mask=m_mask[:, None] & n_mask[None, :])

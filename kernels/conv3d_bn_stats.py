@@ -80,7 +80,9 @@ def conv3d_bn_stats_kernel(
     dev = tl.where(mask, v - rough_mean[None, :], 0.0)
     dev_sum = tl.sum(dev, axis=0)
     tile_mean = rough_mean + dev_sum / count
-    tile_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum / count, 0.0)
+    # NaN propagates (a NaN conv output makes running_var NaN, as stock's)
+    tile_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum / count, 0.0,
+                         propagate_nan=tl.PropagateNan.ALL)
     part = pid_m * out_c + offs_n
     tl.store(part_mean_ptr + part, tile_mean, mask=n_mask)
     tl.store(part_m2_ptr + part, tile_m2, mask=n_mask)
