@@ -12,6 +12,7 @@ from torch import nn
 import c3dzoo
 from c3dzoo.nn import Conv3dBNAct
 from interpreter import skip_unless_triton_runs_cpu_tensors
+from twins import assert_same_state
 
 
 def _backend(name):
@@ -54,11 +55,8 @@ def test_empty_batch_matches_stock(backend, pool, mode):
     out.sum().backward()
     expected.sum().backward()
     assert x.grad.shape == x.shape
-    for (name, p), q in zip(stock.named_parameters(), fused.parameters()):
-        assert q.grad is not None and p.grad is not None, name
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)  # zeros, both
-    for (name, b), c in zip(stock.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(c, b, rtol=0, atol=0, msg=name)
+    assert all(p.grad is not None for p in fused.parameters())
+    assert_same_state(fused, stock, rtol=0, atol=0)  # zero gradients, both
     if mode in ("train", "momentum_none"):
         assert int(fused.bn.num_batches_tracked) == 1  # counted, as nn.BatchNorm3d counts it
 
@@ -77,7 +75,4 @@ def test_empty_batch_through_fused_models():
         out = model.train()(x)
         assert out.shape == expected.shape == (0, 4)
         out.sum().backward()
-        for (name, p), q in zip(stock.named_parameters(), model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
-        for (name, b), c in zip(stock.named_buffers(), model.buffers()):
-            torch.testing.assert_close(c, b, rtol=0, atol=0, msg=name)
+        assert_same_state(model, stock, rtol=0, atol=0)

@@ -15,6 +15,7 @@ import c3dzoo
 from c3dzoo.nn import Conv3dBNAct, FusedChain
 from c3dzoo.ops import conv3d_bn_act, stock_memory_format
 from interpreter import skip_unless_triton_runs_cpu_tensors
+from twins import assert_same_state
 
 CL = torch.channels_last_3d
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": CL}
@@ -79,8 +80,7 @@ def test_fused_model_views_where_stock_does(backend, weights, inputs, mode):
         if mode == "train":
             got.sum().backward()
             expected.sum().backward()
-            for (name, p), q in zip(model.named_parameters(), fused.parameters()):
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+            assert_same_state(fused, model, rtol=1e-4, atol=1e-5, buffers=False)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -149,7 +149,5 @@ def test_compiled_fused_model_views_and_trains(backend):
         if training:
             expected.sum().backward()
             got.sum().backward()
-            for (name, p), q in zip(model.named_parameters(), fused.parameters()):
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-            for (name, b), c in zip(model.named_buffers(), fused.buffers()):
-                torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+            assert_same_state(fused, model, rtol=1e-4, atol=1e-5, buffers=False)
+            assert_same_state(fused, model, rtol=1e-5, atol=1e-6, grads=False)

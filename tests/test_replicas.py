@@ -15,6 +15,7 @@ import torch
 
 import c3dzoo
 from test_memory_layout import ViewsAfterPool
+from twins import assert_same_state
 
 _replicate_module = importlib.import_module("torch.nn.parallel.replicate")
 
@@ -60,8 +61,7 @@ def test_data_parallel_replicas_run_their_own_weights(cpu_replicate, kind, mode)
         torch.manual_seed(1)
         got = replica_fused(x)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-        for (name, b), c in zip(replica_stock.named_buffers(), replica_fused.buffers()):
-            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert_same_state(replica_fused, replica_stock, rtol=1e-5, atol=1e-6, grads=False)
 
 
 @pytest.mark.parametrize("kind", ["fuse", "zoo"])
