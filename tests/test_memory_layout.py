@@ -151,3 +151,32 @@ def test_compiled_fused_model_views_and_trains(backend):
             got.sum().backward()
             assert_same_state(fused, model, rtol=1e-4, atol=1e-5, buffers=False)
             assert_same_state(fused, model, rtol=1e-5, atol=1e-6, grads=False)
+
+
+class FlattensAfterPool(ViewsAfterPool):
+    def forward(self, x):  # runs in any layout (channels_last_3d weights included)
+        x = self.pool1(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool2(torch.relu(self.bn2(self.conv2(x))))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("weights", list(FORMATS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_input_gradient_has_stocks_layout(backend, weights, mode):
+    """torch.autograd.grad hands the input's gradient to user code as the op returns it: a gradient
+    penalty's ``g.view(g.size(0), -1).norm(dim=1)`` must work where it works for stock."""
+    torch.manual_seed(0)
+    model = FlattensAfterPool().to(memory_format=FORMATS[weights]).train(mode == "train")
+    fused = c3dzoo.fuse(copy.deepcopy(model), backend=_backend(backend))
+    x = torch.randn(2, 3, 4, 8, 8)
+    grads = []
+    for m in (model, fused):
+        clip = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(m(clip).square().sum(), clip)
+        grads.append(g)
+    expected, got = grads
+    if expected.is_contiguous():
+        assert got.is_contiguous(), tuple(got.stride())
+        got.view(got.size(0), -1).norm(dim=1)  # the gradient-penalty idiom
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

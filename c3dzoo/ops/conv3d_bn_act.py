@@ -280,6 +280,11 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backw
             input_stats, input_eps, input_activation, input_negative_slope, backend, needs,
         )
         grads = [g if need else None for g, need in zip(grads, needs)]
+        if grads[0] is not None:
+            # x's gradient in the layout stock's conv backward gives: torch.autograd.grad(loss, x)
+            # hands it to user code as is (a gradient penalty's g.view(N, -1)); a copy only for a
+            # contiguous x and weight on the channels-last backends, never between fused layers
+            grads[0] = in_layout(grads[0], "stock", saved[0], saved[1])
     out = [None] * n_inputs
     out[:5] = grads[:5]
     out[_INPUT_STATS_INDEX] = grads[5]
