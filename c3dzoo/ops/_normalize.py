@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference as _reference
+from ._device import device_scope
 from ._registry import triton_interpreter_enabled
 
 Tensor = torch.Tensor
@@ -48,7 +49,8 @@ def normalize_act_pool(
     if use_kernel and kernel_available(y):
         from c3dzoo.kernels.bn_act_pool import bn_act_pool
 
-        return bn_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
-                           negative_slope=negative_slope, pool=tuple(pool))
+        with device_scope(y):
+            return bn_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
+                               negative_slope=negative_slope, pool=tuple(pool))
     z = _reference.batch_norm_output(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
     return _reference.apply_pool(_reference.apply_activation(z, activation, negative_slope), pool)

@@ -23,7 +23,6 @@ module does the tensor bookkeeping: BatchNorm folding in fp32 (cached), weight p
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional, Tuple
@@ -32,6 +31,7 @@ import torch
 
 from . import batch_statistics
 from . import reference as _reference
+from ._device import device_scope
 from ._normalize import kernel_available, normalize_act_pool
 from .conv3d_bn_act import output_shape
 from ._weight_cache import FoldedWeightCache, cached_folded
@@ -70,10 +70,6 @@ _DEFAULT_EXTENSION = extension
 # ``extension``): tests/host_lib.py runs this module's tensor bookkeeping on CPU through c3dzoo._C_host,
 # the host build of the same per-element math.
 DEVICE_TYPE = "cuda"
-
-
-def device_scope(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def stream_handle(t: Tensor) -> int:

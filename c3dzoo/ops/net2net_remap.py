@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import backends as _backends
+from ._device import device_scope
 from ._registry import triton_cpu_unsupported_reason
 
 Tensor = torch.Tensor
@@ -85,7 +86,8 @@ def _remap(t: Tensor, g: Tensor, counts: Optional[Tensor], dim: int, group: int,
     if name == "triton":
         from c3dzoo.kernels.net2net_remap import net2net_remap
 
-        return net2net_remap(t, g, counts, dim=dim, group=group, power=power)
+        with device_scope(t):
+            return net2net_remap(t, g, counts, dim=dim, group=group, power=power)
     if name == "cuda":
         return _remap_cuda(t, g, counts, dim, group, power)
     return _remap_reference(t, g, counts, dim, group, power)
@@ -120,7 +122,7 @@ def _remap_cuda(t: Tensor, g: Tensor, counts: Tensor, dim: int, group: int, powe
         return out
     g, counts = g.contiguous(), counts.contiguous()
     stream = cuda_impl.stream_handle(src)
-    with cuda_impl.device_scope(src):
+    with device_scope(src):
         if power:
             lib.net2net_divide(src.data_ptr(), out.data_ptr(), _CUDA_DIVIDE_DTYPES[src.dtype], g.data_ptr(),
                                counts.data_ptr(), power, outer, src.shape[dim], inner, g.numel(), group, stream)

@@ -47,6 +47,7 @@ from c3dzoo.kernels._limits import IndexOverflowError
 from . import batch_statistics
 from . import backends as _backends
 from . import reference as _reference
+from ._device import device_scope
 from ._weight_cache import FoldedWeightCache, cached_folded
 from ._registry import triton_cpu_unsupported_reason
 from .backends import ConvBNActConfig, InputNorm, LayerParams
@@ -318,7 +319,8 @@ def _with_reference_fallback(kernel_path, reference_path, channels_last_output: 
     @functools.wraps(kernel_path)
     def run(*args, **kwargs):
         try:
-            return kernel_path(*args, **kwargs)
+            with device_scope(args[0]):  # x, or the incoming gradient: on the op's device
+                return kernel_path(*args, **kwargs)
         except IndexOverflowError as exc:
             _backends.record_runtime_fallback("triton", str(exc))
             result = reference_path(*args, **kwargs)
