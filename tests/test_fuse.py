@@ -10,6 +10,7 @@ from torch import nn
 import c3dzoo
 from c3dzoo.nn import Conv3dBNAct, Conv3dBNReLU, FusedChain
 from parity import assert_parity
+from twins import assert_same_state
 
 
 class FunctionalForms(nn.Module):
@@ -219,3 +220,43 @@ def test_from_modules_refuses_a_subclass_that_overrides_forward():
         Conv3dBNAct.from_modules(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4), pool=_AvgOfMaxPool(2))
     with pytest.raises(ValueError, match="override forward"):
         Conv3dBNAct.from_modules(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4), activation=_ClippedReLU())
+
+
+def test_fused_models_trace_as_the_stock_graph():
+    """torch.fx symbolic tracing of a fused module or model (FX passes, torchvision-style feature
+    extraction, fuse() of a fused model) records the stock modules' calls: it used to fail inside
+    the fused op ("x must be a torch.Tensor, got Proxy")."""
+    torch.manual_seed(0)
+    layer = Conv3dBNAct(3, 4, 3, padding=1, pool=nn.MaxPool3d((1, 2, 2))).eval()
+    traced = torch.fx.symbolic_trace(layer)
+    called = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert called == ["conv", "bn", "pool"], called
+    x = torch.randn(2, 3, 4, 6, 6)
+    torch.testing.assert_close(traced(x), layer(x))
+
+    model = FunctionalForms().eval()
+    once = c3dzoo.fuse(copy.deepcopy(model))
+    twice = c3dzoo.fuse(once)
+    assert twice.c3dzoo_fused_chains == once.c3dzoo_fused_chains == 2
+    torch.testing.assert_close(twice(torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(1))),
+                               model(torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(1))))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fuse_takes_a_fused_zoo_model(mode):
+    torch.manual_seed(0)
+    zoo = c3dzoo.c3d_bn(num_classes=4, width_mult=0.125, input_size=(16, 32, 32), fused=True).train(mode == "train")
+    for module in zoo.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    rewritten = c3dzoo.fuse(copy.deepcopy(zoo))
+    assert rewritten.c3dzoo_fused_chains == 8  # conv1 .. conv5b
+    assert list(rewritten.state_dict()) == list(zoo.state_dict())
+    x = torch.randn(2, 3, 16, 32, 32)
+    expected, got = zoo(x), rewritten(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if mode == "train":
+        expected.sum().backward()
+        got.sum().backward()
+        assert_same_state(rewritten, zoo, rtol=1e-4, atol=1e-4, buffers=False)
+        assert_same_state(rewritten, zoo, rtol=1e-5, atol=1e-6, grads=False)

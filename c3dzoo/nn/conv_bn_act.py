@@ -131,7 +131,9 @@ def conv_bn_act(
     """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
     parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
     Chains the fused op cannot express run stock, as do chains with a module that has hooks
-    (``runs_hooks``; ``activation_module``: the model's activation module, if it has one).
+    (``runs_hooks``; ``activation_module``: the model's activation module, if it has one). Under
+    ``torch.fx`` symbolic tracing a chain calls its modules, so a fused model traces as the stock
+    graph (torchvision's feature extraction, FX passes, ``c3dzoo.fuse`` of a fused model).
 
     ``defer=True``: the result goes straight into another ``conv_bn_act``, so a training-mode BN
     without a pool may hand its normalisation to that call (a ``c3dzoo.ops.PendingBatchNorm`` is
@@ -142,7 +144,8 @@ def conv_bn_act(
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
     this changes nothing. ``keep_conv_output`` and ``layout`` (the output's memory layout: stock's by
     default): see ``c3dzoo.ops.conv3d_bn_act``."""
-    if runs_hooks(conv, bn, activation_module, pool) or unsupported_reason(conv, bn, pool, activation_module):
+    if (isinstance(x, torch.fx.Proxy) or runs_hooks(conv, bn, activation_module, pool)
+            or unsupported_reason(conv, bn, pool, activation_module)):
         if isinstance(x, PendingBatchNorm):
             x = x.materialize()
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)

@@ -49,7 +49,7 @@ class FusedChain(nn.Module):
         pool = self.pool if pool is None else pool
         out = conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend,
                           self.sync_bn, self.process_group, activation_module=activation_module, layout="any")
-        if self.layout == "any":
+        if self.layout == "any" or isinstance(out, torch.fx.Proxy):  # traced: stock modules (conv_bn_act)
             return out
         weights = [c.weight for c in upstream] + [conv.weight]
         return in_layout(out, "stock", x if path_input is None else path_input, *weights)
@@ -163,7 +163,11 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
             continue  # a lone conv gains nothing
         if unsupported_reason(conv, bn, pool) is not None:
             continue
-        name = "c3dzoo_fused_" + node.target.replace(".", "_")
+        name = base = "c3dzoo_fused_" + node.target.replace(".", "_")
+        suffix = 0
+        while hasattr(gm, name):  # fuse() of a fused model: its chains keep their names (and stand-ins)
+            suffix += 1
+            name = f"{base}_{suffix}"
         pool_node = chain[-1] if pool is not None else None
         pool_target = pool_node.target if pool_node is not None and pool_node.op == "call_module" else None
         parts = ["Conv3d", type(bn).__name__ if bn is not None else None, activation if activation != "none" else None,
