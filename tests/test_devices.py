@@ -75,3 +75,20 @@ def test_layer_on_the_second_gpu_while_the_first_is_current(backend, mode):
         torch.cuda.synchronize(1)
     assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fused_model_runs_on_meta_tensors(mode):
+    """Shape inference with meta tensors (a model built under ``torch.device("meta")``, as
+    ``init_empty_weights``-style loaders do) runs a fused model as it runs a stock one: it failed on
+    asking the meta device for its autocast state."""
+    with torch.device("meta"):
+        fused = c3dzoo.c3d_bn(num_classes=4, width_mult=0.125, input_size=(16, 32, 32), fused=True)
+        stock = c3dzoo.c3d_bn(num_classes=4, width_mult=0.125, input_size=(16, 32, 32))
+    x = torch.randn(2, 3, 16, 32, 32, device="meta", requires_grad=True)
+    for model in (fused, stock):
+        model.train(mode == "train")
+    out = fused(x)
+    assert out.device.type == "meta" and out.shape == stock(x).shape == (2, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and fused.conv1.weight.grad.device.type == "meta"

@@ -451,6 +451,8 @@ def _check_inputs(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type == "meta":  # shape inference: meta tensors have no autocast (torch raises)
+        return None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
