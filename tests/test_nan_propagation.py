@@ -87,3 +87,26 @@ def test_cuda_stem_propagates_nan_on_the_host_build(activation, pool, monkeypatc
         _same_nans(got, expected, f"stem {norm} output")
         if norm == "batch":
             assert torch.equal(mean.isnan(), stock_mean.isnan()) and torch.equal(var.isnan(), stock_var.isnan())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the compiled kernels' NaN "
+                    "semantics (PTX max.NaN, selects) are what this checks")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("pool", ["no_pool", "pool1", "pool5"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_nan_propagates_on_gpu(backend, pool, mode):
+    """The compiled kernels (Triton and the CUDA stem: 3 input channels) on CUDA tensors, fp32."""
+    torch.manual_seed(0)
+    fused = Conv3dBNAct(3, 16, 3, padding=1, pool=POOLS[pool], backend=backend).cuda()
+    twin = copy.deepcopy(fused)
+    stock = nn.Sequential(twin.conv, twin.bn, nn.ReLU(), *([twin.pool] if twin.pool else []))
+    fused.train(mode == "train")
+    stock.train(mode == "train")
+    x = _x_with_nan().cuda()
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        out, expected = fused(x), stock(x)
+    assert expected.isnan().any()
+    assert torch.equal(out.isnan(), expected.isnan()), (int(out.isnan().sum()), int(expected.isnan().sum()))
+    for (name, b), c in zip(stock.named_buffers(), fused.buffers()):
+        assert torch.equal(c.double().isnan(), b.double().isnan()), name
