@@ -76,3 +76,21 @@ def test_empty_batch_through_fused_models():
         assert out.shape == expected.shape == (0, 4)
         out.sum().backward()
         assert_same_state(model, stock, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_empty_batch_on_gpu(backend, mode):
+    torch.manual_seed(0)
+    fused = Conv3dBNAct(3, 16, 3, padding=1, pool=((1, 2, 2), (1, 2, 2), 0), backend=backend).cuda()
+    stock = copy.deepcopy(fused)
+    for layer in (fused, stock):
+        layer.train(mode == "train")
+    x = torch.randn(0, 3, 4, 6, 6, device="cuda", requires_grad=True)
+    out, expected = fused(x), _stock(stock)(x)
+    assert out.shape == expected.shape
+    out.sum().backward()
+    expected.sum().backward()
+    assert_same_state(fused, stock, rtol=0, atol=0)

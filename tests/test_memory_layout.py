@@ -180,3 +180,22 @@ def test_input_gradient_has_stocks_layout(backend, weights, mode):
         assert got.is_contiguous(), tuple(got.stride())
         got.view(got.size(0), -1).norm(dim=1)  # the gradient-penalty idiom
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the compiled kernels' layout)")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fused_model_views_where_stock_does_on_gpu(backend, mode):
+    torch.manual_seed(0)
+    model = ViewsAfterPool().cuda().train(mode == "train")
+    fused = c3dzoo.fuse(copy.deepcopy(model), backend=backend)
+    x = torch.randn(2, 3, 4, 8, 8, device="cuda", requires_grad=True)
+    x_stock = x.detach().clone().requires_grad_(True)
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        got, expected = fused(x), model(x_stock)  # fused's view(-1, 48) raised here
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        (g,) = torch.autograd.grad(got.square().sum(), x)
+        (g_stock,) = torch.autograd.grad(expected.square().sum(), x_stock)
+    assert g.is_contiguous() == g_stock.is_contiguous()
+    torch.testing.assert_close(g, g_stock, rtol=1e-3, atol=1e-4)
