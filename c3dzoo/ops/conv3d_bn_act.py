@@ -23,6 +23,7 @@ With ``sync=True`` under torch.distributed, training-mode calls take ``sync_batc
 
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -261,18 +262,25 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backw
         # backward(create_graph=True): gradient penalties, Hessian-vector products, MAML. The
         # backends' backward computes values without a graph, so the layer is recomputed with stock
         # differentiable ops and differentiated instead (torch.compile traces backward without grad).
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var = saved[:7]
+        # torch.func.vjp rather than autograd.grad: under torch.func transforms (vjp, jacrev, vmap of
+        # grad) the saved tensors belong to the level below the transform's, where autograd.grad
+        # sees no path from them (their gradient came out as zero); vjp differentiates at the level
+        # it runs in, and its result stays differentiable for regular autograd too.
+        running_mean, running_var = saved[5:7]
         params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
-        out = _reference.differentiable_forward(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
-            _input_norm(input_stats, input_eps, input_activation, input_negative_slope))
-        inputs = (x, weight, bias, bn_weight, bn_bias, input_stats)
-        wanted = torch.autograd.grad(out, [t for t, need in zip(inputs, needs) if need], grad_out,
-                                     create_graph=True, allow_unused=True)
-        grads, wanted = [], iter(wanted)
-        for t, need in zip(inputs, needs):
-            grad = next(wanted) if need else None
-            grads.append(torch.zeros_like(t) if need and grad is None else grad)  # unused: exactly 0
+        inputs = (*saved[:5], input_stats)
+        wanted_at = [i for i, need in enumerate(needs) if need]
+
+        def layer(*wanted):
+            x, weight, bias, bn_weight, bn_bias, stats = (
+                wanted[wanted_at.index(i)] if i in wanted_at else t for i, t in enumerate(inputs))
+            return _reference.differentiable_forward(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
+                _input_norm(stats, input_eps, input_activation, input_negative_slope))
+
+        _, pullback = torch.func.vjp(layer, *(inputs[i] for i in wanted_at))
+        wanted = iter(pullback(grad_out))
+        grads = [next(wanted) if need else None for need in needs]
     else:
         grads = (run_backward or _backward_op)(
             grad_out.contiguous(memory_format=_reference._memory_format(grad_out)), *saved,
@@ -294,6 +302,32 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backw
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _forward_vmap(call, info, in_dims, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, *rest):
+    """torch.func.vmap of the forward op (per-sample gradients, jacobians), computed by ``call`` (the
+    op, or ``_EagerForward.apply``). When only x is batched and the layer's samples are independent
+    (BatchNorm folded or absent, no input prologue), the vmapped dimension folds into the batch: one
+    call. Otherwise one call per slice — a training-mode BatchNorm then takes each slice's own
+    statistics, as stock BatchNorm does under vmap."""
+    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    input_stats = rest[_INPUT_STATS_INDEX - 8]
+    dims = tuple(in_dims[:7]) + (in_dims[_INPUT_STATS_INDEX],)
+    if norm in ("running", "none") and input_stats is None and all(d is None for d in dims[1:]):
+        xb = x.movedim(dims[0], 0)
+        out, mean, var, conv_out = call(xb.flatten(0, 1), *tensors[1:], norm, *rest)
+        return (out.unflatten(0, xb.shape[:2]), mean, var, conv_out), (0, None, None, None)
+    sliced_rest = list(rest)
+    results = []
+    for b in range(info.batch_size):
+        args = [t if d is None or t is None else t.select(d, b) for t, d in zip(tensors, dims)]
+        if dims[7] is not None:
+            sliced_rest[_INPUT_STATS_INDEX - 8] = input_stats.select(dims[7], b)
+        results.append(call(*args, norm, *sliced_rest))
+    return tuple(torch.stack(parts) for parts in zip(*results)), (0, 0, 0, 0)
+
+
+torch.library.register_vmap(_forward_op, functools.partial(_forward_vmap, _forward_op))
+
+
 class _EagerForward(torch.autograd.Function):
     """The forward op's autograd without the custom-op dispatch, for plain tensors in eager mode:
     the same implementation, context and backward, minus tens of µs of Python per call and per
@@ -313,13 +347,23 @@ class _EagerForward(torch.autograd.Function):
     def backward(ctx, *grads):
         return _backward(ctx, *grads, run_backward=_backward_impl)
 
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        return _forward_vmap(_EagerForward.apply, info, in_dims, *inputs)
+
 
 def _runs_eagerly(x: Tensor) -> bool:
     """Whether a call may skip the custom ops (plain eager tensors): not while torch.compile,
     torch.jit.trace (which must record the op, not what its implementation does) or a dispatch mode
-    (export, fake tensors) watches."""
+    (export, fake tensors) watches. Under torch.func transforms the call goes through
+    ``_EagerForward`` (see ``_functorch_wrapped``)."""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and x.device.type != "meta"
             and _python_dispatch._get_current_dispatch_mode() is None and not torch.jit.is_tracing())
+
+
+def _functorch_wrapped(x: Tensor) -> bool:
+    """Whether x is a torch.func transform's tensor (vmap's batched, grad's tracking tensors)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def _update_running_stats_impl(
@@ -672,7 +716,8 @@ def conv3d_bn_act(
     keep = keeps_conv_output(keep_conv_output, op_norm, x.shape[1], needs_grad)
     eager = _runs_eagerly(x)
     # eager without a backward to follow (inference): the implementation itself, no autograd node
-    forward = (_EagerForward.apply if needs_grad else _forward_impl) if eager else _forward_op
+    # (under torch.func transforms always the autograd.Function: its vmap rule, its grad support)
+    forward = (_EagerForward.apply if needs_grad or _functorch_wrapped(x) else _forward_impl) if eager else _forward_op
     out, mean, var, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,

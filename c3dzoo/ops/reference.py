@@ -68,9 +68,11 @@ def _pool_channels_last(t: Tensor) -> bool:
     """Whether to max-pool ``t`` through a channels-last copy: torch's CPU max-pool kernel walks an
     NCDHW tensor one output at a time and runs ~3× slower than its channels-last kernel, both
     conversions included (a 2M-value C3D stem output: 12 → 4 ms). Max is exact and both kernels
-    scan a window in the same order, so values and chosen indices are the same either way."""
+    scan a window in the same order, so values and chosen indices are the same either way. Not under
+    torch.func transforms (vmap cannot make channels-last copies of batched tensors)."""
     return (t.device.type == "cpu" and t.dim() == 5
-            and not t.is_contiguous(memory_format=torch.channels_last_3d))
+            and not t.is_contiguous(memory_format=torch.channels_last_3d)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
