@@ -236,3 +236,31 @@ def test_vmap_of_a_train_mode_batch_norm_is_refused_as_stock_refuses_it():
     for layer in (fused, _stock(fused)):
         with pytest.raises(RuntimeError):
             torch.func.vmap(layer)(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_vmapped_ensemble_matches_stock(backend, mode):
+    """Model ensembling the torch.func way: vmap over stacked parameters and buffers
+    (``stack_module_state``), the input shared. The weights are batched, x is not: one call per
+    model; in train mode each model's running statistics update in its own slice."""
+    if backend == "triton":
+        from interpreter import skip_unless_triton_runs_cpu_tensors
+        skip_unless_triton_runs_cpu_tensors()
+    torch.manual_seed(0)
+    layers = [Conv3dBNAct(3, 4, 3, padding=1, pool=((1, 2, 2), (1, 2, 2), 0), backend=backend).train(mode == "train")
+              for _ in range(3)]
+    stock = [torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU(), m.pool) for m in copy.deepcopy(layers)]
+    x = torch.randn(2, 3, 4, 6, 6)
+    results = []
+    for models in (stock, layers):
+        params, buffers = torch.func.stack_module_state(models)
+        skeleton = copy.deepcopy(models[0]).to("meta")
+        out = torch.func.vmap(lambda p, b, x: torch.func.functional_call(skeleton, (p, b), (x,)),
+                              in_dims=(0, 0, None))(params, buffers, x)
+        results.append((out, list(buffers.values())))
+    (expected, stock_buffers), (got, buffers) = results
+    assert got.shape == (3, 2, 4, 4, 3, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for b, c in zip(stock_buffers, buffers):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)

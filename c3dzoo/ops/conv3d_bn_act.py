@@ -361,9 +361,10 @@ def _runs_eagerly(x: Tensor) -> bool:
             and _python_dispatch._get_current_dispatch_mode() is None and not torch.jit.is_tracing())
 
 
-def _functorch_wrapped(x: Tensor) -> bool:
-    """Whether x is a torch.func transform's tensor (vmap's batched, grad's tracking tensors)."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+def _functorch_wrapped(*tensors: Optional[Tensor]) -> bool:
+    """Whether any of these is a torch.func transform's tensor (vmap's batched tensors, grad's
+    tracking tensors): the input, or only the parameters (an ensemble vmapped over stacked weights)."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _update_running_stats_impl(
@@ -717,7 +718,8 @@ def conv3d_bn_act(
     eager = _runs_eagerly(x)
     # eager without a backward to follow (inference): the implementation itself, no autograd node
     # (under torch.func transforms always the autograd.Function: its vmap rule, its grad support)
-    forward = (_EagerForward.apply if needs_grad or _functorch_wrapped(x) else _forward_impl) if eager else _forward_op
+    transformed = _functorch_wrapped(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    forward = (_EagerForward.apply if needs_grad or transformed else _forward_impl) if eager else _forward_op
     out, mean, var, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
@@ -741,7 +743,8 @@ def conv3d_bn_act(
     elif updates_running_stats:
         (_update_running_stats_impl if eager else _update_running_stats_op)(
             running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
-            None if momentum is None else float(momentum), name,
+            None if momentum is None else float(momentum),
+            "reference" if transformed else name,  # vmap's batched statistics: torch ops, no kernel
         )
     if deferred:
         return PendingBatchNorm(out, _deferred_stats(mean, var, bn_weight, bn_bias), float(eps), activation,
