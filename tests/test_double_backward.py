@@ -178,11 +178,11 @@ FUNC_CASES = {  # (layer kwargs, mode): vmap folds eval into the batch, loops ov
 
 
 @pytest.mark.parametrize("case", list(FUNC_CASES))
-def test_torch_func_vmap_vjp_and_jacrev_match_stock(case):
-    """torch.func.vmap, vjp and jacrev (per-sample outputs, input sensitivities) through a fused
-    layer match stock in float64. vmap used to be refused; vjp and jacrev with respect to the input
-    silently gave zero (the create_graph backward's autograd.grad saw no path from the saved input
-    at the transform's level)."""
+def test_torch_func_transforms_match_stock(case):
+    """torch.func.vmap, vjp, jacrev, jvp, jacfwd and hessian (per-sample outputs, input
+    sensitivities, curvature) through a fused layer match stock in float64. vmap and forward-mode AD
+    used to be refused; vjp and jacrev with respect to the input silently gave zero (the create_graph
+    backward's autograd.grad saw no path from the saved input at the transform's level)."""
     fused = _layer(*FUNC_CASES[case], torch.float64)
     stock = _stock(fused)
     x = torch.randn(4, 2, 3, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -197,11 +197,20 @@ def test_torch_func_vmap_vjp_and_jacrev_match_stock(case):
     small = x[0, :, :, :2, :4, :4]  # jacrev: one vjp per output value
     torch.testing.assert_close(torch.func.jacrev(fused)(small), torch.func.jacrev(stock)(small),
                                rtol=1e-10, atol=1e-12)
-    tiny = x[0, :, :, :2, :3, :3]  # the Hessian of a scalar, by reverse over reverse
+    tiny = x[0, :, :, :2, :3, :3]  # Hessians of a scalar: reverse over reverse, forward over reverse
 
     def hessian(f):
         return torch.func.jacrev(torch.func.jacrev(lambda t: f(t).square().sum()))(tiny)
     torch.testing.assert_close(hessian(fused), hessian(stock), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.hessian(lambda t: fused(t).square().sum())(tiny),
+                               torch.func.hessian(lambda t: stock(t).square().sum())(tiny), rtol=1e-10, atol=1e-12)
+
+    # forward-mode AD: jvp and jacfwd (the op's jvp rule)
+    tangent = torch.randn_like(x[0])
+    torch.testing.assert_close(torch.func.jvp(fused, (x[0],), (tangent,))[1],
+                               torch.func.jvp(stock, (x[0],), (tangent,))[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(fused)(small), torch.func.jacfwd(stock)(small),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_per_sample_gradients_match_stock():

@@ -342,6 +342,38 @@ class _EagerForward(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # a separate setup_context: torch.func's grad transforms work
         ctx.set_materialize_grads(False)  # the statistics and conv-output "gradients" are never read
         _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:7], inputs[_INPUT_STATS_INDEX])  # for jvp
+        # the statistics and conv output's tangents are zeros (jvp); only their geometry is kept
+        ctx.side_outputs = tuple((t.size(), t.stride(), t.dtype, t.device) for t in output[1:])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward-mode AD (torch.func.jvp, jacfwd, hessian): the output's tangent, by torch.func.jvp
+        of the layer in stock differentiable ops (as the create_graph backward differentiates it).
+        The statistics and conv-output outputs get zero tangents: they only feed the running
+        statistics and the backward, never a differentiated value."""
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, input_stats = ctx.saved_tensors
+        (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+         input_eps, input_activation, input_negative_slope, _) = ctx.params
+        params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
+        primals = (x, weight, bias, bn_weight, bn_bias, input_stats)
+        moving = (*tangents[:5], tangents[_INPUT_STATS_INDEX])
+        active = [i for i, (p, t) in enumerate(zip(primals, moving)) if p is not None and t is not None]
+        if not active:
+            return (None,) * 4
+
+        def layer(*values):
+            x, weight, bias, bn_weight, bn_bias, stats = (
+                values[active.index(i)] if i in active else t for i, t in enumerate(primals))
+            return _reference.differentiable_forward(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
+                _input_norm(stats, input_eps, input_activation, input_negative_slope))
+
+        _, out_tangent = torch.func.jvp(layer, tuple(primals[i] for i in active), tuple(moving[i] for i in active))
+        # zero tangents, not None: functorch's forward-mode handling of None here trips an assert
+        zeros = (torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
+                 for size, stride, dtype, device in ctx.side_outputs)
+        return (out_tangent, *zeros)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -718,7 +750,7 @@ def conv3d_bn_act(
     eager = _runs_eagerly(x)
     # eager without a backward to follow (inference): the implementation itself, no autograd node
     # (under torch.func transforms always the autograd.Function: its vmap rule, its grad support)
-    transformed = _functorch_wrapped(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    transformed = eager and _functorch_wrapped(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
     forward = (_EagerForward.apply if needs_grad or transformed else _forward_impl) if eager else _forward_op
     out, mean, var, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op

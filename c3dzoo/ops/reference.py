@@ -72,7 +72,7 @@ def _pool_channels_last(t: Tensor) -> bool:
     torch.func transforms (vmap cannot make channels-last copies of batched tensors)."""
     return (t.device.type == "cpu" and t.dim() == 5
             and not t.is_contiguous(memory_format=torch.channels_last_3d)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+            and (torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(t)))
 
 
 def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
