@@ -250,14 +250,29 @@ def _setup_context(ctx, inputs, output):
                   input_eps, input_activation, input_negative_slope, backend)
 
 
+def _stock_layer_of(ctx_params, running_mean, running_var, inputs, active):
+    """The layer recomputed in stock differentiable ops as a function of the entries ``active`` of
+    ``inputs`` (x, weight, bias, bn_weight, bn_bias, input_stats), the others held: what the
+    create_graph backward (torch.func.vjp) and the jvp rule (torch.func.jvp) differentiate."""
+    (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+     input_eps, input_activation, input_negative_slope, _) = ctx_params
+    params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
+
+    def layer(*values):
+        x, weight, bias, bn_weight, bn_bias, stats = (
+            values[active.index(i)] if i in active else t for i, t in enumerate(inputs))
+        return _reference.differentiable_forward(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
+            _input_norm(stats, input_eps, input_activation, input_negative_slope))
+    return layer
+
+
 def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backward=None):
     *saved, input_stats = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]] + [bool(ctx.needs_input_grad[_INPUT_STATS_INDEX])]
     n_inputs = len(ctx.needs_input_grad)
     if not any(needs) or grad_out is None:  # None: the output was not used (eager, unmaterialised)
         return (None,) * n_inputs
-    (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
-     input_eps, input_activation, input_negative_slope, backend) = ctx.params
     if torch.is_grad_enabled():
         # backward(create_graph=True): gradient penalties, Hessian-vector products, MAML. The
         # backends' backward computes values without a graph, so the layer is recomputed with stock
@@ -266,22 +281,15 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backw
         # grad) the saved tensors belong to the level below the transform's, where autograd.grad
         # sees no path from them (their gradient came out as zero); vjp differentiates at the level
         # it runs in, and its result stays differentiable for regular autograd too.
-        running_mean, running_var = saved[5:7]
-        params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
         inputs = (*saved[:5], input_stats)
         wanted_at = [i for i, need in enumerate(needs) if need]
-
-        def layer(*wanted):
-            x, weight, bias, bn_weight, bn_bias, stats = (
-                wanted[wanted_at.index(i)] if i in wanted_at else t for i, t in enumerate(inputs))
-            return _reference.differentiable_forward(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
-                _input_norm(stats, input_eps, input_activation, input_negative_slope))
-
+        layer = _stock_layer_of(ctx.params, saved[5], saved[6], inputs, wanted_at)
         _, pullback = torch.func.vjp(layer, *(inputs[i] for i in wanted_at))
         wanted = iter(pullback(grad_out))
         grads = [next(wanted) if need else None for need in needs]
     else:
+        (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
+         input_eps, input_activation, input_negative_slope, backend) = ctx.params
         grads = (run_backward or _backward_op)(
             grad_out.contiguous(memory_format=_reference._memory_format(grad_out)), *saved,
             norm, eps, stride, padding, dilation, activation, negative_slope, pool,
@@ -353,22 +361,12 @@ class _EagerForward(torch.autograd.Function):
         The statistics and conv-output outputs get zero tangents: they only feed the running
         statistics and the backward, never a differentiated value."""
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, input_stats = ctx.saved_tensors
-        (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
-         input_eps, input_activation, input_negative_slope, _) = ctx.params
-        params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
         primals = (x, weight, bias, bn_weight, bn_bias, input_stats)
         moving = (*tangents[:5], tangents[_INPUT_STATS_INDEX])
         active = [i for i, (p, t) in enumerate(zip(primals, moving)) if p is not None and t is not None]
         if not active:
             return (None,) * 4
-
-        def layer(*values):
-            x, weight, bias, bn_weight, bn_bias, stats = (
-                values[active.index(i)] if i in active else t for i, t in enumerate(primals))
-            return _reference.differentiable_forward(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
-                _input_norm(stats, input_eps, input_activation, input_negative_slope))
-
+        layer = _stock_layer_of(ctx.params, running_mean, running_var, primals, active)
         _, out_tangent = torch.func.jvp(layer, tuple(primals[i] for i in active), tuple(moving[i] for i in active))
         # zero tangents, not None: functorch's forward-mode handling of None here trips an assert
         zeros = (torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
