@@ -211,6 +211,12 @@ def test_torch_func_transforms_match_stock(case):
                                torch.func.jvp(stock, (x[0],), (tangent,))[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.func.jacfwd(fused)(small), torch.func.jacfwd(stock)(small),
                                rtol=1e-10, atol=1e-12)
+    tangents = []
+    for f in (fused, stock):  # and torch.autograd.forward_ad's dual tensors, outside torch.func
+        with torch.autograd.forward_ad.dual_level():
+            dual = f(torch.autograd.forward_ad.make_dual(x[0], tangent))
+            tangents.append(torch.autograd.forward_ad.unpack_dual(dual).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
 
 
 def test_per_sample_gradients_match_stock():

@@ -367,7 +367,16 @@ class _EagerForward(torch.autograd.Function):
         if not active:
             return (None,) * 4
         layer = _stock_layer_of(ctx.params, running_mean, running_var, primals, active)
-        _, out_tangent = torch.func.jvp(layer, tuple(primals[i] for i in active), tuple(moving[i] for i in active))
+        forward_ad = torch.autograd.forward_ad
+        if torch._C._functorch.maybe_current_level() is None:
+            # torch.autograd.forward_ad: its dual level is open and levels do not nest, so duals at
+            # that level, of detached primals, with forward gradients on (a jvp rule runs with them off)
+            with forward_ad._set_fwd_grad_enabled(True):
+                duals = [forward_ad.make_dual(primals[i].detach(), moving[i]) for i in active]
+                out_tangent = forward_ad.unpack_dual(layer(*duals)).tangent
+        else:
+            _, out_tangent = torch.func.jvp(layer, tuple(primals[i] for i in active),
+                                            tuple(moving[i] for i in active))
         # zero tangents, not None: functorch's forward-mode handling of None here trips an assert
         zeros = (torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
                  for size, stride, dtype, device in ctx.side_outputs)
