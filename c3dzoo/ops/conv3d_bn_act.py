@@ -333,7 +333,7 @@ def _forward_vmap(call, info, in_dims, x, weight, bias, bn_weight, bn_bias, runn
     return tuple(torch.stack(parts) for parts in zip(*results)), (0, 0, 0, 0)
 
 
-if hasattr(torch.library, "register_vmap"):  # torch ≥ 2.5; eager vmap goes through _EagerForward.vmap anyway
+if hasattr(torch.library, "register_vmap"):  # not in every torch README admits; eager vmap takes _EagerForward.vmap
     torch.library.register_vmap(_forward_op, functools.partial(_forward_vmap, _forward_op))
 
 
