@@ -776,10 +776,9 @@ def conv3d_bn_act(
     if updates_running_stats and torch.jit.is_tracing():
         # a TorchScript trace takes the element count from its input's (traced) shape: through the
         # op's int argument it would bake the traced batch's count into the running_var update
-        count = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
-        _reference.blend_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(),
-                                       var.detach() * (count / (count - 1).clamp_min(1)),
-                                       None if momentum is None else float(momentum))
+        _reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
+                                        torch.as_tensor(count, dtype=mean.dtype, device=mean.device),
+                                        None if momentum is None else float(momentum))
     elif updates_running_stats:
         (_update_running_stats_impl if eager else _update_running_stats_op)(
             running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,

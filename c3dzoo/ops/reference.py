@@ -7,7 +7,7 @@ does), so it stores no intermediate activation between forward and backward.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -440,17 +440,19 @@ def update_running_stats(
     num_batches_tracked: Optional[Tensor],
     mean: Tensor,
     var: Tensor,
-    count: int,
+    count: Union[int, Tensor],
     momentum: Optional[float],
 ) -> None:
     """In place, exactly as ``nn.BatchNorm3d`` in training mode, without a host synchronisation.
 
     ``var`` is the biased batch variance over ``count`` values per channel; running_var gets the
     unbiased one. ``momentum=None`` means a cumulative average (factor 1/num_batches_tracked).
+    ``count`` may be a 0-d tensor (a TorchScript trace's count, taken from the traced shape).
     """
+    denominator = (count - 1).clamp_min(1) if isinstance(count, Tensor) else max(count - 1, 1)
     with torch.no_grad():
         blend_running_stats(running_mean, running_var, num_batches_tracked, mean,
-                            var * (count / max(count - 1, 1)), momentum)
+                            var * (count / denominator), momentum)
 
 
 def blend_running_stats(
