@@ -472,7 +472,8 @@ def blend_running_stats(
         if momentum is None:
             if num_batches_tracked is None:
                 raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = num_batches_tracked.reciprocal().to(stats_dtype(mean.dtype))
+            # convert first: an int64 tensor's reciprocal is fp32, which rounds fp64 statistics' 1/n
+            factor = num_batches_tracked.to(stats_dtype(mean.dtype)).reciprocal()
         else:
             factor = momentum
         new_mean = _acc(running_mean) * (1 - factor) + mean * factor
