@@ -1,6 +1,7 @@
 """c3dzoo.fuse and the drop-in Conv3dBNAct module."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -260,3 +261,32 @@ def test_fuse_takes_a_fused_zoo_model(mode):
         got.sum().backward()
         assert_same_state(rewritten, zoo, rtol=1e-4, atol=1e-4, buffers=False)
         assert_same_state(rewritten, zoo, rtol=1e-5, atol=1e-6, grads=False)
+
+
+@pytest.mark.parametrize("name", c3dzoo.list_models())
+def test_traced_and_fused_zoo_models_pickle(name):
+    """``torch.save`` of a whole fx-traced or ``fuse()``d zoo model (as one saves a traced torchvision
+    model) failed: the model files' postponed annotations (``from __future__ import annotations``)
+    put the string "torch.Tensor" where fx's pickling expects a type."""
+    model = c3dzoo.get_model(name).eval()
+    for graph_module in (torch.fx.symbolic_trace(model), c3dzoo.fuse(model)):
+        buffer = io.BytesIO()
+        torch.save(graph_module, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        calls = [sorted(n.target for n in gm.graph.nodes if n.op == "call_module") for gm in (loaded, graph_module)]
+        assert calls[0] == calls[1]
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_pickled_fused_model_computes_the_same():
+    torch.manual_seed(0)
+    model = c3dzoo.c3d_bn(num_classes=4, width_mult=0.125, input_size=(16, 32, 32)).eval()
+    fused = c3dzoo.fuse(model)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.c3dzoo_fused_chains == fused.c3dzoo_fused_chains == 8
+    x = torch.randn(2, 3, 16, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)

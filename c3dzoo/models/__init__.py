@@ -1,6 +1,5 @@
 """The model zoo. Every builder takes ``fused`` and ``num_classes``; ``fused`` never changes the state_dict."""
 
-from __future__ import annotations
 
 import importlib
 from typing import Callable, Dict, List

@@ -1,6 +1,5 @@
 """What every zoo model shares: a ``fused`` switch that changes only how conv chains compute."""
 
-from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Tuple
 

@@ -1,6 +1,5 @@
 """C3D (Tran et al., 2015) with and without BatchNorm."""
 
-from __future__ import annotations
 
 from typing import Optional, Sequence
 

@@ -1,6 +1,5 @@
 """The 3D CNN of the public 20BN-Jester tutorial (``ConvColumn6``), with its module names."""
 
-from __future__ import annotations
 
 from typing import Optional
 

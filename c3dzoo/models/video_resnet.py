@@ -7,8 +7,6 @@ Conv3d → BatchNorm3d (→ ReLU) chain through ``FusableModel.chain``; the resi
 block's final ReLU stay stock.
 """
 
-from __future__ import annotations
-
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
