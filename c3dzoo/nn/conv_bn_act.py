@@ -144,11 +144,16 @@ def conv_bn_act(
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
     this changes nothing. ``keep_conv_output`` and ``layout`` (the output's memory layout: stock's by
     default): see ``c3dzoo.ops.conv3d_bn_act``."""
+    unbatched = isinstance(x, Tensor) and x.dim() == 4
     if (isinstance(x, torch.fx.Proxy) or runs_hooks(conv, bn, activation_module, pool)
-            or unsupported_reason(conv, bn, pool, activation_module)):
+            or unsupported_reason(conv, bn, pool, activation_module) or (unbatched and bn is not None)):
+        # (an unbatched clip with a BN: BatchNorm3d refuses it, and says so)
         if isinstance(x, PendingBatchNorm):
             x = x.materialize()
         return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)
+    if unbatched:  # (C, D, H, W), which Conv3d and MaxPool3d take as a batch of one
+        return conv_bn_act(x.unsqueeze(0), conv, None, activation, negative_slope, pool, backend,
+                           sync_bn, process_group, defer, keep_conv_output, activation_module, layout).squeeze(0)
     common = dict(
         stride=conv.stride, padding=conv_padding(conv), dilation=conv.dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, backend=backend, defer=defer,

@@ -498,7 +498,8 @@ def _check_inputs(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 5:
-        raise ValueError(f"x must be 5-D (N, C, D, H, W), got shape {tuple(x.shape)}")
+        hint = " (an unbatched clip (C, D, H, W): pass x.unsqueeze(0))" if x.dim() == 4 else ""
+        raise ValueError(f"x must be 5-D (N, C, D, H, W), got shape {tuple(x.shape)}{hint}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"conv_weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 5:
