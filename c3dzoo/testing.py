@@ -58,19 +58,25 @@ def assert_parity(
     )
 
 
-def ambiguous_positions(z: torch.Tensor, z_reference: torch.Tensor, activation: str, pool) -> torch.Tensor:
+def ambiguous_positions(z: torch.Tensor, z_reference: torch.Tensor, activation: str, pool,
+                        negative_slope: float = 0.0) -> torch.Tensor:
     """Output positions whose forward decision is within rounding of a tie.
 
     ``z``: the pre-activation (after BN) computed in the low-precision dtype; ``z_reference``: the
     same in float64. δ = 4 × their largest difference. Without pool: |z_ref| < δ (the ReLU kink).
     With pool (kernel, stride, padding): per window, the two largest z_ref within δ of each other,
     or the largest within δ of the kink. Returns a bool tensor shaped like the op's output.
+    A leaky_relu with a negative ``negative_slope`` is not monotone: the pool compares activations
+    then (with δ scaled by |slope| where larger than 1), not z.
     """
     import torch.nn.functional as F
 
     z_ref = z_reference.detach().double()
     delta = 4 * (z.detach().double() - z_ref).abs().max().item() + 1e-12
     kink = activation in ("relu", "leaky_relu")
+    if pool and activation == "leaky_relu" and negative_slope < 0:
+        z_ref = F.leaky_relu(z_ref, negative_slope)
+        delta *= max(1.0, abs(negative_slope))
     if not pool:
         return (z_ref.abs() < delta) if kink else torch.zeros_like(z_ref, dtype=torch.bool)
     kernel, stride, padding = pool

@@ -9,7 +9,8 @@ element's gradient is known:
    (normalise in fp32, round to the compute dtype, activate: the forward's exact values), find the
    window's first maximum (MaxPool3d's choice), and write the gradient of the pre-activation z
    at that position and 0 at the others of the window. The activation's derivative at the maximum
-   follows from the maximum itself (relu/leaky_relu: z > 0 iff act(z) > 0), so no z is stored. The
+   follows from the maximum (relu: z > 0 iff relu(z) > 0) or from z recomputed from the kept y
+   (leaky_relu, whose slope may be negative), so no z is stored. The
    same pass adds up, per tile and channel, Σdz and Σdz·x̂ (x̂ = (y − mean)/σ at the maximum) in fp32
    into a ``[tiles, C]`` partial buffer; a few torch ops sum the tiles (no host synchronisation).
 2. ``bn_backward_kernel`` — elementwise over the conv output, in place:
@@ -73,8 +74,10 @@ def act_pool_backward_reduce_kernel(
         z = y
         if HAS_NORM:
             z = (y - mean[None, :]) * scale[None, :] + beta[None, :]
-        z = tl.where(valid[:, None], z, float("-inf")).to(dz_dtype)
-        a = apply_activation(z, ACTIVATION, negative_slope).to(dz_dtype)  # as the forward stores it
+        a = apply_activation(z.to(dz_dtype), ACTIVATION, negative_slope).to(dz_dtype)  # as the forward stores it
+        # taps in the pool's padding pool as -inf AFTER the activation, as in the forward (a negative
+        # slope maps a -inf z to +inf)
+        a = tl.where(valid[:, None], a, float("-inf")).to(dz_dtype)
         # strict: the first maximum in window order wins, as in MaxPool3d, which also takes every NaN
         take = (a > best) | (a != a)
         best = tl.where(take, a, best).to(dz_dtype)  # triton 3.6 widens 16-bit where
@@ -86,7 +89,12 @@ def act_pool_backward_reduce_kernel(
     if ACTIVATION == "relu":
         dz = tl.where(best <= 0, 0.0, g)  # relu's backward passes NaN positions' gradient, as stock's
     elif ACTIVATION == "leaky_relu":
-        dz = tl.where(best > 0, g, g * negative_slope)
+        # the sign of z, not of act(z): a negative slope makes act(z) > 0 for z < 0. z as the loop
+        # rounded it (a tiny z that rounds to 0 takes the slope, as stock's stored BN output does)
+        best_z = best_y
+        if HAS_NORM:
+            best_z = (best_y - mean[None, :]) * scale[None, :] + beta[None, :]
+        dz = tl.where(best_z.to(dz_dtype) > 0, g, g * negative_slope)
     else:
         dz = g
     dz = tl.where(mask, dz, 0.0)

@@ -58,6 +58,9 @@ CASES = [
     Case("no_bias", bias=False),
     Case("act_none", activation="none"),
     Case("leaky", activation="leaky_relu", slope=0.1),
+    # not monotone: the pool's choice, the derivative and pool5's padding (-inf → +inf) all differ
+    Case("leaky_negative_slope_pool5", activation="leaky_relu", slope=-0.5,
+         pool=((2, 2, 2), (2, 2, 2), (0, 1, 1)), size=(4, 7, 7)),
     Case("pool1_c3d", pool=((1, 2, 2), (1, 2, 2), 0)),
     Case("pool2_c3d", pool=((2, 2, 2), (2, 2, 2), 0)),
     Case("pool5_c3d", pool=((2, 2, 2), (2, 2, 2), (0, 1, 1)), size=(4, 7, 7)),
@@ -123,7 +126,7 @@ def _tie_mask(conv_d, bn_d, conv_ref, bn_ref, pool, x_d, case):
         z_d = copy.deepcopy(bn_d)(copy.deepcopy(conv_d)(x_d))
         z_ref = copy.deepcopy(bn_ref)(copy.deepcopy(conv_ref)(x_d.double()))
     p = normalize_pool(pool)
-    return ambiguous_positions(z_d, z_ref, case.activation, (p[0:3], p[3:6], p[6:9]) if p else None)
+    return ambiguous_positions(z_d, z_ref, case.activation, (p[0:3], p[3:6], p[6:9]) if p else None, case.slope)
 
 
 def _run(conv, bn, pool, x, case, grad_seed, fused_backend=None, skip=None):

@@ -123,20 +123,27 @@ POOLS = {
 }
 
 
-def _stock_act_pool_bn(y, gamma, beta, activation, pool, batch_norm):
+# name → (activation, negative_slope); a negative slope is not monotone: act(z) > 0 for z < 0, so
+# neither the pool's choice nor the derivative follows from the sign of act(z)
+ACTIVATIONS = {"relu": ("relu", 0.0), "leaky_relu": ("leaky_relu", 0.1),
+               "leaky_relu_negative_slope": ("leaky_relu", -0.5), "none": ("none", 0.0)}
+
+
+def _stock_act_pool_bn(y, gamma, beta, activation, slope, pool, batch_norm):
     if batch_norm:
         z = F.batch_norm(y, None, None, gamma, beta, True, 0.0, 1e-5)
     else:
         z = y
-    a = F.relu(z) if activation == "relu" else F.leaky_relu(z, 0.1) if activation == "leaky_relu" else z
+    a = F.relu(z) if activation == "relu" else F.leaky_relu(z, slope) if activation == "leaky_relu" else z
     return (F.max_pool3d(a, pool[0:3], pool[3:6], pool[6:9]) if pool else a), z
 
 
 @pytest.mark.parametrize("norm", ["batch_affine", "batch_no_affine", "no_norm"])
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "none"])
+@pytest.mark.parametrize("activation_name", list(ACTIVATIONS))
 @pytest.mark.parametrize("pool_name", list(POOLS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_act_pool_bn_backward_matches_stock(dtype, pool_name, activation, norm):
+def test_act_pool_bn_backward_matches_stock(dtype, pool_name, activation_name, norm):
+    activation, slope = ACTIVATIONS[activation_name]
     batch_norm, affine = norm.startswith("batch"), norm == "batch_affine"
     pool = POOLS[pool_name]
     g = torch.Generator().manual_seed(1)
@@ -152,12 +159,12 @@ def test_act_pool_bn_backward_matches_stock(dtype, pool_name, activation, norm):
         y_in = y_in.detach().clone().requires_grad_(True)
         leaf = lambda t: None if t is None else t.detach().to(DEVICE, out_dtype).clone().requires_grad_(True)  # noqa: E731
         gam, bet = leaf(gamma), leaf(beta)
-        out, z = _stock_act_pool_bn(y_in, gam, bet, activation, pool, batch_norm)
+        out, z = _stock_act_pool_bn(y_in, gam, bet, activation, slope, pool, batch_norm)
         return out, z, y_in, gam, bet
 
     with torch.no_grad():
         z_d, z_r = run(y, dtype)[1], run(y_rounded, torch.float64)[1]
-    skip = ambiguous_positions(z_d, z_r, activation, (pool[0:3], pool[3:6], pool[6:9]) if pool else None)
+    skip = ambiguous_positions(z_d, z_r, activation, (pool[0:3], pool[3:6], pool[6:9]) if pool else None, slope)
     out_r, _, y_r, gamma_r, beta_r = run(y_rounded, torch.float64)
     grad_out = torch.randn(out_r.shape, generator=g, dtype=torch.float64).to(DEVICE).masked_fill(skip, 0.0)
     out_r.backward(grad_out)
@@ -167,7 +174,6 @@ def test_act_pool_bn_backward_matches_stock(dtype, pool_name, activation, norm):
     mean, var = (y.float().mean(dim=(0, 2, 3, 4)), y.float().var(dim=(0, 2, 3, 4), unbiased=False)) \
         if batch_norm else (None, None)
     f32 = lambda t: None if t is None else t.to(DEVICE, torch.float32)  # noqa: E731
-    slope = 0.1 if activation == "leaky_relu" else 0.0
     dz, sum_dz, sum_dz_xhat = act_pool_backward(
         grad_out.to(dtype), y, mean, var, f32(gamma) if batch_norm else None, f32(beta) if batch_norm else None,
         eps=1e-5, activation=activation, negative_slope=slope, pool=pool,
