@@ -9,7 +9,10 @@ keeps the fastest for that shape for the life of the process, and launches it fr
 candidate and synchronises once), later calls cost nothing extra.
 
 Tuning never happens under the Triton interpreter, on CPU tensors, or while a CUDA graph is being
-captured (the capture gets the rule's choice unless the shape was tuned before).
+captured (the capture gets the rule's choice unless the shape was tuned before). Under
+``torch.use_deterministic_algorithms(True)`` or ``torch.backends.cudnn.deterministic`` every launch
+takes the rule's choice, tuned or not: a timing differs between runs, and so would the configuration
+and with it the order of the fp32 sums, so results would not repeat bit for bit.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def timings() -> Dict[str, Dict[str, float]]:
     return {key: dict(times) for key, times in _timings.items()}
 
 
+def deterministic_requested() -> bool:
+    """Whether the user asked torch for reproducible results: then no choice of kernel or tile
+    configuration may depend on a timing."""
+    return torch.are_deterministic_algorithms_enabled() or bool(torch.backends.cudnn.deterministic)
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -88,7 +97,10 @@ def pick(kernel: str, key: Hashable, default: Config, candidates: Sequence[Confi
     """``default`` unless tuning applies to ``device`` and there is a choice; then the fastest of
     ``candidates`` for ``(kernel, key)``, measured on its first launch (``launch(config)`` runs the
     kernel with ``config`` on the real arguments; it must not change them) and remembered. A
-    candidate that fails to compile or launch (out of resources) is out of the running."""
+    candidate that fails to compile or launch (out of resources) is out of the running. Always
+    ``default`` while the user asks for deterministic algorithms."""
+    if deterministic_requested():
+        return default
     tuned = _choices.get((kernel, key))
     if tuned is not None:
         return tuned  # type: ignore[return-value]

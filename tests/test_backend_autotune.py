@@ -3,7 +3,10 @@ measured once per configuration; preference order decides when measuring is off 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+import torch
 
 from c3dzoo.ops import backends
 from c3dzoo.ops._registry import _can_time_now, time_forward_ms
@@ -66,6 +69,36 @@ def test_preference_order_when_measuring_is_off_or_not_allowed(two_contenders, m
     assert backends.resolve("auto", _cfg()) == "fast"
 
 
+@contextlib.contextmanager
+def _deterministic(how):
+    if how == "cudnn":
+        with torch.backends.cudnn.flags(deterministic=True):
+            yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("how", ["use_deterministic_algorithms", "cudnn"])
+def test_deterministic_algorithms_take_the_preference_order(two_contenders, monkeypatch, how):
+    """A timing differs between runs and the backends' sums differ in their last bits: a user who
+    asks torch for reproducible results gets the preference order, measured before or not."""
+    calls, _, _ = two_contenders
+    monkeypatch.delenv(backends.AUTOTUNE_ENV_VAR, raising=False)
+    with _deterministic(how):
+        assert backends.resolve("auto", _cfg()) == "slow"
+    assert calls == []
+    assert backends.resolve("auto", _cfg()) == "fast"  # measured now
+    with _deterministic(how):
+        assert backends.resolve("auto", _cfg()) == "slow"
+    assert backends.resolve("auto", _cfg()) == "fast"
+    assert len(calls) == 2
+
+
 def test_a_contender_that_fails_to_run_is_not_chosen(two_contenders):
     _, times, _ = two_contenders
     times["fast"] = float("inf")
@@ -73,8 +106,6 @@ def test_a_contender_that_fails_to_run_is_not_chosen(two_contenders):
 
 
 def test_builtin_timer_does_not_measure_without_a_gpu():
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("has a GPU: the real timing is exercised by the GPU session's benchmarks")
     assert time_forward_ms("reference", _cfg()) == float("inf")

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 
 import pytest
+from ptx import atomics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -65,6 +66,18 @@ def test_compiles_for_sm90_without_spills(source, tmp_path):
             f"{name} spills registers: {info}\n{log[-3000:]}"
         )
         assert info.get("registers", 0) <= 255, (name, info)
+
+
+@pytest.mark.parametrize("source", CU_FILES)
+def test_no_atomics(source, tmp_path):
+    """Sums are reduced in a fixed order, so a run repeats bit for bit (torch's deterministic mode)."""
+    ptx = tmp_path / (source + ".ptx")
+    proc = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-O3", "-ptx", os.path.join(CSRC, source),
+                           "-o", str(ptx), f"-I{CSRC}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"nvcc -ptx failed on {source}:\n{proc.stderr[-4000:]}"
+    text = ptx.read_text()
+    assert ".entry" in text, f"no kernel in the PTX of {source}"
+    assert atomics(text) == [], f"{source}: atomics in the sm_90 PTX {atomics(text)}"
 
 
 def test_stem_kernel_fits_two_blocks_per_sm(tmp_path):

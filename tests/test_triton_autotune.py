@@ -99,6 +99,19 @@ def test_pick_does_not_tune_off_gpu_disabled_or_while_capturing(tuning, monkeypa
     assert tuning["calls"] == 3
 
 
+def test_deterministic_algorithms_take_the_rules_choice(tuning, monkeypatch):
+    """Under torch.use_deterministic_algorithms (or cudnn.deterministic) no configuration hangs on a
+    timing, tuned before or not: the fp32 sums' order, and so the result's bits, must repeat."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert _pick(tuning, [3.0, 1.0, 2.0]) == ("a", [])
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    assert _pick(tuning, [3.0, 1.0, 2.0])[0] == "b"
+    with torch.backends.cudnn.flags(deterministic=True):
+        assert _pick(tuning, [9.0]) == ("a", [])
+    assert _pick(tuning, [9.0]) == ("b", [])
+    assert tuning["calls"] == 3
+
+
 def test_switch_and_environment_variable(monkeypatch):
     import c3dzoo
 

@@ -31,6 +31,7 @@ import sys
 
 import pytest
 import torch
+from ptx import atomics
 
 from c3dzoo.kernels import bn_act_pool as E
 from c3dzoo.kernels import bn_act_pool_backward as B
@@ -340,6 +341,7 @@ def _compile(kernel, plan, pointers, num_warps, num_stages) -> dict:
     ptx = compiled.asm["ptx"]
     report = {
         "wgmma": "wgmma.mma_async" in ptx,
+        "atomics": atomics(ptx),
         "shared": int(compiled.metadata.shared),
         "num_warps": num_warps,
         "num_stages": num_stages,
@@ -404,6 +406,13 @@ def test_sm90_machine_code(sm90_reports, case):
         f"{case}: spills {report['spill_stores']} B stores / {report['spill_loads']} B loads "
         f"with {report['registers']} registers"
     )
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_sm90_machine_code_has_no_atomics(sm90_reports, case):
+    """Every sum is reduced in a fixed order (partials, then a reduction kernel), so a fused run
+    repeats bit for bit on the same GPU and software, as ``torch.use_deterministic_algorithms`` asks."""
+    assert sm90_reports[case]["atomics"] == [], f"{case}: atomics in the sm_90 PTX {sm90_reports[case]['atomics']}"
 
 
 def test_launcher_picks_only_compiled_configs(monkeypatch):

@@ -247,7 +247,8 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
     "auto" takes the first backend in preference order that can run ``cfg``; where several
     non-reference backends can (C3D's conv1: the CUDA stem kernel and the Triton kernel), the faster
     one, measured once per configuration (see ``set_timer``) when a timer is set and may run now."""
-    key = (backend, tuple(map(os.environ.get, _CHOICE_ENV_VARS)), id(_REGISTRY), PREFERENCE, cfg)
+    key = (backend, tuple(map(os.environ.get, _CHOICE_ENV_VARS)), _deterministic(), id(_REGISTRY), PREFERENCE,
+           cfg)
     name = _RESOLVED.get(key)
     if name is None:
         name, final = _resolve(backend, cfg)
@@ -317,8 +318,18 @@ def tuning() -> Dict[str, Dict[str, float]]:
         return {str(cfg): dict(times) for cfg, times in _TUNED.items()}
 
 
+def _deterministic() -> bool:
+    from c3dzoo.kernels import _autotune  # needs torch only: works without triton too
+
+    return _autotune.deterministic_requested()
+
+
 def _fastest(contenders, cfg: ConvBNActConfig) -> Tuple[str, bool]:
-    """(the fastest contender, whether that is final: see ``_resolve``)."""
+    """(the fastest contender, whether that is final: see ``_resolve``). Preference order while the
+    user asks for deterministic algorithms: a timing differs between runs, and the backends' results
+    differ in their last bits, so a measured choice would not repeat."""
+    if _deterministic():
+        return contenders[0], True
     with _lock:
         times = _TUNED.get(cfg)
     if times is None:
