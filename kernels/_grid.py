@@ -24,13 +24,25 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def conv_allows_tf32() -> bool:
+    """Whether stock fp32 convolutions may use TF32 on CUDA: cuDNN's conv precision, with torch's
+    inheritance (conv, then cuDNN's, then the global ``fp32_precision``) resolved. Read through the
+    ``fp32_precision`` API where torch has it (2.9+): the legacy ``torch.backends.cudnn.allow_tf32``
+    raises once conv's precision was set with that newer API and RNN's was not, which the PyTorch
+    docs now recommend (``torch.backends.cudnn.conv.fp32_precision = "ieee"``)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None:
+        return conv.fp32_precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def _hashable(value):
     return tuple(value) if isinstance(value, list) else value  # planners take flat sequences
 
 
 def cached_plan(planner: Callable[..., Plan]) -> Callable[..., Plan]:
     """Memoise a launch planner. Planners are functions of shapes and settings, never tensors; the
-    one global setting a plan reads (``torch.backends.cudnn.allow_tf32``) is part of the key.
+    one global setting a plan reads (``conv_allows_tf32()``) is part of the key.
     Lists are keyed (and passed) as tuples; keyword order is part of the key (callers are few). Plans are shared: callers must not mutate them."""
 
     @functools.lru_cache(maxsize=4096)
@@ -40,7 +52,7 @@ def cached_plan(planner: Callable[..., Plan]) -> Callable[..., Plan]:
     @functools.wraps(planner)
     def plan(*args, **kwargs):
         return cached(tuple(map(_hashable, args)), tuple((k, _hashable(v)) for k, v in kwargs.items()),
-                      torch.backends.cudnn.allow_tf32)
+                      conv_allows_tf32())
 
     _PLANNERS.append(cached)
     return plan

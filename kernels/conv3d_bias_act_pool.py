@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._grid import _hashable, cached_plan, cdiv, is_interpreted, next_power_of_2
+from ._grid import _hashable, cached_plan, cdiv, conv_allows_tf32, is_interpreted, next_power_of_2
 from ._limits import INT32_LIMIT, IndexOverflowError
 from ._implicit_gemm import apply_activation, conv_tile, output_tile, pool_max
 
@@ -197,7 +197,7 @@ def autotuned_plan(kernel: str, x: torch.Tensor, plan: LaunchPlan, make_plan, la
 
 
 def _uses_tf32(dtype: torch.dtype, device: torch.device) -> bool:
-    return dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    return dtype == torch.float32 and device.type == "cuda" and conv_allows_tf32()
 
 
 NO_POOL = (1, 1, 1, 1, 1, 1, 0, 0, 0)  # kernel, stride, padding of a pool that changes nothing
