@@ -24,6 +24,7 @@ With ``sync=True`` under torch.distributed, training-mode calls take ``sync_batc
 from __future__ import annotations
 
 import functools
+import sys
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -401,6 +402,13 @@ def _runs_eagerly(x: Tensor) -> bool:
             and _python_dispatch._get_current_dispatch_mode() is None and not torch.jit.is_tracing())
 
 
+def _exporting_onnx() -> bool:
+    """Whether ``torch.onnx.export`` (either exporter) is tracing this call; never imports torch.onnx
+    (nothing exports before it is imported)."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def _functorch_wrapped(*tensors: Optional[Tensor]) -> bool:
     """Whether any of these is a torch.func transform's tensor (vmap's batched tensors, grad's
     tracking tensors): the input, or only the parameters (an ensemble vmapped over stacked weights)."""
@@ -713,6 +721,16 @@ def conv3d_bn_act(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
+
+    if group is None and not _runs_eagerly(x) and _exporting_onnx():
+        # ONNX has no c3dzoo operator: the exported graph gets the stock layer's standard ops
+        # (Conv, BatchNormalization, Relu, MaxPool), which ONNX runtimes fuse themselves
+        out = _reference.stock_forward(
+            pending.materialize() if pending is not None else x, conv_weight, conv_bias, bn_weight, bn_bias,
+            running_mean, running_var, num_batches_tracked if updates_running_stats else None,
+            _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool),
+            None if momentum is None else float(momentum))
+        return in_layout(out, layout, x, conv_weight)
 
     # autocast: the conv runs in the autocast dtype, BatchNorm statistics and parameters stay fp32,
     # and the output has the autocast dtype (as stock autocast gives on CUDA)

@@ -211,6 +211,28 @@ def differentiable_forward(x, weight, bias, bn_weight, bn_bias, running_mean, ru
         return apply_pool(apply_activation(y, params.activation, params.negative_slope), params.pool)
 
 
+def stock_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                  params: LayerParams, momentum: Optional[float]) -> Tensor:
+    """The layer as the stock modules compute it, op for op (``F.conv3d``, ``F.batch_norm``, the
+    activation, ``F.max_pool3d``, in the caller's autocast), running statistics updated as
+    ``nn.BatchNorm3d.forward`` updates them: for exporters that translate standard ops (ONNX), to
+    which the fused op is an unknown operator. ``params.norm`` "batch" normalises with batch
+    statistics (updating running_mean/var when given), "running" with the running ones."""
+    y = F.conv3d(x, weight, bias, params.stride, params.padding, params.dilation)
+    if params.norm in ("batch", "running"):
+        training = params.norm == "batch"
+        factor = 0.0 if momentum is None else momentum
+        if training and running_mean is not None and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, factor, params.eps)
+    y = apply_activation(y, params.activation, params.negative_slope)
+    if params.pool:
+        y = F.max_pool3d(y, tuple(params.pool[0:3]), tuple(params.pool[3:6]), tuple(params.pool[6:9]))
+    return y
+
+
 def _input_norm_terms(x: Tensor, input_norm) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(z, mean, invstd, γ) of an ``InputNorm`` (c3dzoo.ops.backends) over x."""
     mean, var, gamma, beta = input_norm.stats.to(stats_dtype(x.dtype)).unbind(0)
