@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -250,6 +251,36 @@ def test_export_loads_strictly_into_stock_model(two_epoch_run, tmp_path, capsys)
     model.load_state_dict(state, strict=True)
 
 
+def test_export_onnx_runs_in_onnxruntime_at_any_batch(two_epoch_run, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX export test runs the file in onnxruntime")
+    pytest.importorskip("onnxscript", reason="torch.onnx's dynamo exporter needs onnxscript")
+    out = tmp_path / "model.onnx"
+    assert cli.main(["export", "--checkpoint", str(two_epoch_run / "last.pt"), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "N x 3 x 16 x 32 x 32" in printed.out and "ONNX Runtime matches torch" in printed.out
+    assert "torchvision" not in printed.err and "[torch.onnx]" not in printed.out  # no exporter chatter
+    model = c3dzoo.get_model("c3d_bn", fused=False, num_classes=4, width_mult=0.0625, input_size=(16, 32, 32))
+    model.load_state_dict(_weights(two_epoch_run / "last.pt"))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        clips = torch.randn(batch, 3, 16, 32, 32)
+        with torch.no_grad():
+            expected = model.eval()(clips)
+        got = torch.from_numpy(session.run(["logits"], {"clips": clips.numpy()})[0])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_onnx_without_onnx_says_what_to_install(two_epoch_run, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    out = tmp_path / "model.onnx"
+    assert cli.main(["export", "--checkpoint", str(two_epoch_run / "last.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs onnxscript" in err and "c3dzoo[onnx]" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_predict_prints_class_names(two_epoch_run, tmp_path, capsys):
     from c3dzoo.data import SyntheticVideoDataset
     clip_path = tmp_path / "clip.pt"
@@ -495,6 +526,10 @@ def test_predict_and_export_grown_checkpoint(grown_run, tmp_path, capsys):
     assert state.keys() == expected.keys() and "conv4c.weight" in state
     assert all(torch.equal(state[k], expected[k]) for k in state)
     assert "--grow step(s)" in capsys.readouterr().out
+    if importlib.util.find_spec("onnxscript") and importlib.util.find_spec("onnxruntime"):
+        onnx_out = tmp_path / "grown.onnx"  # the grown architecture exports too (checked in onnxruntime)
+        assert cli.main(["export", "--checkpoint", str(grown_run / "last.pt"), "--out", str(onnx_out)]) == 0
+        assert "ONNX Runtime matches torch" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """``c3dzoo predict`` (top-k classes of videos from a training checkpoint) and ``c3dzoo export`` (its
-weights as a plain state_dict)."""
+weights as a plain state_dict, or the model as an ONNX file)."""
 
 from __future__ import annotations
 
@@ -156,9 +156,65 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_onnx(model: torch.nn.Module, checkpoint: dict, out: str) -> str:
+    """``model`` (eval mode) as an ONNX file taking a batch of the checkpoint's validation clips
+    (any batch size), checked with onnx.checker; with onnxruntime installed, also run once against
+    torch. Returns what was checked."""
+    import logging
+    import warnings
+
+    import onnx
+
+    sampler, transform = _clip_maker(checkpoint)
+    clips = torch.randn(2, 3, sampler.frames, *transform.size, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms", ...
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter
+            program = torch.onnx.export(model, (clips,), dynamo=True, verbose=False, input_names=["clips"],
+                                        output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CommandError(f"torch.onnx.export failed: {first}") from None
+    finally:
+        registry_log.setLevel(level)
+    try:
+        program.save(out)
+    except OSError as exc:
+        raise CommandError(f"cannot write {out}: {exc}") from None
+    onnx.checker.check_model(out)
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnx.checker passed (install onnxruntime to also compare its outputs with torch)"
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(clips)
+    got = torch.from_numpy(session.run(None, {"clips": clips.numpy()})[0])
+    error = float((got - expected).abs().max())
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
+        raise CommandError(f"{out}: ONNX Runtime's logits differ from torch's by up to {error:.3g}")
+    return f"onnx.checker passed; ONNX Runtime matches torch (max |difference| {error:.2g} on 2 clips)"
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    onnx = args.out.lower().endswith(".onnx")
+    missing = [name for name in ("onnx", "onnxscript") if onnx and importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"writing ONNX needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                         f"not installed: pip install 'c3dzoo[onnx]'")
     checkpoint = ckpt.load(args.checkpoint)
     model = ckpt.stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
+    if onnx:
+        checked = _write_onnx(model, checkpoint, args.out)
+        sampler, transform = _clip_maker(checkpoint)
+        print(f"wrote {args.out}: input 'clips' N x 3 x {sampler.frames} x {transform.size[0]} x "
+              f"{transform.size[1]} (any N; normalised as c3dzoo train validates), output 'logits'; {checked}")
+        return 0
     state = ckpt.plain_state_dict(model.state_dict())
     try:
         ckpt.save_atomic(state, args.out)
@@ -195,8 +251,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def add_export_parser(sub) -> argparse.ArgumentParser:
-    export = sub.add_parser("export", help="a training checkpoint's weights as a plain state_dict")
+    export = sub.add_parser(
+        "export", help="a training checkpoint's weights as a plain state_dict, or the model as ONNX",
+        description="Writes the checkpoint's weights as a plain state_dict (loads strictly into the stock "
+                    "and the fused model), or, for an --out ending in .onnx, the eval-mode model as an ONNX "
+                    "file (needs pip install 'c3dzoo[onnx]') with a dynamic batch dimension.")
     export.add_argument("--checkpoint", required=True, metavar="CKPT", help="from c3dzoo train")
-    export.add_argument("--out", required=True, metavar="FILE", help="the state_dict file to write")
+    export.add_argument("--out", required=True, metavar="FILE",
+                        help="the state_dict file to write, or FILE.onnx for an ONNX model")
     export.set_defaults(func=_cmd_export)
     return export
