@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -218,3 +219,22 @@ def test_jit_trace_records_the_fused_ops(what, mode):
         # rounding noise of ~1e-5 (gradients here are of order 1)
         assert_same_state(loaded, stock, rtol=1e-4, atol=1e-4, buffers=False)
         assert_same_state(loaded, stock, rtol=1e-5, atol=1e-6, grads=False)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="AOTInductor compiles C++: no C++ compiler on this machine")
+def test_aot_inductor_package_runs_the_fused_model(tmp_path):
+    """AOTInductor (torch._inductor.aoti_compile_and_package) of an exported fused model: the fused
+    ops run through its proxy executor, which passes an empty int list as None, so a layer without
+    a pool (conv3a, conv4a, conv5a) has the op's pool argument None, never []."""
+    model = _model().eval()
+    x = torch.randn(2, 3, 16, 32, 32)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
+    pools = [node.args[14] for node in program.graph.nodes if node.target == FUSED_OP]
+    assert pools.count(None) == 3 and [] not in pools, pools
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "c3d_bn.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, 16, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)

@@ -62,9 +62,10 @@ class LayerParams:
 
     @classmethod
     def of(cls, norm, eps, stride, padding, dilation, activation, negative_slope, pool) -> "LayerParams":
-        """From the custom ops' plain arguments (lists become tuples, numbers Python numbers)."""
+        """From the custom ops' plain arguments (lists become tuples, numbers Python numbers; a pool
+        of None is no pool)."""
         return cls(str(norm), float(eps), tuple(map(int, stride)), tuple(map(int, padding)),
-                   tuple(map(int, dilation)), str(activation), float(negative_slope), tuple(map(int, pool)))
+                   tuple(map(int, dilation)), str(activation), float(negative_slope), tuple(map(int, pool or ())))
 
     def geometry(self) -> Dict[str, Tuple[int, int, int]]:
         """stride / padding / dilation as keywords."""

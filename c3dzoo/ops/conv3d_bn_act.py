@@ -74,7 +74,7 @@ def _forward_impl(
     dilation: List[int],
     activation: str,
     negative_slope: float,
-    pool: List[int],
+    pool: Optional[List[int]],
     input_stats: Optional[Tensor],
     input_eps: float,
     input_activation: str,
@@ -192,7 +192,7 @@ def _backward_impl(
     dilation: List[int],
     activation: str,
     negative_slope: float,
-    pool: List[int],
+    pool: Optional[List[int]],
     input_stats: Optional[Tensor],
     input_eps: float,
     input_activation: str,
@@ -784,7 +784,9 @@ def conv3d_bn_act(
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
         running_mean if norm == "running" else None, running_var if norm == "running" else None,
         op_norm, float(eps), list(stride), list(padding), list(dilation), op_activation,
-        float(negative_slope), list(pool),
+        # no pool is None, never []: AOTInductor's proxy executor hands an op an empty int list as
+        # None, which a List[int] argument rejects (pytorch/pytorch#194324)
+        float(negative_slope), list(pool) or None,
         None if pending is None else pending.stats,
         0.0 if pending is None else float(pending.eps),
         "none" if pending is None else pending.activation,
