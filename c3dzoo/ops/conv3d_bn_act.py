@@ -722,7 +722,8 @@ def conv3d_bn_act(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
 
-    if group is None and not _runs_eagerly(x) and _exporting_onnx():
+    eager = _runs_eagerly(x)  # (autocast's cast below keeps x's type and device)
+    if group is None and not eager and _exporting_onnx():
         # ONNX has no c3dzoo operator: the exported graph gets the stock layer's standard ops
         # (Conv, BatchNormalization, Relu, MaxPool), which ONNX runtimes fuse themselves
         out = _reference.stock_forward(
@@ -774,7 +775,6 @@ def conv3d_bn_act(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         x, conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats))
     keep = keeps_conv_output(keep_conv_output, op_norm, x.shape[1], needs_grad)
-    eager = _runs_eagerly(x)
     # eager without a backward to follow (inference): the implementation itself, no autograd node
     # (under torch.func transforms always the autograd.Function: its vmap rule, its grad support)
     transformed = eager and _functorch_wrapped(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
