@@ -270,6 +270,30 @@ def test_export_onnx_runs_in_onnxruntime_at_any_batch(two_epoch_run, tmp_path, c
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_export_onnx_of_a_video_resnet_takes_any_clip_size(tmp_path, capsys):
+    """A video ResNet (global average pool) takes clips of any size, and so does its ONNX file; C3D
+    above keeps its one size (its flatten feeds a fixed-width fc6)."""
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX export test runs the file in onnxruntime")
+    pytest.importorskip("onnxscript", reason="torch.onnx's dynamo exporter needs onnxscript")
+    if not hasattr(torch.export.Dim, "AUTO"):
+        pytest.skip("this torch has no torch.export.Dim.AUTO: the file takes one clip size")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "mc3_18", "--epochs", "1", "--train-samples", "4", "--val-samples", "2",
+                     "--batch-size", "2", "--num-classes", "4", "--frames", "8", "--size", "32", "--device", "cpu",
+                     "--workers", "0", "--no-progress", "--out", str(run)]) == 0
+    out = tmp_path / "mc3.onnx"
+    assert cli.main(["export", "--checkpoint", str(run / "last.pt"), "--out", str(out)]) == 0
+    assert "input 'clips' N x 3 x T x H x W" in capsys.readouterr().out
+    model = ckpt.stock_model(ckpt.load(str(run / "last.pt"))).eval()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, 8, 32, 32), (3, 3, 4, 40, 24)):
+        clips = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(clips)
+        got = torch.from_numpy(session.run(["logits"], {"clips": clips.numpy()})[0])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_export_onnx_without_onnx_says_what_to_install(two_epoch_run, tmp_path, capsys, monkeypatch):
     import importlib.util
     real = importlib.util.find_spec

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from typing import Tuple
 
 import torch
 
@@ -156,10 +157,40 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_onnx(model: torch.nn.Module, checkpoint: dict, out: str) -> str:
-    """``model`` (eval mode) as an ONNX file taking a batch of the checkpoint's validation clips
-    (any batch size), checked with onnx.checker; with onnxruntime installed, also run once against
-    torch. Returns what was checked."""
+def _other_size(clips: torch.Tensor) -> torch.Tensor:
+    """One clip of another size than ``clips``' (twice the frames, 16 pixels more each way)."""
+    n, c, t, h, w = clips.shape
+    return torch.randn(1, c, 2 * t, h + 16, w + 16, generator=torch.Generator().manual_seed(1))
+
+
+def _clip_dims(model: torch.nn.Module, clips: torch.Tensor) -> dict:
+    """torch.export's dynamic dimensions of a clip batch: the batch; frames, height and width too
+    when the model runs a clip of another size (the video ResNets; not C3D or ConvColumn, whose
+    flatten fixes the size: declared dynamic, their files would fail on other sizes at run time)."""
+    dims = {0: torch.export.Dim("batch", min=1)}
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if auto is None:
+        return dims
+    try:
+        with torch.no_grad():
+            model(_other_size(clips))
+    except Exception:  # whatever stops it (a shape check, a mismatched Linear): one size only
+        return dims
+    dims.update({2: auto, 3: auto, 4: auto})
+    return dims
+
+
+def _onnx_input_shape(model_proto) -> str:
+    """The first graph input's shape, "N x 3 x 16 x 112 x 112", a letter for each dynamic dimension."""
+    dims = model_proto.graph.input[0].type.tensor_type.shape.dim
+    return " x ".join(str(d.dim_value) if d.HasField("dim_value") else letter for d, letter in zip(dims, "NCTHW"))
+
+
+def _write_onnx(model: torch.nn.Module, checkpoint: dict, out: str) -> Tuple[str, str]:
+    """``model`` (eval mode) as an ONNX file taking a batch of clips: any batch size, and any clip
+    size where the model takes one (the video ResNets; C3D's flatten fixes its size), checked with
+    onnx.checker; with onnxruntime installed, also run once against torch on the checkpoint's
+    validation clip size. Returns (the input's shape, what was checked)."""
     import logging
     import warnings
 
@@ -176,7 +207,7 @@ def _write_onnx(model: torch.nn.Module, checkpoint: dict, out: str) -> str:
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter
             program = torch.onnx.export(model, (clips,), dynamo=True, verbose=False, input_names=["clips"],
                                         output_names=["logits"],
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+                                        dynamic_shapes=(_clip_dims(model, clips),))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CommandError(f"torch.onnx.export failed: {first}") from None
@@ -187,18 +218,25 @@ def _write_onnx(model: torch.nn.Module, checkpoint: dict, out: str) -> str:
     except OSError as exc:
         raise CommandError(f"cannot write {out}: {exc}") from None
     onnx.checker.check_model(out)
+    shape = _onnx_input_shape(onnx.load(out, load_external_data=False))
     if importlib.util.find_spec("onnxruntime") is None:
-        return "onnx.checker passed (install onnxruntime to also compare its outputs with torch)"
+        return shape, "onnx.checker passed (install onnxruntime to also compare its outputs with torch)"
     import onnxruntime
 
     session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = model(clips)
-    got = torch.from_numpy(session.run(None, {"clips": clips.numpy()})[0])
-    error = float((got - expected).abs().max())
-    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
-        raise CommandError(f"{out}: ONNX Runtime's logits differ from torch's by up to {error:.3g}")
-    return f"onnx.checker passed; ONNX Runtime matches torch (max |difference| {error:.2g} on 2 clips)"
+    inputs = [clips] + ([_other_size(clips)] if "T" in shape else [])
+    error = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            expected = model(x)
+        got = torch.from_numpy(session.run(None, {"clips": x.numpy()})[0])
+        error = max(error, float((got - expected).abs().max()))
+        if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
+            raise CommandError(f"{out}: ONNX Runtime's logits differ from torch's by up to {error:.3g} "
+                               f"on clips of shape {tuple(x.shape)}")
+    sizes = " and a clip of another size" if len(inputs) > 1 else ""
+    return shape, (f"onnx.checker passed; ONNX Runtime matches torch (max |difference| {error:.2g} on 2 clips"
+                   f"{sizes})")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -210,10 +248,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     checkpoint = ckpt.load(args.checkpoint)
     model = ckpt.stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
     if onnx:
-        checked = _write_onnx(model, checkpoint, args.out)
+        shape, checked = _write_onnx(model, checkpoint, args.out)
         sampler, transform = _clip_maker(checkpoint)
-        print(f"wrote {args.out}: input 'clips' N x 3 x {sampler.frames} x {transform.size[0]} x "
-              f"{transform.size[1]} (any N; normalised as c3dzoo train validates), output 'logits'; {checked}")
+        print(f"wrote {args.out}: input 'clips' {shape} (letters: any size; trained on {sampler.frames} x "
+              f"{transform.size[0]} x {transform.size[1]} clips, normalised as c3dzoo train validates), "
+              f"output 'logits'; {checked}")
         return 0
     state = ckpt.plain_state_dict(model.state_dict())
     try:
