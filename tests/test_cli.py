@@ -30,6 +30,23 @@ def test_info(capsys):
         assert name in out
 
 
+def test_info_lists_optional_features_and_what_installs_them(capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnxscript", "sklearn") else real(name, *a))
+    assert cli.main(["info"]) == 0
+    lines = capsys.readouterr().out.split("optional features:\n")[1].splitlines()
+    states = {line[:39].strip(): line[39:].strip() for line in lines}
+    assert states["ONNX export"] == "no (pip install onnxscript)"
+    assert states["linear-probe --classifier svm"] == "no (pip install scikit-learn)"
+    assert set(states) == {feature for feature, _ in cli.info.OPTIONAL_FEATURES}
+    for feature, modules in cli.info.OPTIONAL_FEATURES:
+        if not {"onnxscript", "sklearn"} & set(modules):
+            installed = all(real(module) is not None for module in modules)
+            assert (states[feature] == "yes") == installed, feature
+
+
 def test_check_passes(capsys):
     assert cli.main(["check", "--models", "c3d_bn", "c3d"]) == 0
     out = capsys.readouterr().out

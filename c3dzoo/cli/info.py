@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import platform
 
 import torch
 
 import c3dzoo
+
+
+# optional features: (what they give, {module: the pip package that provides it})
+OPTIONAL_FEATURES = (
+    ("video files", {"av": "av"}),
+    ("frame folders", {"PIL": "pillow"}),
+    ("ONNX export", {"onnx": "onnx", "onnxscript": "onnxscript"}),
+    ("ONNX Runtime check of exports", {"onnxruntime": "onnxruntime"}),
+    ("plots (PNG)", {"matplotlib": "matplotlib"}),
+    ("linear-probe --classifier svm", {"sklearn": "scikit-learn"}),
+    ("GPU clocks and memory in benchmarks", {"pynvml": "nvidia-ml-py"}),
+)
+
+
+def _optional_features():
+    """(feature, pip packages missing for it) for each optional feature."""
+    return [(feature, [package for module, package in modules.items() if importlib.util.find_spec(module) is None])
+            for feature, modules in OPTIONAL_FEATURES]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -47,6 +66,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         except ImportError as exc:
             note = f"  (not available: {exc})"
         print(f"  {name}{note}")
+    print("optional features:")
+    for feature, missing in _optional_features():
+        state = "yes" if not missing else f"no (pip install {' '.join(missing)})"
+        print(f"  {feature:<37} {state}")
     return 0
 
 
