@@ -186,18 +186,16 @@ def _onnx_input_shape(model_proto) -> str:
     return " x ".join(str(d.dim_value) if d.HasField("dim_value") else letter for d, letter in zip(dims, "NCTHW"))
 
 
-def _write_onnx(model: torch.nn.Module, checkpoint: dict, out: str) -> Tuple[str, str]:
-    """``model`` (eval mode) as an ONNX file taking a batch of clips: any batch size, and any clip
-    size where the model takes one (the video ResNets; C3D's flatten fixes its size), checked with
-    onnx.checker; with onnxruntime installed, also run once against torch on the checkpoint's
-    validation clip size. Returns (the input's shape, what was checked)."""
+def _write_onnx(model: torch.nn.Module, clips: torch.Tensor, out: str) -> Tuple[str, str]:
+    """``model`` (eval mode) as an ONNX file taking batches like ``clips``: any batch size, and any
+    clip size where the model takes one (the video ResNets; C3D's flatten fixes its size), checked
+    with onnx.checker; with onnxruntime installed, also run against torch on ``clips`` (and a clip
+    of another size where the file takes one). Returns (the input's shape, what was checked)."""
     import logging
     import warnings
 
     import onnx
 
-    sampler, transform = _clip_maker(checkpoint)
-    clips = torch.randn(2, 3, sampler.frames, *transform.size, generator=torch.Generator().manual_seed(0))
     model.eval()
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
@@ -240,16 +238,17 @@ def _write_onnx(model: torch.nn.Module, checkpoint: dict, out: str) -> Tuple[str
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    onnx = args.out.lower().endswith(".onnx")
-    missing = [name for name in ("onnx", "onnxscript") if onnx and importlib.util.find_spec(name) is None]
+    as_onnx = args.out.lower().endswith(".onnx")
+    missing = [name for name in ("onnx", "onnxscript") if as_onnx and importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"writing ONNX needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                          f"not installed: pip install 'c3dzoo[onnx]'")
     checkpoint = ckpt.load(args.checkpoint)
     model = ckpt.stock_model(checkpoint, args.checkpoint)  # proves it loads strictly before writing
-    if onnx:
-        shape, checked = _write_onnx(model, checkpoint, args.out)
-        sampler, transform = _clip_maker(checkpoint)
+    if as_onnx:
+        sampler, transform = _clip_maker(checkpoint)  # the clips it validated on
+        clips = torch.randn(2, 3, sampler.frames, *transform.size, generator=torch.Generator().manual_seed(0))
+        shape, checked = _write_onnx(model, clips, args.out)
         print(f"wrote {args.out}: input 'clips' {shape} (letters: any size; trained on {sampler.frames} x "
               f"{transform.size[0]} x {transform.size[1]} clips, normalised as c3dzoo train validates), "
               f"output 'logits'; {checked}")
@@ -294,7 +293,8 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
         "export", help="a training checkpoint's weights as a plain state_dict, or the model as ONNX",
         description="Writes the checkpoint's weights as a plain state_dict (loads strictly into the stock "
                     "and the fused model), or, for an --out ending in .onnx, the eval-mode model as an ONNX "
-                    "file (needs pip install 'c3dzoo[onnx]') with a dynamic batch dimension.")
+                    "file (needs pip install 'c3dzoo[onnx]') that takes any batch size (and, for the video "
+                    "ResNets, any clip size).")
     export.add_argument("--checkpoint", required=True, metavar="CKPT", help="from c3dzoo train")
     export.add_argument("--out", required=True, metavar="FILE",
                         help="the state_dict file to write, or FILE.onnx for an ONNX model")
