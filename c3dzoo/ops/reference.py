@@ -75,12 +75,17 @@ def _pool_channels_last(t: Tensor) -> bool:
             and (torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(t)))
 
 
+def max_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
+    """``F.max_pool3d`` with a pool given as kernel(3) + stride(3) + padding(3), in y's layout."""
+    return F.max_pool3d(y, tuple(pool[0:3]), tuple(pool[3:6]), tuple(pool[6:9]))
+
+
 def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
     if not pool:
         return y
     if _pool_channels_last(y):
         return apply_pool(y.contiguous(memory_format=torch.channels_last_3d), pool).contiguous()
-    return F.max_pool3d(y, tuple(pool[0:3]), tuple(pool[3:6]), tuple(pool[6:9]))
+    return max_pool(y, pool)
 
 
 def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
@@ -228,9 +233,8 @@ def stock_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
                 factor = 1.0 / float(num_batches_tracked)
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, factor, params.eps)
     y = apply_activation(y, params.activation, params.negative_slope)
-    if params.pool:
-        y = F.max_pool3d(y, tuple(params.pool[0:3]), tuple(params.pool[3:6]), tuple(params.pool[6:9]))
-    return y
+    # no channels-last detour (apply_pool's): the exported graph is the stock twin's, op for op
+    return max_pool(y, params.pool) if params.pool else y
 
 
 def _input_norm_terms(x: Tensor, input_norm) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
