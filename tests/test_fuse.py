@@ -115,6 +115,7 @@ def test_fuse_rejects_untraceable_models():
 
 
 def test_conv3d_bn_act_module_is_drop_in():
+    torch.manual_seed(0)
     module = Conv3dBNReLU(3, 4, 3, padding=1, pool=((1, 2, 2), (1, 2, 2), 0))
     assert Conv3dBNReLU is Conv3dBNAct
     assert isinstance(module.conv, nn.Conv3d) and isinstance(module.bn, nn.BatchNorm3d)
@@ -138,7 +139,9 @@ def test_conv3d_bn_act_module_is_drop_in():
     stock[1].load_state_dict(module.bn.state_dict())
     stock[0].load_state_dict(module.conv.state_dict())
     stock[1].eval()
-    torch.testing.assert_close(module(x), stock(x))
+    # the frozen BN is folded into the conv weight (fp32 rounding of the product, not of a BN pass):
+    # after the SGD step on a sum loss the outputs reach the hundreds, so allow rounding of that size
+    torch.testing.assert_close(module(x), stock(x), rtol=2e-5, atol=1e-4)
     assert torch.equal(stats, module.bn.running_mean)
 
 
