@@ -182,3 +182,71 @@ def test_clear_weight_caches_after_writes_through_data_in_eval_mode(backend):
             model.bn.running_var.data.mul_(3.0)
         c3dzoo.clear_weight_caches()
         torch.testing.assert_close(fused(x), stock_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def swap_module_params():
+    """``module.to()``/``.double()``/``load_state_dict`` replace parameters with
+    ``torch.utils.swap_tensors`` (the conversion DTensor and FSDP2 parameters always take)."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.filterwarnings("ignore:c3dzoo. backend 'triton' cannot run this call:RuntimeWarning")  # fp64
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_conversions_that_swap_tensors_work_after_cached_calls(backend, swap_module_params):
+    """swap_tensors refuses a tensor that has a weak reference ("Couldn't swap Conv3d.weight"), so the
+    cache must not weakly reference the parameters; and a swapped parameter is the same object with
+    new storage, which the cache must see (no stale fold of the values before the swap)."""
+    from c3dzoo.ops import reference, triton_impl
+
+    fused, stock_forward, stock = _layer_pair(backend)
+    fused.eval(), stock.eval()
+    x = torch.randn(2, 3, 4, 6, 6)
+    cache = triton_impl._weight_cache if backend == "triton" else reference._fold_cache
+    cache.clear()
+    with torch.no_grad():
+        fused(x)
+    assert len(cache) == 1
+    weight = fused.conv.weight
+    for model in (fused, stock):
+        model.double()
+    assert fused.conv.weight is weight and weight.dtype == torch.float64  # swapped, not replaced
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.double()), stock_forward(x.double()))
+        for model in (fused, stock):
+            model.conv.weight.mul_(-1.0)
+            model.bn.running_var.mul_(2.0)
+    for model in (fused, stock):
+        model.float()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock_forward(x), rtol=1e-5, atol=1e-5)
+    state = {k: v.clone().uniform_(0.5, 1.5) if v.is_floating_point() else v for k, v in stock.state_dict().items()}
+    stock.load_state_dict(state)
+    fused.load_state_dict(state)
+    assert fused.conv.weight is weight
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock_forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_fused_model_moves_dtype_with_swapped_parameters_after_training(swap_module_params):
+    """A train step, an eval call (cached folds), then ``model.double()``: what a user converting a
+    trained checkpoint does; the stock twin's conversion works, so the fused one must."""
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=4, width_mult=0.0625, input_size=(16, 32, 32))
+    fused = c3dzoo.c3d_bn(fused=True, **kwargs)
+    stock = c3dzoo.c3d_bn(**kwargs)
+    stock.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 16, 32, 32)
+    for model in (fused, stock):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).square().mean().backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.double()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.double()), stock(x.double()))

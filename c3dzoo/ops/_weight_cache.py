@@ -35,12 +35,16 @@ def clear_weight_caches() -> None:
 class FoldedWeightCache:
     """Folded, cast and packed (weight, bias) per set of source tensors.
 
-    One entry per set of source tensors (and ``extra``), valid while they are the very same objects
-    (weak references, so an entry never keeps a model alive and a recycled address or id never
-    matches) with unchanged ``_version`` counters and storage (any in-place update — an optimizer
-    step, a BatchNorm updating running statistics in training mode, ``load_state_dict`` — bumps the
-    counter). A changed source rebuilds its entry in place: a training loop holds one packed copy
-    per layer, not one per step until the cache fills. Entries die with their conv weight, and at
+    One entry per set of source tensors (and ``extra``), valid while each source still has the very
+    same storage (weak references to the storages, so an entry never keeps a model alive and a
+    recycled address or id never matches) with unchanged ``_version`` counters, address, shape,
+    strides and dtype (any in-place update — an optimizer step, a BatchNorm updating running
+    statistics in training mode, ``load_state_dict`` — bumps the counter). The tensors themselves
+    are never weakly referenced: ``torch.utils.swap_tensors`` (``module.to()``/``.double()`` under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``, DTensor/FSDP2 conversions)
+    refuses a tensor that has a weak reference, and a swapped tensor gets a new storage anyway.
+    A changed source rebuilds its entry in place: a training loop holds one packed copy per layer,
+    not one per step until the cache fills. Entries die with their conv weight's storage, and at
     most ``capacity`` are kept (least recently used first out).
     Not detected: writes through ``tensor.data``, which bypass the version counter (training-mode
     layers do not cache for that reason, see ``cached_folded``; ``clear_weight_caches()`` forgets
@@ -67,7 +71,7 @@ class FoldedWeightCache:
                 continue
             if t.is_inference():  # inference tensors have no version counter: do not cache
                 return None
-            parts.append((t._version, t.data_ptr(), t.shape, t.dtype))
+            parts.append((t._version, t.data_ptr(), t.shape, t.stride(), t.dtype))
         return tuple(parts)
 
     def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
@@ -79,20 +83,24 @@ class FoldedWeightCache:
             entry = self._entries.get(key)
             if entry is not None:
                 refs, seen, value = entry
-                same_objects = all((r is None and t is None) or (r is not None and r() is t)
-                                   for r, t in zip(refs, sources))
-                if same_objects and seen == state:
+                same_storages = all((r is None and t is None) or (r is not None and t is not None
+                                                                   and r() is t.untyped_storage())
+                                    for r, t in zip(refs, sources))
+                if same_storages and seen == state:
                     self._entries.move_to_end(key)
                     return value
                 del self._entries[key]  # a source changed, or an id was recycled: stale, freed now
         value = build()
         entries = self._entries
 
-        def drop(_ref, key=key):  # the conv weight died: its entry is useless
-            entries.pop(key, None)
+        def drop(ref, key=key):  # the conv weight's storage died: its entry is useless
+            entry = entries.get(key)
+            if entry is not None and entry[0][0] is ref:  # not a newer entry under the same key
+                del entries[key]
 
         refs = tuple(
-            None if t is None else weakref.ref(t, drop if i == 0 else None) for i, t in enumerate(sources)
+            None if t is None else weakref.ref(t.untyped_storage(), drop if i == 0 else None)
+            for i, t in enumerate(sources)
         )
         with self._lock:
             entries[key] = (refs, state, value)
