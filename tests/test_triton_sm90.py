@@ -442,6 +442,29 @@ def test_launcher_picks_only_compiled_configs(monkeypatch):
             assert K.with_prologue_and_pool(launched, dtype, tf32) in prologue_pooled, (launched, dtype)
 
 
+def test_wgrad_launcher_picks_only_compiled_configs(monkeypatch):
+    """The weight-gradient launcher's GPU rule (``select_wgrad_config``, run by ``plan_wgrad_launch``
+    with its split count) picks from WGRAD_HOPPER_CONFIGS' dtype variants for every C3D and R3D-18
+    layer, so the wgrad cases above cover what a GPU training step launches; every shipped config is
+    picked by some layer."""
+    monkeypatch.setattr(W, "_sm_count", lambda index: 132)
+    compiled = {case[0] for case in WGRAD_CASES.values()}
+    seen = set()
+    layers = [(3, 64, 16, 112), (64, 128, 16, 56), (128, 256, 8, 28), (256, 256, 8, 28), (256, 512, 4, 14),
+              (512, 512, 2, 7), (5, 7, 4, 8), (64, 64, 8, 56), (128, 128, 4, 28)]
+    for batch in (1, 32):
+        for in_c, out_c, depth, size in layers:
+            x_shape, dy_shape = (batch, in_c, depth, size, size), (batch, out_c, depth, size, size)
+            for dtype, tf32 in _DTYPES.values():
+                monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)  # what the launcher reads
+                plan = W.plan_wgrad_launch(x_shape, dy_shape, kernel_size=(3, 3, 3), stride=(1, 1, 1),
+                                           padding=(1, 1, 1), dilation=(1, 1, 1), dtype=dtype,
+                                           device=torch.device("cuda", 0))
+                assert plan.config in compiled, (in_c, out_c, dtype, plan.config)
+                seen.add(plan.config)
+    assert {c.for_dtype(d, t) for c in W.WGRAD_HOPPER_CONFIGS for d, t in _DTYPES.values()} <= seen
+
+
 def test_autotuning_picks_only_compiled_configs():
     """With autotuning on (``c3dzoo.set_triton_autotune``), the launchers may run any of their
     tuning candidates: each is among the configs compiled above, for every input channel count,
