@@ -56,6 +56,59 @@ def test_entries_notice_new_storage_and_die_with_the_weight():
     assert len(cache) == 0
 
 
+def test_views_made_anew_on_every_call_share_their_storage_entry():
+    """``p.detach()`` or a fresh view of a parameter (``functional_call`` with detached parameters,
+    on every call) is the parameter's data: it finds the parameter's entry, it does not add one per
+    call until the cache holds ``capacity`` packed copies; an in-place update through any of them
+    is still seen."""
+    cache = FoldedWeightCache(capacity=64)
+    weight, bias = torch.randn(4, 3), torch.randn(4)
+    built = []
+    first = cache.get_or_build((weight, bias), (), _packer(built))
+    for _ in range(10):
+        assert cache.get_or_build((weight.detach(), bias[:]), (), _packer(built)) is first
+    assert len(built) == 1 and len(cache) == 1
+    weight.detach().add_(1.0)  # shares the version counter
+    cache.get_or_build((weight.detach(), bias), (), _packer(built))
+    assert len(built) == 2 and len(cache) == 1
+    # another place in the same storage is another source
+    cache.get_or_build((weight[1:], bias[1:]), (), _packer(built))
+    assert len(built) == 3 and len(cache) == 2
+
+
+def test_a_source_given_new_storage_frees_its_stale_entry():
+    """A BatchNorm buffer or conv bias replaced through ``.data`` (or by a swap) gets a new storage:
+    the entry made from the old one can never match again and is dropped with it, not kept (with its
+    packed weight) until the cache is full."""
+    cache = FoldedWeightCache()
+    weight, bias, running_var = torch.randn(4, 3), torch.randn(4), torch.rand(4)
+    built = []
+    cache.get_or_build((weight, bias, running_var), (), _packer(built))
+    running_var.data = torch.rand(4)
+    cache.get_or_build((weight, bias, running_var), (), _packer(built))
+    bias.data = torch.randn(4)
+    cache.get_or_build((weight, bias, running_var), (), _packer(built))
+    gc.collect()
+    assert len(built) == 3 and len(cache) == 1
+
+
+def test_functional_call_with_detached_parameters_keeps_one_entry_per_layer():
+    """An eval-mode fused model run through ``torch.func.functional_call`` with freshly detached
+    parameters and buffers on every call (a common way to run a frozen copy) folds each layer once."""
+    from c3dzoo.ops import reference
+
+    model = c3dzoo.c3d_bn(fused=True, num_classes=4, width_mult=0.0625, input_size=(16, 32, 32)).eval()
+    x = torch.randn(1, 3, 16, 32, 32)
+    reference._fold_cache.clear()
+    with torch.no_grad():
+        expected = model(x)
+        layers = len(reference._fold_cache)
+        for _ in range(12):
+            state = {name: t.detach() for name, t in (*model.named_parameters(), *model.named_buffers())}
+            torch.testing.assert_close(torch.func.functional_call(model, state, (x,)), expected, rtol=0, atol=0)
+    assert layers == 8 and len(reference._fold_cache) == layers
+
+
 def test_inference_tensors_are_never_cached():
     cache = FoldedWeightCache()
     with torch.inference_mode():

@@ -35,17 +35,19 @@ def clear_weight_caches() -> None:
 class FoldedWeightCache:
     """Folded, cast and packed (weight, bias) per set of source tensors.
 
-    One entry per set of source tensors (and ``extra``), valid while each source still has the very
-    same storage (weak references to the storages, so an entry never keeps a model alive and a
-    recycled address or id never matches) with unchanged ``_version`` counters, address, shape,
-    strides and dtype (any in-place update — an optimizer step, a BatchNorm updating running
-    statistics in training mode, ``load_state_dict`` — bumps the counter). The tensors themselves
-    are never weakly referenced: ``torch.utils.swap_tensors`` (``module.to()``/``.double()`` under
-    ``torch.__future__.set_swap_module_params_on_conversion(True)``, DTensor/FSDP2 conversions)
-    refuses a tensor that has a weak reference, and a swapped tensor gets a new storage anyway.
-    A changed source rebuilds its entry in place: a training loop holds one packed copy per layer,
-    not one per step until the cache fills. Entries die with their conv weight's storage, and at
-    most ``capacity`` are kept (least recently used first out).
+    One entry per set of sources (and ``extra``), where a source is a storage and a place in it (address,
+    shape, strides, dtype), not a tensor object: ``p.detach()`` or a view made anew on every call
+    (``functional_call`` with detached parameters) finds the parameter's entry instead of adding one
+    per call. An entry is valid while each source's storage is the very same object (weak
+    references to the storages, so an entry never keeps a model alive and a recycled id never
+    matches) and its ``_version`` counter is unchanged (any in-place update — an optimizer step, a
+    BatchNorm updating running statistics in training mode, ``load_state_dict`` — bumps it). The
+    tensors themselves are never weakly referenced: ``torch.utils.swap_tensors`` (``module.to()`` /
+    ``.double()`` under ``torch.__future__.set_swap_module_params_on_conversion(True)``, DTensor
+    conversions) refuses a tensor that has a weak reference. A changed source rebuilds its entry in
+    place: a training loop holds one packed copy per layer, not one per step until the cache fills.
+    Entries die with any of their sources' storages (a parameter given new storage through ``.data``
+    or a swap frees its stale entry), and at most ``capacity`` are kept (least recently used first out).
     Not detected: writes through ``tensor.data``, which bypass the version counter (training-mode
     layers do not cache for that reason, see ``cached_folded``; ``clear_weight_caches()`` forgets
     every entry).
@@ -58,52 +60,40 @@ class FoldedWeightCache:
     def __init__(self, capacity: int = 64):
         _CACHES.add(self)
         self.capacity = capacity
-        # (source ids, extra) -> (weak references, sources' state, value)
+        # (where each source is, extra) -> (weak references to the storages, versions, value)
         self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
-    def _state(sources: Sequence[Optional[Tensor]]) -> Optional[tuple]:
-        parts = []
-        for t in sources:
-            if t is None:
-                parts.append(None)
-                continue
-            if t.is_inference():  # inference tensors have no version counter: do not cache
-                return None
-            parts.append((t._version, t.data_ptr(), t.shape, t.stride(), t.dtype))
-        return tuple(parts)
+    def _where(t: Tensor) -> tuple:
+        return id(t.untyped_storage()), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
     def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
-        state = self._state(sources)
-        if state is None or capturing(sources):
+        # inference tensors have no version counter: never cached
+        if any(t is not None and t.is_inference() for t in sources) or capturing(sources):
             return build()
-        key = tuple(None if t is None else id(t) for t in sources) + tuple(extra)
+        key = tuple(None if t is None else self._where(t) for t in sources) + tuple(extra)
+        versions = tuple(None if t is None else t._version for t in sources)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 refs, seen, value = entry
-                same_storages = all((r is None and t is None) or (r is not None and t is not None
-                                                                   and r() is t.untyped_storage())
-                                    for r, t in zip(refs, sources))
-                if same_storages and seen == state:
+                same_storages = all(r is None or r() is t.untyped_storage() for r, t in zip(refs, sources))
+                if same_storages and seen == versions:
                     self._entries.move_to_end(key)
                     return value
                 del self._entries[key]  # a source changed, or an id was recycled: stale, freed now
         value = build()
         entries = self._entries
 
-        def drop(ref, key=key):  # the conv weight's storage died: its entry is useless
+        def drop(ref, key=key):  # a source's storage died (freed, or replaced): the entry is useless
             entry = entries.get(key)
-            if entry is not None and entry[0][0] is ref:  # not a newer entry under the same key
+            if entry is not None and ref in entry[0]:  # not a newer entry under the same key
                 del entries[key]
 
-        refs = tuple(
-            None if t is None else weakref.ref(t.untyped_storage(), drop if i == 0 else None)
-            for i, t in enumerate(sources)
-        )
+        refs = tuple(None if t is None else weakref.ref(t.untyped_storage(), drop) for t in sources)
         with self._lock:
-            entries[key] = (refs, state, value)
+            entries[key] = (refs, versions, value)
             entries.move_to_end(key)
             while len(entries) > self.capacity:
                 entries.popitem(last=False)
