@@ -37,6 +37,16 @@ def _x(*shape, dtype=torch.float32):
         (_x(1, 3, 4, 6, 6), {"momentum": None}, ValueError, r"momentum=None .* needs num_batches_tracked"),
         (_x(1, 3, 1, 1, 1), {"padding": 0, "_kernel": 1}, ValueError, r"Expected more than 1 value per channel"),
         (_x(1, 3, 4, 6, 6), {"_weight": None}, TypeError, r"conv_weight must be a torch.Tensor, got NoneType"),
+        (_x(1, 3, 4, 6, 6).numpy(), {}, TypeError, r"x must be a torch.Tensor, got ndarray"),
+        (_x(1, 3, 4, 6, 6), {"_weight": torch.randn(4, 3, 3, 3)}, ValueError,
+         r"conv_weight must be 5-D \(C_out, C_in, kD, kH, kW\), got shape \(4, 3, 3, 3\)"),
+        (_x(1, 3, 4, 6, 6), {"_running_var": torch.ones(4, dtype=torch.int64)}, TypeError,
+         r"running_var must be floating point, got torch.int64"),
+        (_x(1, 3, 4, 6, 6), {"_bn_weight": [1.0] * 4}, TypeError, r"bn_weight must be a torch.Tensor or None, got list"),
+        (_x(1, 3, 4, 6, 6), {"pool": ((0, 2, 2), None, 0)}, ValueError, r"pool kernel_size and stride must be positive"),
+        (_x(1, 3, 4, 6, 6), {"pool": nn.MaxPool3d(2, return_indices=True)}, ValueError,
+         r"pool: return_indices=True is not supported"),
+        (_x(1, 3, 4, 6, 6), {"pool": nn.MaxPool3d(2, dilation=2)}, ValueError, r"pool: dilation other than 1"),
         (_x(1, 3, 4, 6, 6), {"pool": (2.0, 2, 0)}, ValueError, r"pool kernel_size must be an int or 3 ints"),
         # an empty conv output that the pool's padding alone would turn into one pooled position
         (_x(1, 3, 2, 6, 6), {"padding": 0, "pool": ((2, 1, 1), (2, 1, 1), (1, 0, 0))}, ValueError,
@@ -48,11 +58,36 @@ def test_bad_input_is_named(x, kwargs, error, pattern):
     args = _args()
     if "_weight" in kwargs:
         args["conv_weight"] = kwargs.pop("_weight")
+    for name in [k for k in kwargs if k.startswith("_")]:
+        args[name[1:]] = kwargs.pop(name)
     if kernel != 3:
         args["conv_weight"] = args["conv_weight"][..., :kernel, :kernel, :kernel].contiguous()
     kwargs.setdefault("padding", 1 if "pool" not in kwargs else 0)
     with pytest.raises(error, match=pattern):
         conv3d_bn_act(x, **args, training=True, **kwargs)
+
+
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool3d((1, 2, 2)),
+    ((1, 2, 2), None, 0),  # stride None: the kernel size, as nn.MaxPool3d
+    {"kernel_size": (1, 2, 2)},
+    {"kernel_size": 2, "stride": 2, "padding": (0, 1, 1)},
+])
+def test_every_pool_spelling_is_the_max_pool_it_names(pool):
+    """``pool`` takes an nn.MaxPool3d, (kernel_size, stride, padding) or the MaxPool3d keyword dict."""
+    args = _args()
+    x = _x(2, 3, 4, 6, 6)
+    if isinstance(pool, nn.MaxPool3d):
+        stock_pool = pool
+    elif isinstance(pool, dict):
+        stock_pool = nn.MaxPool3d(**pool)
+    else:
+        stock_pool = nn.MaxPool3d(pool[0], pool[1], pool[2])
+    expected = stock_pool(torch.relu(nn.functional.batch_norm(
+        nn.functional.conv3d(x, args["conv_weight"], args["conv_bias"], padding=1), args["running_mean"],
+        args["running_var"], args["bn_weight"], args["bn_bias"], training=False)))
+    out = conv3d_bn_act(x, **args, training=False, padding=1, pool=pool, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_parameter_shape_mismatch_is_named():
