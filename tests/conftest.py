@@ -37,3 +37,12 @@ def _exact_fp32(monkeypatch):
     kernels use TF32 on a GPU, and cuDNN may or may not (it picks non-tensor-core algorithms for tiny
     channel counts), so neither error would be fp32's. The TF32 tests turn it on themselves."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture(autouse=True)
+def _own_fallback_record():
+    """``c3dzoo.fallbacks()`` is one record per process: each test starts with it empty, so a test
+    that asserts no call fell back sees its own calls only, whatever ran before it in the process."""
+    from c3dzoo.ops import backends
+
+    backends.clear_fallbacks()
