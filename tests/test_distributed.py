@@ -134,6 +134,30 @@ def _scenario_train_sync(rank):
     return {"sync_bn": c3d_dist.unwrap(ddp).state_dict(), "converted": converted.state_dict()}
 
 
+def zoo_model(dtype=torch.float32) -> nn.Module:
+    """MC3-18 as every rank and the single-process reference build it (stock modules)."""
+    torch.manual_seed(0)
+    return c3dzoo.mc3_18(num_classes=CLASSES).to(dtype)
+
+
+def zoo_batch():
+    g = torch.Generator().manual_seed(4)
+    return (torch.randn(GLOBAL_BATCH, 3, 4, 16, 16, generator=g),
+            torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g))
+
+
+def _scenario_zoo_converted(rank):
+    """The usual DDP recipe on a zoo model: ``nn.SyncBatchNorm.convert_sync_batchnorm`` then fused
+    (stock SyncBatchNorm refuses CPU tensors in a process group, so only the fused chains can run
+    here: they synchronise over gloo)."""
+    part = _rank_slice(rank)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(zoo_model())
+    model.fused, model.backend = True, "reference"
+    x, y = zoo_batch()
+    _step(model, _sgd(model.parameters()), x[part], y[part], average_grads_by_hand=True)
+    return {"state": model.state_dict()}
+
+
 def _scenario_train_local(rank):
     part = _rank_slice(rank)
     x, y = batches()[0]
@@ -239,6 +263,7 @@ def _scenario_double_backward(rank):
 _SCENARIOS = {
     "train_sync": _scenario_train_sync, "train_local": _scenario_train_local,
     "grow": _scenario_grow, "op": _scenario_op, "double_backward": _scenario_double_backward,
+    "zoo_converted": _scenario_zoo_converted,
 }
 
 
@@ -286,6 +311,29 @@ def test_sync_bn_training_matches_single_process_on_the_global_batch(spawned):
                 assert ranks[0][variant][key].item() == STEPS
                 continue
             assert_parity(ranks[0][variant][key], stock[key], reference[key], torch.float32, f"{variant} {key}")
+
+
+def test_a_fused_zoo_model_converted_to_sync_batch_norm_trains_on_the_global_batch(spawned):
+    """MC3-18 after ``convert_sync_batchnorm`` (its blocks' Sequentials then hold SyncBatchNorm):
+    one step on 2 ranks gives the single-process stock step on the concatenated batch, running
+    statistics included, identical on both ranks."""
+    ranks = _results(spawned, "zoo_converted")
+    x, y = zoo_batch()
+    states = {}
+    for dtype in (torch.float64, torch.float32):
+        model = zoo_model(dtype)
+        opt = _sgd(model.parameters())
+        loss = F.cross_entropy(model(x.to(dtype)), y, reduction="sum") / GLOBAL_BATCH
+        loss.backward()
+        opt.step()
+        states[dtype] = model.state_dict()
+    assert ranks[0]["state"].keys() == states[torch.float32].keys()
+    for key, reference in states[torch.float64].items():
+        assert torch.equal(ranks[1]["state"][key], ranks[0]["state"][key]), f"{key}: ranks differ"
+        if key.endswith("num_batches_tracked"):
+            assert ranks[0]["state"][key].item() == 1
+            continue
+        assert_parity(ranks[0]["state"][key], states[torch.float32][key], reference, torch.float32, key)
 
 
 def test_without_sync_each_rank_keeps_its_own_statistics(spawned):

@@ -175,3 +175,69 @@ def test_weight_norm_pre_hook_recomputes_the_weight_the_fused_chain_reads():
     x = torch.randn(1, 3, 16, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), stock(x), rtol=1e-5, atol=1e-6)
+
+
+_VIDEO_MODELS = {
+    "r3d_18": (lambda: c3dzoo.r3d_18(num_classes=3), (2, 3, 4, 32, 32)),
+    "r2plus1d_18": (lambda: c3dzoo.r2plus1d_18(num_classes=3), (2, 3, 4, 32, 32)),
+    "jester_convcolumn": (lambda: c3dzoo.jester_convcolumn(num_classes=3), (2, 3, 18, 84, 84)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_VIDEO_MODELS))
+def test_hooks_on_the_containers_of_video_models_run_and_keep_the_chains_fused(name, stock_chain_calls):
+    """Feature extraction at ``stem``, ``layer3`` or a block's ``downsample`` (forward hooks on the
+    Sequentials the stock forward calls): the fused forward calls each of them too, with the same
+    input and output, and the chains inside stay fused (a hook on a container is not a hook on
+    its conv, BN, activation or pool)."""
+    build, shape = _VIDEO_MODELS[name]
+    torch.manual_seed(0)
+    fused = build().eval()
+    fused.fused = True
+    stock = copy.deepcopy(fused)
+    stock.fused = False
+    containers = [n for n, m in fused.named_modules() if n and isinstance(m, nn.Sequential)]
+    assert len(containers) >= 4
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    for label, model in (("fused", fused), ("stock", stock)):
+        record = seen.setdefault(label, [])
+        modules = dict(model.named_modules())
+        handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n, r=record: r.append(("pre", n, i[0].shape)))
+                   for n in containers]
+        handles += [modules[n].register_forward_hook(lambda m, i, o, n=n, r=record: r.append(("out", n, o.detach())))
+                    for n in containers]
+        with torch.no_grad():
+            seen[label + "_out"] = model(x)
+        for handle in handles:
+            handle.remove()
+    assert [r[:2] for r in seen["fused"]] == [r[:2] for r in seen["stock"]]
+    for (kind, where, got), (_, _, want) in zip(seen["fused"], seen["stock"]):
+        if kind == "pre":
+            assert got == want, where
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=where: f"{n}: {m}")
+    torch.testing.assert_close(seen["fused_out"], seen["stock_out"], rtol=1e-4, atol=1e-5)
+    assert stock_chain_calls == []
+
+
+def test_a_global_hook_sees_a_fused_video_resnet_call_what_stock_calls():
+    """Module tracers (a global forward hook): the fused R3D-18 calls every module the stock one
+    calls, containers included, in the same order."""
+    torch.manual_seed(0)
+    fused = c3dzoo.r3d_18(num_classes=3, fused=True).eval()
+    stock = copy.deepcopy(fused)
+    stock.fused = False
+    x = torch.randn(1, 3, 4, 32, 32)
+    calls = {}
+    for label, model in (("fused", fused), ("stock", stock)):
+        names = {id(m): n for n, m in model.named_modules()}
+        called = calls.setdefault(label, [])
+        handle = nn.modules.module.register_module_forward_hook(lambda m, i, o, c=called, k=names: c.append(k[id(m)]))
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            handle.remove()
+    assert "layer2.0.downsample" in calls["stock"]
+    assert calls["fused"] == calls["stock"]

@@ -262,3 +262,28 @@ def test_matches_torchvision(name):
         assert torch.equal(ours(x), expected)
         ours.fused = True
         _assert_close(ours(x), expected, "fused output vs torchvision")
+
+
+def test_user_edited_containers_of_a_fused_video_resnet_still_run():
+    """What fine-tuning code does to a video ResNet: a new plain ``nn.Sequential`` stem (2-channel
+    optical flow), a Dropout3d put into a block's Sequential, SyncBatchNorm from
+    ``convert_sync_batchnorm`` (one process: it normalises as BatchNorm3d). The fused model runs
+    what the stock one runs: modules that start no chain are simply called."""
+    torch.manual_seed(0)
+    fused = c3dzoo.r3d_18(num_classes=3, fused=True)
+    fused.stem = nn.Sequential(nn.Conv3d(2, 64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+                               nn.BatchNorm3d(64), nn.ReLU(inplace=True))
+    fused.layer2[0].conv1.insert(1, nn.Dropout3d(0.0))
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(fused)
+    stock = copy.deepcopy(fused)
+    stock.fused = False
+    x = torch.randn(2, 2, 4, 32, 32)
+    for model in (fused, stock):
+        model(x).square().mean().backward()
+    torch.testing.assert_close(fused.layer1[0].conv1[0].weight.grad, stock.layer1[0].conv1[0].weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    for key, value in stock.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    fused.eval(), stock.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)

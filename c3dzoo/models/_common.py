@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..nn import conv_bn_act, stock_conv_bn_act
+from ..nn import conv_bn_act, runs_hooks, stock_conv_bn_act
 
 
 class FusableModel(nn.Module):
@@ -70,34 +70,76 @@ def scaled(channels: int, width_mult: float) -> int:
 Chain = Callable[..., torch.Tensor]  # FusableModel.chain
 
 
-def _leaves(module: nn.Module):
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            yield from _leaves(child)
-    else:
-        yield module
+_BATCH_NORMS = (nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _is_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose forward is the stock one (its children, in order)."""
+    return isinstance(module, nn.Sequential) and type(module).forward in (nn.Sequential.forward,
+                                                                         ChainSequential.forward)
+
+
+def call_chained(module: nn.Module, x, chain: Optional[Chain] = None):
+    """``module(x)``, with its Conv3d → BN → activation (→ MaxPool3d) chains run through ``chain``
+    (a ``FusableModel.chain``) where it has any. A part that takes the chain (``takes_chain``: a
+    ``ChainSequential``, a video ResNet block) is called with it, so its own hooks run as in the
+    stock model; a plain Sequential without hooks is walked (``run_chained``); anything else —
+    including a plain Sequential with hooks — is simply called, stock."""
+    if chain is None:
+        return module(x)
+    if getattr(type(module), "takes_chain", False):
+        return module(x, chain)
+    if _is_sequential(module) and not runs_hooks(module):
+        return run_chained(module, x, chain)
+    return module(x)
+
+
+class ChainSequential(nn.Sequential):
+    """An ``nn.Sequential`` (same children, same state_dict keys) that a fused zoo model calls with
+    its chain: ``seq(x)`` is the stock Sequential, ``seq(x, chain)`` runs its chains fused
+    (``run_chained``). Called through ``nn.Module.__call__`` either way, so hooks on it (feature
+    extraction at ``stem`` or ``layer3``, Grad-CAM on ``layer4``) run as they do in the stock model."""
+
+    takes_chain = True
+
+    def forward(self, x, chain: Optional[Chain] = None):
+        if chain is None:
+            return super().forward(x)
+        return run_chained(self, x, chain)
+
+
+def _parts(seq: nn.Module):
+    """``seq``'s children in forward order, looking through nested Sequentials that have no hooks
+    (so a chain may span one: R(2+1)D's temporal conv and the BatchNorm after its Sequential)."""
+    for child in seq:
+        if _is_sequential(child) and not runs_hooks(child):
+            yield from _parts(child)
+        else:
+            yield child
 
 
 def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) -> torch.Tensor:
-    """``seq(x)`` for a (possibly nested) Sequential of chains Conv3d → [BatchNorm3d] →
-    [ReLU | LeakyReLU] → [MaxPool3d].
+    """``seq(x)`` for a (possibly nested) Sequential, with each chain Conv3d → [BatchNorm3d |
+    SyncBatchNorm] → [ReLU | LeakyReLU] → [MaxPool3d] of its parts run as one ``chain`` call.
 
-    With ``chain`` (a ``FusableModel.chain``), each chain runs as one call; without it, ``seq`` is
-    simply called. Reading the chains from the Sequential (rather than unpacking a fixed number of
-    modules) lets Net2Net's ``deeper`` insert layers into a block of a fused model.
+    Without ``chain``, ``seq`` is simply called. Parts that start no chain (a block, a Sequential
+    with hooks, a module the user put there) are called as they are (``call_chained``). Reading the
+    chains from the Sequential (rather than unpacking a fixed number of modules) lets Net2Net's
+    ``deeper`` insert layers into a block of a fused model.
     """
     if chain is None:
         return seq(x)
-    modules = list(_leaves(seq))
+    modules = list(_parts(seq))
     i = 0
-    chains = []
+    items = []  # chains (tuples) and modules called on their own
     while i < len(modules):
         conv = modules[i]
-        if type(conv) is not nn.Conv3d:
-            raise TypeError(f"expected an nn.Conv3d to start a chain, got {type(conv).__name__}")
         i += 1
+        if type(conv) is not nn.Conv3d:
+            items.append(conv)
+            continue
         bn = None
-        if i < len(modules) and isinstance(modules[i], nn.BatchNorm3d):
+        if i < len(modules) and isinstance(modules[i], _BATCH_NORMS):
             bn, i = modules[i], i + 1
         activation, slope, act = "none", 0.0, None
         if i < len(modules) and isinstance(modules[i], nn.ReLU):
@@ -107,8 +149,13 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
         pool = None
         if i < len(modules) and isinstance(modules[i], nn.MaxPool3d):
             pool, i = modules[i], i + 1
-        chains.append((conv, bn, activation, slope, pool, act))
-    for k, (conv, bn, activation, slope, pool, act) in enumerate(chains):
-        # every chain but the last feeds the next one: its BN may be deferred into that one's input
-        x = chain(x, conv, bn, activation, slope, pool, defer=k + 1 < len(chains), activation_module=act)
+        items.append((conv, bn, activation, slope, pool, act))
+    for k, item in enumerate(items):
+        if isinstance(item, tuple):
+            conv, bn, activation, slope, pool, act = item
+            # a chain that feeds the next chain directly may leave its BN to that one's input
+            feeds_chain = k + 1 < len(items) and isinstance(items[k + 1], tuple)
+            x = chain(x, conv, bn, activation, slope, pool, defer=feeds_chain, activation_module=act)
+        else:
+            x = call_chained(item, x, chain)
     return x

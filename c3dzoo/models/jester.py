@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._common import FusableModel, run_chained
+from ._common import ChainSequential, FusableModel, call_chained
 
 Tensor = torch.Tensor
 
@@ -15,10 +15,10 @@ INPUT_SIZE = (18, 84, 84)  # frames, height, width: the four blocks leave 256 ×
 _BLOCK_CHANNELS = (32, 64, 124, 256)
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int) -> ChainSequential:
     """Conv3d (2×3×3, no padding) → BN → LeakyReLU → Conv3d (2×3×3, padding 1) → BN → LeakyReLU
     → MaxPool3d(2): indices 0…6, as in the tutorial's checkpoints."""
-    return nn.Sequential(
+    return ChainSequential(
         nn.Conv3d(in_channels, out_channels, kernel_size=(2, 3, 3), padding=0),
         nn.BatchNorm3d(out_channels),
         nn.LeakyReLU(),
@@ -50,8 +50,8 @@ class ConvColumn(FusableModel):
         self.batch1 = nn.BatchNorm1d(256)
         self.fc7 = nn.Linear(256, num_classes)
 
-    def _block(self, block: nn.Sequential, x: Tensor) -> Tensor:
-        return run_chained(block, x, self.chain if self.fused else None)
+    def _block(self, block: nn.Module, x: Tensor) -> Tensor:
+        return call_chained(block, x, self.chain if self.fused else None)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x)

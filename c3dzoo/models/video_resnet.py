@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._common import Chain, FusableModel, run_chained
+from ._common import Chain, ChainSequential, FusableModel, call_chained
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,7 @@ class Conv3DNoTemporal(ConvBuilder):
         return (1, stride, stride)
 
 
-class Conv2Plus1D(nn.Sequential):
+class Conv2Plus1D(ChainSequential):
     """A 3×3×3 convolution factored into a 1×3×3 spatial conv → BN → ReLU → 3×1×1 temporal conv
     through ``midplanes`` channels (R(2+1)D)."""
 
@@ -83,7 +83,7 @@ class _Conv2Plus1DBuilder(ConvBuilder):
 # --------------------------------------------------------------------------------------------
 
 
-class BasicStem(nn.Sequential):
+class BasicStem(ChainSequential):
     """Conv3d 3→64 (3×7×7, stride 1×2×2) → BN → ReLU (R3D, MC3)."""
 
     def __init__(self):
@@ -94,7 +94,7 @@ class BasicStem(nn.Sequential):
         )
 
 
-class R2Plus1dStem(nn.Sequential):
+class R2Plus1dStem(ChainSequential):
     """The factored stem of R(2+1)D: Conv3d 3→45 (1×7×7, stride 1×2×2) → BN → ReLU →
     Conv3d 45→64 (3×1×1) → BN → ReLU."""
 
@@ -121,20 +121,22 @@ class BasicBlock(nn.Module):
         # matters for Conv2Plus1D); keep that, or the shapes would not match its checkpoints
         midplanes = (inplanes * planes * 3 * 3 * 3) // (inplanes * 3 * 3 + 3 * planes)
         super().__init__()
-        self.conv1 = nn.Sequential(
+        self.conv1 = ChainSequential(
             conv_builder(inplanes, planes, midplanes, stride), nn.BatchNorm3d(planes), nn.ReLU(inplace=True)
         )
-        self.conv2 = nn.Sequential(conv_builder(planes, planes, midplanes), nn.BatchNorm3d(planes))
+        self.conv2 = ChainSequential(conv_builder(planes, planes, midplanes), nn.BatchNorm3d(planes))
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
 
+    takes_chain = True  # see call_chained
+
     def forward(self, x: Tensor, chain: Optional[Chain] = None) -> Tensor:
-        """The block; with ``chain`` its conv chains run through it (see ``run_chained``)."""
+        """The block; with ``chain`` its conv chains run through it (see ``call_chained``)."""
         residual = x
-        out = run_chained(self.conv2, run_chained(self.conv1, x, chain), chain)
+        out = call_chained(self.conv2, call_chained(self.conv1, x, chain), chain)
         if self.downsample is not None:
-            residual = run_chained(self.downsample, x, chain)
+            residual = call_chained(self.downsample, x, chain)
         out += residual
         return self.relu(out)
 
@@ -171,10 +173,10 @@ class VideoResNet(FusableModel):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.constant_(m.bias, 0)
 
-    def _make_layer(self, conv_builder: ConvBuilder, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, conv_builder: ConvBuilder, planes: int, blocks: int, stride: int) -> ChainSequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
-            downsample = nn.Sequential(
+            downsample = ChainSequential(
                 nn.Conv3d(self.inplanes, planes * BasicBlock.expansion, kernel_size=1,
                           stride=conv_builder.downsample_stride(stride), bias=False),
                 nn.BatchNorm3d(planes * BasicBlock.expansion),
@@ -182,27 +184,27 @@ class VideoResNet(FusableModel):
         layers = [BasicBlock(self.inplanes, planes, conv_builder, stride, downsample)]
         self.inplanes = planes * BasicBlock.expansion
         layers += [BasicBlock(self.inplanes, planes, conv_builder) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return ChainSequential(*layers)
 
     def _check_input(self, x: Tensor) -> None:
         if isinstance(x, torch.fx.Proxy):  # symbolic tracing (c3dzoo.fuse): no shapes to check
             return
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 3 or min(x.shape[2:]) < 1:
+        # the stem's conv says how many channels (a user's own stem may take optical flow's 2)
+        first = next((m for m in self.stem.modules() if isinstance(m, nn.Conv3d)), None)
+        channels = first.in_channels if first is not None else 3
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != channels or min(x.shape[2:]) < 1:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
-                f"{type(self).__name__} expects input of shape (N, 3, frames, height, width) "
+                f"{type(self).__name__} expects input of shape (N, {channels}, frames, height, width) "
                 f"with every size at least 1, got {got}"
             )
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.fused:
-            x = run_chained(self.stem, x, self.chain)
-            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-                for block in layer:
-                    x = block(x, self.chain)
-        else:
-            x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        # every part is called through nn.Module.__call__ (its hooks run) fused or not
+        chain = self.chain if self.fused else None
+        for part in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
+            x = call_chained(part, x, chain)
         x = self.avgpool(x)
         x = x.flatten(1)
         return self.fc(x)
