@@ -6,6 +6,7 @@ fused."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import warnings
 
@@ -203,8 +204,10 @@ def test_hooks_on_the_containers_of_video_models_run_and_keep_the_chains_fused(n
     for label, model in (("fused", fused), ("stock", stock)):
         record = seen.setdefault(label, [])
         modules = dict(model.named_modules())
-        handles = [modules[n].register_forward_pre_hook(lambda m, i, n=n, r=record: r.append(("pre", n, i[0].shape)))
-                   for n in containers]
+        def pre_hook(module, args, n, r=record):  # the input as stock gives it: exactly (x,)
+            r.append(("pre", n, [getattr(t, "shape", type(t).__name__) for t in args]))
+
+        handles = [modules[n].register_forward_pre_hook(functools.partial(pre_hook, n=n)) for n in containers]
         handles += [modules[n].register_forward_hook(lambda m, i, o, n=n, r=record: r.append(("out", n, o.detach())))
                     for n in containers]
         with torch.no_grad():

@@ -88,7 +88,8 @@ def call_chained(module: nn.Module, x, chain: Optional[Chain] = None):
     if chain is None:
         return module(x)
     if getattr(type(module), "takes_chain", False):
-        return module(x, chain)
+        # by keyword: hooks get the stock call's input, (x,) (and a pre-hook's new input keeps it)
+        return module(x, chain=chain)
     if _is_sequential(module) and not runs_hooks(module):
         return run_chained(module, x, chain)
     return module(x)
@@ -96,7 +97,7 @@ def call_chained(module: nn.Module, x, chain: Optional[Chain] = None):
 
 class ChainSequential(nn.Sequential):
     """An ``nn.Sequential`` (same children, same state_dict keys) that a fused zoo model calls with
-    its chain: ``seq(x)`` is the stock Sequential, ``seq(x, chain)`` runs its chains fused
+    its chain: ``seq(x)`` is the stock Sequential, ``seq(x, chain=chain)`` runs its chains fused
     (``run_chained``). Called through ``nn.Module.__call__`` either way, so hooks on it (feature
     extraction at ``stem`` or ``layer3``, Grad-CAM on ``layer4``) run as they do in the stock model."""
 
