@@ -44,7 +44,7 @@ __all__ = ["wider", "wider_group", "deeper", "widenable_layers", "residual_strea
 # optimizer state entries that are quadratic in the gradient (and so in the parameter's scale)
 _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
 _UNIT_LAYERS = (nn.Conv3d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: convert_sync_batchnorm's
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +248,9 @@ def _resized(module: nn.Module, in_units: Optional[int] = None, out_units: Optio
         return nn.Linear(in_units or module.in_features, out_units or module.out_features,
                          module.bias is not None, **f)
     if type(module) in _NORMS:
+        group = {"process_group": module.process_group} if isinstance(module, nn.SyncBatchNorm) else {}
         return type(module)(out_units or module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, **f)
+                            module.track_running_stats, **group, **f)
     raise ValueError(f"net2net cannot rebuild a {type(module).__name__}")
 
 
@@ -581,12 +582,17 @@ def _identity_conv(channels: int, factory: dict) -> nn.Conv3d:
     return conv
 
 
-def _identity_norm(reference: _BatchNorm, factory: dict, batch: Optional[Tensor]) -> nn.BatchNorm3d:
-    """A BatchNorm3d (``reference``'s eps and momentum) that is identity in eval mode: running
-    statistics μ, σ² with γ = sqrt(σ² + eps), β = μ; μ, σ² are ``batch``'s per-channel mean and
-    biased variance (so it is identity in train mode on that batch too), else 0 and 1."""
+def _identity_norm(reference: _BatchNorm, factory: dict, batch: Optional[Tensor]) -> _BatchNorm:
+    """A BatchNorm3d (``reference``'s eps and momentum; a SyncBatchNorm of its group if it is one)
+    that is identity in eval mode: running statistics μ, σ² with γ = sqrt(σ² + eps), β = μ; μ, σ²
+    are ``batch``'s per-channel mean and biased variance (so it is identity in train mode on that
+    batch too), else 0 and 1."""
     channels = reference.num_features
-    norm = nn.BatchNorm3d(channels, eps=reference.eps, momentum=reference.momentum, **factory)
+    if isinstance(reference, nn.SyncBatchNorm):
+        norm = nn.SyncBatchNorm(channels, eps=reference.eps, momentum=reference.momentum,
+                                process_group=reference.process_group, **factory)
+    else:
+        norm = nn.BatchNorm3d(channels, eps=reference.eps, momentum=reference.momentum, **factory)
     mean, var = torch.zeros(channels, **factory), torch.ones(channels, **factory)
     if batch is not None:
         batch = batch.to(**factory)
@@ -721,6 +727,9 @@ def _resnet_insertion(model: nn.Module, after: str, name: Optional[str],
         raise ValueError(f"the new block's conv2 does not end in a BatchNorm3d ({last_norm}); cannot zero it")
     nn.init.zeros_(last_norm.weight)
     nn.init.zeros_(last_norm.bias)
+    synced = next((m for m in block.modules() if isinstance(m, nn.SyncBatchNorm)), None)
+    if synced is not None:  # a converted model (convert_sync_batchnorm): so is the new block
+        new = nn.SyncBatchNorm.convert_sync_batchnorm(new, synced.process_group)
     new.to(**_factory(writer)).train(block.training)
     return _Insertion((new,), reader.weight, lambda: layer.insert(index + 1, new))
 

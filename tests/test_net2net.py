@@ -840,3 +840,30 @@ def test_deeper_fused_convcolumn_runs_the_inserted_layer_fused(monkeypatch):
         assert_same(fused(x), expected)
     assert fused.conv_layer2[6] in calls  # the inserted conv ran through the fused op
     assert len(calls) == 9  # 2 chains in each of the 4 blocks + the inserted one
+
+
+@pytest.mark.parametrize("name", ["c3d_bn", "r3d_18"])
+def test_growing_a_model_converted_to_sync_batch_norm(name):
+    """After ``nn.SyncBatchNorm.convert_sync_batchnorm`` (the DDP recipe), ``wider`` grows the
+    SyncBatchNorms with their layer and ``deeper`` adds SyncBatchNorms of the same process group
+    (a plain BatchNorm3d there would normalise per rank), and both preserve the function."""
+    torch.manual_seed(0)
+    if name == "c3d_bn":
+        base, x = randomize_bn(small_c3d_bn(fused=True)), clip()
+        widen, deepen = ("conv3a", 2 * units(base, "conv3a")), "conv3b"
+    else:
+        base, x = small_resnet("r3d_18", fused=True), resnet_clip()
+        widen, deepen = ("layer1.0.conv1.0", 80), "layer2.1"
+    group = object()  # stands for a process group: only passed along, never used without a forward
+    grown = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base), group)
+    norms_before = sum(isinstance(m, nn.SyncBatchNorm) for m in grown.modules())
+    net2net.wider(grown, *widen)
+    net2net.deeper(grown, deepen)
+    norms = [m for m in grown.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(isinstance(m, nn.SyncBatchNorm) and m.process_group is group for m in norms)
+    assert len(norms) > norms_before
+    for m in norms:
+        m.process_group = None  # one process: SyncBatchNorm normalises as BatchNorm3d
+    base.eval(), grown.eval()
+    with torch.no_grad():
+        assert_same(grown(x), base(x))
