@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import c3dzoo
+from c3dzoo import net2net
 from parity import assert_parity
 
 SMALL = dict(width_mult=0.125, input_size=(16, 32, 32), num_classes=5)
@@ -178,3 +179,24 @@ def test_c3d_port_keys():
     assert keys == expected
     assert c3dzoo.c3d().fc8.out_features == 487
     assert c3dzoo.c3d().fc6.in_features == 8192
+
+
+def test_optical_flow_stream_with_two_input_channels():
+    """A two-stream model's flow stream: ``in_channels=2`` at build time, or conv1 replaced by a
+    2-channel conv afterwards; the fused model takes 2-channel clips as the stock one does, and a
+    3-channel clip gets an error naming the expected shape."""
+    torch.manual_seed(0)
+    built = c3dzoo.c3d_bn(**SMALL, in_channels=2, fused=True)
+    edited = c3dzoo.c3d_bn(**SMALL, fused=True)
+    edited.conv1 = torch.nn.Conv3d(2, edited.conv1.out_channels, 3, padding=1)
+    x = torch.randn(2, 2, *SMALL["input_size"])
+    for fused in (built, edited):
+        stock = copy.deepcopy(fused)
+        stock.fused = False
+        fused.eval(), stock.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match=r"expects input of shape \(N, 2, 16, 32, 32\)"):
+            fused(torch.randn(1, 3, *SMALL["input_size"]))
+    net2net.deeper(edited, "conv1", data=x)  # its probe takes the model's own input shape
+    assert tuple(built.state_dict()["conv1.weight"].shape[:2]) == (8, 2)

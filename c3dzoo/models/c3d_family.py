@@ -88,7 +88,8 @@ class C3D(FusableModel):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of pool5 (N × C × D × H × W)."""
-        check_input(x, self.in_channels, self.input_size, type(self).__name__)
+        # the first conv says how many channels (it may have been replaced: 2-channel optical flow)
+        check_input(x, getattr(self, self.layer_names[0]).in_channels, self.input_size, type(self).__name__)
         for i, name in enumerate(self.layer_names):
             bn = getattr(self, name + "_bn") if self.batch_norm else None
             pool = getattr(self, self.pool_names[name]) if name in self.pool_names else None
@@ -110,16 +111,17 @@ def _t(v):
 
 def c3d_bn(num_classes: int = 101, *, fused: bool = False, width_mult: float = 1.0,
            input_size: Sequence[int] = (16, 112, 112), dropout: float = 0.0,
-           backend: Optional[str] = None) -> C3D:
-    """C3D with BatchNorm3d after every conv (input N×3×16×112×112 by default)."""
+           backend: Optional[str] = None, in_channels: int = 3) -> C3D:
+    """C3D with BatchNorm3d after every conv (input N×3×16×112×112 by default; ``in_channels=2``
+    for an optical-flow stream)."""
     return C3D(num_classes, batch_norm=True, dropout=dropout, width_mult=width_mult,
-               input_size=input_size, fused=fused, backend=backend)
+               input_size=input_size, in_channels=in_channels, fused=fused, backend=backend)
 
 
 def c3d(num_classes: int = 487, *, fused: bool = False, width_mult: float = 1.0,
         input_size: Sequence[int] = (16, 112, 112), dropout: float = 0.5,
-        backend: Optional[str] = None) -> C3D:
+        backend: Optional[str] = None, in_channels: int = 3) -> C3D:
     """The original C3D (no BatchNorm; dropout 0.5 after fc6 and fc7; Sports-1M has 487 classes).
     Returns logits (the popular port applies softmax in forward; apply it yourself if needed)."""
     return C3D(num_classes, batch_norm=False, dropout=dropout, width_mult=width_mult,
-               input_size=input_size, fused=fused, backend=backend)
+               input_size=input_size, in_channels=in_channels, fused=fused, backend=backend)
