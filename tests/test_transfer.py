@@ -438,6 +438,21 @@ def test_features_of_a_layer_inside_a_fused_chain_are_the_stock_models():
         transfer.extract_features(tiny(), clips(1), "fc9")
 
 
+def test_features_of_a_video_resnet_stage_are_the_stock_models():
+    """``layer4`` (a Sequential of blocks) or a block's ``downsample``: the fused forward calls those
+    containers as the stock one does, so the extraction hook runs there (it raised "did not run as
+    a module" before)."""
+    torch.manual_seed(0)
+    fused = c3dzoo.mc3_18(num_classes=3, fused=True).eval()
+    stock = copy.deepcopy(fused)
+    stock.fused = False
+    x = clips(2, size=(4, 32, 32))
+    for layer, width in (("layer4", 512 * 4 * 2 * 2), ("layer3.0.downsample", 256 * 4 * 4 * 4)):
+        got = transfer.extract_features(fused, x, layer)
+        assert got.shape == (2, width)
+        torch.testing.assert_close(got, transfer.extract_features(stock, x, layer), rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # linear probe
 # --------------------------------------------------------------------------------------------
