@@ -64,21 +64,19 @@ class FoldedWeightCache:
         self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _where(t: Tensor) -> tuple:
-        return id(t.untyped_storage()), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
-
     def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
         # inference tensors have no version counter: never cached
         if any(t is not None and t.is_inference() for t in sources) or capturing(sources):
             return build()
-        key = tuple(None if t is None else self._where(t) for t in sources) + tuple(extra)
+        storages = [None if t is None else t.untyped_storage() for t in sources]
+        key = tuple(None if t is None else (id(s), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+                    for t, s in zip(sources, storages)) + tuple(extra)
         versions = tuple(None if t is None else t._version for t in sources)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 refs, seen, value = entry
-                same_storages = all(r is None or r() is t.untyped_storage() for r, t in zip(refs, sources))
+                same_storages = all(r is None or r() is s for r, s in zip(refs, storages))
                 if same_storages and seen == versions:
                     self._entries.move_to_end(key)
                     return value
@@ -91,7 +89,7 @@ class FoldedWeightCache:
             if entry is not None and ref in entry[0]:  # not a newer entry under the same key
                 del entries[key]
 
-        refs = tuple(None if t is None else weakref.ref(t.untyped_storage(), drop) for t in sources)
+        refs = tuple(None if s is None else weakref.ref(s, drop) for s in storages)
         with self._lock:
             entries[key] = (refs, versions, value)
             entries.move_to_end(key)
