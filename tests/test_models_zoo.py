@@ -287,3 +287,10 @@ def test_user_edited_containers_of_a_fused_video_resnet_still_run():
     fused.eval(), stock.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+
+
+def test_printed_video_resnet_reads_as_torchvision_s():
+    """The containers the fused forward calls with its chain print as torchvision's Sequentials."""
+    text = repr(c3dzoo.r3d_18())
+    assert "(layer1): Sequential(" in text and "(conv1): Sequential(" in text and "(stem): BasicStem(" in text
+    assert "ChainSequential" not in text

@@ -108,6 +108,9 @@ class ChainSequential(nn.Sequential):
             return super().forward(x)
         return run_chained(self, x, chain)
 
+    def _get_name(self) -> str:  # print(model) reads as torchvision's (subclasses keep their names)
+        return "Sequential" if type(self) is ChainSequential else super()._get_name()
+
 
 def _parts(seq: nn.Module):
     """``seq``'s children in forward order, looking through nested Sequentials that have no hooks
