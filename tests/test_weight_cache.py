@@ -11,6 +11,7 @@ import torch
 
 import c3dzoo
 from c3dzoo.ops._weight_cache import FoldedWeightCache
+from interpreter import skip_unless_triton_runs_cpu_tensors
 
 
 def _packer(built):
@@ -187,6 +188,8 @@ def test_reference_backend_folds_each_eval_layer_once_and_notices_updates():
 
 
 def _layer_pair(backend):
+    if backend == "triton":
+        skip_unless_triton_runs_cpu_tensors()
     torch.manual_seed(0)
     fused = c3dzoo.nn.Conv3dBNAct(3, 5, 3, padding=1, pool=((1, 2, 2), (1, 2, 2), 0), backend=backend)
     with torch.no_grad():
