@@ -634,7 +634,7 @@ def _c3d_activation(model: nn.Module, after: str, data: Tensor) -> Tensor:
     mode, leaving every buffer and train/eval flag of the model as it was."""
     from .models._common import check_input
 
-    check_input(data, getattr(model, model.layer_names[0]).in_channels, model.input_size, type(model).__name__)
+    check_input(data, model.in_channels, model.input_size, type(model).__name__)
     pools = _c3d_pool_names(model)
     with _train_mode_probe(model):
         x = data

@@ -49,7 +49,6 @@ class C3D(FusableModel):
         self.input_size = tuple(int(s) for s in input_size)
         if len(self.input_size) != 3:
             raise ValueError(f"input_size must be (frames, height, width), got {input_size!r}")
-        self.in_channels = in_channels
         self.batch_norm = batch_norm
         self.layer_names = tuple(name for name, _, _ in _C3D_LAYERS)
         # per instance (not the module table), so Net2Net's deeper can insert layers and move pools
@@ -86,10 +85,15 @@ class C3D(FusableModel):
             raise ValueError(f"input_size {self.input_size} is too small for C3D's five pools")
         return tuple(size)
 
+    @property
+    def in_channels(self) -> int:
+        """The clip's channel count: the first conv's (which may have been replaced, e.g. by a
+        2-channel one for optical flow)."""
+        return getattr(self, self.layer_names[0]).in_channels
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of pool5 (N × C × D × H × W)."""
-        # the first conv says how many channels (it may have been replaced: 2-channel optical flow)
-        check_input(x, getattr(self, self.layer_names[0]).in_channels, self.input_size, type(self).__name__)
+        check_input(x, self.in_channels, self.input_size, type(self).__name__)
         for i, name in enumerate(self.layer_names):
             bn = getattr(self, name + "_bn") if self.batch_norm else None
             pool = getattr(self, self.pool_names[name]) if name in self.pool_names else None
