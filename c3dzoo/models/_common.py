@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..nn import conv_bn_act, runs_hooks, stock_conv_bn_act
+from ..nn import BATCH_NORMS, conv_bn_act, runs_hooks, stock_conv_bn_act
 
 
 class FusableModel(nn.Module):
@@ -68,9 +68,6 @@ def scaled(channels: int, width_mult: float) -> int:
 
 
 Chain = Callable[..., torch.Tensor]  # FusableModel.chain
-
-
-_BATCH_NORMS = (nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _is_sequential(module: nn.Module) -> bool:
@@ -143,7 +140,7 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
             items.append(conv)
             continue
         bn = None
-        if i < len(modules) and isinstance(modules[i], _BATCH_NORMS):
+        if i < len(modules) and isinstance(modules[i], BATCH_NORMS):
             bn, i = modules[i], i + 1
         activation, slope, act = "none", 0.0, None
         if i < len(modules) and isinstance(modules[i], nn.ReLU):

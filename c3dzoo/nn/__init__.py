@@ -1,6 +1,7 @@
 """Drop-in fused modules."""
 
 from .conv_bn_act import (
+    BATCH_NORMS,
     Conv3dBNAct,
     Conv3dBNReLU,
     activation_spec,
@@ -12,6 +13,6 @@ from .conv_bn_act import (
 from .fuse import FusedChain, fuse
 
 __all__ = [
-    "Conv3dBNAct", "Conv3dBNReLU", "FusedChain", "fuse", "conv_bn_act", "stock_conv_bn_act",
+    "BATCH_NORMS", "Conv3dBNAct", "Conv3dBNReLU", "FusedChain", "fuse", "conv_bn_act", "stock_conv_bn_act",
     "activation_spec", "runs_hooks", "unsupported_reason",
 ]

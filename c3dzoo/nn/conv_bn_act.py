@@ -13,6 +13,10 @@ from ..ops.reference import apply_activation
 Tensor = torch.Tensor
 
 
+# the BatchNorms a fused chain takes (a SyncBatchNorm synchronises its statistics, see conv_bn_act)
+BATCH_NORMS = (nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def has_stock_forward(module: nn.Module, *classes: type) -> bool:
     """Whether ``module`` is one of ``classes`` and computes what that class computes: a subclass
     that overrides ``forward`` (a frozen BatchNorm that ignores the training flag, a clipped ReLU)
@@ -65,7 +69,7 @@ def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[
     if conv_padding(conv) is None:
         return "padding='same' with an even effective kernel is asymmetric"
     if bn is not None:
-        if not has_stock_forward(bn, nn.BatchNorm3d, nn.SyncBatchNorm):
+        if not has_stock_forward(bn, *BATCH_NORMS):
             return f"{type(bn).__name__} is not an nn.BatchNorm3d or nn.SyncBatchNorm (or overrides forward)"
         if bn.num_features != conv.out_channels:
             return f"{type(bn).__name__} has {bn.num_features} features but the conv has {conv.out_channels} outputs"

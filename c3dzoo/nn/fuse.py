@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import in_layout
-from .conv_bn_act import _check_sync_args, activation_spec, conv_bn_act, has_stock_forward, unsupported_reason
+from .conv_bn_act import (BATCH_NORMS, _check_sync_args, activation_spec, conv_bn_act, has_stock_forward,
+                          unsupported_reason)
 
 
 class FusedChain(nn.Module):
@@ -58,7 +59,6 @@ class FusedChain(nn.Module):
         return f"{self.description}, backend={self.backend or 'auto'}" + (", sync_bn=True" if self.sync_bn else "")
 
 
-_BATCH_NORMS = (nn.BatchNorm3d, nn.SyncBatchNorm)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _LEAKY_FUNCTIONS = (F.leaky_relu,)
 
@@ -144,7 +144,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
         bn = pool = None
         activation, slope, activation_module = "none", 0.0, None
         nxt = _sole_user(node)
-        if nxt is not None and nxt.op == "call_module" and type(modules[nxt.target]) in _BATCH_NORMS:
+        if nxt is not None and nxt.op == "call_module" and type(modules[nxt.target]) in BATCH_NORMS:
             bn = modules[nxt.target]
             chain.append(nxt)
             nxt = _sole_user(nxt)
