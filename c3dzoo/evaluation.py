@@ -1,5 +1,6 @@
 """Evaluation reports: top-1/top-5, per-class accuracy, confusion matrices (numpy) and PNG plots
-of a confusion matrix and of training/validation curves (matplotlib, the ``plot`` extra)."""
+of a confusion matrix and of training/validation curves (matplotlib, the ``plot`` extra); video
+scores from several views of each video (``average_views``: multi-clip, multi-crop testing)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "PlotUnavailable", "topk_accuracy", "confusion_matrix", "per_class_accuracy", "Report", "evaluate",
+    "PlotUnavailable", "average_views", "topk_accuracy", "confusion_matrix", "per_class_accuracy", "Report", "evaluate",
     "save_confusion_matrix_png", "save_curves_png",
 ]
 
@@ -38,6 +39,17 @@ def _labels(labels: ArrayLike, n: Optional[int] = None) -> np.ndarray:
     if n is not None and y.shape[0] != n:
         raise ValueError(f"{n} rows of scores but {y.shape[0]} labels")
     return y.astype(np.int64)
+
+
+def average_views(logits: torch.Tensor, views: int) -> torch.Tensor:
+    """Class probabilities of videos from the logits of their views: ``(N·views) × C`` logits, the
+    views of a video consecutive, give ``N × C`` float32 probabilities, the mean of the views'
+    softmax (the usual multi-view test score: C3D, torchvision's and MMAction2's recipes)."""
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+    if logits.dim() != 2 or logits.shape[0] % views:
+        raise ValueError(f"expected (videos x {views} views) x classes logits, got shape {tuple(logits.shape)}")
+    return logits.float().softmax(1).view(-1, views, logits.shape[1]).mean(1)
 
 
 def topk_accuracy(scores: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)) -> Dict[int, float]:

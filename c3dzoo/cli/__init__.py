@@ -1,4 +1,5 @@
-"""The ``c3dzoo`` command line: ``info``, ``check``, ``train``, ``predict``, ``export`` and ``bench``.
+"""The ``c3dzoo`` command line: ``info``, ``check``, ``train``, ``predict``, ``evaluate``, ``export``,
+``bench``, ``features`` and ``linear-probe``.
 
 ``main(argv)`` returns the exit status: 0 on success, 1 when a check fails, training diverges or a
 command hits an unexpected error, 2 for bad arguments (including a missing, unreadable or mismatched
@@ -15,10 +16,10 @@ from typing import Optional, Sequence
 import c3dzoo
 from c3dzoo import checkpoint as ckpt
 
-from . import bench, check, features, info, predict, train
+from . import bench, check, evaluate, features, info, predict, train
 from ._common import PROG, CommandError, UsageError, _Parser
 
-COMMANDS = ("info", "check", "train", "predict", "export", "bench", "features", "linear-probe")
+COMMANDS = ("info", "check", "train", "predict", "evaluate", "export", "bench", "features", "linear-probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", **debug)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = [info.add_parser(sub), check.add_parser(sub), train.add_parser(sub),
-                predict.add_parser(sub), predict.add_export_parser(sub), bench.add_parser(sub),
+                predict.add_parser(sub), evaluate.add_parser(sub), predict.add_export_parser(sub),
+                bench.add_parser(sub),
                 features.add_parser(sub), features.add_probe_parser(sub)]
     for command in commands:
         command.add_argument("--debug", **debug, default=argparse.SUPPRESS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -85,3 +86,39 @@ def size_arg(text: str) -> Tuple[int, int]:
     if len(parts) != 2 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH in pixels, got {text!r}")
     return tuple(parts)
+
+
+def add_view_options(parser: argparse.ArgumentParser) -> None:
+    """``--clips N --crops K``: multi-view testing of each video (``c3dzoo.data.read_views``)."""
+    parser.add_argument("--clips", type=int, default=1, metavar="N",
+                        help="clips spread evenly over each video; its score is the mean probability "
+                             "over its views (default 1: the centred clip; 10 is the usual test)")
+    parser.add_argument("--crops", type=int, default=1, metavar="K",
+                        help="crops of each clip spread along the frame's longer side (3: left, centre, "
+                             "right; default 1: the centre crop)")
+
+
+def check_views(args: argparse.Namespace) -> None:
+    for option in ("clips", "crops"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option} must be at least 1, got {getattr(args, option)}")
+
+
+def inputs_after_checkpoints(args: argparse.Namespace, inputs: str) -> None:
+    """``--checkpoint A B`` takes every path after it, so ``--checkpoint CKPT clip.mp4`` hands it the
+    input too: values that cannot be checkpoints (folders, video files) move to ``args.<inputs>``."""
+    from c3dzoo.data.video_io import VIDEO_EXTENSIONS
+
+    misplaced = [p for p in args.checkpoint if os.path.isdir(p) or p.lower().endswith(VIDEO_EXTENSIONS)]
+    if not misplaced:
+        return
+    args.checkpoint = [p for p in args.checkpoint if p not in misplaced]
+    if not args.checkpoint:
+        raise UsageError(f"--checkpoint {misplaced[0]}: a folder or video, not a c3dzoo checkpoint")
+    current = getattr(args, inputs)
+    if isinstance(current, list):
+        setattr(args, inputs, misplaced + current)
+    elif current is None and len(misplaced) == 1:
+        setattr(args, inputs, misplaced[0])
+    else:
+        raise UsageError(f"one data folder, please: got {', '.join(([current] if current else []) + misplaced)}")

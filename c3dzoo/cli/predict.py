@@ -14,10 +14,11 @@ import torch
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import transfer
 from c3dzoo.data import (ClipSampler, ClipTransform, SyntheticVideoDataset, UnreadableVideo,
-                         count_frames, read_frames)
+                         count_frames, read_views)
 from c3dzoo.data.video_io import VIDEO_EXTENSIONS
 
-from ._common import PROG, CommandError, UsageError, resolve_device
+from ._common import (PROG, CommandError, UsageError, add_view_options, check_views, inputs_after_checkpoints,
+                      resolve_device)
 
 
 def _load_tensor(path: str) -> torch.Tensor:
@@ -44,20 +45,22 @@ def _clip_maker(checkpoint: dict):
     return sampler, ClipTransform(size, config.get("short_side"), **extra)
 
 
-def _load_input(path: str, sampler: ClipSampler, transform: ClipTransform) -> torch.Tensor:
-    """The clip of one input: a ``.pt`` tensor, a video file or a folder of frames (the centred
+def _load_input(path: str, sampler: ClipSampler, transform: ClipTransform, clips: int = 1,
+                crops: int = 1) -> torch.Tensor:
+    """The views ``V × 3 × T × H × W`` of one input: a ``.pt`` tensor (one view), a video file or a
+    folder of frames (``clips`` clips spread over it times ``crops`` crops; one of each: the centred
     clip, as validation takes it). Raises UnreadableVideo."""
     if not os.path.exists(path):
         raise UnreadableVideo("not found")
     if path.endswith(".pt") and os.path.isfile(path):
-        return _load_tensor(path)
+        return _load_tensor(path)[None]
     if os.path.isfile(path) and not path.lower().endswith(VIDEO_EXTENSIONS):
         raise UnreadableVideo(f"not a clip tensor (.pt), a video file ({', '.join(VIDEO_EXTENSIONS[:4])}, "
                               f"...) or a folder of frames")
     num_frames = count_frames(path)
     if not sampler.fits(num_frames):
         raise UnreadableVideo(f"too short: {num_frames} frames, fewer than {sampler.shortest}")
-    return transform(read_frames(path, sampler.indices(num_frames).tolist()))
+    return read_views(path, num_frames, sampler, transform, clips, crops)
 
 
 def _clip_signature(checkpoint: dict) -> tuple:
@@ -104,10 +107,12 @@ def _ranked(probs: torch.Tensor, names, k: int) -> str:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    inputs_after_checkpoints(args, "inputs")
     if args.synthetic is None and not args.inputs:
         raise UsageError("give videos, frame folders or clip files (.pt), or --synthetic N")
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    check_views(args)
     videos = [p for p in args.inputs if p.lower().endswith(VIDEO_EXTENSIONS)]
     if videos and importlib.util.find_spec("av") is None:
         raise UsageError(f"{videos[0]}: reading video files needs PyAV, which is not installed: "
@@ -126,7 +131,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                             num_samples=args.synthetic, split="val")
         except (KeyError, ValueError) as exc:
             raise UsageError(f"--synthetic: cannot rebuild the checkpoint's synthetic data ({exc})") from None
-        items += [(f"synthetic val[{i}]", *val_set[i]) for i in range(len(val_set))]
+        for i in range(len(val_set)):
+            clip, truth = val_set[i]
+            items.append((f"synthetic val[{i}]", clip[None], truth))
     items += [(path, None, None) for path in args.inputs]
     sampler, transform = _clip_maker(checkpoint)
     k = min(args.top_k, len(names) or args.top_k)
@@ -134,23 +141,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for label, clip, truth in items:
         if clip is None:  # inputs are read one at a time: a long list never sits in memory
             try:
-                clip = _load_input(label, sampler, transform)
+                clip = _load_input(label, sampler, transform, args.clips, args.crops)
             except UnreadableVideo as exc:
                 print(f"{PROG}: cannot read {label}: {exc}", file=sys.stderr)
                 unreadable += 1
                 continue
-        try:
-            probs = transfer.ensemble_probabilities(models, clip[None].to(device))
+        try:  # a video's probabilities: the mean over its views
+            probs = transfer.ensemble_probabilities(models, clip.to(device))
         except (ValueError, RuntimeError) as exc:
-            raise UsageError(f"{label}: clip of shape {tuple(clip.shape)} does not fit the model: "
+            raise UsageError(f"{label}: clip of shape {tuple(clip.shape[1:])} does not fit the model: "
                              f"{str(exc).strip().splitlines()[0]}") from None
         true = f"  (true: {names[truth]})" if truth is not None else ""
+        views = f" [{clip.shape[0]} views]" if clip.shape[0] > 1 else ""
         if len(models) == 1:
-            print(f"{label}: {_ranked(probs.combined[0], names, k)}{true}")
+            print(f"{label}{views}: {_ranked(probs.combined.mean(0), names, k)}{true}")
             continue
         for path, model_probs in zip(args.checkpoint, probs.per_model):
-            print(f"{label} [{path}]: {_ranked(model_probs[0], names, k)}")
-        print(f"{label} [ensemble of {len(models)}]: {_ranked(probs.combined[0], names, k)}{true}")
+            print(f"{label}{views} [{path}]: {_ranked(model_probs.mean(0), names, k)}")
+        print(f"{label}{views} [ensemble of {len(models)}]: {_ranked(probs.combined.mean(0), names, k)}{true}")
     if unreadable:
         print(f"{PROG}: {unreadable} of {len(args.inputs)} input(s) could not be read", file=sys.stderr)
         return 1
@@ -282,6 +290,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     predict.add_argument("--synthetic", type=int, metavar="N",
                          help="the first N clips of the checkpoint's synthetic validation split")
     predict.add_argument("--top-k", type=int, default=5, help="(default %(default)s)")
+    add_view_options(predict)
     predict.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     predict.set_defaults(func=_cmd_predict)
 

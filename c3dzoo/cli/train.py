@@ -34,7 +34,7 @@ from tqdm import tqdm
 import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import distributed as dist
-from c3dzoo import transfer
+from c3dzoo import evaluation, transfer
 from c3dzoo.data import MOTIONS, VideoClipDataset
 
 from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
@@ -159,26 +159,37 @@ class _Validation:
     top1: float  # %
     top5: float  # % (top-min(5, classes))
     confusion: torch.Tensor  # classes x classes counts, row = true class (CPU)
+    views: int = 1  # clips x crops per video: above 1, the figures above are per video
+    clip_top1: Optional[float] = None  # % of single views classified right (views > 1)
 
 
-def _evaluate(model, loader, device, amp, progress) -> _Validation:
+def _evaluate(model, loader, device, amp, progress, views: int = 1) -> _Validation:
     """Loss, top-1, top-5 and confusion matrix on ``loader`` (this rank's shard of the validation
-    set under torch.distributed: the sums are all-reduced, so every rank gets the same figures)."""
+    set under torch.distributed: the sums are all-reduced, so every rank gets the same figures).
+    Samples of ``views`` > 1 views (``B × V × C × T × H × W``) are scored per video: the mean of the
+    views' probabilities (the loss is its negative log); ``clip_top1`` then rates single views."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, clips
+    # loss, top-1 hits, top-5 hits, videos, single views right
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     confusion = None
-    with torch.no_grad(), tqdm(total=len(loader.dataset), desc="  val", unit="clip",
+    with torch.no_grad(), tqdm(total=len(loader.dataset), desc="  val", unit="clip" if views == 1 else "video",
                                leave=False, disable=not progress) as bar:
         for clips, labels in loader:
-            clips, labels = _to_device(clips, device), labels.to(device)
+            clips, labels = _to_device(clips.flatten(0, 1) if views > 1 else clips, device), labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(clips)
             classes = logits.shape[1]
-            ranked = logits.topk(min(5, classes), dim=1).indices
+            if views > 1:
+                view_hits = (logits.argmax(1).view(-1, views) == labels[:, None]).sum().double()
+                scores = evaluation.average_views(logits, views).clamp_min(torch.finfo(torch.float32).tiny).log()
+                loss = F.nll_loss(scores, labels, reduction="sum").double()
+            else:
+                scores, view_hits = logits, torch.zeros((), dtype=torch.float64, device=device)
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            ranked = scores.topk(min(5, classes), dim=1).indices
             hits = ranked == labels[:, None]
-            sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum").double(),
-                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+            sums += torch.stack([loss, hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device), view_hits])
             counts = torch.bincount(labels * classes + ranked[:, 0], minlength=classes * classes)
             confusion = counts if confusion is None else confusion + counts
             bar.update(labels.numel())
@@ -187,10 +198,18 @@ def _evaluate(model, loader, device, amp, progress) -> _Validation:
         confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
     _all_reduce_sum(sums)
     _all_reduce_sum(confusion)
-    loss_sum, top1, top5, seen = sums.tolist()
+    loss_sum, top1, top5, seen, view_hits = sums.tolist()
     classes = int(round(confusion.numel() ** 0.5))
     return _Validation(loss_sum / seen, 100.0 * top1 / seen, 100.0 * top5 / seen,
-                       confusion.reshape(classes, classes).cpu())
+                       confusion.reshape(classes, classes).cpu(), views,
+                       100.0 * view_hits / (seen * views) if views > 1 else None)
+
+
+def _views_note(validation: _Validation) -> str:
+    """How multi-view figures were made, and what one view alone scores."""
+    if validation.views == 1:
+        return ""
+    return f" over {validation.views} views (one view: top-1 {validation.clip_top1:.1f} %)"
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -560,8 +579,10 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
         train_set, batch_sampler=batches, generator=torch.Generator().manual_seed(args.seed), **loader_args)
     # validation: rank r takes clips r, r + world, ...; _evaluate sums over the ranks
     val_shard = val_set if world == 1 else torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    # a multi-view sample is clips x crops clips: batches of about --batch-size clips
+    val_views = getattr(val_set, "views", 1)
     val_loader = torch.utils.data.DataLoader(
-        val_shard, batch_size=args.batch_size, shuffle=False,
+        val_shard, batch_size=max(1, args.batch_size // val_views), shuffle=False,
         generator=torch.Generator().manual_seed(args.seed), **loader_args)
     used_batches = batches.steps_per_epoch * world
     clips_per_epoch = (len(train_set) if used_batches == batches.global_batches and not drop_last
@@ -679,7 +700,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                 train_top1 = 100.0 * progress.correct / max(1, progress.seen)
                 train_top5 = 100.0 * progress.correct5 / max(1, progress.seen)
                 _broadcast_buffers(model)
-                validation = _evaluate(model, val_loader, device, args.amp, args.progress)
+                validation = _evaluate(model, val_loader, device, args.amp, args.progress, val_views)
                 progress.epoch += 1
                 progress.start_epoch()
                 progress.best = max(progress.best, (validation.top1, epoch))
@@ -691,7 +712,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                            train_clips_per_s=f"{clips_per_s:.1f}")
                 tqdm.write(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f} % "
                            f"| val loss {validation.loss:.4f} top-1 {validation.top1:.1f} % top-5 "
-                           f"{validation.top5:.1f} % | {clips_per_s:.1f} clips/s")
+                           f"{validation.top5:.1f} %{_views_note(validation)} | {clips_per_s:.1f} clips/s")
                 if writer:
                     writer.writerow(row)
                     metrics_file.flush()
@@ -722,7 +743,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     saved = f"; wrote {', '.join(written)} to {args.out}" if args.out else "; nothing saved (no --out)"
     skipped = f"; {data.skipped_note}" if data.skipped_note else ""
     print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {validation.top1:.1f} % top-5 "
-          f"{validation.top5:.1f} %, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
+          f"{validation.top5:.1f} %{_views_note(validation)}, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
           f"{100 / args.num_classes:.1f} %{skipped}{saved}")
     return 0
 
@@ -790,6 +811,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     real.add_argument("--val-split", type=float, metavar="FRACTION",
                       help=f"validate on this fraction of each class of --data, chosen by --seed "
                            f"(default {DEFAULT_VAL_SPLIT:g} without --val-data/--val-labels)")
+    real.add_argument("--val-clips", type=int, metavar="N",
+                      help="validate each video on N clips spread evenly over it and score it by their mean "
+                           "probability, as video models are tested (default 1: the centred clip)")
+    real.add_argument("--val-crops", type=int, metavar="K",
+                      help="and on K crops of each clip spread along the frame's longer side (3: left, "
+                           "centre, right; default 1: the centre crop)")
     real.add_argument("--frame-stride", type=int, metavar="N",
                       help="take every N-th frame (default 1; lowered for videos too short for the span)")
     real.add_argument("--min-frames", type=int, metavar="N",

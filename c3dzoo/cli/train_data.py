@@ -22,7 +22,8 @@ DEFAULT_VAL_SPLIT = 0.1  # of a real training set, when no --val-data/--val-labe
 
 
 # options that only mean something with --data
-REAL_DATA_OPTIONS = ("labels", "val_data", "val_labels", "val_split", "classes", "frame_stride", "min_frames")
+REAL_DATA_OPTIONS = ("labels", "val_data", "val_labels", "val_split", "classes", "frame_stride", "min_frames",
+                     "val_clips", "val_crops")
 MAX_SKIP_LINES = 10  # warnings printed for skipped videos; the rest are counted
 
 
@@ -89,6 +90,9 @@ def make_data(args: argparse.Namespace) -> TrainingData:
     val_split = args.val_split
     if val_split is None and not (args.val_data or args.val_labels):
         val_split = DEFAULT_VAL_SPLIT
+    for key in ("val_clips", "val_crops"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UsageError(f"{_option(key)} must be at least 1, got {getattr(args, key)}")
     try:
         stride = 1 if args.frame_stride is None else args.frame_stride
         sampler = ClipSampler(args.frames, stride, args.min_frames)
@@ -129,8 +133,11 @@ def make_data(args: argparse.Namespace) -> TrainingData:
                   size=tuple(args.size), short_side=transform.resize_to, mean=tuple(transform.mean),
                   std=tuple(transform.std))
     where = f"{args.data}" + (f" ({os.path.basename(args.labels)})" if args.labels else "")
-    split = f", val {len(val_videos)} ({'split ' + format(val_split, 'g') if val_scan is None else 'given'})"
+    views = (args.val_clips or 1) * (args.val_crops or 1)
+    split = (f", val {len(val_videos)} ({'split ' + format(val_split, 'g') if val_scan is None else 'given'}"
+             + (f"; {args.val_clips or 1} clip(s) x {args.val_crops or 1} crop(s) a video" if views > 1 else "") + ")")
     return TrainingData(VideoClipDataset(train_videos, train=True, **clips),
-                 VideoClipDataset(val_videos, train=False, **clips),
+                 VideoClipDataset(val_videos, train=False, clips=args.val_clips or 1, crops=args.val_crops or 1,
+                                  **clips),
                  f"{len(train_videos)} videos from {where} in {len(class_names)} classes{split}",
                  config, unreadable, too_short)

@@ -16,7 +16,8 @@ and too-short videos are left out with a ``SkippedVideoWarning`` each and counte
 once. Layout problems raise ``DataError`` (one line).
 
 ``VideoClipDataset`` turns the scanned videos into ``(clip, label)`` samples: ``clip`` is
-``3 × frames × H × W`` float32 (``transforms``), one clip per video. Training samples draw their
+``3 × frames × H × W`` float32 (``transforms``), one clip per video; for multi-view testing
+(``clips``/``crops`` above 1) it is ``views × 3 × frames × H × W``, every view of one video. Training samples draw their
 start frame and crop from ``(seed, epoch, index)``: key a sample as ``dataset[(index, epoch)]``
 (a plain int means epoch 0), so that data-loader workers and resumed runs see the same clips. It
 holds only paths and numbers, so it pickles to loader workers.
@@ -42,7 +43,7 @@ from .video_io import (IMAGE_EXTENSIONS, DataError, UnreadableVideo, count_frame
                        read_frames, require_pyav)
 
 __all__ = ["SkippedVideoWarning", "VideoItem", "VideoSet", "scan_class_folders", "scan_frame_folders",
-           "read_class_names", "split_videos", "VideoClipDataset"]
+           "read_class_names", "read_views", "split_videos", "VideoClipDataset"]
 
 
 class SkippedVideoWarning(UserWarning):
@@ -255,6 +256,18 @@ def split_videos(videos: Sequence[VideoItem], fraction: float, seed: int) -> Tup
             [v for i, v in enumerate(videos) if i in val])
 
 
+def read_views(source: str, num_frames: int, sampler: ClipSampler, transform: ClipTransform, clips: int = 1,
+               crops: int = 1) -> torch.Tensor:
+    """``clips·crops × 3 × T × H × W``: ``clips`` clips spread over a video of ``num_frames``
+    frames (``ClipSampler.spread``), ``crops`` crops of each (``ClipTransform.views``), crops of
+    the first clip first; decoded in one pass. Odd counts include the centred clip and centre crop.
+    Raises UnreadableVideo, or ValueError for a video too short for ``sampler``."""
+    indices = sampler.spread(num_frames, clips)  # clips × frames
+    frames = read_frames(source, indices.reshape(-1).tolist())
+    frames = frames.reshape(clips, sampler.frames, *frames.shape[1:])
+    return torch.cat([transform.views(f, crops) for f in frames])
+
+
 class VideoClipDataset(Dataset):
     """One ``(clip, label)`` per video: ``clip`` ``3 × frames × H × W`` float32 (see the module doc).
 
@@ -265,13 +278,23 @@ class VideoClipDataset(Dataset):
         size: ``(height, width)`` of the crop; ``short_side`` the resize before it.
         train: random start and crop (from ``seed``, the epoch and the index) or centred ones.
         mean, std: per-channel statistics of pixels in [0, 1].
+        clips, crops: evaluation only: ``clips`` clips spread over each video (``ClipSampler.spread``)
+            times ``crops`` crops of each (``ClipTransform.views``), a sample's ``views`` stacked
+            clip by clip (crops of the first clip first). The video's score is their mean.
     """
 
     def __init__(self, videos: Sequence[VideoItem], class_names: Sequence[str], frames: int,
                  size: Union[int, Sequence[int]], stride: int = 1, train: bool = False, seed: int = 0,
                  min_frames: Optional[int] = None, short_side: Optional[int] = None,
-                 mean: Sequence[float] = KINETICS_MEAN, std: Sequence[float] = KINETICS_STD):
+                 mean: Sequence[float] = KINETICS_MEAN, std: Sequence[float] = KINETICS_STD,
+                 clips: int = 1, crops: int = 1):
+        if clips < 1 or crops < 1:
+            raise ValueError(f"clips and crops must be at least 1, got clips={clips}, crops={crops}")
+        if train and clips * crops > 1:
+            raise ValueError("several clips or crops per video are for evaluation (train=False): a "
+                             "training sample is one random clip")
         size = (size, size) if isinstance(size, int) else tuple(size)
+        self.clips, self.crops = clips, crops
         self.videos = list(videos)
         self.class_names = list(class_names)
         self.sampler = ClipSampler(frames, stride, min_frames)
@@ -283,13 +306,21 @@ class VideoClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.videos)
 
+    @property
+    def views(self) -> int:
+        """Clips a sample holds: 1 (a ``3 × T × H × W`` clip) or ``clips × crops`` (stacked)."""
+        return self.clips * self.crops
+
     def _rng(self, index: int, epoch: int) -> Optional[np.random.Generator]:
         return np.random.default_rng([self.seed, epoch, index]) if self.train else None
 
     def clip(self, video: VideoItem, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
-        """The clip of one video (random with ``rng``, centred without). Raises UnreadableVideo."""
-        frames = read_frames(video.path, self.sampler.indices(video.num_frames, rng).tolist())
-        return self.transform(frames, rng)
+        """The clip of one video (random with ``rng``, centred without), or its stacked views.
+        Raises UnreadableVideo."""
+        if self.views == 1:
+            frames = read_frames(video.path, self.sampler.indices(video.num_frames, rng).tolist())
+            return self.transform(frames, rng)
+        return read_views(video.path, video.num_frames, self.sampler, self.transform, self.clips, self.crops)
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -312,5 +343,6 @@ class VideoClipDataset(Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} videos, {len(self.class_names)} classes, "
                 f"frames={self.sampler.frames}, stride={self.sampler.stride}, size={self.transform.size}, "
-                f"train={self.train})")
+                f"train={self.train}" + (f", clips={self.clips}, crops={self.crops}" if self.views > 1 else "")
+                + ")")
 

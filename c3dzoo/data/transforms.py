@@ -2,13 +2,15 @@
 they become the model's ``C × T × H × W`` float input.
 
 Sampling (``ClipSampler``): ``frames`` frames ``stride`` apart, from a random start (training) or
-centred in the video (validation, prediction). A video too short for that span is sampled with the
+centred in the video (validation, prediction); ``spread`` takes several clips whose starts divide
+the video evenly (multi-view testing: the video's score is the mean over its clips). A video too short for that span is sampled with the
 largest stride that fits; one with fewer frames than the clip has is looped (played again from
 its first frame) if it has at least ``min_frames`` frames, and is skipped otherwise (the data sets
 count it as too short).
 
 Transform (``ClipTransform``): resize so that the short side is ``short_side`` (C3D's 128 for a
-112 crop: 8/7 of the crop by default), crop ``size`` (random for training, centred otherwise),
+112 crop: 8/7 of the crop by default), crop ``size`` (random for training, centred otherwise;
+``views`` takes several crops spread along the longer side: 3 gives the usual left, centre and right),
 scale pixels to [0, 1] and standardise per channel with ``mean``/``std``. That is the convention of
 the synthetic data set as well (pixels in [0, 1] mapped to about zero mean and unit standard
 deviation), so a model sees the same scale from either; the default statistics are Kinetics-400's,
@@ -74,6 +76,20 @@ class ClipSampler:
         start = int(rng.integers(room + 1)) if rng is not None else room // 2
         return start + stride * np.arange(self.frames)
 
+    def spread(self, num_frames: int, clips: int) -> np.ndarray:
+        """``clips × frames`` indices: ``clips`` clips whose starts are the centres of ``clips``
+        equal parts of the video's possible starts (one clip: the centred one, as ``indices``).
+        Raises ValueError for a video that is too short."""
+        if clips < 1:
+            raise ValueError(f"clips must be at least 1, got {clips}")
+        centred = self.indices(num_frames)
+        if num_frames < self.frames:  # looped: starts spread over the loop
+            starts = (np.arange(clips) * num_frames) // clips
+            return (starts[:, None] + np.arange(self.frames)) % num_frames
+        room = num_frames - 1 - int(centred[-1] - centred[0])  # the same stride as the centred clip
+        starts = ((2 * np.arange(clips) + 1) * room) // (2 * clips)
+        return starts[:, None] + (centred - centred[0])[None, :]
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipTransform:
@@ -97,21 +113,46 @@ class ClipTransform:
 
     def __call__(self, frames: np.ndarray, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         """Random crop with ``rng``, centre crop without."""
+        clip = self._resized(frames)
+        room_h, room_w = clip.shape[-2] - self.size[0], clip.shape[-1] - self.size[1]
+        if rng is not None:
+            top, left = int(rng.integers(room_h + 1)), int(rng.integers(room_w + 1))
+        else:
+            top, left = room_h // 2, room_w // 2
+        return self._cropped(clip, top, left)
+
+    def views(self, frames: np.ndarray, crops: int) -> torch.Tensor:
+        """``crops × 3 × T × size``: crops spread evenly along the resized frames' longer side
+        (ends included; 3: left, centre, right of a landscape video) and centred across it; one
+        crop is the centre crop. The frames are resized once."""
+        if crops < 1:
+            raise ValueError(f"crops must be at least 1, got {crops}")
+        if crops == 1:
+            return self(frames)[None]
+        clip = self._resized(frames)
+        room_h, room_w = clip.shape[-2] - self.size[0], clip.shape[-1] - self.size[1]
+        along = np.arange(crops) * max(room_h, room_w) // (crops - 1)
+        corners = [(int(a), room_w // 2) if room_h > room_w else (room_h // 2, int(a)) for a in along]
+        return torch.stack([self._cropped(clip, top, left) for top, left in corners])
+
+    def _resized(self, frames: np.ndarray) -> torch.Tensor:
+        """``T × 3 × H' × W'`` float frames whose short side is ``resize_to``, never smaller than
+        the crop in either direction."""
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected T x H x W x 3 frames, got shape {frames.shape}")
         clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # T×3×H×W
         height, width = clip.shape[-2:]
         crop_h, crop_w = self.size
-        # short side to resize_to, and never smaller than the crop in either direction
         scale = max(self.resize_to / min(height, width), crop_h / height, crop_w / width)
         new_h, new_w = max(crop_h, round(height * scale)), max(crop_w, round(width * scale))
         if (new_h, new_w) != (height, width):
             clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False,
                                  antialias=scale < 1)
-        if rng is not None:
-            top, left = int(rng.integers(new_h - crop_h + 1)), int(rng.integers(new_w - crop_w + 1))
-        else:
-            top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        return clip
+
+    def _cropped(self, clip: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        """The standardised ``3 × T × size`` crop at (top, left) of resized frames."""
+        crop_h, crop_w = self.size
         clip = clip[:, :, top:top + crop_h, left:left + crop_w]
         mean = torch.tensor(self.mean).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(self.std).view(1, 3, 1, 1) * 255.0
