@@ -468,7 +468,7 @@ def test_curves_png_needs_matplotlib(tmp_path, monkeypatch, capsys):
      "not a known class"),
     (["--labels", "{tmp}/good.csv"], "give --data"),
     (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--val-split", "0.5",
-      "--val-labels", "{tmp}/good.csv"], "not both"),
+      "--val-labels", "{tmp}/good.csv"], "give one of --val-data/--val-labels, --val-split and --val-list"),
     (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--train-samples", "8"], "synthetic"),
     (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--val-split", "2"], "between 0 and 1"),
     (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--num-classes", "5"], "has 2 classes"),

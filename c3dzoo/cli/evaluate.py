@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from c3dzoo import evaluation, transfer
-from c3dzoo.data import DataError, SkippedVideoWarning, SyntheticVideoDataset, VideoClipDataset
+from c3dzoo.data import (DataError, SkippedVideoWarning, SyntheticVideoDataset, VideoClipDataset, read_video_list,
+                         select_listed)
 
 from ._common import (CommandError, UsageError, add_view_options, backend_arg, backend_choices, check_views,
                       inputs_after_checkpoints, resolve_device)
@@ -50,7 +51,10 @@ def _dataset(args: argparse.Namespace, checkpoint: dict, names):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedVideoWarning)
             scan = _scan(args.data, args.labels, sampler, names, min(8, os.cpu_count() or 1))
-        data = VideoClipDataset(scan.videos, names, sampler.frames, transform.size, stride=sampler.stride,
+        videos = scan.videos
+        if args.list:  # an official split's test list
+            videos = select_listed(scan, read_video_list(args.list, args.data), args.list)
+        data = VideoClipDataset(videos, names, sampler.frames, transform.size, stride=sampler.stride,
                                 min_frames=sampler.min_frames, short_side=transform.resize_to,
                                 mean=transform.mean, std=transform.std, clips=args.clips, crops=args.crops)
     except (DataError, ValueError) as exc:
@@ -59,7 +63,7 @@ def _dataset(args: argparse.Namespace, checkpoint: dict, names):
     if not len(data):
         raise UsageError(f"{args.data}: no readable videos")
     skipped = len(scan.unreadable) + len(scan.too_short)
-    where = args.data + (f" ({os.path.basename(args.labels)})" if args.labels else "")
+    where = args.data + "".join(f" ({os.path.basename(f)})" for f in (args.labels, args.list) if f)
     return (data, [v.path for v in data.videos],
             f"{len(data)} videos from {where}" + (f" ({skipped} skipped)" if skipped else ""))
 
@@ -69,8 +73,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     check_views(args)
     if (args.data is None) == (args.synthetic is None):
         raise UsageError("give a labelled data folder or --synthetic N (one of them)")
-    if args.labels and args.data is None:
-        raise UsageError("--labels names the frame folders of a data folder: give DATA as well")
+    if (args.labels or args.list) and args.data is None:
+        raise UsageError(f"{'--labels' if args.labels else '--list'} names videos of a data folder: give DATA as well")
+    if args.labels and args.list:
+        raise UsageError("--list picks videos of class folders; frame folders are picked by their --labels CSV")
     for option in ("batch_size", "synthetic"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -163,6 +169,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
                    help="from c3dzoo train; several: an ensemble (the mean of their class probabilities)")
     p.add_argument("--labels", metavar="CSV", help="labels of the frame folders under DATA ('video id;label')")
+    p.add_argument("--list", metavar="FILE",
+                   help="only the videos of DATA this list names, one 'Class/video.avi' a line (an official "
+                        "split's test list: UCF101's testlist01.txt)")
     p.add_argument("--synthetic", type=int, metavar="N",
                    help="instead of DATA: the first N clips of the checkpoint's synthetic validation split")
     add_view_options(p)

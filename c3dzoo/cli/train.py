@@ -540,7 +540,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
         _apply_resumed_options(args, checkpoint, args.given)
         if not args.out:  # a resumed run goes on writing where it was
             args.out = os.path.dirname(os.path.abspath(args.resume))
-    for key in ("data", "labels", "val_data", "val_labels", "classes", "pretrained"):  # checkpoints outlive the cwd
+    for key in ("data", "labels", "val_data", "val_labels", "classes", "pretrained", "train_list",
+                "val_list"):  # checkpoints outlive the cwd
         if getattr(args, key):
             setattr(args, key, os.path.abspath(getattr(args, key)))
     _apply_train_defaults(args, device)
@@ -809,8 +810,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     real.add_argument("--val-labels", metavar="CSV",
                       help="labels of validation frame folders (under --val-data, else under --data)")
     real.add_argument("--val-split", type=float, metavar="FRACTION",
-                      help=f"validate on this fraction of each class of --data, chosen by --seed "
-                           f"(default {DEFAULT_VAL_SPLIT:g} without --val-data/--val-labels)")
+                      help=f"validate on this fraction of each class of --data, chosen by --seed; UCF101-named "
+                           f"clips (v_X_gNN_cNN) by source-video group (default {DEFAULT_VAL_SPLIT:g} without "
+                           f"--val-data/--val-labels/--val-list)")
+    real.add_argument("--train-list", metavar="FILE",
+                      help="train only on the videos of --data this list names, one 'Class/video.avi' a line "
+                           "(an official split: UCF101's trainlist01.txt; anything after the path is ignored)")
+    real.add_argument("--val-list", metavar="FILE",
+                      help="validate on the videos of --data this list names (UCF101's testlist01.txt); "
+                           "without --train-list the others are trained on")
     real.add_argument("--val-clips", type=int, metavar="N",
                       help="validate each video on N clips spread evenly over it and score it by their mean "
                            "probability, as video models are tested (default 1: the centred clip)")

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from c3dzoo.data import (ClipSampler, ClipTransform, DataError, SkippedVideoWarning, SyntheticVideoDataset,
-                         VideoClipDataset, read_class_names, scan_class_folders, scan_frame_folders,
-                         split_videos)
+                         VideoClipDataset, read_class_names, read_video_list, scan_class_folders, scan_frame_folders,
+                         select_listed, split_videos, ucf101_groups)
 
 from ._common import PROG, UsageError
 
@@ -23,7 +23,7 @@ DEFAULT_VAL_SPLIT = 0.1  # of a real training set, when no --val-data/--val-labe
 
 # options that only mean something with --data
 REAL_DATA_OPTIONS = ("labels", "val_data", "val_labels", "val_split", "classes", "frame_stride", "min_frames",
-                     "val_clips", "val_crops")
+                     "val_clips", "val_crops", "train_list", "val_list")
 MAX_SKIP_LINES = 10  # warnings printed for skipped videos; the rest are counted
 
 
@@ -83,12 +83,15 @@ def make_data(args: argparse.Namespace) -> TrainingData:
         if key in args.given:
             raise UsageError(f"{_option(key)} is for the synthetic set; with --data an epoch is one "
                              f"clip from each video")
-    if args.val_split is not None and (args.val_data or args.val_labels):
-        raise UsageError("give --val-data/--val-labels or --val-split, not both")
+    if sum(bool(x) for x in (args.val_split is not None, args.val_data or args.val_labels, args.val_list)) > 1:
+        raise UsageError("give one of --val-data/--val-labels, --val-split and --val-list")
+    if args.labels and (args.train_list or args.val_list):
+        raise UsageError("--train-list/--val-list pick videos of class folders; frame folders with --labels "
+                         "are split by their CSVs (--val-labels)")
     if args.labels and args.val_data and not args.val_labels:
         raise UsageError("--val-data with frame folders needs --val-labels CSV")
     val_split = args.val_split
-    if val_split is None and not (args.val_data or args.val_labels):
+    if val_split is None and not (args.val_data or args.val_labels or args.val_list):
         val_split = DEFAULT_VAL_SPLIT
     for key in ("val_clips", "val_crops"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -108,10 +111,21 @@ def make_data(args: argparse.Namespace) -> TrainingData:
                                  train_scan.class_names, workers)
         _report_skips(caught)
         class_names = train_scan.class_names
-        if val_scan is not None:
-            train_videos, val_videos = train_scan.videos, val_scan.videos
-        else:
-            train_videos, val_videos = split_videos(train_scan.videos, val_split, args.seed)
+        train_videos = train_scan.videos
+        if args.train_list:  # an official split's training list
+            train_videos = select_listed(train_scan, read_video_list(args.train_list, args.data), args.train_list)
+        groups = None
+        if args.val_list:
+            val_videos = select_listed(train_scan, read_video_list(args.val_list, args.data), args.val_list)
+            both = {v.path for v in val_videos} & {v.path for v in train_videos}
+            if args.train_list and both:
+                raise DataError(f"{len(both)} videos are in both --train-list and --val-list (e.g. {min(both)})")
+            train_videos = [v for v in train_videos if v.path not in both]
+        elif val_scan is not None:
+            val_videos = val_scan.videos
+        else:  # UCF101-named clips of one source video stay on one side of the split
+            groups = ucf101_groups(train_videos)
+            train_videos, val_videos = split_videos(train_videos, val_split, args.seed, groups)
     except (DataError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     unreadable = len(train_scan.unreadable) + (len(val_scan.unreadable) if val_scan else 0)
@@ -134,7 +148,9 @@ def make_data(args: argparse.Namespace) -> TrainingData:
                   std=tuple(transform.std))
     where = f"{args.data}" + (f" ({os.path.basename(args.labels)})" if args.labels else "")
     views = (args.val_clips or 1) * (args.val_crops or 1)
-    split = (f", val {len(val_videos)} ({'split ' + format(val_split, 'g') if val_scan is None else 'given'}"
+    how = ("listed" if args.val_list else "given" if val_scan is not None
+           else f"split {val_split:g}" + (" by UCF101 source-video group" if groups else ""))
+    split = (f", val {len(val_videos)} ({how}"
              + (f"; {args.val_clips or 1} clip(s) x {args.val_crops or 1} crop(s) a video" if views > 1 else "") + ")")
     return TrainingData(VideoClipDataset(train_videos, train=True, **clips),
                  VideoClipDataset(val_videos, train=False, clips=args.val_clips or 1, crops=args.val_crops or 1,

@@ -43,7 +43,8 @@ from .video_io import (IMAGE_EXTENSIONS, DataError, UnreadableVideo, count_frame
                        read_frames, require_pyav)
 
 __all__ = ["SkippedVideoWarning", "VideoItem", "VideoSet", "scan_class_folders", "scan_frame_folders",
-           "read_class_names", "read_views", "split_videos", "VideoClipDataset"]
+           "read_class_names", "read_video_list", "read_views", "select_listed", "split_videos",
+           "ucf101_groups", "VideoClipDataset"]
 
 
 class SkippedVideoWarning(UserWarning):
@@ -239,21 +240,79 @@ def _probe(candidates: Sequence[Tuple[str, int]], class_names: List[str], sample
     return found
 
 
-def split_videos(videos: Sequence[VideoItem], fraction: float, seed: int) -> Tuple[List[VideoItem], List[VideoItem]]:
+_UCF101_GROUP = re.compile(r"_g(\d+)_c\d+$")  # v_<Class>_g08_c01: clip 1 of group (source video) 8
+
+
+def ucf101_groups(videos: Sequence[VideoItem]) -> Optional[List[str]]:
+    """The source-video group of each video when every name follows UCF101's ``v_<Class>_gNN_cNN``
+    (clips cut from one long video share a group, and look alike), else None."""
+    groups = []
+    for video in videos:
+        match = _UCF101_GROUP.search(os.path.splitext(os.path.basename(video.path))[0])
+        if match is None:
+            return None
+        groups.append(match.group(1))
+    return groups
+
+
+def split_videos(videos: Sequence[VideoItem], fraction: float, seed: int,
+                 groups: Optional[Sequence[str]] = None) -> Tuple[List[VideoItem], List[VideoItem]]:
     """(train, val): ``fraction`` of each class's videos (rounded, at least one where a class has
-    two or more) chosen by ``seed``, the same every run."""
+    two or more) chosen by ``seed``, the same every run. With ``groups`` (a key per video, e.g.
+    ``ucf101_groups``) whole groups of a class go one way, so that no clip of a source video is
+    validated on while others are trained on (``fraction`` of each class's groups)."""
     if not 0 < fraction < 1:
         raise ValueError(f"the validation fraction must be between 0 and 1, got {fraction}")
-    by_class: Dict[int, List[int]] = {}
-    for i, video in enumerate(videos):
-        by_class.setdefault(video.label, []).append(i)
+    if groups is not None and len(groups) != len(videos):
+        raise ValueError(f"{len(groups)} groups for {len(videos)} videos")
+    by_class: Dict[int, Dict[str, List[int]]] = {}
+    for i, video in enumerate(videos):  # a video of its own is a group of one
+        key = groups[i] if groups is not None else str(i)
+        by_class.setdefault(video.label, {}).setdefault(key, []).append(i)
     val = set()
-    for label, members in sorted(by_class.items()):
+    for label, by_group in sorted(by_class.items()):
+        members = list(by_group.values())  # in the order of first appearance
         rng = np.random.default_rng([seed, label])
         take = min(len(members) - 1, max(1, round(fraction * len(members))))
-        val.update(members[j] for j in rng.permutation(len(members))[:take])
+        for j in rng.permutation(len(members))[:take]:
+            val.update(members[j])
     return ([v for i, v in enumerate(videos) if i not in val],
             [v for i, v in enumerate(videos) if i in val])
+
+
+def read_video_list(path: str, root: str) -> List[str]:
+    """The videos a split list names (UCF101's ``trainlist01.txt``/``testlist01.txt``): one a line,
+    a path relative to ``root`` first (``ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi``), anything
+    after it (UCF101's class index) ignored, blank lines and ``#`` comments skipped. Returns the
+    normalised paths under ``root``."""
+    if not os.path.isfile(path):
+        raise DataError(f"video list not found: {path}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read video list {path}: {exc}") from None
+    entries = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        raise DataError(f"video list {path} names no videos")
+    return [os.path.normpath(os.path.join(root, entry.replace("\\", "/"))) for entry in entries]
+
+
+def select_listed(found: VideoSet, listed: Sequence[str], list_path: str) -> List[VideoItem]:
+    """The videos of ``found`` that ``listed`` (``read_video_list``) names, in the scan's order.
+    Listed videos the scan left out (unreadable, too short) are left out here too; one the scan
+    never saw (a typo, another root, a class it lacks) is a DataError."""
+    wanted = set(listed)
+    if len(wanted) < len(listed):
+        twice = next(p for i, p in enumerate(listed) if p in listed[:i])
+        raise DataError(f"video list {list_path} names {twice} twice")
+    seen = {os.path.normpath(v.path) for v in found.videos}
+    seen |= {os.path.normpath(p) for p, _ in found.unreadable + found.too_short}
+    missing = [p for p in listed if p not in seen]
+    if missing:
+        raise DataError(f"video list {list_path}: {len(missing)} of {len(listed)} listed videos are not in "
+                        f"the data folder's class folders (first: {missing[0]})")
+    return [v for v in found.videos if os.path.normpath(v.path) in wanted]
 
 
 def read_views(source: str, num_frames: int, sampler: ClipSampler, transform: ClipTransform, clips: int = 1,
