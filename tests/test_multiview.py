@@ -323,3 +323,32 @@ def test_two_ranks_validate_their_share_of_videos_on_every_view(sharp_checkpoint
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert 100 * report["top1"] == pytest.approx(float(metrics["val_top1"]), abs=0.01)
     assert report["loss"] == pytest.approx(float(metrics["val_loss"]), abs=1e-4)
+
+
+def test_evaluate_leaves_out_a_video_that_fails_to_decode(sharp_checkpoint, tmp_path, capsys, monkeypatch):
+    """A video that passed the scan but fails when its clips are read is left out and named, not
+    replaced by the next one (whose views would be scored under its name)."""
+    from c3dzoo.data import UnreadableVideo, folders
+
+    path, root, model = sharp_checkpoint
+    broken = str(root / "left" / "v1.mp4")
+    real_read = folders.read_frames
+
+    def read_frames(source, indices):
+        if source == broken:
+            raise UnreadableVideo("invalid data found when processing input")
+        return real_read(source, indices)
+
+    monkeypatch.setattr(folders, "read_frames", read_frames)
+    assert cli.main(["evaluate", str(root), "--checkpoint", str(path), "--clips", "2", "--out", str(tmp_path),
+                     "--device", "cpu", "--batch-size", "4"]) == 0
+    captured = capsys.readouterr()
+    assert f"left out {broken}, which no longer decodes: invalid data" in captured.err
+    assert "on 6 videos from" in captured.out and "1 left out (no longer decode)" in captured.out
+    rows = _predictions(tmp_path / "predictions.csv")
+    monkeypatch.undo()
+    reference = _reference(model, root, 2, 1)
+    assert set(rows) == set(reference) - {broken}
+    for video in rows:
+        assert float(rows[video]["probability"]) == pytest.approx(float(reference[video][1].max()), abs=2e-6)
+    assert json.loads((tmp_path / "report.json").read_text())["samples"] == 5

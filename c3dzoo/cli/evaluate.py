@@ -19,16 +19,17 @@ import torch
 from tqdm import tqdm
 
 from c3dzoo import evaluation, transfer
-from c3dzoo.data import (DataError, SkippedVideoWarning, SyntheticVideoDataset, VideoClipDataset, read_video_list,
-                         select_listed)
+from c3dzoo.data import (DataError, SkippedVideoWarning, SyntheticVideoDataset, UnreadableVideo, VideoClipDataset,
+                         read_video_list, select_listed)
 
-from ._common import (CommandError, UsageError, add_view_options, backend_arg, backend_choices, check_views,
+from ._common import (PROG, CommandError, UsageError, add_view_options, backend_arg, backend_choices, check_views,
                       inputs_after_checkpoints, resolve_device)
 from .predict import _clip_maker, _load_models
 from .train_data import _report_skips, _scan
 
 REPORT_JSON, PREDICTIONS_CSV, CONFUSION_PNG = "report.json", "predictions.csv", "confusion.png"
 MAX_PER_CLASS_PRINTED = 20  # more classes: the lowest few are printed, all are in report.json
+MAX_FAILURES_PRINTED = 10
 
 
 def _dataset(args: argparse.Namespace, checkpoint: dict, names):
@@ -68,6 +69,37 @@ def _dataset(args: argparse.Namespace, checkpoint: dict, names):
             f"{len(data)} videos from {where}" + (f" ({skipped} skipped)" if skipped else ""))
 
 
+class _EachVideo(torch.utils.data.Dataset):
+    """``(index, views, label)`` of every video, or ``(index, reason, label)`` for one that fails to
+    decode now (it passed the scan): a test scores each video itself or leaves it out, where
+    ``VideoClipDataset`` would put the next video in its place to keep a training run going."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        if not isinstance(self.data, VideoClipDataset):
+            return (index, *self.data[index])
+        video = self.data.videos[index]
+        try:
+            return index, self.data.clip(video), video.label
+        except UnreadableVideo as exc:
+            return index, str(exc), video.label
+
+
+def _collate(items):
+    """(indices, clips, labels) of the videos that decoded, or None, and [(index, reason)] of the others."""
+    decoded = [item for item in items if isinstance(item[1], torch.Tensor)]
+    failed = [(index, reason) for index, reason, _ in items if not isinstance(reason, torch.Tensor)]
+    if not decoded:
+        return None, failed
+    return (torch.tensor([i for i, _, _ in decoded]), torch.stack([c for _, c, _ in decoded]),
+            torch.tensor([label for _, _, label in decoded])), failed
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     inputs_after_checkpoints(args, "data")
     check_views(args)
@@ -90,13 +122,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model.fused, model.backend = args.fused, backend_arg(args.backend)
     data, video_names, description = _dataset(args, checkpoints[0], names)
     views = getattr(data, "views", 1)
-    loader = torch.utils.data.DataLoader(data, batch_size=max(1, args.batch_size // views),
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    probs, labels, view_hits = [], [], 0
+    loader = torch.utils.data.DataLoader(_EachVideo(data), batch_size=max(1, args.batch_size // views),
+                                         num_workers=args.workers, collate_fn=_collate)
+    probs, labels, tested, failures, view_hits = [], [], [], [], 0
     start = time.perf_counter()
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with tqdm(total=len(data), desc="evaluate", unit="video", disable=not progress) as bar:
-        for clips, truth in loader:
+        for batch, failed in loader:
+            failures += failed
+            bar.update(len(failed))
+            if batch is None:
+                continue
+            indices, clips, truth = batch
             flat = clips.flatten(0, 1) if views > 1 else clips
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -108,9 +145,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             view_hits += int((combined.argmax(2) == truth[:, None]).sum())
             probs.append(combined.mean(1))  # the mean over a video's views
             labels.append(truth)
+            tested += indices.tolist()
             bar.update(len(truth))
     seconds = time.perf_counter() - start
-    probs, labels = torch.cat(probs), torch.cat(labels)
+    for index, reason in failures[:MAX_FAILURES_PRINTED]:
+        print(f"{PROG}: warning: left out {video_names[index]}, which no longer decodes: {reason}", file=sys.stderr)
+    if len(failures) > MAX_FAILURES_PRINTED:
+        print(f"{PROG}: warning: ... and {len(failures) - MAX_FAILURES_PRINTED} more", file=sys.stderr)
+    if not tested:
+        raise CommandError(f"none of the {len(data)} videos decoded")
+    if failures:
+        description += f", {len(failures)} left out (no longer decode)"
+    probs, labels, video_names = torch.cat(probs), torch.cat(labels), [video_names[i] for i in tested]
     report = evaluation.evaluate(probs, labels, names)
     one_view = view_hits / (len(labels) * views)
     ensemble = f"an ensemble of {len(models)}" if len(models) > 1 else args.checkpoint[0]
