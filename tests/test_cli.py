@@ -461,7 +461,7 @@ def test_curves_png_needs_matplotlib(tmp_path, monkeypatch, capsys):
     (["--data", "{tmp}/nope"], "data folder not found"),
     (["--data", "{tmp}/flat"], "one subfolder per class"),
     (["--data", "{tmp}/emptyclass"], "holds no videos"),
-    (["--data", "{tmp}/frames", "--labels", "{tmp}/missing_ids.csv"], "name no folder"),
+    (["--data", "{tmp}/frames", "--labels", "{tmp}/missing_ids.csv"], "name no frame folder or video file"),
     (["--data", "{tmp}/frames", "--labels", "{tmp}/bad_rows.csv"], "is not 'video id;label'"),
     (["--data", "{tmp}/frames", "--labels", "{tmp}/nope.csv"], "labels CSV not found"),
     (["--data", "{tmp}/frames", "--labels", "{tmp}/good.csv", "--classes", "{tmp}/other_classes.txt"],

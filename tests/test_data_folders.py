@@ -33,11 +33,11 @@ def frame_image(t: int, size: int = SIZE, square: bool = True) -> np.ndarray:
     return image
 
 
-def make_video(path, frames: int = 12, size: int = SIZE, square: bool = True) -> str:
-    """A tiny mpeg4 .mp4 (every FFmpeg build has the mpeg4 encoder)."""
+def make_video(path, frames: int = 12, size: int = SIZE, square: bool = True, codec: str = "mpeg4") -> str:
+    """A tiny mpeg4 .mp4 (every FFmpeg build has the mpeg4 encoder; ``codec="libvpx-vp9"`` for .webm)."""
     av = pytest.importorskip("av")
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
+        stream = container.add_stream(codec, rate=10)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for t in range(frames):
@@ -261,7 +261,7 @@ def test_class_list_file_sets_the_label_order(tmp_path):
 
 
 @pytest.mark.parametrize("csv_text, message", [
-    ("101;a\n999;b\n", "name no folder"),
+    ("101;a\n999;b\n", "name no frame folder or video file"),
     ("101;a\n102\n", "is not 'video id;label'"),
     ("", "has no rows"),
     ("101;a\n102;zebra\n", "not a known class"),

@@ -118,7 +118,7 @@ def test_train_on_an_official_split(ucf, tmp_path, capsys):
     (["--train-list", "{lists}/trainlist01.txt", "--val-list", "{lists}/trainlist01.txt"],
      "8 videos are in both --train-list and --val-list"),
     (["--val-list", "{lists}/testlist01.txt", "--val-split", "0.2"], "give one of --val-data/--val-labels"),
-    (["--labels", "{lists}/x.csv", "--train-list", "{lists}/trainlist01.txt"], "split by their CSVs"),
+    (["--labels", "{lists}/x.csv", "--train-list", "{lists}/trainlist01.txt"], "split by their labels files"),
     (["--val-list", "{lists}/missing.txt"], "video list not found"),
 ])
 def test_split_list_errors(ucf, extra, message, capsys):

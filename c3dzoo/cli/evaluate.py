@@ -108,7 +108,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if (args.labels or args.list) and args.data is None:
         raise UsageError(f"{'--labels' if args.labels else '--list'} names videos of a data folder: give DATA as well")
     if args.labels and args.list:
-        raise UsageError("--list picks videos of class folders; frame folders are picked by their --labels CSV")
+        raise UsageError("--list picks videos of class folders; videos named by id are picked by their --labels")
     for option in ("batch_size", "synthetic"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -205,16 +205,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate", help="accuracy of a training checkpoint (or an ensemble) on labelled videos, multi-view",
         description="Top-1/top-5 and per-class accuracy of c3dzoo train checkpoints on a labelled video set "
-                    "(class folders, or frame folders with --labels), clips made as the checkpoint's training "
+                    "(class folders, or videos named by id with --labels), clips made as the checkpoint's training "
                     "validated them. With --clips/--crops each video is tested on several views and scored by "
                     "their mean probability, as video models are reported; what one view alone scores is "
                     "printed beside it.")
     p.add_argument("data", nargs="?", metavar="DATA",
                    help="a folder with one subfolder per class of videos (files or frame folders), or with "
-                        "--labels a folder of frame folders; the classes must be the checkpoint's")
+                        "--labels a folder of videos named by id; the classes must be the checkpoint's")
     p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
                    help="from c3dzoo train; several: an ensemble (the mean of their class probabilities)")
-    p.add_argument("--labels", metavar="CSV", help="labels of the frame folders under DATA ('video id;label')")
+    p.add_argument("--labels", metavar="CSV",
+                   help="labels of the videos named by id under DATA ('video id;label' rows, or JSON as train takes)")
     p.add_argument("--list", metavar="FILE",
                    help="only the videos of DATA this list names, one 'Class/video.avi' a line (an official "
                         "split's test list: UCF101's testlist01.txt)")

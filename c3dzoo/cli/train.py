@@ -1,5 +1,5 @@
 """``c3dzoo train``: a zoo model on the built-in synthetic motion data set or on real videos (a
-folder with one subfolder per class, or frame folders with a CSV of labels), with progress bars, a
+folder with one subfolder per class, or videos named by id with a CSV or JSON of labels), with progress bars, a
 metrics CSV and a PNG of the curves, a Net2Net ``--grow`` schedule, atomic checkpoints, exact
 ``--resume`` and a checkpoint on Ctrl-C; fine-tuning from ``--pretrained`` weights (``--new-head``,
 ``--freeze``, ``--head-lr-mult``); and, started by ``torchrun``, DistributedDataParallel training.
@@ -782,7 +782,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="train a zoo model on real videos or the built-in synthetic motion data set",
         description="Train a zoo model on a folder of videos (one subfolder per class; video files "
-                    "or folders of frame images), on frame folders labelled by a CSV (--labels), or "
+                    "or folders of frame images), on videos named by id labelled by a CSV or JSON (--labels), or "
                     "by default on the built-in SyntheticVideoDataset, whose classes are defined by "
                     "motion. The defaults by device are a small model that trains in a few minutes "
                     "on a CPU, and the full model on CUDA.")
@@ -801,14 +801,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     real = train.add_argument_group("real data (default: the built-in synthetic set)")
     real.add_argument("--data", metavar="PATH",
                       help="a folder with one subfolder per class holding videos (files, or folders of "
-                           "frame images); or, with --labels, a folder of frame folders")
+                           "frame images); or, with --labels, a folder of videos named by id (frame folders "
+                           "<id>/, or files <id>.webm ...)")
     real.add_argument("--labels", metavar="CSV",
-                      help="labels of the frame folders under --data: rows 'video id;label' or 'video id,label'")
+                      help="labels of the videos under --data: rows 'video id;label' or 'video id,label', or "
+                           "JSON objects with id and label (or Something-Something's template)")
     real.add_argument("--classes", metavar="FILE",
-                      help="class names in label order, one a line (default: sorted folder names or CSV labels)")
+                      help="class names in label order, one a line, or JSON (a list, or SSv2's labels.json "
+                           "name-to-index map; default: sorted folder names or labels)")
     real.add_argument("--val-data", metavar="PATH", help="validation videos, laid out as --data")
     real.add_argument("--val-labels", metavar="CSV",
-                      help="labels of validation frame folders (under --val-data, else under --data)")
+                      help="labels of validation videos named by id (under --val-data, else under --data)")
     real.add_argument("--val-split", type=float, metavar="FRACTION",
                       help=f"validate on this fraction of each class of --data, chosen by --seed; UCF101-named "
                            f"clips (v_X_gNN_cNN) by source-video group (default {DEFAULT_VAL_SPLIT:g} without "

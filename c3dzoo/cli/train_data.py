@@ -86,10 +86,10 @@ def make_data(args: argparse.Namespace) -> TrainingData:
     if sum(bool(x) for x in (args.val_split is not None, args.val_data or args.val_labels, args.val_list)) > 1:
         raise UsageError("give one of --val-data/--val-labels, --val-split and --val-list")
     if args.labels and (args.train_list or args.val_list):
-        raise UsageError("--train-list/--val-list pick videos of class folders; frame folders with --labels "
-                         "are split by their CSVs (--val-labels)")
+        raise UsageError("--train-list/--val-list pick videos of class folders; videos named by id with --labels "
+                         "are split by their labels files (--val-labels)")
     if args.labels and args.val_data and not args.val_labels:
-        raise UsageError("--val-data with frame folders needs --val-labels CSV")
+        raise UsageError("--val-data with videos named by id needs --val-labels")
     val_split = args.val_split
     if val_split is None and not (args.val_data or args.val_labels or args.val_list):
         val_split = DEFAULT_VAL_SPLIT

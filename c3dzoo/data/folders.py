@@ -1,14 +1,18 @@
-"""Real video data sets: a folder with one subfolder per class, or a root of frame folders with a
-CSV of labels.
+"""Real video data sets: a folder with one subfolder per class, or a folder of videos named by id
+with their labels in a CSV or JSON file.
 
 Layouts (a *video* is a video file or a folder of frame images, see ``video_io``):
 
 * ``scan_class_folders(root)``: ``root/<class>/<video>``; class names are the subfolder names in
   sorted order. Files directly in ``root``, or a class folder without videos, are layout errors.
-* ``scan_frame_folders(root, labels_csv)``: ``root/<video id>/00001.jpg …`` (20BN-Jester,
-  UCF101 frame dumps) and a CSV of ``id;label`` or ``id,label`` rows (an optional header row
-  whose second column is ``label`` or ``class``). Class names come from ``classes`` (e.g. a
-  labels file, one name a line) or are the CSV's labels in sorted order.
+* ``scan_frame_folders(root, labels_csv)``: videos named by id directly under ``root``, frame
+  folders ``root/<video id>/00001.jpg …`` (20BN-Jester, UCF101 frame dumps) or video files
+  ``root/<video id>.webm`` (Something-Something v2), and a CSV of ``id;label`` or ``id,label``
+  rows (an optional header row whose second column is ``label`` or ``class``) or a JSON list of
+  ``{"id", "label"}`` / ``{"id", "template"}`` objects. Class names come from ``classes`` (e.g. a
+  labels file, one name a line, or SSv2's labels.json) or are the labels in sorted order.
+* Official splits: ``read_video_list`` + ``select_listed`` (UCF101's trainlist/testlist);
+  ``split_videos(groups=ucf101_groups(videos))`` splits by source video.
 
 Scanning probes every video (frame count; a video file must decode its first frame): unreadable
 and too-short videos are left out with a ``SkippedVideoWarning`` each and counted in the returned
@@ -28,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import json
 import os
 import re
 import warnings
@@ -138,18 +143,42 @@ def _csv_rows(path: str) -> List[List[str]]:
             if row and any(field.strip() for field in row)]
 
 
-def read_class_names(path: str) -> List[str]:
-    """Class names in order from a labels file: one name a line (20BN-Jester's labels CSV), or
-    ``INDEX NAME`` lines (UCF101's classInd.txt)."""
+def _load_json(path: str, what: str):
     if not os.path.isfile(path):
-        raise DataError(f"class list not found: {path}")
+        raise DataError(f"{what} not found: {path}")
     try:
         with open(path, encoding="utf-8-sig") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read class list {path}: {exc}") from None
-    numbered = [re.fullmatch(r"\d+[\s,;]+(.+)", line) for line in lines]
-    names = [m.group(1).strip() for m in numbered] if lines and all(numbered) else lines
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from None
+
+
+def read_class_names(path: str) -> List[str]:
+    """Class names in order from a labels file: one name a line (20BN-Jester's labels CSV),
+    ``INDEX NAME`` lines (UCF101's classInd.txt), or JSON: a list of names, or a mapping of name to
+    index (Something-Something v2's labels.json)."""
+    if path.lower().endswith(".json"):
+        loaded = _load_json(path, "class list")
+        if isinstance(loaded, dict):
+            try:
+                names = [name for name, _ in sorted(loaded.items(), key=lambda item: int(item[1]))]
+            except (TypeError, ValueError):
+                raise DataError(f"class list {path}: a JSON mapping must map names to indices") from None
+        elif isinstance(loaded, list) and all(isinstance(name, str) for name in loaded):
+            names = loaded
+        else:
+            raise DataError(f"class list {path}: expected a JSON list of names or a mapping of name to index")
+        lines = names
+    else:
+        if not os.path.isfile(path):
+            raise DataError(f"class list not found: {path}")
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read class list {path}: {exc}") from None
+        numbered = [re.fullmatch(r"\d+[\s,;]+(.+)", line) for line in lines]
+        names = [m.group(1).strip() for m in numbered] if lines and all(numbered) else lines
     if not names:
         raise DataError(f"class list {path} is empty")
     if len(set(names)) != len(names):
@@ -158,8 +187,46 @@ def read_class_names(path: str) -> List[str]:
     return names
 
 
-def _read_labels(path: str, root: str) -> List[Tuple[str, str]]:
-    """(video id, label) rows of a labels CSV."""
+def _json_labels(path: str) -> List[Tuple[str, str]]:
+    """(video id, label) of a JSON list of ``{"id": ..., "label": ...}`` objects; where an object has
+    a ``template`` (Something-Something v2) the class is the template without its brackets
+    ("Putting [something] on [something]" is class "Putting something on something")."""
+    entries = _load_json(path, "labels JSON")
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"labels JSON {path}: expected a non-empty list of {{\"id\": ..., \"label\": ...}} objects")
+    rows = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise DataError(f"labels JSON {path}: entry {i} is not an object with an \"id\"")
+        if "template" in entry:
+            label = str(entry["template"]).replace("[", "").replace("]", "")
+        elif "label" in entry:
+            label = str(entry["label"])
+        else:
+            raise DataError(f"labels JSON {path}: entry {i} (id {entry['id']}) has no \"label\" or \"template\" "
+                            f"(a test split without labels?)")
+        rows.append((str(entry["id"]), label))
+    return rows
+
+
+def _video_sources(root: str) -> Dict[str, str]:
+    """Video id → path under ``root``: a folder of frames ``root/<id>/`` or a video file
+    ``root/<id>.<ext>`` (Something-Something v2's ``<id>.webm``), also by its full name."""
+    sources = {}
+    for name in _visible(root):
+        path = os.path.join(root, name)
+        if is_video_file(path) and os.path.isfile(path):
+            sources.setdefault(os.path.splitext(name)[0], path)
+            sources[name] = path
+        elif os.path.isdir(path):
+            sources[name] = path
+    return sources
+
+
+def _read_labels(path: str, sources: Dict[str, str]) -> List[Tuple[str, str]]:
+    """(video id, label) rows of a labels CSV or JSON."""
+    if path.lower().endswith(".json"):
+        return _json_labels(path)
     if not os.path.isfile(path):
         raise DataError(f"labels CSV not found: {path}")
     try:
@@ -167,7 +234,7 @@ def _read_labels(path: str, root: str) -> List[Tuple[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read labels CSV {path}: {exc}") from None
     if rows and len(rows[0]) >= 2 and rows[0][1].lower() in ("label", "class", "class_name", "category") \
-            and not os.path.isdir(os.path.join(root, rows[0][0])):
+            and rows[0][0] not in sources:
         rows = rows[1:]  # a header row
     if not rows:
         raise DataError(f"labels CSV {path} has no rows")
@@ -179,11 +246,16 @@ def _read_labels(path: str, root: str) -> List[Tuple[str, str]]:
 
 
 def scan_frame_folders(root: str, labels_csv: str, sampler: ClipSampler,
-                       class_names: Optional[Sequence[str]] = None, workers: int = 8) -> VideoSet:
-    """Frame folders ``root/<video id>/`` labelled by ``labels_csv``. Class names: ``class_names``
-    if given (every label must be one of them), else the CSV's labels in sorted order."""
+                       class_names: Optional[Sequence[str]] = None, workers: int = 8,
+                       index_cache: bool = True) -> VideoSet:
+    """Videos named by id directly under ``root`` — frame folders ``root/<video id>/`` (20BN-Jester)
+    or video files ``root/<video id>.<ext>`` (Something-Something v2) — labelled by ``labels_csv``
+    (CSV rows ``id;label``/``id,label``, or a JSON list of objects, see ``_json_labels``). Class
+    names: ``class_names`` if given (every label must be one of them), else the labels in sorted
+    order."""
     _check_root(root, "frames folder")
-    rows = _read_labels(labels_csv, root)
+    sources = _video_sources(root)
+    rows = _read_labels(labels_csv, sources)
     if class_names is None:
         class_names = sorted({label for _, label in rows})
     index = {name: i for i, name in enumerate(class_names)}
@@ -191,13 +263,13 @@ def scan_frame_folders(root: str, labels_csv: str, sampler: ClipSampler,
     if unknown:
         raise DataError(f"labels CSV {labels_csv}: label {unknown[0]!r} is not a known class "
                         f"({_some(class_names)})")
-    missing = [vid for vid, _ in rows if not os.path.isdir(os.path.join(root, vid))]
+    missing = [vid for vid, _ in rows if vid not in sources]
     if missing:
         raise DataError(f"labels CSV {labels_csv}: {len(missing)} of {len(rows)} video ids name no "
-                        f"folder under {root} (first: {missing[0]!r})")
-    candidates = [(os.path.join(root, vid), index[label]) for vid, label in rows]
-    # frame folders only: nothing to cache (listing a folder is what counting it costs)
-    return _probe(candidates, list(class_names), sampler, workers, None)
+                        f"frame folder or video file under {root} (first: {missing[0]!r})")
+    candidates = [(sources[vid], index[label]) for vid, label in rows]
+    # video files' probes are cached (frame folders: listing one is what counting it costs)
+    return _probe(candidates, list(class_names), sampler, workers, FrameCountCache(root) if index_cache else None)
 
 
 def _probe_one(path: str) -> Union[int, str]:
