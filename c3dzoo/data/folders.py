@@ -8,7 +8,9 @@ Layouts (a *video* is a video file or a folder of frame images, see ``video_io``
 * ``scan_frame_folders(root, labels_csv)``: videos named by id directly under ``root``, frame
   folders ``root/<video id>/00001.jpg …`` (20BN-Jester, UCF101 frame dumps) or video files
   ``root/<video id>.webm`` (Something-Something v2), and a CSV of ``id;label`` or ``id,label``
-  rows (an optional header row whose second column is ``label`` or ``class``) or a JSON list of
+  rows (an optional header row whose second column is ``label`` or ``class``), Kinetics'
+  annotation CSV (``label,youtube_id,time_start,time_end,...``: files ``<youtube_id>_<start:06d>_
+  <end:06d>.mp4``; clips never downloaded are skipped and counted), or a JSON list of
   ``{"id", "label"}`` / ``{"id", "template"}`` objects. Class names come from ``classes`` (e.g. a
   labels file, one name a line, or SSv2's labels.json) or are the labels in sorted order.
 * Official splits: ``read_video_list`` + ``select_listed`` (UCF101's trainlist/testlist);
@@ -223,16 +225,40 @@ def _video_sources(root: str) -> Dict[str, str]:
     return sources
 
 
-def _read_labels(path: str, sources: Dict[str, str]) -> List[Tuple[str, str]]:
-    """(video id, label) rows of a labels CSV or JSON."""
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+def _kinetics_labels(path: str, rows: List[List[str]]) -> List[Tuple[str, str]]:
+    """(video id, label) of a Kinetics annotation CSV (``label,youtube_id,time_start,time_end,split``):
+    the id is the name the downloaders give the clip, ``<youtube_id>_<start:06d>_<end:06d>``."""
+    header = [column.lower() for column in rows[0]]
+    at = {column: header.index(column) for column in KINETICS_COLUMNS}
+    labelled = []
+    for line, row in enumerate(rows[1:], 2):
+        try:
+            fields = {column: row[i] for column, i in at.items()}
+            start, end = int(float(fields["time_start"])), int(float(fields["time_end"]))
+        except (IndexError, ValueError):
+            raise DataError(f"Kinetics annotations {path}: line {line} {','.join(row)!r} lacks a label, "
+                            f"youtube_id or integer times") from None
+        labelled.append((f"{fields['youtube_id']}_{start:06d}_{end:06d}", fields["label"]))
+    if not labelled:
+        raise DataError(f"Kinetics annotations {path} have no rows")
+    return labelled
+
+
+def _read_labels(path: str, sources: Dict[str, str]) -> Tuple[List[Tuple[str, str]], bool]:
+    """(video id, label) rows of a labels CSV or JSON, and whether they are Kinetics annotations."""
     if path.lower().endswith(".json"):
-        return _json_labels(path)
+        return _json_labels(path), False
     if not os.path.isfile(path):
         raise DataError(f"labels CSV not found: {path}")
     try:
         rows = _csv_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read labels CSV {path}: {exc}") from None
+    if rows and all(column in [c.lower() for c in rows[0]] for column in KINETICS_COLUMNS):
+        return _kinetics_labels(path, rows), True
     if rows and len(rows[0]) >= 2 and rows[0][1].lower() in ("label", "class", "class_name", "category") \
             and rows[0][0] not in sources:
         rows = rows[1:]  # a header row
@@ -242,7 +268,7 @@ def _read_labels(path: str, sources: Dict[str, str]) -> List[Tuple[str, str]]:
         if len(row) != 2 or not row[0] or not row[1]:
             raise DataError(f"labels CSV {path}: row {line} {';'.join(row)!r} is not 'video id;label' "
                             f"or 'video id,label'")
-    return [(row[0], row[1]) for row in rows]
+    return [(row[0], row[1]) for row in rows], False
 
 
 def scan_frame_folders(root: str, labels_csv: str, sampler: ClipSampler,
@@ -255,7 +281,7 @@ def scan_frame_folders(root: str, labels_csv: str, sampler: ClipSampler,
     order."""
     _check_root(root, "frames folder")
     sources = _video_sources(root)
-    rows = _read_labels(labels_csv, sources)
+    rows, kinetics = _read_labels(labels_csv, sources)
     if class_names is None:
         class_names = sorted({label for _, label in rows})
     index = {name: i for i, name in enumerate(class_names)}
@@ -264,12 +290,20 @@ def scan_frame_folders(root: str, labels_csv: str, sampler: ClipSampler,
         raise DataError(f"labels CSV {labels_csv}: label {unknown[0]!r} is not a known class "
                         f"({_some(class_names)})")
     missing = [vid for vid, _ in rows if vid not in sources]
-    if missing:
+    # Kinetics: part of any copy was never downloaded (videos taken off YouTube), so those are
+    # skipped and counted; elsewhere a missing video is a mistake (a typo, another root)
+    if missing and (not kinetics or len(missing) == len(rows)):
         raise DataError(f"labels CSV {labels_csv}: {len(missing)} of {len(rows)} video ids name no "
                         f"frame folder or video file under {root} (first: {missing[0]!r})")
-    candidates = [(sources[vid], index[label]) for vid, label in rows]
+    candidates = [(sources[vid], index[label]) for vid, label in rows if vid in sources]
     # video files' probes are cached (frame folders: listing one is what counting it costs)
-    return _probe(candidates, list(class_names), sampler, workers, FrameCountCache(root) if index_cache else None)
+    found = _probe(candidates, list(class_names), sampler, workers, FrameCountCache(root) if index_cache else None)
+    for vid in missing:
+        found.unreadable.append((os.path.join(root, vid), "not downloaded (no such file)"))
+    if missing:
+        warnings.warn(f"skipped {len(missing)} of {len(rows)} annotated Kinetics clips that are not under {root} "
+                      f"(first: {missing[0]}): not downloaded", SkippedVideoWarning, stacklevel=2)
+    return found
 
 
 def _probe_one(path: str) -> Union[int, str]:

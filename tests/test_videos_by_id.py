@@ -1,6 +1,7 @@
 """Videos named by id in one folder, labelled by a CSV or JSON: Something-Something v2's layout
 (``<id>.webm`` files, labels in ``something-something-v2-train.json`` as templates, class order in
-``labels.json``) beside 20BN-Jester's frame folders, for ``scan_frame_folders``, ``c3dzoo train
+``labels.json``) beside 20BN-Jester's frame folders, and Kinetics' (``<youtube_id>_<start>_<end>.mp4``
+and its annotation CSV, some clips never downloaded), for ``scan_frame_folders``, ``c3dzoo train
 --labels/--classes`` and ``c3dzoo evaluate --labels``."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import pytest
 
 from c3dzoo import cli
-from c3dzoo.data import ClipSampler, DataError, read_class_names, scan_frame_folders
+from c3dzoo.data import ClipSampler, DataError, SkippedVideoWarning, read_class_names, scan_frame_folders
 
 from test_data_folders import make_frame_folder, make_video
 
@@ -113,3 +114,59 @@ def test_train_and_evaluate_on_something_something(ssv2, tmp_path, capsys):
     assert cli.main(["evaluate", str(root), "--labels", str(folder / "test.json"), "--checkpoint",
                      str(out / "last.pt"), "--device", "cpu"]) == 2
     assert "a test split without labels?" in capsys.readouterr().err
+
+
+KINETICS_CSV = ("label,youtube_id,time_start,time_end,split,is_cc\n"
+                "abseiling,--07WQ2iBlw,1,11,train,0\n"
+                "air drumming,-0S6QsvSoSw,45,55,train,0\n"
+                "abseiling,0wR5jVB-WPk,417,427,train,0\n"
+                "air drumming,taken_down,12,22,train,0\n")
+
+
+@pytest.fixture(scope="module")
+def kinetics(tmp_path_factory):
+    """Kinetics as its downloaders leave it: a flat folder of <youtube_id>_<start>_<end>.mp4 and
+    the annotation CSV, one annotated clip not downloaded."""
+    folder = tmp_path_factory.mktemp("kinetics")
+    root = folder / "train"
+    root.mkdir()
+    for name in ("--07WQ2iBlw_000001_000011", "-0S6QsvSoSw_000045_000055", "0wR5jVB-WPk_000417_000427"):
+        make_video(root / f"{name}.mp4", frames=20)
+    (folder / "train.csv").write_text(KINETICS_CSV)
+    return folder, root
+
+
+def test_kinetics_annotations_name_the_downloaded_clips(kinetics):
+    folder, root = kinetics
+    with pytest.warns(SkippedVideoWarning, match="skipped 1 of 4 annotated Kinetics clips .* taken_down_000012_000022"):
+        found = scan_frame_folders(str(root), str(folder / "train.csv"), ClipSampler(8))
+    assert found.class_names == ["abseiling", "air drumming"]
+    assert [(v.path, v.label) for v in found.videos] == [
+        (str(root / "--07WQ2iBlw_000001_000011.mp4"), 0), (str(root / "-0S6QsvSoSw_000045_000055.mp4"), 1),
+        (str(root / "0wR5jVB-WPk_000417_000427.mp4"), 0)]
+    assert found.unreadable == [(str(root / "taken_down_000012_000022"), "not downloaded (no such file)")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("label,youtube_id,time_start,time_end,split\nabseiling,nothere,1,11,train\n", "1 of 1 video ids name no"),
+    ("label,youtube_id,time_start,time_end,split\nabseiling,--07WQ2iBlw,one,11,train\n",
+     "line 2 .* lacks a label, youtube_id or integer times"),
+    ("label,youtube_id,time_start,time_end\n", "have no rows"),
+])
+def test_kinetics_annotation_errors(kinetics, tmp_path, text, message):
+    _, root = kinetics
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        scan_frame_folders(str(root), str(tmp_path / "bad.csv"), ClipSampler(8))
+
+
+def test_train_on_kinetics_counts_the_missing_clip(kinetics, capsys):
+    folder, root = kinetics
+    assert cli.main(["train", "--data", str(root), "--labels", str(folder / "train.csv"), "--val-split", "0.5",
+                     "--epochs", "1", "--frames", "16", "--size", "32", "--width-mult", "0.0625", "--batch-size", "2",
+                     "--device", "cpu", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 of 4 annotated Kinetics clips" in captured.err
+    header = next(line for line in captured.out.splitlines() if line.startswith("training "))
+    assert "2 videos from" in header and "in 2 classes, val 1 (split 0.5)" in header
+    assert "skipped 1 unreadable and 0 too-short video(s)" in captured.out
