@@ -325,7 +325,7 @@ class _DeferredInterrupt:
 
 
 def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
-                 stop: _DeferredInterrupt, position, reseed) -> None:
+                 stop: _DeferredInterrupt, position, reseed, label_smoothing: float = 0.0) -> None:
     """The rest of one pass over ``loader``, accumulating into ``progress``. Raises CommandError
     on a non-finite loss (before the step, so the weights stay finite) and KeyboardInterrupt at a
     batch boundary once ``stop`` was requested. ``position()``: clips trained on so far (for the
@@ -352,7 +352,7 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         progress.updating = True  # from the forward on: it updates the BatchNorm running stats
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(clips)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         with torch.no_grad():
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             finite = torch.isfinite(loss)
@@ -386,8 +386,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
 
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
-RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "num_classes",
-                   "train_samples", "val_samples", "frames", "size", "fused", "seed",
+RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
+                   "num_classes", "train_samples", "val_samples", "frames", "size", "fused", "seed",
                    "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head", "freeze",
                    "head_lr_mult", *REAL_DATA_OPTIONS)
 
@@ -551,6 +551,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     args.progress = args.progress and main_rank
     if not args.grow_noise >= 0:
         raise UsageError(f"--grow-noise must be non-negative, got {args.grow_noise}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     data = make_data(args)
     train_set, val_set = data.train, data.val
     if checkpoint is not None:  # before building: a mismatch is a usage error, not a shape error
@@ -695,7 +697,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                           unit="clip", disable=not args.progress) as bar:
                     seen_before = progress.seen
                     _train_epoch(ddp_model, train_loader, optimizer, scheduler, device, args.amp, bar,
-                                 progress, stop, position, reseed if world > 1 else None)
+                                 progress, stop, position, reseed if world > 1 else None, args.label_smoothing)
                 clips_per_s = (progress.seen - seen_before) / (time.perf_counter() - epoch_start)
                 train_loss = progress.loss_sum / max(1, progress.seen)
                 train_top1 = 100.0 * progress.correct / max(1, progress.seen)
@@ -771,6 +773,15 @@ def _grow(model, step: dict, optimizer, train_set, args, device, progress: _Prog
     tqdm.write(f"epoch {step['epoch']}: grew {what}; {before / 1e6:.3f} M -> {after / 1e6:.3f} M parameters")
 
 
+def _short_side_range(text: str) -> Tuple[int, int]:
+    """``128,160``: the short-side range of --scale-jitter."""
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX in pixels, got {text!r}") from None
+    return low, high
+
+
 def _by_device(key: str) -> str:
     """Help text for an option whose default depends on the device."""
     values = {device: defaults[key] for device, defaults in TRAIN_DEFAULTS.items()}
@@ -795,6 +806,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                        help="SGD with Nesterov momentum 0.9, or Adam (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=1e-4, help="(default %(default)s)")
+    train.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
+                       help="training targets 1 - X on the class, X spread over all classes (default 0)")
     train.add_argument("--num-classes", type=int, default=10,
                        help=f"synthetic motion classes, 1 to {len(MOTIONS)} (default %(default)s; "
                             f"with --data the data's class count)")
@@ -822,6 +835,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     real.add_argument("--val-list", metavar="FILE",
                       help="validate on the videos of --data this list names (UCF101's testlist01.txt); "
                            "without --train-list the others are trained on")
+    real.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                      help="mirror training clips left-right half the time (UCF101, HMDB51, Kinetics); never "
+                           "where classes name a direction (Jester, Something-Something); default off")
+    real.add_argument("--scale-jitter", type=_short_side_range, metavar="MIN,MAX",
+                      help="resize each training clip's short side to a random MIN..MAX pixels before its "
+                           "random crop (e.g. 128,160 for a 112 crop; default: 8/7 of the crop)")
     real.add_argument("--val-clips", type=int, metavar="N",
                       help="validate each video on N clips spread evenly over it and score it by their mean "
                            "probability, as video models are tested (default 1: the centred clip)")

@@ -23,7 +23,7 @@ DEFAULT_VAL_SPLIT = 0.1  # of a real training set, when no --val-data/--val-labe
 
 # options that only mean something with --data
 REAL_DATA_OPTIONS = ("labels", "val_data", "val_labels", "val_split", "classes", "frame_stride", "min_frames",
-                     "val_clips", "val_crops", "train_list", "val_list")
+                     "val_clips", "val_crops", "train_list", "val_list", "flip", "scale_jitter")
 MAX_SKIP_LINES = 10  # warnings printed for skipped videos; the rest are counted
 
 
@@ -152,8 +152,12 @@ def make_data(args: argparse.Namespace) -> TrainingData:
            else f"split {val_split:g}" + (" by UCF101 source-video group" if groups else ""))
     split = (f", val {len(val_videos)} ({how}"
              + (f"; {args.val_clips or 1} clip(s) x {args.val_crops or 1} crop(s) a video" if views > 1 else "") + ")")
-    return TrainingData(VideoClipDataset(train_videos, train=True, **clips),
-                 VideoClipDataset(val_videos, train=False, clips=args.val_clips or 1, crops=args.val_crops or 1,
-                                  **clips),
-                 f"{len(train_videos)} videos from {where} in {len(class_names)} classes{split}",
-                 config, unreadable, too_short)
+    try:  # augmentation for training clips only
+        train_set = VideoClipDataset(train_videos, train=True, flip=bool(args.flip),
+                                     short_side_range=args.scale_jitter, **clips)
+    except ValueError as exc:  # a --scale-jitter below the crop
+        raise UsageError(f"--scale-jitter: {exc}") from None
+    val_set = VideoClipDataset(val_videos, train=False, clips=args.val_clips or 1, crops=args.val_crops or 1, **clips)
+    return TrainingData(train_set, val_set,
+                        f"{len(train_videos)} videos from {where} in {len(class_names)} classes{split}",
+                        config, unreadable, too_short)

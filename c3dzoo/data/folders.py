@@ -443,6 +443,7 @@ class VideoClipDataset(Dataset):
         size: ``(height, width)`` of the crop; ``short_side`` the resize before it.
         train: random start and crop (from ``seed``, the epoch and the index) or centred ones.
         mean, std: per-channel statistics of pixels in [0, 1].
+        flip, short_side_range: training augmentation (``ClipTransform``): mirrored clips, scale jitter.
         clips, crops: evaluation only: ``clips`` clips spread over each video (``ClipSampler.spread``)
             times ``crops`` crops of each (``ClipTransform.views``), a sample's ``views`` stacked
             clip by clip (crops of the first clip first). The video's score is their mean.
@@ -452,7 +453,8 @@ class VideoClipDataset(Dataset):
                  size: Union[int, Sequence[int]], stride: int = 1, train: bool = False, seed: int = 0,
                  min_frames: Optional[int] = None, short_side: Optional[int] = None,
                  mean: Sequence[float] = KINETICS_MEAN, std: Sequence[float] = KINETICS_STD,
-                 clips: int = 1, crops: int = 1):
+                 clips: int = 1, crops: int = 1, flip: bool = False,
+                 short_side_range: Optional[Tuple[int, int]] = None):
         if clips < 1 or crops < 1:
             raise ValueError(f"clips and crops must be at least 1, got clips={clips}, crops={crops}")
         if train and clips * crops > 1:
@@ -463,7 +465,7 @@ class VideoClipDataset(Dataset):
         self.videos = list(videos)
         self.class_names = list(class_names)
         self.sampler = ClipSampler(frames, stride, min_frames)
-        self.transform = ClipTransform(size, short_side, tuple(mean), tuple(std))
+        self.transform = ClipTransform(size, short_side, tuple(mean), tuple(std), flip, short_side_range)
         self.train = train
         self.seed = seed
         self.decode_failures = 0  # videos that failed after the scan (this process only)

@@ -9,7 +9,9 @@ its first frame) if it has at least ``min_frames`` frames, and is skipped otherw
 count it as too short).
 
 Transform (``ClipTransform``): resize so that the short side is ``short_side`` (C3D's 128 for a
-112 crop: 8/7 of the crop by default), crop ``size`` (random for training, centred otherwise;
+112 crop: 8/7 of the crop by default; for training, optionally drawn from ``short_side_range``:
+scale jitter), mirror left-right with probability 1/2 when ``flip`` (training only: never for
+classes that name a direction), crop ``size`` (random for training, centred otherwise;
 ``views`` takes several crops spread along the longer side: 3 gives the usual left, centre and right),
 scale pixels to [0, 1] and standardise per channel with ``mean``/``std``. That is the convention of
 the synthetic data set as well (pixels in [0, 1] mapped to about zero mean and unit standard
@@ -99,11 +101,19 @@ class ClipTransform:
     short_side: Optional[int] = None  # default: default_short_side(size)
     mean: Tuple[float, float, float] = KINETICS_MEAN
     std: Tuple[float, float, float] = KINETICS_STD
+    flip: bool = False  # training clips mirrored left-right half the time
+    short_side_range: Optional[Tuple[int, int]] = None  # training clips' short side, drawn per clip
 
     def __post_init__(self):
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
         if len(self.size) != 2 or min(self.size) < 1:
             raise ValueError(f"size must be (height, width), got {self.size}")
+        if self.short_side_range is not None:
+            low, high = (int(v) for v in self.short_side_range)
+            if not max(self.size) <= low <= high:
+                raise ValueError(f"the short-side range must be low <= high with low at least the crop's "
+                                 f"{max(self.size)} pixels, got {low}-{high}")
+            object.__setattr__(self, "short_side_range", (low, high))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 channels and std > 0, got {self.mean}, {self.std}")
 
@@ -112,14 +122,20 @@ class ClipTransform:
         return self.short_side if self.short_side is not None else default_short_side(self.size)
 
     def __call__(self, frames: np.ndarray, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
-        """Random crop with ``rng``, centre crop without."""
-        clip = self._resized(frames)
+        """Random crop (and scale, and mirror, where asked) with ``rng``, centre crop without."""
+        short_side = None
+        if rng is not None and self.short_side_range is not None:
+            short_side = int(rng.integers(self.short_side_range[0], self.short_side_range[1] + 1))
+        clip = self._resized(frames, short_side)
         room_h, room_w = clip.shape[-2] - self.size[0], clip.shape[-1] - self.size[1]
         if rng is not None:
             top, left = int(rng.integers(room_h + 1)), int(rng.integers(room_w + 1))
         else:
             top, left = room_h // 2, room_w // 2
-        return self._cropped(clip, top, left)
+        clip = self._cropped(clip, top, left)
+        if rng is not None and self.flip and rng.random() < 0.5:
+            clip = clip.flip(-1)
+        return clip
 
     def views(self, frames: np.ndarray, crops: int) -> torch.Tensor:
         """``crops × 3 × T × size``: crops spread evenly along the resized frames' longer side
@@ -135,15 +151,15 @@ class ClipTransform:
         corners = [(int(a), room_w // 2) if room_h > room_w else (room_h // 2, int(a)) for a in along]
         return torch.stack([self._cropped(clip, top, left) for top, left in corners])
 
-    def _resized(self, frames: np.ndarray) -> torch.Tensor:
-        """``T × 3 × H' × W'`` float frames whose short side is ``resize_to``, never smaller than
-        the crop in either direction."""
+    def _resized(self, frames: np.ndarray, short_side: Optional[int] = None) -> torch.Tensor:
+        """``T × 3 × H' × W'`` float frames whose short side is ``short_side`` (default
+        ``resize_to``), never smaller than the crop in either direction."""
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected T x H x W x 3 frames, got shape {frames.shape}")
         clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # T×3×H×W
         height, width = clip.shape[-2:]
         crop_h, crop_w = self.size
-        scale = max(self.resize_to / min(height, width), crop_h / height, crop_w / width)
+        scale = max((short_side or self.resize_to) / min(height, width), crop_h / height, crop_w / width)
         new_h, new_w = max(crop_h, round(height * scale)), max(crop_w, round(width * scale))
         if (new_h, new_w) != (height, width):
             clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False,

@@ -1,0 +1,115 @@
+"""Training augmentation of real videos: left-right mirroring (``--flip``), scale jitter of the
+short side before the random crop (``--scale-jitter``), and ``--label-smoothing``; evaluation clips
+stay deterministic and an augmentation left off changes nothing."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from c3dzoo import cli
+from c3dzoo.data import ClipSampler, ClipTransform, VideoClipDataset, scan_class_folders
+
+from test_data_folders import make_class_folders
+
+
+def _ramp_frames(size: int = 64, frames: int = 2) -> np.ndarray:
+    """Frames whose red channel is twice the column index: a crop's red values tell where it came
+    from and at what scale."""
+    cols = np.broadcast_to(2 * np.arange(size), (size, size))
+    image = np.stack([cols, np.zeros_like(cols), np.zeros_like(cols)], axis=-1)
+    return np.stack([image] * frames).astype(np.uint8)
+
+
+def _red_row(transform: ClipTransform, clip: torch.Tensor) -> np.ndarray:
+    return (clip[0, 0, 0].numpy() * transform.std[0] * 255 + transform.mean[0] * 255)
+
+
+def test_flip_mirrors_half_the_training_clips_and_never_an_evaluation_clip():
+    frames = _ramp_frames()
+    plain, flipping = ClipTransform((32, 32)), ClipTransform((32, 32), flip=True)
+    mirrored = 0
+    for seed in range(40):
+        a = plain(frames, np.random.default_rng(seed))
+        b = flipping(frames, np.random.default_rng(seed))  # the same crop, mirrored or not
+        if torch.equal(b, a.flip(-1)):
+            mirrored += 1
+            assert np.all(np.diff(_red_row(flipping, b)) < 0)  # columns run right to left
+        else:
+            assert torch.equal(b, a)
+    assert 10 <= mirrored <= 30
+    assert torch.equal(flipping(frames), plain(frames))  # no rng: the centre crop, unmirrored
+
+
+def test_scale_jitter_draws_the_short_side_per_training_clip():
+    frames = _ramp_frames()
+    jitter = ClipTransform((32, 32), short_side_range=(40, 64))
+    sides = []
+    for seed in range(30):
+        row = _red_row(jitter, jitter(frames, np.random.default_rng(seed)))
+        slope = (row[-1] - row[0]) / 31  # 2 * 64 / short side, for a bilinear resize
+        sides.append(128 / slope)
+    assert 39 <= min(sides) and max(sides) <= 65 and max(sides) - min(sides) > 12
+    assert torch.equal(jitter(frames), ClipTransform((32, 32))(frames))  # evaluation: 8/7 of the crop
+    for bad in ((20, 40), (50, 40)):
+        with pytest.raises(ValueError, match="short-side range"):
+            ClipTransform((32, 32), short_side_range=bad)
+
+
+def test_without_augmentation_the_random_draws_are_unchanged():
+    """Off, the options draw nothing: a seed gives the crop it gave before they existed."""
+    frames = _ramp_frames(48)
+    transform = ClipTransform((32, 32), short_side=40)
+    clip = transform(frames, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    top, left = int(rng.integers(40 - 32 + 1)), int(rng.integers(40 - 32 + 1))
+    resized = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(40, 40),
+                                              mode="bilinear", align_corners=False, antialias=True)
+    expected = transform._cropped(resized, top, left)
+    assert torch.equal(clip, expected)
+
+
+def test_augmented_samples_stay_a_function_of_seed_epoch_and_index(tmp_path):
+    root = make_class_folders(tmp_path / "data", videos_per_class=2, frames=20)
+    found = scan_class_folders(str(root), ClipSampler(8))
+    data = VideoClipDataset(found.videos, found.class_names, 8, 24, train=True, seed=2, flip=True,
+                            short_side_range=(28, 36))
+    assert torch.equal(data[(1, 3)][0], data[(1, 3)][0])
+    assert any(not torch.equal(data[(1, e)][0], data[(1, 3)][0]) for e in range(4, 8))
+
+
+def _train(root, tmp_path, name, *extra):
+    out = tmp_path / name
+    assert cli.main(["train", "--data", str(root), "--val-split", "0.5", "--epochs", "1", "--frames", "16",
+                     "--size", "32", "--width-mult", "0.0625", "--batch-size", "2", "--lr", "1e-12", "--device", "cpu",
+                     "--no-progress", "--out", str(out), *extra]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def test_train_with_augmentation_and_label_smoothing(tmp_path, capsys):
+    root = make_class_folders(tmp_path / "data", videos_per_class=4, frames=20)
+    plain = _train(root, tmp_path, "plain")
+    smoothed = _train(root, tmp_path, "smoothed", "--label-smoothing", "0.2")
+    # lr ~0: the same weights and clips, so only the training loss's targets differ
+    assert smoothed["train_loss"] != plain["train_loss"] and smoothed["val_loss"] == plain["val_loss"]
+    augmented = _train(root, tmp_path, "augmented", "--flip", "--scale-jitter", "36,44")
+    assert augmented["train_loss"] != plain["train_loss"]  # other clips (BatchNorm statistics too)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--flip"], "--flip is for real data"),
+    (["train", "--scale-jitter", "128,160"], "--scale-jitter is for real data"),
+    (["train", "--data", "DATA", "--scale-jitter", "20,40", "--size", "32"], "--scale-jitter: the short-side range"),
+    (["train", "--data", "DATA", "--scale-jitter", "big"], "expected MIN,MAX in pixels"),
+    (["train", "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+])
+def test_augmentation_errors(argv, message, tmp_path, capsys):
+    root = make_class_folders(tmp_path / "data", videos_per_class=2, frames=20)
+    argv = [str(root) if a == "DATA" else a for a in argv] + ["--device", "cpu", "--frames", "16"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
