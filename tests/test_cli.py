@@ -192,6 +192,34 @@ def two_epoch_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("top1s, best_epoch", [([80.0, 50.0], 1), ([50.0, 50.0], 2)])
+def test_best_checkpoint_is_the_best_validated_epoch(top1s, best_epoch, tmp_path, monkeypatch, capsys):
+    """best.pt holds the epoch whose validation top-1 is highest (the later one on a tie), as the
+    final line reports it; last.pt the last epoch."""
+    real_evaluate, scores = cli.train._evaluate, iter(top1s)
+    snapshots, real_save = {}, cli.train._save
+
+    def evaluate(*args, **kwargs):
+        validation = real_evaluate(*args, **kwargs)
+        validation.top1 = next(scores)
+        return validation
+
+    def save(path, payload):
+        real_save(path, payload)
+        if path.endswith("last.pt"):
+            snapshots[payload["epoch"]] = {k: v.clone() for k, v in payload["model"].items()}
+
+    monkeypatch.setattr(cli.train, "_evaluate", evaluate)
+    monkeypatch.setattr(cli.train, "_save", save)
+    assert cli.main(TWO_EPOCHS + ["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"best top-1 {max(top1s):.1f} % (epoch {best_epoch})" in printed and f"best.pt (epoch {best_epoch})" in printed
+    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == best_epoch and best["best"] == (max(top1s), best_epoch)
+    assert all(torch.equal(v, snapshots[best_epoch][k]) for k, v in best["model"].items())
+    assert best_epoch == 2 or not all(torch.equal(v, snapshots[2][k]) for k, v in best["model"].items())
+
+
 def test_resume_after_interrupt_is_exact(two_epoch_run, tmp_path, monkeypatch, capsys):
     """2 epochs in one go == interrupted in epoch 2 (after its first step) + resumed, bit for bit;
     the dropout masks and the batch order come back with the checkpoint."""

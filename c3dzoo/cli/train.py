@@ -666,6 +666,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     if writes:
         os.makedirs(args.out, exist_ok=True)
     last_path = os.path.join(args.out, "last.pt") if args.out else None
+    best_path = os.path.join(args.out, "best.pt") if args.out else None
     metrics_path = os.path.join(args.out, "metrics.csv") if args.out else None
     curves_path = os.path.join(args.out, CURVES_PNG) if args.out else None
     plot = writes and importlib.util.find_spec("matplotlib") is not None
@@ -720,6 +721,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                     writer.writerow(row)
                     metrics_file.flush()
                     _save(last_path, payload(row))
+                    if progress.best[1] == epoch:  # the best validation top-1 so far (ties: the later)
+                        _save(best_path, payload(row))
                     if plot:
                         plot_curves(metrics_path, curves_path, progress.growth)
         except KeyboardInterrupt:
@@ -739,6 +742,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
               f"to train on)")
         return 0
     written = ["metrics.csv", "last.pt"]
+    if best_path and os.path.isfile(best_path):
+        written.append(f"best.pt (epoch {progress.best[1]})")
     if writes:
         written += write_final_report(validation, train_set.class_names, args.out, plot)
     if plot:
@@ -893,8 +898,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="BatchNorm statistics over the global batch (fused SyncBatchNorm; needs "
                             "--fused); changes nothing in a single process (default: off)")
     train.add_argument("--out", metavar="DIR",
-                       help=f"write metrics.csv, {CURVES_PNG}, last.pt and, after the last epoch, "
-                            f"{PER_CLASS_CSV} and {CONFUSION_PNG} here")
+                       help=f"write metrics.csv, {CURVES_PNG}, last.pt, best.pt (the epoch of the best "
+                            f"validation top-1) and, after the last epoch, {PER_CLASS_CSV} and {CONFUSION_PNG} here")
     train.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
                        help="continue from checkpoint CKPT (default with --out: DIR/last.pt); "
                             "options not given again are taken from the checkpoint")
