@@ -450,7 +450,8 @@ def _batches(data, batch_size: int) -> Iterable:
             raise ValueError(f"expected clips N × C × T × H × W, got shape {tuple(data.shape)}")
         return (data[i:i + batch_size] for i in range(0, data.shape[0], batch_size))
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        views = getattr(data, "views", 1)  # samples of several views: about batch_size clips a batch
+        return torch.utils.data.DataLoader(data, batch_size=max(1, batch_size // views), shuffle=False)
     return data
 
 
@@ -476,7 +477,7 @@ class _EvalMode:
 
 
 def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: str = "auto",
-                     batch_size: int = 32, return_labels: bool = False):
+                     batch_size: int = 32, return_labels: bool = False, normalize: Optional[str] = None):
     """Features of ``data`` at module ``layer``: an N × D float32 CPU tensor (each output flattened).
 
     ``data``: a clip tensor N × C × T × H × W, a map-style Dataset of (clip, label), or an iterable
@@ -487,9 +488,16 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
     fc6/fc7: ReLU, the convention of the C3D paper's fc6 features — Caffe's in-place ReLU leaves
     the fc6 blob rectified; Jester fc5/fc6: LeakyReLU); ``"none"`` gives the raw output.
     ``return_labels=True`` returns ``(features, labels)`` and needs labelled batches.
+
+    Samples of several views (``V × C × T × H × W`` each: ``VideoClipDataset(clips=, crops=)``)
+    give one row per sample, the mean of its views' features; ``normalize="l2"`` then scales each
+    row to unit length — the C3D paper's video descriptor (fc6 averaged over a video's clips,
+    L2-normalised, for a linear SVM). ``batch_size`` counts clips either way.
     """
     if activation not in ("auto", "none"):
         raise ValueError(f"activation must be 'auto' or 'none', got {activation!r}")
+    if normalize not in (None, "l2"):
+        raise ValueError(f"normalize must be None or 'l2', got {normalize!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     try:
@@ -521,6 +529,9 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
                     raise ValueError("return_labels=True needs batches of (clips, labels), got bare clips")
                 else:
                     clips = batch
+                views = clips.shape[1] if clips.dim() == 6 else 1  # B × V × C × T × H × W: a video's views
+                if views > 1:
+                    clips = clips.flatten(0, 1)
                 captured.clear()
                 try:
                     model(clips.to(device, dtype=dtype if clips.is_floating_point() else None))
@@ -533,12 +544,15 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
                 out = captured[0]
                 if act is not None:
                     out = act(out)
-                features.append(out.flatten(1).float().cpu())
+                out = out.flatten(1).float()
+                features.append((out.view(-1, views, out.shape[1]).mean(1) if views > 1 else out).cpu())
     finally:
         handle.remove()
     if not features:
         raise ValueError("no clips to extract features from")
     result = torch.cat(features)
+    if normalize == "l2":
+        result = F.normalize(result, dim=1)
     if return_labels:
         return result, torch.cat(labels)
     return result

@@ -352,3 +352,34 @@ def test_evaluate_leaves_out_a_video_that_fails_to_decode(sharp_checkpoint, tmp_
     for video in rows:
         assert float(rows[video]["probability"]) == pytest.approx(float(reference[video][1].max()), abs=2e-6)
     assert json.loads((tmp_path / "report.json").read_text())["samples"] == 5
+
+
+def test_features_of_a_video_are_the_mean_over_its_views(sharp_checkpoint, tmp_path, capsys):
+    """extract_features and c3dzoo features: a multi-view sample gives one row, the mean of its
+    views' fc6 features (the C3D paper's video descriptor; --l2-normalize scales it to unit length)."""
+    from c3dzoo import transfer
+
+    path, root, model = sharp_checkpoint
+    found = scan_class_folders(str(root), ClipSampler(16, 2))
+    data = VideoClipDataset(found.videos, found.class_names, 16, 32, stride=2, short_side=37, clips=2, crops=3)
+    per_view = transfer.extract_features(model, torch.cat([data[i][0] for i in range(len(data))]), "fc6")
+    expected = per_view.view(len(data), 6, -1).mean(1)
+    assert not torch.allclose(per_view[0], expected[0])  # the views differ
+    features, labels = transfer.extract_features(model, data, "fc6", batch_size=7, return_labels=True)
+    torch.testing.assert_close(features, expected)
+    assert labels.tolist() == [v.label for v in found.videos]
+    unit = transfer.extract_features(model, data, "fc6", normalize="l2")
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(expected, dim=1))
+    with pytest.raises(ValueError, match="normalize must be None or 'l2'"):
+        transfer.extract_features(model, data, "fc6", normalize="l1")
+
+    out = tmp_path / "feats.pt"
+    assert cli.main(["features", "--checkpoint", str(path), str(root), "--clips", "2", "--crops", "3",
+                     "--l2-normalize", "--out", str(out), "--device", "cpu", "--no-fused"]) == 0
+    assert "each the mean over 6 views, L2-normalised" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    torch.testing.assert_close(saved["features"], torch.nn.functional.normalize(expected, dim=1))
+    assert (saved["clips"], saved["crops"], saved["normalize"]) == (2, 3, "l2")
+    assert cli.main(["features", "--checkpoint", str(path), "--synthetic", "4", "--clips", "2",
+                     "--out", str(out), "--device", "cpu"]) == 2
+    assert "are one view each" in capsys.readouterr().err

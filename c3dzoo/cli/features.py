@@ -20,8 +20,8 @@ from c3dzoo import checkpoint as ckpt
 from c3dzoo import evaluation, transfer
 from c3dzoo.data import SyntheticVideoDataset
 
-from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices, builder_accepts,
-                      resolve_device, size_arg)
+from ._common import (PROG, CommandError, UsageError, add_view_options, backend_arg, backend_choices,
+                      builder_accepts, check_views, resolve_device, size_arg)
 
 FEATURES_KIND = "c3dzoo features"  # marks the files `features` writes and `linear-probe` reads
 # the layer a family's features come from by default: C3D's fc6 (the C3D paper's recipe), the
@@ -91,8 +91,9 @@ def _input_size(model: torch.nn.Module, args: argparse.Namespace, saved: dict) -
 
 
 def _folder_dataset(root: str, model: torch.nn.Module, args: argparse.Namespace, saved: dict):
-    """Centred clips of the videos under ``root/<class>/`` (c3dzoo.data's class-folder layout),
-    sampled and normalised as the checkpoint's training videos were, where it had any."""
+    """Centred clips (or ``--clips`` x ``--crops`` views) of the videos under ``root/<class>/``
+    (c3dzoo.data's class-folder layout), sampled and normalised as the checkpoint's training videos
+    were, where it had any."""
     from c3dzoo.data import ClipSampler, DataError, SkippedVideoWarning, VideoClipDataset, scan_class_folders
 
     config = saved.get("data") or {}
@@ -106,7 +107,8 @@ def _folder_dataset(root: str, model: torch.nn.Module, args: argparse.Namespace,
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedVideoWarning)
             scan = scan_class_folders(root, sampler, workers=min(8, os.cpu_count() or 1))
-        data = VideoClipDataset(scan.videos, scan.class_names, frames, (height, width), **clip_options)
+        data = VideoClipDataset(scan.videos, scan.class_names, frames, (height, width), clips=args.clips,
+                                crops=args.crops, **clip_options)
     except (DataError, ValueError) as exc:
         raise UsageError(_first_line(exc)) from None
     skipped = [w for w in caught if issubclass(w.category, SkippedVideoWarning)]
@@ -153,6 +155,10 @@ def _cmd_features(args: argparse.Namespace) -> int:
         raise UsageError(f"--synthetic must be at least 1, got {args.synthetic}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_views(args)
+    if args.clips * args.crops > 1 and not (len(args.inputs) == 1 and os.path.isdir(args.inputs[0])):
+        raise UsageError("--clips/--crops take several views of the videos of a data folder; synthetic "
+                         "clips and .pt clip files are one view each")
     device = resolve_device(args.device)
     model, model_name, model_kwargs, saved = _build_model(args)
     layer = args.layer or DEFAULT_LAYER.get(type(model).__name__, "fc6")
@@ -186,7 +192,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = transfer.extract_features(model, data, layer, activation=args.activation,
-                                           batch_size=args.batch_size, return_labels=class_names is not None)
+                                           batch_size=args.batch_size, return_labels=class_names is not None,
+                                           normalize="l2" if args.l2_normalize else None)
     except (ValueError, RuntimeError) as exc:
         # a clip size the model rejects, a layer a fused forward does not call as a module, ...
         raise UsageError(f"cannot extract {layer} features: {_first_line(exc)}") from None
@@ -195,6 +202,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     payload = {
         "kind": FEATURES_KIND, "features": features, "labels": labels, "class_names": class_names,
         "layer": layer, "activation": args.activation, "model_name": model_name, "model_kwargs": model_kwargs,
+        "clips": args.clips, "crops": args.crops, "normalize": "l2" if args.l2_normalize else None,
         "weights": args.checkpoint or args.pretrained or "random initialisation", "data": source,
     }
     folder = os.path.dirname(os.path.abspath(args.out))
@@ -205,8 +213,12 @@ def _cmd_features(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot write {args.out}: {exc}") from None
     how = f"fused, backend {args.backend}" if args.fused else "stock"
     labelled = f", labels of {len(class_names)} classes" if class_names else ", no labels"
+    views = args.clips * args.crops
+    per_video = f", each the mean over {views} views" if views > 1 else ""
+    normalized = ", L2-normalised" if args.l2_normalize else ""
     print(f"wrote {args.out}: {features.shape[0]} x {features.shape[1]} {layer} features of {model_name} "
-          f"({how}, {device}){labelled}; {features.shape[0] / max(seconds, 1e-9):.1f} clips/s")
+          f"({how}, {device}){per_video}{normalized}{labelled}; "
+          f"{features.shape[0] * views / max(seconds, 1e-9):.1f} clips/s")
     return 0
 
 
@@ -235,7 +247,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="frames per clip (default: the model's input size)")
     p.add_argument("--size", type=size_arg, help="frame size, N or HxW (default: the model's input size)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default %(default)s)")
+    add_view_options(p)
+    p.add_argument("--l2-normalize", action="store_true",
+                   help="scale each video's feature to unit length (with --clips: the C3D paper's video "
+                        "descriptor, fc6 averaged over the video's clips, for a linear SVM)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips a forward pass (default %(default)s)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="run the conv chains fused (default)")
     p.add_argument("--backend", choices=backend_choices(), default="auto")
