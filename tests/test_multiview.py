@@ -230,6 +230,15 @@ def test_evaluate_scores_each_video_by_the_mean_over_its_views(sharp_checkpoint,
     assert any(abs(float(single[v][1].max()) - float(p.max())) > 1e-3 for v, (_, p) in reference.items())
 
 
+def test_evaluate_with_loader_workers_gives_the_same_predictions(sharp_checkpoint, tmp_path):
+    path, root, _ = sharp_checkpoint
+    for workers in ("0", "2"):
+        assert cli.main(["evaluate", str(root), "--checkpoint", str(path), "--clips", "2", "--crops", "3",
+                         "--workers", workers, "--batch-size", "6", "--out", str(tmp_path / workers),
+                         "--device", "cpu"]) == 0
+    assert _predictions(tmp_path / "0" / "predictions.csv") == _predictions(tmp_path / "2" / "predictions.csv")
+
+
 def test_evaluate_one_view_is_the_centred_clip(sharp_checkpoint, tmp_path, capsys):
     path, root, model = sharp_checkpoint
     assert cli.main(["evaluate", str(root), "--checkpoint", str(path), str(path), "--no-fused",

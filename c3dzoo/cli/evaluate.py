@@ -113,9 +113,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be non-negative, got {args.workers}")
     device = resolve_device(args.device)
+    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     amp = device.type == "cuda" if args.amp is None else args.amp
     checkpoints, models, names = _load_models(args.checkpoint, device)
     for model in models:  # the stock models the checkpoints build, computing through the fused op
@@ -123,7 +124,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data, video_names, description = _dataset(args, checkpoints[0], names)
     views = getattr(data, "views", 1)
     loader = torch.utils.data.DataLoader(_EachVideo(data), batch_size=max(1, args.batch_size // views),
-                                         num_workers=args.workers, collate_fn=_collate)
+                                         num_workers=workers, collate_fn=_collate)
     probs, labels, tested, failures, view_hits = [], [], [], [], 0
     start = time.perf_counter()
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -223,7 +224,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="instead of DATA: the first N clips of the checkpoint's synthetic validation split")
     add_view_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="clips a forward pass (default %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers (default %(default)s)")
+    p.add_argument("--workers", type=int, help="data loader workers decoding videos (default: 0 on the CPU, up to "
+                                                "8 on CUDA, so that decoding keeps up with the GPU)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="compute through the fused op (default) or stock PyTorch")
     p.add_argument("--backend", choices=backend_choices(), default="auto")
