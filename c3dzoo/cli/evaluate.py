@@ -19,12 +19,12 @@ import torch
 from tqdm import tqdm
 
 from c3dzoo import evaluation, transfer
-from c3dzoo.data import (DataError, SkippedVideoWarning, SyntheticVideoDataset, UnreadableVideo, VideoClipDataset,
-                         read_video_list, select_listed)
+from c3dzoo.data import (DataError, SkippedVideoWarning, UnreadableVideo, VideoClipDataset, read_video_list,
+                         select_listed)
 
 from ._common import (PROG, CommandError, UsageError, add_view_options, backend_arg, backend_choices, check_views,
                       inputs_after_checkpoints, resolve_device)
-from .predict import _clip_maker, _load_models
+from .predict import _clip_maker, _load_models, synthetic_validation
 from .train_data import _report_skips, _scan
 
 REPORT_JSON, PREDICTIONS_CSV, CONFUSION_PNG = "report.json", "predictions.csv", "confusion.png"
@@ -37,15 +37,7 @@ def _dataset(args: argparse.Namespace, checkpoint: dict, names):
     if args.synthetic is not None:
         if args.clips * args.crops > 1:
             raise UsageError("--clips/--crops take several views of real videos; a synthetic clip is one view")
-        saved = checkpoint.get("args", {})
-        try:  # the validation split the checkpoint was trained beside
-            if saved.get("data"):
-                raise ValueError("it was trained on real data")
-            data = SyntheticVideoDataset(num_classes=saved["num_classes"], frames=saved["frames"],
-                                         size=tuple(saved["size"]), seed=saved.get("seed", 0),
-                                         num_samples=args.synthetic, split="val")
-        except (KeyError, ValueError) as exc:
-            raise UsageError(f"--synthetic: cannot rebuild the checkpoint's synthetic data ({exc})") from None
+        data = synthetic_validation(checkpoint, args.synthetic)
         return data, [f"synthetic val[{i}]" for i in range(len(data))], f"{len(data)} synthetic validation clips"
     sampler, transform = _clip_maker(checkpoint)
     try:

@@ -100,6 +100,19 @@ def _load_models(paths, device):
     return checkpoints, models, names
 
 
+def synthetic_validation(checkpoint: dict, samples: int) -> SyntheticVideoDataset:
+    """The first ``samples`` clips of the synthetic validation split the checkpoint trained beside."""
+    saved = checkpoint.get("args", {})
+    try:
+        if saved.get("data"):
+            raise ValueError("it was trained on real data")
+        return SyntheticVideoDataset(num_classes=saved["num_classes"], frames=saved["frames"],
+                                     size=tuple(saved["size"]), seed=saved.get("seed", 0),
+                                     num_samples=samples, split="val")
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"--synthetic: cannot rebuild the checkpoint's synthetic data ({exc})") from None
+
+
 def _ranked(probs: torch.Tensor, names, k: int) -> str:
     top = probs.topk(k)
     return ", ".join(f"{names[i] if i < len(names) else i} {p:.1%}"
@@ -122,15 +135,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     checkpoint = checkpoints[0]  # they agree on classes and clips: the first one describes the data
     items = []  # (label to print, clip or None when a file is read in turn, true class or None)
     if args.synthetic is not None:
-        saved = checkpoint.get("args", {})
-        try:  # the validation split the checkpoint was trained beside
-            if saved.get("data"):
-                raise ValueError("it was trained on real data")
-            val_set = SyntheticVideoDataset(num_classes=saved["num_classes"], frames=saved["frames"],
-                                            size=tuple(saved["size"]), seed=saved.get("seed", 0),
-                                            num_samples=args.synthetic, split="val")
-        except (KeyError, ValueError) as exc:
-            raise UsageError(f"--synthetic: cannot rebuild the checkpoint's synthetic data ({exc})") from None
+        val_set = synthetic_validation(checkpoint, args.synthetic)
         for i in range(len(val_set)):
             clip, truth = val_set[i]
             items.append((f"synthetic val[{i}]", clip[None], truth))
