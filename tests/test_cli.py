@@ -99,6 +99,30 @@ def test_train_writes_metrics_and_loadable_checkpoint(tmp_path, capsys):
     assert not os.path.exists(out_dir / "last.pt.tmp")
 
 
+def test_train_says_when_it_waits_for_its_data(tmp_path, capsys, monkeypatch):
+    """A loader slower than the model: the epoch line and metrics.csv give the share of the time
+    spent waiting for batches, and a note names the remedies once."""
+    import time as time_module
+
+    from c3dzoo.data import SyntheticVideoDataset
+
+    real_getitem = SyntheticVideoDataset.__getitem__
+
+    def slow_getitem(self, index):
+        time_module.sleep(0.1)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(SyntheticVideoDataset, "__getitem__", slow_getitem)
+    out = tmp_path / "run"
+    assert cli.main(TINY_TRAIN + ["--epochs", "2", "--workers", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    with open(out / "metrics.csv", newline="") as f:
+        waits = [float(row["data_wait_pct"]) for row in csv.DictReader(f)]
+    assert len(waits) == 2 and all(50 < w <= 100 for w in waits), waits
+    assert f"{waits[0]:.0f} % waiting for data" in printed
+    assert printed.count("note: training waited for its data") == 1 and "raise --workers (now 0)" in printed
+
+
 def test_train_stock_without_out(capsys):
     assert cli.main(TINY_TRAIN + ["--no-fused", "--optimizer", "sgd"]) == 0
     assert "nothing saved" in capsys.readouterr().out

@@ -295,11 +295,13 @@ class _Progress:
     correct5: int = 0  # top-5 (top-min(5, classes)) hits
     seen: int = 0
     updating: bool = False
+    data_wait: float = 0.0  # seconds this epoch spent waiting for the loader's next batch
     best: Tuple[float, int] = (-1.0, 0)  # (val top-1, epoch)
     growth: List[dict] = dataclasses.field(default_factory=list)  # --grow steps applied so far
 
     def start_epoch(self) -> None:
         self.batch, self.loss_sum, self.correct, self.correct5, self.seen = 0, 0.0, 0, 0, 0
+        self.data_wait = 0.0
 
 
 class _DeferredInterrupt:
@@ -338,6 +340,7 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
     world = dist.world_size()
     batches = iter(loader)
     while True:
+        waited = time.perf_counter()
         try:
             batch = next(batches, None)
         except Exception:  # loader workers die on Ctrl-C too; that is the interrupt, not an error
@@ -346,6 +349,9 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
             raise
         if batch is None:
             return
+        # the loop synchronises with the device every step (the loss sums), so time spent here is
+        # time the device had nothing to do
+        progress.data_wait += time.perf_counter() - waited
         clips, labels = _to_device(batch[0], device), batch[1].to(device)
         if reseed is not None:
             reseed(position())
@@ -386,6 +392,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
 
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
+DATA_BOUND_PCT = 50  # an epoch waiting for data longer than this says so, once a run
+
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
                    "num_classes", "train_samples", "val_samples", "frames", "size", "fused", "seed",
                    "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head", "freeze",
@@ -676,6 +684,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     append = writes and checkpoint is not None and os.path.isfile(metrics_path) and os.path.getsize(metrics_path) > 0
     start = time.perf_counter()
     row = validation = None
+    warned_data_bound = False
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
                                                   data, progress, metrics)
     with (open_metrics(metrics_path, append) if writes
@@ -699,7 +708,9 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                     seen_before = progress.seen
                     _train_epoch(ddp_model, train_loader, optimizer, scheduler, device, args.amp, bar,
                                  progress, stop, position, reseed if world > 1 else None, args.label_smoothing)
-                clips_per_s = (progress.seen - seen_before) / (time.perf_counter() - epoch_start)
+                train_seconds = time.perf_counter() - epoch_start
+                clips_per_s = (progress.seen - seen_before) / train_seconds
+                data_wait = 100.0 * progress.data_wait / max(train_seconds, 1e-9)
                 train_loss = progress.loss_sum / max(1, progress.seen)
                 train_top1 = 100.0 * progress.correct / max(1, progress.seen)
                 train_top5 = 100.0 * progress.correct5 / max(1, progress.seen)
@@ -713,10 +724,16 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                            train_top5=f"{train_top5:.2f}", val_loss=f"{validation.loss:.4f}",
                            val_top1=f"{validation.top1:.2f}", val_top5=f"{validation.top5:.2f}",
                            epoch_seconds=f"{time.perf_counter() - epoch_start:.1f}",
-                           train_clips_per_s=f"{clips_per_s:.1f}")
+                           train_clips_per_s=f"{clips_per_s:.1f}", data_wait_pct=f"{data_wait:.1f}")
                 tqdm.write(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f} % "
                            f"| val loss {validation.loss:.4f} top-1 {validation.top1:.1f} % top-5 "
-                           f"{validation.top5:.1f} %{_views_note(validation)} | {clips_per_s:.1f} clips/s")
+                           f"{validation.top5:.1f} %{_views_note(validation)} | {clips_per_s:.1f} clips/s, "
+                           f"{data_wait:.0f} % waiting for data")
+                if data_wait > DATA_BOUND_PCT and not warned_data_bound:
+                    warned_data_bound = True
+                    tqdm.write(f"note: training waited for its data {data_wait:.0f} % of the time: the loader "
+                               f"is the bottleneck; raise --workers (now {args.workers}), or decode less "
+                               f"(videos extracted once to frame folders, smaller frames)")
                 if writer:
                     writer.writerow(row)
                     metrics_file.flush()

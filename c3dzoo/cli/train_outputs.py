@@ -13,7 +13,7 @@ from c3dzoo import evaluation
 from ._common import CommandError
 
 METRICS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-           "epoch_seconds", "train_clips_per_s")
+           "epoch_seconds", "train_clips_per_s", "data_wait_pct")
 
 
 CURVES_PNG = "curves.png"
