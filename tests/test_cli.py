@@ -114,7 +114,8 @@ def test_train_says_when_it_waits_for_its_data(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(SyntheticVideoDataset, "__getitem__", slow_getitem)
     out = tmp_path / "run"
-    assert cli.main(TINY_TRAIN + ["--epochs", "2", "--train-samples", "8", "--workers", "0", "--out", str(out)]) == 0
+    assert cli.main(TINY_TRAIN + ["--epochs", "2", "--train-samples", "8", "--val-samples", "2", "--workers", "0",
+                                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     with open(out / "metrics.csv", newline="") as f:
         waits = [float(row["data_wait_pct"]) for row in csv.DictReader(f)]
