@@ -104,8 +104,21 @@ def count_frames(source: str) -> int:
         raise UnreadableVideo(_reason(exc)) from None
 
 
+SEEK_MIN_FRAME = 2  # clips starting later seek to the keyframe before them instead of decoding from frame 0
+
+
+class _SeekMissed(Exception):
+    """A seek that cannot be trusted to give frame numbers: decode from the start instead."""
+
+
 def read_frames(source: str, indices: Sequence[int]) -> np.ndarray:
     """Frames ``indices`` (any order, repeats allowed) of ``source`` as ``T × H × W × 3`` uint8 RGB.
+
+    A video file is decoded from the keyframe before its first wanted frame, found by seeking to
+    that frame's time (frame i at ``i / average_rate``), and the first decoded frame's number is
+    read from its timestamp: a training clip late in a long video does not decode everything before
+    it (2-3× fewer frames decoded with keyframes every second). A stream without a frame rate or
+    timestamps, or a seek that lands after the wanted frame, is decoded from its first frame.
 
     A video that ends before an index (its container's frame count was too high) gives its last
     decoded frame there. Raises UnreadableVideo."""
@@ -114,26 +127,55 @@ def read_frames(source: str, indices: Sequence[int]) -> np.ndarray:
     if os.path.isdir(source):
         return _read_frame_folder(source, indices)
     av = require_pyav()
-    wanted, last = set(indices), max(indices)
-    frames, final, final_frame = {}, None, None
     try:
-        with av.open(source) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                final, final_frame = i, frame  # converted below only if the video ends early
-                if i >= last:
-                    break
-            if final is None:
-                raise UnreadableVideo("no frame decodes")
-            if final < last and final not in frames:
-                frames[final] = final_frame.to_ndarray(format="rgb24")
+        if min(indices) >= SEEK_MIN_FRAME:
+            try:
+                return _decode(av, source, indices, seek=True)
+            except _SeekMissed:
+                pass
+        return _decode(av, source, indices, seek=False)
     except UnreadableVideo:
         raise
     except Exception as exc:
         raise UnreadableVideo(_reason(exc)) from None
+
+
+def _decode(av, source: str, indices: Sequence[int], seek: bool) -> np.ndarray:
+    """``read_frames`` for a video file, from the start or (``seek``) from the keyframe before the
+    first wanted frame; raises _SeekMissed where a seek cannot number the frames it gives."""
+    wanted, first, last = set(indices), min(indices), max(indices)
+    frames, final, final_frame = {}, None, None
+    with av.open(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate, base, start = stream.average_rate, stream.time_base, stream.start_time or 0
+        i = 0
+        if seek:
+            if not rate or not base:
+                raise _SeekMissed
+            container.seek(start + int(first / rate / base), stream=stream, backward=True, any_frame=False)
+            i = None
+        for frame in container.decode(stream):
+            if i is None:  # the frame number of the first frame after the seek, from its timestamp
+                if frame.pts is None:
+                    raise _SeekMissed
+                i = round((frame.pts - start) * base * rate)
+                if not 0 <= i <= first:
+                    raise _SeekMissed
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            final, final_frame = i, frame  # converted below only if the video ends early
+            if i >= last:
+                break
+            i += 1
+        if final is None:
+            if seek:  # nothing after the seek point: let the plain decode tell where the video ends
+                raise _SeekMissed
+            raise UnreadableVideo("no frame decodes")
+        if final < last and final not in frames:
+            if seek and final < first:
+                raise _SeekMissed
+            frames[final] = final_frame.to_ndarray(format="rgb24")
     return np.stack([frames[min(i, final)] for i in indices])
 
 
