@@ -49,8 +49,18 @@ def save_atomic(obj: Any, path: str) -> None:
 
 def load(path: str) -> Dict[str, Any]:
     """The checkpoint at ``path`` on the CPU. Raises CheckpointError if it is missing, unreadable or
-    not a c3dzoo checkpoint."""
+    not a c3dzoo checkpoint. ``"MODEL:WEIGHTS"`` (``"r3d_18:kinetics400"``) gives published weights
+    as a checkpoint (``c3dzoo.weights.as_checkpoint``: downloaded once, with class names and clip
+    making)."""
     if not os.path.isfile(path):
+        from . import weights
+
+        published = weights.parse(path)
+        if published is not None:
+            try:
+                return weights.as_checkpoint(*published)
+            except weights.WeightsError as exc:
+                raise CheckpointError(str(exc)) from None
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -18,6 +18,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import weights as _published
 from .checkpoint import CheckpointError
 
 Tensor = torch.Tensor
@@ -153,7 +154,15 @@ def read_state_dict(source: StateSource, *, name: Optional[str] = None
     a plain state_dict, or one wrapped as {"state_dict": ...} / {"model": ...} (nested up to three
     deep), with a "module." (DDP) or "_orig_mod." (torch.compile) prefix on every key removed.
     ``info`` holds ``source``, ``format``, ``stripped_prefix`` and, for our checkpoints,
-    ``checkpoint`` (the dict without its weights). Files are read with ``weights_only=True``."""
+    ``checkpoint`` (the dict without its weights). Files are read with ``weights_only=True``.
+    ``"MODEL:WEIGHTS"`` names published weights (``c3dzoo.weights``: ``"r3d_18:kinetics400"``),
+    downloaded once."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source) \
+            and _published.parse(os.fspath(source)) is not None:
+        try:
+            source, name = _published.load_state_dict(*_published.parse(os.fspath(source))), name or os.fspath(source)
+        except _published.WeightsError as exc:
+            raise PretrainedError(str(exc)) from None
     if isinstance(source, (str, os.PathLike)):
         label = name or os.fspath(source)
         if not os.path.isfile(source):

@@ -35,6 +35,7 @@ import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import distributed as dist
 from c3dzoo import evaluation, transfer
+from c3dzoo import weights as published_weights
 from c3dzoo.data import MOTIONS, VideoClipDataset
 
 from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
@@ -550,7 +551,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
             args.out = os.path.dirname(os.path.abspath(args.resume))
     for key in ("data", "labels", "val_data", "val_labels", "classes", "pretrained", "train_list",
                 "val_list"):  # checkpoints outlive the cwd
-        if getattr(args, key):
+        if getattr(args, key) and not (key == "pretrained" and published_weights.parse(args.pretrained)):
             setattr(args, key, os.path.abspath(getattr(args, key)))
     _apply_train_defaults(args, device)
     _check_transfer_options(args)
@@ -895,8 +896,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tune = train.add_argument_group("fine-tuning")
     tune.add_argument("--pretrained", metavar="PATH",
                       help="start from these weights (a c3dzoo checkpoint or export, a stock state_dict "
-                           "of the model, torchvision video ResNet weights); strict: a mismatch stops "
-                           "with one line. Not reloaded on --resume")
+                           "of the model, torchvision video ResNet weights, or published weights by name: "
+                           "r3d_18:kinetics400, downloaded once); strict: a mismatch stops with one line. "
+                           "Not reloaded on --resume")
     tune.add_argument("--new-head", action="store_true",
                       help="load everything but the final Linear, which stays freshly initialised "
                            "(for a different class count)")

@@ -1,0 +1,116 @@
+"""Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets.
+
+    model = c3dzoo.r3d_18(weights="kinetics400", fused=True)       # 400 classes, fused
+    c3dzoo.weights.available()                                       # [("r3d_18", "kinetics400"), ...]
+    c3dzoo predict clip.mp4 --checkpoint r3d_18:kinetics400 --clips 10   # Kinetics class names
+
+The files are downloaded once into torch.hub's cache (``$TORCH_HOME/hub/checkpoints``) and checked
+against the SHA-256 prefix in their names. Each entry says how its clips were made (16 frames,
+short side 128, centre crop 112, Kinetics mean/std), so ``predict``/``evaluate`` feed it what it
+was trained on, and holds the class names. ``as_checkpoint`` presents an entry as a c3dzoo
+training checkpoint, which is how every command that takes ``--checkpoint`` accepts
+``MODEL:WEIGHTS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .data.transforms import KINETICS_MEAN, KINETICS_STD
+
+__all__ = ["WeightsEntry", "WeightsError", "available", "entry", "load_state_dict", "as_checkpoint", "parse",
+           "kinetics400_classes"]
+
+
+class WeightsError(ValueError):
+    """Unknown weights, or weights that cannot be downloaded (one line, saying what to do)."""
+
+
+@functools.lru_cache(maxsize=None)
+def kinetics400_classes() -> Tuple[str, ...]:
+    """Kinetics-400's class names in label order (as torchvision's video models index them)."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "kinetics400_classes.txt"), encoding="utf-8") as f:
+        return tuple(line.rstrip("\n") for line in f if line.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsEntry:
+    model: str
+    name: str
+    url: str  # the file name ends in -<first 8 hex digits of its SHA-256>.pth (torch.hub checks it)
+    source: str
+    num_classes: int = 400
+    frames: int = 16
+    size: Tuple[int, int] = (112, 112)
+    short_side: int = 128
+    mean: Tuple[float, float, float] = KINETICS_MEAN
+    std: Tuple[float, float, float] = KINETICS_STD
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return kinetics400_classes()
+
+
+_TORCHVISION = "torchvision (Kinetics-400, 16x112x112 clips)"
+_REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
+    (e.model, e.name): e for e in (
+        WeightsEntry("r3d_18", "kinetics400", "https://download.pytorch.org/models/r3d_18-b3b3357e.pth",
+                     _TORCHVISION),
+        WeightsEntry("mc3_18", "kinetics400", "https://download.pytorch.org/models/mc3_18-a90a0ba3.pth",
+                     _TORCHVISION),
+        WeightsEntry("r2plus1d_18", "kinetics400", "https://download.pytorch.org/models/r2plus1d_18-91a641e6.pth",
+                     _TORCHVISION),
+    )
+}
+
+
+def available(model: Optional[str] = None) -> List[Tuple[str, str]]:
+    """(model, weights name) pairs, for one model or all."""
+    return [key for key in _REGISTRY if model is None or key[0] == model]
+
+
+def entry(model: str, name: str) -> WeightsEntry:
+    try:
+        return _REGISTRY[(model, name.lower())]
+    except KeyError:
+        known = ", ".join(f"{m}:{n}" for m, n in available()) or "none"
+        raise WeightsError(f"no weights {name!r} for {model}; known: {known}") from None
+
+
+def load_state_dict(model: str, name: str, progress: bool = False) -> Dict[str, torch.Tensor]:
+    """The entry's state_dict, downloaded once into torch.hub's cache and hash-checked."""
+    found = entry(model, name)
+    try:
+        return torch.hub.load_state_dict_from_url(found.url, map_location="cpu", progress=progress,
+                                                  check_hash=True, weights_only=True)
+    except Exception as exc:  # no network, a proxy, a truncated or tampered file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise WeightsError(f"cannot get {model}:{name} from {found.url}: {reason} (without a network, put "
+                           f"that file into {cache}, where it is looked for first)") from None
+
+
+def as_checkpoint(model: str, name: str) -> dict:
+    """The entry as a c3dzoo training checkpoint: weights, model, class names and clip making."""
+    found = entry(model, name)
+    return {
+        "model": load_state_dict(model, name),
+        "model_name": model,
+        "model_kwargs": {"num_classes": found.num_classes},
+        "class_names": list(found.class_names),
+        "data": {"kind": "videos", "frames": found.frames, "stride": 1, "min_frames": None,
+                 "size": found.size, "short_side": found.short_side, "mean": found.mean, "std": found.std},
+        "args": {},
+        "weights": f"{model}:{name} ({found.source})",
+    }
+
+
+def parse(spec: str) -> Optional[Tuple[str, str]]:
+    """``("r3d_18", "kinetics400")`` for ``"r3d_18:kinetics400"`` when that is a known entry, else None."""
+    model, sep, name = spec.partition(":")
+    return (model, name.lower()) if sep and (model, name.lower()) in _REGISTRY else None

@@ -1,0 +1,100 @@
+"""Published weights by name (``c3dzoo.weights``): torchvision's Kinetics-400 video ResNets through
+the builders (``r3d_18(weights="kinetics400")``), ``--checkpoint``/``--pretrained MODEL:WEIGHTS``
+and ``load_pretrained``. No network here: the entries' URLs are pointed at local files named the
+way torch.hub checks them (``-<SHA-256 prefix>.pth``), in a temporary cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+
+import pytest
+import torch
+
+import c3dzoo
+from c3dzoo import checkpoint as ckpt
+from c3dzoo import cli, transfer, weights
+
+from test_data_folders import make_video
+
+
+def test_the_registry_names_torchvisions_files_and_kinetics_classes():
+    assert weights.available() == [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400")]
+    for model, name in weights.available():
+        found = weights.entry(model, name)
+        assert re.fullmatch(rf"https://download\.pytorch\.org/models/{model}-[0-9a-f]{{8}}\.pth", found.url)
+        assert (found.frames, found.size, found.short_side, found.num_classes) == (16, (112, 112), 128, 400)
+    names = weights.kinetics400_classes()
+    assert len(names) == len(set(names)) == 400 and list(names) == sorted(names)
+    assert names[0] == "abseiling" and names[-1] == "zumba"
+    assert weights.parse("r2plus1d_18:Kinetics400") == ("r2plus1d_18", "kinetics400")
+    assert weights.parse("runs/a/last.pt") is None and weights.parse("c3d:sports1m") is None
+    with pytest.raises(weights.WeightsError, match="no weights 'imagenet' for r3d_18; known: r3d_18:kinetics400"):
+        weights.entry("r3d_18", "imagenet")
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """r3d_18:kinetics400 served from a local file of random weights (as torchvision would have
+    written them: no num_batches_tracked), with torch.hub's cache in tmp_path."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in c3dzoo.r3d_18().state_dict().items() if not k.endswith("num_batches_tracked")}
+    staging = tmp_path / "staging.pth"
+    torch.save(state, staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    served_file = tmp_path / "server" / f"r3d_18-{digest[:8]}.pth"
+    served_file.parent.mkdir()
+    staging.rename(served_file)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    key = ("r3d_18", "kinetics400")
+    monkeypatch.setitem(weights._REGISTRY, key, dataclasses.replace(weights._REGISTRY[key],
+                                                                    url=served_file.as_uri()))
+    return state, served_file
+
+
+def _same(model_state, state) -> bool:
+    return all(torch.equal(model_state[k], v) for k, v in state.items())
+
+
+def test_builder_loads_the_published_weights_once(served):
+    state, served_file = served
+    model = c3dzoo.r3d_18(weights="kinetics400", fused=True)
+    assert model.fused and _same(model.state_dict(), state)
+    served_file.unlink()  # the second time from torch.hub's cache
+    assert _same(c3dzoo.get_model("r3d_18", weights="Kinetics400").state_dict(), state)
+    with pytest.raises(ValueError, match="have 400 classes, not 10; for another class count fine-tune"):
+        c3dzoo.r3d_18(10, weights="kinetics400")
+
+
+def test_a_file_that_fails_its_hash_check_is_refused(served):
+    _, served_file = served
+    served_file.write_bytes(served_file.read_bytes() + b"tampered")
+    with pytest.raises(weights.WeightsError, match="cannot get r3d_18:kinetics400 from .*hash"):
+        c3dzoo.r3d_18(weights="kinetics400")
+
+
+def test_published_weights_fine_tune_with_a_new_head(served):
+    state, _ = served
+    model = c3dzoo.r3d_18(num_classes=7)
+    report = transfer.load_pretrained(model, "r3d_18:kinetics400", head="skip")
+    assert report.source == "r3d_18:kinetics400"
+    assert _same(model.state_dict(), {k: v for k, v in state.items() if not k.startswith("fc.")})
+    assert model.fc.out_features == 7
+
+
+def test_commands_take_published_weights_as_a_checkpoint(served, tmp_path, capsys):
+    state, _ = served
+    checkpoint = ckpt.load("r3d_18:kinetics400")
+    assert checkpoint["model_name"] == "r3d_18" and len(checkpoint["class_names"]) == 400
+    assert checkpoint["data"]["short_side"] == 128 and _same(checkpoint["model"], state)
+    video = make_video(tmp_path / "clip.mp4", frames=20, size=48)
+    assert cli.main(["predict", video, "--checkpoint", "r3d_18:kinetics400", "--top-k", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]  # after torch.hub's "Downloading: ..."
+    ranked = re.fullmatch(rf"{re.escape(video)}: (.+) [0-9.]+%, (.+) [0-9.]+%, (.+) [0-9.]+%", printed)
+    assert ranked and all(name in weights.kinetics400_classes() for name in ranked.groups()), printed
+    # fine-tuning from them on the command line (the name is not a path to make absolute)
+    assert cli.main(["train", "--model", "r3d_18", "--pretrained", "r3d_18:kinetics400", "--new-head", "--epochs", "1",
+                     "--train-samples", "4", "--val-samples", "2", "--num-classes", "2", "--frames", "8", "--size",
+                     "32", "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert "r3d_18:kinetics400" in capsys.readouterr().out
