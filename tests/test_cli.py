@@ -28,6 +28,7 @@ def test_info(capsys):
     assert torch.__version__ in out and c3dzoo.__version__ in out
     for name in c3dzoo.list_models():
         assert name in out
+    assert "r2plus1d_18        r2plus1d_18:kinetics400" in out  # the published weights beside their model
 
 
 def test_info_lists_optional_features_and_what_installs_them(capsys, monkeypatch):

@@ -11,6 +11,7 @@ import platform
 import torch
 
 import c3dzoo
+from c3dzoo import weights as published_weights
 
 
 # optional features: (what they give, {module: the pip package that provides it})
@@ -58,14 +59,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         status = "available" if state["available"] else "unavailable"
         reason = f"  ({state['reason']})" if state["reason"] else ""
         print(f"  {name:<10} {status}{reason}")
-    print("models:")
+    print("models (published weights: --checkpoint/--pretrained MODEL:WEIGHTS, downloaded once):")
     for name in c3dzoo.list_models():
         try:
             getattr(c3dzoo.models, name)
-            note = ""
+            note = ", ".join(f"{name}:{w}" for _, w in published_weights.available(name))
         except ImportError as exc:
-            note = f"  (not available: {exc})"
-        print(f"  {name}{note}")
+            note = f"(not available: {exc})"
+        print(f"  {name:<18} {note}".rstrip())
     print("optional features:")
     for feature, missing in _optional_features():
         state = "yes" if not missing else f"no (pip install {' '.join(missing)})"
