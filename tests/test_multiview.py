@@ -392,3 +392,36 @@ def test_features_of_a_video_are_the_mean_over_its_views(sharp_checkpoint, tmp_p
     assert cli.main(["features", "--checkpoint", str(path), "--synthetic", "4", "--clips", "2",
                      "--out", str(out), "--device", "cpu"]) == 2
     assert "are one view each" in capsys.readouterr().err
+
+
+def test_timeline_slides_one_clip_along_each_video(sharp_checkpoint, tmp_path, capsys):
+    """predict --timeline: a clip every --hop frames while whole clips fit (frames 16 at stride 2:
+    a 31-frame span), each scored as the clip of those frames alone, with its time span; a video
+    shorter than a clip gives the one clip validation takes of it."""
+    from test_data_folders import make_frame_folder
+
+    path, root, model = sharp_checkpoint
+    video = str(root / "right" / "v1.mp4")  # 44 frames at 10 frames/s: clips at frames 0 and 8
+    short = make_frame_folder(tmp_path / "short", frames=12)  # looped to 16 frames
+    assert cli.main(["predict", video, short, "--checkpoint", str(path), "--timeline", "--hop", "8", "--top-k", "1",
+                     "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    transform, sampler = ClipTransform((32, 32), short_side=37), ClipSampler(16, 2)
+    expected = []
+    for source, start, first, last, indices in [(video, 0, 0.0, 3.0, range(0, 31, 2)),
+                                                 (video, 8, 0.8, 3.8, range(8, 39, 2)),
+                                                 (short, 0, 0.0, 11 / 25, sampler.indices(12))]:
+        with torch.no_grad():
+            probs = model(transform(read_frames(source, list(indices)))[None]).softmax(1)[0]
+        name = ["left", "right"][int(probs.argmax())]
+        expected.append(f"{source} [{first:.2f}-{last:.2f} s, frame {start}]: {name} {float(probs.max()):.1%}")
+    assert lines == expected
+
+
+@pytest.mark.parametrize("extra, message", [(["--timeline", "--clips", "3"], "not --synthetic or --clips/--crops"),
+                                            (["--hop", "4"], "give --timeline too"),
+                                            (["--timeline", "--hop", "0"], "--hop must be at least 1")])
+def test_timeline_option_errors(sharp_checkpoint, extra, message, capsys):
+    path, root, _ = sharp_checkpoint
+    assert cli.main(["predict", str(root / "left" / "v0.mp4"), "--checkpoint", str(path), *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import transfer
 from c3dzoo.data import (ClipSampler, ClipTransform, SyntheticVideoDataset, UnreadableVideo,
-                         count_frames, read_views)
+                         count_frames, read_views, sliding_windows)
 from c3dzoo.data.video_io import VIDEO_EXTENSIONS
 
 from ._common import (PROG, CommandError, UsageError, add_view_options, check_views, inputs_after_checkpoints,
@@ -126,6 +126,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     check_views(args)
+    if args.timeline:
+        if args.synthetic is not None or args.clips * args.crops > 1:
+            raise UsageError("--timeline slides one clip along each video: it takes videos or frame folders, "
+                             "not --synthetic or --clips/--crops")
+        if args.hop is not None and args.hop < 1:
+            raise UsageError(f"--hop must be at least 1 frame, got {args.hop}")
+    elif args.hop is not None:
+        raise UsageError("--hop is the step of --timeline's clips: give --timeline too")
     videos = [p for p in args.inputs if p.lower().endswith(VIDEO_EXTENSIONS)]
     if videos and importlib.util.find_spec("av") is None:
         raise UsageError(f"{videos[0]}: reading video files needs PyAV, which is not installed: "
@@ -142,6 +150,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     items += [(path, None, None) for path in args.inputs]
     sampler, transform = _clip_maker(checkpoint)
     k = min(args.top_k, len(names) or args.top_k)
+    if args.timeline:
+        return _timelines(args, models, names, sampler, transform, device, k)
     unreadable = 0
     for label, clip, truth in items:
         if clip is None:  # inputs are read one at a time: a long list never sits in memory
@@ -164,6 +174,47 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for path, model_probs in zip(args.checkpoint, probs.per_model):
             print(f"{label}{views} [{path}]: {_ranked(model_probs.mean(0), names, k)}")
         print(f"{label}{views} [ensemble of {len(models)}]: {_ranked(probs.combined.mean(0), names, k)}{true}")
+    if unreadable:
+        print(f"{PROG}: {unreadable} of {len(args.inputs)} input(s) could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+TIMELINE_BATCH = 8  # clips a forward pass
+
+
+def _timelines(args, models, names, sampler: ClipSampler, transform: ClipTransform, device, k: int) -> int:
+    """``--timeline``: each input's top-k per clip as the clip slides along it, every ``--hop``
+    frames (default: half a clip's span), with the clip's time span."""
+    span = (sampler.frames - 1) * sampler.stride + 1
+    hop = args.hop or max(1, span // 2)
+    unreadable = 0
+
+    def flush(label, pending):
+        clips = torch.stack([clip for *_, clip in pending])
+        try:
+            probs = transfer.ensemble_probabilities(models, clips.to(device)).combined
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(f"{label}: clip of shape {tuple(clips.shape[1:])} does not fit the model: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
+        for (start, first, last, _), row in zip(pending, probs):
+            print(f"{label} [{first:.2f}-{last:.2f} s, frame {start}]: {_ranked(row, names, k)}")
+
+    for label in args.inputs:
+        pending = []
+        try:
+            if os.path.isfile(label) and label.endswith(".pt"):
+                raise UnreadableVideo("--timeline reads videos and frame folders, not clip tensors")
+            for start, first, last, frames in sliding_windows(label, sampler, hop):
+                pending.append((start, first, last, transform(frames)))
+                if len(pending) == TIMELINE_BATCH:
+                    flush(label, pending)
+                    pending = []
+        except (UnreadableVideo, ValueError) as exc:  # ValueError: too short even looped
+            print(f"{PROG}: cannot read {label}: {exc}", file=sys.stderr)
+            unreadable += 1
+        if pending:
+            flush(label, pending)
     if unreadable:
         print(f"{PROG}: {unreadable} of {len(args.inputs)} input(s) could not be read", file=sys.stderr)
         return 1
@@ -296,6 +347,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          help="the first N clips of the checkpoint's synthetic validation split")
     predict.add_argument("--top-k", type=int, default=5, help="(default %(default)s)")
     add_view_options(predict)
+    predict.add_argument("--timeline", action="store_true",
+                         help="slide the clip along each video (decoded once, as it plays) and print the top-k "
+                              "of every position with its time span: what happens when, in a long video")
+    predict.add_argument("--hop", type=int, metavar="N",
+                         help="with --timeline: frames between clip starts (default: half a clip's span)")
     predict.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     predict.set_defaults(func=_cmd_predict)
 

@@ -3,14 +3,14 @@ one subfolder per class, frame folders with a CSV of labels)."""
 
 from .folders import (SkippedVideoWarning, VideoClipDataset, VideoItem, VideoSet, read_class_names,
                       read_video_list, read_views, scan_class_folders, scan_frame_folders, select_listed,
-                      split_videos, ucf101_groups)
+                      sliding_windows, split_videos, ucf101_groups)
 from .synthetic import MOTIONS, Motion, SyntheticVideoDataset
 from .transforms import KINETICS_MEAN, KINETICS_STD, ClipSampler, ClipTransform
-from .video_io import DataError, UnreadableVideo, count_frames, read_frames
+from .video_io import DataError, UnreadableVideo, count_frames, iter_frames, read_frames
 
 __all__ = ["SyntheticVideoDataset", "Motion", "MOTIONS",
            "VideoClipDataset", "VideoItem", "VideoSet", "SkippedVideoWarning", "scan_class_folders",
-           "scan_frame_folders", "read_class_names", "read_video_list", "read_views", "select_listed",
+           "scan_frame_folders", "read_class_names", "read_video_list", "read_views", "select_listed", "sliding_windows",
            "split_videos", "ucf101_groups",
            "ClipSampler", "ClipTransform", "KINETICS_MEAN", "KINETICS_STD",
-           "DataError", "UnreadableVideo", "count_frames", "read_frames"]
+           "DataError", "UnreadableVideo", "count_frames", "read_frames", "iter_frames"]

@@ -31,6 +31,7 @@ holds only paths and numbers, so it pickles to loader workers.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import dataclasses
@@ -38,7 +39,7 @@ import json
 import os
 import re
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,10 +48,10 @@ from torch.utils.data import Dataset
 from .index_cache import FrameCountCache
 from .transforms import KINETICS_MEAN, KINETICS_STD, ClipSampler, ClipTransform
 from .video_io import (IMAGE_EXTENSIONS, DataError, UnreadableVideo, count_frames, is_video_file,
-                       read_frames, require_pyav)
+                       iter_frames, read_frames, require_pyav)
 
 __all__ = ["SkippedVideoWarning", "VideoItem", "VideoSet", "scan_class_folders", "scan_frame_folders",
-           "read_class_names", "read_video_list", "read_views", "select_listed", "split_videos",
+           "read_class_names", "read_video_list", "read_views", "select_listed", "sliding_windows", "split_videos",
            "ucf101_groups", "VideoClipDataset"]
 
 
@@ -419,6 +420,35 @@ def select_listed(found: VideoSet, listed: Sequence[str], list_path: str) -> Lis
         raise DataError(f"video list {list_path}: {len(missing)} of {len(listed)} listed videos are not in "
                         f"the data folder's class folders (first: {missing[0]})")
     return [v for v in found.videos if os.path.normpath(v.path) in wanted]
+
+
+def sliding_windows(source: str, sampler: ClipSampler, hop: int, folder_fps: float = 25.0
+                    ) -> Iterator[Tuple[int, float, float, np.ndarray]]:
+    """Clips along a whole video, decoded once as it plays: ``(first frame, its time, the last
+    frame's time, T × H × W × 3 frames)`` of a clip of ``sampler.frames`` frames ``sampler.stride``
+    apart starting every ``hop`` frames, for as long as whole clips fit; a video shorter than one
+    clip gives the clip ``sampler`` takes of it (looped or at a lower stride). Holds one clip's
+    span of frames at a time. Raises UnreadableVideo, or ValueError for a video too short even so."""
+    if hop < 1:
+        raise ValueError(f"hop must be at least 1 frame, got {hop}")
+    span = (sampler.frames - 1) * sampler.stride + 1
+    buffer: collections.deque = collections.deque()  # (index, time, frame) from the next clip's start on
+    start, emitted = 0, False
+    for index, time, frame in iter_frames(source, folder_fps):
+        if index < start:
+            continue
+        buffer.append((index, time, frame))
+        if index == start + span - 1:
+            clip = list(buffer)[::sampler.stride]
+            yield start, clip[0][1], time, np.stack([f for _, _, f in clip])
+            emitted, start = True, start + hop
+            while buffer and buffer[0][0] < start:
+                buffer.popleft()
+    if not emitted:
+        if not buffer:
+            raise UnreadableVideo("no frame decodes")
+        indices = sampler.indices(len(buffer))
+        yield 0, buffer[0][1], buffer[-1][1], np.stack([buffer[i][2] for i in indices])
 
 
 def read_views(source: str, num_frames: int, sampler: ClipSampler, transform: ClipTransform, clips: int = 1,

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import List, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
 __all__ = ["DataError", "UnreadableVideo", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS", "is_video_file",
-           "frame_files", "count_frames", "read_frames", "require_pyav"]
+           "frame_files", "count_frames", "read_frames", "iter_frames", "require_pyav"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp",
                     ".ogv", ".wmv")
@@ -104,6 +104,29 @@ def count_frames(source: str) -> int:
         raise UnreadableVideo(_reason(exc)) from None
 
 
+def iter_frames(source: str, folder_fps: float = 25.0) -> Iterator[Tuple[int, float, np.ndarray]]:
+    """``(index, time in seconds, H × W × 3 uint8 RGB frame)`` of every frame of ``source`` in order,
+    decoded as it goes (a long video never sits in memory). Frame folders have no clock: their
+    frames are ``1 / folder_fps`` apart. Raises UnreadableVideo (possibly after some frames)."""
+    if os.path.isdir(source):
+        for index, path in enumerate(_frame_folder_files(source)):
+            yield index, index / folder_fps, _load_image(path)
+        return
+    av = require_pyav()
+    try:
+        with av.open(source) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = float(stream.average_rate) if stream.average_rate else folder_fps
+            for index, frame in enumerate(container.decode(stream)):
+                time = float(frame.time) if frame.time is not None else index / rate
+                yield index, time, frame.to_ndarray(format="rgb24")
+    except UnreadableVideo:
+        raise
+    except Exception as exc:
+        raise UnreadableVideo(_reason(exc)) from None
+
+
 SEEK_MIN_FRAME = 2  # clips starting later seek to the keyframe before them instead of decoding from frame 0
 
 
@@ -179,22 +202,28 @@ def _decode(av, source: str, indices: Sequence[int], seek: bool) -> np.ndarray:
     return np.stack([frames[min(i, final)] for i in indices])
 
 
-def _read_frame_folder(folder: str, indices: Sequence[int]) -> np.ndarray:
-    Image = _pil_image()
+def _frame_folder_files(folder: str) -> List[str]:
     try:
         files = frame_files(folder)
     except OSError as exc:
         raise UnreadableVideo(_reason(exc)) from None
     if not files:
         raise UnreadableVideo("no frame images")
-    images = {}
-    for i in set(indices):
-        path = files[min(i, len(files) - 1)]
-        try:
-            with Image.open(path) as image:
-                images[i] = np.asarray(image.convert("RGB"))
-        except Exception as exc:  # PIL.UnidentifiedImageError, truncated files, permissions
-            raise UnreadableVideo(f"{os.path.basename(path)}: {_reason(exc)}") from None
+    return files
+
+
+def _load_image(path: str) -> np.ndarray:
+    Image = _pil_image()
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as exc:  # PIL.UnidentifiedImageError, truncated files, permissions
+        raise UnreadableVideo(f"{os.path.basename(path)}: {_reason(exc)}") from None
+
+
+def _read_frame_folder(folder: str, indices: Sequence[int]) -> np.ndarray:
+    files = _frame_folder_files(folder)
+    images = {i: _load_image(files[min(i, len(files) - 1)]) for i in set(indices)}
     shapes = {a.shape for a in images.values()}
     if len(shapes) > 1:
         raise UnreadableVideo(f"frames of different sizes {sorted(s[:2] for s in shapes)}")
