@@ -108,7 +108,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be non-negative, got {args.workers}")
     device = resolve_device(args.device)
-    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    workers = args.workers
+    if workers is None:  # decoding has to keep up with a GPU
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     amp = device.type == "cuda" if args.amp is None else args.amp
     checkpoints, models, names = _load_models(args.checkpoint, device)
     for model in models:  # the stock models the checkpoints build, computing through the fused op

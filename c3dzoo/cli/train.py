@@ -769,7 +769,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     saved = f"; wrote {', '.join(written)} to {args.out}" if args.out else "; nothing saved (no --out)"
     skipped = f"; {data.skipped_note}" if data.skipped_note else ""
     print(f"done in {time.perf_counter() - start:.0f} s: final val top-1 {validation.top1:.1f} % top-5 "
-          f"{validation.top5:.1f} %{_views_note(validation)}, best top-1 {progress.best[0]:.1f} % (epoch {progress.best[1]}), chance "
+          f"{validation.top5:.1f} %{_views_note(validation)}, best top-1 {progress.best[0]:.1f} % "
+          f"(epoch {progress.best[1]}), chance "
           f"{100 / args.num_classes:.1f} %{skipped}{saved}")
     return 0
 

@@ -10,7 +10,8 @@ from .video_io import DataError, UnreadableVideo, count_frames, iter_frames, rea
 
 __all__ = ["SyntheticVideoDataset", "Motion", "MOTIONS",
            "VideoClipDataset", "VideoItem", "VideoSet", "SkippedVideoWarning", "scan_class_folders",
-           "scan_frame_folders", "read_class_names", "read_video_list", "read_views", "select_listed", "sliding_windows",
+           "scan_frame_folders", "read_class_names", "read_video_list", "read_views", "select_listed",
+           "sliding_windows",
            "split_videos", "ucf101_groups",
            "ClipSampler", "ClipTransform", "KINETICS_MEAN", "KINETICS_STD",
            "DataError", "UnreadableVideo", "count_frames", "read_frames", "iter_frames"]

@@ -23,10 +23,10 @@ once. Layout problems raise ``DataError`` (one line).
 
 ``VideoClipDataset`` turns the scanned videos into ``(clip, label)`` samples: ``clip`` is
 ``3 × frames × H × W`` float32 (``transforms``), one clip per video; for multi-view testing
-(``clips``/``crops`` above 1) it is ``views × 3 × frames × H × W``, every view of one video. Training samples draw their
-start frame and crop from ``(seed, epoch, index)``: key a sample as ``dataset[(index, epoch)]``
-(a plain int means epoch 0), so that data-loader workers and resumed runs see the same clips. It
-holds only paths and numbers, so it pickles to loader workers.
+(``clips``/``crops`` above 1) it is ``views × 3 × frames × H × W``, every view of one video.
+Training samples draw their start frame and crop from ``(seed, epoch, index)``: key a sample as
+``dataset[(index, epoch)]`` (a plain int means epoch 0), so that data-loader workers and resumed
+runs see the same clips. It holds only paths and numbers, so it pickles to loader workers.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from .video_io import (IMAGE_EXTENSIONS, DataError, UnreadableVideo, count_frame
                        iter_frames, read_frames, require_pyav)
 
 __all__ = ["SkippedVideoWarning", "VideoItem", "VideoSet", "scan_class_folders", "scan_frame_folders",
-           "read_class_names", "read_video_list", "read_views", "select_listed", "sliding_windows", "split_videos",
-           "ucf101_groups", "VideoClipDataset"]
+           "read_class_names", "read_video_list", "read_views", "select_listed", "sliding_windows",
+           "split_videos", "ucf101_groups", "VideoClipDataset"]
 
 
 class SkippedVideoWarning(UserWarning):
@@ -409,10 +409,11 @@ def select_listed(found: VideoSet, listed: Sequence[str], list_path: str) -> Lis
     """The videos of ``found`` that ``listed`` (``read_video_list``) names, in the scan's order.
     Listed videos the scan left out (unreadable, too short) are left out here too; one the scan
     never saw (a typo, another root, a class it lacks) is a DataError."""
-    wanted = set(listed)
-    if len(wanted) < len(listed):
-        twice = next(p for i, p in enumerate(listed) if p in listed[:i])
-        raise DataError(f"video list {list_path} names {twice} twice")
+    wanted: set = set()
+    for path in listed:
+        if path in wanted:
+            raise DataError(f"video list {list_path} names {path} twice")
+        wanted.add(path)
     seen = {os.path.normpath(v.path) for v in found.videos}
     seen |= {os.path.normpath(p) for p, _ in found.unreadable + found.too_short}
     missing = [p for p in listed if p not in seen]

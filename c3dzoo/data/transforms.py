@@ -3,10 +3,10 @@ they become the model's ``C × T × H × W`` float input.
 
 Sampling (``ClipSampler``): ``frames`` frames ``stride`` apart, from a random start (training) or
 centred in the video (validation, prediction); ``spread`` takes several clips whose starts divide
-the video evenly (multi-view testing: the video's score is the mean over its clips). A video too short for that span is sampled with the
-largest stride that fits; one with fewer frames than the clip has is looped (played again from
-its first frame) if it has at least ``min_frames`` frames, and is skipped otherwise (the data sets
-count it as too short).
+the video evenly (multi-view testing: the video's score is the mean over its clips). A video too
+short for that span is sampled with the largest stride that fits; one with fewer frames than the
+clip has is looped (played again from its first frame) if it has at least ``min_frames`` frames,
+and is skipped otherwise (the data sets count it as too short).
 
 Transform (``ClipTransform``): resize so that the short side is ``short_side`` (C3D's 128 for a
 112 crop: 8/7 of the crop by default; for training, optionally drawn from ``short_side_range``:
