@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "PlotUnavailable", "average_views", "topk_accuracy", "confusion_matrix", "per_class_accuracy", "Report", "evaluate",
+    "PlotUnavailable", "average_views", "per_class_line", "topk_accuracy", "confusion_matrix", "per_class_accuracy", "Report", "evaluate",
     "save_confusion_matrix_png", "save_curves_png",
 ]
 
@@ -83,6 +83,18 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
         return np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1), np.nan)
 
 
+def per_class_line(class_names: Sequence[str], accuracy: np.ndarray, most: Optional[int] = None) -> str:
+    """``name 83 %, ...`` for every class, or, beyond ``most`` classes, the five lowest
+    (``lowest 5 of 400: ...``); a class without samples reads n/a."""
+    def shown(i):
+        return f"{class_names[i]} {'n/a' if np.isnan(accuracy[i]) else f'{100 * accuracy[i]:.0f} %'}"
+
+    if most is None or len(class_names) <= most:
+        return ", ".join(shown(i) for i in range(len(class_names)))
+    worst = sorted((i for i in range(len(class_names)) if not np.isnan(accuracy[i])), key=lambda i: accuracy[i])
+    return f"lowest 5 of {len(class_names)}: " + ", ".join(shown(i) for i in worst[:5])
+
+
 @dataclasses.dataclass
 class Report:
     """Accuracy figures of one evaluation (fractions in [0, 1])."""
@@ -98,9 +110,8 @@ class Report:
     def summary(self) -> str:
         return f"top-1 {100 * self.top1:.1f} %  top-{self.top5_k} {100 * self.top5:.1f} %  ({self.samples} clips)"
 
-    def per_class_line(self) -> str:
-        return ", ".join(f"{name} {'n/a' if np.isnan(acc) else f'{100 * acc:.0f} %'}"
-                         for name, acc in zip(self.class_names, self.per_class))
+    def per_class_line(self, most: Optional[int] = None) -> str:
+        return per_class_line(self.class_names, self.per_class, most)
 
     def as_dict(self) -> dict:
         return {"top1": self.top1, f"top{self.top5_k}": self.top5, "samples": self.samples,

@@ -149,6 +149,16 @@ def test_average_views_is_the_mean_probability():
         evaluation.average_views(logits, 4)
 
 
+def test_per_class_line_names_the_lowest_five_of_many_classes():
+    names = [f"c{i}" for i in range(30)]
+    accuracy = np.linspace(1.0, 0.0, 30)
+    accuracy[29] = np.nan  # a class without samples
+    assert evaluation.per_class_line(names[:3], accuracy[:3]) == "c0 100 %, c1 97 %, c2 93 %"
+    assert evaluation.per_class_line(names, accuracy, 20) == \
+        "lowest 5 of 30: c28 3 %, c27 7 %, c26 10 %, c25 14 %, c24 17 %"
+    assert evaluation.per_class_line(names, accuracy, 30).endswith("c29 n/a")
+
+
 # --------------------------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------------------------

@@ -160,8 +160,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"top-{report.top5_k} {100 * report.top5:.1f} %"
           + (f"  (one view: top-1 {100 * one_view:.1f} %)" if views > 1 else "")
           + f"; {len(labels) * views / max(seconds, 1e-9):.1f} clips/s on {device}")
-    if len(names) <= MAX_PER_CLASS_PRINTED:
-        print(f"per class: {report.per_class_line()}")
+    print(f"per class: {report.per_class_line(MAX_PER_CLASS_PRINTED)}")
     if args.out:
         _write(args, report, probs, labels, video_names, dict(
             checkpoints=list(args.checkpoint), data=description, clips=args.clips, crops=args.crops,

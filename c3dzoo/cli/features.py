@@ -337,7 +337,7 @@ def _cmd_linear_probe(args: argparse.Namespace) -> int:
           f"{len(y_train)} train / {len(y_val)} val clips, {x.shape[1]} dims, {num_classes} classes")
     print(f"train {train_report.summary()}")
     print(f"val   {val_report.summary()}")
-    print(f"val per class: {val_report.per_class_line()}")
+    print(f"val per class: {val_report.per_class_line(20)}")
 
     out = args.out or os.path.splitext(args.features)[0] + "_probe"
     try:

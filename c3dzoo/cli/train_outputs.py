@@ -82,15 +82,8 @@ def write_final_report(validation, class_names, out: str, plot: bool) -> List[st
     per_class = evaluation.per_class_accuracy(confusion)
     names = list(class_names)
 
-    def shown(i):
-        return f"{names[i]} {'n/a' if math.isnan(per_class[i]) else f'{100 * per_class[i]:.0f} %'}"
-
-    if len(names) <= MAX_PER_CLASS_PRINTED:
-        print("final val top-1 per class: " + ", ".join(shown(i) for i in range(len(names))))
-    else:
-        worst = sorted((i for i in range(len(names)) if not math.isnan(per_class[i])), key=lambda i: per_class[i])
-        print(f"final val top-1 per class (lowest 5 of {len(names)}; all in {PER_CLASS_CSV}): "
-              + ", ".join(shown(i) for i in worst[:5]))
+    more = f" (all in {PER_CLASS_CSV})" if len(names) > MAX_PER_CLASS_PRINTED else ""
+    print(f"final val top-1 per class{more}: {evaluation.per_class_line(names, per_class, MAX_PER_CLASS_PRINTED)}")
     path = os.path.join(out, PER_CLASS_CSV)
     try:
         with open(path + ".tmp", "w", newline="") as f:
