@@ -113,3 +113,24 @@ def test_augmentation_errors(argv, message, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
+
+
+def test_clip_grad_norm_bounds_every_step(monkeypatch, capsys):
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        before = real(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters
+                                                      if p.grad is not None]))
+        seen.append((max_norm, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert cli.main(["train", "--epochs", "1", "--train-samples", "16", "--val-samples", "4", "--batch-size", "4",
+                     "--num-classes", "4", "--width-mult", "0.0625", "--frames", "16", "--size", "32", "--device",
+                     "cpu", "--no-progress", "--clip-grad-norm", "0.001"]) == 0
+    assert len(seen) == 4  # once a step
+    assert all(max_norm == 0.001 and before > 0.001 and after <= 0.001 * (1 + 1e-5) for max_norm, before, after in seen)
+    assert cli.main(["train", "--clip-grad-norm", "0", "--device", "cpu"]) == 2
+    assert "--clip-grad-norm must be positive" in capsys.readouterr().err

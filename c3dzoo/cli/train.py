@@ -328,7 +328,8 @@ class _DeferredInterrupt:
 
 
 def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
-                 stop: _DeferredInterrupt, position, reseed, label_smoothing: float = 0.0) -> None:
+                 stop: _DeferredInterrupt, position, reseed, label_smoothing: float = 0.0,
+                 clip_grad_norm: Optional[float] = None) -> None:
     """The rest of one pass over ``loader``, accumulating into ``progress``. Raises CommandError
     on a non-finite loss (before the step, so the weights stay finite) and KeyboardInterrupt at a
     batch boundary once ``stop`` was requested. ``position()``: clips trained on so far (for the
@@ -376,6 +377,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
                                f"step {progress.global_step + 1}; stopped (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm is not None:  # over all parameters; after DDP's all-reduce every rank agrees
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         progress.updating = False
         progress.batch += world
@@ -391,12 +394,12 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
             raise KeyboardInterrupt
 
 
-# Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
-# device, amp, workers and backend, come from this machine as for a new run)
 DATA_BOUND_PCT = 50  # an epoch waiting for data longer than this says so, once a run
 
+# Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
+# device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
-                   "num_classes", "train_samples", "val_samples", "frames", "size", "fused", "seed",
+                   "clip_grad_norm", "num_classes", "train_samples", "val_samples", "frames", "size", "fused", "seed",
                    "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head", "freeze",
                    "head_lr_mult", *REAL_DATA_OPTIONS)
 
@@ -562,6 +565,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
         raise UsageError(f"--grow-noise must be non-negative, got {args.grow_noise}")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
+        raise UsageError(f"--clip-grad-norm must be positive, got {args.clip_grad_norm}")
     data = make_data(args)
     train_set, val_set = data.train, data.val
     if checkpoint is not None:  # before building: a mismatch is a usage error, not a shape error
@@ -708,7 +713,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                           unit="clip", disable=not args.progress) as bar:
                     seen_before = progress.seen
                     _train_epoch(ddp_model, train_loader, optimizer, scheduler, device, args.amp, bar,
-                                 progress, stop, position, reseed if world > 1 else None, args.label_smoothing)
+                                 progress, stop, position, reseed if world > 1 else None, args.label_smoothing,
+                                 args.clip_grad_norm)
                 train_seconds = time.perf_counter() - epoch_start
                 clips_per_s = (progress.seen - seen_before) / train_seconds
                 data_wait = 100.0 * progress.data_wait / max(train_seconds, 1e-9)
@@ -830,6 +836,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                        help="SGD with Nesterov momentum 0.9, or Adam (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=1e-4, help="(default %(default)s)")
+    train.add_argument("--clip-grad-norm", type=float, metavar="X",
+                       help="scale each step's gradients down to a total 2-norm of at most X (default: no clipping)")
     train.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
                        help="training targets 1 - X on the class, X spread over all classes (default 0)")
     train.add_argument("--num-classes", type=int, default=10,
