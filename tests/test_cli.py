@@ -125,6 +125,36 @@ def test_train_says_when_it_waits_for_its_data(tmp_path, capsys, monkeypatch):
     assert printed.count("note: training waited for its data") == 1 and "raise --workers (now 0)" in printed
 
 
+def test_train_logs_for_tensorboard(tmp_path, capsys):
+    """--tensorboard: every step's loss and lr, every epoch's metrics.csv row, in --out/tensorboard;
+    a resumed run goes on at its step."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extras: pip install -e '.[test]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run = TINY_TRAIN + ["--train-samples", "16", "--batch-size", "4", "--tensorboard", "--out", str(out)]
+    assert cli.main(run) == 0
+    assert "tensorboard/" in capsys.readouterr().out
+    assert cli.main(run[:run.index("--epochs") + 1] + ["2"] + run[run.index("--epochs") + 2:] + ["--resume"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = events.Scalars("step/train_loss")
+    assert [e.step for e in steps] == list(range(1, 9))  # 4 steps an epoch, the second epoch resumed
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for epoch, row in enumerate(rows, 1):
+        logged = {key: [e.value for e in events.Scalars(f"epoch/{key}") if e.step == epoch]
+                  for key in ("train_loss", "val_top1", "data_wait_pct")}
+        assert all(len(v) == 1 for v in logged.values()), logged
+        assert logged["val_top1"][0] == pytest.approx(float(row["val_top1"]), abs=0.01)
+        # the epoch's training loss is the mean of its equal-sized steps' losses
+        mean = sum(e.value for e in steps[4 * (epoch - 1):4 * epoch]) / 4
+        assert mean == pytest.approx(float(row["train_loss"]), abs=1e-4)
+        assert logged["train_loss"][0] == pytest.approx(float(row["train_loss"]), abs=1e-4)
+    assert cli.main(TINY_TRAIN + ["--tensorboard"]) == 2
+    assert "--tensorboard writes into --out DIR/tensorboard" in capsys.readouterr().err
+
+
 def test_train_stock_without_out(capsys):
     assert cli.main(TINY_TRAIN + ["--no-fused", "--optimizer", "sgd"]) == 0
     assert "nothing saved" in capsys.readouterr().out

@@ -22,6 +22,7 @@ OPTIONAL_FEATURES = (
     ("ONNX Runtime check of exports", {"onnxruntime": "onnxruntime"}),
     ("plots (PNG)", {"matplotlib": "matplotlib"}),
     ("linear-probe --classifier svm", {"sklearn": "scikit-learn"}),
+    ("train --tensorboard", {"tensorboard": "tensorboard"}),
     ("GPU clocks and memory in benchmarks", {"pynvml": "nvidia-ml-py"}),
 )
 

@@ -206,6 +206,32 @@ def _evaluate(model, loader, device, amp, progress, views: int = 1) -> _Validati
                        100.0 * view_hits / (seen * views) if views > 1 else None)
 
 
+class _TensorBoard:
+    """``--tensorboard``: each step's training loss and learning rate, and each epoch's metrics.csv
+    row, as TensorBoard scalars (``torch.utils.tensorboard``; runs resumed into the same folder go on
+    at their step)."""
+
+    EPOCH_SCALARS = ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
+                     "train_clips_per_s", "data_wait_pct")
+
+    def __init__(self, folder: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(folder)
+
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        self.writer.add_scalar("step/train_loss", loss, step)
+        self.writer.add_scalar("step/lr", lr, step)
+
+    def log_epoch(self, epoch: int, row: dict) -> None:
+        for key in self.EPOCH_SCALARS:
+            self.writer.add_scalar(f"epoch/{key}", float(row[key]), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _views_note(validation: _Validation) -> str:
     """How multi-view figures were made, and what one view alone scores."""
     if validation.views == 1:
@@ -329,7 +355,7 @@ class _DeferredInterrupt:
 
 def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
                  stop: _DeferredInterrupt, position, reseed, label_smoothing: float = 0.0,
-                 clip_grad_norm: Optional[float] = None) -> None:
+                 clip_grad_norm: Optional[float] = None, log_step=None) -> None:
     """The rest of one pass over ``loader``, accumulating into ``progress``. Raises CommandError
     on a non-finite loss (before the step, so the weights stay finite) and KeyboardInterrupt at a
     batch boundary once ``stop`` was requested. ``position()``: clips trained on so far (for the
@@ -388,6 +414,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         progress.correct += int(top1)
         progress.correct5 += int(top5)
         progress.seen += int(seen)
+        if log_step is not None:  # the step's mean loss over the global batch, at its optimizer step
+            log_step(progress.global_step, loss_sum / max(seen, 1), optimizer.param_groups[0]["lr"])
         bar.update(int(seen))
         bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", refresh=False)
         if stop_requested if world > 1 else stop.requested:  # never one rank alone: it would deadlock
@@ -563,6 +591,12 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     args.progress = args.progress and main_rank
     if not args.grow_noise >= 0:
         raise UsageError(f"--grow-noise must be non-negative, got {args.grow_noise}")
+    if args.tensorboard:
+        if not args.out:
+            raise UsageError("--tensorboard writes into --out DIR/tensorboard: give --out")
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or pip install \"c3dzoo[tensorboard]\")")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
@@ -691,10 +725,12 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     start = time.perf_counter()
     row = validation = None
     warned_data_bound = False
+    board = _TensorBoard(os.path.join(args.out, "tensorboard")) if args.tensorboard and writes else None
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
                                                   data, progress, metrics)
     with (open_metrics(metrics_path, append) if writes
-          else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop:
+          else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop, \
+            (contextlib.closing(board) if board else contextlib.nullcontext()):
         writer = csv.DictWriter(metrics_file, fieldnames=METRICS) if metrics_file else None
         if writer and not append:
             writer.writeheader()
@@ -714,7 +750,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                     seen_before = progress.seen
                     _train_epoch(ddp_model, train_loader, optimizer, scheduler, device, args.amp, bar,
                                  progress, stop, position, reseed if world > 1 else None, args.label_smoothing,
-                                 args.clip_grad_norm)
+                                 args.clip_grad_norm, board.log_step if board else None)
                 train_seconds = time.perf_counter() - epoch_start
                 clips_per_s = (progress.seen - seen_before) / train_seconds
                 data_wait = 100.0 * progress.data_wait / max(train_seconds, 1e-9)
@@ -741,6 +777,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                     tqdm.write(f"note: training waited for its data {data_wait:.0f} % of the time: the loader "
                                f"is the bottleneck; raise --workers (now {args.workers}), or decode less "
                                f"(videos extracted once to frame folders, smaller frames)")
+                if board:
+                    board.log_epoch(epoch, row)
                 if writer:
                     writer.writerow(row)
                     metrics_file.flush()
@@ -768,6 +806,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     written = ["metrics.csv", "last.pt"]
     if best_path and os.path.isfile(best_path):
         written.append(f"best.pt (epoch {progress.best[1]})")
+    if board:
+        written.append("tensorboard/")
     if writes:
         written += write_final_report(validation, train_set.class_names, args.out, plot)
     if plot:
@@ -928,6 +968,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR",
                        help=f"write metrics.csv, {CURVES_PNG}, last.pt, best.pt (the epoch of the best "
                             f"validation top-1) and, after the last epoch, {PER_CLASS_CSV} and {CONFUSION_PNG} here")
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also log each step's loss and each epoch's metrics for TensorBoard into "
+                            "--out DIR/tensorboard (tensorboard --logdir DIR)")
     train.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
                        help="continue from checkpoint CKPT (default with --out: DIR/last.pt); "
                             "options not given again are taken from the checkpoint")
