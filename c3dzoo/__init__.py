@@ -12,8 +12,9 @@ from .ops.backends import backends, fallbacks, set_triton_autotune
 
 
 # transfer learning: c3dzoo.load_pretrained, c3dzoo.replace_head (and the modules c3dzoo.transfer,
-# c3dzoo.evaluation), imported on first use like the builders
-_LAZY = {"load_pretrained": "transfer", "replace_head": "transfer", "transfer": None, "evaluation": None}
+# c3dzoo.evaluation, c3dzoo.weights), imported on first use like the builders
+_LAZY = {"load_pretrained": "transfer", "replace_head": "transfer", "transfer": None, "evaluation": None,
+         "weights": None}
 
 
 def __getattr__(name: str):
@@ -34,4 +35,4 @@ def __dir__():
 
 __all__ = ["distributed", "models", "nn", "ops", "get_model", "list_models", "fuse", "backends", "fallbacks",
            "set_triton_autotune", "clear_weight_caches",
-           "load_pretrained", "replace_head", "transfer", "evaluation", *models._MODELS]
+           "load_pretrained", "replace_head", "transfer", "evaluation", "weights", *models._MODELS]

@@ -20,6 +20,7 @@ from test_data_folders import make_video
 
 
 def test_the_registry_names_torchvisions_files_and_kinetics_classes():
+    assert c3dzoo.weights is weights  # an attribute of the package, as c3dzoo.transfer
     assert weights.available() == [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400")]
     for model, name in weights.available():
         found = weights.entry(model, name)
