@@ -414,11 +414,12 @@ def test_timeline_slides_one_clip_along_each_video(sharp_checkpoint, tmp_path, c
     path, root, model = sharp_checkpoint
     video = str(root / "right" / "v1.mp4")  # 44 frames at 10 frames/s: clips at frames 0 and 8
     short = make_frame_folder(tmp_path / "short", frames=12)  # looped to 16 frames
+    table = tmp_path / "timeline.csv"
     assert cli.main(["predict", video, short, "--checkpoint", str(path), "--timeline", "--hop", "8", "--top-k", "1",
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", "--csv", str(table)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     transform, sampler = ClipTransform((32, 32), short_side=37), ClipSampler(16, 2)
-    expected = []
+    expected, expected_rows = [], []
     for source, start, first, last, indices in [(video, 0, 0.0, 3.0, range(0, 31, 2)),
                                                  (video, 8, 0.8, 3.8, range(8, 39, 2)),
                                                  (short, 0, 0.0, 11 / 25, sampler.indices(12))]:
@@ -426,7 +427,12 @@ def test_timeline_slides_one_clip_along_each_video(sharp_checkpoint, tmp_path, c
             probs = model(transform(read_frames(source, list(indices)))[None]).softmax(1)[0]
         name = ["left", "right"][int(probs.argmax())]
         expected.append(f"{source} [{first:.2f}-{last:.2f} s, frame {start}]: {name} {float(probs.max()):.1%}")
+        expected_rows.append((source, f"{first:.3f}", f"{last:.3f}", name, float(probs.max())))
     assert lines == expected
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["input"], r["start_s"], r["end_s"], r["class1"]) for r in rows] == [e[:4] for e in expected_rows]
+    assert [float(r["prob1"]) for r in rows] == pytest.approx([e[4] for e in expected_rows], abs=2e-6)
 
 
 @pytest.mark.parametrize("extra, message", [(["--timeline", "--clips", "3"], "not --synthetic or --clips/--crops"),

@@ -4,10 +4,11 @@ weights as a plain state_dict, or the model as an ONNX file)."""
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import os
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -119,6 +120,37 @@ def _ranked(probs: torch.Tensor, names, k: int) -> str:
                      for p, i in zip(top.values.tolist(), top.indices.tolist()))
 
 
+class _PredictionsCSV:
+    """``--csv FILE``: a row per input (per clip position with --timeline): the input, the clip's
+    time span (--timeline), the true class where known, then the top-k classes and probabilities
+    (of the ensemble's mean with several checkpoints). Rows are written as they come."""
+
+    def __init__(self, path: Optional[str], names, k: int):
+        self.names, self.k, self.file, self.writer = names, k, None, None
+        if path:
+            try:
+                self.file = open(path, "w", newline="")
+            except OSError as exc:
+                raise CommandError(f"cannot write {path}: {exc}") from None
+            self.writer = csv.writer(self.file)
+            self.writer.writerow(["input", "start_s", "end_s", "true"]
+                                 + [f"{what}{r}" for r in range(1, k + 1) for what in ("class", "prob")])
+
+    def row(self, label: str, probs: torch.Tensor, truth=None, span=None) -> None:
+        if self.writer is None:
+            return
+        top = probs.topk(self.k)
+        ranked = [value for i, p in zip(top.indices.tolist(), top.values.tolist())
+                  for value in (self.names[i] if i < len(self.names) else i, f"{p:.6f}")]
+        times = [f"{span[0]:.3f}", f"{span[1]:.3f}"] if span else ["", ""]
+        self.writer.writerow([label, *times, self.names[truth] if truth is not None else "", *ranked])
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     inputs_after_checkpoints(args, "inputs")
     if args.synthetic is None and not args.inputs:
@@ -150,8 +182,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     items += [(path, None, None) for path in args.inputs]
     sampler, transform = _clip_maker(checkpoint)
     k = min(args.top_k, len(names) or args.top_k)
-    if args.timeline:
-        return _timelines(args, models, names, sampler, transform, device, k)
+    table = _PredictionsCSV(args.csv, names, k)
+    try:
+        if args.timeline:
+            return _timelines(args, models, names, sampler, transform, device, k, table)
+        return _predict_each(args, models, names, items, sampler, transform, device, k, table)
+    finally:
+        table.close()
+
+
+def _predict_each(args, models, names, items, sampler, transform, device, k: int, table: _PredictionsCSV) -> int:
+    """Each input's top-k (per checkpoint and their mean with several): the mean over its views."""
     unreadable = 0
     for label, clip, truth in items:
         if clip is None:  # inputs are read one at a time: a long list never sits in memory
@@ -168,6 +209,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                              f"{str(exc).strip().splitlines()[0]}") from None
         true = f"  (true: {names[truth]})" if truth is not None else ""
         views = f" [{clip.shape[0]} views]" if clip.shape[0] > 1 else ""
+        table.row(label, probs.combined.mean(0), truth)
         if len(models) == 1:
             print(f"{label}{views}: {_ranked(probs.combined.mean(0), names, k)}{true}")
             continue
@@ -183,7 +225,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 TIMELINE_BATCH = 8  # clips a forward pass
 
 
-def _timelines(args, models, names, sampler: ClipSampler, transform: ClipTransform, device, k: int) -> int:
+def _timelines(args, models, names, sampler: ClipSampler, transform: ClipTransform, device, k: int,
+               table: _PredictionsCSV) -> int:
     """``--timeline``: each input's top-k per clip as the clip slides along it, every ``--hop``
     frames (default: half a clip's span), with the clip's time span."""
     span = (sampler.frames - 1) * sampler.stride + 1
@@ -199,6 +242,7 @@ def _timelines(args, models, names, sampler: ClipSampler, transform: ClipTransfo
                              f"{str(exc).strip().splitlines()[0]}") from None
         for (start, first, last, _), row in zip(pending, probs):
             print(f"{label} [{first:.2f}-{last:.2f} s, frame {start}]: {_ranked(row, names, k)}")
+            table.row(label, row, span=(first, last))
 
     for label in args.inputs:
         pending = []
@@ -352,6 +396,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                               "of every position with its time span: what happens when, in a long video")
     predict.add_argument("--hop", type=int, metavar="N",
                          help="with --timeline: frames between clip starts (default: half a clip's span)")
+    predict.add_argument("--csv", metavar="FILE",
+                         help="also write the predictions as CSV rows: input, time span (--timeline), true "
+                              "class (--synthetic), then class and probability of each of the top-k")
     predict.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     predict.set_defaults(func=_cmd_predict)
 
