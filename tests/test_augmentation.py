@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import c3dzoo
 from c3dzoo import cli
 from c3dzoo.data import ClipSampler, ClipTransform, VideoClipDataset, scan_class_folders
 
@@ -134,3 +135,43 @@ def test_clip_grad_norm_bounds_every_step(monkeypatch, capsys):
     assert all(max_norm == 0.001 and before > 0.001 and after <= 0.001 * (1 + 1e-5) for max_norm, before, after in seen)
     assert cli.main(["train", "--clip-grad-norm", "0", "--device", "cpu"]) == 2
     assert "--clip-grad-norm must be positive" in capsys.readouterr().err
+
+
+def test_micro_batches_give_the_whole_batch_gradients():
+    """_forward_backward in chunks: without BatchNorm the gradients, loss and logits of the whole
+    batch (to rounding); with it, each chunk updates the running statistics, as accumulation does."""
+    from c3dzoo.cli.train import _forward_backward, _StepOptions
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 2 * 4 * 4, 5))
+    clips, labels = torch.randn(6, 3, 4, 6, 6), torch.tensor([0, 1, 2, 3, 4, 0])
+    loss, logits = _forward_backward(model, clips, labels, False, _StepOptions(label_smoothing=0.1))
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss4, logits4 = _forward_backward(model, clips, labels, False, _StepOptions(label_smoothing=0.1, micro_batch=4))
+    torch.testing.assert_close(loss4, loss)
+    torch.testing.assert_close(logits4, logits)
+    for grad, p in zip(whole, model.parameters()):
+        torch.testing.assert_close(p.grad, grad)
+
+    fused = c3dzoo.c3d_bn(num_classes=5, width_mult=0.0625, input_size=(16, 32, 32), fused=True).train()
+    _forward_backward(fused, torch.randn(6, 3, 16, 32, 32), labels, False, _StepOptions(micro_batch=2))
+    assert int(fused.conv1_bn.num_batches_tracked) == 3  # three chunks of two
+
+
+def test_train_with_micro_batches(monkeypatch, capsys):
+    sizes, real = [], torch.nn.functional.cross_entropy
+
+    def cross_entropy(logits, *args, **kwargs):
+        if torch.is_grad_enabled():  # training, not validation
+            sizes.append(logits.shape[0])
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(cli.train.F, "cross_entropy", cross_entropy)
+    assert cli.main(["train", "--epochs", "1", "--train-samples", "8", "--val-samples", "4", "--batch-size", "4",
+                     "--micro-batch", "3", "--num-classes", "4", "--width-mult", "0.0625", "--frames", "16", "--size",
+                     "32", "--device", "cpu", "--no-progress"]) == 0
+    assert sizes == [3, 1, 3, 1]  # two steps of 4 clips, each in chunks of 3 and 1
+    assert cli.main(["train", "--micro-batch", "0", "--device", "cpu"]) == 2
+    assert "--micro-batch must be at least 1" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -353,17 +353,51 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+@dataclasses.dataclass
+class _StepOptions:
+    label_smoothing: float = 0.0
+    clip_grad_norm: Optional[float] = None
+    micro_batch: Optional[int] = None  # clips a forward/backward pass; None: the whole batch
+    log_step: Optional[Callable[[int, float, float], None]] = None  # (step, mean loss, lr)
+
+
+def _forward_backward(model, clips, labels, amp: bool, options: _StepOptions):
+    """Forward and backward of one step's batch, in chunks of ``options.micro_batch`` clips: the
+    gradients of the batch's mean loss, with the activations of one chunk in memory at a time
+    (BatchNorm normalises each chunk with its own statistics, as in any gradient accumulation;
+    DDP all-reduces once, after the last chunk). Returns (the batch's mean loss, its logits)."""
+    size = labels.numel()
+    step = options.micro_batch or size
+    starts = range(0, size, step)
+    no_sync = getattr(model, "no_sync", None)
+    losses, logits = [], []
+    for start in starts:
+        chunk, truth = clips[start:start + step], labels[start:start + step]
+        last = start == starts[-1]
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+            with torch.autocast(clips.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(chunk)
+            loss = F.cross_entropy(out.float(), truth, label_smoothing=options.label_smoothing)
+            (loss * (truth.numel() / size) if len(starts) > 1 else loss).backward()
+        losses.append(loss.detach() * truth.numel())
+        logits.append(out.detach())
+    if len(starts) == 1:  # the loss itself: a sum divided again could differ in its last bit
+        return loss.detach(), logits[0]
+    return torch.stack(losses).sum() / size, torch.cat(logits)
+
+
 def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
-                 stop: _DeferredInterrupt, position, reseed, label_smoothing: float = 0.0,
-                 clip_grad_norm: Optional[float] = None, log_step=None) -> None:
+                 stop: _DeferredInterrupt, position, reseed, options: Optional[_StepOptions] = None) -> None:
     """The rest of one pass over ``loader``, accumulating into ``progress``. Raises CommandError
-    on a non-finite loss (before the step, so the weights stay finite) and KeyboardInterrupt at a
-    batch boundary once ``stop`` was requested. ``position()``: clips trained on so far (for the
-    learning rate); ``reseed(position)``: per-rank RNG before each forward (None in one process).
+    on a non-finite loss (before the optimizer step, so the weights stay finite) and
+    KeyboardInterrupt at a batch boundary once ``stop`` was requested. ``position()``: clips
+    trained on so far (for the learning rate); ``reseed(position)``: per-rank RNG before each
+    forward (None in one process).
 
     Under torch.distributed one all-reduce per step sums the step's loss and hits over the ranks
-    together with a non-finite flag (checked before the backward) and the Ctrl-C flag (acted on
-    after the step), so every rank stops at the same step and the epoch sums are global."""
+    together with a non-finite flag (checked before the optimizer step) and the Ctrl-C flag (acted
+    on after the step), so every rank stops at the same step and the epoch sums are global."""
+    options = options or _StepOptions()
     model.train()  # frozen BatchNorms stay in eval mode: transfer.freeze pins them
     world = dist.world_size()
     batches = iter(loader)
@@ -384,9 +418,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         if reseed is not None:
             reseed(position())
         progress.updating = True  # from the forward on: it updates the BatchNorm running stats
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(clips)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss, logits = _forward_backward(model, clips, labels, amp, options)
         with torch.no_grad():
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             finite = torch.isfinite(loss)
@@ -401,10 +434,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
             where = f"{loss.item()}" if not finite else "non-finite on another rank"
             raise CommandError(f"the training loss became {where} at epoch {progress.epoch + 1} "
                                f"step {progress.global_step + 1}; stopped (try a lower --lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad_norm is not None:  # over all parameters; after DDP's all-reduce every rank agrees
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        if options.clip_grad_norm is not None:  # all parameters; after DDP's all-reduce every rank agrees
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
         optimizer.step()
         progress.updating = False
         progress.batch += world
@@ -414,8 +445,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         progress.correct += int(top1)
         progress.correct5 += int(top5)
         progress.seen += int(seen)
-        if log_step is not None:  # the step's mean loss over the global batch, at its optimizer step
-            log_step(progress.global_step, loss_sum / max(seen, 1), optimizer.param_groups[0]["lr"])
+        if options.log_step is not None:  # the step's mean loss over the global batch
+            options.log_step(progress.global_step, loss_sum / max(seen, 1), optimizer.param_groups[0]["lr"])
         bar.update(int(seen))
         bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", refresh=False)
         if stop_requested if world > 1 else stop.requested:  # never one rank alone: it would deadlock
@@ -427,9 +458,9 @@ DATA_BOUND_PCT = 50  # an epoch waiting for data longer than this says so, once 
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
-                   "clip_grad_norm", "num_classes", "train_samples", "val_samples", "frames", "size", "fused", "seed",
-                   "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head", "freeze",
-                   "head_lr_mult", *REAL_DATA_OPTIONS)
+                   "clip_grad_norm", "micro_batch", "num_classes", "train_samples", "val_samples", "frames",
+                   "size", "fused", "seed", "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head",
+                   "freeze", "head_lr_mult", *REAL_DATA_OPTIONS)
 
 
 def _resume_path(args: argparse.Namespace) -> str:
@@ -599,6 +630,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                              "(or pip install \"c3dzoo[tensorboard]\")")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise UsageError(f"--micro-batch must be at least 1, got {args.micro_batch}")
     if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
         raise UsageError(f"--clip-grad-norm must be positive, got {args.clip_grad_norm}")
     data = make_data(args)
@@ -749,8 +782,9 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                           unit="clip", disable=not args.progress) as bar:
                     seen_before = progress.seen
                     _train_epoch(ddp_model, train_loader, optimizer, scheduler, device, args.amp, bar,
-                                 progress, stop, position, reseed if world > 1 else None, args.label_smoothing,
-                                 args.clip_grad_norm, board.log_step if board else None)
+                                 progress, stop, position, reseed if world > 1 else None, _StepOptions(
+                                     args.label_smoothing, args.clip_grad_norm, args.micro_batch,
+                                     board.log_step if board else None))
                 train_seconds = time.perf_counter() - epoch_start
                 clips_per_s = (progress.seen - seen_before) / train_seconds
                 data_wait = 100.0 * progress.data_wait / max(train_seconds, 1e-9)
@@ -876,6 +910,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                        help="SGD with Nesterov momentum 0.9, or Adam (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=1e-4, help="(default %(default)s)")
+    train.add_argument("--micro-batch", type=int, metavar="N",
+                       help="run each batch's forward and backward N clips at a time and step once on the "
+                            "whole batch's gradients: a batch larger than fits in memory (BatchNorm normalises "
+                            "each N-clip chunk by its own statistics; default: the whole batch at once)")
     train.add_argument("--clip-grad-norm", type=float, metavar="X",
                        help="scale each step's gradients down to a total 2-norm of at most X (default: no clipping)")
     train.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
