@@ -279,3 +279,17 @@ def test_sharded_batches_cover_the_global_order_once():
         assert all(len(s) == steps for s in shards)
         taken = [shards[rank][step] for step in range(steps) for rank in range(world)]
         assert taken == order[skip:skip + steps * world]
+
+
+def test_micro_batches_on_two_ranks_keep_the_ranks_in_step(tmp_path):
+    """--micro-batch under DDP: gradients are all-reduced once per step, after the last chunk (the
+    others run under no_sync); the ranks then hold the same model bit for bit. A chunk that skipped
+    the all-reduce would leave each rank with its own gradients, and the models would differ."""
+    (tmp_path / "dump").mkdir()
+    ranks = run_ranks(BASE + ["--epochs", "1", "--batch-size", "4", "--micro-batch", "2"], tmp_path / "run",
+                      tmp_path / "logs", dump=tmp_path / "dump")
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    rank0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=True)
+    weights = [k for k in rank0 if "running" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(rank0[k], rank1[k]) for k in weights)
