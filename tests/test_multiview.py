@@ -442,3 +442,26 @@ def test_timeline_option_errors(sharp_checkpoint, extra, message, capsys):
     path, root, _ = sharp_checkpoint
     assert cli.main(["predict", str(root / "left" / "v0.mp4"), "--checkpoint", str(path), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_validation_forwards_at_most_a_batch_of_views(sharp_checkpoint, tmp_path):
+    """9 views a video with --batch-size 4: each video's views go through the model in passes of
+    at most 4 clips, all of them (6 videos x 9 views)."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    _, root, _ = sharp_checkpoint
+    sizes = []
+
+    def record(module, args):
+        if type(module).__name__ == "C3D" and not torch.is_grad_enabled():
+            sizes.append(args[0].shape[0])
+
+    handle = register_module_forward_pre_hook(record)
+    try:
+        assert cli.main(["train", "--data", str(root), "--val-data", str(root), "--val-clips", "3", "--val-crops", "3",
+                         "--epochs", "1", "--frames", "16", "--size", "32", "--width-mult", "0.0625", "--batch-size",
+                         "4", "--frame-stride", "2", "--device", "cpu", "--no-progress"]) == 0
+    finally:
+        handle.remove()
+    probe, validation = sizes[0], sizes[1:]  # train first runs one clip through the new model
+    assert probe == 1 and max(validation) <= 4 and sum(validation) == 6 * 9, sizes

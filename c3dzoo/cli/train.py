@@ -164,11 +164,12 @@ class _Validation:
     clip_top1: Optional[float] = None  # % of single views classified right (views > 1)
 
 
-def _evaluate(model, loader, device, amp, progress, views: int = 1) -> _Validation:
+def _evaluate(model, loader, device, amp, progress, views: int = 1, max_clips: Optional[int] = None) -> _Validation:
     """Loss, top-1, top-5 and confusion matrix on ``loader`` (this rank's shard of the validation
     set under torch.distributed: the sums are all-reduced, so every rank gets the same figures).
     Samples of ``views`` > 1 views (``B × V × C × T × H × W``) are scored per video: the mean of the
-    views' probabilities (the loss is its negative log); ``clip_top1`` then rates single views."""
+    views' probabilities (the loss is its negative log); ``clip_top1`` then rates single views.
+    ``max_clips``: clips a forward pass at most (a video's many views in several)."""
     model.eval()
     # loss, top-1 hits, top-5 hits, videos, single views right
     sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -178,7 +179,7 @@ def _evaluate(model, loader, device, amp, progress, views: int = 1) -> _Validati
         for clips, labels in loader:
             clips, labels = _to_device(clips.flatten(0, 1) if views > 1 else clips, device), labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(clips)
+                logits = torch.cat([model(chunk) for chunk in clips.split(max_clips or len(clips))])
             classes = logits.shape[1]
             if views > 1:
                 view_hits = (logits.argmax(1).view(-1, views) == labels[:, None]).sum().double()
@@ -792,7 +793,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                 train_top1 = 100.0 * progress.correct / max(1, progress.seen)
                 train_top5 = 100.0 * progress.correct5 / max(1, progress.seen)
                 _broadcast_buffers(model)
-                validation = _evaluate(model, val_loader, device, args.amp, args.progress, val_views)
+                validation = _evaluate(model, val_loader, device, args.amp, args.progress, val_views,
+                                       max_clips=args.batch_size)
                 progress.epoch += 1
                 progress.start_epoch()
                 progress.best = max(progress.best, (validation.top1, epoch))
