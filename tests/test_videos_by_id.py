@@ -170,3 +170,20 @@ def test_train_on_kinetics_counts_the_missing_clip(kinetics, capsys):
     header = next(line for line in captured.out.splitlines() if line.startswith("training "))
     assert "2 videos from" in header and "in 2 classes, val 1 (split 0.5)" in header
     assert "skipped 1 unreadable and 0 too-short video(s)" in captured.out
+
+
+def test_class_folders_spelled_with_underscores_match_the_class_names(tmp_path):
+    """Kinetics kept in class folders: downloaders write air_drumming/ for "air drumming"; a
+    checkpoint's (or torchvision's) class names still label them. Other names stay an error."""
+    from c3dzoo.data import scan_class_folders
+
+    names = ["abseiling", "air drumming", "passing American football (in game)"]
+    for folder in ("air_drumming", "passing_american_football_(in_game)"):
+        (tmp_path / "val" / folder).mkdir(parents=True)
+        make_video(tmp_path / "val" / folder / "clip.mp4", frames=20)
+    found = scan_class_folders(str(tmp_path / "val"), ClipSampler(8), names)
+    assert sorted((v.path.split("/")[-2], v.label) for v in found.videos) == [
+        ("air_drumming", 1), ("passing_american_football_(in_game)", 2)]
+    (tmp_path / "val" / "air_guitar").mkdir()
+    with pytest.raises(DataError, match="class folder 'air_guitar' is not one of the training classes"):
+        scan_class_folders(str(tmp_path / "val"), ClipSampler(8), names)

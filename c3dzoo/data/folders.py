@@ -104,12 +104,18 @@ def _check_root(root: str, what: str) -> None:
         raise DataError(f"{what} {root} is not a folder")
 
 
+def _folder_spelling(name: str) -> str:
+    """A class name as folder names spell it in any case, with underscores or spaces."""
+    return name.replace("_", " ").casefold()
+
+
 def scan_class_folders(root: str, sampler: ClipSampler, class_names: Optional[Sequence[str]] = None,
                        workers: int = 8, index_cache: bool = True) -> VideoSet:
     """Videos under ``root/<class>/``. With ``class_names`` (e.g. the training set's, for a
-    validation folder) every subfolder must be one of them, and labels follow their order.
-    ``index_cache``: reuse and update the frame counts cached for this root (``index_cache``
-    module)."""
+    validation folder) every subfolder must be one of them, and labels follow their order; a folder
+    matches a name that differs only in case and in underscores for spaces (Kinetics downloaders
+    write ``air_drumming/`` for the class "air drumming"). ``index_cache``: reuse and update the
+    frame counts cached for this root (``index_cache`` module)."""
     _check_root(root, "data folder")
     entries = _visible(root)
     stray = [n for n in entries if not os.path.isdir(os.path.join(root, n))]
@@ -120,12 +126,15 @@ def scan_class_folders(root: str, sampler: ClipSampler, class_names: Optional[Se
         raise DataError(f"{root} holds no class subfolders")
     if class_names is None:
         class_names = entries
-    else:
-        unknown = [n for n in entries if n not in class_names]
-        if unknown:
-            raise DataError(f"{root}: class folder {unknown[0]!r} is not one of the training classes "
-                            f"({_some(class_names)})")
     index = {name: i for i, name in enumerate(class_names)}
+    spelled = {_folder_spelling(name): i for i, name in enumerate(class_names)}
+    for name in entries:
+        if name not in index and _folder_spelling(name) in spelled:
+            index[name] = spelled[_folder_spelling(name)]
+    unknown = [n for n in entries if n not in index]
+    if unknown:
+        raise DataError(f"{root}: class folder {unknown[0]!r} is not one of the training classes "
+                        f"({_some(class_names)})")
     candidates = []
     for name in entries:
         folder = os.path.join(root, name)
