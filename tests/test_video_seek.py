@@ -1,13 +1,14 @@
-"""``read_frames`` seeks to the keyframe before a late clip instead of decoding the video from its
-first frame: the frames it returns are those a decode from the start gives, for the codecs and
-containers data sets come in (H.264 with B-frames, MPEG-4 Part 2 in .mp4 and .avi, VP9 .webm)."""
+"""Decoding video files: ``read_frames`` seeks to the keyframe before a late clip instead of
+decoding the video from its first frame, and the frames it returns are those a decode from the
+start gives, for the codecs and containers data sets come in (H.264 with B-frames, MPEG-4 Part 2
+in .mp4 and .avi, VP9 .webm); every reader turns frames upright by the stream's display rotation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from c3dzoo.data import read_frames, video_io
+from c3dzoo.data import iter_frames, read_frames, video_io
 
 av = pytest.importorskip("av")
 
@@ -62,3 +63,35 @@ def test_a_seek_that_cannot_number_its_frames_decodes_from_the_start(tmp_path, m
 
     monkeypatch.setattr(video_io, "_decode", decode)
     assert np.array_equal(read_frames(path, indices), expected) and calls == [True, False]
+
+
+def _marked_video(path, rotation: int, frames: int = 12) -> str:
+    """48 x 32 frames (landscape as stored) with a white mark in the top-left corner, and a display
+    matrix turning them ``rotation`` degrees counter-clockwise (as a phone stores a portrait video)."""
+    image = np.zeros((32, 48, 3), np.uint8)
+    image[:4, :8] = 255
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for _ in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+@pytest.mark.parametrize("rotation, shape, corner", [(0, (32, 48), (0, 0)), (90, (48, 32), (47, 0)),
+                                                     (-90, (48, 32), (0, 31)), (180, (32, 48), (31, 47))])
+def test_frames_come_upright_as_players_show_them(tmp_path, rotation, shape, corner):
+    """A display rotation turns the frames (counter-clockwise by the matrix's angle), in every
+    reader: clips from the start, clips sought late in the video, and the frame-by-frame stream."""
+    if not hasattr(av.VideoFrame, "rotation"):
+        pytest.skip("this PyAV has no VideoFrame.rotation (before PyAV 13): frames come as stored")
+    path = _marked_video(tmp_path / "phone.mp4", rotation)
+    for frame in (read_frames(path, [0])[0], read_frames(path, [10])[0], next(iter_frames(path))[2]):
+        assert frame.shape[:2] == shape
+        mark = frame[..., 0] > 200
+        assert mark[corner] and mark.sum() < 60, (rotation, np.argwhere(mark)[[0, -1]])

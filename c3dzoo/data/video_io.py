@@ -104,6 +104,16 @@ def count_frames(source: str) -> int:
         raise UnreadableVideo(_reason(exc)) from None
 
 
+def _upright(frame) -> np.ndarray:
+    """A decoded frame as RGB pixels the way players show it: turned by the stream's display
+    rotation (a phone's portrait video is stored landscape, with a display matrix saying so;
+    ``VideoFrame.rotation`` is its counter-clockwise angle)."""
+    pixels = frame.to_ndarray(format="rgb24")
+    rotation = getattr(frame, "rotation", 0) or 0  # PyAV before 13 has no rotation: shown as stored
+    quarter_turns = int(round(rotation / 90)) % 4 if rotation == rotation else 0  # NaN: a singular matrix
+    return np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
+
+
 def iter_frames(source: str, folder_fps: float = 25.0) -> Iterator[Tuple[int, float, np.ndarray]]:
     """``(index, time in seconds, H × W × 3 uint8 RGB frame)`` of every frame of ``source`` in order,
     decoded as it goes (a long video never sits in memory). Frame folders have no clock: their
@@ -120,7 +130,7 @@ def iter_frames(source: str, folder_fps: float = 25.0) -> Iterator[Tuple[int, fl
             rate = float(stream.average_rate) if stream.average_rate else folder_fps
             for index, frame in enumerate(container.decode(stream)):
                 time = float(frame.time) if frame.time is not None else index / rate
-                yield index, time, frame.to_ndarray(format="rgb24")
+                yield index, time, _upright(frame)
     except UnreadableVideo:
         raise
     except Exception as exc:
@@ -186,7 +196,7 @@ def _decode(av, source: str, indices: Sequence[int], seek: bool) -> np.ndarray:
                 if not 0 <= i <= first:
                     raise _SeekMissed
             if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
+                frames[i] = _upright(frame)
             final, final_frame = i, frame  # converted below only if the video ends early
             if i >= last:
                 break
@@ -198,7 +208,7 @@ def _decode(av, source: str, indices: Sequence[int], seek: bool) -> np.ndarray:
         if final < last and final not in frames:
             if seek and final < first:
                 raise _SeekMissed
-            frames[final] = final_frame.to_ndarray(format="rgb24")
+            frames[final] = _upright(final_frame)
     return np.stack([frames[min(i, final)] for i in indices])
 
 
