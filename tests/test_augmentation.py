@@ -5,6 +5,7 @@ stay deterministic and an augmentation left off changes nothing."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import c3dzoo
 from c3dzoo import cli
 from c3dzoo.data import ClipSampler, ClipTransform, VideoClipDataset, scan_class_folders
 
-from test_data_folders import make_class_folders
+from test_data_folders import make_class_folders, make_video
 
 
 def _ramp_frames(size: int = 64, frames: int = 2) -> np.ndarray:
@@ -155,6 +156,19 @@ def test_micro_batches_give_the_whole_batch_gradients():
     for grad, p in zip(whole, model.parameters()):
         torch.testing.assert_close(p.grad, grad)
 
+    # class weights: the chunks' weighted sums over the whole batch's weight, as one weighted mean
+    weights = _StepOptions(class_weights=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.8]), label_smoothing=0.1)
+    model.zero_grad()
+    loss, logits = _forward_backward(model, clips, labels, False, weights)
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss4, _ = _forward_backward(model, clips, labels, False, dataclasses.replace(weights, micro_batch=4))
+    torch.testing.assert_close(loss4, loss)
+    for grad, p in zip(whole, model.parameters()):
+        torch.testing.assert_close(p.grad, grad)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels, weight=weights.class_weights,
+                                                                      label_smoothing=0.1))
+
     fused = c3dzoo.c3d_bn(num_classes=5, width_mult=0.0625, input_size=(16, 32, 32), fused=True).train()
     _forward_backward(fused, torch.randn(6, 3, 16, 32, 32), labels, False, _StepOptions(micro_batch=2))
     assert int(fused.conv1_bn.num_batches_tracked) == 3  # three chunks of two
@@ -175,3 +189,25 @@ def test_train_with_micro_batches(monkeypatch, capsys):
     assert sizes == [3, 1, 3, 1]  # two steps of 4 clips, each in chunks of 3 and 1
     assert cli.main(["train", "--micro-batch", "0", "--device", "cpu"]) == 2
     assert "--micro-batch must be at least 1" in capsys.readouterr().err
+
+
+def test_balanced_class_weights(tmp_path, monkeypatch, capsys):
+    """--class-weights balanced: class c weighs N / (C n_c) in the training loss; validation is
+    unweighted."""
+    root = tmp_path / "data"
+    for name, count in (("common", 6), ("rare", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            make_video(root / name / f"v{i}.mp4", frames=20)
+    seen, real = [], torch.nn.functional.cross_entropy
+
+    def cross_entropy(logits, target, *args, weight=None, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(weight)
+        return real(logits, target, *args, weight=weight, **kwargs)
+
+    monkeypatch.setattr(cli.train.F, "cross_entropy", cross_entropy)
+    assert cli.main(["train", "--data", str(root), "--val-data", str(root), "--class-weights", "balanced", "--epochs",
+                     "1", "--frames", "16", "--size", "32", "--width-mult", "0.0625", "--batch-size", "4", "--device",
+                     "cpu", "--no-progress"]) == 0
+    assert seen and all(torch.allclose(w, torch.tensor([8 / (2 * 6), 8 / (2 * 2)])) for w in seen)

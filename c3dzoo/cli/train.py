@@ -233,6 +233,23 @@ class _TensorBoard:
         self.writer.close()
 
 
+def _class_weights(args: argparse.Namespace, train_set, device: torch.device) -> Optional[torch.Tensor]:
+    """--class-weights balanced: class c weighs N / (C · n_c) in the training loss (N clips, C
+    classes, n_c of class c), so every class counts as much as if the set were balanced."""
+    if args.class_weights is None:
+        return None
+    if isinstance(train_set, VideoClipDataset):
+        labels = [video.label for video in train_set.videos]
+    else:  # the synthetic set: class i % C for sample i
+        labels = [i % args.num_classes for i in range(len(train_set))]
+    counts = torch.bincount(torch.tensor(labels), minlength=args.num_classes).double()
+    if (counts == 0).any():
+        missing = [train_set.class_names[i] for i in (counts == 0).nonzero().flatten().tolist()]
+        raise UsageError(f"--class-weights balanced: no training video of class {missing[0]!r}")
+    weights = counts.sum() / (len(counts) * counts)
+    return weights.float().to(device)
+
+
 def _views_note(validation: _Validation) -> str:
     """How multi-view figures were made, and what one view alone scores."""
     if validation.views == 1:
@@ -359,32 +376,42 @@ class _StepOptions:
     label_smoothing: float = 0.0
     clip_grad_norm: Optional[float] = None
     micro_batch: Optional[int] = None  # clips a forward/backward pass; None: the whole batch
+    class_weights: Optional[torch.Tensor] = None  # per class, on the device (--class-weights)
     log_step: Optional[Callable[[int, float, float], None]] = None  # (step, mean loss, lr)
 
 
 def _forward_backward(model, clips, labels, amp: bool, options: _StepOptions):
     """Forward and backward of one step's batch, in chunks of ``options.micro_batch`` clips: the
-    gradients of the batch's mean loss, with the activations of one chunk in memory at a time
+    gradients of the batch's mean loss (weighted by ``options.class_weights`` where given, as
+    ``cross_entropy(weight=)`` weighs it), with the activations of one chunk in memory at a time
     (BatchNorm normalises each chunk with its own statistics, as in any gradient accumulation;
     DDP all-reduces once, after the last chunk). Returns (the batch's mean loss, its logits)."""
     size = labels.numel()
     step = options.micro_batch or size
     starts = range(0, size, step)
+    weight = options.class_weights
     no_sync = getattr(model, "no_sync", None)
-    losses, logits = [], []
+    # the whole batch's normaliser: its clips, or the sum of their classes' weights
+    norm = weight[labels].sum() if weight is not None else size
+    total, logits = 0.0, []
     for start in starts:
         chunk, truth = clips[start:start + step], labels[start:start + step]
         last = start == starts[-1]
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
             with torch.autocast(clips.device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(chunk)
-            loss = F.cross_entropy(out.float(), truth, label_smoothing=options.label_smoothing)
-            (loss * (truth.numel() / size) if len(starts) > 1 else loss).backward()
-        losses.append(loss.detach() * truth.numel())
+            if len(starts) == 1:  # the mean itself: a sum divided again could differ in its last bit
+                loss = F.cross_entropy(out.float(), truth, weight=weight, label_smoothing=options.label_smoothing)
+                loss.backward()
+            else:
+                chunk_sum = F.cross_entropy(out.float(), truth, weight=weight, reduction="sum",
+                                            label_smoothing=options.label_smoothing)
+                (chunk_sum / norm).backward()
+                total = total + chunk_sum.detach()
         logits.append(out.detach())
-    if len(starts) == 1:  # the loss itself: a sum divided again could differ in its last bit
+    if len(starts) == 1:
         return loss.detach(), logits[0]
-    return torch.stack(losses).sum() / size, torch.cat(logits)
+    return total / norm, torch.cat(logits)
 
 
 def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, progress: _Progress,
@@ -459,7 +486,7 @@ DATA_BOUND_PCT = 50  # an epoch waiting for data longer than this says so, once 
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
-                   "clip_grad_norm", "micro_batch", "num_classes", "train_samples", "val_samples", "frames",
+                   "clip_grad_norm", "micro_batch", "class_weights", "num_classes", "train_samples", "val_samples", "frames",
                    "size", "fused", "seed", "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head",
                    "freeze", "head_lr_mult", *REAL_DATA_OPTIONS)
 
@@ -759,7 +786,10 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     start = time.perf_counter()
     row = validation = None
     warned_data_bound = False
+    step_options = _StepOptions(label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
+                                micro_batch=args.micro_batch, class_weights=_class_weights(args, train_set, device))
     board = _TensorBoard(os.path.join(args.out, "tensorboard")) if args.tensorboard and writes else None
+    step_options.log_step = board.log_step if board else None
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
                                                   data, progress, metrics)
     with (open_metrics(metrics_path, append) if writes
@@ -783,9 +813,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                           unit="clip", disable=not args.progress) as bar:
                     seen_before = progress.seen
                     _train_epoch(ddp_model, train_loader, optimizer, scheduler, device, args.amp, bar,
-                                 progress, stop, position, reseed if world > 1 else None, _StepOptions(
-                                     args.label_smoothing, args.clip_grad_norm, args.micro_batch,
-                                     board.log_step if board else None))
+                                 progress, stop, position, reseed if world > 1 else None, step_options)
                 train_seconds = time.perf_counter() - epoch_start
                 clips_per_s = (progress.seen - seen_before) / train_seconds
                 data_wait = 100.0 * progress.data_wait / max(train_seconds, 1e-9)
@@ -918,6 +946,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                             "each N-clip chunk by its own statistics; default: the whole batch at once)")
     train.add_argument("--clip-grad-norm", type=float, metavar="X",
                        help="scale each step's gradients down to a total 2-norm of at most X (default: no clipping)")
+    train.add_argument("--class-weights", choices=("balanced",),
+                       help="balanced: weigh each class's clips in the training loss by N / (classes x clips "
+                            "of the class), for imbalanced data (default: every clip alike)")
     train.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
                        help="training targets 1 - X on the class, X spread over all classes (default 0)")
     train.add_argument("--num-classes", type=int, default=10,
