@@ -207,7 +207,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a folder with one subfolder per class of videos (files or frame folders), or with "
                         "--labels a folder of videos named by id; the classes must be the checkpoint's")
     p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
-                   help="from c3dzoo train; several: an ensemble (the mean of their class probabilities)")
+                   help="from c3dzoo train, or published weights by name (r3d_18:kinetics400); several: an "
+                        "ensemble (the mean of their class probabilities)")
     p.add_argument("--labels", metavar="CSV",
                    help="labels of the videos named by id under DATA ('video id;label' rows, or JSON as train takes)")
     p.add_argument("--list", metavar="FILE",

@@ -382,8 +382,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "read as c3dzoo train validates (the centred clip, resized and centre-cropped). "
                     "Inputs that cannot be read are reported one line each; the exit status is then 1.")
     predict.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
-                         help="from c3dzoo train; several: an ensemble (the mean of their class "
-                              "probabilities), printed with each model's own top-k")
+                         help="from c3dzoo train, or published weights by name (r3d_18:kinetics400); "
+                              "several: an ensemble (the mean of their class probabilities), printed with "
+                              "each model's own top-k")
     predict.add_argument("inputs", nargs="*", metavar="VIDEO",
                          help="video files, folders of frame images, or .pt files holding a clip "
                               "tensor 3 x T x H x W")
