@@ -211,3 +211,15 @@ def test_balanced_class_weights(tmp_path, monkeypatch, capsys):
                      "1", "--frames", "16", "--size", "32", "--width-mult", "0.0625", "--batch-size", "4", "--device",
                      "cpu", "--no-progress"]) == 0
     assert seen and all(torch.allclose(w, torch.tensor([8 / (2 * 6), 8 / (2 * 2)])) for w in seen)
+
+
+def test_data_sets_give_their_labels_without_loading_clips(tmp_path):
+    """What --class-weights counts: each data set's labels, equal to the labels its samples carry."""
+    from c3dzoo.data import SyntheticVideoDataset
+
+    synthetic = SyntheticVideoDataset(num_classes=3, num_samples=7, frames=4, size=(8, 8))
+    assert synthetic.labels == [synthetic[i][1] for i in range(7)]
+    root = make_class_folders(tmp_path / "data", videos_per_class=2, frames=20)
+    found = scan_class_folders(str(root), ClipSampler(8))
+    videos = VideoClipDataset(found.videos, found.class_names, 8, 24)
+    assert videos.labels == [videos[i][1] for i in range(len(videos))] == [0, 0, 1, 1]

@@ -209,13 +209,14 @@ def _predict_each(args, models, names, items, sampler, transform, device, k: int
                              f"{str(exc).strip().splitlines()[0]}") from None
         true = f"  (true: {names[truth]})" if truth is not None else ""
         views = f" [{clip.shape[0]} views]" if clip.shape[0] > 1 else ""
-        table.row(label, probs.combined.mean(0), truth)
+        video_probs = probs.combined.mean(0)  # the mean over its views
+        table.row(label, video_probs, truth)
         if len(models) == 1:
-            print(f"{label}{views}: {_ranked(probs.combined.mean(0), names, k)}{true}")
+            print(f"{label}{views}: {_ranked(video_probs, names, k)}{true}")
             continue
         for path, model_probs in zip(args.checkpoint, probs.per_model):
             print(f"{label}{views} [{path}]: {_ranked(model_probs.mean(0), names, k)}")
-        print(f"{label}{views} [ensemble of {len(models)}]: {_ranked(probs.combined.mean(0), names, k)}{true}")
+        print(f"{label}{views} [ensemble of {len(models)}]: {_ranked(video_probs, names, k)}{true}")
     if unreadable:
         print(f"{PROG}: {unreadable} of {len(args.inputs)} input(s) could not be read", file=sys.stderr)
         return 1

@@ -238,11 +238,7 @@ def _class_weights(args: argparse.Namespace, train_set, device: torch.device) ->
     classes, n_c of class c), so every class counts as much as if the set were balanced."""
     if args.class_weights is None:
         return None
-    if isinstance(train_set, VideoClipDataset):
-        labels = [video.label for video in train_set.videos]
-    else:  # the synthetic set: class i % C for sample i
-        labels = [i % args.num_classes for i in range(len(train_set))]
-    counts = torch.bincount(torch.tensor(labels), minlength=args.num_classes).double()
+    counts = torch.bincount(torch.tensor(train_set.labels), minlength=len(train_set.class_names)).double()
     if (counts == 0).any():
         missing = [train_set.class_names[i] for i in (counts == 0).nonzero().flatten().tolist()]
         raise UsageError(f"--class-weights balanced: no training video of class {missing[0]!r}")
@@ -486,9 +482,9 @@ DATA_BOUND_PCT = 50  # an epoch waiting for data longer than this says so, once 
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
-                   "clip_grad_norm", "micro_batch", "class_weights", "num_classes", "train_samples", "val_samples", "frames",
-                   "size", "fused", "seed", "data", "grow", "grow_noise", "sync_bn", "pretrained", "new_head",
-                   "freeze", "head_lr_mult", *REAL_DATA_OPTIONS)
+                   "clip_grad_norm", "micro_batch", "class_weights", "num_classes", "train_samples",
+                   "val_samples", "frames", "size", "fused", "seed", "data", "grow", "grow_noise", "sync_bn",
+                   "pretrained", "new_head", "freeze", "head_lr_mult", *REAL_DATA_OPTIONS)
 
 
 def _resume_path(args: argparse.Namespace) -> str:

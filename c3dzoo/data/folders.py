@@ -514,6 +514,11 @@ class VideoClipDataset(Dataset):
         return len(self.videos)
 
     @property
+    def labels(self) -> List[int]:
+        """The class of every sample, without decoding it."""
+        return [video.label for video in self.videos]
+
+    @property
     def views(self) -> int:
         """Clips a sample holds: 1 (a ``3 × T × H × W`` clip) or ``clips × crops`` (stacked)."""
         return self.clips * self.crops

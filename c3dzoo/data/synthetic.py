@@ -15,7 +15,7 @@ repeated reads all see the same clip.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -128,6 +128,11 @@ class SyntheticVideoDataset(Dataset):
 
     def __len__(self) -> int:
         return self.num_samples
+
+    @property
+    def labels(self) -> List[int]:
+        """The class of every sample, without rendering it."""
+        return [index % self.num_classes for index in range(self.num_samples)]
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         if index < 0:
