@@ -1,6 +1,8 @@
 """What every zoo model shares: a ``fused`` switch that changes only how conv chains compute."""
 
 
+import functools
+import inspect
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -160,3 +162,34 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
         else:
             x = call_chained(item, x, chain)
     return x
+
+
+def published_weights(builder):
+    """Gives a builder the ``weights=`` argument: ``weights="kinetics400"`` builds the model with
+    those published weights loaded strictly (``c3dzoo.weights``; downloaded once). They fix the
+    class count: for another, fine-tune with
+    ``c3dzoo.load_pretrained(model, "r3d_18:kinetics400", head="skip")``."""
+
+    @functools.wraps(builder)
+    def build(*args, weights: Optional[str] = None, **kwargs):
+        if weights is None:
+            return builder(*args, **kwargs)
+        from c3dzoo import weights as published
+        from c3dzoo.transfer import load_pretrained
+
+        found = published.entry(builder.__name__, weights)
+        classes = args[0] if args else kwargs.get("num_classes", found.num_classes)
+        if classes != found.num_classes:
+            raise ValueError(f"{builder.__name__} weights {weights!r} have {found.num_classes} classes, not "
+                             f"{classes}; for another class count fine-tune from them: "
+                             f"c3dzoo.load_pretrained(model, '{builder.__name__}:{weights}', head='skip')")
+        model = builder(*args, **{**kwargs, "num_classes": found.num_classes})
+        # strictly; files of old PyTorch versions lack the BatchNorms' num_batches_tracked
+        load_pretrained(model, published.load_state_dict(builder.__name__, weights),
+                        name=f"{builder.__name__}:{weights}")
+        return model
+
+    signature = inspect.signature(builder)
+    build.__signature__ = signature.replace(parameters=[*signature.parameters.values(), inspect.Parameter(
+        "weights", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str])])
+    return build

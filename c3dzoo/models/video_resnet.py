@@ -7,15 +7,13 @@ Conv3d → BatchNorm3d (→ ReLU) chain through ``FusableModel.chain``; the resi
 block's final ReLU stay stock.
 """
 
-import functools
-import inspect
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 from torch import nn
 
-from ._common import Chain, ChainSequential, FusableModel, call_chained
+from ._common import Chain, ChainSequential, FusableModel, call_chained, published_weights
 
 Tensor = torch.Tensor
 
@@ -212,44 +210,14 @@ class VideoResNet(FusableModel):
         return self.fc(x)
 
 
-def _published_weights(builder):
-    """``weights="kinetics400"``: the builder's model with those published weights loaded strictly
-    (``c3dzoo.weights``; downloaded once). They fix the class count: for another, fine-tune with
-    ``c3dzoo.load_pretrained(model, "r3d_18:kinetics400", head="skip")``."""
-
-    @functools.wraps(builder)
-    def build(*args, weights: Optional[str] = None, **kwargs):
-        if weights is None:
-            return builder(*args, **kwargs)
-        from c3dzoo import weights as published
-        from c3dzoo.transfer import load_pretrained
-
-        found = published.entry(builder.__name__, weights)
-        classes = args[0] if args else kwargs.get("num_classes", found.num_classes)
-        if classes != found.num_classes:
-            raise ValueError(f"{builder.__name__} weights {weights!r} have {found.num_classes} classes, not "
-                             f"{classes}; for another class count fine-tune from them: "
-                             f"c3dzoo.load_pretrained(model, '{builder.__name__}:{weights}', head='skip')")
-        model = builder(*args, **{**kwargs, "num_classes": found.num_classes})
-        # strictly; files of old PyTorch versions lack the BatchNorms' num_batches_tracked
-        load_pretrained(model, published.load_state_dict(builder.__name__, weights),
-                        name=f"{builder.__name__}:{weights}")
-        return model
-
-    signature = inspect.signature(builder)
-    build.__signature__ = signature.replace(parameters=[*signature.parameters.values(), inspect.Parameter(
-        "weights", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str])])
-    return build
-
-
-@_published_weights
+@published_weights
 def r3d_18(num_classes: int = 400, *, fused: bool = False, backend: Optional[str] = None) -> VideoResNet:
     """R3D-18: 3×3×3 convolutions throughout (torchvision ``r3d_18``; 33.4 M parameters)."""
     simple = Conv3DSimple()
     return VideoResNet(BasicStem, [simple] * 4, num_classes=num_classes, fused=fused, backend=backend)
 
 
-@_published_weights
+@published_weights
 def mc3_18(num_classes: int = 400, *, fused: bool = False, backend: Optional[str] = None) -> VideoResNet:
     """MC3-18: 3×3×3 convolutions in layer1, 1×3×3 in layers 2–4 (torchvision ``mc3_18``; 11.7 M parameters)."""
     no_temporal = Conv3DNoTemporal()
@@ -257,7 +225,7 @@ def mc3_18(num_classes: int = 400, *, fused: bool = False, backend: Optional[str
                        fused=fused, backend=backend)
 
 
-@_published_weights
+@published_weights
 def r2plus1d_18(num_classes: int = 400, *, fused: bool = False, backend: Optional[str] = None) -> VideoResNet:
     """R(2+1)D-18: every 3×3×3 convolution factored into 1×3×3 and 3×1×1 (torchvision
     ``r2plus1d_18``; 31.5 M parameters)."""
