@@ -26,7 +26,7 @@ StateSource = Union[str, "os.PathLike[str]", Mapping]
 
 __all__ = [
     "PretrainedError", "LoadReport", "read_state_dict", "load_pretrained", "head_name", "replace_head",
-    "model_layers", "freeze", "frozen_layers", "param_groups", "extract_features", "LinearProbe",
+    "model_layers", "head_classes", "freeze", "frozen_layers", "param_groups", "extract_features", "LinearProbe",
     "linear_probe", "EnsembleProbabilities", "ensemble_probabilities", "models_from_checkpoints",
 ]
 
@@ -39,19 +39,20 @@ class PretrainedError(CheckpointError, ValueError):
 # which zoo model this is, and where its classifier head sits
 # --------------------------------------------------------------------------------------------
 
-# the final Linear of each zoo family, and the hidden fully connected layers whose features are
-# conventionally taken after the activation the model applies to them
-_HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc"}
-_HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6"), "VideoResNet": ()}
+# the classifier head of each zoo family (a Linear; S3D's is a 1×1×1 Conv3d), and the hidden fully
+# connected layers whose features are conventionally taken after the activation the model applies
+_HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc", "S3D": "classifier.1"}
+_HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6"), "VideoResNet": (), "S3D": ()}
 
 
 def _family(model: nn.Module) -> Optional[str]:
-    """"C3D", "ConvColumn" or "VideoResNet" for a zoo model or a ``c3dzoo.fuse``d one, else None."""
+    """"C3D", "ConvColumn", "VideoResNet" or "S3D" for a zoo model or a ``c3dzoo.fuse``d one, else None."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
+    from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
-    for cls in (C3D, ConvColumn, VideoResNet):
+    for cls in (C3D, ConvColumn, VideoResNet, S3D):
         if isinstance(model, cls):
             return cls.__name__
     # torch.fx.symbolic_trace names a GraphModule's class after the traced model's class
@@ -61,8 +62,9 @@ def _family(model: nn.Module) -> Optional[str]:
 
 
 def head_name(model: nn.Module) -> str:
-    """Name of the model's final Linear (C3D ``fc8``, Jester ``fc7``, video ResNets ``fc``); for a
-    traced GraphModule of another model, the Linear whose output is the model's output."""
+    """Name of the model's classifier head (C3D ``fc8``, Jester ``fc7``, video ResNets ``fc``, S3D's
+    1×1×1 conv ``classifier.1``); for a traced GraphModule of another model, the Linear whose
+    output is the model's output."""
     family = _family(model)
     if family is not None:
         return _HEADS[family]
@@ -76,31 +78,46 @@ def head_name(model: nn.Module) -> str:
                      f"pass head=NAME")
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv3d) and tuple(module.kernel_size) == (1, 1, 1) and module.groups == 1
+
+
+def _head_layer(model: nn.Module, name: str) -> nn.Module:
+    """Module ``name`` of ``model``, checked to be a classifier head: an nn.Linear or a 1×1×1 nn.Conv3d."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"{type(model).__name__} has no module {name!r}") from None
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"{type(model).__name__}.{name} is a {type(module).__name__}, not an nn.Linear")
+    if not isinstance(module, nn.Linear) and not _is_pointwise_conv(module):
+        raise ValueError(f"{type(model).__name__}.{name} is a {type(module).__name__}, not an nn.Linear "
+                         f"(or a 1×1×1 nn.Conv3d)")
     return module
 
 
+def head_classes(model: nn.Module) -> int:
+    """The number of classes of ``model``'s head (``head_name``)."""
+    return _head_layer(model, head_name(model)).weight.shape[0]
+
+
 def replace_head(model: nn.Module, num_classes: int, *, head: Optional[str] = None) -> nn.Module:
-    """Replace the final Linear by a new, freshly initialised one with ``num_classes`` outputs, on
-    the old one's device and dtype, and return ``model``.
+    """Replace the classifier head (a Linear, or S3D's 1×1×1 Conv3d) by a new, freshly initialised
+    one of the same kind with ``num_classes`` outputs, on the old one's device and dtype, and
+    return ``model``.
 
     A new module, not a changed ``out_features`` attribute (which would change nothing). Video
     ResNets get torchvision's head initialisation (normal(0, 0.01), zero bias); the others PyTorch's
-    default Linear initialisation, as their builders give. An optimizer made before this call
+    default initialisation, as their builders give. An optimizer made before this call
     still holds the old head's parameters: make it (or ``param_groups``) afterwards.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     name = head or head_name(model)
-    old = _linear(model, name)
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    old = _head_layer(model, name)
+    like = {"bias": old.bias is not None, "device": old.weight.device, "dtype": old.weight.dtype}
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, **like)
+    else:
+        new = nn.Conv3d(old.in_channels, num_classes, 1, **like)
     if _family(model) == "VideoResNet":
         nn.init.normal_(new.weight, 0, 0.01)
         if new.bias is not None:
@@ -248,7 +265,7 @@ def load_pretrained(model: nn.Module, source: StateSource, *, head: str = "load"
         head_module = None
     head_keys = {f"{head_module}.{p}" for p in ("weight", "bias")} & set(expected) if head_module else set()
     weight_key = f"{head_module}.weight"
-    file_classes = state[weight_key].shape[0] if weight_key in state and state[weight_key].dim() == 2 else None
+    file_classes = state[weight_key].shape[0] if weight_key in state and state[weight_key].dim() in (2, 5) else None
 
     skipped = head_keys if head == "skip" else set()
     missing = [k for k in expected if k not in state and k not in skipped
@@ -309,10 +326,14 @@ def _layer_groups(model: nn.Module) -> List[Tuple[str, List[str]]]:
     if hasattr(model, "layer_names") and hasattr(model, "fc_names"):
         # C3D: its own layer list (Net2Net's deeper inserts layers there, registered out of order)
         names = [n for n in (*model.layer_names, *model.fc_names, head) if n]
+    elif _family(model) == "S3D" and isinstance(getattr(model, "features", None), nn.Sequential):
+        # S3D's layers are the parts of its features (stem convs, Inception blocks), then the head
+        names = [f"features.{n}" for n, m in model.features.named_children() if _holds_state(m)]
+        names += [n for n, m in model.named_children() if n != "features" and _holds_state(m)]
     else:
         # registration order is forward order for the zoo models and for traced GraphModules
         names = [n for n, m in model.named_children() if _holds_state(m)]
-    children = dict(model.named_children())
+    children = dict(model.named_modules())
     groups, taken = [], set()
     for n in names:
         if n in taken or n not in children:
@@ -357,7 +378,8 @@ def freeze(model: nn.Module, spec: str) -> List[str]:
     """Freeze part of ``model`` for fine-tuning; returns the frozen layers' names.
 
     ``spec``: ``"none"`` (everything trains), ``"features"`` (every layer before the first fully
-    connected one: C3D's convs, the Jester conv blocks, a video ResNet's stem and layer1–4), or
+    connected one: C3D's convs, the Jester conv blocks, a video ResNet's stem and layer1–4, S3D's
+    features), or
     ``"up-to=LAYER"`` (LAYER and every layer before it; see ``model_layers``; for C3D
     ``up-to=fc7`` trains only the head). Each call sets the whole state (it first unfreezes).
 
@@ -373,8 +395,13 @@ def freeze(model: nn.Module, spec: str) -> List[str]:
     if spec == "none":
         count = 0
     elif spec == "features":
+        # up to the first fully connected layer, or the head where it is a conv (S3D)
+        try:
+            head = model.get_submodule(head_name(model))
+        except ValueError:
+            head = None
         count = next((i for i, (_, members) in enumerate(groups)
-                      if any(isinstance(m, nn.Linear) for member in members
+                      if any(isinstance(m, nn.Linear) or m is head for member in members
                              for m in model.get_submodule(member).modules())), len(groups))
     elif spec.startswith("up-to="):
         layer = spec[len("up-to="):]
@@ -416,7 +443,7 @@ def param_groups(model: nn.Module, lr: float, *, head_lr_mult: float = 1.0,
     head_lr_mult=10), momentum=0.9)``; LR schedulers scale each group's own lr."""
     if not lr > 0 or not head_lr_mult > 0:
         raise ValueError(f"lr and head_lr_mult must be positive, got {lr} and {head_lr_mult}")
-    head_ids = {id(p) for p in _linear(model, head or head_name(model)).parameters()}
+    head_ids = {id(p) for p in _head_layer(model, head or head_name(model)).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"name": "body", "params": [p for p in trainable if id(p) not in head_ids], "lr": lr},

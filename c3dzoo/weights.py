@@ -1,12 +1,13 @@
-"""Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets.
+"""Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets and S3D.
 
     model = c3dzoo.r3d_18(weights="kinetics400", fused=True)       # 400 classes, fused
     c3dzoo.weights.available()                                       # [("r3d_18", "kinetics400"), ...]
     c3dzoo predict clip.mp4 --checkpoint r3d_18:kinetics400 --clips 10   # Kinetics class names
 
 The files are downloaded once into torch.hub's cache (``$TORCH_HOME/hub/checkpoints``) and checked
-against the SHA-256 prefix in their names. Each entry says how its clips were made (16 frames,
-short side 128, centre crop 112, Kinetics mean/std), so ``predict``/``evaluate`` feed it what it
+against the SHA-256 prefix in their names. Each entry says how its clips were made (the video
+ResNets: 16 frames, short side 128, centre crop 112; S3D: 128 frames, short side 256, centre crop
+224; Kinetics mean/std), so ``predict``/``evaluate`` feed it what it
 was trained on, and holds the class names. ``as_checkpoint`` presents an entry as a c3dzoo
 training checkpoint, which is how every command that takes ``--checkpoint`` accepts
 ``MODEL:WEIGHTS``.
@@ -65,6 +66,9 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
                      _TORCHVISION),
         WeightsEntry("r2plus1d_18", "kinetics400", "https://download.pytorch.org/models/r2plus1d_18-91a641e6.pth",
                      _TORCHVISION),
+        # torchvision measured its accuracy on 128-frame clips (it trained on 64)
+        WeightsEntry("s3d", "kinetics400", "https://download.pytorch.org/models/s3d-d76dad2f.pth",
+                     "torchvision (Kinetics-400, 128x224x224 clips)", frames=128, size=(224, 224), short_side=256),
     )
 }
 

@@ -182,6 +182,7 @@ _VIDEO_MODELS = {
     "r3d_18": (lambda: c3dzoo.r3d_18(num_classes=3), (2, 3, 4, 32, 32)),
     "r2plus1d_18": (lambda: c3dzoo.r2plus1d_18(num_classes=3), (2, 3, 4, 32, 32)),
     "jester_convcolumn": (lambda: c3dzoo.jester_convcolumn(num_classes=3), (2, 3, 18, 84, 84)),
+    "s3d": (lambda: c3dzoo.s3d(num_classes=3), (2, 3, 8, 32, 32)),
 }
 
 

@@ -36,6 +36,9 @@ print("backends", {k: v["available"] for k, v in c3dzoo.backends().items()})
 print("fallbacks", c3dzoo.fallbacks())
 print("error", error)
 print("r3d_18", type(torch.hub.load(checkout, "r3d_18", source="local", num_classes=3)).__name__)
+import hubconf  # torch.hub.list's rule (it takes no local checkout): the public callables
+entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
+print("listed", sorted(entries) == sorted(c3dzoo.list_models()))
 """
 
 
@@ -62,6 +65,7 @@ def test_hub_loads_fused_models_with_the_checkouts_kernels(tmp_path):
     lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
     assert "'triton': True" in lines["backends"] and lines["fallbacks"] == "{}"
     assert float(lines["error"]) < 1e-5 and lines["r3d_18"] == "VideoResNet"
+    assert lines["listed"] == "True"  # every zoo model is a hub entry point
 
 
 def test_without_the_finder_a_checkout_lacks_its_kernels(tmp_path):

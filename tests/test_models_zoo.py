@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import c3dzoo
+from c3dzoo.cli.check import _judge_group
 
 # name → (input shape, parameter count with the builder's default num_classes, conv chains)
 MODELS = {
@@ -38,8 +39,15 @@ MODELS = {
     # parameters counted from the architecture: 4 conv blocks 2,304,264 + conv_layer5 1,180,160
     # + head 402,459; 4 blocks × 2 chains (conv_layer5 has no BN or activation)
     "jester_convcolumn": ((2, 3, 18, 84, 84), 3_886_883, 8),
+    # stem 2 + 1 + 2, then 9 Inception blocks of 1 + 3 + 3 + 1 chains; 64×64 pixels leave its last
+    # BatchNorms 2 × 2 positions per clip
+    "s3d": ((2, 3, 8, 64, 64), 8_320_048, 77),
 }
 RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
+# S3D in training mode: its last BatchNorms see 8 values per channel here, and fp32 rounding
+# grows through its 77 chains to ~1e-4 of the largest weight gradient in stock as in fused (both
+# measured against float64), beyond a fused-vs-stock tolerance; these are judged by the budget
+JUDGED_BY_BUDGET = {"train": ("s3d",)}
 MODES = ("train", "eval", "frozen_bn")
 # Jester gradients upstream of a MaxPool3d: relative L2 error allowed (measured up to 7e-3 over
 # several inputs, from pooling near-ties; a stock fp32 run differs from fp64 by as much)
@@ -98,6 +106,20 @@ def _assert_close_norm(actual: torch.Tensor, expected: torch.Tensor, what: str, 
     err = (actual.double() - expected.double()).norm().item()
     ref = expected.double().norm().item()
     assert err <= rtol * ref + floor, f"{what}: relative L2 error {err / max(ref, 1e-30):.2e} > {rtol:.0e}"
+
+
+def _assert_within_budget(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
+                          reference: Dict[str, torch.Tensor]) -> None:
+    """The parity budget (``c3dzoo check``'s): per group of tensors, the fused fp32 error against
+    float64 at most twice stock fp32's."""
+    groups = {"output": lambda k: k == "output", "input grad": lambda k: k == "input.grad",
+              "parameter grads": lambda k: k.endswith(".grad") and k != "input.grad",
+              "buffers": lambda k: not k.endswith(".grad") and k != "output"}
+    for group, member in groups.items():
+        keys = [k for k in reference if member(k)]
+        fused_err, stock_err, ok, worst = _judge_group({k: actual[k] for k in keys}, {k: expected[k] for k in keys},
+                                                       {k: reference[k] for k in keys}, torch.float32)
+        assert ok, f"{group}: fused error {fused_err:.2e} (worst {worst}) > 2 × stock's {stock_err:.2e}"
 
 
 def _set_mode(model: nn.Module, mode: str) -> None:
@@ -181,6 +203,10 @@ def test_fused_matches_stock(pair, conditioned_state, mode):
     expected, actual = _run(stock, x), _run(fused, x)
     assert list(actual) == list(expected)
 
+    if name in JUDGED_BY_BUDGET.get(mode, ()):
+        reference = _run(copy.deepcopy(stock).double(), x.double())
+        _assert_within_budget(actual, expected, reference)
+        return
     grads = [v for k, v in expected.items() if k.endswith(".grad")]
     grad_floor = 1e-6 * max(g.abs().max().item() for g in grads)
     for key, want in expected.items():

@@ -25,38 +25,44 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
     # an attribute of the package without an import of its own, as c3dzoo.transfer
     probe = subprocess.run([sys.executable, "-c", "import c3dzoo; print(len(c3dzoo.weights.available()))"],
                            capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "3", probe.stderr[-2000:]
-    assert weights.available() == [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400")]
+    assert probe.stdout.strip() == "4", probe.stderr[-2000:]
+    assert weights.available() == [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400"),
+                                   ("s3d", "kinetics400")]
     for model, name in weights.available():
         found = weights.entry(model, name)
         assert re.fullmatch(rf"https://download\.pytorch\.org/models/{model}-[0-9a-f]{{8}}\.pth", found.url)
-        assert (found.frames, found.size, found.short_side, found.num_classes) == (16, (112, 112), 128, 400)
+        clips = (128, (224, 224), 256) if model == "s3d" else (16, (112, 112), 128)  # as torchvision's presets
+        assert (found.frames, found.size, found.short_side, found.num_classes) == (*clips, 400)
     names = weights.kinetics400_classes()
     assert len(names) == len(set(names)) == 400 and list(names) == sorted(names)
     assert names[0] == "abseiling" and names[-1] == "zumba"
     assert weights.parse("r2plus1d_18:Kinetics400") == ("r2plus1d_18", "kinetics400")
     assert weights.parse("runs/a/last.pt") is None and weights.parse("c3d:sports1m") is None
-    with pytest.raises(weights.WeightsError, match="no weights 'imagenet' for r3d_18; known: r3d_18:kinetics400"):
+    with pytest.raises(weights.WeightsError, match="no weights 'imagenet' for r3d_18; known: r3d_18:kinetics400, "):
         weights.entry("r3d_18", "imagenet")
+
+
+def _serve(model: str, tmp_path, monkeypatch):
+    """``model``:kinetics400 served from a local file of random weights (as torchvision would have
+    written them: no num_batches_tracked), with torch.hub's cache in tmp_path."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in c3dzoo.get_model(model).state_dict().items() if not k.endswith("num_batches_tracked")}
+    staging = tmp_path / "staging.pth"
+    torch.save(state, staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    served_file = tmp_path / "server" / f"{model}-{digest[:8]}.pth"
+    served_file.parent.mkdir(exist_ok=True)
+    staging.rename(served_file)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    key = (model, "kinetics400")
+    monkeypatch.setitem(weights._REGISTRY, key, dataclasses.replace(weights._REGISTRY[key],
+                                                                    url=served_file.as_uri()))
+    return state, served_file
 
 
 @pytest.fixture
 def served(tmp_path, monkeypatch):
-    """r3d_18:kinetics400 served from a local file of random weights (as torchvision would have
-    written them: no num_batches_tracked), with torch.hub's cache in tmp_path."""
-    torch.manual_seed(0)
-    state = {k: v for k, v in c3dzoo.r3d_18().state_dict().items() if not k.endswith("num_batches_tracked")}
-    staging = tmp_path / "staging.pth"
-    torch.save(state, staging)
-    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
-    served_file = tmp_path / "server" / f"r3d_18-{digest[:8]}.pth"
-    served_file.parent.mkdir()
-    staging.rename(served_file)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    key = ("r3d_18", "kinetics400")
-    monkeypatch.setitem(weights._REGISTRY, key, dataclasses.replace(weights._REGISTRY[key],
-                                                                    url=served_file.as_uri()))
-    return state, served_file
+    return _serve("r3d_18", tmp_path, monkeypatch)
 
 
 def _same(model_state, state) -> bool:
@@ -104,3 +110,32 @@ def test_commands_take_published_weights_as_a_checkpoint(served, tmp_path, capsy
                      "--train-samples", "4", "--val-samples", "2", "--num-classes", "2", "--frames", "8", "--size",
                      "32", "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
     assert "r3d_18:kinetics400" in capsys.readouterr().out
+
+
+def test_s3d_takes_its_published_weights_and_clips(tmp_path, monkeypatch, capsys):
+    """s3d:kinetics400 loads into the builder, and predict feeds it what torchvision measured it
+    on: 128 frames, short side 256, centre crop 224 (a video of at least half that length is
+    looped to it)."""
+    state, _ = _serve("s3d", tmp_path, monkeypatch)
+    model = c3dzoo.s3d(weights="kinetics400", fused=True)
+    assert model.fused and _same(model.state_dict(), state)
+    checkpoint = ckpt.load("s3d:kinetics400")
+    assert checkpoint["model_name"] == "s3d" and len(checkpoint["class_names"]) == 400
+    assert (checkpoint["data"]["frames"], tuple(checkpoint["data"]["size"])) == (128, (224, 224))
+    shapes = []
+    monkeypatch.setattr(c3dzoo.models.separable_inception.S3D, "_check_input",
+                        lambda self, x, real=c3dzoo.models.separable_inception.S3D._check_input: (shapes.append(x.shape), real(self, x)))
+    video = make_video(tmp_path / "clip.mp4", frames=70, size=40)
+    assert cli.main(["predict", video, "--checkpoint", "s3d:kinetics400", "--device", "cpu"]) == 0
+    assert [tuple(s[1:]) for s in shapes] == [(3, 128, 224, 224)]
+    assert re.fullmatch(rf"{re.escape(video)}: .+ [0-9.]+%.*", capsys.readouterr().out.strip().splitlines()[-1])
+    # fine-tuning on the command line: a new 1×1×1 conv head, the first Inception blocks frozen
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", "s3d", "--pretrained", "s3d:kinetics400", "--new-head", "--freeze",
+                     "up-to=features.6", "--epochs", "1", "--train-samples", "4", "--val-samples", "2", "--num-classes",
+                     "2", "--frames", "8", "--size", "32", "--batch-size", "2", "--device", "cpu", "--no-progress",
+                     "--out", str(out)]) == 0
+    trained = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert trained["classifier.1.weight"].shape == (2, 1024, 1, 1, 1)
+    assert torch.equal(trained["features.6.branch0.0.weight"], state["features.6.branch0.0.weight"])  # frozen
+    assert not torch.equal(trained["features.8.branch0.0.weight"], state["features.8.branch0.0.weight"])

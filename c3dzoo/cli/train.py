@@ -196,7 +196,7 @@ def _evaluate(model, loader, device, amp, progress, views: int = 1, max_clips: O
             confusion = counts if confusion is None else confusion + counts
             bar.update(labels.numel())
     if confusion is None:  # an empty shard (fewer validation clips than ranks) still joins the sums
-        classes = _num_classes(model)
+        classes = transfer.head_classes(model)
         confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
     _all_reduce_sum(sums)
     _all_reduce_sum(confusion)
@@ -251,10 +251,6 @@ def _views_note(validation: _Validation) -> str:
     if validation.views == 1:
         return ""
     return f" over {validation.views} views (one view: top-1 {validation.clip_top1:.1f} %)"
-
-
-def _num_classes(model: nn.Module) -> int:
-    return model.get_submodule(transfer.head_name(model)).out_features
 
 
 def _build_model(args: argparse.Namespace, device: torch.device, example: torch.Tensor):
