@@ -133,3 +133,11 @@ def test_train_s3d_on_the_command_line(tmp_path, capsys):
     assert checkpoint["model_name"] == "s3d"
     model = c3dzoo.s3d(num_classes=3)
     model.load_state_dict(checkpoint["model"], strict=True)
+
+
+def test_features_default_to_its_pooled_channels(tmp_path):
+    path = tmp_path / "features.pt"
+    assert cli.main(["features", "--model", "s3d", "--synthetic", "3", "--frames", "8", "--size", "32",
+                     "--out", str(path), "--device", "cpu"]) == 0
+    saved = torch.load(path, weights_only=True)
+    assert saved["layer"] == "avgpool" and saved["features"].shape == (3, 1024)

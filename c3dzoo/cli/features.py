@@ -25,8 +25,9 @@ from ._common import (PROG, CommandError, UsageError, add_view_options, backend_
 
 FEATURES_KIND = "c3dzoo features"  # marks the files `features` writes and `linear-probe` reads
 # the layer a family's features come from by default: C3D's fc6 (the C3D paper's recipe), the
-# Jester column's fc6, the video ResNets' pooled 512-d vector
-DEFAULT_LAYER = {"C3D": "fc6", "ConvColumn": "fc6", "VideoResNet": "avgpool"}
+# Jester column's fc6, the video ResNets' pooled 512-d vector, S3D's average pool (1024-d where
+# it leaves one position: clips up to 16 × 224 × 224; longer or larger ones give 1024 × t × h × w)
+DEFAULT_LAYER = {"C3D": "fc6", "ConvColumn": "fc6", "VideoResNet": "avgpool", "S3D": "avgpool"}
 FALLBACK_INPUT = (16, 112, 112)  # frames, height, width for models without a fixed input size
 
 
@@ -234,7 +235,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "Sports-1M file, C3D_BN, torchvision video ResNets)")
     p.add_argument("--num-classes", type=int, help="--model's head size (default: the builder's)")
     p.add_argument("--width-mult", type=float, help="--model's channel multiplier")
-    p.add_argument("--layer", help="module name (default: fc6 for C3D and Jester, avgpool for video ResNets)")
+    p.add_argument("--layer", help="module name (default: fc6 for C3D and Jester, avgpool for video ResNets and S3D)")
     p.add_argument("--activation", choices=("auto", "none"), default="auto",
                    help="auto: after the ReLU the model applies to fc6/fc7 (C3D convention) (default)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .pt file to write")
