@@ -148,3 +148,25 @@ def test_pool_through_channels_last_is_the_ncdhw_pool(dtype, pool, with_nan):
     want_grad = torch.ops.aten.max_pool3d_with_indices_backward(
         grad_out, a, list(kernel), list(stride), list(padding), [1, 1, 1], False, indices)
     assert grad.is_contiguous() and torch.equal(grad, want_grad)
+
+
+# (kernel, stride, frames) of temporal convs whose torch 2.13 CPU oneDNN backward returned a
+# garbage weight gradient or crashed in batches over 1 (S3D's stem is the first)
+_ONEDNN_BAD = [(7, 2, 5), (7, 2, 6), (7, 2, 7), (9, 2, 6), (9, 3, 8), (9, 3, 10)]
+
+
+@pytest.mark.parametrize("kernel,stride,frames", _ONEDNN_BAD, ids=lambda v: str(v))
+def test_convolution_backward_steers_around_onednn(kernel, stride, frames):
+    """``reference.convolution_backward`` (every backend's conv backward on the CPU) is right where
+    oneDNN's is not: PyTorch's own kernel runs for strided dimensions shorter than twice the kernel."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, frames, 3, 5, generator=g)
+    w = torch.randn(16, 16, kernel, 1, 1, generator=g)
+    stride3, padding3, dilation3 = (stride, 1, 1), (kernel // 2, 0, 0), (1, 1, 1)
+    grad_y = torch.randn(F.conv3d(x, w, None, stride3, padding3).shape, generator=g)
+    gx, gw, _ = reference.convolution_backward(grad_y, x, w, stride3, padding3, dilation3, [True, True, False])
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    F.conv3d(x64, w64, None, stride3, padding3).backward(grad_y.double())
+    torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx.double(), x64.grad, rtol=1e-5, atol=1e-4)
+    assert torch.backends.mkldnn.enabled  # switched off for the one call only

@@ -56,6 +56,33 @@ def fold_batch_norm(
     return folded_weight, folded_bias
 
 
+def _onednn_backward_unsafe(x: Tensor, weight: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether the CPU oneDNN (mkldnn) conv3d backward may be wrong for this conv. torch 2.13's
+    returns a garbage weight gradient, or corrupts the heap, for strided convs over few positions
+    along the strided dimension: found for 7×1×1 stride 2 on 5-7 frames (S3D's stem) and 9×1×1
+    stride 2 or 3 on 6-10, batches over 1 (never for 3- or 5-wide kernels, nor for larger inputs).
+    Conservatively: any strided dimension shorter than twice the kernel's extent."""
+    return x.device.type == "cpu" and any(
+        s > 1 and size < 2 * (d * (k - 1) + 1)
+        for s, d, k, size in zip(stride, dilation, weight.shape[2:], x.shape[2:]))
+
+
+def convolution_backward(grad_y: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                         dilation: Sequence[int], output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``aten.convolution_backward`` of a groups=1 conv3d without bias, through PyTorch's own CPU
+    kernel where oneDNN's may be wrong (``_onednn_backward_unsafe``)."""
+    args = (grad_y, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0, 0], 1,
+            [bool(m) for m in output_mask])
+    if _onednn_backward_unsafe(x, weight, stride, dilation) and torch.backends.mkldnn.enabled:
+        # the switch alone (mkldnn.flags() would also set, and warn about, its TF32 flag)
+        torch.backends.mkldnn.enabled = False
+        try:
+            return torch.ops.aten.convolution_backward(*args)
+        finally:
+            torch.backends.mkldnn.enabled = True
+    return torch.ops.aten.convolution_backward(*args)
+
+
 def apply_activation(y: Tensor, activation: str, negative_slope: float) -> Tensor:
     if activation == "relu":
         return F.relu(y)
@@ -399,10 +426,8 @@ def backward(
         grad_y = grad.to(dtype)
 
         need_wgrad = need_w or (norm == "running" and need_g)
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad_y, x, conv_weight, None, stride, padding, dilation, False, [0, 0, 0], 1,
-            [need_x, need_wgrad, False],
-        )
+        gx, gw, _ = convolution_backward(grad_y, x, conv_weight, stride, padding, dilation,
+                                         [need_x, need_wgrad, False])
         grad_bias = None
         if norm == "running":
             gw, grad_bias, grad_gamma = unfold_batch_norm_grads(

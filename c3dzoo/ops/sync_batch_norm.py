@@ -177,10 +177,8 @@ class _SyncConvBNAct(torch.autograd.Function):
                 grad_y = _reference.batch_norm_input_grad(
                     grad_z, xhat, invstd, bn_weight, packed[:channels], packed[channels:], count
                 ).to(dtype)
-                gx, gw, _ = torch.ops.aten.convolution_backward(
-                    grad_y, x, weight, None, list(stride), list(padding), list(dilation), False,
-                    [0, 0, 0], 1, [bool(need_x), bool(need_w), False],
-                )
+                gx, gw, _ = _reference.convolution_backward(grad_y, x, weight, stride, padding, dilation,
+                                                            [need_x, need_w, False])
                 grad_x = gx if need_x else None
                 grad_w = gw if need_w else None
         return (grad_x, grad_w, grad_bias, grad_gamma, grad_beta) + (None,) * 14

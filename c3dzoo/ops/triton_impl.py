@@ -257,10 +257,8 @@ def _backward(
             if dgrad_unsupported_reason(geometry["kernel_size"], stride, padding, dilation) is None:
                 grad_x = conv3d_dgrad(grad, pack_dgrad_weight(conv_weight.to(x.dtype)), **geometry)
             else:
-                grad_x = torch.ops.aten.convolution_backward(
-                    grad, x, conv_weight.to(x.dtype), None, list(stride), list(padding), list(dilation),
-                    False, [0, 0, 0], 1, [True, False, False],
-                )[0]
+                grad_x = _reference.convolution_backward(grad, x, conv_weight.to(x.dtype), stride, padding,
+                                                         dilation, [True, False, False])[0]
         need_wgrad = need_w or (norm == "running" and need_g)
         grad_w = conv3d_wgrad(x, grad, **geometry) if need_wgrad else None  # fp32
 
