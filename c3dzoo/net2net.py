@@ -8,7 +8,10 @@
   layer adding into the stream grows with one shared mapping, every layer reading it is divided.
 * ``deeper(model, after)`` inserts an identity layer: Dirac Conv3d → identity BatchNorm3d → ReLU
   (or identity Linear → ReLU) in the C3D family, a BasicBlock whose branch adds exactly 0 in the
-  video ResNets, a Dirac Conv3d → identity BatchNorm3d (no activation) in the ConvColumn.
+  video ResNets, a Dirac Conv3d → identity BatchNorm3d (no activation) in the ConvColumn, a
+  1×1×1 Dirac Conv3dNormActivation in S3D.
+* In S3D a branch's last conv writes a slice of its Inception block's channel concatenation: its
+  ``wider`` divides only that slice of the next block's branch heads' (or the head's) inputs.
 
 All rewrite the optimizer too (momentum and Adam moments follow their parameters), validate
 everything before touching the model, and replace or insert plain ``nn.Conv3d``/``nn.BatchNorm*``/
@@ -62,11 +65,14 @@ class _Stage:
 class _Segment:
     """Stages where each one's output feeds only the next one's input, through per-channel ops
     (activations, pools, dropout, BatchNorm, flatten). The last stage's output leaves the
-    segment: it is the model's output, or, when ``stream`` is set, it is added into that
-    residual stream (see ``_Stream``)."""
+    segment: it is the model's output; or, when ``stream`` is set, it is added into that
+    residual stream (see ``_Stream``); or, when ``readers`` is set, it is one slice of a channel
+    concatenation (S3D's Inception blocks) that each reader takes in, starting at that reader's
+    channel offset."""
 
     stages: Tuple[_Stage, ...]
     stream: Optional[str] = None
+    readers: Tuple[Tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
     """The segments of ``model`` and its residual streams (none outside the video ResNets)."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
+    from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
     if isinstance(model, C3D):
@@ -97,9 +104,11 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
         return [_Segment(_stages(model, paths))], []
     if isinstance(model, VideoResNet):
         return _resnet_graph(model)
+    if isinstance(model, S3D):
+        return _s3d_graph(model), []
     raise ValueError(
         f"net2net does not know the layer graph of {type(model).__name__}; it supports the zoo's "
-        f"C3D, ConvColumn (jester_convcolumn) and VideoResNet models (not fx-fused copies: grow, then fuse)"
+        f"C3D, ConvColumn (jester_convcolumn), VideoResNet and S3D models (not fx-fused copies: grow, then fuse)"
     )
 
 
@@ -163,10 +172,53 @@ def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
     return segments, [_Stream(n, tuple(w), tuple(r)) for n, w, r in zip(names, writers, readers)]
 
 
+def _s3d_graph(model: nn.Module) -> List[_Segment]:
+    # Chains: the stem's convs, each Inception branch's. A block's input (the stem's output, or
+    # the concatenation of the previous block's four branch outputs) is read by the first conv of
+    # each of its branches (branch3's through a per-channel max-pool); the last block's output,
+    # through the average pool and dropout, by the classifier's 1×1×1 conv.
+    from .models.separable_inception import SepInceptionBlock3D
+
+    segments: List[_Segment] = []
+    writers: List[Tuple[_Stage, ...]] = []  # chains whose outputs, concatenated in order, are the current tensor
+    chain: List[str] = []  # leaf paths of the chain being read, outside the blocks
+
+    def read_by(heads: Sequence[str]) -> None:
+        offset = 0
+        for stages in writers:
+            segments.append(_Segment(stages, readers=tuple((head, offset) for head in heads)))
+            offset += _units(model.get_submodule(stages[-1].layer))
+        writers.clear()
+
+    def close_chain() -> None:
+        stages = _stages(model, chain)
+        if stages:
+            writers[:] = [stages]
+        chain.clear()
+
+    for index, part in model.features.named_children():
+        path = f"features.{index}"
+        if isinstance(part, SepInceptionBlock3D):
+            close_chain()
+            branches = [_stages(model, _leaf_paths(model, f"{path}.branch{b}")) for b in range(4)]
+            read_by([branch[0].layer for branch in branches])
+            writers.extend(branches)
+        else:
+            paths = _leaf_paths(model, path)
+            if not chain and writers and _stages(model, paths):
+                read_by([_stages(model, paths)[0].layer])  # a chain after a block reads its output
+            chain.extend(paths)
+    close_chain()
+    head = _stages(model, _leaf_paths(model, "classifier"))
+    read_by([head[0].layer])
+    segments.append(_Segment(head))
+    return segments
+
+
 def widenable_layers(model: nn.Module) -> List[str]:
     """The layers ``wider`` grows one at a time for ``model``, in forward order (see
     ``residual_streams`` for the layers of a video ResNet that only grow together)."""
-    return [s.layer for seg in _segments(model) for s in seg.stages[:-1]]
+    return [s.layer for seg in _segments(model) for s in (seg.stages if seg.readers else seg.stages[:-1])]
 
 
 def residual_streams(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
@@ -193,15 +245,19 @@ def _find_stream(model: nn.Module, name: str) -> _Stream:
     )
 
 
-def _link(model: nn.Module, layer: str) -> Tuple[_Stage, _Stage]:
-    """(the stage of ``layer``, the stage that consumes its output), or ValueError."""
+def _link(model: nn.Module, layer: str) -> Tuple[_Stage, Tuple[Tuple[str, Optional[int]], ...]]:
+    """(the stage of ``layer``, the layers that consume its output), or ValueError. Each consumer
+    comes with the channel offset where it reads ``layer``'s output in a concatenation, or None
+    where it reads nothing else (see ``_grow``)."""
     segments, streams = _graph(model)
     for seg in segments:
         for i, stage in enumerate(seg.stages):
             if stage.layer != layer:
                 continue
             if i + 1 < len(seg.stages):
-                return stage, seg.stages[i + 1]
+                return stage, ((seg.stages[i + 1].layer, None),)
+            if seg.readers:
+                return stage, seg.readers
             if seg.stream is not None:
                 stream = next(s for s in streams if s.name == seg.stream)
                 others = ", ".join(w.layer for w in stream.writers if w.layer != layer)
@@ -357,8 +413,8 @@ def wider(model: nn.Module, layer: str, width: int, *, noise: float = 0.0,
     """
     if layer in residual_streams(model):
         return wider_group(model, layer, width, noise=noise, generator=generator, optimizer=optimizer)
-    stage, next_stage = _link(model, layer)
-    return _grow(model, repr(layer), (stage,), (next_stage.layer,), width, noise, generator, optimizer)
+    stage, consumers = _link(model, layer)
+    return _grow(model, repr(layer), (stage,), consumers, width, noise, generator, optimizer)
 
 
 def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0,
@@ -382,18 +438,21 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
     streams, an unknown stream, or a width not larger than the current one.
     """
     found = _find_stream(model, stream)
-    return _grow(model, f"residual stream {found.name!r}", found.writers, found.readers, width, noise,
-                 generator, optimizer)
+    return _grow(model, f"residual stream {found.name!r}", found.writers, [(r, None) for r in found.readers],
+                 width, noise, generator, optimizer)
 
 
-def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: Sequence[str], width: int,
-          noise: float, generator: Optional[torch.Generator],
+def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: Sequence[Tuple[str, Optional[int]]],
+          width: int, noise: float, generator: Optional[torch.Generator],
           optimizer: Optional[torch.optim.Optimizer]) -> nn.Module:
     """Grow the layers of ``producers`` (all with the same units; each with its BatchNorm, if
     any) to ``width`` units with one shared replica mapping, and divide the incoming weights of
-    every layer in ``consumers`` (which read exactly the producers' units). ``what`` names the
-    grown thing in errors. Validates everything before touching model or optimizer."""
-    layers = {path: model.get_submodule(path) for path in [s.layer for s in producers] + list(consumers)}
+    every layer in ``consumers``: (path, None) reads exactly the producers' units (or, for a
+    Linear after a flatten, groups of D·H·W columns per unit); (path, offset), a Conv3d, reads
+    them as the channels from ``offset`` of a concatenation, the others keeping their weights.
+    ``what`` names the grown thing in errors. Validates everything before touching model or
+    optimizer."""
+    layers = {path: model.get_submodule(path) for path in [s.layer for s in producers] + [c for c, _ in consumers]}
     for path, module in layers.items():
         if type(module) not in _UNIT_LAYERS or getattr(module, "groups", 1) != 1:
             raise ValueError(f"net2net grows plain nn.Conv3d (groups=1) and nn.Linear layers; {path} is {module}")
@@ -411,9 +470,13 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: S
         if type(norm) not in _NORMS or norm.num_features != old:
             raise ValueError(f"{path} ({norm}) does not normalise {what}'s {old} outputs")
     groups = {}  # consumer → input columns per producer unit (D·H·W when a flatten feeds a Linear)
-    for path in consumers:
+    for path, offset in consumers:
         fan_in = _units(layers[path], incoming=True)
-        if fan_in % old or (isinstance(layers[path], nn.Conv3d) and fan_in != old):
+        if offset is not None:
+            if not isinstance(layers[path], nn.Conv3d) or not 0 <= offset <= fan_in - old:
+                raise ValueError(f"{path} takes {fan_in} inputs, which cannot hold {what}'s {old} outputs "
+                                 f"from channel {offset}")
+        elif fan_in % old or (isinstance(layers[path], nn.Conv3d) and fan_in != old):
             raise ValueError(f"{path} takes {fan_in} inputs, not a multiple of {what}'s {old} outputs")
         groups[path] = fan_in // old
 
@@ -426,6 +489,13 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: S
     def divide_by(group: int) -> Remap:
         return lambda t, power=1: remap.divide_incoming(t, g, counts, 1, group, power=power)
 
+    def divide_slice(offset: int) -> Remap:
+        # the producers' channels of a concatenation; the channels around them stay as they are
+        def divide(t: Tensor, power: int = 1) -> Tensor:
+            grown = remap.divide_incoming(t[:, offset:offset + old], g, counts, 1, 1, power=power)
+            return torch.cat([t[:, :offset], grown, t[:, offset + old:]], 1)
+        return divide
+
     # running stats and affine parameters are per channel; num_batches_tracked (0-d) is copied
     norm_remaps: Dict[str, Remap] = {"weight": replicate, "bias": replicate,
                                      "running_mean": replicate, "running_var": replicate}
@@ -436,10 +506,14 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: S
                          {"weight": replicate, "bias": replicate}))
         if stage.norm:
             rewrites.append((stage.norm, norms[stage.norm], _resized(norms[stage.norm], out_units=width), norm_remaps))
-    for path in consumers:
+    for path, offset in consumers:
         consumer = layers[path]
-        rewrites.append((path, consumer, _resized(consumer, in_units=width * groups[path]),
-                         {"weight": divide_by(groups[path])}))
+        if offset is None:
+            rewrites.append((path, consumer, _resized(consumer, in_units=width * groups[path]),
+                             {"weight": divide_by(groups[path])}))
+        else:
+            rewrites.append((path, consumer, _resized(consumer, in_units=_units(consumer, incoming=True) + width - old),
+                             {"weight": divide_slice(offset)}))
     swaps = [s for path, module, new, remaps in rewrites for s in _param_swaps(path, module, new, remaps)]
     commit_optimizer = _optimizer_commit(optimizer, swaps)
 
@@ -519,6 +593,12 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     (after a ReLU a ReLU is added). A fused ConvColumn runs each block as exactly its seven stock
     modules, so it is refused, and a deepened ConvColumn must stay unfused.
 
+    S3D (``after``: a Conv3dNormActivation inside a Sequential: ``"features.2"``, a separable
+    conv's half ``"features.3.1"``, a branch's ``"features.5.branch1.0"``; not ``branch0``, which
+    is no Sequential). An identity Conv3dNormActivation (a 1×1×1 Dirac Conv3d, a BatchNorm3d as
+    for C3D-BN, ``data`` included, and a ReLU, idempotent on the ReLU output it receives) goes
+    into that Sequential right after it (later modules move up).
+
     In the Sequential-based models the new module's path is fixed by its position; ``name`` may
     only repeat it.
 
@@ -527,6 +607,7 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     """
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
+    from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
     if isinstance(model, C3D):
@@ -535,8 +616,10 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
         insertion = _resnet_insertion(model, after, name, generator)
     elif isinstance(model, ConvColumn):
         insertion = _convcolumn_insertion(model, after, data, name)
+    elif isinstance(model, S3D):
+        insertion = _s3d_insertion(model, after, data, name)
     else:
-        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn and VideoResNet models, "
+        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn, VideoResNet and S3D models, "
                          f"not {type(model).__name__}")
     group = None
     if optimizer is not None:
@@ -808,3 +891,31 @@ def _convcolumn_insertion(model: nn.Module, after: str, data: Optional[Tensor], 
             block.insert(end + offset, module)
 
     return _Insertion(tuple(new), conv.weight, commit)
+
+
+# S3D ----------------------------------------------------------------------------------------
+
+
+def _s3d_insertion(model: nn.Module, after: str, data: Optional[Tensor], name: Optional[str]) -> _Insertion:
+    from .models.separable_inception import Conv3dNormActivation
+
+    sites = {f"{path}.{k}": (seq, k) for path, seq in model.named_modules() if isinstance(seq, nn.Sequential)
+             for k, unit in enumerate(seq) if isinstance(unit, Conv3dNormActivation)}
+    if after not in sites:
+        raise ValueError(f"deeper inserts after a Conv3dNormActivation inside a Sequential of "
+                         f"{type(model).__name__}; {after!r} is not one of {', '.join(sites)}")
+    seq, k = sites[after]
+    _fixed_path(name, f"{after.rpartition('.')[0]}.{k + 1}")
+    unit = seq[k]
+    parts = list(unit)
+    if (len(parts) != 3 or type(parts[0]) is not nn.Conv3d or not isinstance(parts[1], _BatchNorm)
+            or not isinstance(parts[2], nn.ReLU)):
+        raise ValueError(f"{after!r} is not Conv3d → BatchNorm → ReLU ({unit}), so no identity layer can follow it")
+    conv = parts[0]
+    f = _factory(conv)
+    batch = _module_output(model, unit, data) if data is not None else None
+    new = Conv3dNormActivation(conv.out_channels, conv.out_channels).to(**f)
+    remap.dirac_(new[0].weight.data)
+    new[1] = _identity_norm(parts[1], f, batch)
+    new.train(unit.training)
+    return _Insertion((new,), conv.weight, lambda: seq.insert(k + 1, new))

@@ -10,6 +10,7 @@ from c3dzoo import net2net
 from c3dzoo.models.c3d_family import _POOL_NAMES, C3D, c3d, c3d_bn
 from c3dzoo.models.jester import INPUT_SIZE as JESTER_SIZE
 from c3dzoo.models.jester import jester_convcolumn
+from c3dzoo.models.separable_inception import s3d
 from c3dzoo.models.video_resnet import mc3_18, r2plus1d_18, r3d_18
 from c3dzoo.ops.net2net_remap import (
     dirac_,
@@ -867,3 +868,94 @@ def test_growing_a_model_converted_to_sync_batch_norm(name):
     base.eval(), grown.eval()
     with torch.no_grad():
         assert_same(grown(x), base(x))
+
+
+# --------------------------------------------------------------------------------------------
+# S3D: chains inside Inception branches, channel concatenations between blocks
+# --------------------------------------------------------------------------------------------
+
+
+def small_s3d(**kw):
+    # dropout 0: train-mode outputs must compare deterministically
+    return randomize_bn(s3d(num_classes=5, dropout=0.0, **kw))
+
+
+def s3d_clip(seed=0, dtype=torch.float32):
+    return torch.randn(2, 3, 8, 32, 32, generator=gen(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["stock", "fused"])
+def test_wider_every_s3d_layer_exact(fused):
+    """Every conv but the head grows, including a branch's last conv, whose output is a slice of
+    the block's concatenation: each next block's four branch heads (or the classifier) have that
+    slice's incoming weights divided. Exact in eval and train mode (float64: train-mode BatchNorm
+    over the last blocks' few positions amplifies float32 rounding)."""
+    torch.manual_seed(0)
+    base = small_s3d(fused=fused).double()
+    grown = copy.deepcopy(base)
+    layers = net2net.widenable_layers(grown)
+    assert len(layers) == 77 and layers[:2] == ["features.0.0.0", "features.0.1.0"]
+    assert "features.5.branch3.1.0" in layers and "classifier.1" not in layers
+    for i, layer in enumerate(layers):
+        net2net.wider(grown, layer, units(grown, layer) + 2, generator=gen(i))
+    assert grown.classifier[1].in_channels == 1024 + 4 * 2
+    assert grown.features[6].branch0[0].in_channels == 256 + 4 * 2  # block 5's four branches grew
+    assert_same_eval_then_train(grown, base, s3d_clip(dtype=torch.float64), rtol=1e-10, train_rtol=1e-10)
+
+
+def test_wider_s3d_branch_rewrites_only_its_slice_and_the_optimizer():
+    torch.manual_seed(0)
+    model = small_s3d()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(s3d_clip()).square().mean().backward()
+    opt.step()
+    reader = model.features[6].branch1[0][0]  # block 6 reads block 5's 64 + 128 + 32 + 32 channels
+    before, momentum = reader.weight.detach().clone(), opt.state[reader.weight]["momentum_buffer"].clone()
+    net2net.wider(model, "features.5.branch1.1.1.0", 131, optimizer=opt, generator=gen(3))
+    g = replica_mapping(128, 131, gen(3))
+    counts = replica_counts(g, 128)[g].view(1, -1, 1, 1, 1)
+    grown = model.features[6].branch1[0][0]
+    assert grown.in_channels == 259
+    for new, old in ((grown.weight.detach(), before), (opt.state[grown.weight]["momentum_buffer"], momentum)):
+        assert torch.equal(new[:, :64], old[:, :64]) and torch.equal(new[:, 64 + 131:], old[:, 64 + 128:])
+        assert_same(new[:, 64:64 + 131], old[:, 64:64 + 128][:, g] / counts)
+    assert any(p is grown.weight for group in opt.param_groups for p in group["params"])
+
+
+@pytest.mark.parametrize("after", ["features.0.0", "features.2", "features.3.1", "features.5.branch1.1.0",
+                                   "features.15.branch3.1"])
+def test_deeper_s3d_identity_unit(after):
+    """An identity Conv3dNormActivation (1×1×1 Dirac conv, BN fitted on the data, ReLU) after a
+    unit of a Sequential: exact in eval mode and, on that data, in train mode."""
+    torch.manual_seed(0)
+    base = small_s3d().double()
+    x = s3d_clip(dtype=torch.float64)
+    grown = copy.deepcopy(base)
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1)
+    count = sum(1 for _ in grown.parameters())
+    net2net.deeper(grown, after, optimizer=opt, data=x)
+    parent, index = after.rsplit(".", 1)
+    new = grown.get_submodule(f"{parent}.{int(index) + 1}")
+    assert type(new).__name__ == "Conv3dNormActivation" and new[0].kernel_size == (1, 1, 1)
+    assert sum(1 for _ in grown.parameters()) == count + 3  # conv weight, BN γ and β
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in grown.parameters()}
+    fused = copy.deepcopy(grown).eval()
+    fused.fused = True  # the fused forward runs the longer Sequential's chains too
+    with torch.no_grad():
+        assert_same(fused(x), base.eval()(x), rtol=1e-10)
+    # train mode: the fitted statistics' float64 rounding, amplified by BatchNorms over 2 values
+    # per channel in the last blocks, leaves ~1e-9
+    assert_same_eval_then_train(grown, base, x, rtol=1e-10, train_rtol=1e-8)
+
+
+def test_s3d_deeper_errors_leave_model_unchanged():
+    model = s3d(num_classes=5)
+    before = snapshot(model)
+    for kwargs, match in [(dict(after="features.5.branch0"), "not one of features.2, "),
+                          (dict(after="features.5"), "inside a Sequential"),
+                          (dict(after="features.2", name="features.4"), "'features.3'")]:
+        with pytest.raises(ValueError, match=match):
+            net2net.deeper(model, **kwargs)
+    with pytest.raises(ValueError, match="output layer"):
+        net2net.wider(model, "classifier.1", 500)
+    assert_unchanged(before, model)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import c3dzoo
+from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
 from c3dzoo.models.separable_inception import MIN_INPUT, AvgPool3dWithin
 
@@ -133,6 +134,24 @@ def test_train_s3d_on_the_command_line(tmp_path, capsys):
     assert checkpoint["model_name"] == "s3d"
     model = c3dzoo.s3d(num_classes=3)
     model.load_state_dict(checkpoint["model"], strict=True)
+
+
+def test_grow_s3d_on_the_command_line(tmp_path, capsys):
+    """--grow on S3D: a branch's output conv widens (the next block's branch heads take the wider
+    concatenation) and an identity unit goes in after the stem's 1×1×1 conv; the checkpoint
+    replays both."""
+    out = tmp_path / "grown"
+    assert cli.main(["train", "--model", "s3d", "--epochs", "2", "--train-samples", "8", "--val-samples", "4",
+                     "--batch-size", "4", "--num-classes", "3", "--frames", "8", "--size", "32", "--device", "cpu",
+                     "--no-progress", "--grow", "2:wider=features.5.branch0.0*2,2:deeper=features.2",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wider features.5.branch0.0 64 -> 128 units" in printed and "after features.2" in printed
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    model = ckpt.stock_model(checkpoint)
+    # the new unit is features.3, so the first block moved to features.6
+    assert type(model.features[3]).__name__ == "Conv3dNormActivation"
+    assert model.features[6].branch0[0].out_channels == 128 and model.features[7].branch1[0][0].in_channels == 320
 
 
 def test_features_default_to_its_pooled_channels(tmp_path):
