@@ -36,7 +36,7 @@ from c3dzoo import checkpoint as ckpt
 from c3dzoo import distributed as dist
 from c3dzoo import evaluation, transfer
 from c3dzoo import weights as published_weights
-from c3dzoo.data import MOTIONS, VideoClipDataset
+from c3dzoo.data import MOTIONS, BatchMixing, VideoClipDataset, mix_batch
 
 from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
                       builder_accepts, resolve_device, size_arg)
@@ -370,6 +370,8 @@ class _StepOptions:
     micro_batch: Optional[int] = None  # clips a forward/backward pass; None: the whole batch
     class_weights: Optional[torch.Tensor] = None  # per class, on the device (--class-weights)
     log_step: Optional[Callable[[int, float, float], None]] = None  # (step, mean loss, lr)
+    mixing: BatchMixing = BatchMixing()  # --mixup / --cutmix
+    num_classes: Optional[int] = None  # the model's, for mixed batches' soft targets
 
 
 def _forward_backward(model, clips, labels, amp: bool, options: _StepOptions):
@@ -377,14 +379,16 @@ def _forward_backward(model, clips, labels, amp: bool, options: _StepOptions):
     gradients of the batch's mean loss (weighted by ``options.class_weights`` where given, as
     ``cross_entropy(weight=)`` weighs it), with the activations of one chunk in memory at a time
     (BatchNorm normalises each chunk with its own statistics, as in any gradient accumulation;
-    DDP all-reduces once, after the last chunk). Returns (the batch's mean loss, its logits)."""
-    size = labels.numel()
+    DDP all-reduces once, after the last chunk). ``labels``: class indices, or soft targets N ×
+    classes (mixed batches), whose weighted loss cross_entropy averages over the clips. Returns
+    (the batch's mean loss, its logits)."""
+    size = labels.shape[0]
     step = options.micro_batch or size
     starts = range(0, size, step)
     weight = options.class_weights
     no_sync = getattr(model, "no_sync", None)
     # the whole batch's normaliser: its clips, or the sum of their classes' weights
-    norm = weight[labels].sum() if weight is not None else size
+    norm = weight[labels].sum() if weight is not None and not labels.is_floating_point() else size
     total, logits = 0.0, []
     for start in starts:
         chunk, truth = clips[start:start + step], labels[start:start + step]
@@ -437,9 +441,13 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         clips, labels = _to_device(batch[0], device), batch[1].to(device)
         if reseed is not None:
             reseed(position())
+        targets = labels
+        if options.mixing.enabled:  # from the (reseeded) global RNG, as dropout
+            clips, targets = mix_batch(clips, labels, options.num_classes, options.mixing)
+            labels = targets.argmax(dim=1)  # the accuracy counts each clip's larger share
         progress.updating = True  # from the forward on: it updates the BatchNorm running stats
         optimizer.zero_grad(set_to_none=True)
-        loss, logits = _forward_backward(model, clips, labels, amp, options)
+        loss, logits = _forward_backward(model, clips, targets, amp, options)
         with torch.no_grad():
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             finite = torch.isfinite(loss)
@@ -478,7 +486,7 @@ DATA_BOUND_PCT = 50  # an epoch waiting for data longer than this says so, once 
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
-                   "clip_grad_norm", "micro_batch", "class_weights", "num_classes", "train_samples",
+                   "mixup", "cutmix", "clip_grad_norm", "micro_batch", "class_weights", "num_classes", "train_samples",
                    "val_samples", "frames", "size", "fused", "seed", "data", "grow", "grow_noise", "sync_bn",
                    "pretrained", "new_head", "freeze", "head_lr_mult", *REAL_DATA_OPTIONS)
 
@@ -650,6 +658,9 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                              "(or pip install \"c3dzoo[tensorboard]\")")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    for option, alpha in (("--mixup", args.mixup), ("--cutmix", args.cutmix)):
+        if not 0 <= alpha < float("inf"):
+            raise UsageError(f"{option} takes the Beta distribution's alpha, a number >= 0 (0: off), got {alpha}")
     if args.micro_batch is not None and args.micro_batch < 1:
         raise UsageError(f"--micro-batch must be at least 1, got {args.micro_batch}")
     if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
@@ -779,7 +790,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     row = validation = None
     warned_data_bound = False
     step_options = _StepOptions(label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
-                                micro_batch=args.micro_batch, class_weights=_class_weights(args, train_set, device))
+                                micro_batch=args.micro_batch, class_weights=_class_weights(args, train_set, device),
+                                mixing=BatchMixing(args.mixup, args.cutmix), num_classes=transfer.head_classes(model))
     board = _TensorBoard(os.path.join(args.out, "tensorboard")) if args.tensorboard and writes else None
     step_options.log_step = board.log_step if board else None
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
@@ -943,6 +955,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                             "of the class), for imbalanced data (default: every clip alike)")
     train.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
                        help="training targets 1 - X on the class, X spread over all classes (default 0)")
+    train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                       help="MixUp: blend each training clip with another of its batch, weights lambda and "
+                            "1 - lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0.8 is common; default 0: off)")
+    train.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                       help="CutMix: paste a box of another clip of the batch through all frames, of area "
+                            "~ Beta(ALPHA, ALPHA), targets by area (1.0 is common; default 0: off; with --mixup "
+                            "each batch takes one of the two)"),
     train.add_argument("--num-classes", type=int, default=10,
                        help=f"synthetic motion classes, 1 to {len(MOTIONS)} (default %(default)s; "
                             f"with --data the data's class count)")
