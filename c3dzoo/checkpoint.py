@@ -4,7 +4,8 @@ A checkpoint is a dict saved with ``torch.save`` and readable with ``torch.load(
 ``model`` (the stock state_dict; fused and stock models share it), ``model_name``, ``model_kwargs``
 (builder arguments), ``class_names``, and for resuming ``optimizer``, ``scheduler``, ``epoch``
 (completed epochs), ``batch_in_epoch`` (batches done in the next epoch, for a mid-epoch save),
-``global_step``, ``rng`` and ``args``.
+``global_step``, ``rng`` and ``args``; ``ema`` (and ``ema_updates``) where the run kept an
+exponential moving average of the weights (``c3dzoo train --ema``).
 """
 
 from __future__ import annotations
@@ -89,16 +90,22 @@ def check_matches(checkpoint: Dict[str, Any], path: str, model_name: str,
             f"{describe(model_name, model_kwargs)}; give the options it was trained with (or drop them)")
 
 
+def inference_weights(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The weights to predict with: the moving average's where the run kept one (``--ema``: the
+    weights it validated), else the model's."""
+    return checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"]
+
+
 def stock_model(checkpoint: Dict[str, Any], path: str = "checkpoint") -> nn.Module:
     """The stock (unfused) model the checkpoint describes, with the Net2Net growth it recorded
     (``c3dzoo train --grow``: a ``growth`` list of {"op": "wider"|"deeper", "layer", "width"|"name"})
-    replayed, then its weights loaded strictly."""
+    replayed, then its weights (``inference_weights``) loaded strictly."""
     name, kwargs = checkpoint.get("model_name"), checkpoint.get("model_kwargs", {})
     growth = checkpoint.get("growth") or []
     try:
         model = c3dzoo.get_model(name, fused=False, **kwargs)
         replay_growth(model, growth)
-        model.load_state_dict(checkpoint["model"], strict=True)
+        model.load_state_dict(inference_weights(checkpoint), strict=True)
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0]
         grown = f" grown by {len(growth)} step(s)" if growth else ""

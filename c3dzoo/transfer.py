@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights as _published
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, inference_weights
 
 Tensor = torch.Tensor
 StateSource = Union[str, "os.PathLike[str]", Mapping]
@@ -200,10 +200,11 @@ def read_state_dict(source: StateSource, *, name: Optional[str] = None
         if _is_state_dict(obj) or not isinstance(obj, Mapping):
             break
         if "model" in obj and "model_name" in obj and "model_kwargs" in obj:  # ours
-            info["checkpoint"] = {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scheduler")}
+            info["checkpoint"] = {k: v for k, v in obj.items() if k not in ("model", "ema", "optimizer", "scheduler")}
             kwargs = ", ".join(f"{k}={v}" for k, v in obj["model_kwargs"].items())
-            wrappers.append(f"c3dzoo checkpoint of {obj['model_name']}({kwargs})")
-            obj = obj["model"]
+            wrappers.append(f"c3dzoo checkpoint of {obj['model_name']}({kwargs}"
+                            f"{', its EMA weights' if 'ema' in obj else ''})")
+            obj = inference_weights(obj)
             continue
         key = next((k for k in ("state_dict", "model_state_dict", "model", "net") if
                     isinstance(obj.get(k), Mapping)), None)

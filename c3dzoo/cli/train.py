@@ -41,6 +41,7 @@ from c3dzoo.data import MOTIONS, BatchMixing, VideoClipDataset, mix_batch
 from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
                       builder_accepts, resolve_device, size_arg)
 from .train_data import DEFAULT_VAL_SPLIT, REAL_DATA_OPTIONS, TrainingData, make_data
+from . import train_ema
 from .train_growth import GROW_SYNTAX, apply_growth, resolve_growth
 from .train_outputs import (CONFUSION_PNG, CURVES_PNG, METRICS, PER_CLASS_CSV, open_metrics, plot_curves,
                             write_final_report)
@@ -372,6 +373,7 @@ class _StepOptions:
     log_step: Optional[Callable[[int, float, float], None]] = None  # (step, mean loss, lr)
     mixing: BatchMixing = BatchMixing()  # --mixup / --cutmix
     num_classes: Optional[int] = None  # the model's, for mixed batches' soft targets
+    ema: Optional[torch.nn.Module] = None  # --ema: an AveragedModel updated after each step
 
 
 def _forward_backward(model, clips, labels, amp: bool, options: _StepOptions):
@@ -465,6 +467,8 @@ def _train_epoch(model, loader, optimizer, scheduler, device, amp: bool, bar, pr
         if options.clip_grad_norm is not None:  # all parameters; after DDP's all-reduce every rank agrees
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
         optimizer.step()
+        if options.ema is not None:
+            options.ema.update_parameters(model)
         progress.updating = False
         progress.batch += world
         progress.global_step += 1
@@ -486,9 +490,9 @@ DATA_BOUND_PCT = 50  # an epoch waiting for data longer than this says so, once 
 # Options a resumed run takes from the checkpoint unless given again (the machine-dependent ones,
 # device, amp, workers and backend, come from this machine as for a new run)
 RESUMED_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
-                   "mixup", "cutmix", "clip_grad_norm", "micro_batch", "class_weights", "num_classes", "train_samples",
-                   "val_samples", "frames", "size", "fused", "seed", "data", "grow", "grow_noise", "sync_bn",
-                   "pretrained", "new_head", "freeze", "head_lr_mult", *REAL_DATA_OPTIONS)
+                   "mixup", "cutmix", "ema", "clip_grad_norm", "micro_batch", "class_weights", "num_classes",
+                   "train_samples", "val_samples", "frames", "size", "fused", "seed", "data", "grow", "grow_noise",
+                   "sync_bn", "pretrained", "new_head", "freeze", "head_lr_mult", *REAL_DATA_OPTIONS)
 
 
 def _resume_path(args: argparse.Namespace) -> str:
@@ -512,8 +516,9 @@ def _apply_resumed_options(args: argparse.Namespace, checkpoint: dict, given: se
 
 
 def _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs, data: TrainingData,
-                        progress: _Progress, metrics: Optional[dict]) -> dict:
+                        progress: _Progress, metrics: Optional[dict], ema=None) -> dict:
     return {
+        **train_ema.payload(ema),
         # fused and stock models have the same state_dict: this loads into either
         "model": ckpt.plain_state_dict(model.state_dict()),
         "optimizer": optimizer.state_dict(),
@@ -658,6 +663,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                              "(or pip install \"c3dzoo[tensorboard]\")")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise UsageError(f"--ema takes the average's decay, a number between 0 and 1, got {args.ema}")
     for option, alpha in (("--mixup", args.mixup), ("--cutmix", args.cutmix)):
         if not 0 <= alpha < float("inf"):
             raise UsageError(f"{option} takes the Beta distribution's alpha, a number >= 0 (0: off), got {alpha}")
@@ -735,6 +742,9 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
             setattr(progress, key, value)
         if "rng" in checkpoint:
             ckpt.set_rng_state(checkpoint["rng"])
+    ema = train_ema.make_ema(model, args.ema)  # of the model as loaded and grown
+    if checkpoint is not None:
+        train_ema.restore(ema, checkpoint, args.resume)
         if progress.batch > batches.global_batches:
             raise ckpt.CheckpointError(f"checkpoint {args.resume} is at batch {progress.batch} of an epoch "
                                        f"of {batches.global_batches}: was --batch-size changed?")
@@ -791,11 +801,12 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
     warned_data_bound = False
     step_options = _StepOptions(label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
                                 micro_batch=args.micro_batch, class_weights=_class_weights(args, train_set, device),
-                                mixing=BatchMixing(args.mixup, args.cutmix), num_classes=transfer.head_classes(model))
+                                mixing=BatchMixing(args.mixup, args.cutmix), num_classes=transfer.head_classes(model),
+                                ema=ema)
     board = _TensorBoard(os.path.join(args.out, "tensorboard")) if args.tensorboard and writes else None
     step_options.log_step = board.log_step if board else None
     payload = lambda metrics: _checkpoint_payload(args, model, optimizer, scheduler, model_kwargs,
-                                                  data, progress, metrics)
+                                                  data, progress, metrics, step_options.ema)
     with (open_metrics(metrics_path, append) if writes
           else contextlib.nullcontext()) as metrics_file, _DeferredInterrupt() as stop, \
             (contextlib.closing(board) if board else contextlib.nullcontext()):
@@ -812,6 +823,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                         # wrapper: the old one holds the old parameters
                         _grow(model, pending.pop(0), optimizer, train_set, args, device, progress)
                     ddp_model = dist.wrap_ddp(model)
+                    if step_options.ema is not None:  # another architecture: the average starts again
+                        step_options.ema = train_ema.make_ema(model, args.ema)
                 batches.epoch, batches.skip = epoch, progress.batch
                 with tqdm(total=clips_per_epoch, initial=progress.seen, desc=f"epoch {epoch}/{args.epochs}",
                           unit="clip", disable=not args.progress) as bar:
@@ -824,8 +837,9 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
                 train_loss = progress.loss_sum / max(1, progress.seen)
                 train_top1 = 100.0 * progress.correct / max(1, progress.seen)
                 train_top5 = 100.0 * progress.correct5 / max(1, progress.seen)
-                _broadcast_buffers(model)
-                validation = _evaluate(model, val_loader, device, args.amp, args.progress, val_views,
+                validated = model if step_options.ema is None else step_options.ema.module
+                _broadcast_buffers(validated)
+                validation = _evaluate(validated, val_loader, device, args.amp, args.progress, val_views,
                                        max_clips=args.batch_size)
                 progress.epoch += 1
                 progress.start_epoch()
@@ -955,6 +969,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                             "of the class), for imbalanced data (default: every clip alike)")
     train.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
                        help="training targets 1 - X on the class, X spread over all classes (default 0)")
+    train.add_argument("--ema", type=float, metavar="DECAY",
+                       help="keep an exponential moving average of the weights (after each step: "
+                            "average = DECAY x average + (1 - DECAY) x weights; 0.999 or 0.9999 are common), "
+                            "validate it, and give it to predict/evaluate/export (default: none)")
     train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                        help="MixUp: blend each training clip with another of its batch, weights lambda and "
                             "1 - lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0.8 is common; default 0: off)")
