@@ -60,8 +60,13 @@ from c3dzoo.ops import batch_statistics
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MODES = ("inference", "train")
-MODELS = ("c3d_bn", "r3d_18")
-NUM_CLASSES = {"c3d_bn": 101, "r3d_18": 400}  # UCF101 and Kinetics-400, as usually trained
+# UCF101 and Kinetics-400, as usually trained; S3D (like R3D-18 on the CPU profile's 8 frames)
+# runs only when asked for: C3DZOO_BENCH_MODELS=s3d, or c3dzoo bench --model s3d
+NUM_CLASSES = {"c3d_bn": 101, "r3d_18": 400, "s3d": 400}
+MODELS = tuple(m.strip() for m in os.environ.get("C3DZOO_BENCH_MODELS", "c3d_bn,r3d_18").split(",") if m.strip())
+_unknown = sorted(set(MODELS) - set(NUM_CLASSES))
+if _unknown:
+    raise ValueError(f"C3DZOO_BENCH_MODELS: unknown model(s) {', '.join(_unknown)}; the suite runs {', '.join(NUM_CLASSES)}")
 SEED = 0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

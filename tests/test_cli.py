@@ -462,6 +462,16 @@ def test_bench_writes_csv(tmp_path, capsys):
     assert (out / "bench.json").is_file()
 
 
+def test_bench_runs_a_model_outside_the_default_suite(tmp_path, capsys):
+    """S3D is no part of `pytest bench/`'s default session; c3dzoo bench --model s3d builds it alone."""
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--model", "s3d", "--mode", "inference", "--out", str(out)]) == 0
+    with open(out / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["group"] for row in rows} == {"model s3d inference"}
+    assert {"eager-fp32", "c3dzoo-reference-fp32"} <= {row["contestant"] for row in rows}
+
+
 @pytest.mark.parametrize("argv", [["bench", "--mode", "fast"], ["bench", "--batch", "0"]])
 def test_bench_bad_arguments_exit_2(argv, capsys):
     assert cli.main(argv) == 2

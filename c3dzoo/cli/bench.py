@@ -17,7 +17,7 @@ import c3dzoo
 from ._common import CommandError, UsageError
 
 
-BENCH_MODELS = ("c3d_bn", "r3d_18")  # bench/_harness.py MODELS
+BENCH_MODELS = ("c3d_bn", "r3d_18", "s3d")  # bench/_harness.py NUM_CLASSES
 BENCH_MODES = {"inference": ("inference",), "training": ("train",), "both": ("inference", "train")}
 # speedup: the baseline's median / the contestant's, both of the same group and batch (speedup_vs)
 BENCH_CSV = ("group", "contestant", "batch", "median_ms", "clips_per_s", "speedup", "speedup_vs", "peak_mem_bytes")
@@ -94,6 +94,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
         if batch is not None:
             env["C3DZOO_BENCH_BATCH"] = str(batch)  # the suite takes one batch size per session
+        env["C3DZOO_BENCH_MODELS"] = args.model  # the suite builds only that one
         command = [sys.executable, "-m", "pytest", bench_dir, "--benchmark-only", "-q", "-p", "no:cacheprovider",
                    "-p", "no:xdist", "-k", select, f"--benchmark-json={json_path}"]
         print(f"running the benchmarks{'' if batch is None else f' at batch {batch}'} (log: {log_path})",
