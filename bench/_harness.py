@@ -66,7 +66,8 @@ NUM_CLASSES = {"c3d_bn": 101, "r3d_18": 400, "s3d": 400}
 MODELS = tuple(m.strip() for m in os.environ.get("C3DZOO_BENCH_MODELS", "c3d_bn,r3d_18").split(",") if m.strip())
 _unknown = sorted(set(MODELS) - set(NUM_CLASSES))
 if _unknown:
-    raise ValueError(f"C3DZOO_BENCH_MODELS: unknown model(s) {', '.join(_unknown)}; the suite runs {', '.join(NUM_CLASSES)}")
+    raise ValueError(f"C3DZOO_BENCH_MODELS: unknown model(s) {', '.join(_unknown)}; "
+                     f"the suite runs {', '.join(NUM_CLASSES)}")
 SEED = 0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -512,8 +512,8 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: S
             rewrites.append((path, consumer, _resized(consumer, in_units=width * groups[path]),
                              {"weight": divide_by(groups[path])}))
         else:
-            rewrites.append((path, consumer, _resized(consumer, in_units=_units(consumer, incoming=True) + width - old),
-                             {"weight": divide_slice(offset)}))
+            fan_in = _units(consumer, incoming=True) + width - old
+            rewrites.append((path, consumer, _resized(consumer, in_units=fan_in), {"weight": divide_slice(offset)}))
     swaps = [s for path, module, new, remaps in rewrites for s in _param_swaps(path, module, new, remaps)]
     commit_optimizer = _optimizer_commit(optimizer, swaps)
 
@@ -910,7 +910,8 @@ def _s3d_insertion(model: nn.Module, after: str, data: Optional[Tensor], name: O
     parts = list(unit)
     if (len(parts) != 3 or type(parts[0]) is not nn.Conv3d or not isinstance(parts[1], _BatchNorm)
             or not isinstance(parts[2], nn.ReLU)):
-        raise ValueError(f"{after!r} is not Conv3d → BatchNorm → ReLU ({unit}), so no identity layer can follow it")
+        raise ValueError(f"{after!r} is not Conv3d → BatchNorm → ReLU ({unit}), so no identity layer can "
+                         f"follow it")
     conv = parts[0]
     f = _factory(conv)
     batch = _module_output(model, unit, data) if data is not None else None

@@ -123,8 +123,9 @@ def test_s3d_takes_its_published_weights_and_clips(tmp_path, monkeypatch, capsys
     assert checkpoint["model_name"] == "s3d" and len(checkpoint["class_names"]) == 400
     assert (checkpoint["data"]["frames"], tuple(checkpoint["data"]["size"])) == (128, (224, 224))
     shapes = []
-    monkeypatch.setattr(c3dzoo.models.separable_inception.S3D, "_check_input",
-                        lambda self, x, real=c3dzoo.models.separable_inception.S3D._check_input: (shapes.append(x.shape), real(self, x)))
+    s3d_class = c3dzoo.models.separable_inception.S3D
+    monkeypatch.setattr(s3d_class, "_check_input",
+                        lambda self, x, real=s3d_class._check_input: (shapes.append(x.shape), real(self, x)))
     video = make_video(tmp_path / "clip.mp4", frames=70, size=40)
     assert cli.main(["predict", video, "--checkpoint", "s3d:kinetics400", "--device", "cpu"]) == 0
     assert [tuple(s[1:]) for s in shapes] == [(3, 128, 224, 224)]

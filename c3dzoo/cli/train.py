@@ -40,8 +40,8 @@ from c3dzoo.data import MOTIONS, BatchMixing, VideoClipDataset, mix_batch
 
 from ._common import (PROG, CommandError, UsageError, backend_arg, backend_choices,
                       builder_accepts, resolve_device, size_arg)
-from .train_data import DEFAULT_VAL_SPLIT, REAL_DATA_OPTIONS, TrainingData, make_data
 from . import train_ema
+from .train_data import DEFAULT_VAL_SPLIT, REAL_DATA_OPTIONS, TrainingData, make_data
 from .train_growth import GROW_SYNTAX, apply_growth, resolve_growth
 from .train_outputs import (CONFUSION_PNG, CURVES_PNG, METRICS, PER_CLASS_CSV, open_metrics, plot_curves,
                             write_final_report)
@@ -742,12 +742,12 @@ def _train(args: argparse.Namespace, device: torch.device) -> int:
             setattr(progress, key, value)
         if "rng" in checkpoint:
             ckpt.set_rng_state(checkpoint["rng"])
-    ema = train_ema.make_ema(model, args.ema)  # of the model as loaded and grown
-    if checkpoint is not None:
-        train_ema.restore(ema, checkpoint, args.resume)
         if progress.batch > batches.global_batches:
             raise ckpt.CheckpointError(f"checkpoint {args.resume} is at batch {progress.batch} of an epoch "
                                        f"of {batches.global_batches}: was --batch-size changed?")
+    ema = train_ema.make_ema(model, args.ema)  # of the model as loaded and grown
+    if checkpoint is not None:
+        train_ema.restore(ema, checkpoint, args.resume)
     pending = growth_plan[len(progress.growth):]
     if pending and (pending[0]["epoch"] < progress.epoch + 1
                     or (pending[0]["epoch"] == progress.epoch + 1 and progress.batch > 0)):
@@ -975,11 +975,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                             "validate it, and give it to predict/evaluate/export (default: none)")
     train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                        help="MixUp: blend each training clip with another of its batch, weights lambda and "
-                            "1 - lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0.8 is common; default 0: off)")
+                            "1 - lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0.8 is common; "
+                            "default 0: off)")
     train.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
                        help="CutMix: paste a box of another clip of the batch through all frames, of area "
                             "~ Beta(ALPHA, ALPHA), targets by area (1.0 is common; default 0: off; with --mixup "
-                            "each batch takes one of the two)"),
+                            "each batch takes one of the two)")
     train.add_argument("--num-classes", type=int, default=10,
                        help=f"synthetic motion classes, 1 to {len(MOTIONS)} (default %(default)s; "
                             f"with --data the data's class count)")
