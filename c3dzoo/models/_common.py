@@ -64,6 +64,23 @@ def check_input(x: torch.Tensor, channels: int, input_size: Sequence[int], model
         )
 
 
+def check_video_input(x: torch.Tensor, stem: nn.Module, min_size: Sequence[int], model: str) -> None:
+    """``x`` must be N × C × frames × height × width, C the input channels of ``stem``'s first
+    Conv3d (3 without one; a user's own stem may take optical flow's 2), each size at least
+    ``min_size``'s."""
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (c3dzoo.fuse): no shapes to check
+        return
+    first = next((m for m in stem.modules() if isinstance(m, nn.Conv3d)), None)
+    channels = first.in_channels if first is not None else 3
+    if (not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != channels
+            or any(s < m for s, m in zip(x.shape[2:], min_size))):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        least = ("every size at least 1" if tuple(min_size) == (1, 1, 1) else
+                 f"at least {min_size[0]} frames of {min_size[1]}×{min_size[2]} pixels")
+        raise ValueError(f"{model} expects input of shape (N, {channels}, frames, height, width) with {least}, "
+                         f"got {got}")
+
+
 def scaled(channels: int, width_mult: float) -> int:
     """A channel count scaled by ``width_mult`` (at least 1)."""
     return max(1, int(round(channels * width_mult)))

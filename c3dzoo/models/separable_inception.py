@@ -20,7 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import Chain, ChainSequential, FusableModel, call_chained, published_weights
+from ._common import Chain, ChainSequential, FusableModel, call_chained, check_video_input, published_weights
 
 Tensor = torch.Tensor
 
@@ -131,17 +131,7 @@ class S3D(FusableModel):
         # its weights
 
     def _check_input(self, x: Tensor) -> None:
-        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (c3dzoo.fuse): no shapes to check
-            return
-        first = next((m for m in self.features.modules() if isinstance(m, nn.Conv3d)), None)
-        channels = first.in_channels if first is not None else 3
-        if (not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != channels
-                or any(s < m for s, m in zip(x.shape[2:], MIN_INPUT))):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"S3D expects input of shape (N, {channels}, frames, height, width) with at least "
-                f"{MIN_INPUT[0]} frames of {MIN_INPUT[1]}×{MIN_INPUT[2]} pixels, got {got}"
-            )
+        check_video_input(x, self.features, MIN_INPUT, "S3D")
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -10,10 +10,9 @@ block's final ReLU stay stock.
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
-import torch.fx
 from torch import nn
 
-from ._common import Chain, ChainSequential, FusableModel, call_chained, published_weights
+from ._common import Chain, ChainSequential, FusableModel, call_chained, check_video_input, published_weights
 
 Tensor = torch.Tensor
 
@@ -187,17 +186,7 @@ class VideoResNet(FusableModel):
         return ChainSequential(*layers)
 
     def _check_input(self, x: Tensor) -> None:
-        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (c3dzoo.fuse): no shapes to check
-            return
-        # the stem's conv says how many channels (a user's own stem may take optical flow's 2)
-        first = next((m for m in self.stem.modules() if isinstance(m, nn.Conv3d)), None)
-        channels = first.in_channels if first is not None else 3
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != channels or min(x.shape[2:]) < 1:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"{type(self).__name__} expects input of shape (N, {channels}, frames, height, width) "
-                f"with every size at least 1, got {got}"
-            )
+        check_video_input(x, self.stem, (1, 1, 1), type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
