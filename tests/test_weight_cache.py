@@ -306,3 +306,20 @@ def test_whole_fused_model_moves_dtype_with_swapped_parameters_after_training(sw
         model.double()
     with torch.no_grad():
         torch.testing.assert_close(fused(x.double()), stock(x.double()))
+
+
+def test_a_model_with_more_layers_than_the_old_bound_folds_once(monkeypatch):
+    """S3D's 77 eval-mode chains, then a second forward: nothing folded again. (A bound of 64
+    entries, shared by every layer, evicted each layer just before its next use: every call
+    refolded every layer, on every backend.)"""
+    from c3dzoo.ops import reference
+
+    folds, real = [], reference.fold_batch_norm
+    monkeypatch.setattr(reference, "fold_batch_norm", lambda *a, **k: (folds.append(1), real(*a, **k))[1])
+    torch.manual_seed(0)
+    model = c3dzoo.s3d(num_classes=4, fused=True, backend="reference").eval()
+    x = torch.randn(1, 3, 5, 17, 17)
+    with torch.no_grad():
+        first = model(x)
+        assert len(folds) == 77
+        assert torch.equal(model(x), first) and len(folds) == 77

@@ -47,7 +47,10 @@ class FoldedWeightCache:
     conversions) refuses a tensor that has a weak reference. A changed source rebuilds its entry in
     place: a training loop holds one packed copy per layer, not one per step until the cache fills.
     Entries die with any of their sources' storages (a parameter given new storage through ``.data``
-    or a swap frees its stale entry), and at most ``capacity`` are kept (least recently used first out).
+    or a swap frees its stale entry), and at most ``capacity`` are kept (least recently used first
+    out). One cache serves every layer of every live model on its backend, and a forward visits the
+    layers in a cycle: with fewer entries than layers (S3D has 77 chains; a few models alive at once)
+    least-recently-used eviction would miss on every call, so the bound is far above any model's.
     Not detected: writes through ``tensor.data``, which bypass the version counter (training-mode
     layers do not cache for that reason, see ``cached_folded``; ``clear_weight_caches()`` forgets
     every entry).
@@ -57,7 +60,7 @@ class FoldedWeightCache:
     model does) instead of a copy frozen at capture time, which a later rebuild could also free.
     """
 
-    def __init__(self, capacity: int = 64):
+    def __init__(self, capacity: int = 4096):
         _CACHES.add(self)
         self.capacity = capacity
         # (where each source is, extra) -> (weak references to the storages, versions, value)
