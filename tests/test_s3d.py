@@ -5,6 +5,8 @@ Fused-vs-stock parity (outputs, gradients, running statistics in every mode), ``
 hooks and published weights are tested with the other zoo models (test_models_zoo.py,
 test_hooks.py, test_fuse.py, test_weights.py)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
 from c3dzoo.models.separable_inception import MIN_INPUT, AvgPool3dWithin
+from interpreter import skip_unless_triton_runs_cpu_tensors
 
 
 def _torchvision_video():
@@ -72,6 +75,27 @@ def test_onnx_export_with_a_shrunk_average_pool(dynamo, tmp_path):
     with torch.no_grad():
         model.fused = False
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-6)
+
+
+def test_triton_backend_runs_every_s3d_layer():
+    """Under the interpreter on a CPU: the Triton kernels take all of S3D's chains (3-channel
+    1×7×7 stride-2 stem, 7×1×1 stride 2, 1×1×1, separable 3×3 halves, the stem's overlapping
+    max-pool in the epilogue) with nothing falling back, and match the stock model in eval mode.
+    (A training step there takes a minute; its parity is the reference backend's tests'.)"""
+    skip_unless_triton_runs_cpu_tensors()
+    torch.manual_seed(0)
+    stock = c3dzoo.s3d(num_classes=4).eval()
+    with torch.no_grad():
+        for bn in (m for m in stock.modules() if isinstance(m, nn.BatchNorm3d)):
+            bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.3, 0.3)
+    fused = copy.deepcopy(stock)
+    fused.fused, fused.backend = True, "triton"
+    x = torch.randn(1, 3, *MIN_INPUT)
+    c3dzoo.ops.backends.clear_fallbacks()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-6)
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
 
 
 def test_smallest_input_is_the_smallest_the_features_take():
