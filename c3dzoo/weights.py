@@ -1,4 +1,5 @@
-"""Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets and S3D.
+"""Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets and S3D,
+and the IG-65M R(2+1)D-34 (pretrained on 65 M Instagram videos; fine-tuned on Kinetics-400).
 
     model = c3dzoo.r3d_18(weights="kinetics400", fused=True)       # 400 classes, fused
     c3dzoo.weights.available()                                       # [("r3d_18", "kinetics400"), ...]
@@ -51,13 +52,19 @@ class WeightsEntry:
     short_side: int = 128
     mean: Tuple[float, float, float] = KINETICS_MEAN
     std: Tuple[float, float, float] = KINETICS_STD
+    # Kinetics-400's names in torchvision's order; False where the publisher gave no label order
+    # (the classes are then numbered, rather than named by a guess)
+    kinetics_names: bool = True
 
     @property
     def class_names(self) -> Tuple[str, ...]:
-        return kinetics400_classes()
+        if self.kinetics_names:
+            return kinetics400_classes()
+        return tuple(f"class {i}" for i in range(self.num_classes))
 
 
 _TORCHVISION = "torchvision (Kinetics-400, 16x112x112 clips)"
+_IG65M = "https://github.com/moabitcoin/ig65m-pytorch/releases/download/v1.0.0"
 _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
     (e.model, e.name): e for e in (
         WeightsEntry("r3d_18", "kinetics400", "https://download.pytorch.org/models/r3d_18-b3b3357e.pth",
@@ -69,6 +76,18 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
         # torchvision measured its accuracy on 128-frame clips (it trained on 64)
         WeightsEntry("s3d", "kinetics400", "https://download.pytorch.org/models/s3d-d76dad2f.pth",
                      "torchvision (Kinetics-400, 128x224x224 clips)", frames=128, size=(224, 224), short_side=256),
+        # VMZ's Caffe2 weights as moabitcoin/ig65m-pytorch converted them (its release v1.0.0); its
+        # pretraining heads (359 and 487 hashtag classes) and its Kinetics head come without a label
+        # order, so their classes are numbered
+        *(WeightsEntry("r2plus1d_34", name, f"{_IG65M}/r2plus1d_34_clip{frames}_{file}.pth",
+                       f"IG-65M{' + Kinetics-400' if classes == 400 else ''} (VMZ, converted by "
+                       f"moabitcoin/ig65m-pytorch; {frames}x112x112 clips)", num_classes=classes, frames=frames,
+                       kinetics_names=False)
+          for name, frames, classes, file in (
+              ("ig65m_kinetics", 8, 400, "ft_kinetics_from_ig65m-0aa0550b"),
+              ("ig65m_kinetics32", 32, 400, "ft_kinetics_from_ig65m-ade133f1"),
+              ("ig65m", 8, 359, "ig65m_from_scratch-9bae36ae"),
+              ("ig65m32", 32, 487, "ig65m_from_scratch-449a7af9"))),
     )
 }
 

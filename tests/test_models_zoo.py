@@ -36,6 +36,8 @@ MODELS = {
     "mc3_18": ((2, 3, 2, 24, 24), 11_695_440, 20),
     # stem 2 + 8 blocks × 4 + 3 shortcuts
     "r2plus1d_18": ((2, 3, 2, 24, 24), 31_505_325, 37),
+    # stem 2 + 16 blocks × 4 + 3 shortcuts
+    "r2plus1d_34": ((2, 3, 2, 24, 24), 63_697_175, 69),
     # parameters counted from the architecture: 4 conv blocks 2,304,264 + conv_layer5 1,180,160
     # + head 402,459; 4 blocks × 2 chains (conv_layer5 has no BN or activation)
     "jester_convcolumn": ((2, 3, 18, 84, 84), 3_886_883, 8),
@@ -48,6 +50,9 @@ RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
 # grows through its 77 chains to ~1e-4 of the largest weight gradient in stock as in fused (both
 # measured against float64), beyond a fused-vs-stock tolerance; these are judged by the budget
 JUDGED_BY_BUDGET = {"train": ("s3d",)}
+# the same for the unconditioned training-mode forward of the 34-layer R(2+1)D (eps 1e-3, 16
+# blocks): both fp32 outputs are ~5e-4 (relative) from float64 there
+FORWARD_JUDGED_BY_BUDGET = ("r2plus1d_34",)
 MODES = ("train", "eval", "frozen_bn")
 # Jester gradients upstream of a MaxPool3d: relative L2 error allowed (measured up to 7e-3 over
 # several inputs, from pooling near-ties; a stock fp32 run differs from fp64 by as much)
@@ -235,6 +240,14 @@ def test_fused_forward_at_initialisation(pair):
     with torch.no_grad():
         for model in (stock, fused):
             _set_mode(model, "train")
+        if name in FORWARD_JUDGED_BY_BUDGET:
+            reference = copy.deepcopy(stock).double()
+            results = []
+            for model, dtype in ((fused, torch.float32), (stock, torch.float32), (reference, torch.float64)):
+                torch.manual_seed(2)
+                results.append({"output": model(x.to(dtype)), **{k: b for k, b in model.named_buffers()}})
+            _assert_within_budget(*results)
+            return
         torch.manual_seed(2)
         expected = stock(x)
         torch.manual_seed(2)
@@ -288,6 +301,30 @@ def test_matches_torchvision(name):
         assert torch.equal(ours(x), expected)
         ours.fused = True
         _assert_close(ours(x), expected, "fused output vs torchvision")
+
+
+def test_r2plus1d_34_has_the_ig65m_layout():
+    """moabitcoin/ig65m-pytorch's R(2+1)D-34: torchvision's VideoResNet (3, 4, 6, 3) with the first
+    blocks' conv2 of layers 2-4 rebuilt at Caffe2's widths and BatchNorm eps 1e-3. Its state_dict
+    loads into ours, and both compute the same."""
+    video = pytest.importorskip("torchvision.models.video.resnet", reason="torchvision is not installed")
+    torch.manual_seed(0)
+    theirs = video.VideoResNet(block=video.BasicBlock, conv_makers=[video.Conv2Plus1D] * 4, layers=[3, 4, 6, 3],
+                               stem=video.R2Plus1dStem, num_classes=400)
+    for layer, width in (("layer2", 288), ("layer3", 576), ("layer4", 1152)):
+        planes = getattr(theirs, layer)[0].conv2[1].num_features
+        getattr(theirs, layer)[0].conv2[0] = video.Conv2Plus1D(planes, planes, width)
+    for m in theirs.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.eps = 1e-3
+    ours = _build("r2plus1d_34", fused=False)
+    their_sd = theirs.state_dict()
+    assert list(ours.state_dict()) == list(their_sd)
+    ours.load_state_dict(their_sd, strict=True)
+    x = _input("r2plus1d_34")
+    with torch.no_grad():
+        theirs.eval(), ours.eval()
+        assert torch.equal(ours(x), theirs(x))
 
 
 def test_user_edited_containers_of_a_fused_video_resnet_still_run():

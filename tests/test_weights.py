@@ -25,14 +25,24 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
     # an attribute of the package without an import of its own, as c3dzoo.transfer
     probe = subprocess.run([sys.executable, "-c", "import c3dzoo; print(len(c3dzoo.weights.available()))"],
                            capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "4", probe.stderr[-2000:]
-    assert weights.available() == [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400"),
-                                   ("s3d", "kinetics400")]
-    for model, name in weights.available():
+    assert probe.stdout.strip() == "8", probe.stderr[-2000:]
+    torchvision = [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400"),
+                   ("s3d", "kinetics400")]
+    ig65m = [("r2plus1d_34", n) for n in ("ig65m_kinetics", "ig65m_kinetics32", "ig65m", "ig65m32")]
+    assert weights.available() == torchvision + ig65m
+    for model, name in torchvision:
         found = weights.entry(model, name)
         assert re.fullmatch(rf"https://download\.pytorch\.org/models/{model}-[0-9a-f]{{8}}\.pth", found.url)
         clips = (128, (224, 224), 256) if model == "s3d" else (16, (112, 112), 128)  # as torchvision's presets
         assert (found.frames, found.size, found.short_side, found.num_classes) == (*clips, 400)
+        assert found.class_names == weights.kinetics400_classes()
+    for (model, name), (frames, classes) in zip(ig65m, [(8, 400), (32, 400), (8, 359), (32, 487)]):
+        found = weights.entry(model, name)
+        # torch.hub checks the file against the hash prefix in its name
+        assert re.fullmatch(r"https://github\.com/moabitcoin/ig65m-pytorch/releases/download/v1\.0\.0/"
+                            r"r2plus1d_34_clip\d+_[a-z0-9_]+-[0-9a-f]{8}\.pth", found.url)
+        assert (found.frames, found.size, found.short_side, found.num_classes) == (frames, (112, 112), 128, classes)
+        assert found.class_names == tuple(f"class {i}" for i in range(classes))  # no published label order
     names = weights.kinetics400_classes()
     assert len(names) == len(set(names)) == 400 and list(names) == sorted(names)
     assert names[0] == "abseiling" and names[-1] == "zumba"
@@ -45,8 +55,13 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
 def _serve(model: str, tmp_path, monkeypatch):
     """``model``:kinetics400 served from a local file of random weights (as torchvision would have
     written them: no num_batches_tracked), with torch.hub's cache in tmp_path."""
+    return _serve_as(model, "kinetics400", tmp_path, monkeypatch)
+
+
+def _serve_as(model: str, name: str, tmp_path, monkeypatch, num_classes: int = 400):
     torch.manual_seed(0)
-    state = {k: v for k, v in c3dzoo.get_model(model).state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in c3dzoo.get_model(model, num_classes=num_classes).state_dict().items()
+             if not k.endswith("num_batches_tracked")}
     staging = tmp_path / "staging.pth"
     torch.save(state, staging)
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()
@@ -54,7 +69,7 @@ def _serve(model: str, tmp_path, monkeypatch):
     served_file.parent.mkdir(exist_ok=True)
     staging.rename(served_file)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    key = (model, "kinetics400")
+    key = (model, name)
     monkeypatch.setitem(weights._REGISTRY, key, dataclasses.replace(weights._REGISTRY[key],
                                                                     url=served_file.as_uri()))
     return state, served_file
@@ -140,3 +155,13 @@ def test_s3d_takes_its_published_weights_and_clips(tmp_path, monkeypatch, capsys
     assert trained["classifier.1.weight"].shape == (2, 1024, 1, 1, 1)
     assert torch.equal(trained["features.6.branch0.0.weight"], state["features.6.branch0.0.weight"])  # frozen
     assert not torch.equal(trained["features.8.branch0.0.weight"], state["features.8.branch0.0.weight"])
+
+
+def test_ig65m_weights_load_by_name_and_number_their_classes(tmp_path, monkeypatch, capsys):
+    state, _ = _serve_as("r2plus1d_34", "ig65m", tmp_path, monkeypatch, num_classes=359)
+    model = c3dzoo.r2plus1d_34(weights="ig65m", fused=True)
+    assert model.fc.out_features == 359 and _same(model.state_dict(), state)
+    video = make_video(tmp_path / "clip.mp4", frames=12, size=40)
+    assert cli.main(["predict", video, "--checkpoint", "r2plus1d_34:ig65m", "--top-k", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{re.escape(video)}: class \d+ [0-9.]+%, class \d+ [0-9.]+%", printed), printed

@@ -48,6 +48,7 @@ CHECK_SPECS: Dict[str, CheckSpec] = {
     "r3d_18": CheckSpec({}, (2, 32, 32)),
     "mc3_18": CheckSpec({}, (2, 32, 32)),
     "r2plus1d_18": CheckSpec({}, (2, 32, 32)),
+    "r2plus1d_34": CheckSpec({}, (2, 32, 32)),
     # near its smallest input (5 × 17 × 17, c3dzoo.models.separable_inception.MIN_INPUT): the last Inception
     # blocks keep 1 × 1 × 2 positions per clip, and a batch of 4 gives their BatchNorms 8 values.
     # 8 frames, not 5-7: torch 2.13's CPU conv3d (oneDNN) returns a garbage weight gradient, or

@@ -14,6 +14,7 @@ _MODELS: Dict[str, str] = {
     "r3d_18": "c3dzoo.models.video_resnet:r3d_18",
     "mc3_18": "c3dzoo.models.video_resnet:mc3_18",
     "r2plus1d_18": "c3dzoo.models.video_resnet:r2plus1d_18",
+    "r2plus1d_34": "c3dzoo.models.video_resnet:r2plus1d_34",
     "s3d": "c3dzoo.models.separable_inception:s3d",
 }
 

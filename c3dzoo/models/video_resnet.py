@@ -108,6 +108,11 @@ class R2Plus1dStem(ChainSequential):
         )
 
 
+def _midplanes(inplanes: int, planes: int) -> int:
+    """The (2+1)D middle width with about the parameters of a full 3×3×3 conv."""
+    return (inplanes * planes * 3 * 3 * 3) // (inplanes * 3 * 3 + 3 * planes)
+
+
 class BasicBlock(nn.Module):
     """Two convolutions with BN, a shortcut (a strided 1×1×1 conv + BN when the shape changes),
     the residual add and a ReLU."""
@@ -115,15 +120,18 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, conv_builder: ConvBuilder, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, own_midplanes: bool = False):
         # torchvision derives one midplanes from inplanes and uses it for both convs (it only
-        # matters for Conv2Plus1D); keep that, or the shapes would not match its checkpoints
-        midplanes = (inplanes * planes * 3 * 3 * 3) // (inplanes * 3 * 3 + 3 * planes)
+        # matters for Conv2Plus1D); keep that, or the shapes would not match its checkpoints.
+        # Caffe2's R(2+1)D (VMZ, whose IG-65M weights r2plus1d_34 loads) derives each conv's own
+        # (own_midplanes): conv2's from planes → planes
+        midplanes = _midplanes(inplanes, planes)
         super().__init__()
         self.conv1 = ChainSequential(
             conv_builder(inplanes, planes, midplanes, stride), nn.BatchNorm3d(planes), nn.ReLU(inplace=True)
         )
-        self.conv2 = ChainSequential(conv_builder(planes, planes, midplanes), nn.BatchNorm3d(planes))
+        conv2_midplanes = _midplanes(planes, planes) if own_midplanes else midplanes
+        self.conv2 = ChainSequential(conv_builder(planes, planes, conv2_midplanes), nn.BatchNorm3d(planes))
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -144,13 +152,16 @@ class VideoResNet(FusableModel):
     """ResNet-18-style video network: ``stem``, ``layer1``…``layer4`` of BasicBlocks (64, 128,
     256, 512 channels; layers 2–4 stride 2), global average pool and ``fc``.
 
-    ``conv_makers`` gives the block convolution of each of the four layers.
+    ``conv_makers`` gives the block convolution of each of the four layers, ``layers`` the blocks
+    of each. ``own_midplanes`` and ``bn_eps`` (1e-3) build Caffe2's variant (see BasicBlock).
     """
 
     def __init__(self, stem: Callable[[], nn.Module], conv_makers: Sequence[ConvBuilder],
                  layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 400, *,
-                 fused: bool = False, backend: Optional[str] = None):
+                 fused: bool = False, backend: Optional[str] = None, own_midplanes: bool = False,
+                 bn_eps: float = 1e-5):
         super().__init__(fused, backend)
+        self.own_midplanes = own_midplanes
         self.inplanes = 64
         self.stem = stem()
         self.layer1 = self._make_layer(conv_makers[0], 64, layers[0], stride=1)
@@ -171,6 +182,8 @@ class VideoResNet(FusableModel):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.constant_(m.bias, 0)
+            if isinstance(m, nn.BatchNorm3d):
+                m.eps = bn_eps
 
     def _make_layer(self, conv_builder: ConvBuilder, planes: int, blocks: int, stride: int) -> ChainSequential:
         downsample = None
@@ -180,9 +193,10 @@ class VideoResNet(FusableModel):
                           stride=conv_builder.downsample_stride(stride), bias=False),
                 nn.BatchNorm3d(planes * BasicBlock.expansion),
             )
-        layers = [BasicBlock(self.inplanes, planes, conv_builder, stride, downsample)]
+        own = self.own_midplanes
+        layers = [BasicBlock(self.inplanes, planes, conv_builder, stride, downsample, own_midplanes=own)]
         self.inplanes = planes * BasicBlock.expansion
-        layers += [BasicBlock(self.inplanes, planes, conv_builder) for _ in range(1, blocks)]
+        layers += [BasicBlock(self.inplanes, planes, conv_builder, own_midplanes=own) for _ in range(1, blocks)]
         return ChainSequential(*layers)
 
     def _check_input(self, x: Tensor) -> None:
@@ -220,3 +234,12 @@ def r2plus1d_18(num_classes: int = 400, *, fused: bool = False, backend: Optiona
     ``r2plus1d_18``; 31.5 M parameters)."""
     return VideoResNet(R2Plus1dStem, [_Conv2Plus1DBuilder()] * 4, num_classes=num_classes,
                        fused=fused, backend=backend)
+
+
+@published_weights
+def r2plus1d_34(num_classes: int = 400, *, fused: bool = False, backend: Optional[str] = None) -> VideoResNet:
+    """R(2+1)D-34 as Caffe2's VMZ built it (3, 4, 6, 3 blocks; each conv's own (2+1)D width; BatchNorm
+    eps 1e-3; 63.7 M parameters): the layout of the IG-65M weights (Ghadiyaram et al., 2019, as
+    converted by moabitcoin/ig65m-pytorch), ``weights="ig65m"`` / ``"ig65m_kinetics"``."""
+    return VideoResNet(R2Plus1dStem, [_Conv2Plus1DBuilder()] * 4, (3, 4, 6, 3), num_classes=num_classes,
+                       fused=fused, backend=backend, own_midplanes=True, bn_eps=1e-3)
