@@ -293,3 +293,28 @@ def test_micro_batches_on_two_ranks_keep_the_ranks_in_step(tmp_path):
     rank1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=True)
     weights = [k for k in rank0 if "running" not in k and "num_batches" not in k]
     assert weights and all(torch.equal(rank0[k], rank1[k]) for k in weights)
+
+
+def test_ema_and_mixing_on_two_ranks(tmp_path):
+    """--ema with --sync-bn on 2 ranks: every rank validates the same average, and it is the average
+    one process keeps on the global batch. --mixup mixes each rank's clips with its own partners
+    (a different run from one process), and the ranks still step together."""
+    (tmp_path / "dump").mkdir()
+    argv = BASE + ["--epochs", "1", "--batch-size", "4", "--sync-bn", "--ema", "0.5"]
+    ranks = run_ranks(argv, tmp_path / "run", tmp_path / "logs", dump=tmp_path / "dump")
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    validated = [torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert all(torch.equal(validated[0][k], validated[1][k]) for k in validated[0])
+    assert cli.main(BASE + ["--epochs", "1", "--batch-size", "8", "--ema", "0.5", "--out", str(tmp_path / "one")]) == 0
+    saved, single = (torch.load(p / "last.pt", map_location="cpu", weights_only=True)
+                     for p in (tmp_path / "run", tmp_path / "one"))
+    assert saved["ema_updates"] == single["ema_updates"] == 2
+    assert _max_relative_difference(saved["ema"], single["ema"]) <= SAME_TRAINING
+    assert all(torch.equal(saved["ema"][k], validated[0][k]) for k in saved["ema"])  # what rank 0 validated
+
+    mixed = run_ranks(BASE + ["--epochs", "1", "--batch-size", "4", "--mixup", "0.8", "--cutmix", "1.0"],
+                      tmp_path / "mixed", tmp_path / "mixed_logs", dump=tmp_path / "dump")
+    assert [r[0] for r in mixed] == [0, 0], mixed[0][2][-2000:] + mixed[1][2][-2000:]
+    validated = [torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    weights = [k for k in validated[0] if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(validated[0][k], validated[1][k]) for k in weights)
