@@ -462,8 +462,9 @@ def test_bench_writes_csv(tmp_path, capsys):
     assert (out / "bench.json").is_file()
 
 
-def test_bench_runs_a_model_outside_the_default_suite(tmp_path, capsys):
+def test_bench_runs_a_model_outside_the_default_suite(tmp_path, capsys, monkeypatch):
     """S3D is no part of `pytest bench/`'s default session; c3dzoo bench --model s3d builds it alone."""
+    monkeypatch.setenv("C3DZOO_BENCH_COMPILE", "0")  # on a GPU machine: no minutes of torch.compile here
     out = tmp_path / "bench"
     assert cli.main(["bench", "--model", "s3d", "--mode", "inference", "--out", str(out)]) == 0
     with open(out / "bench.csv", newline="") as f:
