@@ -43,6 +43,9 @@ class PretrainedError(CheckpointError, ValueError):
 # connected layers whose features are conventionally taken after the activation the model applies
 _HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc", "S3D": "classifier.1"}
 _HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6"), "VideoResNet": (), "S3D": ()}
+# layers whose output positions the head treats alike and averages (S3D's classifier runs per
+# position of its average pool, then the forward takes the mean): their features are that mean
+_POSITION_MEANS = {"S3D": ("avgpool",)}
 
 
 def _family(model: nn.Module) -> Optional[str]:
@@ -523,7 +526,9 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
     own device; a forward hook takes the layer's output at its first call and stops the forward
     there. ``activation="auto"`` applies the activation the model applies after that layer (C3D
     fc6/fc7: ReLU, the convention of the C3D paper's fc6 features — Caffe's in-place ReLU leaves
-    the fc6 blob rectified; Jester fc5/fc6: LeakyReLU); ``"none"`` gives the raw output.
+    the fc6 blob rectified; Jester fc5/fc6: LeakyReLU); ``"none"`` gives the raw output. S3D's
+    ``avgpool`` gives the mean over its output positions (1024-d at any clip size), as its head
+    averages them.
     ``return_labels=True`` returns ``(features, labels)`` and needs labelled batches.
 
     Samples of several views (``V × C × T × H × W`` each: ``VideoClipDataset(clips=, crops=)``)
@@ -544,6 +549,7 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
                          f"{', '.join(n for n, _ in model.named_children() if not n.startswith('c3dzoo_'))}"
                          ) from None
     act = _activation_after(model, layer) if activation == "auto" else None
+    position_mean = layer in _POSITION_MEANS.get(_family(model), ())
     device, dtype = _model_device_dtype(model)
     captured: List[Tensor] = []
 
@@ -581,6 +587,8 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
                 out = captured[0]
                 if act is not None:
                     out = act(out)
+                if position_mean:
+                    out = out.mean(dim=tuple(range(2, out.dim())))
                 out = out.flatten(1).float()
                 features.append((out.view(-1, views, out.shape[1]).mean(1) if views > 1 else out).cpu())
     finally:

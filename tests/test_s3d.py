@@ -184,3 +184,16 @@ def test_features_default_to_its_pooled_channels(tmp_path):
                      "--out", str(path), "--device", "cpu"]) == 0
     saved = torch.load(path, weights_only=True)
     assert saved["layer"] == "avgpool" and saved["features"].shape == (3, 1024)
+
+
+def test_features_of_a_long_clip_average_the_pooled_positions():
+    """At 24 × 224 × 224 the average pool leaves 2 positions; S3D's head averages them, and so do
+    its features: 1024 values, the mean of the two."""
+    torch.manual_seed(0)
+    model = c3dzoo.s3d(num_classes=4).eval()
+    x = torch.randn(1, 3, 24, 224, 224)
+    with torch.no_grad():
+        pooled = model.avgpool(model.features(x))
+    assert pooled.shape == (1, 1024, 2, 1, 1)
+    features = transfer.extract_features(model, x, layer="avgpool")
+    torch.testing.assert_close(features, pooled.mean(dim=(2, 3, 4)))

@@ -25,8 +25,8 @@ from ._common import (PROG, CommandError, UsageError, add_view_options, backend_
 
 FEATURES_KIND = "c3dzoo features"  # marks the files `features` writes and `linear-probe` reads
 # the layer a family's features come from by default: C3D's fc6 (the C3D paper's recipe), the
-# Jester column's fc6, the video ResNets' pooled 512-d vector, S3D's average pool (1024-d where
-# it leaves one position: clips up to 16 × 224 × 224; longer or larger ones give 1024 × t × h × w)
+# Jester column's fc6, the video ResNets' pooled 512-d vector, S3D's average pool (averaged over
+# its positions, as S3D's head does: 1024-d at any clip size)
 DEFAULT_LAYER = {"C3D": "fc6", "ConvColumn": "fc6", "VideoResNet": "avgpool", "S3D": "avgpool"}
 FALLBACK_INPUT = (16, 112, 112)  # frames, height, width for models without a fixed input size
 
