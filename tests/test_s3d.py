@@ -77,14 +77,18 @@ def test_onnx_export_with_a_shrunk_average_pool(dynamo, tmp_path):
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-6)
 
 
-def test_triton_backend_runs_every_s3d_layer():
-    """Under the interpreter on a CPU: the Triton kernels take all of S3D's chains (3-channel
-    1×7×7 stride-2 stem, 7×1×1 stride 2, 1×1×1, separable 3×3 halves, the stem's overlapping
-    max-pool in the epilogue) with nothing falling back, and match the stock model in eval mode.
-    (A training step there takes a minute; its parity is the reference backend's tests'.)"""
+def test_triton_backend_runs_every_kind_of_s3d_layer():
+    """Under the interpreter on a CPU: the Triton kernels take every kind of chain S3D has (the
+    3-channel 1×7×7 stride-2 stem, 7×1×1 stride 2, 1×1×1, separable 3×3 halves, the stem's
+    overlapping max-pool in the epilogue, an Inception block's branches) with nothing falling back,
+    and match the stock model in eval mode. The model is cut after its first Inception block (the
+    others differ only in widths): the whole one takes half a minute there, a training step a
+    minute; training parity is the reference backend's tests'."""
     skip_unless_triton_runs_cpu_tensors()
     torch.manual_seed(0)
     stock = c3dzoo.s3d(num_classes=4).eval()
+    stock.features = stock.features[:6]
+    stock.classifier[1] = nn.Conv3d(256, 4, kernel_size=1)
     with torch.no_grad():
         for bn in (m for m in stock.modules() if isinstance(m, nn.BatchNorm3d)):
             bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 1.5)
