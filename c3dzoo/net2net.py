@@ -108,7 +108,8 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
         return _s3d_graph(model), []
     raise ValueError(
         f"net2net does not know the layer graph of {type(model).__name__}; it supports the zoo's "
-        f"C3D, ConvColumn (jester_convcolumn), VideoResNet and S3D models (not fx-fused copies: grow, then fuse)"
+        f"C3D, ConvColumn (jester_convcolumn), VideoResNet and S3D models (not fx-fused copies: grow, "
+        f"then fuse)"
     )
 
 
@@ -205,8 +206,9 @@ def _s3d_graph(model: nn.Module) -> List[_Segment]:
             writers.extend(branches)
         else:
             paths = _leaf_paths(model, path)
-            if not chain and writers and _stages(model, paths):
-                read_by([_stages(model, paths)[0].layer])  # a chain after a block reads its output
+            stages = _stages(model, paths) if not chain and writers else ()
+            if stages:
+                read_by([stages[0].layer])  # a chain after a block reads its output
             chain.extend(paths)
     close_chain()
     head = _stages(model, _leaf_paths(model, "classifier"))
@@ -442,9 +444,9 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
                  width, noise, generator, optimizer)
 
 
-def _grow(model: nn.Module, what: str, producers: Sequence[_Stage], consumers: Sequence[Tuple[str, Optional[int]]],
-          width: int, noise: float, generator: Optional[torch.Generator],
-          optimizer: Optional[torch.optim.Optimizer]) -> nn.Module:
+def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
+          consumers: Sequence[Tuple[str, Optional[int]]], width: int, noise: float,
+          generator: Optional[torch.Generator], optimizer: Optional[torch.optim.Optimizer]) -> nn.Module:
     """Grow the layers of ``producers`` (all with the same units; each with its BatchNorm, if
     any) to ``width`` units with one shared replica mapping, and divide the incoming weights of
     every layer in ``consumers``: (path, None) reads exactly the producers' units (or, for a
