@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BATCH_NORMS, conv_bn_act, runs_hooks, stock_conv_bn_act
@@ -179,6 +180,22 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
         else:
             x = call_chained(item, x, chain)
     return x
+
+
+@torch.fx.wrap  # a call in traced graphs (c3dzoo.fuse), not a branch on a traced shape
+def average_pool_within(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+    """``F.avg_pool3d`` whose window, in each dimension the input is shorter than, covers the input."""
+    # int(): a constant window where the TorchScript exporter traces sizes as tensors
+    kernel = [k if k <= s else int(s) for k, s in zip(kernel_size, x.shape[-3:])]
+    return F.avg_pool3d(x, kernel, stride)
+
+
+class AvgPool3dWithin(nn.AvgPool3d):
+    """``nn.AvgPool3d`` (no padding) whose window shrinks to the input where the input is smaller
+    (see ``average_pool_within``); where it fits, exactly ``nn.AvgPool3d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return average_pool_within(x, self.kernel_size, self.stride)
 
 
 def published_weights(builder):

@@ -13,14 +13,13 @@ all of it, so 16×112×112 clips (the zoo's usual size) work; where the window f
 torchvision's, bit for bit.
 """
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-from ._common import Chain, ChainSequential, FusableModel, call_chained, check_video_input, published_weights
+from ._common import (AvgPool3dWithin, Chain, ChainSequential, FusableModel, call_chained, check_video_input,
+                      published_weights)
 
 Tensor = torch.Tensor
 
@@ -78,22 +77,6 @@ class SepInceptionBlock3D(nn.Module):
         """The block; with ``chain`` its conv chains run through it (see ``call_chained``)."""
         branches = (self.branch0, self.branch1, self.branch2, self.branch3)
         return torch.cat([call_chained(branch, x, chain) for branch in branches], 1)
-
-
-@torch.fx.wrap  # a call in traced graphs (c3dzoo.fuse), not a branch on a traced shape
-def average_pool_within(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int]) -> Tensor:
-    """``F.avg_pool3d`` whose window, in each dimension the input is shorter than, covers the input."""
-    # int(): a constant window where the TorchScript exporter traces sizes as tensors
-    kernel = [k if k <= s else int(s) for k, s in zip(kernel_size, x.shape[-3:])]
-    return F.avg_pool3d(x, kernel, stride)
-
-
-class AvgPool3dWithin(nn.AvgPool3d):
-    """``nn.AvgPool3d`` (no padding) whose window shrinks to the input where the input is smaller
-    (see ``average_pool_within``); where it fits, exactly ``nn.AvgPool3d``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return average_pool_within(x, self.kernel_size, self.stride)
 
 
 class S3D(FusableModel):
