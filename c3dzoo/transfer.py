@@ -39,23 +39,36 @@ class PretrainedError(CheckpointError, ValueError):
 # which zoo model this is, and where its classifier head sits
 # --------------------------------------------------------------------------------------------
 
-# the classifier head of each zoo family (a Linear; S3D's is a 1×1×1 Conv3d), and the hidden fully
-# connected layers whose features are conventionally taken after the activation the model applies
-_HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc", "S3D": "classifier.1"}
-_HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6"), "VideoResNet": (), "S3D": ()}
-# layers whose output positions the head treats alike and averages (S3D's classifier runs per
-# position of its average pool, then the forward takes the mean): their features are that mean
-_POSITION_MEANS = {"S3D": ("avgpool",)}
+def _last_block(model: nn.Module) -> str:
+    """The last of a ResNet3D's ``blocks`` (its head; also in a traced copy, whose ``blocks`` is
+    no ModuleList)."""
+    return f"blocks.{max(int(n) for n, _ in model.get_submodule('blocks').named_children())}"
+
+
+# the classifier head of each zoo family (a Linear; S3D's is a 1×1×1 Conv3d; a ResNet3D's sits in
+# its last block), and the hidden fully connected layers whose features are conventionally taken
+# after the activation the model applies
+_HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc", "S3D": "classifier.1",
+          "ResNet3D": lambda model: _last_block(model) + ".proj"}
+_HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6"), "VideoResNet": (), "S3D": (), "ResNet3D": ()}
+# layers whose output positions the head treats alike and averages (S3D's classifier and a
+# ResNet3D's proj run per position of the average pool, then the mean is taken): their features
+# are that mean
+_POSITION_MEANS = {"S3D": lambda model: ("avgpool",), "ResNet3D": lambda model: (_last_block(model) + ".pool",)}
+# families whose layers are the parts of one container (then the modules after it)
+_LAYER_CONTAINERS = {"S3D": "features", "ResNet3D": "blocks"}
 
 
 def _family(model: nn.Module) -> Optional[str]:
-    """"C3D", "ConvColumn", "VideoResNet" or "S3D" for a zoo model or a ``c3dzoo.fuse``d one, else None."""
+    """"C3D", "ConvColumn", "VideoResNet", "S3D" or "ResNet3D" for a zoo model or a ``c3dzoo.fuse``d
+    one, else None."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
+    from .models.resnet3d import ResNet3D
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
-    for cls in (C3D, ConvColumn, VideoResNet, S3D):
+    for cls in (C3D, ConvColumn, VideoResNet, S3D, ResNet3D):
         if isinstance(model, cls):
             return cls.__name__
     # torch.fx.symbolic_trace names a GraphModule's class after the traced model's class
@@ -66,11 +79,12 @@ def _family(model: nn.Module) -> Optional[str]:
 
 def head_name(model: nn.Module) -> str:
     """Name of the model's classifier head (C3D ``fc8``, Jester ``fc7``, video ResNets ``fc``, S3D's
-    1×1×1 conv ``classifier.1``); for a traced GraphModule of another model, the Linear whose
-    output is the model's output."""
+    1×1×1 conv ``classifier.1``, a ResNet3D's ``blocks.N.proj``); for a traced GraphModule of
+    another model, the Linear whose output is the model's output."""
     family = _family(model)
     if family is not None:
-        return _HEADS[family]
+        head = _HEADS[family]
+        return head(model) if callable(head) else head
     if isinstance(model, torch.fx.GraphModule):
         output = next(n for n in model.graph.nodes if n.op == "output")
         last = output.args[0]
@@ -121,7 +135,7 @@ def replace_head(model: nn.Module, num_classes: int, *, head: Optional[str] = No
         new = nn.Linear(old.in_features, num_classes, **like)
     else:
         new = nn.Conv3d(old.in_channels, num_classes, 1, **like)
-    if _family(model) == "VideoResNet":
+    if _family(model) in ("VideoResNet", "ResNet3D"):  # torchvision's and PyTorchVideo's
         nn.init.normal_(new.weight, 0, 0.01)
         if new.bias is not None:
             nn.init.zeros_(new.bias)
@@ -330,10 +344,12 @@ def _layer_groups(model: nn.Module) -> List[Tuple[str, List[str]]]:
     if hasattr(model, "layer_names") and hasattr(model, "fc_names"):
         # C3D: its own layer list (Net2Net's deeper inserts layers there, registered out of order)
         names = [n for n in (*model.layer_names, *model.fc_names, head) if n]
-    elif _family(model) == "S3D" and isinstance(getattr(model, "features", None), nn.Sequential):
-        # S3D's layers are the parts of its features (stem convs, Inception blocks), then the head
-        names = [f"features.{n}" for n, m in model.features.named_children() if _holds_state(m)]
-        names += [n for n, m in model.named_children() if n != "features" and _holds_state(m)]
+    elif isinstance(getattr(model, _LAYER_CONTAINERS.get(_family(model), ""), None), nn.Module):
+        # S3D's layers are the parts of its features (stem convs, Inception blocks), then the
+        # head; a ResNet3D's its blocks (stem, stages, head); a traced copy's alike
+        container = _LAYER_CONTAINERS[_family(model)]
+        names = [f"{container}.{n}" for n, m in model.get_submodule(container).named_children() if _holds_state(m)]
+        names += [n for n, m in model.named_children() if n != container and _holds_state(m)]
     else:
         # registration order is forward order for the zoo models and for traced GraphModules
         names = [n for n, m in model.named_children() if _holds_state(m)]
@@ -549,7 +565,7 @@ def extract_features(model: nn.Module, data, layer: str = "fc6", *, activation: 
                          f"{', '.join(n for n, _ in model.named_children() if not n.startswith('c3dzoo_'))}"
                          ) from None
     act = _activation_after(model, layer) if activation == "auto" else None
-    position_mean = layer in _POSITION_MEANS.get(_family(model), ())
+    position_mean = layer in _POSITION_MEANS.get(_family(model), lambda model: ())(model)
     device, dtype = _model_device_dtype(model)
     captured: List[Tensor] = []
 

@@ -183,6 +183,7 @@ _VIDEO_MODELS = {
     "r2plus1d_18": (lambda: c3dzoo.r2plus1d_18(num_classes=3), (2, 3, 4, 32, 32)),
     "jester_convcolumn": (lambda: c3dzoo.jester_convcolumn(num_classes=3), (2, 3, 18, 84, 84)),
     "s3d": (lambda: c3dzoo.s3d(num_classes=3), (2, 3, 8, 32, 32)),
+    "i3d_r50": (lambda: c3dzoo.i3d_r50(num_classes=3), (2, 3, 4, 32, 32)),
 }
 
 
@@ -198,7 +199,10 @@ def test_hooks_on_the_containers_of_video_models_run_and_keep_the_chains_fused(n
     fused.fused = True
     stock = copy.deepcopy(fused)
     stock.fused = False
-    containers = [n for n, m in fused.named_modules() if n and isinstance(m, nn.Sequential)]
+    # Sequentials, and the blocks that take the chain (video ResNet and bottleneck blocks, stages,
+    # Inception blocks)
+    containers = [n for n, m in fused.named_modules()
+                  if n and (isinstance(m, nn.Sequential) or getattr(type(m), "takes_chain", False))]
     assert len(containers) >= 4
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     seen = {}

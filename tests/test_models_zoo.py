@@ -44,6 +44,13 @@ MODELS = {
     # stem 2 + 1 + 2, then 9 Inception blocks of 1 + 3 + 3 + 1 chains; 64×64 pixels leave its last
     # BatchNorms 2 × 2 positions per clip
     "s3d": ((2, 3, 8, 64, 64), 8_320_048, 77),
+    # PyTorchVideo's ResNet-50s: stem 1 + 16 bottlenecks × 3 + 4 shortcuts; 4 frames of 64 × 64
+    # leave stage 4's BatchNorms 2 × 2 positions a frame (2 frames after I3D's and C2D's temporal
+    # pool): at 32 × 32 its BatchNorm γ gradients were ill-conditioned (stock and fused both
+    # ~2e-4 from float64), and one near-tie in the temporal pool flipped
+    "slow_r50": ((2, 3, 4, 64, 64), 32_454_096, 53),
+    "i3d_r50": ((2, 3, 4, 64, 64), 28_043_472, 53),
+    "c2d_r50": ((2, 3, 4, 64, 64), 24_327_632, 53),
 }
 RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
 # S3D in training mode: its last BatchNorms see 8 values per channel here, and fp32 rounding
@@ -146,7 +153,7 @@ def _condition(model: nn.Module) -> None:
             if not isinstance(m, nn.BatchNorm3d):
                 continue
             m.weight.fill_(0.5)
-            if name.endswith(("conv2.1", "downsample.1")):
+            if name.endswith(("conv2.1", "downsample.1", "norm_c", "branch1_norm")):
                 m.bias.fill_(3.0)
             else:
                 m.bias.copy_(3.0 * (torch.randint(0, 2, (m.num_features,), generator=gen) * 2 - 1))

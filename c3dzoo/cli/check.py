@@ -54,6 +54,11 @@ CHECK_SPECS: Dict[str, CheckSpec] = {
     # 8 frames, not 5-7: torch 2.13's CPU conv3d (oneDNN) returns a garbage weight gradient, or
     # crashes, for the stem's 7×1×1 stride-2 conv on 5-7 frames in batches over 1
     "s3d": CheckSpec({}, (8, 17, 33), batch=4),
+    # 4 frames of 32 × 32 (2 after I3D's and C2D's temporal pool) leave stage 4's BatchNorms
+    # 1 × 1 positions a frame; a batch of 4 gives them 16 values (8)
+    "slow_r50": CheckSpec({}, (4, 32, 32), batch=4),
+    "i3d_r50": CheckSpec({}, (4, 32, 32), batch=4),
+    "c2d_r50": CheckSpec({}, (4, 32, 32), batch=4),
 }
 
 

@@ -26,8 +26,10 @@ from ._common import (PROG, CommandError, UsageError, add_view_options, backend_
 FEATURES_KIND = "c3dzoo features"  # marks the files `features` writes and `linear-probe` reads
 # the layer a family's features come from by default: C3D's fc6 (the C3D paper's recipe), the
 # Jester column's fc6, the video ResNets' pooled 512-d vector, S3D's average pool (averaged over
-# its positions, as S3D's head does: 1024-d at any clip size)
-DEFAULT_LAYER = {"C3D": "fc6", "ConvColumn": "fc6", "VideoResNet": "avgpool", "S3D": "avgpool"}
+# its positions, as S3D's head does: 1024-d at any clip size), a ResNet3D's head pool (likewise:
+# 2048-d)
+DEFAULT_LAYER = {"C3D": "fc6", "ConvColumn": "fc6", "VideoResNet": "avgpool", "S3D": "avgpool",
+                 "ResNet3D": lambda model: f"blocks.{len(model.blocks) - 1}.pool"}
 FALLBACK_INPUT = (16, 112, 112)  # frames, height, width for models without a fixed input size
 
 
@@ -162,7 +164,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
                          "clips and .pt clip files are one view each")
     device = resolve_device(args.device)
     model, model_name, model_kwargs, saved = _build_model(args)
-    layer = args.layer or DEFAULT_LAYER.get(type(model).__name__, "fc6")
+    default = DEFAULT_LAYER.get(type(model).__name__, "fc6")
+    layer = args.layer or (default(model) if callable(default) else default)
     names = [n for n, _ in model.named_modules() if n]
     if layer not in names:
         tops = [n for n, _ in model.named_children()]
@@ -235,7 +238,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "Sports-1M file, C3D_BN, torchvision video ResNets)")
     p.add_argument("--num-classes", type=int, help="--model's head size (default: the builder's)")
     p.add_argument("--width-mult", type=float, help="--model's channel multiplier")
-    p.add_argument("--layer", help="module name (default: fc6 for C3D and Jester, avgpool for video ResNets and S3D)")
+    p.add_argument("--layer", help="module name (default: fc6 for C3D and Jester, avgpool for video ResNets and "
+                                   "S3D, the head's pool for slow_r50, i3d_r50, c2d_r50)")
     p.add_argument("--activation", choices=("auto", "none"), default="auto",
                    help="auto: after the ReLU the model applies to fc6/fc7 (C3D convention) (default)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .pt file to write")

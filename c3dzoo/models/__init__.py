@@ -16,6 +16,9 @@ _MODELS: Dict[str, str] = {
     "r2plus1d_18": "c3dzoo.models.video_resnet:r2plus1d_18",
     "r2plus1d_34": "c3dzoo.models.video_resnet:r2plus1d_34",
     "s3d": "c3dzoo.models.separable_inception:s3d",
+    "slow_r50": "c3dzoo.models.resnet3d:slow_r50",
+    "i3d_r50": "c3dzoo.models.resnet3d:i3d_r50",
+    "c2d_r50": "c3dzoo.models.resnet3d:c2d_r50",
 }
 
 

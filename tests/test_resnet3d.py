@@ -1,0 +1,183 @@
+"""PyTorchVideo's ResNet-50s (slow_r50, i3d_r50, c2d_r50): its module tree, initialisation and
+outputs; the head that takes clips smaller than its pool; the Triton kernels on every kind of
+layer they have; fine-tuning helpers; the command line.
+
+Fused-vs-stock parity (outputs, gradients, running statistics in every mode), ``c3dzoo.fuse``,
+hooks and published weights are tested with the other zoo models (test_models_zoo.py,
+test_hooks.py, test_weights.py)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import c3dzoo
+from c3dzoo import checkpoint as ckpt
+from c3dzoo import cli, transfer
+from c3dzoo.models.resnet3d import ResNetBasicHead, ResStage
+from interpreter import skip_unless_triton_runs_cpu_tensors
+
+BUILDERS = ("slow_r50", "i3d_r50", "c2d_r50")
+
+
+def _pytorchvideo_resnet(name: str) -> nn.Module:
+    """PyTorchVideo's own model, built as its hub builds ``name`` (without its weights)."""
+    resnet = pytest.importorskip("pytorchvideo.models.resnet", reason="pytorchvideo is not installed")
+    temporal, spatial = (3, 1, 1), (1, 1, 1)
+    kwargs = {
+        "slow_r50": dict(stem_conv_kernel_size=(1, 7, 7), head_pool_kernel_size=(8, 7, 7), model_depth=50),
+        "c2d_r50": dict(stem_conv_kernel_size=(1, 7, 7), stage1_pool=nn.MaxPool3d,
+                        stage_conv_a_kernel_size=(spatial,) * 4),
+        "i3d_r50": dict(stem_conv_kernel_size=(5, 7, 7), stage1_pool=nn.MaxPool3d,
+                        stage_conv_a_kernel_size=(temporal, [temporal, spatial], [temporal, spatial],
+                                                  [spatial, temporal])),
+    }[name]
+    return resnet.create_resnet(**kwargs)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_matches_pytorchvideo(name):
+    """Same seed, same weights (the modules are built in PyTorchVideo's order); the same output
+    bit for bit on the 8 × 224 × 224 clips these were trained on."""
+    torch.manual_seed(0)
+    theirs = _pytorchvideo_resnet(name).eval()
+    torch.manual_seed(0)
+    ours = c3dzoo.get_model(name).eval()
+    their_sd, our_sd = theirs.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(their_sd)
+    assert all(torch.equal(our_sd[k], v) for k, v in their_sd.items())
+    x = torch.randn(1, 3, 8, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(x)
+        assert torch.equal(ours(x), expected)
+        ours.fused = True
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_layout_and_initialisation():
+    """What the published weights need without PyTorchVideo at hand: its keys, kernels and
+    strides, and its initialisation (each block's last BatchNorm γ = 0)."""
+    model = c3dzoo.i3d_r50()
+    sd = model.state_dict()
+    assert len(sd) == 320 and list(sd)[:2] == ["blocks.0.conv.weight", "blocks.0.norm.weight"]
+    assert list(sd)[-2:] == ["blocks.6.proj.weight", "blocks.6.proj.bias"]
+    assert sd["blocks.0.conv.weight"].shape == (64, 3, 5, 7, 7)
+    assert sd["blocks.1.res_blocks.0.branch1_conv.weight"].shape == (256, 64, 1, 1, 1)
+    assert "blocks.1.res_blocks.1.branch1_conv.weight" not in sd  # an identity shortcut
+    # I3D alternates 3×1×1 and 1×1×1 first convs in stages 2 and 3, and starts stage 4 with 1×1×1
+    kernels = [b.branch2.conv_a.kernel_size for b in model.blocks[3].res_blocks]
+    assert kernels == [(3, 1, 1), (1, 1, 1), (3, 1, 1), (1, 1, 1)]
+    assert [b.branch2.conv_a.kernel_size for b in model.blocks[5].res_blocks] == [(1, 1, 1), (3, 1, 1), (1, 1, 1)]
+    first = model.blocks[4].res_blocks[0]
+    assert first.branch2.conv_b.stride == (1, 2, 2) and first.branch1_conv.stride == (1, 2, 2)
+    assert torch.count_nonzero(first.branch2.norm_c.weight) == 0 and torch.all(first.branch2.norm_b.weight == 1)
+    assert type(model.blocks[2]) is nn.MaxPool3d and model.blocks[2].kernel_size == (2, 1, 1)
+    slow = c3dzoo.slow_r50()
+    assert len(slow.blocks) == 6 and slow.blocks[5].pool.kernel_size == (8, 7, 7)
+    assert [b.branch2.conv_a.kernel_size for b in slow.blocks[3].res_blocks] == [(3, 1, 1)] * 6
+    text = repr(model)
+    assert text.startswith("ResNet3D(") and "(0): ResNetBasicStem(" in text and "(branch2): BottleneckBlock(" in text
+    assert "ChainSequential" not in text
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_small_clips_run_and_the_smallest_is_checked(name):
+    """The head's 8×7×7 (4×7×7) pool covers smaller features whole, so 32 × 32 clips run; I3D's
+    and C2D's temporal pool needs 2 frames, and fewer get a clear error."""
+    model = c3dzoo.get_model(name, num_classes=5).eval()
+    frames = 1 if name == "slow_r50" else 2
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, frames, 32, 32)).shape == (1, 5)
+        assert model(torch.randn(2, 3, frames, 1, 1)).shape == (2, 5)
+    if name != "slow_r50":
+        with pytest.raises(ValueError, match=r"at least 2 frames of 1×1 pixels, got \(1, 3, 1, 32, 32\)"):
+            model(torch.randn(1, 3, 1, 32, 32))
+
+
+def _cut_i3d(classes: int) -> nn.Module:
+    """I3D R50 through stage 2's first block (every kind of layer it has: the 5×7×7 stem with its
+    max-pool, 3×1×1 and 1×1×1 first convs, strided 1×3×3 convs, projection shortcuts, the
+    temporal pool), then a head over its 512 channels."""
+    model = c3dzoo.i3d_r50(num_classes=classes)
+    stage2 = ResStage(list(model.blocks[3].res_blocks[:2]))
+    model.blocks = nn.ModuleList([*model.blocks[:3], stage2, ResNetBasicHead(512, classes, (4, 7, 7), 0.0)])
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm3d)):
+            bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+def test_triton_backend_runs_every_kind_of_i3d_layer():
+    """Under the interpreter on a CPU: the Triton kernels take every chain of the cut I3D with
+    nothing falling back, and match the stock model in eval mode and in a training step
+    (outputs, gradients, running statistics)."""
+    skip_unless_triton_runs_cpu_tensors()
+    torch.manual_seed(0)
+    stock = _cut_i3d(4)
+    fused = copy.deepcopy(stock)
+    fused.fused, fused.backend = True, "triton"
+    x = torch.randn(2, 3, 2, 16, 16)
+    c3dzoo.ops.backends.clear_fallbacks()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), stock.eval()(x), rtol=1e-4, atol=1e-5)
+    stock.train(), fused.train()
+    weights = torch.randn(2, 4)
+    for model in (stock, fused):
+        (model(x) * weights).sum().backward()
+    for (key, want), got in zip(stock.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4 * want.grad.abs().max().item(),
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+
+
+def test_fine_tuning_helpers_know_its_head():
+    """The head is the last block's ``proj`` (blocks.5 or blocks.6): found, replaced with
+    PyTorchVideo's initialisation, skipped when loading; ``freeze`` counts the blocks."""
+    torch.manual_seed(0)
+    source = c3dzoo.i3d_r50().state_dict()
+    model = c3dzoo.i3d_r50(num_classes=7)
+    assert transfer.head_name(model) == "blocks.6.proj" and transfer.head_classes(model) == 7
+    assert transfer.head_name(c3dzoo.slow_r50()) == "blocks.5.proj"
+    with pytest.raises(transfer.PretrainedError, match=r"has 400 classes \(blocks.6.proj.weight 400×2048\)"):
+        transfer.load_pretrained(model, source)
+    report = transfer.load_pretrained(model, source, head="skip")
+    assert report.head == "blocks.6.proj" and report.file_classes == 400
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items() if not k.startswith("blocks.6."))
+    transfer.replace_head(model, 5)
+    head = model.blocks[6].proj
+    assert type(head) is nn.Linear and head.weight.shape == (5, 2048)
+    assert 0.005 < head.weight.std().item() < 0.015 and not head.bias.any()  # N(0, 0.01²), zero bias
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 2, 32, 32)).shape == (1, 5)
+    layers = transfer.model_layers(model)  # the temporal pool (blocks.2) holds nothing
+    assert layers == ["blocks.0", "blocks.1", "blocks.3", "blocks.4", "blocks.5", "blocks.6"]
+    assert transfer.freeze(model, "features") == layers[:-1]
+    assert [p.requires_grad for p in model.parameters()].count(True) == 2  # the head's weight and bias
+    assert transfer.freeze(model, "up-to=blocks.3") == layers[:3]
+    model.train()  # frozen BatchNorms stay in eval mode
+    assert not model.blocks[3].res_blocks[0].branch2.norm_a.training
+    assert model.blocks[4].res_blocks[0].branch2.norm_a.training
+    fused = c3dzoo.fuse(c3dzoo.slow_r50(num_classes=3))  # a traced copy: the same names
+    assert transfer.head_name(fused) == "blocks.5.proj" and transfer.model_layers(fused)[-1] == "blocks.5"
+
+
+def test_train_and_extract_features_on_the_command_line(tmp_path, capsys):
+    """The main job with --model slow_r50, fused; then features from its checkpoint default to
+    the head's pool, averaged over positions as the head does: 2048 values a clip."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", "slow_r50", "--epochs", "1", "--train-samples", "8", "--val-samples", "4",
+                     "--batch-size", "4", "--num-classes", "3", "--frames", "4", "--size", "32", "--device", "cpu",
+                     "--no-progress", "--out", str(out)]) == 0
+    assert "training slow_r50" in capsys.readouterr().out
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    model = ckpt.stock_model(checkpoint)
+    assert type(model).__name__ == "ResNet3D" and model.blocks[5].proj.out_features == 3
+    path = tmp_path / "features.pt"
+    assert cli.main(["features", "--checkpoint", str(out / "last.pt"), "--synthetic", "3", "--frames", "4",
+                     "--size", "32", "--out", str(path), "--device", "cpu"]) == 0
+    saved = torch.load(path, weights_only=True)
+    assert saved["layer"] == "blocks.5.pool" and saved["features"].shape == (3, 2048)
