@@ -1,15 +1,17 @@
 """Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets and S3D,
-and the IG-65M R(2+1)D-34 (pretrained on 65 M Instagram videos; fine-tuned on Kinetics-400).
+the IG-65M R(2+1)D-34 (pretrained on 65 M Instagram videos; fine-tuned on Kinetics-400) and
+PyTorchVideo's Kinetics-400 Slow, I3D and C2D ResNet-50s.
 
     model = c3dzoo.r3d_18(weights="kinetics400", fused=True)       # 400 classes, fused
     c3dzoo.weights.available()                                       # [("r3d_18", "kinetics400"), ...]
     c3dzoo predict clip.mp4 --checkpoint r3d_18:kinetics400 --clips 10   # Kinetics class names
 
 The files are downloaded once into torch.hub's cache (``$TORCH_HOME/hub/checkpoints``) and checked
-against the SHA-256 prefix in their names. Each entry says how its clips were made (the video
-ResNets: 16 frames, short side 128, centre crop 112; S3D: 128 frames, short side 256, centre crop
-224; Kinetics mean/std), so ``predict``/``evaluate`` feed it what it
-was trained on, and holds the class names. ``as_checkpoint`` presents an entry as a c3dzoo
+against the SHA-256 prefix in their names; PyTorchVideo's names carry none, so theirs are only
+checked by the strict load (every key and shape). Each entry says how its clips were made (the
+video ResNets: 16 frames, short side 128, centre crop 112; S3D: 128 frames, short side 256, centre
+crop 224; PyTorchVideo's: 8 frames, one in 8, short side 256, centre crop 256, its own mean/std),
+so ``predict``/``evaluate`` feed it what it was trained on, and holds the class names. ``as_checkpoint`` presents an entry as a c3dzoo
 training checkpoint, which is how every command that takes ``--checkpoint`` accepts
 ``MODEL:WEIGHTS``.
 """
@@ -44,10 +46,11 @@ def kinetics400_classes() -> Tuple[str, ...]:
 class WeightsEntry:
     model: str
     name: str
-    url: str  # the file name ends in -<first 8 hex digits of its SHA-256>.pth (torch.hub checks it)
+    url: str  # the file name ends in -<first 8 hex digits of its SHA-256>.pth (torch.hub checks it), if it can
     source: str
     num_classes: int = 400
     frames: int = 16
+    frame_stride: int = 1  # the clip takes every frame_stride-th frame
     size: Tuple[int, int] = (112, 112)
     short_side: int = 128
     mean: Tuple[float, float, float] = KINETICS_MEAN
@@ -55,6 +58,8 @@ class WeightsEntry:
     # Kinetics-400's names in torchvision's order; False where the publisher gave no label order
     # (the classes are then numbered, rather than named by a guess)
     kinetics_names: bool = True
+    # the file's key holding the state_dict (PyTorchVideo's "model_state"); None: the file is one
+    state_key: Optional[str] = None
 
     @property
     def class_names(self) -> Tuple[str, ...]:
@@ -64,6 +69,9 @@ class WeightsEntry:
 
 
 _TORCHVISION = "torchvision (Kinetics-400, 16x112x112 clips)"
+_PYTORCHVIDEO = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics"
+PYTORCHVIDEO_MEAN = (0.45, 0.45, 0.45)
+PYTORCHVIDEO_STD = (0.225, 0.225, 0.225)
 _IG65M = "https://github.com/moabitcoin/ig65m-pytorch/releases/download/v1.0.0"
 _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
     (e.model, e.name): e for e in (
@@ -88,6 +96,12 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
               ("ig65m_kinetics32", 32, 400, "ft_kinetics_from_ig65m-ade133f1"),
               ("ig65m", 8, 359, "ig65m_from_scratch-9bae36ae"),
               ("ig65m32", 32, 487, "ig65m_from_scratch-449a7af9"))),
+        # PyTorchVideo's model zoo (8x8: 8 frames, one in 8; its hub's evaluation transform: short
+        # side 256, centre crop 256); top-1 on Kinetics-400 as it reports: 74.58, 73.27, 71.46
+        *(WeightsEntry(model, "kinetics400", f"{_PYTORCHVIDEO}/{file}.pyth",
+                       "PyTorchVideo (Kinetics-400, 8x8 clips)", frames=8, frame_stride=8, size=(256, 256),
+                       short_side=256, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD, state_key="model_state")
+          for model, file in (("slow_r50", "SLOW_8x8_R50"), ("i3d_r50", "I3D_8x8_R50"), ("c2d_r50", "C2D_8x8_R50"))),
     )
 }
 
@@ -109,13 +123,20 @@ def load_state_dict(model: str, name: str, progress: bool = False) -> Dict[str, 
     """The entry's state_dict, downloaded once into torch.hub's cache and hash-checked."""
     found = entry(model, name)
     try:
-        return torch.hub.load_state_dict_from_url(found.url, map_location="cpu", progress=progress,
-                                                  check_hash=True, weights_only=True)
+        loaded = torch.hub.load_state_dict_from_url(found.url, map_location="cpu", progress=progress,
+                                                    check_hash=True, weights_only=True)
     except Exception as exc:  # no network, a proxy, a truncated or tampered file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise WeightsError(f"cannot get {model}:{name} from {found.url}: {reason} (without a network, put "
                            f"that file into {cache}, where it is looked for first)") from None
+    if found.state_key is None:
+        return loaded
+    if not isinstance(loaded, dict) or not isinstance(loaded.get(found.state_key), dict):
+        keys = ", ".join(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
+        raise WeightsError(f"{model}:{name} from {found.url} holds no {found.state_key!r} state_dict (it holds "
+                           f"{keys}): not the file published there")
+    return loaded[found.state_key]
 
 
 def as_checkpoint(model: str, name: str) -> dict:
@@ -126,7 +147,7 @@ def as_checkpoint(model: str, name: str) -> dict:
         "model_name": model,
         "model_kwargs": {"num_classes": found.num_classes},
         "class_names": list(found.class_names),
-        "data": {"kind": "videos", "frames": found.frames, "stride": 1, "min_frames": None,
+        "data": {"kind": "videos", "frames": found.frames, "stride": found.frame_stride, "min_frames": None,
                  "size": found.size, "short_side": found.short_side, "mean": found.mean, "std": found.std},
         "args": {},
         "weights": f"{model}:{name} ({found.source})",

@@ -25,11 +25,12 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
     # an attribute of the package without an import of its own, as c3dzoo.transfer
     probe = subprocess.run([sys.executable, "-c", "import c3dzoo; print(len(c3dzoo.weights.available()))"],
                            capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "8", probe.stderr[-2000:]
+    assert probe.stdout.strip() == "11", probe.stderr[-2000:]
     torchvision = [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400"),
                    ("s3d", "kinetics400")]
     ig65m = [("r2plus1d_34", n) for n in ("ig65m_kinetics", "ig65m_kinetics32", "ig65m", "ig65m32")]
-    assert weights.available() == torchvision + ig65m
+    pytorchvideo = [("slow_r50", "kinetics400"), ("i3d_r50", "kinetics400"), ("c2d_r50", "kinetics400")]
+    assert weights.available() == torchvision + ig65m + pytorchvideo
     for model, name in torchvision:
         found = weights.entry(model, name)
         assert re.fullmatch(rf"https://download\.pytorch\.org/models/{model}-[0-9a-f]{{8}}\.pth", found.url)
@@ -43,6 +44,13 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
                             r"r2plus1d_34_clip\d+_[a-z0-9_]+-[0-9a-f]{8}\.pth", found.url)
         assert (found.frames, found.size, found.short_side, found.num_classes) == (frames, (112, 112), 128, classes)
         assert found.class_names == tuple(f"class {i}" for i in range(classes))  # no published label order
+    for (model, name), file in zip(pytorchvideo, ("SLOW_8x8_R50", "I3D_8x8_R50", "C2D_8x8_R50")):
+        found = weights.entry(model, name)
+        assert found.url == f"https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/{file}.pyth"
+        # PyTorchVideo's 8x8 clips and its evaluation transform and normalisation
+        assert (found.frames, found.frame_stride, found.size, found.short_side) == (8, 8, (256, 256), 256)
+        assert (found.mean, found.std, found.state_key) == ((0.45,) * 3, (0.225,) * 3, "model_state")
+        assert found.class_names == weights.kinetics400_classes()
     names = weights.kinetics400_classes()
     assert len(names) == len(set(names)) == 400 and list(names) == sorted(names)
     assert names[0] == "abseiling" and names[-1] == "zumba"
@@ -165,3 +173,47 @@ def test_ig65m_weights_load_by_name_and_number_their_classes(tmp_path, monkeypat
     assert cli.main(["predict", video, "--checkpoint", "r2plus1d_34:ig65m", "--top-k", "2", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(rf"{re.escape(video)}: class \d+ [0-9.]+%, class \d+ [0-9.]+%", printed), printed
+
+
+def _serve_pytorchvideo(model: str, tmp_path, monkeypatch, content=None):
+    """``model``:kinetics400 served as PyTorchVideo publishes it: a training checkpoint (the
+    state_dict under "model_state", beside the epoch, optimizer state and config text) in a file
+    named without a hash."""
+    torch.manual_seed(0)
+    state = c3dzoo.get_model(model).state_dict()
+    if content is None:
+        content = {"epoch": 196, "model_state": state, "optimizer_state": {"state": {}, "param_groups": []},
+                   "cfg": "MODEL:\n  ARCH: slow\n"}
+    entry = weights.entry(model, "kinetics400")
+    served_file = tmp_path / "server" / entry.url.rsplit("/", 1)[1]
+    served_file.parent.mkdir(exist_ok=True)
+    torch.save(content, served_file)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setitem(weights._REGISTRY, (model, "kinetics400"), dataclasses.replace(entry, url=served_file.as_uri()))
+    return state
+
+
+def test_pytorchvideo_weights_load_from_its_training_checkpoints(tmp_path, monkeypatch, capsys):
+    """slow_r50:kinetics400 comes out of PyTorchVideo's checkpoint format, and predict feeds it
+    PyTorchVideo's clips: 8 frames one in 8 (a shorter video is looped), 256 × 256."""
+    state = _serve_pytorchvideo("slow_r50", tmp_path, monkeypatch)
+    model = c3dzoo.slow_r50(weights="kinetics400", fused=True)
+    assert model.fused and _same(model.state_dict(), state)
+    checkpoint = ckpt.load("slow_r50:kinetics400")
+    assert (checkpoint["data"]["frames"], checkpoint["data"]["stride"], tuple(checkpoint["data"]["size"])) == \
+        (8, 8, (256, 256))
+    assert checkpoint["data"]["mean"] == (0.45,) * 3
+    shapes, real = [], c3dzoo.models.resnet3d.check_video_input
+    monkeypatch.setattr(c3dzoo.models.resnet3d, "check_video_input",
+                        lambda x, *rest: (shapes.append(tuple(x.shape[1:])), real(x, *rest)))
+    video = make_video(tmp_path / "clip.mp4", frames=40, size=40)
+    assert cli.main(["predict", video, "--checkpoint", "slow_r50:kinetics400", "--device", "cpu"]) == 0
+    assert shapes == [(3, 8, 256, 256)]
+    assert re.fullmatch(rf"{re.escape(video)}: .+ [0-9.]+%.*", capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_pytorchvideo_file_without_its_state_dict_is_refused(tmp_path, monkeypatch):
+    _serve_pytorchvideo("i3d_r50", tmp_path, monkeypatch, content={"epoch": 1, "model": {}})
+    with pytest.raises(weights.WeightsError, match=r"i3d_r50:kinetics400 from .* holds no 'model_state' state_dict "
+                                                   r"\(it holds epoch, model\): not the file published there"):
+        c3dzoo.i3d_r50(weights="kinetics400")
