@@ -4,12 +4,13 @@
   random old ones (mapping ``g``), the BatchNorm after the layer copies γ, β and the running
   statistics of the same units, and the next layer's incoming weights are divided by the number of
   copies, so the output is unchanged (eval and train mode; replicas have identical batch stats).
-* ``wider_group(model, stream, width)`` does that for a residual stream of a video ResNet: every
-  layer adding into the stream grows with one shared mapping, every layer reading it is divided.
+* ``wider_group(model, stream, width)`` does that for a residual stream of a video ResNet (or a
+  PyTorchVideo ResNet-50): every layer adding into the stream grows with one shared mapping,
+  every layer reading it is divided.
 * ``deeper(model, after)`` inserts an identity layer: Dirac Conv3d → identity BatchNorm3d → ReLU
-  (or identity Linear → ReLU) in the C3D family, a BasicBlock whose branch adds exactly 0 in the
-  video ResNets, a Dirac Conv3d → identity BatchNorm3d (no activation) in the ConvColumn, a
-  1×1×1 Dirac Conv3dNormActivation in S3D.
+  (or identity Linear → ReLU) in the C3D family, a BasicBlock (a bottleneck ResBlock in the
+  ResNet-50s) whose branch adds exactly 0 in the video ResNets, a Dirac Conv3d → identity
+  BatchNorm3d (no activation) in the ConvColumn, a 1×1×1 Dirac Conv3dNormActivation in S3D.
 * In S3D a branch's last conv writes a slice of its Inception block's channel concatenation: its
   ``wider`` divides only that slice of the next block's branch heads' (or the head's) inputs.
 
@@ -91,6 +92,7 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
     """The segments of ``model`` and its residual streams (none outside the video ResNets)."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
+    from .models.resnet3d import ResNet3D
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
@@ -106,10 +108,12 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
         return _resnet_graph(model)
     if isinstance(model, S3D):
         return _s3d_graph(model), []
+    if isinstance(model, ResNet3D):
+        return _resnet3d_graph(model)
     raise ValueError(
         f"net2net does not know the layer graph of {type(model).__name__}; it supports the zoo's "
-        f"C3D, ConvColumn (jester_convcolumn), VideoResNet and S3D models (not fx-fused copies: grow, "
-        f"then fuse)"
+        f"C3D, ConvColumn (jester_convcolumn), VideoResNet, S3D and ResNet3D models (not fx-fused "
+        f"copies: grow, then fuse)"
     )
 
 
@@ -135,10 +139,13 @@ def _stages(model: nn.Module, paths: Sequence[str]) -> Tuple[_Stage, ...]:
     return tuple(stages)
 
 
-def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
-    # The stem, each downsample shortcut and each block's conv1 → conv2 are chains. A block's
+def _residual_graph(model: nn.Module, stem: str, blocks: Sequence[Tuple[str, str, Sequence[str], Sequence[str]]],
+                    head: str) -> Tuple[List[_Segment], List[_Stream]]:
+    # The stem, each projection shortcut and each block's residual branch are chains. A block's
     # first conv (and its shortcut) reads the stream the blocks before it wrote; its last conv
-    # adds into the stream it outputs, which a shortcut starts afresh.
+    # adds into the stream it outputs, which a shortcut starts afresh. ``blocks``: per block in
+    # forward order, (the stream it adds into, its path prefix, its shortcut's parts (none: the
+    # identity), its branch's parts).
     names: List[str] = []
     writers: List[List[_Stage]] = []
     readers: List[List[str]] = []
@@ -157,20 +164,37 @@ def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
         return stages
 
     stream = start_stream("stem")
-    add_chain("stem", [""], stream)
-    for li in range(1, 5):
-        layer = f"layer{li}"
-        for bi, block in enumerate(model.get_submodule(layer)):
-            prefix = f"{layer}.{bi}."
-            reads = stream
-            if block.downsample is not None:
-                stream = start_stream(layer)
-                readers[reads].append(add_chain(prefix, ["downsample"], stream)[0].layer)
-            names[stream] = layer  # a stream is named after the last stage adding into it
-            readers[reads].append(add_chain(prefix, ["conv1", "conv2"], stream)[0].layer)
-    readers[stream].append("fc")
-    segments = [_Segment(stages, names[s]) for stages, s in chains] + [_Segment((_Stage("fc"),))]
+    add_chain(stem, [""], stream)
+    for name, prefix, shortcut, branch in blocks:
+        reads = stream
+        if shortcut:
+            stream = start_stream(name)
+            readers[reads].append(add_chain(prefix, shortcut, stream)[0].layer)
+        names[stream] = name  # a stream is named after the last stage adding into it
+        readers[reads].append(add_chain(prefix, branch, stream)[0].layer)
+    readers[stream].append(head)
+    segments = [_Segment(stages, names[s]) for stages, s in chains] + [_Segment((_Stage(head),))]
     return segments, [_Stream(n, tuple(w), tuple(r)) for n, w, r in zip(names, writers, readers)]
+
+
+def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
+    # a BasicBlock: downsample (where the shape changes), then conv1 → conv2
+    blocks = [(layer, f"{layer}.{index}.", ["downsample"] if block.downsample is not None else [], ["conv1", "conv2"])
+              for layer in ("layer1", "layer2", "layer3", "layer4")
+              for index, block in enumerate(model.get_submodule(layer))]
+    return _residual_graph(model, "stem", blocks, "fc")
+
+
+def _resnet3d_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
+    # a ResBlock of a ResStage: branch1_conv → branch1_norm (where the shape changes), then the
+    # bottleneck branch2; the temporal pool after stage 1 (I3D, C2D) acts per channel
+    from .models.resnet3d import ResStage
+
+    blocks = [(f"blocks.{i}", f"blocks.{i}.res_blocks.{index}.",
+               ["branch1_conv", "branch1_norm"] if block.branch1_conv is not None else [], ["branch2"])
+              for i, stage in enumerate(model.blocks) if isinstance(stage, ResStage)
+              for index, block in enumerate(stage.res_blocks)]
+    return _residual_graph(model, "blocks.0", blocks, f"blocks.{len(model.blocks) - 1}.proj")
 
 
 def _s3d_graph(model: nn.Module) -> List[_Segment]:
@@ -224,9 +248,10 @@ def widenable_layers(model: nn.Module) -> List[str]:
 
 
 def residual_streams(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
-    """The residual streams of a video ResNet ``model`` (empty for other models), in forward
-    order: stream name (``"layer1"`` … ``"layer4"``: the stage whose blocks add into it; the
-    stem writes into ``"layer1"``) → the layers writing into it, which ``wider_group`` grows
+    """The residual streams of a video ResNet or ResNet3D ``model`` (empty for other models), in
+    forward order: stream name (``"layer1"`` … ``"layer4"`` or ``"blocks.N"``: the stage whose
+    blocks add into it; the stem writes into ``"layer1"``, or into ``"stem"`` where stage 1
+    starts with a projection) → the layers writing into it, which ``wider_group`` grows
     together."""
     return {s.name: tuple(w.layer for w in s.writers) for s in _graph(model)[1]}
 
@@ -405,8 +430,8 @@ def wider(model: nn.Module, layer: str, width: int, *, noise: float = 0.0,
     changes slightly); the default is exact. ``optimizer``'s parameters and state are rewritten
     to match (see ``_optimizer_commit``); gradients are not carried over.
 
-    ``layer`` may also name a residual stream of a video ResNet (``"layer1"`` … ``"layer4"``):
-    that is ``wider_group(model, layer, width, ...)``. A single layer writing into a stream
+    ``layer`` may also name a residual stream of a video ResNet (``"layer1"`` … ``"layer4"``; a
+    ResNet3D's ``"stem"``, ``"blocks.1"`` …): that is ``wider_group(model, layer, width, ...)``. A single layer writing into a stream
     cannot grow alone.
 
     Raises ValueError, leaving model and optimizer untouched, for an unknown layer, a width not
@@ -427,7 +452,9 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
 
     ``stream`` is a stream name (``"layer1"`` … ``"layer4"``, see ``residual_streams``; the stem
     writes into ``"layer1"``) or any layer writing into it (``"stem.0"``,
-    ``"layer2.0.downsample.0"``, ``"layer3.1.conv2.0"``, R(2+1)D's ``"stem.3"`` …). Every writer
+    ``"layer2.0.downsample.0"``, ``"layer3.1.conv2.0"``, R(2+1)D's ``"stem.3"`` …). A ResNet3D's
+    streams are ``"stem"`` (its stage 1 starts with a projection) and ``"blocks.N"`` for each
+    stage, written by its first block's ``branch1_conv`` and every block's ``branch2.conv_c``. Every writer
     (the stem's last conv or the downsample shortcut that starts the stream, and each block's
     last conv) grows with one shared mapping ``g``, its BatchNorm copying γ, β and the running
     statistics, so every residual addition adds replicas to replicas; every reader (each block's
@@ -595,6 +622,12 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     (after a ReLU a ReLU is added). A fused ConvColumn runs each block as exactly its seven stock
     modules, so it is refused, and a deepened ConvColumn must stay unfused.
 
+    ResNet3D (slow_r50, i3d_r50, c2d_r50; ``after``: a block such as
+    ``"blocks.3.res_blocks.1"``). A new ResBlock like that one (its first conv's kernel and inner
+    width; stride 1, identity shortcut) goes into the stage's ``res_blocks`` right after it (later
+    blocks move up one index), PyTorchVideo's initialisation, its last BatchNorm γ = β = 0:
+    exact as for the video ResNets.
+
     S3D (``after``: a Conv3dNormActivation inside a Sequential: ``"features.2"``, a separable
     conv's half ``"features.3.1"``, a branch's ``"features.5.branch1.0"``; not ``branch0``, which
     is no Sequential). An identity Conv3dNormActivation (a 1×1×1 Dirac Conv3d, a BatchNorm3d as
@@ -609,6 +642,7 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     """
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
+    from .models.resnet3d import ResNet3D
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
@@ -620,8 +654,10 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
         insertion = _convcolumn_insertion(model, after, data, name)
     elif isinstance(model, S3D):
         insertion = _s3d_insertion(model, after, data, name)
+    elif isinstance(model, ResNet3D):
+        insertion = _resnet3d_insertion(model, after, name, generator)
     else:
-        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn, VideoResNet and S3D models, "
+        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn, VideoResNet, S3D and ResNet3D models, "
                          f"not {type(model).__name__}")
     group = None
     if optimizer is not None:
@@ -801,22 +837,55 @@ def _resnet_insertion(model: nn.Module, after: str, name: Optional[str],
     reader = model.get_submodule(_stages(model, _leaf_paths(model, after + ".conv1"))[0].layer)
     channels = writer.out_channels
     new = BasicBlock(channels, channels, _resnet_conv_builder(block.conv2[0]))
+    # VideoResNet's (torchvision's) initialisation
+    return _zero_branch_insertion(new, new.conv2[-1], block, writer, reader, lambda: layer.insert(index + 1, new),
+                                  generator)
+
+
+def _resnet3d_insertion(model: nn.Module, after: str, name: Optional[str],
+                        generator: Optional[torch.Generator]) -> _Insertion:
+    from .models.resnet3d import ResBlock, ResStage
+
+    blocks = [f"blocks.{i}.res_blocks.{bi}" for i, stage in enumerate(model.blocks) if isinstance(stage, ResStage)
+              for bi in range(len(stage.res_blocks))]
+    if after not in blocks:
+        raise ValueError(f"deeper inserts a block after a block of {type(model).__name__}; {after!r} is not "
+                         f"one of {', '.join(blocks)}")
+    stage_name, index = after.rsplit(".", 1)
+    stage, index = model.get_submodule(stage_name), int(index)
+    _fixed_path(name, f"{stage_name}.{index + 1}")
+    block = stage[index]
+    branch = block.branch2
+    # the block before it, at the stream's width (a copy of its kernels and inner width)
+    new = ResBlock(branch.conv_c.out_channels, branch.conv_a.out_channels, branch.conv_c.out_channels,
+                   branch.conv_a.kernel_size, 1)
+    # PyTorchVideo's initialisation (BatchNorms: γ = 1, β = 0 from construction)
+    return _zero_branch_insertion(new, new.branch2.norm_c, block, branch.conv_c, branch.conv_a,
+                                  lambda: stage.insert(index + 1, new), generator)
+
+
+def _zero_branch_insertion(new: nn.Module, last_norm: nn.Module, like: nn.Module, writer: nn.Module,
+                           reader: nn.Module, insert: Callable[[], None],
+                           generator: Optional[torch.Generator]) -> _Insertion:
+    """``new``, a residual block (convs He-initialised from ``generator``) whose branch ends in
+    ``last_norm``, made to add exactly 0: γ = β = 0 there, in eval and train mode alike (the ReLU
+    after the addition is idempotent on the stream, a ReLU output). γ still gets gradients, so the
+    block learns. On ``writer``'s device and dtype, in ``like``'s mode, SyncBatchNorms if ``like``
+    has them; ``insert`` puts it in."""
     if generator is not None:
         new.to(generator.device)  # nn.init draws on the tensor's device
-    for m in new.modules():  # VideoResNet's (torchvision's) initialisation
+    for m in new.modules():
         if isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
-    # the residual branch ends in BN(γ = 0, β = 0): it adds exactly 0, in train mode as well
-    last_norm = new.conv2[-1]
     if not isinstance(last_norm, nn.BatchNorm3d):
-        raise ValueError(f"the new block's conv2 does not end in a BatchNorm3d ({last_norm}); cannot zero it")
+        raise ValueError(f"the new block's branch does not end in a BatchNorm3d ({last_norm}); cannot zero it")
     nn.init.zeros_(last_norm.weight)
     nn.init.zeros_(last_norm.bias)
-    synced = next((m for m in block.modules() if isinstance(m, nn.SyncBatchNorm)), None)
+    synced = next((m for m in like.modules() if isinstance(m, nn.SyncBatchNorm)), None)
     if synced is not None:  # a converted model (convert_sync_batchnorm): so is the new block
         new = nn.SyncBatchNorm.convert_sync_batchnorm(new, synced.process_group)
-    new.to(**_factory(writer)).train(block.training)
-    return _Insertion((new,), reader.weight, lambda: layer.insert(index + 1, new))
+    new.to(**_factory(writer)).train(like.training)
+    return _Insertion((new,), reader.weight, insert)
 
 
 def _resnet_conv_builder(conv: nn.Module) -> Callable[..., nn.Module]:

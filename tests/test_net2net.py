@@ -10,6 +10,7 @@ from c3dzoo import net2net
 from c3dzoo.models.c3d_family import _POOL_NAMES, C3D, c3d, c3d_bn
 from c3dzoo.models.jester import INPUT_SIZE as JESTER_SIZE
 from c3dzoo.models.jester import jester_convcolumn
+from c3dzoo.models.resnet3d import i3d_r50, slow_r50
 from c3dzoo.models.separable_inception import s3d
 from c3dzoo.models.video_resnet import mc3_18, r2plus1d_18, r3d_18
 from c3dzoo.ops.net2net_remap import (
@@ -958,4 +959,84 @@ def test_s3d_deeper_errors_leave_model_unchanged():
             net2net.deeper(model, **kwargs)
     with pytest.raises(ValueError, match="output layer"):
         net2net.wider(model, "classifier.1", 500)
+    assert_unchanged(before, model)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorchVideo's ResNet-50s: bottleneck branches, projection shortcuts, a temporal pool
+# --------------------------------------------------------------------------------------------
+
+
+def small_resnet3d(builder=i3d_r50, **kw):
+    # dropout 0: train-mode outputs must compare deterministically
+    return randomize_bn(builder(num_classes=5, dropout=0.0, **kw))
+
+
+def resnet3d_clip(seed=0, dtype=torch.float32):
+    return torch.randn(2, 3, 4, 32, 32, generator=gen(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["stock", "fused"])
+def test_wider_every_resnet3d_layer_and_stream_exact(fused):
+    """Every bottleneck's conv_a and conv_b grow one at a time (conv_b and conv_c read them), and
+    every residual stream as a group: the stem's (read by stage 1's first block), then each
+    stage's (its shortcut and every conv_c write it; conv_a of each block, the next shortcut and
+    the head's proj read it, the temporal pool in between acting per channel). Exact in eval and
+    train mode (float64)."""
+    torch.manual_seed(0)
+    base = small_resnet3d(fused=fused).double()
+    grown = copy.deepcopy(base)
+    layers = net2net.widenable_layers(grown)
+    assert len(layers) == 32 and layers[:2] == ["blocks.1.res_blocks.0.branch2.conv_a",
+                                                "blocks.1.res_blocks.0.branch2.conv_b"]
+    for i, layer in enumerate(layers):
+        net2net.wider(grown, layer, units(grown, layer) + 2, generator=gen(i))
+    streams = net2net.residual_streams(grown)
+    assert list(streams) == ["stem", "blocks.1", "blocks.3", "blocks.4", "blocks.5"]
+    assert streams["blocks.3"][:2] == ("blocks.3.res_blocks.0.branch1_conv", "blocks.3.res_blocks.0.branch2.conv_c")
+    for i, stream in enumerate(streams):
+        net2net.wider_group(grown, stream, units(grown, streams[stream][0]) + 3, generator=gen(100 + i))
+    assert grown.blocks[6].proj.in_features == 2048 + 3
+    assert grown.blocks[3].res_blocks[0].branch2.conv_a.in_channels == 256 + 3
+    assert_same_eval_then_train(grown, base, resnet3d_clip(dtype=torch.float64), rtol=1e-10, train_rtol=1e-10)
+
+
+@pytest.mark.parametrize("builder, stage3", [(i3d_r50, 4), (slow_r50, 3)], ids=["i3d_r50", "slow_r50"])
+def test_deeper_resnet3d_inserts_a_block_that_adds_zero(builder, stage3):
+    """A ResBlock like the one before it (its conv_a kernel and inner width) with its last
+    BatchNorm's γ = β = 0: exact in eval and train mode without data; later blocks move up one
+    index; the fused forward runs it; its parameters join the optimizer."""
+    torch.manual_seed(0)
+    base = small_resnet3d(builder).double()
+    x = resnet3d_clip(dtype=torch.float64)
+    grown = copy.deepcopy(base)
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1)
+    net2net.deeper(grown, "blocks.1.res_blocks.2", optimizer=opt, generator=gen(1))
+    net2net.deeper(grown, f"blocks.{stage3}.res_blocks.0", optimizer=opt, generator=gen(2))
+    new = grown.blocks[stage3].res_blocks[1]
+    assert type(new).__name__ == "ResBlock" and new.branch1_conv is None and len(grown.blocks[stage3].res_blocks) == 7
+    like = base.blocks[stage3].res_blocks[0].branch2
+    assert new.branch2.conv_a.kernel_size == like.conv_a.kernel_size and new.branch2.conv_b.out_channels == 256
+    assert not new.branch2.norm_c.weight.any() and new.branch2.conv_a.weight.std() > 0
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in grown.parameters()}
+    assert_same_eval_then_train(grown, base, x, rtol=1e-10, train_rtol=1e-10)
+    fused = copy.deepcopy(grown).eval()
+    fused.fused = True
+    with torch.no_grad():
+        assert_same(fused(x), base.eval()(x), rtol=1e-10)
+
+
+def test_resnet3d_growth_errors_leave_model_unchanged():
+    model = i3d_r50(num_classes=5)
+    before = snapshot(model)
+    for kwargs, match in [(dict(after="blocks.2"), "not one of blocks.1.res_blocks.0, "),
+                          (dict(after="blocks.1.res_blocks.0.branch2"), "not one of"),
+                          (dict(after="blocks.1.res_blocks.0", name="blocks.1.res_blocks.3"),
+                           "'blocks.1.res_blocks.1'")]:
+        with pytest.raises(ValueError, match=match):
+            net2net.deeper(model, **kwargs)
+    with pytest.raises(ValueError, match="writes into the residual stream 'blocks.3'.*wider_group"):
+        net2net.wider(model, "blocks.3.res_blocks.1.branch2.conv_c", 600)
+    with pytest.raises(ValueError, match="output layer"):
+        net2net.wider(model, "blocks.6.proj", 500)
     assert_unchanged(before, model)

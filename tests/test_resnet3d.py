@@ -165,17 +165,21 @@ def test_fine_tuning_helpers_know_its_head():
     assert transfer.head_name(fused) == "blocks.5.proj" and transfer.model_layers(fused)[-1] == "blocks.5"
 
 
-def test_train_and_extract_features_on_the_command_line(tmp_path, capsys):
-    """The main job with --model slow_r50, fused; then features from its checkpoint default to
-    the head's pool, averaged over positions as the head does: 2048 values a clip."""
+def test_train_grow_and_extract_features_on_the_command_line(tmp_path, capsys):
+    """The main job with --model slow_r50, fused, growing a stage's stream and inserting a block
+    (the checkpoint replays both); then features from its checkpoint default to the head's pool,
+    averaged over positions as the head does: 2048 values a clip."""
     out = tmp_path / "run"
-    assert cli.main(["train", "--model", "slow_r50", "--epochs", "1", "--train-samples", "8", "--val-samples", "4",
+    assert cli.main(["train", "--model", "slow_r50", "--epochs", "2", "--train-samples", "8", "--val-samples", "4",
                      "--batch-size", "4", "--num-classes", "3", "--frames", "4", "--size", "32", "--device", "cpu",
-                     "--no-progress", "--out", str(out)]) == 0
-    assert "training slow_r50" in capsys.readouterr().out
+                     "--no-progress", "--grow", "2:wider=blocks.2*1.5,2:deeper=blocks.1.res_blocks.0",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training slow_r50" in printed and "wider blocks.2 512 -> 768 units" in printed
     checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     model = ckpt.stock_model(checkpoint)
     assert type(model).__name__ == "ResNet3D" and model.blocks[5].proj.out_features == 3
+    assert model.blocks[3].res_blocks[0].branch1_conv.in_channels == 768 and len(model.blocks[1].res_blocks) == 4
     path = tmp_path / "features.pt"
     assert cli.main(["features", "--checkpoint", str(out / "last.pt"), "--synthetic", "3", "--frames", "4",
                      "--size", "32", "--out", str(path), "--device", "cpu"]) == 0
