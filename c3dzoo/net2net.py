@@ -431,8 +431,8 @@ def wider(model: nn.Module, layer: str, width: int, *, noise: float = 0.0,
     to match (see ``_optimizer_commit``); gradients are not carried over.
 
     ``layer`` may also name a residual stream of a video ResNet (``"layer1"`` … ``"layer4"``; a
-    ResNet3D's ``"stem"``, ``"blocks.1"`` …): that is ``wider_group(model, layer, width, ...)``. A single layer writing into a stream
-    cannot grow alone.
+    ResNet3D's ``"stem"``, ``"blocks.1"`` …): that is ``wider_group(model, layer, width, ...)``.
+    A single layer writing into a stream cannot grow alone.
 
     Raises ValueError, leaving model and optimizer untouched, for an unknown layer, a width not
     larger than the current one, a layer with no following layer to rewrite (the output layer),

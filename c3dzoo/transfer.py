@@ -39,36 +39,39 @@ class PretrainedError(CheckpointError, ValueError):
 # which zoo model this is, and where its classifier head sits
 # --------------------------------------------------------------------------------------------
 
-def _last_block(model: nn.Module) -> str:
-    """The last of a ResNet3D's ``blocks`` (its head; also in a traced copy, whose ``blocks`` is
-    no ModuleList)."""
-    return f"blocks.{max(int(n) for n, _ in model.get_submodule('blocks').named_children())}"
+def _last_block(model: nn.Module, before: int = 0) -> str:
+    """The last of a ResNet3D's or SlowFast's ``blocks`` (its head; also in a traced copy, whose
+    ``blocks`` is no ModuleList), or the one ``before`` blocks before it."""
+    return f"blocks.{max(int(n) for n, _ in model.get_submodule('blocks').named_children()) - before}"
 
 
 # the classifier head of each zoo family (a Linear; S3D's is a 1×1×1 Conv3d; a ResNet3D's sits in
 # its last block), and the hidden fully connected layers whose features are conventionally taken
 # after the activation the model applies
 _HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc", "S3D": "classifier.1",
-          "ResNet3D": lambda model: _last_block(model) + ".proj"}
-_HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6"), "VideoResNet": (), "S3D": (), "ResNet3D": ()}
-# layers whose output positions the head treats alike and averages (S3D's classifier and a
-# ResNet3D's proj run per position of the average pool, then the mean is taken): their features
-# are that mean
-_POSITION_MEANS = {"S3D": lambda model: ("avgpool",), "ResNet3D": lambda model: (_last_block(model) + ".pool",)}
+          "ResNet3D": lambda model: _last_block(model) + ".proj",
+          "SlowFast": lambda model: _last_block(model) + ".proj"}
+_HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6")}
+# layers whose output positions the head treats alike and averages (S3D's classifier and the
+# ResNet-50s' proj run per position of the average pool, then the mean is taken): their features
+# are that mean (SlowFast's pool is the block before its head, pooling and concatenating both
+# pathways)
+_POSITION_MEANS = {"S3D": lambda model: ("avgpool",), "ResNet3D": lambda model: (_last_block(model) + ".pool",),
+                   "SlowFast": lambda model: (_last_block(model, 1),)}
 # families whose layers are the parts of one container (then the modules after it)
-_LAYER_CONTAINERS = {"S3D": "features", "ResNet3D": "blocks"}
+_LAYER_CONTAINERS = {"S3D": "features", "ResNet3D": "blocks", "SlowFast": "blocks"}
 
 
 def _family(model: nn.Module) -> Optional[str]:
-    """"C3D", "ConvColumn", "VideoResNet", "S3D" or "ResNet3D" for a zoo model or a ``c3dzoo.fuse``d
-    one, else None."""
+    """"C3D", "ConvColumn", "VideoResNet", "S3D", "ResNet3D" or "SlowFast" for a zoo model or a
+    ``c3dzoo.fuse``d one, else None."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
-    from .models.resnet3d import ResNet3D
+    from .models.resnet3d import ResNet3D, SlowFast
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
-    for cls in (C3D, ConvColumn, VideoResNet, S3D, ResNet3D):
+    for cls in (C3D, ConvColumn, VideoResNet, S3D, ResNet3D, SlowFast):
         if isinstance(model, cls):
             return cls.__name__
     # torch.fx.symbolic_trace names a GraphModule's class after the traced model's class
@@ -79,7 +82,7 @@ def _family(model: nn.Module) -> Optional[str]:
 
 def head_name(model: nn.Module) -> str:
     """Name of the model's classifier head (C3D ``fc8``, Jester ``fc7``, video ResNets ``fc``, S3D's
-    1×1×1 conv ``classifier.1``, a ResNet3D's ``blocks.N.proj``); for a traced GraphModule of
+    1×1×1 conv ``classifier.1``, a ResNet3D's or SlowFast's ``blocks.N.proj``); for a traced GraphModule of
     another model, the Linear whose output is the model's output."""
     family = _family(model)
     if family is not None:
@@ -135,7 +138,7 @@ def replace_head(model: nn.Module, num_classes: int, *, head: Optional[str] = No
         new = nn.Linear(old.in_features, num_classes, **like)
     else:
         new = nn.Conv3d(old.in_channels, num_classes, 1, **like)
-    if _family(model) in ("VideoResNet", "ResNet3D"):  # torchvision's and PyTorchVideo's
+    if _family(model) in ("VideoResNet", "ResNet3D", "SlowFast"):  # torchvision's and PyTorchVideo's
         nn.init.normal_(new.weight, 0, 0.01)
         if new.bias is not None:
             nn.init.zeros_(new.bias)

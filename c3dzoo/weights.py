@@ -1,6 +1,6 @@
 """Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets and S3D,
 the IG-65M R(2+1)D-34 (pretrained on 65 M Instagram videos; fine-tuned on Kinetics-400) and
-PyTorchVideo's Kinetics-400 Slow, I3D and C2D ResNet-50s.
+PyTorchVideo's Kinetics-400 Slow, I3D, C2D and SlowFast ResNet-50s.
 
     model = c3dzoo.r3d_18(weights="kinetics400", fused=True)       # 400 classes, fused
     c3dzoo.weights.available()                                       # [("r3d_18", "kinetics400"), ...]
@@ -10,10 +10,10 @@ The files are downloaded once into torch.hub's cache (``$TORCH_HOME/hub/checkpoi
 against the SHA-256 prefix in their names; PyTorchVideo's names carry none, so theirs are only
 checked by the strict load (every key and shape). Each entry says how its clips were made (the
 video ResNets: 16 frames, short side 128, centre crop 112; S3D: 128 frames, short side 256, centre
-crop 224; PyTorchVideo's: 8 frames, one in 8, short side 256, centre crop 256, its own mean/std),
-so ``predict``/``evaluate`` feed it what it was trained on, and holds the class names. ``as_checkpoint`` presents an entry as a c3dzoo
-training checkpoint, which is how every command that takes ``--checkpoint`` accepts
-``MODEL:WEIGHTS``.
+crop 224; PyTorchVideo's: 8 frames, one in 8 (SlowFast: 32, one in 2), short side 256, centre crop
+256, its own mean/std), so ``predict``/``evaluate`` feed it what it was trained on, and holds the
+class names. ``as_checkpoint`` presents an entry as a c3dzoo training checkpoint, which is how
+every command that takes ``--checkpoint`` accepts ``MODEL:WEIGHTS``.
 """
 
 from __future__ import annotations
@@ -96,12 +96,16 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
               ("ig65m_kinetics32", 32, 400, "ft_kinetics_from_ig65m-ade133f1"),
               ("ig65m", 8, 359, "ig65m_from_scratch-9bae36ae"),
               ("ig65m32", 32, 487, "ig65m_from_scratch-449a7af9"))),
-        # PyTorchVideo's model zoo (8x8: 8 frames, one in 8; its hub's evaluation transform: short
-        # side 256, centre crop 256); top-1 on Kinetics-400 as it reports: 74.58, 73.27, 71.46
+        # PyTorchVideo's model zoo (8x8: 8 frames, one in 8; SlowFast's fast pathway 32, one in 2;
+        # its hub's evaluation transform: short side 256, centre crop 256); top-1 on Kinetics-400
+        # as it reports: 74.58, 73.27, 71.46, 76.4
         *(WeightsEntry(model, "kinetics400", f"{_PYTORCHVIDEO}/{file}.pyth",
-                       "PyTorchVideo (Kinetics-400, 8x8 clips)", frames=8, frame_stride=8, size=(256, 256),
-                       short_side=256, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD, state_key="model_state")
-          for model, file in (("slow_r50", "SLOW_8x8_R50"), ("i3d_r50", "I3D_8x8_R50"), ("c2d_r50", "C2D_8x8_R50"))),
+                       f"PyTorchVideo (Kinetics-400, {file[-7:-4]} clips)", frames=frames, frame_stride=stride,
+                       size=(256, 256), short_side=256, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
+                       state_key="model_state")
+          for model, file, frames, stride in (("slow_r50", "SLOW_8x8_R50", 8, 8), ("i3d_r50", "I3D_8x8_R50", 8, 8),
+                                              ("c2d_r50", "C2D_8x8_R50", 8, 8),
+                                              ("slowfast_r50", "SLOWFAST_8x8_R50", 32, 2))),
     )
 }
 

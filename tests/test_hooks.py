@@ -184,6 +184,7 @@ _VIDEO_MODELS = {
     "jester_convcolumn": (lambda: c3dzoo.jester_convcolumn(num_classes=3), (2, 3, 18, 84, 84)),
     "s3d": (lambda: c3dzoo.s3d(num_classes=3), (2, 3, 8, 32, 32)),
     "i3d_r50": (lambda: c3dzoo.i3d_r50(num_classes=3), (2, 3, 4, 32, 32)),
+    "slowfast_r50": (lambda: c3dzoo.slowfast_r50(num_classes=3), (1, 3, 4, 32, 32)),
 }
 
 
@@ -213,7 +214,10 @@ def test_hooks_on_the_containers_of_video_models_run_and_keep_the_chains_fused(n
             r.append(("pre", n, [getattr(t, "shape", type(t).__name__) for t in args]))
 
         handles = [modules[n].register_forward_pre_hook(functools.partial(pre_hook, n=n)) for n in containers]
-        handles += [modules[n].register_forward_hook(lambda m, i, o, n=n, r=record: r.append(("out", n, o.detach())))
+        # (SlowFast's pathway blocks take and give [slow, fast] lists)
+        handles += [modules[n].register_forward_hook(
+            lambda m, i, o, n=n, r=record: r.append(("out", n, [t.detach() for t in o] if isinstance(o, list)
+                                                     else o.detach())))
                     for n in containers]
         with torch.no_grad():
             seen[label + "_out"] = model(x)

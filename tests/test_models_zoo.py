@@ -51,12 +51,16 @@ MODELS = {
     "slow_r50": ((2, 3, 4, 64, 64), 32_454_096, 53),
     "i3d_r50": ((2, 3, 4, 64, 64), 28_043_472, 53),
     "c2d_r50": ((2, 3, 4, 64, 64), 24_327_632, 53),
+    # two pathways of 53 chains each, and 4 fusions (after the stems and stages 1-3); 4 frames for
+    # the fast pathway, 1 for the slow one
+    "slowfast_r50": ((2, 3, 4, 32, 32), 34_566_488, 110),
 }
 RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
 # S3D in training mode: its last BatchNorms see 8 values per channel here, and fp32 rounding
 # grows through its 77 chains to ~1e-4 of the largest weight gradient in stock as in fused (both
 # measured against float64), beyond a fused-vs-stock tolerance; these are judged by the budget
-JUDGED_BY_BUDGET = {"train": ("s3d",)}
+# SlowFast's too: its slow pathway's last BatchNorms see 2 values per channel here
+JUDGED_BY_BUDGET = {"train": ("s3d", "slowfast_r50")}
 # the same for the unconditioned training-mode forward of the 34-layer R(2+1)D (eps 1e-3, 16
 # blocks): both fp32 outputs are ~5e-4 (relative) from float64 there
 FORWARD_JUDGED_BY_BUDGET = ("r2plus1d_34",)

@@ -185,3 +185,87 @@ def test_train_grow_and_extract_features_on_the_command_line(tmp_path, capsys):
                      "--size", "32", "--out", str(path), "--device", "cpu"]) == 0
     saved = torch.load(path, weights_only=True)
     assert saved["layer"] == "blocks.5.pool" and saved["features"].shape == (3, 2048)
+
+
+# --------------------------------------------------------------------------------------------
+# SlowFast R50
+# --------------------------------------------------------------------------------------------
+
+
+def _pack_pathways(clip: torch.Tensor, alpha: int = 4):
+    """PyTorchVideo's PackPathway: the slow pathway's frames evenly spaced over the clip."""
+    index = torch.linspace(0, clip.shape[2] - 1, clip.shape[2] // alpha).long()
+    return [clip.index_select(2, index), clip]
+
+
+def test_slowfast_matches_pytorchvideo():
+    """Keys, weights from a seed and the output bit for bit, for PyTorchVideo's [slow, fast] pair
+    and for one clip packed the way its PackPathway does."""
+    slowfast = pytest.importorskip("pytorchvideo.models.slowfast", reason="pytorchvideo is not installed")
+    torch.manual_seed(0)
+    theirs = slowfast.create_slowfast(model_depth=50, slowfast_fusion_conv_kernel_size=(7, 1, 1)).eval()
+    torch.manual_seed(0)
+    ours = c3dzoo.slowfast_r50().eval()
+    their_sd, our_sd = theirs.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(their_sd)
+    assert all(torch.equal(our_sd[k], v) for k, v in their_sd.items())
+    clip = torch.randn(1, 3, 32, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(_pack_pathways(clip))
+        assert torch.equal(ours(clip), expected) and torch.equal(ours(_pack_pathways(clip)), expected)
+        ours.fused = True
+        torch.testing.assert_close(ours(clip), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_slowfast_layout_and_inputs():
+    model = c3dzoo.slowfast_r50(num_classes=6).eval()
+    sd = model.state_dict()
+    assert len(sd) == 662 and sum(p.numel() for p in model.parameters()) == 34_566_488 - 2305 * (400 - 6)
+    fuse = model.blocks[0].multipathway_fusion.conv_fast_to_slow
+    assert fuse.weight.shape == (16, 8, 7, 1, 1) and fuse.stride == (4, 1, 1)
+    assert sd["blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight"].shape == (64, 80, 1, 1, 1)
+    assert type(model.blocks[4].multipathway_fusion) is nn.Identity and model.blocks[6].proj.in_features == 2304
+    clip = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(clip), model(_pack_pathways(clip)))
+        # the slow pathway takes frames 0 and 7 of 8 (evenly spaced, as PackPathway does)
+        assert torch.equal(c3dzoo.models.resnet3d.slow_frames(clip, 4), clip[:, :, [0, 7]])
+    for bad, match in [(torch.randn(2, 3, 6, 32, 32), "a multiple of 4 frames .* got 6"),
+                       (torch.randn(2, 3, 2, 32, 32), r"at least 4 frames of 1×1 pixels, got \(2, 3, 2, 32, 32\)"),
+                       ([torch.randn(2, 3, 2, 32, 32), torch.randn(2, 3, 4, 32, 32)], "4 × the frames"),
+                       ([clip], "a list of 1"),
+                       ([torch.randn(2, 3, 2, 32, 32), torch.randn(2, 1, 8, 32, 32)], r"\(N, 3, frames, height")]:
+        with pytest.raises(ValueError, match=match):
+            model(bad)
+
+
+def test_triton_backend_runs_slowfasts_stems_and_fusion():
+    """Under the interpreter: both stems (1×7×7 and 5×7×7, their max-pools in the epilogue) and
+    the fast-to-slow fusion (7×1×1, stride 4 in time) run on the Triton kernels with nothing
+    falling back, and match stock in eval mode (the stages are I3D's bottlenecks, tested above)."""
+    skip_unless_triton_runs_cpu_tensors()
+    torch.manual_seed(0)
+    stock = c3dzoo.slowfast_r50(num_classes=3).eval()
+    stock.blocks = nn.ModuleList([stock.blocks[0], stock.blocks[5], ResNetBasicHead(80 + 8, 3, None, 0.0)])
+    fused = copy.deepcopy(stock)
+    fused.fused, fused.backend = True, "triton"
+    x = torch.randn(1, 3, 8, 16, 16)
+    c3dzoo.ops.backends.clear_fallbacks()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+
+
+def test_slowfast_fine_tuning_helpers_and_features():
+    """The head is blocks.6.proj; the layers are the blocks that hold parameters; features
+    default to the pooled and concatenated pathways (2048 + 256 values); net2net says it does not
+    grow it."""
+    model = c3dzoo.slowfast_r50(num_classes=3)
+    assert transfer.head_name(model) == "blocks.6.proj" and transfer.head_classes(model) == 3
+    assert transfer.model_layers(model) == [f"blocks.{i}" for i in (0, 1, 2, 3, 4, 6)]
+    assert transfer.freeze(model, "features") == [f"blocks.{i}" for i in (0, 1, 2, 3, 4)]
+    assert c3dzoo.cli.features.DEFAULT_LAYER["SlowFast"](model) == "blocks.5"
+    features = transfer.extract_features(model, torch.randn(2, 3, 8, 32, 32), "blocks.5")
+    assert features.shape == (2, 2304)
+    with pytest.raises(ValueError, match="net2net does not know the layer graph of SlowFast"):
+        c3dzoo.net2net.wider(model, "blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_a", 100)

@@ -59,6 +59,8 @@ CHECK_SPECS: Dict[str, CheckSpec] = {
     "slow_r50": CheckSpec({}, (4, 32, 32), batch=4),
     "i3d_r50": CheckSpec({}, (4, 32, 32), batch=4),
     "c2d_r50": CheckSpec({}, (4, 32, 32), batch=4),
+    # 8 frames for the fast pathway (a multiple of its alpha, 4), 2 for the slow one
+    "slowfast_r50": CheckSpec({}, (8, 32, 32), batch=4),
 }
 
 

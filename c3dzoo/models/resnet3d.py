@@ -1,7 +1,8 @@
 """ResNet-50 video networks of PyTorchVideo's model zoo: Slow (the slow pathway of SlowFast,
 Feichtenhofer et al. 2019), I3D (inflated ResNet-50, Carreira and Zisserman 2017) and C2D, with
 the module tree and state_dict of ``pytorchvideo.models.resnet.create_resnet`` (``slow_r50``,
-``i3d_r50``, ``c2d_r50`` on its hub).
+``i3d_r50``, ``c2d_r50`` on its hub), and SlowFast R50 (``create_slowfast``, ``slowfast_r50``),
+built of the same stems and stages.
 
 The stock forward (``fused=False``) calls the modules as PyTorchVideo does, so checkpoints and
 outputs carry over. The fused forward runs every Conv3d → BatchNorm3d (→ ReLU) chain through
@@ -15,9 +16,10 @@ where the window fits, the result is PyTorchVideo's.
 """
 
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 from torch import nn
 
 from ._common import (AvgPool3dWithin, Chain, ChainSequential, FusableModel, call_chained, check_video_input,
@@ -107,24 +109,47 @@ class ResStage(nn.Module):
 
 
 class ResNetBasicHead(nn.Module):
-    """Average pool (stride 1), dropout, ``proj`` (a Linear over channels at each position) and
-    the mean over the remaining positions."""
+    """Average pool (stride 1; none without ``pool_kernel``), dropout, ``proj`` (a Linear over
+    channels at each position) and the mean over the remaining positions."""
 
-    def __init__(self, in_features: int, num_classes: int, pool_kernel: Kernel, dropout: float):
+    def __init__(self, in_features: int, num_classes: int, pool_kernel: Optional[Kernel], dropout: float):
         super().__init__()
-        self.pool = AvgPool3dWithin(pool_kernel, stride=(1, 1, 1))
+        self.pool = None if pool_kernel is None else AvgPool3dWithin(pool_kernel, stride=(1, 1, 1))
         # PyTorchVideo leaves the dropout out at rate 0, and so does this (state_dict and repr alike)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.proj = nn.Linear(in_features, num_classes)
         self.output_pool = nn.AdaptiveAvgPool3d(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(x)
+        if self.pool is not None:
+            x = self.pool(x)
         if self.dropout is not None:
             x = self.dropout(x)
         x = self.proj(x.permute((0, 2, 3, 4, 1))).permute((0, 4, 1, 2, 3))
         x = self.output_pool(x)
         return x.view(x.shape[0], -1)
+
+
+def _init_weights(model: nn.Module) -> None:
+    """PyTorchVideo's initialisation (init_net_weights), in the same module order, so a seed gives
+    its weights: He-normal convs (fan out), BN γ 1 (0 for a block's last), β 0, the Linear
+    N(0, 0.01²) with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm3d):
+            nn.init.constant_(m.weight, 0.0 if getattr(m, "block_final_bn", False) else 1.0)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def _stage(count: int, dim_in: int, dim_inner: int, dim_out: int, kernels: Sequence[Kernel], stride: int) -> ResStage:
+    """``count`` blocks; the first strides (in space) and projects, the rest keep the shape;
+    block ``b``'s first conv has ``kernels[b % len(kernels)]`` (PyTorchVideo repeats the list)."""
+    return ResStage([ResBlock(dim_in if b == 0 else dim_out, dim_inner, dim_out, tuple(kernels[b % len(kernels)]),
+                              stride if b == 0 else 1) for b in range(count)])
 
 
 class ResNet3D(FusableModel):
@@ -146,27 +171,13 @@ class ResNet3D(FusableModel):
         blocks: list = [ResNetBasicStem(3, 64, stem_kernel)]
         dim_in, dim_out = 64, 256
         for index, (count, kernels) in enumerate(zip(STAGE_DEPTHS[depth], conv_a_kernels)):
-            stride = 1 if index == 0 else 2
-            stage = [ResBlock(dim_in if b == 0 else dim_out, dim_out // 4, dim_out, tuple(kernels[b % len(kernels)]),
-                              stride if b == 0 else 1) for b in range(count)]
-            blocks.append(ResStage(stage))
+            blocks.append(_stage(count, dim_in, dim_out // 4, dim_out, kernels, 1 if index == 0 else 2))
             if index == 0 and stage1_pool:
                 blocks.append(nn.MaxPool3d((2, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0)))
             dim_in, dim_out = dim_out, dim_out * 2
         blocks.append(ResNetBasicHead(dim_in, num_classes, head_pool, dropout))
         self.blocks = nn.ModuleList(blocks)
-        # PyTorchVideo's initialisation (init_net_weights), in the same module order, so a seed
-        # gives its weights: He-normal convs (fan out), BN γ 1 (0 for a block's last), β 0, the
-        # Linear N(0, 0.01²) with zero bias
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.constant_(m.weight, 0.0 if getattr(m, "block_final_bn", False) else 1.0)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        _init_weights(self)
 
     def min_input(self) -> Tuple[int, int, int]:
         """The smallest clip (frames, height, width) it takes: 2 frames for the temporal pool."""
@@ -181,6 +192,139 @@ class ResNet3D(FusableModel):
 
 
 _STAGES = 4
+
+
+# --------------------------------------------------------------------------------------------
+# SlowFast: a slow pathway (few frames, wide) and a fast one (alpha times the frames, 1/8 the
+# width), the fast one's features fused into the slow one after the stem and stages 1-3
+# --------------------------------------------------------------------------------------------
+
+
+class FuseFastToSlow(nn.Module):
+    """``conv_fast_to_slow`` (T×1×1, stride alpha in time: the fast pathway's frames down to the
+    slow one's) → ``norm`` → ``activation``, concatenated after the slow pathway's channels."""
+
+    takes_chain = True  # see call_chained
+
+    def __init__(self, fast_channels: int, channel_ratio: int, kernel: Kernel, alpha: int):
+        super().__init__()
+        self.conv_fast_to_slow = nn.Conv3d(fast_channels, fast_channels * channel_ratio, kernel,
+                                           stride=(alpha, 1, 1), padding=_half(kernel), bias=False)
+        self.norm = nn.BatchNorm3d(fast_channels * channel_ratio)
+        self.activation = nn.ReLU()
+
+    def forward(self, x: List[Tensor], chain: Optional[Chain] = None) -> List[Tensor]:
+        slow, fast = x[0], x[1]
+        if chain is None:
+            fuse = self.activation(self.norm(self.conv_fast_to_slow(fast)))
+        else:
+            fuse = chain(fast, self.conv_fast_to_slow, self.norm, "relu", activation_module=self.activation)
+        return [torch.cat([slow, fuse], 1), fast]
+
+
+class MultiPathWayWithFuse(nn.Module):
+    """Each pathway through its own block (``multipathway_blocks``: a stem or a stage each), then
+    ``multipathway_fusion`` (``FuseFastToSlow``, or ``nn.Identity`` after the last stage)."""
+
+    takes_chain = True  # see call_chained
+
+    def __init__(self, blocks: Sequence[nn.Module], fusion: nn.Module):
+        super().__init__()
+        self.multipathway_blocks = nn.ModuleList(blocks)
+        self.multipathway_fusion = fusion
+
+    def forward(self, x: List[Tensor], chain: Optional[Chain] = None) -> List[Tensor]:
+        """The pathways' blocks and the fusion; with ``chain`` their conv chains run through it."""
+        out = [call_chained(block, x[i], chain) for i, block in enumerate(self.multipathway_blocks)]
+        return call_chained(self.multipathway_fusion, out, chain)
+
+
+class PoolConcatPathway(nn.Module):
+    """Each pathway average-pooled (``pool``: one per pathway), then concatenated on channels."""
+
+    def __init__(self, kernels: Sequence[Kernel]):
+        super().__init__()
+        self.pool = nn.ModuleList([AvgPool3dWithin(k, stride=(1, 1, 1)) for k in kernels])
+
+    def forward(self, x: List[Tensor]) -> Tensor:
+        return torch.cat([pool(x[i]) for i, pool in enumerate(self.pool)], 1)
+
+
+@torch.fx.wrap  # a call in traced graphs (c3dzoo.fuse): the frame indices depend on the clip's length
+def slow_frames(clip: Tensor, alpha: int) -> Tensor:
+    """The slow pathway's frames of a clip: ``frames // alpha`` of them, evenly spaced from the
+    first to the last (PyTorchVideo's PackPathway)."""
+    frames = clip.shape[2]
+    index = torch.linspace(0, frames - 1, frames // alpha, device=clip.device).long()
+    return clip.index_select(2, index)
+
+
+class SlowFast(FusableModel):
+    """SlowFast (Feichtenhofer et al., 2019) as PyTorchVideo's ``create_slowfast`` builds it:
+    ``blocks`` = the two stems with a fusion, four stages of (slow, fast) bottleneck stages with a
+    fusion after the first three, ``PoolConcatPathway`` and the head.
+
+    The input is one clip (N × 3 × T × H × W, T a multiple of ``alpha``: the fast pathway's
+    frames; the slow pathway takes T / alpha of them as PyTorchVideo's PackPathway does), or
+    PyTorchVideo's ``[slow, fast]`` pair of clips.
+    """
+
+    def __init__(self, *, depth: int = 50, num_classes: int = 400, dropout: float = 0.5, alpha: int = 4,
+                 beta_inv: int = 8, fusion_channel_ratio: int = 2, fusion_kernel: Kernel = (7, 1, 1),
+                 fused: bool = False, backend: Optional[str] = None):
+        super().__init__(fused, backend)
+        if depth not in STAGE_DEPTHS:
+            raise ValueError(f"depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
+        self.alpha = int(alpha)
+        slow_kernels = [[(1, 1, 1)], [(1, 1, 1)], [(3, 1, 1)], [(3, 1, 1)]]
+        fast_kernels = [[(3, 1, 1)]] * _STAGES
+
+        def fusion(fast_channels: int) -> nn.Module:
+            return FuseFastToSlow(fast_channels, fusion_channel_ratio, fusion_kernel, self.alpha)
+
+        blocks: list = [MultiPathWayWithFuse([ResNetBasicStem(3, 64, (1, 7, 7)),
+                                              ResNetBasicStem(3, 64 // beta_inv, (5, 7, 7))],
+                                             fusion(64 // beta_inv))]
+        dim_in, dim_out = 64, 256
+        for index, count in enumerate(STAGE_DEPTHS[depth]):
+            stride = 1 if index == 0 else 2
+            slow_in = dim_in + dim_in * fusion_channel_ratio // beta_inv
+            stages = [_stage(count, slow_in, dim_out // 4, dim_out, slow_kernels[index], stride),
+                      _stage(count, dim_in // beta_inv, dim_out // 4 // beta_inv, dim_out // beta_inv,
+                             fast_kernels[index], stride)]
+            last = index == _STAGES - 1
+            blocks.append(MultiPathWayWithFuse(stages, nn.Identity() if last else fusion(dim_out // beta_inv)))
+            dim_in, dim_out = dim_out, dim_out * 2
+        blocks.append(PoolConcatPathway([(8, 7, 7), (32, 7, 7)]))
+        blocks.append(ResNetBasicHead(dim_in + dim_in // beta_inv, num_classes, None, dropout))
+        self.blocks = nn.ModuleList(blocks)
+        _init_weights(self)
+
+    def _pathways(self, x) -> List[Tensor]:
+        if isinstance(x, (list, tuple)):
+            if len(x) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() == 5 for t in x):
+                raise ValueError(f"SlowFast takes one clip (N, 3, frames, height, width) or a [slow, fast] pair of "
+                                 f"them, got a {type(x).__name__} of {len(x)}")
+            slow, fast = x
+            check_video_input(fast, self.blocks[0].multipathway_blocks[1], (1, 1, 1), "SlowFast's fast pathway")
+            check_video_input(slow, self.blocks[0].multipathway_blocks[0], (1, 1, 1), "SlowFast's slow pathway")
+            if (slow.shape[0], *slow.shape[3:]) != (fast.shape[0], *fast.shape[3:]) or \
+                    fast.shape[2] != slow.shape[2] * self.alpha:
+                raise ValueError(f"SlowFast's [slow, fast] clips must share batch, height and width, the fast one "
+                                 f"with {self.alpha} × the frames; got {tuple(slow.shape)} and {tuple(fast.shape)}")
+            return [slow, fast]
+        check_video_input(x, self.blocks[0].multipathway_blocks[1], (self.alpha, 1, 1), "SlowFast")
+        if not isinstance(x, torch.fx.Proxy) and x.shape[2] % self.alpha:
+            raise ValueError(f"SlowFast takes clips of a multiple of {self.alpha} frames (its slow pathway takes one "
+                             f"in {self.alpha}), got {x.shape[2]}")
+        return [slow_frames(x, self.alpha), x]
+
+    def forward(self, x) -> Tensor:
+        x = self._pathways(x)
+        chain = self.chain if self.fused else None
+        for block in self.blocks:  # each through nn.Module.__call__ (its hooks run), fused or not
+            x = call_chained(block, x, chain)
+        return x
 
 
 @published_weights
@@ -211,3 +355,12 @@ def c2d_r50(num_classes: int = 400, *, dropout: float = 0.5, fused: bool = False
     kernels = [[(1, 1, 1)]] * _STAGES
     return ResNet3D((1, 7, 7), kernels, stage1_pool=True, num_classes=num_classes, dropout=dropout,
                     fused=fused, backend=backend)
+
+
+@published_weights
+def slowfast_r50(num_classes: int = 400, *, dropout: float = 0.5, fused: bool = False,
+                 backend: Optional[str] = None) -> SlowFast:
+    """SlowFast R50 (PyTorchVideo ``slowfast_r50``; 34.6 M parameters): a slow pathway of
+    ResNet-50 width on one frame in 4 and a fast one of 1/8 the width on every frame, fused by
+    7×1×1 stride-4 convs. Trained on 32 frames (one in 2) of 224×224."""
+    return SlowFast(num_classes=num_classes, dropout=dropout, fused=fused, backend=backend)
