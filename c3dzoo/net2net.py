@@ -13,6 +13,8 @@
   BatchNorm3d (no activation) in the ConvColumn, a 1×1×1 Dirac Conv3dNormActivation in S3D.
 * In S3D a branch's last conv writes a slice of its Inception block's channel concatenation: its
   ``wider`` divides only that slice of the next block's branch heads' (or the head's) inputs.
+  SlowFast likewise: a fusion conv's output follows the slow stream's channels in the
+  concatenation the next slow stage reads, and the head reads the [slow, fast] concatenation.
 
 All rewrite the optimizer too (momentum and Adam moments follow their parameters), validate
 everything before touching the model, and replace or insert plain ``nn.Conv3d``/``nn.BatchNorm*``/
@@ -85,14 +87,14 @@ class _Stream:
 
     name: str
     writers: Tuple[_Stage, ...]
-    readers: Tuple[str, ...]
+    readers: Tuple[Tuple[str, Optional[int]], ...]  # each with its offset in a concatenation, or None
 
 
 def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
     """The segments of ``model`` and its residual streams (none outside the video ResNets)."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
-    from .models.resnet3d import ResNet3D
+    from .models.resnet3d import ResNet3D, SlowFast
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
@@ -110,10 +112,12 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
         return _s3d_graph(model), []
     if isinstance(model, ResNet3D):
         return _resnet3d_graph(model)
+    if isinstance(model, SlowFast):
+        return _slowfast_graph(model)
     raise ValueError(
         f"net2net does not know the layer graph of {type(model).__name__}; it supports the zoo's "
-        f"C3D, ConvColumn (jester_convcolumn), VideoResNet, S3D and ResNet3D models (not fx-fused "
-        f"copies: grow, then fuse)"
+        f"C3D, ConvColumn (jester_convcolumn), VideoResNet, S3D, ResNet3D and SlowFast models (not "
+        f"fx-fused copies: grow, then fuse)"
     )
 
 
@@ -139,42 +143,75 @@ def _stages(model: nn.Module, paths: Sequence[str]) -> Tuple[_Stage, ...]:
     return tuple(stages)
 
 
+class _ResidualGraph:
+    """Builds the segments and residual streams of a residual network. A block's first conv (and
+    its projection shortcut) reads the stream the blocks before it wrote; its last conv adds into
+    the stream it outputs, which a projection starts afresh. A reader may take a stream as one
+    slice of a channel concatenation (SlowFast's fusions): it then reads it from a channel offset."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names: List[str] = []
+        self.writers: List[List[_Stage]] = []
+        self.readers: List[List[Tuple[str, Optional[int]]]] = []
+        # chains: (stages, the stream they add into or None, readers of their output when it is a
+        # slice of a concatenation)
+        self.chains: List[Tuple[Tuple[_Stage, ...], Optional[int], List[Tuple[str, int]]]] = []
+
+    def stream(self, name: str) -> int:
+        self.names.append(name)
+        self.writers.append([])
+        self.readers.append([])
+        return len(self.names) - 1
+
+    def chain(self, paths: Sequence[str], stream: Optional[int] = None) -> Tuple[Tuple[_Stage, ...], List]:
+        """The chain of the leaves under ``paths``, adding into ``stream``; (its stages, the list of
+        (reader, offset) that read its output as a concatenation's slice, to fill)."""
+        stages = _stages(self.model, [p for path in paths for p in _leaf_paths(self.model, path)])
+        sliced: List[Tuple[str, int]] = []
+        self.chains.append((stages, stream, sliced))
+        if stream is not None:
+            self.writers[stream].append(stages[-1])
+        return stages, sliced
+
+    def read(self, stream: int, layer: str, offset: Optional[int] = None) -> None:
+        self.readers[stream].append((layer, offset))
+
+    def width(self, stream: int) -> int:
+        return _units(self.model.get_submodule(self.writers[stream][-1].layer))
+
+    def block(self, stream: int, name: str, prefix: str, shortcut: Sequence[str], branch: Sequence[str],
+              offset: Optional[int] = None) -> Tuple[int, List[str]]:
+        """A residual block reading ``stream`` (from ``offset`` of a concatenation, or alone), its
+        parts under ``prefix``; (the stream it writes, named ``name``; its first layers)."""
+        reads, firsts = stream, []
+        if shortcut:
+            stream = self.stream(name)
+            firsts.append(self.chain([prefix + part for part in shortcut], stream)[0][0].layer)
+        self.names[stream] = name  # a stream is named after the last stage adding into it
+        firsts.append(self.chain([prefix + part for part in branch], stream)[0][0].layer)
+        for layer in firsts:
+            self.read(reads, layer, offset)
+        return stream, firsts
+
+    def result(self, head: str) -> Tuple[List[_Segment], List[_Stream]]:
+        segments = [_Segment(stages, None if s is None else self.names[s], tuple(sliced))
+                    for stages, s, sliced in self.chains]
+        return segments + [_Segment((_Stage(head),))], [
+            _Stream(n, tuple(w), tuple(r)) for n, w, r in zip(self.names, self.writers, self.readers)]
+
+
 def _residual_graph(model: nn.Module, stem: str, blocks: Sequence[Tuple[str, str, Sequence[str], Sequence[str]]],
                     head: str) -> Tuple[List[_Segment], List[_Stream]]:
-    # The stem, each projection shortcut and each block's residual branch are chains. A block's
-    # first conv (and its shortcut) reads the stream the blocks before it wrote; its last conv
-    # adds into the stream it outputs, which a shortcut starts afresh. ``blocks``: per block in
-    # forward order, (the stream it adds into, its path prefix, its shortcut's parts (none: the
-    # identity), its branch's parts).
-    names: List[str] = []
-    writers: List[List[_Stage]] = []
-    readers: List[List[str]] = []
-    chains: List[Tuple[Tuple[_Stage, ...], int]] = []
-
-    def start_stream(name: str) -> int:
-        names.append(name)
-        writers.append([])
-        readers.append([])
-        return len(names) - 1
-
-    def add_chain(prefix: str, parts: Sequence[str], stream: int) -> Tuple[_Stage, ...]:
-        stages = _stages(model, [p for part in parts for p in _leaf_paths(model, prefix + part)])
-        chains.append((stages, stream))
-        writers[stream].append(stages[-1])
-        return stages
-
-    stream = start_stream("stem")
-    add_chain(stem, [""], stream)
+    # ``blocks``: per block in forward order, (the stream it adds into, its path prefix, its
+    # shortcut's parts (none: the identity), its branch's parts)
+    graph = _ResidualGraph(model)
+    stream = graph.stream("stem")
+    graph.chain([stem], stream)
     for name, prefix, shortcut, branch in blocks:
-        reads = stream
-        if shortcut:
-            stream = start_stream(name)
-            readers[reads].append(add_chain(prefix, shortcut, stream)[0].layer)
-        names[stream] = name  # a stream is named after the last stage adding into it
-        readers[reads].append(add_chain(prefix, branch, stream)[0].layer)
-    readers[stream].append(head)
-    segments = [_Segment(stages, names[s]) for stages, s in chains] + [_Segment((_Stage(head),))]
-    return segments, [_Stream(n, tuple(w), tuple(r)) for n, w, r in zip(names, writers, readers)]
+        stream, _ = graph.block(stream, name, prefix, shortcut, branch)
+    graph.read(stream, head)
+    return graph.result(head)
 
 
 def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
@@ -190,11 +227,53 @@ def _resnet3d_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
     # bottleneck branch2; the temporal pool after stage 1 (I3D, C2D) acts per channel
     from .models.resnet3d import ResStage
 
-    blocks = [(f"blocks.{i}", f"blocks.{i}.res_blocks.{index}.",
-               ["branch1_conv", "branch1_norm"] if block.branch1_conv is not None else [], ["branch2"])
+    blocks = [(f"blocks.{i}", f"blocks.{i}.res_blocks.{index}.", _shortcut_parts(block), ["branch2"])
               for i, stage in enumerate(model.blocks) if isinstance(stage, ResStage)
               for index, block in enumerate(stage.res_blocks)]
     return _residual_graph(model, "blocks.0", blocks, f"blocks.{len(model.blocks) - 1}.proj")
+
+
+def _shortcut_parts(block: nn.Module) -> List[str]:
+    """A PyTorchVideo ResBlock's projection shortcut parts (none for an identity shortcut)."""
+    return ["branch1_conv", "branch1_norm"] if block.branch1_conv is not None else []
+
+
+def _slowfast_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
+    # Each pathway is a residual network of its own. A fusion (conv_fast_to_slow → norm) reads
+    # the fast stream; its output is concatenated after the slow stream's channels, and that
+    # concatenation is what the next slow stage's first block (shortcut and conv_a) reads. The
+    # head's proj reads the pooled [slow, fast] concatenation.
+    from .models.resnet3d import FuseFastToSlow, MultiPathWayWithFuse
+
+    graph = _ResidualGraph(model)
+    streams = []
+    for pathway in range(2):
+        stem = f"blocks.0.multipathway_blocks.{pathway}"
+        streams.append(graph.stream(stem))
+        graph.chain([stem], streams[-1])
+    fused: Optional[List[Tuple[str, int]]] = None  # the readers of the last fusion's output
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, MultiPathWayWithFuse):
+            continue
+        if i > 0:
+            for pathway, stage in enumerate(block.multipathway_blocks):
+                name = f"blocks.{i}.multipathway_blocks.{pathway}"
+                for j, res_block in enumerate(stage.res_blocks):
+                    concatenated = pathway == 0 and j == 0 and fused is not None
+                    slow_width = graph.width(streams[0])
+                    streams[pathway], firsts = graph.block(streams[pathway], name, f"{name}.res_blocks.{j}.",
+                                                           _shortcut_parts(res_block), ["branch2"],
+                                                           0 if concatenated else None)
+                    if concatenated:
+                        fused.extend((layer, slow_width) for layer in firsts)
+        fused = None
+        if isinstance(block.multipathway_fusion, FuseFastToSlow):
+            stages, fused = graph.chain([f"blocks.{i}.multipathway_fusion"])
+            graph.read(streams[1], stages[0].layer)
+    head = f"blocks.{len(model.blocks) - 1}.proj"
+    graph.read(streams[0], head, 0)
+    graph.read(streams[1], head, graph.width(streams[0]))
+    return graph.result(head)
 
 
 def _s3d_graph(model: nn.Module) -> List[_Segment]:
@@ -248,11 +327,11 @@ def widenable_layers(model: nn.Module) -> List[str]:
 
 
 def residual_streams(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
-    """The residual streams of a video ResNet or ResNet3D ``model`` (empty for other models), in
-    forward order: stream name (``"layer1"`` … ``"layer4"`` or ``"blocks.N"``: the stage whose
-    blocks add into it; the stem writes into ``"layer1"``, or into ``"stem"`` where stage 1
-    starts with a projection) → the layers writing into it, which ``wider_group`` grows
-    together."""
+    """The residual streams of a video ResNet, ResNet3D or SlowFast ``model`` (empty for other
+    models), in forward order: stream name (``"layer1"`` … ``"layer4"``, ``"blocks.N"``, SlowFast's
+    ``"blocks.N.multipathway_blocks.P"``: the stage (or stem) whose blocks add into it; the stem
+    writes into ``"layer1"``, or into ``"stem"`` where stage 1 starts with a projection) → the
+    layers writing into it, which ``wider_group`` grows together."""
     return {s.name: tuple(w.layer for w in s.writers) for s in _graph(model)[1]}
 
 
@@ -454,7 +533,9 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
     writes into ``"layer1"``) or any layer writing into it (``"stem.0"``,
     ``"layer2.0.downsample.0"``, ``"layer3.1.conv2.0"``, R(2+1)D's ``"stem.3"`` …). A ResNet3D's
     streams are ``"stem"`` (its stage 1 starts with a projection) and ``"blocks.N"`` for each
-    stage, written by its first block's ``branch1_conv`` and every block's ``branch2.conv_c``. Every writer
+    stage, written by its first block's ``branch1_conv`` and every block's ``branch2.conv_c``;
+    SlowFast's are each pathway's stem and stages (readers that take the stream as a slice of a
+    concatenation have only that slice divided). Every writer
     (the stem's last conv or the downsample shortcut that starts the stream, and each block's
     last conv) grows with one shared mapping ``g``, its BatchNorm copying γ, β and the running
     statistics, so every residual addition adds replicas to replicas; every reader (each block's
@@ -467,8 +548,8 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
     streams, an unknown stream, or a width not larger than the current one.
     """
     found = _find_stream(model, stream)
-    return _grow(model, f"residual stream {found.name!r}", found.writers, [(r, None) for r in found.readers],
-                 width, noise, generator, optimizer)
+    return _grow(model, f"residual stream {found.name!r}", found.writers, found.readers, width, noise, generator,
+                 optimizer)
 
 
 def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
@@ -478,7 +559,8 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
     any) to ``width`` units with one shared replica mapping, and divide the incoming weights of
     every layer in ``consumers``: (path, None) reads exactly the producers' units (or, for a
     Linear after a flatten, groups of D·H·W columns per unit); (path, offset), a Conv3d, reads
-    them as the channels from ``offset`` of a concatenation, the others keeping their weights.
+    them as the channels (a Linear: the inputs) from ``offset`` of a concatenation, the others
+    keeping their weights.
     ``what`` names the grown thing in errors. Validates everything before touching model or
     optimizer."""
     layers = {path: model.get_submodule(path) for path in [s.layer for s in producers] + [c for c, _ in consumers]}
@@ -502,7 +584,7 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
     for path, offset in consumers:
         fan_in = _units(layers[path], incoming=True)
         if offset is not None:
-            if not isinstance(layers[path], nn.Conv3d) or not 0 <= offset <= fan_in - old:
+            if not 0 <= offset <= fan_in - old:
                 raise ValueError(f"{path} takes {fan_in} inputs, which cannot hold {what}'s {old} outputs "
                                  f"from channel {offset}")
         elif fan_in % old or (isinstance(layers[path], nn.Conv3d) and fan_in != old):
@@ -623,7 +705,8 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     modules, so it is refused, and a deepened ConvColumn must stay unfused.
 
     ResNet3D (slow_r50, i3d_r50, c2d_r50; ``after``: a block such as
-    ``"blocks.3.res_blocks.1"``). A new ResBlock like that one (its first conv's kernel and inner
+    ``"blocks.3.res_blocks.1"``) and SlowFast (a block of either pathway's stage:
+    ``"blocks.2.multipathway_blocks.1.res_blocks.0"``). A new ResBlock like that one (its first conv's kernel and inner
     width; stride 1, identity shortcut) goes into the stage's ``res_blocks`` right after it (later
     blocks move up one index), PyTorchVideo's initialisation, its last BatchNorm γ = β = 0:
     exact as for the video ResNets.
@@ -642,7 +725,7 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     """
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
-    from .models.resnet3d import ResNet3D
+    from .models.resnet3d import ResNet3D, SlowFast
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
 
@@ -654,11 +737,11 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
         insertion = _convcolumn_insertion(model, after, data, name)
     elif isinstance(model, S3D):
         insertion = _s3d_insertion(model, after, data, name)
-    elif isinstance(model, ResNet3D):
+    elif isinstance(model, (ResNet3D, SlowFast)):
         insertion = _resnet3d_insertion(model, after, name, generator)
     else:
-        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn, VideoResNet, S3D and ResNet3D models, "
-                         f"not {type(model).__name__}")
+        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn, VideoResNet, S3D, ResNet3D and SlowFast "
+                         f"models, not {type(model).__name__}")
     group = None
     if optimizer is not None:
         group = next((g for g in optimizer.param_groups if any(p is insertion.anchor for p in g["params"])), None)
@@ -846,8 +929,8 @@ def _resnet3d_insertion(model: nn.Module, after: str, name: Optional[str],
                         generator: Optional[torch.Generator]) -> _Insertion:
     from .models.resnet3d import ResBlock, ResStage
 
-    blocks = [f"blocks.{i}.res_blocks.{bi}" for i, stage in enumerate(model.blocks) if isinstance(stage, ResStage)
-              for bi in range(len(stage.res_blocks))]
+    blocks = [f"{path}.res_blocks.{bi}" for path, stage in model.named_modules() if isinstance(stage, ResStage)
+              for bi in range(len(stage.res_blocks))]  # ResNet3D's stages, or SlowFast's pathways' stages
     if after not in blocks:
         raise ValueError(f"deeper inserts a block after a block of {type(model).__name__}; {after!r} is not "
                          f"one of {', '.join(blocks)}")

@@ -10,7 +10,7 @@ from c3dzoo import net2net
 from c3dzoo.models.c3d_family import _POOL_NAMES, C3D, c3d, c3d_bn
 from c3dzoo.models.jester import INPUT_SIZE as JESTER_SIZE
 from c3dzoo.models.jester import jester_convcolumn
-from c3dzoo.models.resnet3d import i3d_r50, slow_r50
+from c3dzoo.models.resnet3d import i3d_r50, slow_r50, slowfast_r50
 from c3dzoo.models.separable_inception import s3d
 from c3dzoo.models.video_resnet import mc3_18, r2plus1d_18, r3d_18
 from c3dzoo.ops.net2net_remap import (
@@ -1040,3 +1040,48 @@ def test_resnet3d_growth_errors_leave_model_unchanged():
     with pytest.raises(ValueError, match="output layer"):
         net2net.wider(model, "blocks.6.proj", 500)
     assert_unchanged(before, model)
+
+
+def test_slowfast_grows_exactly():
+    """Every widenable layer (bottleneck convs of both pathways, the four fast-to-slow fusion
+    convs, whose output is a slice of the concatenation the next slow stage reads) and every
+    stream of both pathways (the head's proj reads them as the [slow, fast] concatenation), then
+    a block inserted into each pathway: exact in eval and train mode (float64)."""
+    torch.manual_seed(0)
+    base = small_resnet3d(slowfast_r50).double()
+    grown = copy.deepcopy(base)
+    layers = net2net.widenable_layers(grown)
+    assert len(layers) == 68 and "blocks.0.multipathway_fusion.conv_fast_to_slow" in layers
+    for i, layer in enumerate(layers):
+        net2net.wider(grown, layer, units(grown, layer) + 2, generator=gen(i))
+    streams = net2net.residual_streams(grown)
+    assert len(streams) == 10 and list(streams)[:2] == ["blocks.0.multipathway_blocks.0", "blocks.0.multipathway_blocks.1"]
+    for i, stream in enumerate(streams):
+        net2net.wider_group(grown, stream, units(grown, streams[stream][0]) + 3, generator=gen(100 + i))
+    assert grown.blocks[6].proj.in_features == 2048 + 3 + 256 + 3
+    # the slow stage 1 reads the slow stem's 64 + 3 channels, then the fusion's 16 + 2
+    assert grown.blocks[1].multipathway_blocks[0].res_blocks[0].branch2.conv_a.in_channels == 64 + 3 + 16 + 2
+    net2net.deeper(grown, "blocks.1.multipathway_blocks.0.res_blocks.2", generator=gen(1))
+    net2net.deeper(grown, "blocks.3.multipathway_blocks.1.res_blocks.0", generator=gen(2))
+    assert len(grown.blocks[3].multipathway_blocks[1].res_blocks) == 7
+    # 8 frames: the slow pathway's 2 keep its last train-mode BatchNorms from amplifying rounding
+    clip = torch.randn(2, 3, 8, 32, 32, generator=gen(0), dtype=torch.float64)
+    assert_same_eval_then_train(grown, base, clip, rtol=1e-10, train_rtol=1e-10)
+
+
+def test_wider_slowfast_fusion_rewrites_only_its_slice():
+    torch.manual_seed(0)
+    model = small_resnet3d(slowfast_r50)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(resnet3d_clip()).square().mean().backward()
+    opt.step()
+    reader = model.blocks[2].multipathway_blocks[0].res_blocks[0].branch2.conv_a  # reads 256 slow + 64 fused
+    before, momentum = reader.weight.detach().clone(), opt.state[reader.weight]["momentum_buffer"].clone()
+    net2net.wider(model, "blocks.1.multipathway_fusion.conv_fast_to_slow", 67, optimizer=opt, generator=gen(3))
+    g = replica_mapping(64, 67, gen(3))
+    counts = replica_counts(g, 64)[g].view(1, -1, 1, 1, 1)
+    grown = model.blocks[2].multipathway_blocks[0].res_blocks[0].branch2.conv_a
+    assert grown.in_channels == 256 + 67
+    for new, old in ((grown.weight.detach(), before), (opt.state[grown.weight]["momentum_buffer"], momentum)):
+        assert torch.equal(new[:, :256], old[:, :256])
+        assert_same(new[:, 256:], old[:, 256:][:, g] / counts)

@@ -258,8 +258,7 @@ def test_triton_backend_runs_slowfasts_stems_and_fusion():
 
 def test_slowfast_fine_tuning_helpers_and_features():
     """The head is blocks.6.proj; the layers are the blocks that hold parameters; features
-    default to the pooled and concatenated pathways (2048 + 256 values); net2net says it does not
-    grow it."""
+    default to the pooled and concatenated pathways (2048 + 256 values)."""
     model = c3dzoo.slowfast_r50(num_classes=3)
     assert transfer.head_name(model) == "blocks.6.proj" and transfer.head_classes(model) == 3
     assert transfer.model_layers(model) == [f"blocks.{i}" for i in (0, 1, 2, 3, 4, 6)]
@@ -267,5 +266,3 @@ def test_slowfast_fine_tuning_helpers_and_features():
     assert c3dzoo.cli.features.DEFAULT_LAYER["SlowFast"](model) == "blocks.5"
     features = transfer.extract_features(model, torch.randn(2, 3, 8, 32, 32), "blocks.5")
     assert features.shape == (2, 2304)
-    with pytest.raises(ValueError, match="net2net does not know the layer graph of SlowFast"):
-        c3dzoo.net2net.wider(model, "blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_a", 100)
