@@ -37,7 +37,7 @@ def _half(kernel: Sequence[int]) -> Tuple[int, ...]:
 
 
 class ResNetBasicStem(ChainSequential):
-    """Conv3d 3→64 (stride 1×2×2, no bias) → BN → ReLU → MaxPool3d 1×3×3 stride 1×2×2."""
+    """Conv3d (T×7×7, stride 1×2×2, no bias) → BN → ReLU → MaxPool3d 1×3×3 stride 1×2×2."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Kernel):
         super().__init__(OrderedDict(
