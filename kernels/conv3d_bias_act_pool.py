@@ -1,4 +1,4 @@
-"""Conv3d + bias + activation (+ MaxPool3d) in one Triton kernel: the inference path.
+"""Conv3d + bias (+ residual) + activation (+ MaxPool3d) in one Triton kernel: the inference path.
 
 With BatchNorm folded into the weight and bias (eval mode), Conv3d → BatchNorm3d → activation →
 MaxPool3d is one implicit-GEMM convolution (``_implicit_gemm``) with an epilogue that adds the bias,
@@ -10,6 +10,10 @@ activation, replaces rows that fall in the pool's padding or outside the conv ou
 keeps a running max. Without a pool, the pool is 1×1×1 / stride 1 / padding 0: one window, and the
 same code. With stride = kernel (C3D's pools) every conv output is computed exactly once; overlapping
 pools recompute the shared conv positions instead of storing them.
+
+Residual fusion (no pool): a residual block's last conv adds the block's shortcut tensor (laid out
+as the output) before the activation, so ``act(bn(conv(x)) + shortcut)`` is one pass instead of
+a conv write, then an add and an activation reading it back.
 
 The running max is kept in the output dtype: rounding is monotonic, so max-then-round equals
 round-then-max, and a bf16/fp16 running max lives in fewer registers than an fp32 one (it stays
@@ -38,7 +42,7 @@ from ._implicit_gemm import apply_activation, conv_tile, output_tile, pool_max
 
 @triton.jit
 def conv3d_bias_act_pool_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, in_stats_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, in_stats_ptr, res_ptr,
     in_d, in_h, in_w, in_c,
     conv_d, conv_h, conv_w, out_c,
     out_d, out_h, out_w, out_positions,
@@ -50,7 +54,7 @@ def conv3d_bias_act_pool_kernel(
     POOL_KD: tl.constexpr, POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
     POOL_SD: tl.constexpr, POOL_SH: tl.constexpr, POOL_SW: tl.constexpr,
     POOL_PD: tl.constexpr, POOL_PH: tl.constexpr, POOL_PW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     INPUT_NORM: tl.constexpr, INPUT_ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -61,6 +65,8 @@ def conv3d_bias_act_pool_kernel(
     x_tile_ptr = x_ptr + first_sample.to(tl.int64) * sample_size
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+    out_offsets = offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
 
     out_dtype = out_ptr.dtype.element_ty
     pooled = tl.full((BLOCK_M, BLOCK_N), float("-inf"), out_dtype)
@@ -85,12 +91,13 @@ def conv3d_bias_act_pool_kernel(
         )
         if HAS_BIAS:
             acc = acc + bias[None, :]
+        if HAS_RESIDUAL:  # only without a pool (the launcher's check): the rows are output positions
+            acc = acc + tl.load(res_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
         y = apply_activation(acc, ACTIVATION, negative_slope)
         y = tl.where(conv_valid[:, None], y, float("-inf"))
         pooled = pool_max(pooled, y.to(out_dtype)).to(out_dtype)  # triton 3.6: max of bf16 is fp32
 
-    out_offsets = offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :]
-    tl.store(out_ptr + out_offsets, pooled, mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptr + out_offsets, pooled, mask=out_mask)
 
 
 def runs_interpreted() -> bool:
@@ -326,6 +333,7 @@ def plan_launch(
     input_activation: Optional[str] = None,
     input_eps: float = 0.0,
     input_negative_slope: float = 0.0,
+    has_residual: bool = False,
 ) -> LaunchPlan:
     """Output geometry, tile config, grid and kernel arguments of one launch. A function of shapes
     alone (no tensors), so the sm_90 tests compile exactly what the launcher would launch.
@@ -345,6 +353,9 @@ def plan_launch(
     ]
     if min(conv_size) < 1 or min(out_size) < 1:
         raise ValueError(f"input {tuple(x_shape)} is too small for kernel {(kd, kh, kw)} and pool {pool}")
+    if has_residual and pool != NO_POOL:
+        raise ValueError(f"a residual is added before the activation of the conv output; with pool {pool} the "
+                         f"kernel writes pooled rows, so residual and pool do not combine")
     positions_per_sample = out_size[0] * out_size[1] * out_size[2]
     positions = n * positions_per_sample
     tf32 = _uses_tf32(dtype, device)
@@ -378,7 +389,7 @@ def plan_launch(
         POOL_KD=pool_kernel[0], POOL_KH=pool_kernel[1], POOL_KW=pool_kernel[2],
         POOL_SD=pool_stride[0], POOL_SH=pool_stride[1], POOL_SW=pool_stride[2],
         POOL_PD=pool_padding[0], POOL_PH=pool_padding[1], POOL_PW=pool_padding[2],
-        HAS_BIAS=bool(has_bias), ACTIVATION=activation,
+        HAS_BIAS=bool(has_bias), ACTIVATION=activation, HAS_RESIDUAL=bool(has_residual),
         FLAT_K=config.flat_k, INPUT_PRECISION="tf32" if tf32 else "ieee",
         INPUT_NORM=input_activation is not None, INPUT_ACTIVATION=input_activation or "none",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -404,6 +415,7 @@ def conv3d_bias_act_pool(
     input_eps: float = 0.0,
     input_activation: str = "none",
     input_negative_slope: float = 0.0,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``max_pool3d(act(conv3d(x, w) + bias))`` (pool optional) with one kernel launch.
 
@@ -412,7 +424,8 @@ def conv3d_bias_act_pool(
     padding(3). Returns (N, C_out, D', H', W') in ``out_dtype``, channels_last_3d.
     ``input_stats`` ([4, C_in] fp32: mean, biased var, γ, β): x is a raw conv output, and the conv
     reads ``input_activation(batch_norm(x))`` instead (prologue fusion, see ``_implicit_gemm``).
-    ``config`` overrides the tile choice (tests).
+    ``residual`` (no pool): a tensor of the output's shape, added (in fp32) before the activation:
+    ``act(conv3d(x, w) + bias + residual)``. ``config`` overrides the tile choice (tests).
     """
     if w_packed.dtype != x.dtype:
         raise TypeError(f"w_packed is {w_packed.dtype} but x is {x.dtype}")
@@ -424,7 +437,7 @@ def conv3d_bias_act_pool(
         kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, has_bias=bias is not None,
         input_activation=None if input_stats is None else input_activation,
-        input_eps=input_eps, input_negative_slope=input_negative_slope,
+        input_eps=input_eps, input_negative_slope=input_negative_slope, has_residual=residual is not None,
     )
 
     def make_plan(tile_config: Optional[TileConfig]) -> LaunchPlan:
@@ -436,11 +449,18 @@ def conv3d_bias_act_pool(
         raise ValueError(
             f"w_packed of shape {tuple(w_packed.shape)} does not match x {tuple(x.shape)} and kernel {(kd, kh, kw)}"
         )
+    if residual is not None:
+        if tuple(residual.shape) != tuple(plan.out_shape) or residual.device != x.device:
+            raise ValueError(f"residual of shape {tuple(residual.shape)} on {residual.device} does not match the "
+                             f"output {tuple(plan.out_shape)} on {x.device}")
+        if not residual.is_floating_point():
+            raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
+        residual = residual.contiguous(memory_format=torch.channels_last_3d)  # the output's layout
     out = torch.empty(plan.out_shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last_3d)
     if out.numel() == 0:
         return out
     tensors = (x, w_packed, bias if bias is not None else w_packed, out,
-               input_stats if input_stats is not None else w_packed)
+               input_stats if input_stats is not None else w_packed, residual if residual is not None else out)
     if config is None:
         plan = autotuned_plan("conv3d_bias_act_pool", x, plan, make_plan, lambda p: _launch(p, tensors), settings,
                               (out_c,), prologue_and_pool=_prologue_and_pool(settings["input_activation"], pool))

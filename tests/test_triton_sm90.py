@@ -161,7 +161,21 @@ STEM_CASES = {
          dict(kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), dilation=(1, 1, 1)))
     for dtype_name, (dtype, tf32) in _DTYPES.items()
 }
-ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *PROLOGUE_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES, *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
+# the inference kernel with the residual epilogue (a residual block's last conv: no pool), in every
+# config × dtype variant, on each config's layer and on a ResNet-50 bottleneck's 1×1×1 conv_c
+RESIDUAL_CASES = {
+    f"residual-{name.rsplit('-', 2)[0]}-{name.rsplit('-', 1)[1]}": (launched, x_shape, out_c, (), dtype, tf32,
+                                                                     "inference", None, False, True)
+    for name, (launched, x_shape, out_c, pool, dtype, tf32) in CASES.items() if not pool
+}
+RESIDUAL_CASES.update({
+    f"residual-conv_c111-{K.CHANNEL_BLOCKS_128x128x64.for_dtype(dtype, tf32).name}-{dtype_name}":
+        (K.CHANNEL_BLOCKS_128x128x64.for_dtype(dtype, tf32), (32, 128, 8, 28, 28), 512, (), dtype, tf32, "inference",
+         dict(kernel_size=(1, 1, 1), stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1)), False, True)
+    for dtype_name, (dtype, tf32) in _DTYPES.items()
+})
+ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *PROLOGUE_CASES, *RESIDUAL_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES,
+             *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +202,8 @@ def _compile_case(case: str) -> dict:
         return compile_sm90(*PROLOGUE_CASES[case])
     if case in STEM_CASES:
         return compile_sm90(*STEM_CASES[case])
+    if case in RESIDUAL_CASES:
+        return compile_sm90(*RESIDUAL_CASES[case])
     if case in ELEMENTWISE_CASES:
         return compile_elementwise_sm90(*ELEMENTWISE_CASES[case])
     if case in WGRAD_CASES:
@@ -202,11 +218,11 @@ def _compile_case(case: str) -> dict:
 
 
 def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="inference", geometry=None,
-                 prologue=False) -> dict:
+                 prologue=False, residual=False) -> dict:
     """Compile the conv kernel (``kernel``: "inference", or "stats", the training forward's conv
     with the statistics epilogue) as the launcher would launch it for this layer (C3D's 3×3×3
     geometry unless ``geometry`` is given), with the input prologue (BatchNorm + ReLU of the input)
-    if ``prologue``; report its resources."""
+    if ``prologue``, with the residual epilogue if ``residual``; report its resources."""
     torch.backends.cudnn.allow_tf32 = allow_tf32  # what the launcher reads for fp32
     geometry = geometry or dict(kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
     input_norm = dict(input_activation="relu" if prologue else None, input_eps=1e-5)
@@ -222,11 +238,11 @@ def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="infere
     else:
         plan = K.plan_launch(
             x_shape, out_c, **geometry, activation="relu", negative_slope=0.0, pool=pool, has_bias=True,
-            dtype=dtype, device=torch.device("cuda"), config=config, **input_norm,
+            dtype=dtype, device=torch.device("cuda"), config=config, has_residual=residual, **input_norm,
         )
         fn = K.conv3d_bias_act_pool_kernel
         pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": "*fp32", "out_ptr": f"*{element}",
-                    "in_stats_ptr": "*fp32"}
+                    "in_stats_ptr": "*fp32", "res_ptr": f"*{element}"}
     report = _compile(fn, plan, pointers, config.num_warps, config.num_stages)
     report.update(tensor_cores=dtype != torch.float32 or allow_tf32,
                   tile=[config.block_m, config.block_n, config.block_k])
@@ -274,7 +290,7 @@ def compile_dgrad_sm90(dy_shape, c_in, dtype, allow_tf32) -> dict:
     )
     element = _ELEMENT[dtype]
     pointers = {"x_ptr": f"*{element}", "w_ptr": f"*{element}", "bias_ptr": f"*{element}", "out_ptr": f"*{element}",
-                "in_stats_ptr": "*fp32"}
+                "in_stats_ptr": "*fp32", "res_ptr": f"*{element}"}
     report = _compile(K.conv3d_bias_act_pool_kernel, plan, pointers, plan.config.num_warps, plan.config.num_stages)
     report.update(tensor_cores=dtype != torch.float32 or allow_tf32,
                   tile=[plan.config.block_m, plan.config.block_n, plan.config.block_k])
