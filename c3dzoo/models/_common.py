@@ -35,22 +35,23 @@ class FusableModel(nn.Module):
         self.keep_conv_outputs: Optional[bool] = None
 
     def chain(self, x, conv, bn=None, activation: str = "relu", negative_slope: float = 0.01, pool=None,
-              defer: bool = False, activation_module=None):
+              defer: bool = False, activation_module=None, residual=None):
         """conv → bn → activation → pool, fused or stock according to ``self.fused``.
 
         ``defer=True`` when the result feeds the next ``chain`` directly: the fused path may then
         leave a training-mode BN's normalisation to that chain's input prologue (prologue fusion)
         and return a ``c3dzoo.ops.PendingBatchNorm`` instead of a tensor. ``activation_module``:
         the model's own activation module, if the chain has one (it runs, hooks and all, wherever
-        the stock model would run it). The fused result keeps the backend's memory layout
+        the stock model would run it). ``residual``: a residual block's shortcut, added before the
+        activation (in the conv kernel's epilogue in fused inference). The fused result keeps the backend's memory layout
         (channels_last_3d on the GPU backends): the zoo models' forwards only flatten, add or fuse
         it further, so a contiguous model pays no layout copies."""
         if self.fused:
             return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend,
                                self.sync_bn, self.process_group, defer=defer,
                                keep_conv_output=self.keep_conv_outputs, activation_module=activation_module,
-                               layout="any")
-        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)
+                               layout="any", residual=residual)
+        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module, residual)
 
 
 def check_input(x: torch.Tensor, channels: int, input_size: Sequence[int], model: str) -> None:
@@ -139,17 +140,42 @@ def _parts(seq: nn.Module):
             yield child
 
 
-def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) -> torch.Tensor:
+def _activation_of(module: Optional[nn.Module]) -> Optional[Tuple[str, float]]:
+    """(activation, negative slope) of a ReLU or LeakyReLU module, else None."""
+    if isinstance(module, nn.ReLU):
+        return "relu", 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky_relu", module.negative_slope
+    return None
+
+
+def add_residual_chained(seq: nn.Module, x, residual: torch.Tensor, activation: nn.Module,
+                         chain: Optional[Chain] = None) -> torch.Tensor:
+    """``activation(seq(x) + residual)``, a residual block's branch, shortcut sum and activation
+    (a ReLU or LeakyReLU module). With ``chain``, where ``seq`` is a Sequential ending in a chain
+    without activation or pool and neither it nor ``activation`` runs hooks (which must see the
+    branch's own output), the sum and activation join that last chain (``FusableModel.chain``'s
+    ``residual``: the conv kernel's epilogue in fused inference); else they run stock."""
+    if chain is not None and _activation_of(activation) is not None and _is_sequential(seq) \
+            and not runs_hooks(seq, activation):
+        return run_chained(seq, x, chain, residual=(residual, activation))
+    return activation(call_chained(seq, x, chain) + residual)
+
+
+def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None,
+                residual: Optional[Tuple[torch.Tensor, nn.Module]] = None) -> torch.Tensor:
     """``seq(x)`` for a (possibly nested) Sequential, with each chain Conv3d → [BatchNorm3d |
     SyncBatchNorm] → [ReLU | LeakyReLU] → [MaxPool3d] of its parts run as one ``chain`` call.
 
     Without ``chain``, ``seq`` is simply called. Parts that start no chain (a block, a Sequential
-    with hooks, a module the user put there) are called as they are (``call_chained``). Reading the
+    with hooks, a module the user put there) are called as they are (``call_chained``).
+    ``residual`` (a tensor and a ReLU / LeakyReLU module; see ``add_residual_chained``): the result is
+    ``activation(seq(x) + tensor)``, the sum and activation in the last chain where it has neither. Reading the
     chains from the Sequential (rather than unpacking a fixed number of modules) lets Net2Net's
     ``deeper`` insert layers into a block of a fused model.
     """
     if chain is None:
-        return seq(x)
+        return seq(x) if residual is None else residual[1](seq(x) + residual[0])
     modules = list(_parts(seq))
     i = 0
     items = []  # chains (tuples) and modules called on their own
@@ -171,14 +197,22 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None) 
         if i < len(modules) and isinstance(modules[i], nn.MaxPool3d):
             pool, i = modules[i], i + 1
         items.append((conv, bn, activation, slope, pool, act))
+    last = items[-1] if items else None
+    fold = residual is not None and isinstance(last, tuple) and last[2] == "none" and last[4] is None
     for k, item in enumerate(items):
         if isinstance(item, tuple):
             conv, bn, activation, slope, pool, act = item
+            if fold and k == len(items) - 1:  # the shortcut sum and activation join the last chain
+                activation, slope = _activation_of(residual[1])
+                x = chain(x, conv, bn, activation, slope, None, activation_module=residual[1], residual=residual[0])
+                continue
             # a chain that feeds the next chain directly may leave its BN to that one's input
             feeds_chain = k + 1 < len(items) and isinstance(items[k + 1], tuple)
             x = chain(x, conv, bn, activation, slope, pool, defer=feeds_chain, activation_module=act)
         else:
             x = call_chained(item, x, chain)
+    if residual is not None and not fold:
+        x = residual[1](x + residual[0])
     return x
 
 

@@ -8,7 +8,8 @@ The stock forward (``fused=False``) calls the modules as PyTorchVideo does, so c
 outputs carry over. The fused forward runs every Conv3d → BatchNorm3d (→ ReLU) chain through
 ``FusableModel.chain``: the stem with its MaxPool3d in the epilogue, each bottleneck's three
 convs (the first two may leave their BatchNorm to the next conv's input prologue in training)
-and each shortcut; the residual add, the block's ReLU and the head stay stock.
+and each shortcut; the residual add and the block's ReLU join conv_c's chain (in inference, the
+conv kernel's epilogue) unless a hook must see the branch's own output; the head stays stock.
 
 One extension, as for S3D: the head's average pool (8×7×7 or 4×7×7, stride 1) covers all of a
 dimension its window does not fit, so clips smaller than the 8×224×224 these were trained on run;
@@ -22,8 +23,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._common import (AvgPool3dWithin, Chain, ChainSequential, FusableModel, call_chained, check_video_input,
-                      published_weights)
+from ._common import (AvgPool3dWithin, Chain, ChainSequential, FusableModel, add_residual_chained, call_chained,
+                      check_video_input, published_weights)
 
 Tensor = torch.Tensor
 Kernel = Tuple[int, int, int]
@@ -89,7 +90,10 @@ class ResBlock(nn.Module):
         if self.branch1_conv is not None:  # first, as PyTorchVideo (hooks see the same order)
             shortcut = (self.branch1_norm(self.branch1_conv(x)) if chain is None
                         else chain(x, self.branch1_conv, self.branch1_norm, "none"))
-        return self.activation(shortcut + call_chained(self.branch2, x, chain))
+        if chain is None:
+            return self.activation(shortcut + self.branch2(x))
+        # the sum and the ReLU join conv_c's chain where no hook needs the branch's own output
+        return add_residual_chained(self.branch2, x, shortcut, self.activation, chain)
 
 
 class ResStage(nn.Module):

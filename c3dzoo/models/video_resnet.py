@@ -4,7 +4,8 @@ and R(2+1)D-18, with the module tree and state_dict of ``torchvision.models.vide
 The stock forward (``fused=False``) calls the modules exactly as torchvision does, so checkpoints
 and outputs carry over. The fused forward reads the same modules but runs every
 Conv3d → BatchNorm3d (→ ReLU) chain through ``FusableModel.chain``; the residual add and the
-block's final ReLU stay stock.
+block's final ReLU join conv2's last chain (in inference, the conv kernel's epilogue) unless a
+hook must see conv2's own output.
 """
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -12,7 +13,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._common import Chain, ChainSequential, FusableModel, call_chained, check_video_input, published_weights
+from ..nn import runs_hooks
+from ._common import (Chain, ChainSequential, FusableModel, add_residual_chained, call_chained, check_video_input,
+                      published_weights)
 
 Tensor = torch.Tensor
 
@@ -139,7 +142,12 @@ class BasicBlock(nn.Module):
     takes_chain = True  # see call_chained
 
     def forward(self, x: Tensor, chain: Optional[Chain] = None) -> Tensor:
-        """The block; with ``chain`` its conv chains run through it (see ``call_chained``)."""
+        """The block; with ``chain`` its conv chains run through it (see ``call_chained``), and
+        where no hook could tell the order, the shortcut first, so that the sum and the ReLU join
+        conv2's last chain (``add_residual_chained``)."""
+        if chain is not None and not runs_hooks(*self.modules()):
+            residual = x if self.downsample is None else call_chained(self.downsample, x, chain)
+            return add_residual_chained(self.conv2, call_chained(self.conv1, x, chain), residual, self.relu, chain)
         residual = x
         out = call_chained(self.conv2, call_chained(self.conv1, x, chain), chain)
         if self.downsample is not None:

@@ -92,12 +92,16 @@ def stock_conv_bn_act(
     negative_slope: float = 0.01,
     pool: Optional[nn.MaxPool3d] = None,
     activation_module: Optional[nn.Module] = None,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
     """The same chain run module by module with stock PyTorch (the activation by
-    ``activation_module`` when the model has one, so that its hooks run)."""
+    ``activation_module`` when the model has one, so that its hooks run); ``residual`` is added
+    before the activation."""
     y = conv(x)
     if bn is not None:
         y = bn(y)
+    if residual is not None:
+        y = y + residual
     y = activation_module(y) if activation_module is not None else apply_activation(y, activation, negative_slope)
     return pool(y) if pool is not None else y
 
@@ -131,6 +135,7 @@ def conv_bn_act(
     keep_conv_output: Optional[bool] = None,
     activation_module: Optional[nn.Module] = None,
     layout: str = "stock",
+    residual: Optional[Tensor] = None,
 ):
     """Run ``conv → bn → activation → pool`` through the fused op, reading each module's own
     parameters, buffers and flags (so a frozen BN in a training model uses running statistics).
@@ -146,22 +151,24 @@ def conv_bn_act(
     ``sync_bn=True``, or a ``bn`` that is an ``nn.SyncBatchNorm``: training-mode batch statistics
     are synchronised over ``process_group`` (else the SyncBatchNorm's own group, else WORLD) by the
     fused op (``c3dzoo.ops.sync_batch_norm``); with no initialised torch.distributed or one rank
-    this changes nothing. ``keep_conv_output`` and ``layout`` (the output's memory layout: stock's by
-    default): see ``c3dzoo.ops.conv3d_bn_act``."""
+    this changes nothing. ``keep_conv_output``, ``layout`` (the output's memory layout: stock's by
+    default) and ``residual`` (added before the activation: a residual block's shortcut): see
+    ``c3dzoo.ops.conv3d_bn_act``."""
     unbatched = isinstance(x, Tensor) and x.dim() == 4
     if (isinstance(x, torch.fx.Proxy) or runs_hooks(conv, bn, activation_module, pool)
             or unsupported_reason(conv, bn, pool, activation_module) or (unbatched and bn is not None)):
         # (an unbatched clip with a BN: BatchNorm3d refuses it, and says so)
         if isinstance(x, PendingBatchNorm):
             x = x.materialize()
-        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module)
+        return stock_conv_bn_act(x, conv, bn, activation, negative_slope, pool, activation_module, residual)
     if unbatched:  # (C, D, H, W), which Conv3d and MaxPool3d take as a batch of one
         return conv_bn_act(x.unsqueeze(0), conv, None, activation, negative_slope, pool, backend,
-                           sync_bn, process_group, defer, keep_conv_output, activation_module, layout).squeeze(0)
+                           sync_bn, process_group, defer, keep_conv_output, activation_module, layout,
+                           None if residual is None else residual.unsqueeze(0)).squeeze(0)
     common = dict(
         stride=conv.stride, padding=conv_padding(conv), dilation=conv.dilation,
         activation=activation, negative_slope=negative_slope, pool=pool, backend=backend, defer=defer,
-        keep_conv_output=keep_conv_output, layout=layout,
+        keep_conv_output=keep_conv_output, layout=layout, residual=residual,
     )
     if bn is None:
         return conv3d_bn_act(x, conv.weight, conv.bias, training=False, batch_norm=False, **common)

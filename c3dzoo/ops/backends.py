@@ -38,6 +38,7 @@ class ConvBNActConfig:
     in_channels: int
     out_channels: int
     input_norm: bool = False  # x is a raw conv output to normalise + activate on load (InputNorm)
+    residual: bool = False  # a tensor of the output's shape is added before the activation (inference)
 
 
 @dataclasses.dataclass(frozen=True)

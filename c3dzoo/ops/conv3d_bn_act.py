@@ -552,12 +552,13 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _config_fields(x, weight, norm, activation, stride, padding, dilation, pool, input_norm=False) -> tuple:
+def _config_fields(x, weight, norm, activation, stride, padding, dilation, pool, input_norm=False,
+                   residual=False) -> tuple:
     """ConvBNActConfig's fields, in order, as plain Python values."""
     return (
         norm, activation, tuple(stride), tuple(padding), tuple(dilation),
         tuple(map(int, weight.shape[2:])), tuple(pool), str(x.dtype), x.device.type,
-        int(weight.shape[1]), int(weight.shape[0]), bool(input_norm),
+        int(weight.shape[1]), int(weight.shape[0]), bool(input_norm), bool(residual),
     )
 
 
@@ -618,6 +619,49 @@ def _empty_batch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     return out
 
 
+def _check_residual(residual, out, pool) -> None:
+    """``residual`` must be a floating tensor of ``out``'s shape (``out``: a tensor or a shape) and
+    device, and there must be no pool (it is added before the activation, at every conv output)."""
+    shape = tuple(out.shape) if isinstance(out, Tensor) else tuple(out)
+    if pool:
+        raise ValueError(f"residual: it is added before the activation, at every conv output, so it does not "
+                         f"combine with a pool ({pool})")
+    if not isinstance(residual, Tensor) or not residual.is_floating_point() or tuple(residual.shape) != shape:
+        got = (f"{tuple(residual.shape)} {residual.dtype}" if isinstance(residual, Tensor)
+               else type(residual).__name__)
+        raise ValueError(f"residual must be a floating-point tensor of the output's shape {shape}, got {got}")
+    if isinstance(out, Tensor) and residual.device != out.device:
+        raise ValueError(f"residual is on {residual.device}, the output on {out.device}")
+
+
+def _residual_in_epilogue(x, residual, tensors, norm, group, pending) -> bool:
+    """Whether ``conv3d_bn_act`` adds ``residual`` in the backend's forward (eager inference with
+    folded or no BatchNorm, nothing needing a gradient, the compute dtype's residual), rather than
+    composing the layer with a stock add and activation."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *tensors))
+    cast = _autocast_dtype(x.device.type)
+    compute_dtype = cast if cast is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.dtype
+    return (norm != "batch" and group is None and pending is None and not needs_grad and _runs_eagerly(x)
+            and not _exporting_onnx() and not torch.jit.is_tracing() and x.shape[0] > 0
+            and isinstance(residual, Tensor) and residual.dtype == compute_dtype
+            and not _functorch_wrapped(x, residual, *tensors))
+
+
+def _forward_with_residual(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps, stride,
+                           padding, dilation, activation, negative_slope, pool, residual, backend, out_shape):
+    """The inference forward with the residual added in the epilogue, on the backend chosen for it."""
+    _check_residual(residual, out_shape, pool)
+    if residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device}, x on {x.device}")
+    name = _resolve_backend(backend, _config_fields(x, weight, norm, activation, stride, padding, dilation, pool,
+                                                    residual=True))
+    params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
+    out, _, _, _ = _impl(_backends.runnable_on(name, x.device.type)).forward(
+        x, weight, bias, bn_weight, bn_bias, running_mean if norm == "running" else None,
+        running_var if norm == "running" else None, params, None, residual=residual)
+    return out
+
+
 def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
     return _backends.ConvBNActConfig(*_config_fields(x, weight, norm, activation, stride, padding, dilation, pool))
 
@@ -648,6 +692,7 @@ def conv3d_bn_act(
     defer: bool = False,
     keep_conv_output: Optional[bool] = None,
     layout: str = "stock",
+    residual: Optional[Tensor] = None,
 ) -> Union[Tensor, PendingBatchNorm]:
     """``pool(act(batch_norm(conv3d(x))))`` in one op, with BatchNorm semantics of ``nn.BatchNorm3d``.
 
@@ -682,6 +727,12 @@ def conv3d_bn_act(
     "any": whatever the backend writes (channels_last_3d on triton and cuda), for callers that only
     hand the result to layout-agnostic ops or another fused layer (the zoo models, ``c3dzoo.fuse``'s
     inner chains).
+
+    ``residual`` (a tensor of the output's shape; no pool): ``act(batch_norm(conv3d(x)) + residual)``,
+    a residual block's last layer with its shortcut. In inference (BatchNorm folded or absent, eager,
+    nothing needing a gradient) the add runs in the conv kernel's epilogue where the backend has one
+    (Triton); otherwise the layer runs without its activation, then the sum and the activation as
+    stock ops (training, autograd, torch.compile: what they differentiate or fuse themselves).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -702,6 +753,18 @@ def conv3d_bn_act(
     _check_inputs(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, norm, activation)
     group = _sync_batch_norm.sync_group(sync, process_group, norm == "batch" and training)
     stride, padding, dilation = _triple(stride, "stride"), _triple(padding, "padding"), _triple(dilation, "dilation")
+    if residual is not None and not _residual_in_epilogue(
+            x, residual, (conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats),
+            norm, group, pending):
+        # the layer without its activation, then the sum and the activation as stock ops
+        y = conv3d_bn_act(
+            pending if pending is not None else x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+            running_var, training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
+            dilation=dilation, activation="none", negative_slope=negative_slope, pool=pool,
+            num_batches_tracked=num_batches_tracked, batch_norm=batch_norm, backend=backend, sync=sync,
+            process_group=process_group, keep_conv_output=keep_conv_output, layout=layout)
+        _check_residual(residual, y, pool)
+        return _reference.apply_activation(y + residual, activation, float(negative_slope))
     if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
         raise ValueError(f"unsupported stride/padding/dilation {stride}/{padding}/{dilation}")
     pool = normalize_pool(pool)
@@ -779,6 +842,11 @@ def conv3d_bn_act(
     # (under torch.func transforms always the autograd.Function: its vmap rule, its grad support)
     transformed = eager and _functorch_wrapped(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
     forward = (_EagerForward.apply if needs_grad or transformed else _forward_impl) if eager else _forward_op
+    if residual is not None:  # (_residual_in_epilogue: eager inference)
+        return in_layout(_forward_with_residual(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                running_var, norm, eps, stride, padding, dilation, activation,
+                                                negative_slope, pool, residual, backend, out_shape),
+                         layout, x, conv_weight)
     out, mean, var, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,

@@ -95,6 +95,8 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
         return f"{_SCOPE}; pool {cfg.pool!r} is not kernel(3) + stride(3) + padding(3)"
     if cfg.pool and any(2 * p > k for k, p in zip(cfg.pool[0:3], cfg.pool[6:9])):
         return f"{_SCOPE}; pool padding must be at most half the pool kernel, got {cfg.pool!r}"
+    if cfg.residual:
+        return f"{_SCOPE}; it has no residual epilogue"
     return None
 
 
@@ -140,13 +142,15 @@ def forward(
     input_norm: Optional[InputNorm] = None,
     *,
     keep_conv_output: bool = False,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused stem forward. Returns (out channels_last_3d, mean, var, conv output): fp32 batch
     statistics (C_out,) for norm "batch" and "stats" (whose out is the raw conv output), empty
     otherwise; the conv output as ``reference.forward``'s ``keep_conv_output`` says."""
     norm = params.norm
-    if norm not in ("running", "none", "batch", "stats") or input_norm is not None:
-        raise NotImplementedError(f"cuda backend: norm={norm!r} / an input prologue is not implemented (see supports())")
+    if norm not in ("running", "none", "batch", "stats") or input_norm is not None or residual is not None:
+        raise NotImplementedError(f"cuda backend: norm={norm!r} / an input prologue / a residual is not implemented "
+                                  f"(see supports())")
     if x.dim() != 5 or x.shape[1] > MAX_STEM_CIN or x.dtype not in _DTYPE_CODES or x.device.type != DEVICE_TYPE:
         raise NotImplementedError(f"cuda backend: {_SCOPE}, fp16/bf16/fp32 CUDA tensors (see supports())")
     if norm in ("batch", "stats"):

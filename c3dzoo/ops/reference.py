@@ -7,6 +7,7 @@ does), so it stores no intermediate activation between forward and backward.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -305,16 +306,25 @@ def forward(
     input_norm: Optional[InputNorm] = None,
     *,
     keep_conv_output: bool = False,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused forward. Returns (out, batch mean, biased batch var, conv output); the statistics are
     fp32 and empty unless norm is "batch" or "stats". ``input_norm`` (an ``InputNorm``): x is first
     normalised and activated (``normalize_input``). ``keep_conv_output`` (norm "batch" only): the
     fourth tensor is the raw conv output, for ``backward(conv_output=...)`` to use instead of
-    recomputing it; otherwise it is empty."""
+    recomputing it; otherwise it is empty. ``residual`` (no pool): added before the activation,
+    as a residual block adds its shortcut (stock's order: the BatchNorm output, then the sum)."""
     layout = _memory_format(x)
     if input_norm is not None:
         x = normalize_input(x, input_norm)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        if residual is not None:
+            if params.pool:
+                raise ValueError("a residual is added before the activation; it does not combine with a pool")
+            z, mean, var, y = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                             dataclasses.replace(params, activation="none"))
+            out = apply_activation(z + residual, params.activation, params.negative_slope)
+            return out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output)
         out, mean, var, y = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params)
     return out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output)
 

@@ -83,6 +83,8 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
         return "bfloat16 under the Triton interpreter gives wrong results (its bf16 dot/arithmetic is broken)"
     if len(cfg.pool) not in (0, 9):
         return f"pool {cfg.pool!r} is not kernel(3) + stride(3) + padding(3)"
+    if cfg.residual and (cfg.pool or cfg.norm not in ("running", "none")):
+        return "the residual epilogue is for inference (BatchNorm folded or absent) without a pool"
     return None
 
 
@@ -123,6 +125,7 @@ def _forward(
     input_norm: Optional[InputNorm] = None,
     *,
     keep_conv_output: bool = False,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused forward. Returns (out, mean, var, conv output), out in x's dtype, channels_last_3d.
 
@@ -133,10 +136,13 @@ def _forward(
     ``input_norm`` (an ``InputNorm``): the previous layer's BatchNorm + activation, applied by the
     conv kernel's input prologue (x is that layer's raw conv output). ``keep_conv_output``: as
     ``reference.forward``'s (norm "batch" writes the raw conv output anyway, so keeping it costs
-    only the memory it holds until the backward)."""
+    only the memory it holds until the backward). ``residual`` (norm "running" or "none", no pool):
+    added in the epilogue before the activation."""
     if params.norm not in ("batch", "stats", "running", "none"):
         raise NotImplementedError(f"triton backend: norm={params.norm!r} is not implemented (see supports())")
     prologue = _prologue_arguments(input_norm)
+    if residual is not None and params.norm in ("batch", "stats"):
+        raise NotImplementedError("triton backend: a residual with batch statistics (see supports())")
     if params.norm in ("batch", "stats"):
         out, mean, var, y = _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params, prologue)
         return out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output)
@@ -148,7 +154,7 @@ def _forward(
         out = conv3d_bias_act_pool(
             x, w_packed, folded_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(),
             activation=params.activation, negative_slope=params.negative_slope, pool=params.pool,
-            out_dtype=x.dtype, **prologue,
+            out_dtype=x.dtype, residual=residual, **prologue,
         )
     # The kernel writes channels_last_3d, which is this backend's output contract (see
     # conv3d_bn_act.output_memory_format): the next fused layer reads it without a copy.
