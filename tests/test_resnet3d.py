@@ -17,6 +17,7 @@ from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
 from c3dzoo.models.resnet3d import ResNetBasicHead, ResStage
 from interpreter import skip_unless_triton_runs_cpu_tensors
+from same_model import assert_same_model
 
 BUILDERS = ("slow_r50", "i3d_r50", "c2d_r50")
 
@@ -44,15 +45,8 @@ def test_matches_pytorchvideo(name):
     theirs = _pytorchvideo_resnet(name).eval()
     torch.manual_seed(0)
     ours = c3dzoo.get_model(name).eval()
-    their_sd, our_sd = theirs.state_dict(), ours.state_dict()
-    assert list(our_sd) == list(their_sd)
-    assert all(torch.equal(our_sd[k], v) for k, v in their_sd.items())
     x = torch.randn(1, 3, 8, 224, 224, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = theirs(x)
-        assert torch.equal(ours(x), expected)
-        ours.fused = True
-        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+    assert_same_model(theirs, ours, x, [x])
 
 
 def test_layout_and_initialisation():
@@ -206,15 +200,8 @@ def test_slowfast_matches_pytorchvideo():
     theirs = slowfast.create_slowfast(model_depth=50, slowfast_fusion_conv_kernel_size=(7, 1, 1)).eval()
     torch.manual_seed(0)
     ours = c3dzoo.slowfast_r50().eval()
-    their_sd, our_sd = theirs.state_dict(), ours.state_dict()
-    assert list(our_sd) == list(their_sd)
-    assert all(torch.equal(our_sd[k], v) for k, v in their_sd.items())
     clip = torch.randn(1, 3, 32, 224, 224, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = theirs(_pack_pathways(clip))
-        assert torch.equal(ours(clip), expected) and torch.equal(ours(_pack_pathways(clip)), expected)
-        ours.fused = True
-        torch.testing.assert_close(ours(clip), expected, rtol=1e-4, atol=1e-5)
+    assert_same_model(theirs, ours, _pack_pathways(clip), [clip, _pack_pathways(clip)])
 
 
 def test_slowfast_layout_and_inputs():

@@ -17,6 +17,7 @@ from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
 from c3dzoo.models.separable_inception import MIN_INPUT, AvgPool3dWithin
 from interpreter import skip_unless_triton_runs_cpu_tensors
+from same_model import assert_same_model
 
 
 def _torchvision_video():
@@ -31,15 +32,8 @@ def test_matches_torchvision():
     theirs = video.s3d().eval()
     torch.manual_seed(0)
     ours = c3dzoo.s3d().eval()
-    their_sd, our_sd = theirs.state_dict(), ours.state_dict()
-    assert list(our_sd) == list(their_sd)
-    assert all(torch.equal(our_sd[k], v) for k, v in their_sd.items())
     x = torch.randn(1, 3, 13, 209, 209, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = theirs(x)
-        assert torch.equal(ours(x), expected)
-        ours.fused = True
-        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+    assert_same_model(theirs, ours, x, [x])
 
 
 def test_average_pool_takes_features_smaller_than_its_window():
