@@ -1055,7 +1055,8 @@ def test_slowfast_grows_exactly():
     for i, layer in enumerate(layers):
         net2net.wider(grown, layer, units(grown, layer) + 2, generator=gen(i))
     streams = net2net.residual_streams(grown)
-    assert len(streams) == 10 and list(streams)[:2] == ["blocks.0.multipathway_blocks.0", "blocks.0.multipathway_blocks.1"]
+    assert len(streams) == 10
+    assert list(streams)[:2] == ["blocks.0.multipathway_blocks.0", "blocks.0.multipathway_blocks.1"]
     for i, stream in enumerate(streams):
         net2net.wider_group(grown, stream, units(grown, streams[stream][0]) + 3, generator=gen(100 + i))
     assert grown.blocks[6].proj.in_features == 2048 + 3 + 256 + 3

@@ -43,9 +43,9 @@ class FusableModel(nn.Module):
         and return a ``c3dzoo.ops.PendingBatchNorm`` instead of a tensor. ``activation_module``:
         the model's own activation module, if the chain has one (it runs, hooks and all, wherever
         the stock model would run it). ``residual``: a residual block's shortcut, added before the
-        activation (in the conv kernel's epilogue in fused inference). The fused result keeps the backend's memory layout
-        (channels_last_3d on the GPU backends): the zoo models' forwards only flatten, add or fuse
-        it further, so a contiguous model pays no layout copies."""
+        activation (in the conv kernel's epilogue in fused inference). The fused result keeps the
+        backend's memory layout (channels_last_3d on the GPU backends): the zoo models' forwards
+        only flatten, add or fuse it further, so a contiguous model pays no layout copies."""
         if self.fused:
             return conv_bn_act(x, conv, bn, activation, negative_slope, pool, self.backend,
                                self.sync_bn, self.process_group, defer=defer,
@@ -169,10 +169,10 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None,
 
     Without ``chain``, ``seq`` is simply called. Parts that start no chain (a block, a Sequential
     with hooks, a module the user put there) are called as they are (``call_chained``).
-    ``residual`` (a tensor and a ReLU / LeakyReLU module; see ``add_residual_chained``): the result is
-    ``activation(seq(x) + tensor)``, the sum and activation in the last chain where it has neither. Reading the
-    chains from the Sequential (rather than unpacking a fixed number of modules) lets Net2Net's
-    ``deeper`` insert layers into a block of a fused model.
+    ``residual`` (a tensor and a ReLU / LeakyReLU module; see ``add_residual_chained``): the result
+    is ``activation(seq(x) + tensor)``, the sum and activation in the last chain where it has
+    neither. Reading the chains from the Sequential (rather than unpacking a fixed number of
+    modules) lets Net2Net's ``deeper`` insert layers into a block of a fused model.
     """
     if chain is None:
         return seq(x) if residual is None else residual[1](seq(x) + residual[0])
