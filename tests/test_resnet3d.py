@@ -192,14 +192,15 @@ def _pack_pathways(clip: torch.Tensor, alpha: int = 4):
     return [clip.index_select(2, index), clip]
 
 
-def test_slowfast_matches_pytorchvideo():
+@pytest.mark.parametrize("depth, fusion", [(50, 7), (101, 5)])
+def test_slowfast_matches_pytorchvideo(depth, fusion):
     """Keys, weights from a seed and the output bit for bit, for PyTorchVideo's [slow, fast] pair
-    and for one clip packed the way its PackPathway does."""
+    and for one clip packed the way its PackPathway does (its hub's slowfast_r50 and _r101)."""
     slowfast = pytest.importorskip("pytorchvideo.models.slowfast", reason="pytorchvideo is not installed")
     torch.manual_seed(0)
-    theirs = slowfast.create_slowfast(model_depth=50, slowfast_fusion_conv_kernel_size=(7, 1, 1)).eval()
+    theirs = slowfast.create_slowfast(model_depth=depth, slowfast_fusion_conv_kernel_size=(fusion, 1, 1)).eval()
     torch.manual_seed(0)
-    ours = c3dzoo.slowfast_r50().eval()
+    ours = c3dzoo.get_model(f"slowfast_r{depth}").eval()
     clip = torch.randn(1, 3, 32, 224, 224, generator=torch.Generator().manual_seed(1))
     assert_same_model(theirs, ours, _pack_pathways(clip), [clip, _pack_pathways(clip)])
 
@@ -212,6 +213,10 @@ def test_slowfast_layout_and_inputs():
     assert fuse.weight.shape == (16, 8, 7, 1, 1) and fuse.stride == (4, 1, 1)
     assert sd["blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight"].shape == (64, 80, 1, 1, 1)
     assert type(model.blocks[4].multipathway_fusion) is nn.Identity and model.blocks[6].proj.in_features == 2304
+    deep = c3dzoo.slowfast_r101()  # ResNet-101's 23 blocks in stage 3, 5×1×1 fusions
+    assert sum(p.numel() for p in deep.parameters()) == 62_826_968
+    assert [len(stage.res_blocks) for stage in deep.blocks[3].multipathway_blocks] == [23, 23]
+    assert deep.blocks[0].multipathway_fusion.conv_fast_to_slow.kernel_size == (5, 1, 1)
     clip = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(clip), model(_pack_pathways(clip)))

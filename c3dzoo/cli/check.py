@@ -62,6 +62,7 @@ CHECK_SPECS: Dict[str, CheckSpec] = {
     # 8 frames for the fast pathway (a multiple of its alpha, 4), 2 for the slow one; about 20 s
     # on a 2-core CPU, so there only when named
     "slowfast_r50": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),
+    "slowfast_r101": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),
 }
 
 

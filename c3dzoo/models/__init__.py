@@ -20,6 +20,7 @@ _MODELS: Dict[str, str] = {
     "i3d_r50": "c3dzoo.models.resnet3d:i3d_r50",
     "c2d_r50": "c3dzoo.models.resnet3d:c2d_r50",
     "slowfast_r50": "c3dzoo.models.resnet3d:slowfast_r50",
+    "slowfast_r101": "c3dzoo.models.resnet3d:slowfast_r101",
 }
 
 

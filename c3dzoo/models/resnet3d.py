@@ -368,3 +368,13 @@ def slowfast_r50(num_classes: int = 400, *, dropout: float = 0.5, fused: bool = 
     ResNet-50 width on one frame in 4 and a fast one of 1/8 the width on every frame, fused by
     7×1×1 stride-4 convs. Trained on 32 frames (one in 2) of 224×224."""
     return SlowFast(num_classes=num_classes, dropout=dropout, fused=fused, backend=backend)
+
+
+@published_weights
+def slowfast_r101(num_classes: int = 400, *, dropout: float = 0.5, fused: bool = False,
+                  backend: Optional[str] = None) -> SlowFast:
+    """SlowFast R101 (PyTorchVideo ``slowfast_r101``; 62.8 M parameters): ``slowfast_r50``'s
+    pathways with ResNet-101's 3, 4, 23, 3 blocks, fused by 5×1×1 stride-4 convs. Trained on 32
+    frames (one in 2) of 224×224."""
+    return SlowFast(depth=101, fusion_kernel=(5, 1, 1), num_classes=num_classes, dropout=dropout, fused=fused,
+                    backend=backend)
