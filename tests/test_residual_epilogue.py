@@ -185,3 +185,55 @@ def test_a_leaky_relu_after_the_sum_joins_the_chain_too(monkeypatch):
         out = add_residual_chained(branch, x, shortcut, act, model.chain)
         torch.testing.assert_close(out, act(branch(x) + shortcut), rtol=1e-5, atol=1e-5)
     assert len(launches) == 1 and launches[0] is shortcut
+
+
+class _Sums(nn.Module):
+    """Five ways to end a residual block (fx traces ``out += x`` as an add), and one that must
+    stay stock."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv3d(4, 4, 3, padding=1, bias=False) for _ in range(6))
+        self.norms = nn.ModuleList(nn.BatchNorm3d(4) for _ in range(6))
+        self.relu = nn.ReLU(inplace=True)
+        self.bias = nn.Parameter(torch.randn(1, 4, 1, 1, 1))
+
+    def branch(self, i, x):
+        return self.norms[i](self.convs[i](x))
+
+    def forward(self, x):
+        out = self.branch(0, x)
+        out += x  # torchvision's BasicBlock
+        x = self.relu(out)
+        x = F.relu(x + self.branch(1, x))  # PyTorchVideo's order: the branch second
+        x = torch.relu(torch.add(self.branch(2, x), x))
+        x = self.branch(3, x).add_(x).relu()
+        x = self.relu(self.branch(4, x) + self.bias)  # a sum that broadcasts: stock sum at run time
+        shortcut = x.clone()
+        shortcut.add_(self.branch(5, x))  # in place into the shortcut: not folded (the sum is the shortcut's)
+        return self.relu(shortcut)
+
+
+def test_fuse_folds_residual_sums_into_the_chain(monkeypatch):
+    """``c3dzoo.fuse``: conv → BN → + shortcut → activation is one chain, whichever operand order
+    or add form; the zoo's R3D-18 traced stock gets 8 such chains; outputs match in eval and train."""
+    torch.manual_seed(0)
+    model = _Sums().eval()
+    gm = c3dzoo.fuse(model, backend="reference")
+    descriptions = [m.description for m in gm.modules() if isinstance(m, c3dzoo.nn.FusedChain)]
+    assert descriptions == ["Conv3d → BatchNorm3d → + shortcut → relu"] * 5 + ["Conv3d → BatchNorm3d"]
+    calls = _epilogue_calls(monkeypatch)
+    x = torch.randn(2, 4, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4  # the broadcasting sum ran stock
+    gm.train(), model.train()
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    r3d = c3dzoo.r3d_18(num_classes=3).eval()
+    fused = c3dzoo.fuse(r3d)
+    assert sum("shortcut" in m.description for m in fused.modules() if isinstance(m, c3dzoo.nn.FusedChain)) == 8
+    calls.clear()
+    with torch.no_grad():
+        clip = torch.randn(1, 3, 2, 16, 16)
+        torch.testing.assert_close(fused(clip), r3d(clip), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 8

@@ -1,7 +1,9 @@
 """``c3dzoo.fuse``: rewrite a model's Conv3d → BatchNorm3d (or SyncBatchNorm) → ReLU (→ MaxPool3d) chains to the fused op.
 
 The model is traced with torch.fx. A chain is fused only when every intermediate value has the
-next link as its only user; anything else stays stock. The original conv and BN modules stay
+next link as its only user; anything else stays stock. A residual block's ending, Conv3d →
+BatchNorm3d → ``+ shortcut`` → ReLU, is one chain too: the fused op adds the shortcut before the
+activation (in the conv kernel's epilogue in inference). The original conv and BN modules stay
 registered at their original names, so the state_dict keys, values and ``train()``/``eval()``
 behaviour are unchanged; the fused graph module shares them with the input model (as
 ``torch.fx.symbolic_trace`` does).
@@ -9,6 +11,7 @@ behaviour are unchanged; the fused graph module shares them with the input model
 
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Optional
 
 import torch
@@ -17,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import in_layout
-from .conv_bn_act import (BATCH_NORMS, _check_sync_args, activation_spec, conv_bn_act, has_stock_forward,
-                          unsupported_reason)
+from ..ops.conv3d_bn_act import output_shape
+from ..ops.reference import apply_activation
+from .conv_bn_act import (BATCH_NORMS, _check_sync_args, activation_spec, conv_bn_act, conv_padding,
+                          has_stock_forward, unsupported_reason)
 
 
 class FusedChain(nn.Module):
@@ -46,10 +51,18 @@ class FusedChain(nn.Module):
         self.description = description
         self.sync_bn, self.process_group = _check_sync_args(sync_bn, process_group)
 
-    def forward(self, x, conv, bn=None, pool=None, activation_module=None, *, path_input=None, upstream=()):
+    def forward(self, x, conv, bn=None, pool=None, activation_module=None, *, path_input=None, upstream=(),
+                residual=None):
         pool = self.pool if pool is None else pool
+        if residual is not None and not _adds_elementwise(x, conv, residual):
+            # a shortcut the sum broadcasts: the chain without activation, then the stock sum
+            out = conv_bn_act(x, conv, bn, "none", 0.0, None, self.backend, self.sync_bn, self.process_group,
+                              layout="stock") + residual
+            return (activation_module(out) if activation_module is not None
+                    else apply_activation(out, self.activation, self.negative_slope))
         out = conv_bn_act(x, conv, bn, self.activation, self.negative_slope, pool, self.backend,
-                          self.sync_bn, self.process_group, activation_module=activation_module, layout="any")
+                          self.sync_bn, self.process_group, activation_module=activation_module, layout="any",
+                          residual=residual)
         if self.layout == "any" or isinstance(out, torch.fx.Proxy):  # traced: stock modules (conv_bn_act)
             return out
         weights = [c.weight for c in upstream] + [conv.weight]
@@ -57,6 +70,40 @@ class FusedChain(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.description}, backend={self.backend or 'auto'}" + (", sync_bn=True" if self.sync_bn else "")
+
+
+def _adds_elementwise(x, conv: nn.Conv3d, residual) -> bool:
+    """Whether ``residual`` has exactly the shape of ``conv``'s output on ``x`` (a sum that does not
+    broadcast, which the fused op's residual is); traced, the chain's stock modules run anyway."""
+    padding = conv_padding(conv)
+    if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor) or padding is None:
+        return isinstance(x, torch.fx.Proxy)
+    shape = output_shape(x.shape, conv.weight.shape, conv.stride, padding, conv.dilation, ())
+    return tuple(residual.shape) == tuple(shape)
+
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_IN_PLACE_ADDS = (operator.iadd, "add_")
+
+
+def _shortcut_of(node: torch.fx.Node, value: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The other operand when ``node`` is ``value + other`` (or ``other + value``; an in-place add
+    only into ``value``, whose only user it is, so nothing else sees the sum), else None."""
+    if node.kwargs or len(node.args) != 2 or len(value.users) != 1:
+        return None
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        target = node.target
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        target = node.target
+    else:
+        return None
+    first, second = node.args
+    other = second if first is value else first if second is value else None
+    if not isinstance(other, torch.fx.Node) or other is value:
+        return None
+    if target in _IN_PLACE_ADDS and first is not value:
+        return None
+    return other
 
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
@@ -141,13 +188,20 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
             continue
         conv = modules[node.target]
         chain: List[torch.fx.Node] = [node]
-        bn = pool = None
+        bn = pool = shortcut = None
         activation, slope, activation_module = "none", 0.0, None
         nxt = _sole_user(node)
         if nxt is not None and nxt.op == "call_module" and type(modules[nxt.target]) in BATCH_NORMS:
             bn = modules[nxt.target]
             chain.append(nxt)
             nxt = _sole_user(nxt)
+        added = next(iter(chain[-1].users)) if len(chain[-1].users) == 1 else None
+        if bn is not None and added is not None and _shortcut_of(added, chain[-1]) is not None:
+            after = _sole_user(added)  # a residual block's sum: it joins the chain if an activation follows
+            if after is not None and _as_activation(after, modules) is not None:
+                shortcut = _shortcut_of(added, chain[-1])
+                chain.append(added)
+                nxt = after
         act = _as_activation(nxt, modules) if nxt is not None else None
         if act is not None:
             activation, slope = act
@@ -155,7 +209,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
                 activation_module = modules[nxt.target]
             chain.append(nxt)
             nxt = _sole_user(nxt)
-            candidate = _as_pool(nxt, modules) if nxt is not None else None
+            candidate = _as_pool(nxt, modules) if nxt is not None and shortcut is None else None
             if candidate is not None and unsupported_reason(conv, bn, candidate) is None:
                 pool = candidate
                 chain.append(nxt)
@@ -170,8 +224,8 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
             name = f"{base}_{suffix}"
         pool_node = chain[-1] if pool is not None else None
         pool_target = pool_node.target if pool_node is not None and pool_node.op == "call_module" else None
-        parts = ["Conv3d", type(bn).__name__ if bn is not None else None, activation if activation != "none" else None,
-                 "MaxPool3d" if pool is not None else None]
+        parts = ["Conv3d", type(bn).__name__ if bn is not None else None, "+ shortcut" if shortcut is not None else None,
+                 activation if activation != "none" else None, "MaxPool3d" if pool is not None else None]
         sync = sync_bn or isinstance(bn, nn.SyncBatchNorm)
         gm.add_module(name, FusedChain(activation, slope, backend, sync, process_group if sync_bn else None,
                                        pool=pool if pool is not None and pool_target is None else None,
@@ -182,7 +236,8 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
                        next((n.target for n in chain if n.op == "call_module" and modules[n.target] is activation_module),
                             None) if activation_module is not None else None]
             module_args = tuple(graph.get_attr(t) if t is not None else None for t in targets)
-            fused_node = graph.call_module(name, (node.args[0], *module_args))
+            fused_node = graph.call_module(name, (node.args[0], *module_args),
+                                           {"residual": shortcut} if shortcut is not None else {})
         chain[-1].replace_all_uses_with(fused_node)
         for dead in reversed(chain):
             graph.erase_node(dead)
