@@ -195,11 +195,12 @@ def fuse(model: nn.Module, backend: Optional[str] = None, *, sync_bn: bool = Fal
             bn = modules[nxt.target]
             chain.append(nxt)
             nxt = _sole_user(nxt)
-        added = next(iter(chain[-1].users)) if len(chain[-1].users) == 1 else None
-        if bn is not None and added is not None and _shortcut_of(added, chain[-1]) is not None:
+        added = next(iter(chain[-1].users)) if bn is not None and len(chain[-1].users) == 1 else None
+        other = _shortcut_of(added, chain[-1]) if added is not None else None
+        if other is not None:
             after = _sole_user(added)  # a residual block's sum: it joins the chain if an activation follows
             if after is not None and _as_activation(after, modules) is not None:
-                shortcut = _shortcut_of(added, chain[-1])
+                shortcut = other
                 chain.append(added)
                 nxt = after
         act = _as_activation(nxt, modules) if nxt is not None else None

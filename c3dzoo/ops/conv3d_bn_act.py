@@ -619,10 +619,10 @@ def _empty_batch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     return out
 
 
-def _check_residual(residual, out, pool) -> None:
-    """``residual`` must be a floating tensor of ``out``'s shape (``out``: a tensor or a shape) and
-    device, and there must be no pool (it is added before the activation, at every conv output)."""
-    shape = tuple(out.shape) if isinstance(out, Tensor) else tuple(out)
+def _check_residual(residual, shape, device, pool) -> None:
+    """``residual`` must be a floating tensor of the output's ``shape`` on its ``device``, and there
+    must be no pool (it is added before the activation, at every conv output)."""
+    shape = tuple(shape)
     if pool:
         raise ValueError(f"residual: it is added before the activation, at every conv output, so it does not "
                          f"combine with a pool ({pool})")
@@ -630,8 +630,8 @@ def _check_residual(residual, out, pool) -> None:
         got = (f"{tuple(residual.shape)} {residual.dtype}" if isinstance(residual, Tensor)
                else type(residual).__name__)
         raise ValueError(f"residual must be a floating-point tensor of the output's shape {shape}, got {got}")
-    if isinstance(out, Tensor) and residual.device != out.device:
-        raise ValueError(f"residual is on {residual.device}, the output on {out.device}")
+    if residual.device != device:
+        raise ValueError(f"residual is on {residual.device}, the output on {device}")
 
 
 def _residual_in_epilogue(x, residual, tensors, norm, group, pending) -> bool:
@@ -650,9 +650,7 @@ def _residual_in_epilogue(x, residual, tensors, norm, group, pending) -> bool:
 def _forward_with_residual(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps, stride,
                            padding, dilation, activation, negative_slope, pool, residual, backend, out_shape):
     """The inference forward with the residual added in the epilogue, on the backend chosen for it."""
-    _check_residual(residual, out_shape, pool)
-    if residual.device != x.device:
-        raise ValueError(f"residual is on {residual.device}, x on {x.device}")
+    _check_residual(residual, out_shape, x.device, pool)
     name = _resolve_backend(backend, _config_fields(x, weight, norm, activation, stride, padding, dilation, pool,
                                                     residual=True))
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
@@ -763,7 +761,7 @@ def conv3d_bn_act(
             dilation=dilation, activation="none", negative_slope=negative_slope, pool=pool,
             num_batches_tracked=num_batches_tracked, batch_norm=batch_norm, backend=backend, sync=sync,
             process_group=process_group, keep_conv_output=keep_conv_output, layout=layout)
-        _check_residual(residual, y, pool)
+        _check_residual(residual, y.shape, y.device, pool)
         return _reference.apply_activation(y + residual, activation, float(negative_slope))
     if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
         raise ValueError(f"unsupported stride/padding/dilation {stride}/{padding}/{dilation}")
