@@ -345,3 +345,21 @@ def batch_norm_coefficients(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_c, c_ma
     else:
         beta = tl.zeros_like(mean)
     return mean, invstd, scale, beta
+
+
+@triton.jit
+def tile_statistics(y, mask, count):
+    """Per channel (column) of a tile of conv outputs: the mean and M2 (sum of squared deviations)
+    of the ``count`` valid rows, over the stored (rounded) values y, by the corrected two-pass
+    algorithm: the first-pass mean is off by ~√n·ulp(|mean|) when |mean| ≫ std, but the
+    deviations from it are small and exact (Sterbenz), so their sum corrects the mean and
+    M2 = Σdev² − (Σdev)²/n keeps the variance. NaN propagates (a NaN conv output makes running_var
+    NaN, as stock's)."""
+    v = tl.where(mask, y.to(tl.float32), 0.0)
+    rough_mean = tl.sum(v, axis=0) / count
+    dev = tl.where(mask, v - rough_mean[None, :], 0.0)
+    dev_sum = tl.sum(dev, axis=0)
+    tile_mean = rough_mean + dev_sum / count
+    tile_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum / count, 0.0,
+                         propagate_nan=tl.PropagateNan.ALL)
+    return tile_mean, tile_m2

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._grid import cached_plan, cdiv
-from ._implicit_gemm import conv_tile, output_tile
+from ._implicit_gemm import conv_tile, output_tile, tile_statistics
 from ._statistics import finalize_statistics
 from .conv3d_bias_act_pool import (LaunchPlan, TileConfig, _triple, autotuned_plan, checked_input_stats,
                                    plan_launch)
@@ -70,19 +70,8 @@ def conv3d_bn_stats_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * out_c + offs_n[None, :], y, mask=mask)
 
-    # this tile's count, mean and M2 per channel, over the stored (rounded) values, by the corrected
-    # two-pass algorithm: the first-pass mean is off by ~√n·ulp(|mean|) when |mean| ≫ std, but the
-    # deviations from it are small and exact (Sterbenz), so their sum corrects the mean and
-    # M2 = Σdev² − (Σdev)²/n keeps the variance
     count = tl.minimum(out_positions - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    v = tl.where(mask, y.to(tl.float32), 0.0)
-    rough_mean = tl.sum(v, axis=0) / count
-    dev = tl.where(mask, v - rough_mean[None, :], 0.0)
-    dev_sum = tl.sum(dev, axis=0)
-    tile_mean = rough_mean + dev_sum / count
-    # NaN propagates (a NaN conv output makes running_var NaN, as stock's)
-    tile_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum / count, 0.0,
-                         propagate_nan=tl.PropagateNan.ALL)
+    tile_mean, tile_m2 = tile_statistics(y, mask, count)
     part = pid_m * out_c + offs_n
     tl.store(part_mean_ptr + part, tile_mean, mask=n_mask)
     tl.store(part_m2_ptr + part, tile_m2, mask=n_mask)

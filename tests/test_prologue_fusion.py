@@ -297,8 +297,8 @@ def test_defer_only_where_it_applies():
 
 
 def test_pending_output_falls_back_to_stock_consumer():
-    """A consumer the fused op cannot express (grouped conv) materialises the pending output with
-    stock ops: values and gradients as the all-stock chain."""
+    """A grouped consumer (groups=2, which the reference backend runs) takes the pending output:
+    values and gradients as the all-stock chain."""
     modules64, _, x64 = _pair_modules(Pair())
     conv1, bn1 = modules64[0], modules64[1]
     grouped = nn.Conv3d(6, 4, 3, padding=1, groups=2).double()

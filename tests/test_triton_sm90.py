@@ -15,6 +15,11 @@ configuration and dtype variant (wgmma, shared memory, no spills), the input gra
 kernel without bias or activation, as ``conv3d_dgrad`` launches it), and the two elementwise kernels
 of ``bn_act_pool_backward`` (shared memory and spills).
 
+The depthwise kernels (``conv3d_depthwise``: CSN's and X3D's conv_b) do no matrix math: each config
+in each dtype, in each launch kind (inference with the residual epilogue, training forward with the
+statistics epilogue and the input prologue, the transposed input gradient, the weight gradient) is
+checked for shared memory and spills, and must use no MMA at all.
+
 The test process runs under TRITON_INTERPRET=1 (conftest), which makes ``@triton.jit`` interpret, so
 the compilation runs in ONE subprocess without it (this file run as a script), which prints JSON.
 """
@@ -37,6 +42,7 @@ from c3dzoo.kernels import bn_act_pool as E
 from c3dzoo.kernels import bn_act_pool_backward as B
 from c3dzoo.kernels import conv3d_bias_act_pool as K
 from c3dzoo.kernels import conv3d_bn_stats as S
+from c3dzoo.kernels import conv3d_depthwise as DW
 from c3dzoo.kernels import conv3d_wgrad as W
 
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on H100/H200 (sm_90)
@@ -174,8 +180,15 @@ RESIDUAL_CASES.update({
          dict(kernel_size=(1, 1, 1), stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1)), False, True)
     for dtype_name, (dtype, tf32) in _DTYPES.items()
 })
+# the depthwise kernels: every shipped config × dtype × launch kind, on a CSN R101 conv_b (3×3×3)
+DEPTHWISE_CASES = {
+    f"depthwise-{kind}-{config.name}-{dtype_name}": (kind, config, dtype)
+    for kind in ("residual", "stats_prologue", "dgrad", "wgrad")
+    for config in DW.HOPPER_CONFIGS
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
+}
 ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *PROLOGUE_CASES, *RESIDUAL_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES,
-             *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES]
+             *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES, *DEPTHWISE_CASES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +225,8 @@ def _compile_case(case: str) -> dict:
         return compile_dgrad_sm90(*DGRAD_CASES[case])
     if case in BACKWARD_ELEMENTWISE_CASES:
         return compile_backward_elementwise_sm90(*BACKWARD_ELEMENTWISE_CASES[case])
+    if case in DEPTHWISE_CASES:
+        return compile_depthwise_sm90(*DEPTHWISE_CASES[case])
     return compile_sm90(*CASES[case])
 
 
@@ -324,6 +339,37 @@ def compile_backward_elementwise_sm90(kernel, y_shape, pool, dtype) -> dict:
     return report
 
 
+def compile_depthwise_sm90(kind, config, dtype) -> dict:
+    """Compile a depthwise kernel as its launcher launches it on CSN R101's stage-2 conv_b (batch 32,
+    128 channels, 16×28×28, 3×3×3, padding 1; the input gradient from the stride-2 block)."""
+    element = _ELEMENT[dtype]
+    geometry = dict(kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
+    x_shape = (32, 128, 16, 28, 28)
+    cuda = torch.device("cuda")
+    if kind == "wgrad":
+        plan = DW.plan_depthwise_wgrad_launch(x_shape, x_shape, **geometry, device=cuda, config=config)
+        fn = DW.conv3d_depthwise_wgrad_kernel
+        pointers = {"x_ptr": f"*{element}", "dy_ptr": f"*{element}", "part_ptr": "*fp32"}
+    else:
+        options = {
+            "residual": dict(activation="relu", has_bias=True, has_residual=True),
+            "stats_prologue": dict(stats=True, input_activation="relu", input_eps=1e-5),
+            "dgrad": dict(transposed=True),
+        }[kind]
+        if kind == "dgrad":
+            geometry["stride"] = (2, 2, 2)
+            x_shape = (32, 128, 8, 14, 14)  # the output gradient of the stride-2 conv of a 16×28×28 input
+        grid = (16, 28, 28) if kind == "dgrad" else x_shape[2:]
+        plan = DW.plan_depthwise_launch(x_shape, grid, **geometry, device=cuda, config=config, **options)
+        fn = DW.conv3d_depthwise_kernel
+        pointers = {"x_ptr": f"*{element}", "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{element}",
+                    "res_ptr": f"*{element}", "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32",
+                    "in_stats_ptr": "*fp32"}
+    report = _compile(fn, plan, pointers, config.num_warps, 1)
+    report.update(tensor_cores=False, tile=[config.block_p, config.block_c])
+    return report
+
+
 def _compile(kernel, plan, pointers, num_warps, num_stages) -> dict:
     """triton.compile for sm_90 with a launch's specialisation, then ptxas -v."""
     import tempfile
@@ -357,6 +403,7 @@ def _compile(kernel, plan, pointers, num_warps, num_stages) -> dict:
     ptx = compiled.asm["ptx"]
     report = {
         "wgmma": "wgmma.mma_async" in ptx,
+        "mma": bool(re.search(r"\b(?:wgmma|mma)\.", ptx)),
         "atomics": atomics(ptx),
         "shared": int(compiled.metadata.shared),
         "num_warps": num_warps,
@@ -422,6 +469,13 @@ def test_sm90_machine_code(sm90_reports, case):
         f"{case}: spills {report['spill_stores']} B stores / {report['spill_loads']} B loads "
         f"with {report['registers']} registers"
     )
+
+
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+def test_sm90_depthwise_kernels_do_no_matrix_math(sm90_reports, case):
+    """A depthwise conv reduces over no channels: its kernels multiply elementwise on the CUDA cores
+    (an MMA there would mean a tile shape that pads the math into a GEMM)."""
+    assert not sm90_reports[case]["mma"], f"{case}: MMA instructions in a depthwise kernel"
 
 
 @pytest.mark.parametrize("case", ALL_CASES)

@@ -62,8 +62,6 @@ def unsupported_reason(conv: nn.Module, bn: Optional[nn.Module], pool: Optional[
     """Why this chain cannot run through the fused op (None if it can)."""
     if type(conv) is not nn.Conv3d:
         return f"{type(conv).__name__} is not an nn.Conv3d"
-    if conv.groups != 1:
-        return f"groups={conv.groups} (only groups=1 is fused)"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zeros is fused)"
     if conv_padding(conv) is None:
@@ -203,6 +201,9 @@ class Conv3dBNAct(nn.Module):
     a plain ``nn.BatchNorm3d`` (same state_dict; DDP accepts it on CPU). Without an initialised
     torch.distributed, or with one rank, it changes nothing.
 
+    ``groups`` as ``nn.Conv3d``'s: a depthwise conv (groups = C_in = C_out) runs on the Triton
+    backend's direct kernels; other grouped convs run fused on the reference backend.
+
     ``keep_conv_output`` (attribute, None by default): whether training keeps the raw conv output for
     the backward or recomputes it, see ``c3dzoo.ops.conv3d_bn_act``.
     """
@@ -231,10 +232,12 @@ class Conv3dBNAct(nn.Module):
         dtype=None,
         sync_bn: bool = False,
         process_group=None,
+        groups: int = 1,
     ):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias, **factory)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias,
+                              **factory)
         self.bn = (
             nn.BatchNorm3d(out_channels, eps, momentum, affine, track_running_stats, **factory)
             if batch_norm else None

@@ -39,6 +39,7 @@ class ConvBNActConfig:
     out_channels: int
     input_norm: bool = False  # x is a raw conv output to normalise + activate on load (InputNorm)
     residual: bool = False  # a tensor of the output's shape is added before the activation (inference)
+    groups: int = 1  # the conv's groups (in_channels when depthwise)
 
 
 @dataclasses.dataclass(frozen=True)

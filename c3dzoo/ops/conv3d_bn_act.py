@@ -512,10 +512,11 @@ def _check_inputs(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
         raise TypeError(f"conv_weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 5:
         raise ValueError(f"conv_weight must be 5-D (C_out, C_in, kD, kH, kW), got shape {tuple(weight.shape)}")
-    if x.shape[1] != weight.shape[1]:
+    if weight.shape[1] == 0 or x.shape[1] % weight.shape[1] or weight.shape[0] % (x.shape[1] // weight.shape[1]):
         raise ValueError(
-            f"x has {x.shape[1]} channels but conv_weight expects {weight.shape[1]} "
-            f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)}; groups=1 only)"
+            f"x has {x.shape[1]} channels but conv_weight (C_out, C_in / groups, kD, kH, kW) expects "
+            f"{weight.shape[1]} per group, and the groups must divide C_out (x shape {tuple(x.shape)}, "
+            f"weight shape {tuple(weight.shape)})"
         )
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
@@ -558,7 +559,8 @@ def _config_fields(x, weight, norm, activation, stride, padding, dilation, pool,
     return (
         norm, activation, tuple(stride), tuple(padding), tuple(dilation),
         tuple(map(int, weight.shape[2:])), tuple(pool), str(x.dtype), x.device.type,
-        int(weight.shape[1]), int(weight.shape[0]), bool(input_norm), bool(residual),
+        int(x.shape[1]), int(weight.shape[0]), bool(input_norm), bool(residual),
+        _reference.conv_groups(x, weight),
     )
 
 

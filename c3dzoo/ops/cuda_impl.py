@@ -83,6 +83,8 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
         return f"{_SCOPE}; norm={cfg.norm!r} is not implemented"
     if cfg.input_norm:
         return f"{_SCOPE}; it has no input prologue for a deferred BatchNorm of the previous layer"
+    if cfg.groups != 1:
+        return f"{_SCOPE}; this layer has groups={cfg.groups} (the stem kernel is a dense conv)"
     if cfg.in_channels > MAX_STEM_CIN:
         return f"{_SCOPE}; this layer has C_in = {cfg.in_channels}"
     if cfg.device != "cuda":

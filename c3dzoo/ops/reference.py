@@ -57,6 +57,17 @@ def fold_batch_norm(
     return folded_weight, folded_bias
 
 
+def conv_groups(x: Tensor, weight: Tensor) -> int:
+    """The conv's ``groups``, which its shapes determine: x has C_in channels, the weight
+    (C_out, C_in / groups, kD, kH, kW) — 1 for a dense conv, C_in for a depthwise one."""
+    return int(x.shape[1]) // int(weight.shape[1])
+
+
+def conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation) -> Tensor:
+    """``F.conv3d`` with the groups the shapes imply (``conv_groups``)."""
+    return F.conv3d(x, weight, bias, stride, padding, dilation, conv_groups(x, weight))
+
+
 def _onednn_backward_unsafe(x: Tensor, weight: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> bool:
     """Whether the CPU oneDNN (mkldnn) conv3d backward may be wrong for this conv. torch 2.13's
     returns a garbage weight gradient, or corrupts the heap, for strided convs over few positions
@@ -70,9 +81,10 @@ def _onednn_backward_unsafe(x: Tensor, weight: Tensor, stride: Sequence[int], di
 
 def convolution_backward(grad_y: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
                          dilation: Sequence[int], output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    """``aten.convolution_backward`` of a groups=1 conv3d without bias, through PyTorch's own CPU
-    kernel where oneDNN's may be wrong (``_onednn_backward_unsafe``)."""
-    args = (grad_y, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0, 0], 1,
+    """``aten.convolution_backward`` of a conv3d without bias (groups from the shapes), through
+    PyTorch's own CPU kernel where oneDNN's may be wrong (``_onednn_backward_unsafe``)."""
+    args = (grad_y, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0, 0],
+            conv_groups(x, weight),
             [bool(m) for m in output_mask])
     if _onednn_backward_unsafe(x, weight, stride, dilation) and torch.backends.mkldnn.enabled:
         # the switch alone (mkldnn.flags() would also set, and warn about, its TF32 flag)
@@ -201,9 +213,9 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     var = x.new_empty(0, dtype=stats_dtype(dtype))  # distinct tensors: custom op outputs must not alias
     if norm == "running":
         w, b = _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype)
-        y = F.conv3d(x, w, b, stride, padding, dilation)
+        y = conv3d(x, w, b, stride, padding, dilation)
     else:
-        y = F.conv3d(
+        y = conv3d(
             x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation
         )
         if norm in ("batch", "stats"):
@@ -234,7 +246,7 @@ def differentiable_forward(x, weight, bias, bn_weight, bn_bias, running_mean, ru
         dtype = x.dtype
         if input_norm is not None:
             x = normalize_input_differentiably(x, input_norm)
-        y = F.conv3d(x, weight.to(dtype), None if bias is None else bias.to(dtype), params.stride, params.padding,
+        y = conv3d(x, weight.to(dtype), None if bias is None else bias.to(dtype), params.stride, params.padding,
                      params.dilation)
         if params.norm in ("batch", "running"):
             training = params.norm == "batch"
@@ -251,7 +263,7 @@ def stock_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     ``nn.BatchNorm3d.forward`` updates them: for exporters that translate standard ops (ONNX), to
     which the fused op is an unknown operator. ``params.norm`` "batch" normalises with batch
     statistics (updating running_mean/var when given), "running" with the running ones."""
-    y = F.conv3d(x, weight, bias, params.stride, params.padding, params.dilation)
+    y = conv3d(x, weight, bias, params.stride, params.padding, params.dilation)
     if params.norm in ("batch", "running"):
         training = params.norm == "batch"
         factor = 0.0 if momentum is None else momentum
@@ -415,13 +427,13 @@ def backward(
         conv_weight = weight.to(dtype)
         if norm == "running":
             conv_weight, folded_b = _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype)
-            y = F.conv3d(x, conv_weight, folded_b, stride, padding, dilation)
+            y = conv3d(x, conv_weight, folded_b, stride, padding, dilation)
         elif conv_output is not None and norm == "batch":
             y = conv_output
         elif norm in ("none", "stats") and activation == "none" and not pool:
             y = None  # the op's output is the conv output itself: its gradient is grad_out, nothing to recompute
         else:
-            y = F.conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
+            y = conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
         z = y
         if norm == "batch":
             invstd = torch.rsqrt(var + eps)

@@ -158,7 +158,7 @@ class _SyncConvBNAct(torch.autograd.Function):
         dtype = x.dtype
         grad_x = grad_w = grad_bias = grad_gamma = grad_beta = None
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            y = F.conv3d(x, weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
+            y = _reference.conv3d(x, weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
             xhat, z = _reference.batch_norm_affine(y, mean, invstd, bn_weight, bn_bias)
             grad_z = _reference.act_pool_backward(grad_out, z, activation, negative_slope, pool)
             sum_dz = grad_z.sum(dim=_REDUCE_DIMS)

@@ -26,6 +26,13 @@ sums Σdz and Σdz·x̂ in the same pass, then BatchNorm's backward in place), `
 forward kernel on the flipped weight, stride 1) and ``conv3d_wgrad`` (implicit GEMM over positions,
 split-K). Overlapping pool windows, and the input gradient of strided convs, use stock PyTorch.
 
+Depthwise convs (groups = C_in = C_out: CSN's and X3D's conv_b) take the direct kernels of
+``c3dzoo.kernels.conv3d_depthwise`` at every step above instead of the implicit GEMM: the forward
+with the same epilogues (bias + residual + activation, or the raw output + statistics) and input
+prologue, the input gradient (a transposed gather, any stride) and the weight gradient; the
+elementwise kernels are shared. Other grouped convs, and a depthwise conv with a fused pool, run on
+``reference`` (``supports``).
+
 Runs on CUDA, or on CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for tests).
 """
 
@@ -40,6 +47,8 @@ from c3dzoo.kernels.bn_act_pool import bn_act_pool
 from c3dzoo.kernels.bn_act_pool_backward import act_pool_backward, bn_backward_, pool_overlaps
 from c3dzoo.kernels.conv3d_bias_act_pool import conv3d_bias_act_pool, pack_weight, runs_interpreted
 from c3dzoo.kernels.conv3d_bn_stats import conv3d_bn_stats
+from c3dzoo.kernels.conv3d_depthwise import (conv3d_depthwise, conv3d_depthwise_bn_stats, conv3d_depthwise_dgrad,
+                                             conv3d_depthwise_wgrad, pack_depthwise_weight)
 from c3dzoo.kernels.conv3d_dgrad import conv3d_dgrad, dgrad_unsupported_reason, pack_dgrad_weight
 from c3dzoo.kernels.conv3d_wgrad import conv3d_wgrad
 from c3dzoo.kernels._limits import IndexOverflowError
@@ -85,7 +94,19 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
         return f"pool {cfg.pool!r} is not kernel(3) + stride(3) + padding(3)"
     if cfg.residual and (cfg.pool or cfg.norm not in ("running", "none")):
         return "the residual epilogue is for inference (BatchNorm folded or absent) without a pool"
+    if cfg.groups != 1:
+        if not cfg.groups == cfg.in_channels == cfg.out_channels:
+            return (f"groups={cfg.groups} with {cfg.in_channels} input and {cfg.out_channels} output channels: the "
+                    f"Triton kernels run dense (groups=1) and depthwise (groups = C_in = C_out) convs")
+        if cfg.pool:
+            return "a depthwise conv with a fused max-pool is not implemented"
     return None
+
+
+def is_depthwise(x: Tensor, weight: Tensor) -> bool:
+    """Whether the conv of ``x`` by ``weight`` is depthwise (groups = C_in = C_out > 1), which the
+    direct kernels of ``c3dzoo.kernels.conv3d_depthwise`` compute (the others: implicit GEMM)."""
+    return weight.shape[1] == 1 and weight.shape[0] == x.shape[1] > 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,14 +118,17 @@ _weight_cache = FoldedWeightCache()
 
 
 def _folded_packed_weight(
-    weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps, dtype, use_cache=True
+    weight, bias, bn_weight, bn_bias, running_mean, running_var, *, norm, eps, dtype, use_cache=True,
+    depthwise=False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """(packed weight in ``dtype``, fp32 bias or None), BatchNorm folded in fp32 when norm == "running"
-    (``use_cache``: see ``cached_folded``)."""
+    (``use_cache``: see ``cached_folded``). ``depthwise``: the depthwise kernels' packing, fp32 in any
+    ``dtype`` (``pack_depthwise_weight``)."""
+    pack = pack_depthwise_weight if depthwise else (lambda w: pack_weight(w.to(dtype)))
     return cached_folded(
-        _weight_cache, lambda w, b: (pack_weight(w.to(dtype)), None if b is None else b.contiguous()),
-        weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps, extra=(dtype,),
-        use_cache=use_cache,
+        _weight_cache, lambda w, b: (pack(w), None if b is None else b.contiguous()),
+        weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=norm, eps=eps,
+        extra=("depthwise",) if depthwise else (dtype,), use_cache=use_cache,
     )
 
 
@@ -146,16 +170,23 @@ def _forward(
     if params.norm in ("batch", "stats"):
         out, mean, var, y = _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params, prologue)
         return out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output)
+    depthwise = is_depthwise(x, weight)
     with torch.no_grad():
         w_packed, folded_bias = _folded_packed_weight(
             weight, bias, bn_weight, bn_bias, running_mean, running_var, norm=params.norm, eps=params.eps,
-            dtype=x.dtype,
+            dtype=x.dtype, depthwise=depthwise,
         )
-        out = conv3d_bias_act_pool(
-            x, w_packed, folded_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(),
-            activation=params.activation, negative_slope=params.negative_slope, pool=params.pool,
-            out_dtype=x.dtype, residual=residual, **prologue,
-        )
+        if depthwise:  # (supports(): no pool)
+            out = conv3d_depthwise(
+                x, w_packed, folded_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(),
+                activation=params.activation, negative_slope=params.negative_slope, residual=residual, **prologue,
+            )
+        else:
+            out = conv3d_bias_act_pool(
+                x, w_packed, folded_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(),
+                activation=params.activation, negative_slope=params.negative_slope, pool=params.pool,
+                out_dtype=x.dtype, residual=residual, **prologue,
+            )
     # The kernel writes channels_last_3d, which is this backend's output contract (see
     # conv3d_bn_act.output_memory_format): the next fused layer reads it without a copy.
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
@@ -179,10 +210,12 @@ def _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params: LayerParams
     is y itself."""
     with torch.no_grad():
         # the conv's own weight, packed in x's dtype, and its fp32 bias; not cached (training)
+        depthwise = is_depthwise(x, weight)
         w_packed, conv_bias = _folded_packed_weight(
-            weight, bias, None, None, None, None, norm="none", eps=params.eps, dtype=x.dtype, use_cache=False
+            weight, bias, None, None, None, None, norm="none", eps=params.eps, dtype=x.dtype, use_cache=False,
+            depthwise=depthwise,
         )
-        y, mean, var = conv3d_bn_stats(
+        y, mean, var = (conv3d_depthwise_bn_stats if depthwise else conv3d_bn_stats)(
             x, w_packed, conv_bias, kernel_size=tuple(weight.shape[2:]), **params.geometry(), **prologue,
             finalize=batch_statistics.finalize,
         )
@@ -228,6 +261,7 @@ def _backward(
     stride, padding, dilation = params.stride, params.padding, params.dilation
     geometry = dict(kernel_size=tuple(weight.shape[2:]), **params.geometry())
     batch = norm == "batch"
+    depthwise = is_depthwise(x, weight)
     with torch.no_grad():
         x = x.contiguous(memory_format=torch.channels_last_3d)
         if norm in ("none", "stats") and activation == "none" and not pool:
@@ -242,10 +276,13 @@ def _backward(
                 w_packed, conv_bias = _folded_packed_weight(
                     weight, bias, bn_weight, bn_bias, running_mean, running_var,
                     norm="running" if norm == "running" else "none", eps=eps, dtype=x.dtype,
-                    use_cache=not batch,  # as the forward packed it
+                    use_cache=not batch, depthwise=depthwise,  # as the forward packed it
                 )
-                y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none",
-                                         negative_slope=0.0, pool=(), out_dtype=x.dtype)
+                if depthwise:
+                    y = conv3d_depthwise(x, w_packed, conv_bias, **geometry)
+                else:
+                    y = conv3d_bias_act_pool(x, w_packed, conv_bias, **geometry, activation="none",
+                                             negative_slope=0.0, pool=(), out_dtype=x.dtype)
             grad, sum_dz, sum_dz_xhat = act_pool_backward(
                 grad_out, y, mean if batch else None, var if batch else None,
                 bn_weight if batch else None, bn_bias if batch else None,
@@ -259,14 +296,18 @@ def _backward(
         if norm == "running":
             conv_weight, _ = _reference.fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         grad_x = None
-        if need_x:
+        if need_x and depthwise:
+            grad_x = conv3d_depthwise_dgrad(grad, pack_depthwise_weight(conv_weight), x.shape, **geometry)
+        elif need_x:
             if dgrad_unsupported_reason(geometry["kernel_size"], stride, padding, dilation) is None:
                 grad_x = conv3d_dgrad(grad, pack_dgrad_weight(conv_weight.to(x.dtype)), **geometry)
             else:
                 grad_x = _reference.convolution_backward(grad, x, conv_weight.to(x.dtype), stride, padding,
                                                          dilation, [True, False, False])[0]
         need_wgrad = need_w or (norm == "running" and need_g)
-        grad_w = conv3d_wgrad(x, grad, **geometry) if need_wgrad else None  # fp32
+        grad_w = None
+        if need_wgrad:  # fp32
+            grad_w = (conv3d_depthwise_wgrad if depthwise else conv3d_wgrad)(x, grad, **geometry)
 
         grad_bias = grad_gamma = grad_beta = None
         if batch:
