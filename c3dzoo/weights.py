@@ -96,15 +96,16 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
               ("ig65m_kinetics32", 32, 400, "ft_kinetics_from_ig65m-ade133f1"),
               ("ig65m", 8, 359, "ig65m_from_scratch-9bae36ae"),
               ("ig65m32", 32, 487, "ig65m_from_scratch-449a7af9"))),
-        # PyTorchVideo's model zoo (8x8: 8 frames, one in 8; SlowFast's fast pathway 32, one in 2;
-        # its hub's evaluation transform: short side 256, centre crop 256); top-1 on Kinetics-400
-        # as it reports: 74.58, 73.27, 71.46, 76.4, 77.9
+        # PyTorchVideo's model zoo (8x8: 8 frames, one in 8; SlowFast's fast pathway and CSN 32, one
+        # in 2; its hub's evaluation transform: short side 256, centre crop 256); top-1 on
+        # Kinetics-400 as it reports: 74.58, 73.27, 71.46, 77.0, 76.4, 77.9
         *(WeightsEntry(model, "kinetics400", f"{_PYTORCHVIDEO}/{file}.pyth",
                        f"PyTorchVideo (Kinetics-400, {file.split('_')[1]} clips)", frames=frames, frame_stride=stride,
                        size=(256, 256), short_side=256, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
                        state_key="model_state")
           for model, file, frames, stride in (("slow_r50", "SLOW_8x8_R50", 8, 8), ("i3d_r50", "I3D_8x8_R50", 8, 8),
                                               ("c2d_r50", "C2D_8x8_R50", 8, 8),
+                                              ("csn_r101", "CSN_32x2_R101", 32, 2),
                                               ("slowfast_r50", "SLOWFAST_8x8_R50", 32, 2),
                                               ("slowfast_r101", "SLOWFAST_8x8_R101", 32, 2))),
     )

@@ -258,3 +258,118 @@ def test_slowfast_fine_tuning_helpers_and_features():
     assert c3dzoo.cli.features.DEFAULT_LAYER["SlowFast"](model) == "blocks.5"
     features = transfer.extract_features(model, torch.randn(2, 3, 8, 32, 32), "blocks.5")
     assert features.shape == (2, 2304)
+
+
+# --------------------------------------------------------------------------------------------
+# CSN R101: depthwise 3×3×3 conv_b, striding time and space
+# --------------------------------------------------------------------------------------------
+
+
+def test_csn_matches_pytorchvideo():
+    """PyTorchVideo's hub csn_r101 (create_csn at depth 101 with a stem max-pool and a 4×7×7 head
+    pool): keys, weights from a seed, the output bit for bit on the 32 × 224 × 224 clips it was
+    trained on; fused within fp32 rounding."""
+    csn = pytest.importorskip("pytorchvideo.models.csn", reason="pytorchvideo is not installed")
+    torch.manual_seed(0)
+    theirs = csn.create_csn(model_depth=101, stem_pool=nn.MaxPool3d, head_pool_kernel_size=(4, 7, 7)).eval()
+    torch.manual_seed(0)
+    ours = c3dzoo.csn_r101().eval()
+    assert [tuple(m.stride) for m in theirs.modules() if isinstance(m, nn.Conv3d)] == \
+        [m.stride for m in ours.modules() if isinstance(m, nn.Conv3d)]
+    x = torch.randn(1, 3, 32, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert_same_model(theirs, ours, x, [x])
+
+
+def test_csn_layout_and_initialisation():
+    """What its published weights need without PyTorchVideo at hand: 626 keys (22,213,776
+    parameters, as pytorchvideo 0.1.5's csn_r101 counts), depthwise 3×3×3 conv_b striding time
+    and space in stages 2–4 as its projection does, a 3×7×7 stem with a max-pool, no dropout."""
+    model = c3dzoo.csn_r101()
+    sd = model.state_dict()
+    assert len(sd) == 626 and sum(p.numel() for p in model.parameters()) == 22_213_776
+    assert list(sd)[:2] == ["blocks.0.conv.weight", "blocks.0.norm.weight"]
+    assert list(sd)[-2:] == ["blocks.5.proj.weight", "blocks.5.proj.bias"]
+    assert sd["blocks.0.conv.weight"].shape == (64, 3, 3, 7, 7) and model.blocks[0].conv.padding == (1, 3, 3)
+    assert type(model.blocks[0].pool) is nn.MaxPool3d
+    assert [len(stage.res_blocks) for stage in model.blocks[1:5]] == [3, 4, 23, 3]
+    for index, (inner, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)], 1):
+        first = model.blocks[index].res_blocks[0]
+        conv_b = first.branch2.conv_b
+        assert (conv_b.in_channels, conv_b.out_channels, conv_b.groups) == (inner, inner, inner)
+        assert conv_b.weight.shape == (inner, 1, 3, 3, 3) and conv_b.padding == (1, 1, 1)
+        assert conv_b.stride == first.branch1_conv.stride == (stride,) * 3
+        assert first.branch2.conv_a.kernel_size == (1, 1, 1)
+        assert torch.count_nonzero(first.branch2.norm_c.weight) == 0
+    assert model.blocks[3].res_blocks[1].branch1_conv is None and model.blocks[3].res_blocks[1].branch2.conv_b.stride \
+        == (1, 1, 1)
+    head = model.blocks[5]
+    assert head.pool.kernel_size == (4, 7, 7) and head.dropout is None and head.proj.in_features == 2048
+    assert c3dzoo.csn_r101(num_classes=7, dropout=0.5).blocks[5].dropout.p == 0.5
+    assert "csn_r101" in c3dzoo.list_models() and transfer.head_name(model) == "blocks.5.proj"
+    assert c3dzoo.cli.features.DEFAULT_LAYER["ResNet3D"](model) == "blocks.5.pool"
+    assert transfer.freeze(model, "features") == [f"blocks.{i}" for i in range(5)]
+    transfer.replace_head(model, 3)
+    assert model.blocks[5].proj.weight.shape == (3, 2048) and not model.blocks[5].proj.bias.any()
+
+
+def test_csn_fused_and_stock_share_a_state_dict_and_agree_in_eval_mode():
+    """Keys load strictly both ways between the fused and the stock model; on a 4 × 32 × 32 clip
+    (stage 4 sees 1 × 1 × 1: the head's pool covers it) they agree within fp32 rounding."""
+    torch.manual_seed(0)
+    stock = c3dzoo.csn_r101(num_classes=5).eval()
+    with torch.no_grad():
+        for bn in (m for m in stock.modules() if isinstance(m, nn.BatchNorm3d)):
+            bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.3, 0.3)
+    fused = c3dzoo.csn_r101(num_classes=5, fused=True).eval()
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    back = c3dzoo.csn_r101(num_classes=5)
+    back.load_state_dict(fused.state_dict(), strict=True)
+    assert list(back.state_dict()) == list(stock.state_dict())
+    x = torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = stock(x)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def _cut_csn(classes: int) -> nn.Module:
+    """CSN R101 with 2, 1, 1, 1 blocks (every kind of layer it has: the 3×7×7 stem with its
+    max-pool, projection and identity shortcuts, depthwise 3×3×3 conv_b unstrided and striding
+    time and space). Its BatchNorms are conditioned as test_models_zoo's ``_condition`` does
+    (γ = 0.5, β = ±3; +3 before a residual add), so no ReLU input lies within rounding of its kink
+    and fp32 gradients compare tightly."""
+    model = c3dzoo.csn_r101(num_classes=classes)
+    for index, count in enumerate((2, 1, 1, 1), 1):
+        model.blocks[index] = ResStage(list(model.blocks[index].res_blocks[:count]))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, bn in model.named_modules():
+            if isinstance(bn, nn.BatchNorm3d):
+                bn.running_mean.uniform_(-0.2, 0.2, generator=gen), bn.running_var.uniform_(0.5, 1.5, generator=gen)
+                bn.weight.fill_(0.5)
+                sign = torch.randint(0, 2, (bn.num_features,), generator=gen) * 2 - 1
+                bn.bias.copy_(3.0 if name.endswith(("norm_c", "branch1_norm")) else 3.0 * sign)
+    return model
+
+
+def test_csn_fused_training_step_matches_stock():
+    """A training step of the fused model (its depthwise conv_b chains taking conv_a's deferred
+    BatchNorm) gives stock's output, gradients and running statistics within fp32 rounding."""
+    torch.manual_seed(0)
+    stock = _cut_csn(4).train()
+    fused = copy.deepcopy(stock)
+    fused.fused = True
+    # 8 × 64 × 64: stage 4's BatchNorms see 1 × 2 × 2 positions a clip (8 values in the batch)
+    x = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    outputs = [(model(x) * weights).sum() for model in (stock, fused)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    for out in outputs:
+        out.backward()
+    # BatchNorm β gradients ahead of another training-mode BatchNorm are analytically zero: there
+    # only rounding noise (~1e-7) is compared, under the 1e-6 floor
+    for (key, want), got in zip(stock.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4 * want.grad.abs().max().item() + 1e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

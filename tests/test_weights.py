@@ -25,11 +25,12 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
     # an attribute of the package without an import of its own, as c3dzoo.transfer
     probe = subprocess.run([sys.executable, "-c", "import c3dzoo; print(len(c3dzoo.weights.available()))"],
                            capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "13", probe.stderr[-2000:]
+    assert probe.stdout.strip() == "14", probe.stderr[-2000:]
     torchvision = [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400"),
                    ("s3d", "kinetics400")]
     ig65m = [("r2plus1d_34", n) for n in ("ig65m_kinetics", "ig65m_kinetics32", "ig65m", "ig65m32")]
-    pytorchvideo = [(m, "kinetics400") for m in ("slow_r50", "i3d_r50", "c2d_r50", "slowfast_r50", "slowfast_r101")]
+    pytorchvideo = [(m, "kinetics400")
+                    for m in ("slow_r50", "i3d_r50", "c2d_r50", "csn_r101", "slowfast_r50", "slowfast_r101")]
     assert weights.available() == torchvision + ig65m + pytorchvideo
     for model, name in torchvision:
         found = weights.entry(model, name)
@@ -44,14 +45,14 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
                             r"r2plus1d_34_clip\d+_[a-z0-9_]+-[0-9a-f]{8}\.pth", found.url)
         assert (found.frames, found.size, found.short_side, found.num_classes) == (frames, (112, 112), 128, classes)
         assert found.class_names == tuple(f"class {i}" for i in range(classes))  # no published label order
-    files = ("SLOW_8x8_R50", "I3D_8x8_R50", "C2D_8x8_R50", "SLOWFAST_8x8_R50", "SLOWFAST_8x8_R101")
+    files = ("SLOW_8x8_R50", "I3D_8x8_R50", "C2D_8x8_R50", "CSN_32x2_R101", "SLOWFAST_8x8_R50", "SLOWFAST_8x8_R101")
     for (model, name), file in zip(pytorchvideo, files):
         found = weights.entry(model, name)
         assert found.url == f"https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/{file}.pyth"
-        # PyTorchVideo's 8x8 clips (SlowFast's fast pathway: 32 frames, one in 2) and its
-        # evaluation transform and normalisation
-        clips = (32, 2) if model.startswith("slowfast") else (8, 8)
-        assert found.source == "PyTorchVideo (Kinetics-400, 8x8 clips)"
+        # PyTorchVideo's 8x8 clips (SlowFast's fast pathway: 32 frames, one in 2; CSN's 32x2 clips
+        # likewise) and its evaluation transform and normalisation
+        clips = (32, 2) if model.startswith(("slowfast", "csn")) else (8, 8)
+        assert found.source == f"PyTorchVideo (Kinetics-400, {'32x2' if model == 'csn_r101' else '8x8'} clips)"
         assert (found.frames, found.frame_stride, found.size, found.short_side) == (*clips, (256, 256), 256)
         assert (found.mean, found.std, found.state_key) == ((0.45,) * 3, (0.225,) * 3, "model_state")
         assert found.class_names == weights.kinetics400_classes()
@@ -214,6 +215,15 @@ def test_pytorchvideo_weights_load_from_its_training_checkpoints(tmp_path, monke
     assert cli.main(["predict", video, "--checkpoint", "slow_r50:kinetics400", "--device", "cpu"]) == 0
     assert shapes == [(3, 8, 256, 256)]
     assert re.fullmatch(rf"{re.escape(video)}: .+ [0-9.]+%.*", capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_csn_r101_weights_load_strictly_from_pytorchvideos_file(tmp_path, monkeypatch):
+    """csn_r101:kinetics400 (PyTorchVideo's CSN_32x2_R101.pyth, its hub's keys) loads strictly into
+    the stock and the fused model alike."""
+    state = _serve_pytorchvideo("csn_r101", tmp_path, monkeypatch)
+    model = c3dzoo.csn_r101(weights="kinetics400", fused=True)
+    assert model.fused and _same(model.state_dict(), state)
+    assert c3dzoo.get_model("csn_r101", weights="kinetics400").blocks[5].proj.out_features == 400
 
 
 def test_a_pytorchvideo_file_without_its_state_dict_is_refused(tmp_path, monkeypatch):

@@ -240,8 +240,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="--model's head size (default: the builder's)")
     p.add_argument("--width-mult", type=float, help="--model's channel multiplier")
     p.add_argument("--layer", help="module name (default: fc6 for C3D and Jester, avgpool for video ResNets and "
-                                   "S3D, the head's pool for slow_r50, i3d_r50, c2d_r50, the pooled pathways "
-                                   "for slowfast_r50)")
+                                   "S3D, the head's pool for slow_r50, i3d_r50, c2d_r50, csn_r101, the pooled "
+                                   "pathways for slowfast_r50, slowfast_r101)")
     p.add_argument("--activation", choices=("auto", "none"), default="auto",
                    help="auto: after the ReLU the model applies to fc6/fc7 (C3D convention) (default)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .pt file to write")

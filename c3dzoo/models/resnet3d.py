@@ -1,7 +1,9 @@
-"""ResNet-50 video networks of PyTorchVideo's model zoo: Slow (the slow pathway of SlowFast,
+"""ResNet video networks of PyTorchVideo's model zoo: Slow (the slow pathway of SlowFast,
 Feichtenhofer et al. 2019), I3D (inflated ResNet-50, Carreira and Zisserman 2017) and C2D, with
 the module tree and state_dict of ``pytorchvideo.models.resnet.create_resnet`` (``slow_r50``,
-``i3d_r50``, ``c2d_r50`` on its hub), and SlowFast R50 (``create_slowfast``, ``slowfast_r50``),
+``i3d_r50``, ``c2d_r50`` on its hub); CSN R101 (channel-separated, Tran et al. 2019:
+``pytorchvideo.models.csn.create_csn``, ``csn_r101``), whose bottlenecks' middle convs are
+depthwise 3×3×3; and SlowFast R50 and R101 (``create_slowfast``, ``slowfast_r50``, ``slowfast_r101``),
 built of the same stems and stages.
 
 The stock forward (``fused=False``) calls the modules as PyTorchVideo does, so checkpoints and
@@ -9,7 +11,9 @@ outputs carry over. The fused forward runs every Conv3d → BatchNorm3d (→ ReL
 ``FusableModel.chain``: the stem with its MaxPool3d in the epilogue, each bottleneck's three
 convs (the first two may leave their BatchNorm to the next conv's input prologue in training)
 and each shortcut; the residual add and the block's ReLU join conv_c's chain (in inference, the
-conv kernel's epilogue) unless a hook must see the branch's own output; the head stays stock.
+conv kernel's epilogue) unless a hook must see the branch's own output; the head stays stock. A
+chain the fused op does not take (``c3dzoo.nn``'s ``unsupported_reason``: so far CSN's depthwise
+conv_b, groups > 1) runs stock inside the fused forward, its input BatchNorm applied first.
 
 One extension, as for S3D: the head's average pool (8×7×7 or 4×7×7, stride 1) covers all of a
 dimension its window does not fit, so clips smaller than the 8×224×224 these were trained on run;
@@ -17,7 +21,7 @@ where the window fits, the result is PyTorchVideo's.
 """
 
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -28,6 +32,7 @@ from ._common import (AvgPool3dWithin, Chain, ChainSequential, FusableModel, add
 
 Tensor = torch.Tensor
 Kernel = Tuple[int, int, int]
+Stride = Union[int, Sequence[int]]  # an int strides height and width only; else (time, height, width)
 
 # blocks per stage for each depth (PyTorchVideo's _MODEL_STAGE_DEPTH)
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -35,6 +40,14 @@ STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 def _half(kernel: Sequence[int]) -> Tuple[int, ...]:
     return tuple(k // 2 for k in kernel)
+
+
+def _stride3(stride: Stride) -> Tuple[int, int, int]:
+    """A block's stride as (time, height, width): an int ``s`` is (1, s, s)."""
+    if isinstance(stride, int):
+        return (1, stride, stride)
+    t, h, w = (int(s) for s in stride)
+    return (t, h, w)
 
 
 class ResNetBasicStem(ChainSequential):
@@ -50,16 +63,18 @@ class ResNetBasicStem(ChainSequential):
 
 
 class BottleneckBlock(ChainSequential):
-    """conv_a (``kernel_a``: T×1×1 or 1×1×1) → BN → ReLU → conv_b (1×3×3, ``stride`` in space)
-    → BN → ReLU → conv_c (1×1×1, to ``dim_out``) → BN, whose γ starts at zero."""
+    """conv_a (``kernel_a``: T×1×1 or 1×1×1) → BN → ReLU → conv_b (``kernel_b``, 1×3×3 unless
+    given; ``stride``; ``groups_b`` groups: CSN's is depthwise) → BN → ReLU → conv_c (1×1×1, to
+    ``dim_out``) → BN, whose γ starts at zero."""
 
-    def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kernel_a: Kernel, stride: int):
+    def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kernel_a: Kernel, stride: Stride,
+                 kernel_b: Kernel = (1, 3, 3), groups_b: int = 1):
         super().__init__(OrderedDict(
             conv_a=nn.Conv3d(dim_in, dim_inner, kernel_a, padding=_half(kernel_a), bias=False),
             norm_a=nn.BatchNorm3d(dim_inner),
             act_a=nn.ReLU(),
-            conv_b=nn.Conv3d(dim_inner, dim_inner, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1),
-                             bias=False),
+            conv_b=nn.Conv3d(dim_inner, dim_inner, kernel_b, stride=_stride3(stride), padding=_half(kernel_b),
+                             groups=groups_b, bias=False),
             norm_b=nn.BatchNorm3d(dim_inner),
             act_b=nn.ReLU(),
             conv_c=nn.Conv3d(dim_inner, dim_out, 1, bias=False),
@@ -70,18 +85,19 @@ class BottleneckBlock(ChainSequential):
 
 class ResBlock(nn.Module):
     """``branch2`` (a bottleneck) added to the input, or to ``branch1_conv`` → ``branch1_norm``
-    (a strided 1×1×1 projection) where the shape changes; then a ReLU."""
+    (a 1×1×1 projection with conv_b's stride) where the shape changes; then a ReLU."""
 
     takes_chain = True  # see call_chained
 
-    def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kernel_a: Kernel, stride: int):
+    def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kernel_a: Kernel, stride: Stride,
+                 kernel_b: Kernel = (1, 3, 3), groups_b: int = 1):
         super().__init__()
-        projects = dim_in != dim_out or stride != 1
+        stride = _stride3(stride)
+        projects = dim_in != dim_out or stride != (1, 1, 1)
         # registration order (and so state_dict and modules() order) as PyTorchVideo's
-        self.branch1_conv = (nn.Conv3d(dim_in, dim_out, 1, stride=(1, stride, stride), bias=False)
-                             if projects else None)
+        self.branch1_conv = nn.Conv3d(dim_in, dim_out, 1, stride=stride, bias=False) if projects else None
         self.branch1_norm = nn.BatchNorm3d(dim_out) if projects else None
-        self.branch2 = BottleneckBlock(dim_in, dim_inner, dim_out, kernel_a, stride)
+        self.branch2 = BottleneckBlock(dim_in, dim_inner, dim_out, kernel_a, stride, kernel_b, groups_b)
         self.activation = nn.ReLU()
 
     def forward(self, x: Tensor, chain: Optional[Chain] = None) -> Tensor:
@@ -149,33 +165,45 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _stage(count: int, dim_in: int, dim_inner: int, dim_out: int, kernels: Sequence[Kernel], stride: int) -> ResStage:
-    """``count`` blocks; the first strides (in space) and projects, the rest keep the shape;
-    block ``b``'s first conv has ``kernels[b % len(kernels)]`` (PyTorchVideo repeats the list)."""
+def _stage(count: int, dim_in: int, dim_inner: int, dim_out: int, kernels: Sequence[Kernel], stride: Stride,
+           kernel_b: Kernel = (1, 3, 3), width_per_group: Optional[int] = None) -> ResStage:
+    """``count`` blocks; the first strides (``stride``: an int in space only) and projects, the
+    rest keep the shape; block ``b``'s first conv has ``kernels[b % len(kernels)]`` (PyTorchVideo
+    repeats the list). conv_b: ``kernel_b``, in groups of ``width_per_group`` channels (None: one
+    group; 1: depthwise, as CSN's)."""
+    groups = 1 if width_per_group is None else dim_inner // width_per_group
     return ResStage([ResBlock(dim_in if b == 0 else dim_out, dim_inner, dim_out, tuple(kernels[b % len(kernels)]),
-                              stride if b == 0 else 1) for b in range(count)])
+                              stride if b == 0 else 1, tuple(kernel_b), groups) for b in range(count)])
 
 
 class ResNet3D(FusableModel):
     """``blocks``: the stem, four stages of bottleneck blocks (256, 512, 1024, 2048 channels;
-    stages 2–4 halve the space), where asked a temporal max-pool after stage 1, and the head.
+    stages 2–4 halve the space, and with ``stage_strides`` CSN's the time too), where asked a
+    temporal max-pool after stage 1, and the head.
 
     ``stem_kernel``: the stem conv's (T×7×7). ``conv_a_kernels``: per stage, the first bottleneck
-    conv's kernel for each block in turn (repeated to the stage's depth). ``stage1_pool``: a 2×1×1
-    max-pool after stage 1 (I3D, C2D). ``head_pool``: the head's average-pool window.
+    conv's kernel for each block in turn (repeated to the stage's depth). ``conv_b_kernel``: every
+    bottleneck's middle conv's (1×3×3; CSN's 3×3×3), in groups of ``conv_b_width_per_group``
+    channels (None: one group; 1: depthwise, CSN's). ``stage_strides``: per stage, its first
+    conv_b's (and projection's) stride, an int in space only or (time, height, width).
+    ``stage1_pool``: a 2×1×1 max-pool after stage 1 (I3D, C2D). ``head_pool``: the head's
+    average-pool window.
     """
 
     def __init__(self, stem_kernel: Kernel, conv_a_kernels: Sequence[Sequence[Kernel]], *, depth: int = 50,
-                 stage1_pool: bool = False, head_pool: Kernel = (4, 7, 7), num_classes: int = 400,
-                 dropout: float = 0.5, fused: bool = False, backend: Optional[str] = None):
+                 conv_b_kernel: Kernel = (1, 3, 3), conv_b_width_per_group: Optional[int] = None,
+                 stage_strides: Sequence[Stride] = (1, 2, 2, 2), stage1_pool: bool = False,
+                 head_pool: Kernel = (4, 7, 7), num_classes: int = 400, dropout: float = 0.5, fused: bool = False,
+                 backend: Optional[str] = None):
         super().__init__(fused, backend)
         if depth not in STAGE_DEPTHS:
             raise ValueError(f"depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
         self.stage1_pool = bool(stage1_pool)
         blocks: list = [ResNetBasicStem(3, 64, stem_kernel)]
         dim_in, dim_out = 64, 256
-        for index, (count, kernels) in enumerate(zip(STAGE_DEPTHS[depth], conv_a_kernels)):
-            blocks.append(_stage(count, dim_in, dim_out // 4, dim_out, kernels, 1 if index == 0 else 2))
+        for index, (count, kernels, stride) in enumerate(zip(STAGE_DEPTHS[depth], conv_a_kernels, stage_strides)):
+            blocks.append(_stage(count, dim_in, dim_out // 4, dim_out, kernels, stride, conv_b_kernel,
+                                 conv_b_width_per_group))
             if index == 0 and stage1_pool:
                 blocks.append(nn.MaxPool3d((2, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0)))
             dim_in, dim_out = dim_out, dim_out * 2
@@ -359,6 +387,20 @@ def c2d_r50(num_classes: int = 400, *, dropout: float = 0.5, fused: bool = False
     kernels = [[(1, 1, 1)]] * _STAGES
     return ResNet3D((1, 7, 7), kernels, stage1_pool=True, num_classes=num_classes, dropout=dropout,
                     fused=fused, backend=backend)
+
+
+@published_weights
+def csn_r101(num_classes: int = 400, *, dropout: float = 0.0, fused: bool = False,
+             backend: Optional[str] = None) -> ResNet3D:
+    """CSN R101 (PyTorchVideo ``csn_r101``, an ir-CSN: Tran et al. 2019; 22.2 M parameters):
+    ResNet-101's 3, 4, 23, 3 bottlenecks whose middle convs are depthwise 3×3×3 (one channel a
+    group), striding time and space by 2 in stages 2–4; a 3×7×7 stem; no dropout, as
+    ``create_csn``. Trained on 32 frames (one in 2) of 224×224. The fused forward fuses the stem,
+    every conv_a, conv_c and shortcut; the depthwise conv_b chains run stock while the fused op
+    takes only groups=1."""
+    return ResNet3D((3, 7, 7), [[(1, 1, 1)]] * _STAGES, depth=101, conv_b_kernel=(3, 3, 3), conv_b_width_per_group=1,
+                    stage_strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+                    head_pool=(4, 7, 7), num_classes=num_classes, dropout=dropout, fused=fused, backend=backend)
 
 
 @published_weights
