@@ -11,6 +11,9 @@
   (or identity Linear → ReLU) in the C3D family, a BasicBlock (a bottleneck ResBlock in the
   ResNet-50s) whose branch adds exactly 0 in the video ResNets, a Dirac Conv3d → identity
   BatchNorm3d (no activation) in the ConvColumn, a 1×1×1 Dirac Conv3dNormActivation in S3D.
+* A depthwise Conv3d (groups = its channels: CSN's conv_b) follows its input's channels: it grows
+  with the layer before it (its filters and BatchNorm copied with the same mapping), and the
+  layer after it is divided; it cannot be widened on its own.
 * In S3D a branch's last conv writes a slice of its Inception block's channel concatenation: its
   ``wider`` divides only that slice of the next block's branch heads' (or the head's) inputs.
   SlowFast likewise: a fusion conv's output follows the slow stream's channels in the
@@ -320,10 +323,33 @@ def _s3d_graph(model: nn.Module) -> List[_Segment]:
     return segments
 
 
+def _depthwise(module: nn.Module) -> bool:
+    """A Conv3d whose every output channel is one input channel's own (groups = in = out channels,
+    more than one): its channels follow its input's."""
+    return (type(module) is nn.Conv3d and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
+def _followers(model: nn.Module, seg: _Segment, index: int) -> Tuple[Tuple[_Stage, ...], int]:
+    """The depthwise stages right after ``seg.stages[index]`` (they grow with it) and the index of
+    the stage after them (``len(seg.stages)`` where they end the segment)."""
+    end = index + 1
+    while end < len(seg.stages) and _depthwise(model.get_submodule(seg.stages[end].layer)):
+        end += 1
+    return seg.stages[index + 1:end], end
+
+
 def widenable_layers(model: nn.Module) -> List[str]:
     """The layers ``wider`` grows one at a time for ``model``, in forward order (see
-    ``residual_streams`` for the layers of a video ResNet that only grow together)."""
-    return [s.layer for seg in _segments(model) for s in (seg.stages if seg.readers else seg.stages[:-1])]
+    ``residual_streams`` for the layers of a video ResNet that only grow together). A depthwise
+    conv is not one: it grows with the layer before it."""
+    found = []
+    for seg in _segments(model):
+        for i, stage in enumerate(seg.stages):
+            if not _depthwise(model.get_submodule(stage.layer)) and (
+                    seg.readers or _followers(model, seg, i)[1] < len(seg.stages)):
+                found.append(stage.layer)
+    return found
 
 
 def residual_streams(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
@@ -351,19 +377,29 @@ def _find_stream(model: nn.Module, name: str) -> _Stream:
     )
 
 
-def _link(model: nn.Module, layer: str) -> Tuple[_Stage, Tuple[Tuple[str, Optional[int]], ...]]:
-    """(the stage of ``layer``, the layers that consume its output), or ValueError. Each consumer
-    comes with the channel offset where it reads ``layer``'s output in a concatenation, or None
-    where it reads nothing else (see ``_grow``)."""
+def _link(model: nn.Module,
+          layer: str) -> Tuple[_Stage, Tuple[_Stage, ...], Tuple[Tuple[str, Optional[int]], ...]]:
+    """(the stage of ``layer``, the depthwise stages that follow its channels, the layers that
+    consume their output), or ValueError. Each consumer comes with the channel offset where it
+    reads that output in a concatenation, or None where it reads nothing else (see ``_grow``)."""
     segments, streams = _graph(model)
     for seg in segments:
         for i, stage in enumerate(seg.stages):
             if stage.layer != layer:
                 continue
-            if i + 1 < len(seg.stages):
-                return stage, ((seg.stages[i + 1].layer, None),)
+            module = model.get_submodule(layer)
+            if _depthwise(module):
+                before = (f"wider(model, {seg.stages[i - 1].layer!r}, width)" if i > 0 else
+                          "the layers that write its input")
+                raise ValueError(
+                    f"{layer!r} is a depthwise Conv3d (groups={module.groups}): each of its channels is its "
+                    f"input's, so it grows with the layer before it, not on its own: {before}"
+                )
+            followers, end = _followers(model, seg, i)
+            if end < len(seg.stages):
+                return stage, followers, ((seg.stages[end].layer, None),)
             if seg.readers:
-                return stage, seg.readers
+                return stage, followers, seg.readers
             if seg.stream is not None:
                 stream = next(s for s in streams if s.name == seg.stream)
                 others = ", ".join(w.layer for w in stream.writers if w.layer != layer)
@@ -399,12 +435,14 @@ def _factory(module: nn.Module) -> dict:
     return {} if t is None else dict(device=t.device, dtype=t.dtype)
 
 
-def _resized(module: nn.Module, in_units: Optional[int] = None, out_units: Optional[int] = None) -> nn.Module:
-    """A fresh module of ``module``'s exact type and hyper-parameters with new unit counts."""
+def _resized(module: nn.Module, in_units: Optional[int] = None, out_units: Optional[int] = None,
+             groups: Optional[int] = None) -> nn.Module:
+    """A fresh module of ``module``'s exact type and hyper-parameters with new unit counts (and,
+    for a Conv3d, ``groups``)."""
     f = _factory(module)
     if type(module) is nn.Conv3d:
         return nn.Conv3d(in_units or module.in_channels, out_units or module.out_channels, module.kernel_size,
-                         module.stride, module.padding, module.dilation, module.groups,
+                         module.stride, module.padding, module.dilation, groups or module.groups,
                          module.bias is not None, module.padding_mode, **f)
     if type(module) is nn.Linear:
         return nn.Linear(in_units or module.in_features, out_units or module.out_features,
@@ -509,18 +547,22 @@ def wider(model: nn.Module, layer: str, width: int, *, noise: float = 0.0,
     changes slightly); the default is exact. ``optimizer``'s parameters and state are rewritten
     to match (see ``_optimizer_commit``); gradients are not carried over.
 
+    A depthwise Conv3d after ``layer`` (CSN's conv_b after conv_a) grows with it: its channel
+    ``j`` is a copy of channel ``g(j)`` (filter and BatchNorm), and the layer after it is divided.
+
     ``layer`` may also name a residual stream of a video ResNet (``"layer1"`` … ``"layer4"``; a
     ResNet3D's ``"stem"``, ``"blocks.1"`` …): that is ``wider_group(model, layer, width, ...)``.
     A single layer writing into a stream cannot grow alone.
 
     Raises ValueError, leaving model and optimizer untouched, for an unknown layer, a width not
     larger than the current one, a layer with no following layer to rewrite (the output layer),
-    or one whose output feeds a residual addition.
+    or one whose output feeds a residual addition, or a depthwise conv (it grows with the layer
+    before it).
     """
     if layer in residual_streams(model):
         return wider_group(model, layer, width, noise=noise, generator=generator, optimizer=optimizer)
-    stage, consumers = _link(model, layer)
-    return _grow(model, repr(layer), (stage,), consumers, width, noise, generator, optimizer)
+    stage, followers, consumers = _link(model, layer)
+    return _grow(model, repr(layer), (stage,), consumers, width, noise, generator, optimizer, followers)
 
 
 def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0,
@@ -554,21 +596,29 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
 
 def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
           consumers: Sequence[Tuple[str, Optional[int]]], width: int, noise: float,
-          generator: Optional[torch.Generator], optimizer: Optional[torch.optim.Optimizer]) -> nn.Module:
+          generator: Optional[torch.Generator], optimizer: Optional[torch.optim.Optimizer],
+          followers: Sequence[_Stage] = ()) -> nn.Module:
     """Grow the layers of ``producers`` (all with the same units; each with its BatchNorm, if
-    any) to ``width`` units with one shared replica mapping, and divide the incoming weights of
+    any) to ``width`` units with one shared replica mapping, and the depthwise convs of
+    ``followers`` (reading the producers' output in turn) to ``width`` channels and groups with
+    it (filters copied, no noise), and divide the incoming weights of
     every layer in ``consumers``: (path, None) reads exactly the producers' units (or, for a
     Linear after a flatten, groups of D·H·W columns per unit); (path, offset), a Conv3d, reads
     them as the channels (a Linear: the inputs) from ``offset`` of a concatenation, the others
     keeping their weights.
     ``what`` names the grown thing in errors. Validates everything before touching model or
     optimizer."""
-    layers = {path: model.get_submodule(path) for path in [s.layer for s in producers] + [c for c, _ in consumers]}
+    layers = {path: model.get_submodule(path)
+              for path in [s.layer for s in (*producers, *followers)] + [c for c, _ in consumers]}
+    following = {s.layer for s in followers}
     for path, module in layers.items():
+        if path in following and _depthwise(module):
+            continue
         if type(module) not in _UNIT_LAYERS or getattr(module, "groups", 1) != 1:
-            raise ValueError(f"net2net grows plain nn.Conv3d (groups=1) and nn.Linear layers; {path} is {module}")
+            raise ValueError(f"net2net grows plain nn.Conv3d (groups=1) and nn.Linear layers, and depthwise "
+                             f"Conv3d after one; {path} is {module}")
     old = _units(layers[producers[0].layer])
-    for stage in producers[1:]:
+    for stage in (*producers[1:], *followers):
         if _units(layers[stage.layer]) != old:
             raise ValueError(f"{stage.layer} has {_units(layers[stage.layer])} output units, not the {old} "
                              f"of {producers[0].layer}, so {what} cannot grow as one")
@@ -576,7 +626,7 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
         raise ValueError(f"width must be an int larger than {what}'s current {old} units, got {width!r}")
     if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    norms = {s.norm: model.get_submodule(s.norm) for s in producers if s.norm}
+    norms = {s.norm: model.get_submodule(s.norm) for s in (*producers, *followers) if s.norm}
     for path, norm in norms.items():
         if type(norm) not in _NORMS or norm.num_features != old:
             raise ValueError(f"{path} ({norm}) does not normalise {what}'s {old} outputs")
@@ -614,6 +664,12 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
     for stage in producers:
         producer = layers[stage.layer]
         rewrites.append((stage.layer, producer, _resized(producer, out_units=width),
+                         {"weight": replicate, "bias": replicate}))
+        if stage.norm:
+            rewrites.append((stage.norm, norms[stage.norm], _resized(norms[stage.norm], out_units=width), norm_remaps))
+    for stage in followers:  # channel j of a depthwise conv reads channel j: its filter copies g(j)'s
+        follower = layers[stage.layer]
+        rewrites.append((stage.layer, follower, _resized(follower, width, width, groups=width),
                          {"weight": replicate, "bias": replicate}))
         if stage.norm:
             rewrites.append((stage.norm, norms[stage.norm], _resized(norms[stage.norm], out_units=width), norm_remaps))
@@ -704,12 +760,13 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     (after a ReLU a ReLU is added). A fused ConvColumn runs each block as exactly its seven stock
     modules, so it is refused, and a deepened ConvColumn must stay unfused.
 
-    ResNet3D (slow_r50, i3d_r50, c2d_r50; ``after``: a block such as
+    ResNet3D (slow_r50, i3d_r50, c2d_r50, csn_r101; ``after``: a block such as
     ``"blocks.3.res_blocks.1"``) and SlowFast (a block of either pathway's stage:
-    ``"blocks.2.multipathway_blocks.1.res_blocks.0"``). A new ResBlock like that one (its first conv's kernel and inner
-    width; stride 1, identity shortcut) goes into the stage's ``res_blocks`` right after it (later
-    blocks move up one index), PyTorchVideo's initialisation, its last BatchNorm γ = β = 0:
-    exact as for the video ResNets.
+    ``"blocks.2.multipathway_blocks.1.res_blocks.0"``). A new ResBlock like that one (its first
+    conv's kernel and inner width, its middle conv's kernel and groups: CSN's is depthwise; stride
+    1, identity shortcut) goes into the stage's ``res_blocks`` right after it (later blocks move up
+    one index), PyTorchVideo's initialisation, its last BatchNorm γ = β = 0: exact as for the
+    video ResNets.
 
     S3D (``after``: a Conv3dNormActivation inside a Sequential: ``"features.2"``, a separable
     conv's half ``"features.3.1"``, a branch's ``"features.5.branch1.0"``; not ``branch0``, which
@@ -941,7 +998,7 @@ def _resnet3d_insertion(model: nn.Module, after: str, name: Optional[str],
     branch = block.branch2
     # the block before it, at the stream's width (a copy of its kernels and inner width)
     new = ResBlock(branch.conv_c.out_channels, branch.conv_a.out_channels, branch.conv_c.out_channels,
-                   branch.conv_a.kernel_size, 1)
+                   branch.conv_a.kernel_size, 1, branch.conv_b.kernel_size, branch.conv_b.groups)
     # PyTorchVideo's initialisation (BatchNorms: γ = 1, β = 0 from construction)
     return _zero_branch_insertion(new, new.branch2.norm_c, block, branch.conv_c, branch.conv_a,
                                   lambda: stage.insert(index + 1, new), generator)

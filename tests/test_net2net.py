@@ -10,7 +10,7 @@ from c3dzoo import net2net
 from c3dzoo.models.c3d_family import _POOL_NAMES, C3D, c3d, c3d_bn
 from c3dzoo.models.jester import INPUT_SIZE as JESTER_SIZE
 from c3dzoo.models.jester import jester_convcolumn
-from c3dzoo.models.resnet3d import i3d_r50, slow_r50, slowfast_r50
+from c3dzoo.models.resnet3d import ResStage, csn_r101, i3d_r50, slow_r50, slowfast_r50
 from c3dzoo.models.separable_inception import s3d
 from c3dzoo.models.video_resnet import mc3_18, r2plus1d_18, r3d_18
 from c3dzoo.ops.net2net_remap import (
@@ -1040,6 +1040,55 @@ def test_resnet3d_growth_errors_leave_model_unchanged():
     with pytest.raises(ValueError, match="output layer"):
         net2net.wider(model, "blocks.6.proj", 500)
     assert_unchanged(before, model)
+
+
+def test_csn_grows_exactly_its_depthwise_convs_following_conv_a():
+    """CSN (cut to 2, 1, 1, 1 blocks): a depthwise conv_b is no layer of its own to widen; it
+    grows with conv_a (its filters and BatchNorm copied with conv_a's mapping, groups = its new
+    channels) and conv_c is divided; the streams grow as in the other ResNets; deeper inserts a
+    block with a depthwise 3×3×3 conv_b. Exact in eval and train mode (float64); the fused
+    forward runs it; the optimizer follows."""
+    torch.manual_seed(0)
+    base = small_resnet3d(csn_r101)
+    for index, count in enumerate((2, 1, 1, 1), 1):
+        base.blocks[index] = ResStage(list(base.blocks[index].res_blocks[:count]))
+    base = base.double()
+    grown = copy.deepcopy(base)
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
+    grown(resnet3d_clip(dtype=torch.float64)).square().mean().backward()
+    opt.step()
+    grown.zero_grad()
+    base.load_state_dict(grown.state_dict())
+    layers = net2net.widenable_layers(grown)
+    assert layers == [f"blocks.{i}.res_blocks.{b}.branch2.conv_a" for i, b in ((1, 0), (1, 1), (2, 0), (3, 0), (4, 0))]
+    with pytest.raises(ValueError, match=r"'blocks.2.res_blocks.0.branch2.conv_b' is a depthwise Conv3d "
+                                         r"\(groups=128\).*wider\(model, 'blocks.2.res_blocks.0.branch2.conv_a'"):
+        net2net.wider(grown, "blocks.2.res_blocks.0.branch2.conv_b", 130)
+    momentum = opt.state[grown.blocks[2].res_blocks[0].branch2.conv_b.weight]["momentum_buffer"].clone()
+    for i, layer in enumerate(layers):
+        net2net.wider(grown, layer, units(grown, layer) + 2, generator=gen(i), optimizer=opt)
+    conv_b = grown.blocks[2].res_blocks[0].branch2.conv_b
+    assert (conv_b.in_channels, conv_b.out_channels, conv_b.groups) == (130, 130, 130)
+    assert conv_b.weight.shape == (130, 1, 3, 3, 3) and grown.blocks[2].res_blocks[0].branch2.norm_b.num_features == 130
+    streams = net2net.residual_streams(grown)
+    assert list(streams) == ["stem", "blocks.1", "blocks.2", "blocks.3", "blocks.4"]
+    for i, stream in enumerate(streams):
+        net2net.wider_group(grown, stream, units(grown, streams[stream][0]) + 3, generator=gen(100 + i),
+                            optimizer=opt)
+    net2net.deeper(grown, "blocks.1.res_blocks.1", generator=gen(1), optimizer=opt)
+    net2net.deeper(grown, "blocks.3.res_blocks.0", generator=gen(2), optimizer=opt)
+    new = grown.blocks[3].res_blocks[1].branch2.conv_b
+    assert (new.kernel_size, new.stride, new.groups, new.out_channels) == ((3, 3, 3), (1, 1, 1), 258, 258)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in grown.parameters()}
+    grown_momentum = opt.state[conv_b.weight]["momentum_buffer"]  # copied with the filters, not divided
+    assert grown_momentum.shape == (130, 1, 3, 3, 3) and torch.equal(grown_momentum[:128], momentum)
+    assert any(torch.equal(grown_momentum[128], m) for m in momentum)
+    x = resnet3d_clip(dtype=torch.float64)
+    assert_same_eval_then_train(grown, base, x, rtol=1e-10, train_rtol=1e-10)
+    fused = copy.deepcopy(grown).eval()
+    fused.fused = True
+    with torch.no_grad():
+        assert_same(fused(x), base.eval()(x), rtol=1e-10)
 
 
 def test_slowfast_grows_exactly():
