@@ -11,9 +11,10 @@ outputs carry over. The fused forward runs every Conv3d → BatchNorm3d (→ ReL
 ``FusableModel.chain``: the stem with its MaxPool3d in the epilogue, each bottleneck's three
 convs (the first two may leave their BatchNorm to the next conv's input prologue in training)
 and each shortcut; the residual add and the block's ReLU join conv_c's chain (in inference, the
-conv kernel's epilogue) unless a hook must see the branch's own output; the head stays stock. A
-chain the fused op does not take (``c3dzoo.nn``'s ``unsupported_reason``: so far CSN's depthwise
-conv_b, groups > 1) runs stock inside the fused forward, its input BatchNorm applied first.
+conv kernel's epilogue) unless a hook must see the branch's own output; the head stays stock. CSN's
+depthwise conv_b chains go through it alike (the fused op reads the groups from the weight's
+shape); a chain it does not take (``c3dzoo.nn``'s ``unsupported_reason``) runs stock inside the
+fused forward, its input BatchNorm applied first.
 
 One extension, as for S3D: the head's average pool (8×7×7 or 4×7×7, stride 1) covers all of a
 dimension its window does not fit, so clips smaller than the 8×224×224 these were trained on run;
@@ -395,9 +396,9 @@ def csn_r101(num_classes: int = 400, *, dropout: float = 0.0, fused: bool = Fals
     """CSN R101 (PyTorchVideo ``csn_r101``, an ir-CSN: Tran et al. 2019; 22.2 M parameters):
     ResNet-101's 3, 4, 23, 3 bottlenecks whose middle convs are depthwise 3×3×3 (one channel a
     group), striding time and space by 2 in stages 2–4; a 3×7×7 stem; no dropout, as
-    ``create_csn``. Trained on 32 frames (one in 2) of 224×224. The fused forward fuses the stem,
-    every conv_a, conv_c and shortcut; the depthwise conv_b chains run stock while the fused op
-    takes only groups=1."""
+    ``create_csn``. Trained on 32 frames (one in 2) of 224×224. The fused forward runs all 104
+    Conv3d → BN (→ ReLU) chains through the fused op, the depthwise conv_b ones included (the
+    Triton backend's depthwise kernels; the reference backend on a CPU)."""
     return ResNet3D((3, 7, 7), [[(1, 1, 1)]] * _STAGES, depth=101, conv_b_kernel=(3, 3, 3), conv_b_width_per_group=1,
                     stage_strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
                     head_pool=(4, 7, 7), num_classes=num_classes, dropout=dropout, fused=fused, backend=backend)
