@@ -66,8 +66,8 @@ def ambiguous_positions(z: torch.Tensor, z_reference: torch.Tensor, activation: 
     same in float64. δ = 4 × their largest difference. Without pool: |z_ref| < δ (the ReLU kink).
     With pool (kernel, stride, padding): per window, the two largest z_ref within δ of each other,
     or the largest within δ of the kink. Returns a bool tensor shaped like the op's output.
-    A leaky_relu with a negative ``negative_slope`` is not monotone: the pool compares activations
-    then (with δ scaled by |slope| where larger than 1), not z.
+    A leaky_relu with a negative ``negative_slope``, and silu, are not monotone: the pool compares
+    activations then (with δ scaled by |slope| where larger than 1), not z.
     """
     import torch.nn.functional as F
 
@@ -77,6 +77,9 @@ def ambiguous_positions(z: torch.Tensor, z_reference: torch.Tensor, activation: 
     if pool and activation == "leaky_relu" and negative_slope < 0:
         z_ref = F.leaky_relu(z_ref, negative_slope)
         delta *= max(1.0, abs(negative_slope))
+    if pool and activation == "silu":  # |silu'| ≤ 1.1
+        z_ref = F.silu(z_ref)
+        delta *= 1.1
     if not pool:
         return (z_ref.abs() < delta) if kink else torch.zeros_like(z_ref, dtype=torch.bool)
     kernel, stride, padding = pool

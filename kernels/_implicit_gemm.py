@@ -68,13 +68,31 @@ def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
-    """``none`` / ``relu`` / ``leaky_relu(negative_slope)``, elementwise, in y's dtype. NaN stays NaN,
-    as in torch.relu (a diverging run must show, not turn into zeros)."""
+    """``none`` / ``relu`` / ``leaky_relu(negative_slope)`` / ``silu``, elementwise, in y's dtype
+    (silu computed in fp32 and rounded once, as torch computes it). NaN stays NaN, as in torch.relu
+    (a diverging run must show, not turn into zeros)."""
     if ACTIVATION == "relu":
         y = tl.where(y < 0, 0.0, y)
     elif ACTIVATION == "leaky_relu":
         y = tl.where(y > 0, y, y * negative_slope)
+    elif ACTIVATION == "silu":
+        z = y.to(tl.float32)
+        y = (z * sigmoid(z)).to(y.dtype)
     return y
+
+
+@triton.jit
+def sigmoid(z):
+    """1 / (1 + e^-z) in fp32 with the approximate division (2 ulp): the IEEE one is a subroutine
+    call on sm_90, whose spills showed in the backward kernels."""
+    return tl.fdiv(1.0, 1.0 + tl.exp(-z), ieee_rounding=False)
+
+
+@triton.jit
+def silu_derivative(z):
+    """d silu / dz = σ(z)·(1 + z·(1 − σ(z))), fp32, as torch's silu_backward."""
+    s = sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
 
 
 @triton.jit

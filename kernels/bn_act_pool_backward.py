@@ -10,7 +10,7 @@ element's gradient is known:
    window's first maximum (MaxPool3d's choice), and write the gradient of the pre-activation z
    at that position and 0 at the others of the window. The activation's derivative at the maximum
    follows from the maximum (relu: z > 0 iff relu(z) > 0) or from z recomputed from the kept y
-   (leaky_relu, whose slope may be negative), so no z is stored. The
+   (leaky_relu, whose slope may be negative; silu, which is not monotone), so no z is stored. The
    same pass adds up, per tile and channel, Σdz and Σdz·x̂ (x̂ = (y − mean)/σ at the maximum) in fp32
    into a ``[tiles, C]`` partial buffer; a few torch ops sum the tiles (no host synchronisation).
 2. ``bn_backward_kernel`` — elementwise over the conv output, in place:
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ._grid import cached_plan, cdiv
 from ._implicit_gemm import (apply_activation, batch_norm_coefficients, channel_tile,
-                             pool_window_position, split_position)
+                             pool_window_position, silu_derivative, split_position)
 from .bn_act_pool import ElementwiseConfig, ElementwisePlan, fp32_vectors, plan_bn_act_pool, select_config
 
 
@@ -88,13 +88,17 @@ def act_pool_backward_reduce_kernel(
     g = g.to(tl.float32)
     if ACTIVATION == "relu":
         dz = tl.where(best <= 0, 0.0, g)  # relu's backward passes NaN positions' gradient, as stock's
-    elif ACTIVATION == "leaky_relu":
-        # the sign of z, not of act(z): a negative slope makes act(z) > 0 for z < 0. z as the loop
-        # rounded it (a tiny z that rounds to 0 takes the slope, as stock's stored BN output does)
+    elif ACTIVATION == "leaky_relu" or ACTIVATION == "silu":
+        # leaky_relu: the sign of z, not of act(z): a negative slope makes act(z) > 0 for z < 0. z
+        # as the loop rounded it (a tiny z that rounds to 0 takes the slope, as stock's stored BN
+        # output does); silu's derivative at that rounded z too
         best_z = best_y
         if HAS_NORM:
             best_z = (best_y - mean[None, :]) * scale[None, :] + beta[None, :]
-        dz = tl.where(best_z.to(dz_dtype) > 0, g, g * negative_slope)
+        if ACTIVATION == "silu":
+            dz = g * silu_derivative(best_z.to(dz_dtype).to(tl.float32))
+        else:
+            dz = tl.where(best_z.to(dz_dtype) > 0, g, g * negative_slope)
     else:
         dz = g
     dz = tl.where(mask, dz, 0.0)
@@ -103,9 +107,17 @@ def act_pool_backward_reduce_kernel(
         position, valid = pool_window_position(
             window, sample, pooled_d, pooled_h, pooled_w, p_mask, conv_d, conv_h, conv_w,
             POOL_KH, POOL_KW, POOL_SD, POOL_SH, POOL_SW, POOL_PD, POOL_PH, POOL_PW)
+        others = 0.0
+        if ACTIVATION == "silu" and POOL_KD * POOL_KH * POOL_KW > 1:
+            # stock multiplies the pool's zero gradient by silu'(z) at every position: NaN where z
+            # is NaN or ±inf (a second NaN in a window), so a diverging run shows as in stock. z is
+            # finite where y is (finite BatchNorm coefficients): y alone decides, no recomputation
+            y = tl.load(y_ptr + position[:, None] * channels + offs_c[None, :],
+                        mask=valid[:, None] & c_mask[None, :], other=0.0)
+            others = tl.where((y == y) & (tl.abs(y) != float("inf")), 0.0, float("nan"))
         tl.store(
             dz_ptr + position[:, None] * channels + offs_c[None, :],
-            tl.where(best_window == window, dz, 0.0).to(dz_dtype),
+            tl.where(best_window == window, dz, others).to(dz_dtype),
             mask=valid[:, None] & c_mask[None, :],
         )
 

@@ -173,12 +173,16 @@ def _layer(channels, kernel, stride, padding, mode, dtype, bias=False):
     return conv.to(DEVICE, dtype), bn.to(DEVICE, dtype)
 
 
+OP_CASES = [(mode, stride, "relu") for mode in MODES for stride in (1, 2)] + [
+    ("train", 1, "silu"), ("eval", 2, "silu")]  # X3D's conv_b → BN → (SE) → swish
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("mode", list(MODES))
-def test_op_matches_stock(mode, stride, dtype):
+@pytest.mark.parametrize("mode,stride,activation", OP_CASES)
+def test_op_matches_stock(mode, stride, activation, dtype):
     """Output, gradients of x, conv weight and bias, γ and β, and the running statistics and
     num_batches_tracked, on the triton backend with no fallback."""
+    act = {"relu": F.relu, "silu": F.silu}[activation]
     spec = MODES[mode]
     channels, kernel = 6, (3, 3, 3)
     g = torch.Generator().manual_seed(5)
@@ -189,10 +193,10 @@ def test_op_matches_stock(mode, stride, dtype):
         x = x64.to(dt).detach().clone().requires_grad_(True)
         with torch.no_grad():  # the pre-activation, for positions within rounding of the ReLU's kink
             z = copy.deepcopy(bn)(copy.deepcopy(conv)(x))
-        out = conv_bn_act(x, conv, bn, "relu", backend="triton") if fused else F.relu(bn(conv(x)))
+        out = conv_bn_act(x, conv, bn, activation, backend="triton") if fused else act(bn(conv(x)))
         results[key] = (out, x, conv, bn, z)
     out_r = results["ref"][0]
-    skip = ambiguous_positions(results["stock"][4], results["ref"][4], "relu", None)
+    skip = ambiguous_positions(results["stock"][4], results["ref"][4], activation, None)
     dy = torch.randn(out_r.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
     dy = dy.masked_fill(skip, 0.0)
     for out, *_ in results.values():
@@ -400,3 +404,24 @@ def test_module_runs_a_depthwise_chain_fused():
         torch.testing.assert_close(layer(x), stock(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.bn.running_var, stock[1].running_var)
     assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+
+
+def test_batch_statistics_stay_sound_when_the_mean_dominates():
+    """A conv bias of 1000 over outputs of std 0.01 (|mean|/std = 1e5): Σy² − (Σy)²/n in fp32 would
+    lose every digit of the variance; the per-tile two-pass statistics keep it to 1e-3 relative of
+    the exact variance of the stored outputs, the mean to a few ulps of 1000.
+
+    (With |mean|/std this large, each tile's fp32 mean carries half an ulp of |mean| into the
+    combination of tiles, about 5e-4 of the variance here: the input gradient of such a layer
+    then drifts by up to ~2.5× stock CPU's error, whose BatchNorm sums in double.)"""
+    x, w, _ = _inputs(6, (3, 3, 3), (2, 4, 6, 6), torch.float32)
+    x, w = x.float() * 0.01, D.pack_depthwise_weight(w)
+    bias = torch.full((6,), 1000.0, device=DEVICE)
+    y, mean, var = D.conv3d_depthwise_bn_stats(x, w, bias, **_geometry(1, 1, 1, (3, 3, 3)))
+    exact = y.double()
+    dims = (0, 2, 3, 4)
+    exact_var = exact.var(dims, unbiased=False)
+    assert ((mean.double() - exact.mean(dims)).abs() <= 4 * 6.1e-5).all(), (mean.double() - exact.mean(dims))
+    assert ((var.double() - exact_var).abs() <= 1e-3 * exact_var).all(), (var.double() - exact_var) / exact_var
+    naive = (y.float().square().mean(dims) - y.float().mean(dims).square())
+    assert ((naive.double() - exact_var).abs() > 0.5 * exact_var).any()  # what the test guards against

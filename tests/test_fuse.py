@@ -293,3 +293,30 @@ def test_pickled_fused_model_computes_the_same():
     assert loaded.c3dzoo_fused_chains == fused.c3dzoo_fused_chains == 8
     x = torch.randn(2, 3, 16, 32, 32)
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class SiLUForms(nn.Module):
+    """X3D's swish written as a module and as F.silu, after a dense and a depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.a_bn, self.a_act = nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.SiLU()
+        self.b, self.b_bn = nn.Conv3d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm3d(4)
+
+    def forward(self, x):
+        return F.silu(self.b_bn(self.b(self.a_act(self.a_bn(self.a(x))))))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fuse_takes_silu_chains(mode):
+    torch.manual_seed(0)
+    model = SiLUForms()
+    fused = c3dzoo.fuse(copy.deepcopy(model))
+    chains = [m for m in fused.modules() if isinstance(m, FusedChain)]
+    assert [c.activation for c in chains] == ["silu", "silu"]
+    ref = copy.deepcopy(model).double()
+    for m in (model, fused, ref):
+        m.train(mode == "train")
+    x = torch.randn(2, 3, 4, 6, 6)
+    assert_parity(fused(x), model(x), ref(x.double()), torch.float32, "output")
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()

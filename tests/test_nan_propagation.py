@@ -20,7 +20,7 @@ from c3dzoo.ops.conv3d_bn_act import normalize_pool
 from interpreter import skip_unless_triton_runs_cpu_tensors
 
 POOLS = {"no_pool": None, "pool1": ((1, 2, 2), (1, 2, 2), 0), "pool5": ((2, 2, 2), (2, 2, 2), (0, 1, 1))}
-ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "none": nn.Identity}
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "none": nn.Identity, "silu": nn.SiLU}
 
 
 def _x_with_nan(c_in=3):

@@ -126,7 +126,8 @@ POOLS = {
 # name → (activation, negative_slope); a negative slope is not monotone: act(z) > 0 for z < 0, so
 # neither the pool's choice nor the derivative follows from the sign of act(z)
 ACTIVATIONS = {"relu": ("relu", 0.0), "leaky_relu": ("leaky_relu", 0.1),
-               "leaky_relu_negative_slope": ("leaky_relu", -0.5), "none": ("none", 0.0)}
+               "leaky_relu_negative_slope": ("leaky_relu", -0.5), "none": ("none", 0.0),
+               "silu": ("silu", 0.0)}  # not monotone either: its minimum is at z ≈ -1.28
 
 
 def _stock_act_pool_bn(y, gamma, beta, activation, slope, pool, batch_norm):
@@ -134,7 +135,8 @@ def _stock_act_pool_bn(y, gamma, beta, activation, slope, pool, batch_norm):
         z = F.batch_norm(y, None, None, gamma, beta, True, 0.0, 1e-5)
     else:
         z = y
-    a = F.relu(z) if activation == "relu" else F.leaky_relu(z, slope) if activation == "leaky_relu" else z
+    a = {"relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, slope), "silu": F.silu}.get(activation,
+                                                                                          lambda t: t)(z)
     return (F.max_pool3d(a, pool[0:3], pool[3:6], pool[6:9]) if pool else a), z
 
 

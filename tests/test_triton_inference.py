@@ -78,6 +78,8 @@ def stock(x, p, *, stride, padding, dilation, activation, negative_slope, pool, 
         y = F.relu(y)
     elif activation == "leaky_relu":
         y = F.leaky_relu(y, negative_slope)
+    elif activation == "silu":
+        y = F.silu(y)
     if pool is not None:
         y = F.max_pool3d(y, *pool)
     return y
@@ -117,6 +119,7 @@ GEOMETRIES = {
     "cin3_k233_pad0": (3, 7, (2, 3, 3), 1, 0, 1, None, "relu", True, (2, 4, 8, 8)),
     "cin5_k233_pad1_pool2": (5, 7, (2, 3, 3), 1, 1, 1, POOL2, "leaky_relu", True, (1, 4, 8, 8)),
     "cin5_k333_pool_overlap": (5, 7, (3, 3, 3), 1, 1, 1, POOL_OVERLAP, "none", True, (1, 4, 7, 7)),
+    "cin5_k333_silu_pool1": (5, 7, (3, 3, 3), 1, 1, 1, POOL1, "silu", True, (1, 4, 8, 8)),  # X3D's activation
     # C_in ≥ 16 takes the (tap, channel block) main loop; 20 and 24 are no multiples of 16
     "cin20_k333_pool5_channel_blocks": (20, 24, (3, 3, 3), 1, 1, 1, POOL5, "relu", True, (2, 2, 6, 6)),
     "cin20_k133_stride2_nobias": (20, 7, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, None, "relu", True, (1, 3, 9, 9)),

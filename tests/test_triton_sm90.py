@@ -183,12 +183,24 @@ RESIDUAL_CASES.update({
 # the depthwise kernels: every shipped config × dtype × launch kind, on a CSN R101 conv_b (3×3×3)
 DEPTHWISE_CASES = {
     f"depthwise-{kind}-{config.name}-{dtype_name}": (kind, config, dtype)
-    for kind in ("residual", "stats_prologue", "dgrad", "wgrad")
+    for kind in ("residual", "silu", "stats_prologue", "dgrad", "wgrad")
     for config in DW.HOPPER_CONFIGS
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))
 }
+# X3D's swish (silu: an exp per element, in fp32) in the epilogues: the inference kernel with its
+# heaviest (pooled) epilogue and the statistics conv with a silu input prologue (a deferred
+# BatchNorm + silu), every config × dtype; the elementwise forward and backward kernels
+SILU_CASES = {
+    **{f"silu-{name}": (*case, "inference", None, False, False, "silu") for name, case in CASES.items() if case[3]},
+    **{f"silu-{name}": (*case[:6], "stats", None, True, False, "silu") for name, case in PROLOGUE_CASES.items()
+       if case[6] == "stats"},
+}
+SILU_ELEMENTWISE_CASES = {f"silu-{name}": case for name, case in ELEMENTWISE_CASES.items()}
+SILU_BACKWARD_CASES = {f"silu-{name}": case for name, case in BACKWARD_ELEMENTWISE_CASES.items()
+                       if case[0] == "act_pool_backward"}
 ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *PROLOGUE_CASES, *RESIDUAL_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES,
-             *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES, *DEPTHWISE_CASES]
+             *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES, *DEPTHWISE_CASES, *SILU_CASES, *SILU_ELEMENTWISE_CASES,
+             *SILU_BACKWARD_CASES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,20 +239,27 @@ def _compile_case(case: str) -> dict:
         return compile_backward_elementwise_sm90(*BACKWARD_ELEMENTWISE_CASES[case])
     if case in DEPTHWISE_CASES:
         return compile_depthwise_sm90(*DEPTHWISE_CASES[case])
+    if case in SILU_CASES:
+        return compile_sm90(*SILU_CASES[case])
+    if case in SILU_ELEMENTWISE_CASES:
+        return compile_elementwise_sm90(*SILU_ELEMENTWISE_CASES[case], activation="silu")
+    if case in SILU_BACKWARD_CASES:
+        return compile_backward_elementwise_sm90(*SILU_BACKWARD_CASES[case], activation="silu")
     return compile_sm90(*CASES[case])
 
 
 
 
 def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="inference", geometry=None,
-                 prologue=False, residual=False) -> dict:
+                 prologue=False, residual=False, activation="relu") -> dict:
     """Compile the conv kernel (``kernel``: "inference", or "stats", the training forward's conv
     with the statistics epilogue) as the launcher would launch it for this layer (C3D's 3×3×3
-    geometry unless ``geometry`` is given), with the input prologue (BatchNorm + ReLU of the input)
-    if ``prologue``, with the residual epilogue if ``residual``; report its resources."""
+    geometry unless ``geometry`` is given), with the input prologue (BatchNorm + ``activation`` of the
+    input) if ``prologue``, with the residual epilogue if ``residual``, with ``activation`` in the
+    epilogue (inference); report its resources."""
     torch.backends.cudnn.allow_tf32 = allow_tf32  # what the launcher reads for fp32
     geometry = geometry or dict(kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), dilation=(1, 1, 1))
-    input_norm = dict(input_activation="relu" if prologue else None, input_eps=1e-5)
+    input_norm = dict(input_activation=activation if prologue else None, input_eps=1e-5)
     element = _ELEMENT[dtype]
     if kernel == "stats":
         plan = S.plan_stats_launch(
@@ -252,7 +271,7 @@ def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="infere
                     "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32", "in_stats_ptr": "*fp32"}
     else:
         plan = K.plan_launch(
-            x_shape, out_c, **geometry, activation="relu", negative_slope=0.0, pool=pool, has_bias=True,
+            x_shape, out_c, **geometry, activation=activation, negative_slope=0.0, pool=pool, has_bias=True,
             dtype=dtype, device=torch.device("cuda"), config=config, has_residual=residual, **input_norm,
         )
         fn = K.conv3d_bias_act_pool_kernel
@@ -264,10 +283,10 @@ def compile_sm90(config, x_shape, out_c, pool, dtype, allow_tf32, kernel="infere
     return report
 
 
-def compile_elementwise_sm90(y_shape, pool, dtype) -> dict:
+def compile_elementwise_sm90(y_shape, pool, dtype, activation="relu") -> dict:
     """Compile ``bn_act_pool_kernel`` as its launcher would launch it; report its resources."""
     plan = E.plan_bn_act_pool(
-        y_shape, eps=1e-5, activation="relu", negative_slope=0.0, pool=pool, has_gamma=True, has_beta=True,
+        y_shape, eps=1e-5, activation=activation, negative_slope=0.0, pool=pool, has_gamma=True, has_beta=True,
         device=torch.device("cuda"),
     )
     element = _ELEMENT[dtype]
@@ -312,11 +331,11 @@ def compile_dgrad_sm90(dy_shape, c_in, dtype, allow_tf32) -> dict:
     return report
 
 
-def compile_backward_elementwise_sm90(kernel, y_shape, pool, dtype) -> dict:
+def compile_backward_elementwise_sm90(kernel, y_shape, pool, dtype, activation="relu") -> dict:
     """Compile ``act_pool_backward_reduce_kernel`` or ``bn_backward_kernel`` as launched; no matrix math."""
     element = _ELEMENT[dtype]
     plan = B.plan_act_pool_backward(
-        y_shape, eps=1e-5, activation="relu", negative_slope=0.0, pool=pool, has_norm=True, has_gamma=True,
+        y_shape, eps=1e-5, activation=activation, negative_slope=0.0, pool=pool, has_norm=True, has_gamma=True,
         has_beta=True, device=torch.device("cuda"),
     )
     if kernel == "act_pool_backward":
@@ -353,6 +372,7 @@ def compile_depthwise_sm90(kind, config, dtype) -> dict:
     else:
         options = {
             "residual": dict(activation="relu", has_bias=True, has_residual=True),
+            "silu": dict(activation="silu", has_bias=True),
             "stats_prologue": dict(stats=True, input_activation="relu", input_eps=1e-5),
             "dgrad": dict(transposed=True),
         }[kind]

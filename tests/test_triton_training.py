@@ -59,6 +59,7 @@ class Case:
     bias: bool = True
     momentum: Optional[float] = 0.1
     big_mean: bool = False  # conv bias 1000, inputs ×0.01: |mean| ≫ std
+    groups: int = 1  # c_in when depthwise (the direct kernels)
 
 
 CASES = {
@@ -70,6 +71,12 @@ CASES = {
     "channel_blocks_cin20": Case(c_in=20, c_out=9, size=(1, 2, 5, 5), pool=POOL5, bias=False),
     "mean_dominates": Case(big_mean=True, activation="none"),
     "mean_dominates_pool1": Case(big_mean=True, pool=POOL1, momentum=None),
+    "silu_pool1": Case(activation="silu", pool=POOL1),
+    "depthwise_silu": Case(c_in=6, c_out=6, groups=6, activation="silu"),
+    "depthwise_stride2_leaky_no_bias": Case(c_in=6, c_out=6, groups=6, stride=(2, 2, 2), size=(2, 5, 7, 7),
+                                            activation="leaky_relu", slope=0.2, bias=False),
+    # (a depthwise conv with |mean| ≫ std: tests/test_depthwise.py's statistics test)
+    "depthwise_momentum_none": Case(c_in=6, c_out=6, groups=6, momentum=None, activation="none"),
 }
 
 
@@ -77,7 +84,8 @@ def _build(case: Case, dtype: torch.dtype):
     """conv + BatchNorm3d (train mode) in float64 with non-trivial parameters and statistics, then
     rounded to ``dtype``; returns (conv, bn, x) in dtype."""
     g = torch.Generator().manual_seed(0)
-    conv = nn.Conv3d(case.c_in, case.c_out, case.kernel, case.stride, case.padding, bias=case.bias).double()
+    conv = nn.Conv3d(case.c_in, case.c_out, case.kernel, case.stride, case.padding, bias=case.bias,
+                     groups=case.groups).double()
     bn = nn.BatchNorm3d(case.c_out, momentum=case.momentum, affine=case.affine).double()
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64) * 0.3)
@@ -99,6 +107,8 @@ def _build(case: Case, dtype: torch.dtype):
 
 
 def _act(y, case):
+    if case.activation == "silu":
+        return F.silu(y)
     if case.activation == "relu":
         return F.relu(y)
     if case.activation == "leaky_relu":

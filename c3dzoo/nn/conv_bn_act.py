@@ -24,10 +24,13 @@ def has_stock_forward(module: nn.Module, *classes: type) -> bool:
     return isinstance(module, classes) and any(type(module).forward is cls.forward for cls in classes)
 
 
+ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.SiLU)
+
+
 def _activation_reason(act: nn.Module) -> Optional[str]:
     """Why an activation module cannot be fused (None if it can)."""
-    if not has_stock_forward(act, nn.ReLU, nn.LeakyReLU):
-        return f"{type(act).__name__} is not an nn.ReLU or nn.LeakyReLU (or overrides forward)"
+    if not has_stock_forward(act, *ACTIVATION_MODULES):
+        return f"{type(act).__name__} is not an nn.ReLU, nn.LeakyReLU or nn.SiLU (or overrides forward)"
     return None
 
 
@@ -36,12 +39,14 @@ def activation_spec(act) -> Tuple[str, float]:
     if act is None or (isinstance(act, nn.Identity) and type(act).forward is nn.Identity.forward):
         return "none", 0.0
     if isinstance(act, str):
-        if act not in ("none", "relu", "leaky_relu"):
-            raise ValueError(f"activation must be 'none', 'relu' or 'leaky_relu', got {act!r}")
+        if act not in ("none", "relu", "leaky_relu", "silu"):
+            raise ValueError(f"activation must be 'none', 'relu', 'leaky_relu' or 'silu', got {act!r}")
         return act, 0.01
     if _activation_reason(act) is None:
-        return ("relu", 0.0) if isinstance(act, nn.ReLU) else ("leaky_relu", float(act.negative_slope))
-    raise ValueError(f"unsupported activation {act!r}: the fused op takes none, ReLU or LeakyReLU "
+        if isinstance(act, nn.LeakyReLU):
+            return "leaky_relu", float(act.negative_slope)
+        return ("silu", 0.0) if isinstance(act, nn.SiLU) else ("relu", 0.0)
+    raise ValueError(f"unsupported activation {act!r}: the fused op takes none, ReLU, LeakyReLU or SiLU "
                      f"(modules that override forward are not fused)")
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..ops import in_layout
 from ..ops.conv3d_bn_act import output_shape
 from ..ops.reference import apply_activation
-from .conv_bn_act import (BATCH_NORMS, _check_sync_args, activation_spec, conv_bn_act, conv_padding,
+from .conv_bn_act import (ACTIVATION_MODULES, BATCH_NORMS, _check_sync_args, activation_spec, conv_bn_act, conv_padding,
                           has_stock_forward, unsupported_reason)
 
 
@@ -108,6 +108,7 @@ def _shortcut_of(node: torch.fx.Node, value: torch.fx.Node) -> Optional[torch.fx
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _LEAKY_FUNCTIONS = (F.leaky_relu,)
+_SILU_FUNCTIONS = (F.silu,)
 
 
 def _sole_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
@@ -124,10 +125,10 @@ def _sole_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
 
 
 def _as_activation(node: torch.fx.Node, modules: Dict[str, nn.Module]):
-    """(name, slope) if ``node`` applies ReLU or LeakyReLU to its input, else None."""
+    """(name, slope) if ``node`` applies ReLU, LeakyReLU or SiLU to its input, else None."""
     if node.op == "call_module":
         mod = modules[node.target]
-        if has_stock_forward(mod, nn.ReLU, nn.LeakyReLU):
+        if has_stock_forward(mod, *ACTIVATION_MODULES):
             return activation_spec(mod)
         return None
     if node.op == "call_function":
@@ -136,6 +137,8 @@ def _as_activation(node: torch.fx.Node, modules: Dict[str, nn.Module]):
         if node.target in _LEAKY_FUNCTIONS:
             slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
             return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
+        if node.target in _SILU_FUNCTIONS and len(node.args) == 1:
+            return "silu", 0.0
     if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
         return "relu", 0.0
     return None

@@ -27,7 +27,7 @@ class ConvBNActConfig:
     # "batch" (batch statistics), "running" (folded running statistics), "none", or "stats" (the conv
     # output itself, raw, with its batch statistics: the next layer normalises it, see InputNorm)
     norm: str
-    activation: str  # "none", "relu" or "leaky_relu"
+    activation: str  # "none", "relu", "leaky_relu" or "silu"
     stride: Tuple[int, int, int]
     padding: Tuple[int, int, int]
     dilation: Tuple[int, int, int]

@@ -38,7 +38,7 @@ from . import sync_batch_norm as _sync_batch_norm
 Tensor = torch.Tensor
 IntOrTriple = Union[int, Sequence[int]]
 
-ACTIVATIONS = ("none", "relu", "leaky_relu")
+ACTIVATIONS = ("none", "relu", "leaky_relu", "silu")
 NORMS = ("batch", "running", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -101,6 +101,8 @@ def apply_activation(y: Tensor, activation: str, negative_slope: float) -> Tenso
         return F.relu(y)
     if activation == "leaky_relu":
         return F.leaky_relu(y, negative_slope)
+    if activation == "silu":
+        return F.silu(y)
     return y
 
 
@@ -370,6 +372,8 @@ def _activation_backward(grad: Tensor, z: Tensor, activation: str, negative_slop
         return torch.ops.aten.threshold_backward(grad, z, 0)
     if activation == "leaky_relu":
         return torch.ops.aten.leaky_relu_backward(grad, z, negative_slope, False)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad.to(z.dtype), z)
     return grad
 
 

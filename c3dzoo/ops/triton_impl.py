@@ -79,7 +79,7 @@ def supports(cfg: ConvBNActConfig) -> Optional[str]:
     """None if the Triton kernels can run ``cfg``, else why not."""
     if cfg.norm not in ("batch", "stats", "running", "none"):
         return f"norm={cfg.norm!r} is not supported by the Triton backend"
-    if cfg.activation not in ("none", "relu", "leaky_relu"):
+    if cfg.activation not in ("none", "relu", "leaky_relu", "silu"):
         return f"activation {cfg.activation!r} is not supported by the Triton backend"
     if cfg.dtype == "torch.float64":
         return "float64 is not supported by the Triton kernels (no fp64 tensor-core path); use 'reference'"
