@@ -323,3 +323,62 @@ def test_a_model_with_more_layers_than_the_old_bound_folds_once(monkeypatch):
         first = model(x)
         assert len(folds) == 77
         assert torch.equal(model(x), first) and len(folds) == 77
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_running_statistics_updated_by_stock_batch_norm_are_seen(backend):
+    """Stock BatchNorm updates running_mean/var in training mode without moving their version
+    counters: a model folded in eval, run stock in training mode (``fused=False``), then fused in
+    eval again must fold the new statistics, not serve the old fold (found on CSN and Slow R50)."""
+    if backend == "triton":
+        skip_unless_triton_runs_cpu_tensors()
+    torch.manual_seed(0)
+    model = c3dzoo.c3d_bn(width_mult=0.125, input_size=(16, 32, 32), num_classes=5, fused=True, backend=backend)
+    x = torch.randn(2, 3, 16, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # folds and caches every layer
+        model.fused = False
+        model.train()
+        for _ in range(2):
+            model(torch.randn(2, 3, 16, 32, 32) * 3 + 1)  # stock: the statistics move, no counter does
+        model.eval()
+        stock = model(x)
+        model.fused = True
+        fused = model(x)
+    torch.testing.assert_close(fused, stock, rtol=1e-4, atol=1e-6)
+
+
+def test_a_bn_recalibrated_by_a_hooked_stock_chain_is_seen():
+    """The same through a hook: a hooked chain runs module by module (stock BN) in training mode."""
+    torch.manual_seed(0)
+    layer = c3dzoo.nn.Conv3dBNAct(3, 4, 3, padding=1, backend="reference").eval()
+    x = torch.randn(2, 3, 4, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        handle = layer.bn.register_forward_hook(lambda *args: None)
+        layer.train()
+        layer(x * 5 + 2)
+        handle.remove()
+        layer.eval()
+        expected = torch.relu(layer.bn(layer.conv(x)))
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cuda_running_statistics_update_bumps_version_counters(monkeypatch):
+    """The CUDA kernel writes running_mean/var through raw pointers: the wrapper bumps their
+    counters, or an eval-mode fold cached before a BN recalibration (swa_utils.update_bn, fused in
+    training mode with no optimizer step) would outlive it. The kernel itself is stubbed here."""
+    from c3dzoo.ops import cuda_impl
+
+    class _Extension:
+        def bn_update_running(self, *args):
+            pass
+
+    monkeypatch.setattr(cuda_impl, "extension", lambda: _Extension())
+    monkeypatch.setattr(cuda_impl, "stream_handle", lambda t: 0)
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    before = (running_mean._version, running_var._version)
+    assert cuda_impl.update_running_stats(running_mean, running_var, torch.zeros((), dtype=torch.int64),
+                                          torch.zeros(4), torch.ones(4), 10, 0.1)
+    assert running_mean._version > before[0] and running_var._version > before[1]

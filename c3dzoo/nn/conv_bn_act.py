@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..ops import PendingBatchNorm, conv3d_bn_act, unsupported_pool_reason
+from ..ops._weight_cache import mark_changed
 from ..ops.reference import apply_activation
 
 Tensor = torch.Tensor
@@ -180,6 +182,8 @@ def conv_bn_act(
         process_group = process_group if process_group is not None else bn.process_group
     tracks = bn.track_running_stats
     use_running = (not bn.training) or tracks
+    if not bn.training and tracks:
+        note_stock_updates(bn)
     return conv3d_bn_act(
         x, conv.weight, conv.bias, bn.weight, bn.bias,
         bn.running_mean if use_running else None,
@@ -192,6 +196,25 @@ def conv_bn_act(
         process_group=process_group if sync_bn else None,
         **common,
     )
+
+
+# each eval-mode BatchNorm's num_batches_tracked version when a fused call last folded it
+_FOLDED_AT: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def note_stock_updates(bn: nn.Module) -> None:
+    """Stock BatchNorm updates running_mean/var in training mode inside its kernel, which moves no
+    version counter but ``num_batches_tracked``'s (its ``add_(1)``). When that counter moved since
+    this BN was last folded — the model ran stock in training mode (``fused=False``, a hooked
+    chain, a BN recalibration), then fused in eval — the running statistics' counters are bumped
+    (``mark_changed``), so the folded-weight cache rebuilds instead of serving the old fold."""
+    nbt = bn.num_batches_tracked
+    if nbt is None or nbt.is_inference() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    version = nbt._version
+    if _FOLDED_AT.get(bn, version) != version:
+        mark_changed(bn.running_mean, bn.running_var)
+    _FOLDED_AT[bn] = version
 
 
 class Conv3dBNAct(nn.Module):

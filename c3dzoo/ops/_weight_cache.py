@@ -32,6 +32,16 @@ def clear_weight_caches() -> None:
         cache.clear()
 
 
+def mark_changed(*tensors: Optional[Tensor]) -> None:
+    """Bump the version counters of tensors written where no counter sees it, so that cached folds
+    of them are rebuilt: a kernel writing through a raw pointer (the CUDA running-statistics
+    update), or stock ``nn.BatchNorm3d``, whose training forward updates running_mean/var inside
+    its kernel without a bump (only its ``num_batches_tracked.add_(1)`` shows)."""
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
 class FoldedWeightCache:
     """Folded, cast and packed (weight, bias) per set of source tensors.
 
@@ -40,8 +50,9 @@ class FoldedWeightCache:
     (``functional_call`` with detached parameters) finds the parameter's entry instead of adding one
     per call. An entry is valid while each source's storage is the very same object (weak
     references to the storages, so an entry never keeps a model alive and a recycled id never
-    matches) and its ``_version`` counter is unchanged (any in-place update — an optimizer step, a
-    BatchNorm updating running statistics in training mode, ``load_state_dict`` — bumps it). The
+    matches) and its ``_version`` counter is unchanged (any in-place update — an optimizer step,
+    ``load_state_dict``, the fused op's running-statistics update — bumps it; where stock BatchNorm
+    updates them, the fused layers bump it themselves, see ``mark_changed``). The
     tensors themselves are never weakly referenced: ``torch.utils.swap_tensors`` (``module.to()`` /
     ``.double()`` under ``torch.__future__.set_swap_module_params_on_conversion(True)``, DTensor
     conversions) refuses a tensor that has a weak reference. A changed source rebuilds its entry in

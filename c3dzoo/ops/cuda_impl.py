@@ -34,7 +34,7 @@ from . import reference as _reference
 from ._device import device_scope
 from ._normalize import kernel_available, normalize_act_pool
 from .conv3d_bn_act import output_shape
-from ._weight_cache import FoldedWeightCache, cached_folded
+from ._weight_cache import FoldedWeightCache, cached_folded, mark_changed
 from .backends import ConvBNActConfig, InputNorm, LayerParams
 
 Tensor = torch.Tensor
@@ -286,6 +286,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
             int(momentum is None), 0 if num_batches_tracked is None else num_batches_tracked.data_ptr(),
             running_mean.data_ptr(), running_var.data_ptr(), stream_handle(running_mean),
         )
+    mark_changed(running_mean, running_var)  # written through pointers: cached folds must see it
     return True
 
 
