@@ -208,8 +208,10 @@ def note_stock_updates(bn: nn.Module) -> None:
     this BN was last folded — the model ran stock in training mode (``fused=False``, a hooked
     chain, a BN recalibration), then fused in eval — the running statistics' counters are bumped
     (``mark_changed``), so the folded-weight cache rebuilds instead of serving the old fold."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return  # (a compiled graph or a trace holds no Python state: the counters are never read)
     nbt = bn.num_batches_tracked
-    if nbt is None or nbt.is_inference() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if nbt is None or nbt.is_inference():
         return
     version = nbt._version
     if _FOLDED_AT.get(bn, version) != version:
