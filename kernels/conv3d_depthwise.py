@@ -349,7 +349,7 @@ def _launch(plan: DepthwisePlan, x, w_packed, bias, out, residual=None, part_mea
     )
 
 
-def _prologue(input_stats, x, input_eps, input_activation, input_negative_slope) -> dict:
+def _prologue(input_stats, input_eps, input_activation, input_negative_slope) -> dict:
     return dict(input_activation=None if input_stats is None else input_activation,
                 input_eps=float(input_eps), input_negative_slope=float(input_negative_slope))
 
@@ -382,7 +382,7 @@ def conv3d_depthwise(
         tuple(x.shape), _conv_spatial(x.shape, kernel_size, stride, padding, dilation), kernel_size=kernel_size,
         stride=stride, padding=padding, dilation=dilation, activation=activation, negative_slope=negative_slope,
         has_bias=bias is not None, has_residual=residual is not None, device=x.device, config=config,
-        **_prologue(input_stats, x, input_eps, input_activation, input_negative_slope),
+        **_prologue(input_stats, input_eps, input_activation, input_negative_slope),
     )
     out = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     if residual is not None:
@@ -417,7 +417,7 @@ def conv3d_depthwise_bn_stats(
     plan = plan_depthwise_launch(
         tuple(x.shape), _conv_spatial(x.shape, kernel_size, stride, padding, dilation), kernel_size=kernel_size,
         stride=stride, padding=padding, dilation=dilation, has_bias=bias is not None, stats=True, device=x.device,
-        config=config, **_prologue(input_stats, x, input_eps, input_activation, input_negative_slope),
+        config=config, **_prologue(input_stats, input_eps, input_activation, input_negative_slope),
     )
     positions = plan.scalars["out_positions"]
     if positions == 0:

@@ -25,7 +25,7 @@ def _x(*shape, dtype=torch.float32):
     "x, kwargs, error, pattern",
     [
         (_x(3, 4, 6, 6), {}, ValueError, r"x must be 5-D .* got shape \(3, 4, 6, 6\)"),
-        (_x(1, 5, 4, 6, 6), {}, ValueError, r"x has 5 channels but conv_weight expects 3"),
+        (_x(1, 5, 4, 6, 6), {}, ValueError, r"x has 5 channels but conv_weight .* expects 3 per group"),
         (torch.ones(1, 3, 4, 6, 6, dtype=torch.int64), {}, TypeError, r"floating tensor .* torch.int64"),
         (_x(1, 3, 4, 6, 6, dtype=torch.float64), {}, TypeError, r"x is torch.float64 but conv_weight is torch.float32"),
         (_x(1, 3, 4, 6, 6), {"activation": "gelu"}, ValueError, r"activation must be one of"),
