@@ -1,7 +1,7 @@
 """torch.hub entry points: the zoo's builders, with the fused kernels.
 
     model = torch.hub.load("<owner>/c3dzoo", "c3d_bn", fused=True, num_classes=101)
-    torch.hub.list("<owner>/c3dzoo")  # c3d_bn, c3d, ..., slowfast_r50: c3dzoo.list_models()
+    torch.hub.list("<owner>/c3dzoo")  # c3d_bn, c3d, ..., x3d_l: c3dzoo.list_models()
 
 A hub checkout is a source tree, not an installed package: ``pip install`` places the top-level
 ``kernels/`` folder at ``c3dzoo.kernels``, so here an import finder does the same for the c3dzoo
@@ -45,7 +45,9 @@ if not any(getattr(finder, "root", None) == _ROOT for finder in sys.meta_path):
     sys.meta_path.insert(0, _CheckoutKernels())
 
 from c3dzoo.models import (c2d_r50, c3d, c3d_bn, csn_r101, i3d_r50, jester_convcolumn, mc3_18,  # noqa: E402
-                           r2plus1d_18, r2plus1d_34, r3d_18, s3d, slow_r50, slowfast_r50, slowfast_r101)
+                           r2plus1d_18, r2plus1d_34, r3d_18, s3d, slow_r50, slowfast_r50, slowfast_r101, x3d_l,
+                           x3d_m, x3d_s, x3d_xs)
 
 __all__ = ["c2d_r50", "c3d", "c3d_bn", "csn_r101", "i3d_r50", "jester_convcolumn", "mc3_18", "r2plus1d_18",
-           "r2plus1d_34", "r3d_18", "s3d", "slow_r50", "slowfast_r50", "slowfast_r101"]
+           "r2plus1d_34", "r3d_18", "s3d", "slow_r50", "slowfast_r50", "slowfast_r101", "x3d_xs", "x3d_s", "x3d_m",
+           "x3d_l"]

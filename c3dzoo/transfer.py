@@ -40,7 +40,7 @@ class PretrainedError(CheckpointError, ValueError):
 # --------------------------------------------------------------------------------------------
 
 def _last_block(model: nn.Module, before: int = 0) -> str:
-    """The last of a ResNet3D's or SlowFast's ``blocks`` (its head; also in a traced copy, whose
+    """The last of a ResNet3D's, SlowFast's or X3D's ``blocks`` (its head; also in a traced copy, whose
     ``blocks`` is no ModuleList), or the one ``before`` blocks before it."""
     return f"blocks.{max(int(n) for n, _ in model.get_submodule('blocks').named_children()) - before}"
 
@@ -50,28 +50,32 @@ def _last_block(model: nn.Module, before: int = 0) -> str:
 # after the activation the model applies
 _HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc", "S3D": "classifier.1",
           "ResNet3D": lambda model: _last_block(model) + ".proj",
-          "SlowFast": lambda model: _last_block(model) + ".proj"}
+          "SlowFast": lambda model: _last_block(model) + ".proj",
+          "X3D": lambda model: _last_block(model) + ".proj"}
 _HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6")}
 # layers whose output positions the head treats alike and averages (S3D's classifier and the
 # ResNet-50s' proj run per position of the average pool, then the mean is taken): their features
 # are that mean (SlowFast's pool is the block before its head, pooling and concatenating both
-# pathways)
+# pathways; X3D's head pool is its ProjectedPool, whose output, post_conv's after its ReLU, the head's
+# proj takes at each position)
 _POSITION_MEANS = {"S3D": lambda model: ("avgpool",), "ResNet3D": lambda model: (_last_block(model) + ".pool",),
-                   "SlowFast": lambda model: (_last_block(model, 1),)}
+                   "SlowFast": lambda model: (_last_block(model, 1),),
+                   "X3D": lambda model: (_last_block(model) + ".pool",)}
 # families whose layers are the parts of one container (then the modules after it)
-_LAYER_CONTAINERS = {"S3D": "features", "ResNet3D": "blocks", "SlowFast": "blocks"}
+_LAYER_CONTAINERS = {"S3D": "features", "ResNet3D": "blocks", "SlowFast": "blocks", "X3D": "blocks"}
 
 
 def _family(model: nn.Module) -> Optional[str]:
-    """"C3D", "ConvColumn", "VideoResNet", "S3D", "ResNet3D" or "SlowFast" for a zoo model or a
+    """"C3D", "ConvColumn", "VideoResNet", "S3D", "ResNet3D", "SlowFast" or "X3D" for a zoo model or a
     ``c3dzoo.fuse``d one, else None."""
     from .models.c3d_family import C3D
     from .models.jester import ConvColumn
     from .models.resnet3d import ResNet3D, SlowFast
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
+    from .models.x3d import X3D
 
-    for cls in (C3D, ConvColumn, VideoResNet, S3D, ResNet3D, SlowFast):
+    for cls in (C3D, ConvColumn, VideoResNet, S3D, ResNet3D, SlowFast, X3D):
         if isinstance(model, cls):
             return cls.__name__
     # torch.fx.symbolic_trace names a GraphModule's class after the traced model's class
@@ -82,7 +86,7 @@ def _family(model: nn.Module) -> Optional[str]:
 
 def head_name(model: nn.Module) -> str:
     """Name of the model's classifier head (C3D ``fc8``, Jester ``fc7``, video ResNets ``fc``, S3D's
-    1×1×1 conv ``classifier.1``, a ResNet3D's or SlowFast's ``blocks.N.proj``); for a traced GraphModule of
+    1×1×1 conv ``classifier.1``, a ResNet3D's, SlowFast's or X3D's ``blocks.N.proj``); for a traced GraphModule of
     another model, the Linear whose output is the model's output."""
     family = _family(model)
     if family is not None:
@@ -125,8 +129,9 @@ def replace_head(model: nn.Module, num_classes: int, *, head: Optional[str] = No
     return ``model``.
 
     A new module, not a changed ``out_features`` attribute (which would change nothing). Video
-    ResNets get torchvision's head initialisation (normal(0, 0.01), zero bias); the others PyTorch's
-    default initialisation, as their builders give. An optimizer made before this call
+    ResNets and PyTorchVideo's models (ResNet3D, SlowFast, X3D) get their builders' head
+    initialisation (normal(0, 0.01), zero bias); the others PyTorch's default initialisation, as
+    their builders give. An optimizer made before this call
     still holds the old head's parameters: make it (or ``param_groups``) afterwards.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -138,7 +143,7 @@ def replace_head(model: nn.Module, num_classes: int, *, head: Optional[str] = No
         new = nn.Linear(old.in_features, num_classes, **like)
     else:
         new = nn.Conv3d(old.in_channels, num_classes, 1, **like)
-    if _family(model) in ("VideoResNet", "ResNet3D", "SlowFast"):  # torchvision's and PyTorchVideo's
+    if _family(model) in ("VideoResNet", "ResNet3D", "SlowFast", "X3D"):  # torchvision's and PyTorchVideo's
         nn.init.normal_(new.weight, 0, 0.01)
         if new.bias is not None:
             nn.init.zeros_(new.bias)
@@ -402,7 +407,8 @@ def freeze(model: nn.Module, spec: str) -> List[str]:
 
     ``spec``: ``"none"`` (everything trains), ``"features"`` (every layer before the first fully
     connected one: C3D's convs, the Jester conv blocks, a video ResNet's stem and layer1–4, S3D's
-    features), or
+    features, a PyTorchVideo model's stem and stages: X3D's head block, its ProjectedPool convs
+    with it, trains), or
     ``"up-to=LAYER"`` (LAYER and every layer before it; see ``model_layers``; for C3D
     ``up-to=fc7`` trains only the head). Each call sets the whole state (it first unfreezes).
 

@@ -1,6 +1,6 @@
 """Published weights the zoo's models load by name: torchvision's Kinetics-400 video ResNets and S3D,
 the IG-65M R(2+1)D-34 (pretrained on 65 M Instagram videos; fine-tuned on Kinetics-400) and
-PyTorchVideo's Kinetics-400 Slow, I3D, C2D and SlowFast ResNet-50s.
+PyTorchVideo's Kinetics-400 Slow, I3D, C2D, CSN and SlowFast ResNets and X3D-XS, -S, -M and -L.
 
     model = c3dzoo.r3d_18(weights="kinetics400", fused=True)       # 400 classes, fused
     c3dzoo.weights.available()                                       # [("r3d_18", "kinetics400"), ...]
@@ -11,7 +11,7 @@ against the SHA-256 prefix in their names; PyTorchVideo's names carry none, so t
 checked by the strict load (every key and shape). Each entry says how its clips were made (the
 video ResNets: 16 frames, short side 128, centre crop 112; S3D: 128 frames, short side 256, centre
 crop 224; PyTorchVideo's: 8 frames, one in 8 (SlowFast: 32, one in 2), short side 256, centre crop
-256, its own mean/std), so ``predict``/``evaluate`` feed it what it was trained on, and holds the
+256, its own mean/std; its X3Ds their own frames, strides and crops), so ``predict``/``evaluate`` feed it what it was trained on, and holds the
 class names. ``as_checkpoint`` presents an entry as a c3dzoo training checkpoint, which is how
 every command that takes ``--checkpoint`` accepts ``MODEL:WEIGHTS``.
 """
@@ -108,6 +108,21 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
                                               ("csn_r101", "CSN_32x2_R101", 32, 2),
                                               ("slowfast_r50", "SLOWFAST_8x8_R50", 32, 2),
                                               ("slowfast_r101", "SLOWFAST_8x8_R101", 32, 2))),
+        # PyTorchVideo's X3Ds (its hub's checkpoint_paths, pytorchvideo/models/hub/x3d.py). Clips:
+        # 4 frames one in 12 (XS), 13 one in 6 (S), 16 one in 5 (M, L), as its model zoo lists them
+        # (docs/source/model_zoo.md, "4x12" ...) and the configs that trained them set them
+        # (PySlowFast's configs/Kinetics/pytorchvideo/X3D_*.yaml, NUM_FRAMES and SAMPLING_RATE).
+        # Short side = centre crop = 182, 182, 256, 356: those configs' TEST_CROP_SIZE (their
+        # 3-crop test; the torch.hub page's transform has side_size = crop_size = 182, 182, 256 for
+        # XS, S, M), not the 160, 160, 224, 312 training crops (TRAIN_CROP_SIZE, the hub builders'
+        # input_crop_size) the head's pool is sized for; the pool then slides. Top-1 69.12, 73.33,
+        # 75.94, 77.44 as the hub builders' docstrings and the model zoo report.
+        *(WeightsEntry(model, "kinetics400", f"{_PYTORCHVIDEO}/{file}.pyth",
+                       f"PyTorchVideo (Kinetics-400, {frames}x{stride} clips)", frames=frames, frame_stride=stride,
+                       size=(crop, crop), short_side=crop, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
+                       state_key="model_state")
+          for model, file, frames, stride, crop in (("x3d_xs", "X3D_XS", 4, 12, 182), ("x3d_s", "X3D_S", 13, 6, 182),
+                                                    ("x3d_m", "X3D_M", 16, 5, 256), ("x3d_l", "X3D_L", 16, 5, 356))),
     )
 }
 

@@ -185,6 +185,7 @@ _VIDEO_MODELS = {
     "s3d": (lambda: c3dzoo.s3d(num_classes=3), (2, 3, 8, 32, 32)),
     "i3d_r50": (lambda: c3dzoo.i3d_r50(num_classes=3), (2, 3, 4, 32, 32)),
     "slowfast_r50": (lambda: c3dzoo.slowfast_r50(num_classes=3), (1, 3, 4, 32, 32)),
+    "x3d_xs": (lambda: c3dzoo.x3d_xs(num_classes=3), (2, 3, 4, 32, 32)),
 }
 
 

@@ -54,6 +54,12 @@ MODELS = {
     # two pathways of 53 chains each, and 4 fusions (after the stems and stages 1-3); 4 frames for
     # the fast pathway, 1 for the slow one
     "slowfast_r50": ((2, 3, 4, 32, 32), 34_566_488, 110),
+    # X3D-XS: its depthwise conv_b chains end in Swish (SiLU) where the block has no squeeze-
+    # excitation; 4 frames of 64 × 64 leave stage 4's BatchNorms 2 × 2 positions a frame. The FX
+    # fuse takes stem 1 + 26 blocks × 3 + 3 shortcuts with a BN + 15 SE conv → ReLU + head 2 (the
+    # model's own forward also runs the stem's bare 1×3×3 conv and stage 1's BN-less shortcut
+    # through the fused op, and leaves the SEs stock)
+    "x3d_xs": ((2, 3, 4, 64, 64), 3_794_274, 99),
 }
 RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
 # S3D in training mode: its last BatchNorms see 8 values per channel here, and fp32 rounding

@@ -25,13 +25,14 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
     # an attribute of the package without an import of its own, as c3dzoo.transfer
     probe = subprocess.run([sys.executable, "-c", "import c3dzoo; print(len(c3dzoo.weights.available()))"],
                            capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "14", probe.stderr[-2000:]
+    assert probe.stdout.strip() == "18", probe.stderr[-2000:]
     torchvision = [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400"),
                    ("s3d", "kinetics400")]
     ig65m = [("r2plus1d_34", n) for n in ("ig65m_kinetics", "ig65m_kinetics32", "ig65m", "ig65m32")]
     pytorchvideo = [(m, "kinetics400")
                     for m in ("slow_r50", "i3d_r50", "c2d_r50", "csn_r101", "slowfast_r50", "slowfast_r101")]
-    assert weights.available() == torchvision + ig65m + pytorchvideo
+    x3d = [(m, "kinetics400") for m in ("x3d_xs", "x3d_s", "x3d_m", "x3d_l")]
+    assert weights.available() == torchvision + ig65m + pytorchvideo + x3d
     for model, name in torchvision:
         found = weights.entry(model, name)
         assert re.fullmatch(rf"https://download\.pytorch\.org/models/{model}-[0-9a-f]{{8}}\.pth", found.url)
@@ -54,6 +55,16 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
         clips = (32, 2) if model.startswith(("slowfast", "csn")) else (8, 8)
         assert found.source == f"PyTorchVideo (Kinetics-400, {'32x2' if model == 'csn_r101' else '8x8'} clips)"
         assert (found.frames, found.frame_stride, found.size, found.short_side) == (*clips, (256, 256), 256)
+        assert (found.mean, found.std, found.state_key) == ((0.45,) * 3, (0.225,) * 3, "model_state")
+        assert found.class_names == weights.kinetics400_classes()
+    # the X3Ds: PyTorchVideo's model zoo clips (4x12 ...), cropped as PySlowFast's X3D configs test
+    # them (TEST_CROP_SIZE; the torch.hub page's transform for XS, S and M)
+    for (model, name), file, clips, crop in zip(x3d, ("X3D_XS", "X3D_S", "X3D_M", "X3D_L"),
+                                                 ((4, 12), (13, 6), (16, 5), (16, 5)), (182, 182, 256, 356)):
+        found = weights.entry(model, name)
+        assert found.url == f"https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/{file}.pyth"
+        assert found.source == f"PyTorchVideo (Kinetics-400, {clips[0]}x{clips[1]} clips)"
+        assert (found.frames, found.frame_stride, found.size, found.short_side) == (*clips, (crop, crop), crop)
         assert (found.mean, found.std, found.state_key) == ((0.45,) * 3, (0.225,) * 3, "model_state")
         assert found.class_names == weights.kinetics400_classes()
     names = weights.kinetics400_classes()

@@ -67,6 +67,12 @@ CHECK_SPECS: Dict[str, CheckSpec] = {
     # on a 2-core CPU, so there only when named
     "slowfast_r50": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),
     "slowfast_r101": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),
+    # X3D strides space by 32, not time: 4 frames of 64 × 64 leave stage 4's BatchNorms 4 × 2 × 2
+    # positions a clip (64 values in a batch of 4). X3D-XS (about 10 s on a 2-core CPU) stands for
+    # -S and -M, which have its blocks (only their head pools differ), and those and X3D-L (55
+    # blocks) run only when named
+    "x3d_xs": CheckSpec({}, (4, 64, 64), batch=4),
+    **{name: CheckSpec({}, (4, 64, 64), batch=4, on_cpu=False) for name in ("x3d_s", "x3d_m", "x3d_l")},
 }
 
 

@@ -132,10 +132,14 @@ class ChainSequential(nn.Sequential):
 
 def _parts(seq: nn.Module):
     """``seq``'s children in forward order, looking through nested Sequentials that have no hooks
-    (so a chain may span one: R(2+1)D's temporal conv and the BatchNorm after its Sequential)."""
+    (so a chain may span one: R(2+1)D's temporal conv and the BatchNorm after its Sequential) and
+    leaving out ``nn.Identity`` placeholders without hooks (X3D's blocks without squeeze-excitation
+    have one between conv_b's BatchNorm and its Swish)."""
     for child in seq:
         if _is_sequential(child) and not runs_hooks(child):
             yield from _parts(child)
+        elif type(child) is nn.Identity and not runs_hooks(child):
+            continue
         else:
             yield child
 
@@ -165,7 +169,7 @@ def add_residual_chained(seq: nn.Module, x, residual: torch.Tensor, activation: 
 def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None,
                 residual: Optional[Tuple[torch.Tensor, nn.Module]] = None) -> torch.Tensor:
     """``seq(x)`` for a (possibly nested) Sequential, with each chain Conv3d → [BatchNorm3d |
-    SyncBatchNorm] → [ReLU | LeakyReLU] → [MaxPool3d] of its parts run as one ``chain`` call.
+    SyncBatchNorm] → [ReLU | LeakyReLU | SiLU] → [MaxPool3d] of its parts run as one ``chain`` call.
 
     Without ``chain``, ``seq`` is simply called. Parts that start no chain (a block, a Sequential
     with hooks, a module the user put there) are called as they are (``call_chained``).
@@ -193,6 +197,8 @@ def run_chained(seq: nn.Module, x: torch.Tensor, chain: Optional[Chain] = None,
             activation, act, i = "relu", modules[i], i + 1
         elif i < len(modules) and isinstance(modules[i], nn.LeakyReLU):
             activation, slope, act, i = "leaky_relu", modules[i].negative_slope, modules[i], i + 1
+        elif i < len(modules) and isinstance(modules[i], nn.SiLU):  # (X3D's Swish is one)
+            activation, act, i = "silu", modules[i], i + 1
         pool = None
         if i < len(modules) and isinstance(modules[i], nn.MaxPool3d):
             pool, i = modules[i], i + 1

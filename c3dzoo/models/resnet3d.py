@@ -22,7 +22,7 @@ where the window fits, the result is PyTorchVideo's.
 """
 
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -65,19 +65,25 @@ class ResNetBasicStem(ChainSequential):
 
 class BottleneckBlock(ChainSequential):
     """conv_a (``kernel_a``: T×1×1 or 1×1×1) → BN → ReLU → conv_b (``kernel_b``, 1×3×3 unless
-    given; ``stride``; ``groups_b`` groups: CSN's is depthwise) → BN → ReLU → conv_c (1×1×1, to
-    ``dim_out``) → BN, whose γ starts at zero."""
+    given; ``stride``; ``groups_b`` groups: CSN's is depthwise) → ``norm_b`` → ``act_b`` → conv_c
+    (1×1×1, to ``dim_out``) → BN, whose γ starts at zero.
+
+    ``norm_b`` (called with conv_b's channels) and ``act_b`` build those two modules: a BN and a
+    ReLU unless given (X3D's: a Sequential of a BN and a squeeze-excitation, and a Swish). They
+    are built between conv_b and conv_c, as PyTorchVideo builds them, so a seed draws the same
+    numbers."""
 
     def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kernel_a: Kernel, stride: Stride,
-                 kernel_b: Kernel = (1, 3, 3), groups_b: int = 1):
+                 kernel_b: Kernel = (1, 3, 3), groups_b: int = 1, *,
+                 norm_b: Callable[[int], nn.Module] = nn.BatchNorm3d, act_b: Callable[[], nn.Module] = nn.ReLU):
         super().__init__(OrderedDict(
             conv_a=nn.Conv3d(dim_in, dim_inner, kernel_a, padding=_half(kernel_a), bias=False),
             norm_a=nn.BatchNorm3d(dim_inner),
             act_a=nn.ReLU(),
             conv_b=nn.Conv3d(dim_inner, dim_inner, kernel_b, stride=_stride3(stride), padding=_half(kernel_b),
                              groups=groups_b, bias=False),
-            norm_b=nn.BatchNorm3d(dim_inner),
-            act_b=nn.ReLU(),
+            norm_b=norm_b(dim_inner),
+            act_b=act_b(),
             conv_c=nn.Conv3d(dim_inner, dim_out, 1, bias=False),
             norm_c=nn.BatchNorm3d(dim_out),
         ))
@@ -86,7 +92,9 @@ class BottleneckBlock(ChainSequential):
 
 class ResBlock(nn.Module):
     """``branch2`` (a bottleneck) added to the input, or to ``branch1_conv`` → ``branch1_norm``
-    (a 1×1×1 projection with conv_b's stride) where the shape changes; then a ReLU."""
+    (a 1×1×1 projection with conv_b's stride) where the shape changes; then a ReLU.
+    ``ResBlock.of`` makes one of given parts (X3D's: a projection without its BN where only the
+    stride changes)."""
 
     takes_chain = True  # see call_chained
 
@@ -101,12 +109,27 @@ class ResBlock(nn.Module):
         self.branch2 = BottleneckBlock(dim_in, dim_inner, dim_out, kernel_a, stride, kernel_b, groups_b)
         self.activation = nn.ReLU()
 
+    @classmethod
+    def of(cls, branch1_conv: Optional[nn.Module], branch1_norm: Optional[nn.Module], branch2: nn.Module,
+           activation: nn.Module) -> "ResBlock":
+        """A block of these parts (as PyTorchVideo's ``ResBlock(branch1_conv=..., ...)``); the
+        shortcut's norm may be None where its conv is not."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.branch1_conv, block.branch1_norm, block.branch2, block.activation = (branch1_conv, branch1_norm,
+                                                                                 branch2, activation)
+        return block
+
     def forward(self, x: Tensor, chain: Optional[Chain] = None) -> Tensor:
         """The block; with ``chain`` its conv chains run through it (see ``call_chained``)."""
         shortcut = x
         if self.branch1_conv is not None:  # first, as PyTorchVideo (hooks see the same order)
-            shortcut = (self.branch1_norm(self.branch1_conv(x)) if chain is None
-                        else chain(x, self.branch1_conv, self.branch1_norm, "none"))
+            if chain is not None:
+                shortcut = chain(x, self.branch1_conv, self.branch1_norm, "none")
+            else:
+                shortcut = self.branch1_conv(x)
+                if self.branch1_norm is not None:
+                    shortcut = self.branch1_norm(shortcut)
         if chain is None:
             return self.activation(shortcut + self.branch2(x))
         # the sum and the ReLU join conv_c's chain where no hook needs the branch's own output
@@ -131,33 +154,45 @@ class ResStage(nn.Module):
 
 class ResNetBasicHead(nn.Module):
     """Average pool (stride 1; none without ``pool_kernel``), dropout, ``proj`` (a Linear over
-    channels at each position) and the mean over the remaining positions."""
+    channels at each position), ``activation`` (where given: X3D's softmax) and the mean over the
+    remaining positions. ``pool``: a module to pool with instead (X3D's ``ProjectedPool``, whose
+    conv chains run through the model's chain)."""
 
-    def __init__(self, in_features: int, num_classes: int, pool_kernel: Optional[Kernel], dropout: float):
+    takes_chain = True  # see call_chained
+
+    def __init__(self, in_features: int, num_classes: int, pool_kernel: Optional[Kernel], dropout: float, *,
+                 pool: Optional[nn.Module] = None, activation: Optional[nn.Module] = None):
         super().__init__()
-        self.pool = None if pool_kernel is None else AvgPool3dWithin(pool_kernel, stride=(1, 1, 1))
+        if pool is None and pool_kernel is not None:
+            pool = AvgPool3dWithin(pool_kernel, stride=(1, 1, 1))
+        self.pool = pool
         # PyTorchVideo leaves the dropout out at rate 0, and so does this (state_dict and repr alike)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.proj = nn.Linear(in_features, num_classes)
+        self.activation = activation  # None: a plain attribute, as PyTorchVideo's (no module, no repr line)
         self.output_pool = nn.AdaptiveAvgPool3d(1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, chain: Optional[Chain] = None) -> Tensor:
         if self.pool is not None:
-            x = self.pool(x)
+            x = call_chained(self.pool, x, chain)
         if self.dropout is not None:
             x = self.dropout(x)
         x = self.proj(x.permute((0, 2, 3, 4, 1))).permute((0, 4, 1, 2, 3))
+        if self.activation is not None:
+            x = self.activation(x)
         x = self.output_pool(x)
         return x.view(x.shape[0], -1)
 
 
 def _init_weights(model: nn.Module) -> None:
     """PyTorchVideo's initialisation (init_net_weights), in the same module order, so a seed gives
-    its weights: He-normal convs (fan out), BN γ 1 (0 for a block's last), β 0, the Linear
-    N(0, 0.01²) with zero bias."""
+    its weights: He-normal convs (fan out) with zero bias (X3D's squeeze-excitation convs have
+    one), BN γ 1 (0 for a block's last), β 0, the Linear N(0, 0.01²) with zero bias."""
     for m in model.modules():
         if isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm3d):
             nn.init.constant_(m.weight, 0.0 if getattr(m, "block_final_bn", False) else 1.0)
             nn.init.zeros_(m.bias)
