@@ -5,15 +5,22 @@
   statistics of the same units, and the next layer's incoming weights are divided by the number of
   copies, so the output is unchanged (eval and train mode; replicas have identical batch stats).
 * ``wider_group(model, stream, width)`` does that for a residual stream of a video ResNet (or a
-  PyTorchVideo ResNet-50): every layer adding into the stream grows with one shared mapping,
-  every layer reading it is divided.
+  PyTorchVideo ResNet-50, SlowFast, X3D): every layer adding into the stream grows with one
+  shared mapping, every layer reading it is divided.
 * ``deeper(model, after)`` inserts an identity layer: Dirac Conv3d → identity BatchNorm3d → ReLU
   (or identity Linear → ReLU) in the C3D family, a BasicBlock (a bottleneck ResBlock in the
   ResNet-50s) whose branch adds exactly 0 in the video ResNets, a Dirac Conv3d → identity
-  BatchNorm3d (no activation) in the ConvColumn, a 1×1×1 Dirac Conv3dNormActivation in S3D.
+  BatchNorm3d (no activation) in the ConvColumn, a 1×1×1 Dirac Conv3dNormActivation in S3D (an X3D
+  block without squeeze-excitation in X3D).
 * A depthwise Conv3d (groups = its channels: CSN's conv_b) follows its input's channels: it grows
   with the layer before it (its filters and BatchNorm copied with the same mapping), and the
-  layer after it is divided; it cannot be widened on its own.
+  layer after it is divided; it cannot be widened on its own. So does a depthwise conv ending a
+  stream's writer (X3D's stem: a 1×3×3 conv, then a depthwise 5×1×1 one).
+* A squeeze-excitation (X3D: ``x · sigmoid(conv2(relu(conv1(mean of x over positions))))``)
+  gates the channels of the layer before it one to one: when those channels grow, conv1 reads
+  them (its incoming weights divided: replicas have equal means) and conv2's output units (its
+  weight rows and bias) are copied with the same mapping, so replicas get equal gates. Its conv1
+  is a layer to widen of its own (conv2's inputs divided); conv2 only grows with the gated layer.
 * In S3D a branch's last conv writes a slice of its Inception block's channel concatenation: its
   ``wider`` divides only that slice of the next block's branch heads' (or the head's) inputs.
   SlowFast likewise: a fusion conv's output follows the slow stream's channels in the
@@ -74,11 +81,14 @@ class _Segment:
     segment: it is the model's output; or, when ``stream`` is set, it is added into that
     residual stream (see ``_Stream``); or, when ``readers`` is set, it is one slice of a channel
     concatenation (S3D's Inception blocks) that each reader takes in, starting at that reader's
-    channel offset."""
+    channel offset; or, when ``gates`` is set, it gates that layer's output (a squeeze-excitation)."""
 
     stages: Tuple[_Stage, ...]
     stream: Optional[str] = None
     readers: Tuple[Tuple[str, int], ...] = ()
+    # a squeeze-excitation: its first stage reads the mean of this layer's output, its last
+    # stage's output multiplies that output channel by channel (so it grows with that layer)
+    gates: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -86,11 +96,13 @@ class _Stream:
     """A residual stream of a video ResNet: the channels that ``writers`` (the stem's last conv
     or the downsample shortcut that starts the stream, then each block's last conv, each with its
     BatchNorm) produce and the residual additions sum, and that ``readers`` take in (each block's
-    first conv, the next stage's downsample conv, ``fc``). Its channels only grow all together."""
+    first conv, the next stage's downsample conv, ``fc``). Its channels only grow all together.
+    ``followers``: depthwise stages after a writer (X3D's stem), whose channels are the writer's."""
 
     name: str
     writers: Tuple[_Stage, ...]
     readers: Tuple[Tuple[str, Optional[int]], ...]  # each with its offset in a concatenation, or None
+    followers: Tuple[_Stage, ...] = ()
 
 
 def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
@@ -100,6 +112,7 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
     from .models.resnet3d import ResNet3D, SlowFast
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
+    from .models.x3d import X3D
 
     if isinstance(model, C3D):
         convs = [_Stage(n, n + "_bn" if model.batch_norm else None) for n in model.layer_names]
@@ -113,14 +126,14 @@ def _graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
         return _resnet_graph(model)
     if isinstance(model, S3D):
         return _s3d_graph(model), []
-    if isinstance(model, ResNet3D):
+    if isinstance(model, (ResNet3D, X3D)):
         return _resnet3d_graph(model)
     if isinstance(model, SlowFast):
         return _slowfast_graph(model)
     raise ValueError(
         f"net2net does not know the layer graph of {type(model).__name__}; it supports the zoo's "
-        f"C3D, ConvColumn (jester_convcolumn), VideoResNet, S3D, ResNet3D and SlowFast models (not "
-        f"fx-fused copies: grow, then fuse)"
+        f"C3D, ConvColumn (jester_convcolumn), VideoResNet, S3D, ResNet3D, SlowFast and X3D models "
+        f"(not fx-fused copies: grow, then fuse)"
     )
 
 
@@ -129,8 +142,19 @@ def _segments(model: nn.Module) -> List[_Segment]:
 
 
 def _leaf_paths(model: nn.Module, prefix: str) -> List[str]:
-    """Paths of the leaf modules under ``prefix``, in registration (= Sequential forward) order."""
-    return [n for n, m in model.get_submodule(prefix).named_modules(prefix=prefix) if not any(m.children())]
+    """Paths of the leaf modules under ``prefix``, in registration (= Sequential forward) order. A
+    squeeze-excitation below ``prefix`` is one leaf: its convs are a side branch, not a link of the
+    chain (``_ResidualGraph.chain`` makes them a segment of their own)."""
+    modules = list(model.get_submodule(prefix).named_modules(prefix=prefix))
+    inside = tuple(n + "." for n, m in modules if n != prefix and _squeeze_excitation(m))  # their parts' prefixes
+    return [n for n, m in modules if not n.startswith(inside) and (not any(m.children()) or n + "." in inside)]
+
+
+def _squeeze_excitation(module: nn.Module) -> bool:
+    """X3D's (fvcore's) squeeze-excitation: its input times per-channel gates computed from it."""
+    from .models.x3d import SqueezeExcitation
+
+    return isinstance(module, SqueezeExcitation)
 
 
 def _stages(model: nn.Module, paths: Sequence[str]) -> Tuple[_Stage, ...]:
@@ -150,31 +174,46 @@ class _ResidualGraph:
     """Builds the segments and residual streams of a residual network. A block's first conv (and
     its projection shortcut) reads the stream the blocks before it wrote; its last conv adds into
     the stream it outputs, which a projection starts afresh. A reader may take a stream as one
-    slice of a channel concatenation (SlowFast's fusions): it then reads it from a channel offset."""
+    slice of a channel concatenation (SlowFast's fusions): it then reads it from a channel offset.
+    A squeeze-excitation in a chain is a chain of its own gating the stage before it (X3D's)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.names: List[str] = []
         self.writers: List[List[_Stage]] = []
+        self.followers: List[List[_Stage]] = []
         self.readers: List[List[Tuple[str, Optional[int]]]] = []
         # chains: (stages, the stream they add into or None, readers of their output when it is a
-        # slice of a concatenation)
-        self.chains: List[Tuple[Tuple[_Stage, ...], Optional[int], List[Tuple[str, int]]]] = []
+        # slice of a concatenation, the layer whose output they gate or None)
+        self.chains: List[Tuple[Tuple[_Stage, ...], Optional[int], List[Tuple[str, int]], Optional[str]]] = []
 
     def stream(self, name: str) -> int:
         self.names.append(name)
         self.writers.append([])
+        self.followers.append([])
         self.readers.append([])
         return len(self.names) - 1
 
     def chain(self, paths: Sequence[str], stream: Optional[int] = None) -> Tuple[Tuple[_Stage, ...], List]:
-        """The chain of the leaves under ``paths``, adding into ``stream``; (its stages, the list of
-        (reader, offset) that read its output as a concatenation's slice, to fill)."""
-        stages = _stages(self.model, [p for path in paths for p in _leaf_paths(self.model, path)])
+        """The chain of the leaves under ``paths``, adding into ``stream`` (its last stage that is
+        not depthwise writes it; depthwise ones after that follow its channels), then a chain for
+        each squeeze-excitation in it; (its stages, the list of (reader, offset) that read its
+        output as a concatenation's slice, to fill)."""
+        leaves = [p for path in paths for p in _leaf_paths(self.model, path)]
+        stages = _stages(self.model, leaves)
         sliced: List[Tuple[str, int]] = []
-        self.chains.append((stages, stream, sliced))
+        self.chains.append((stages, stream, sliced, None))
         if stream is not None:
-            self.writers[stream].append(stages[-1])
+            writer = max((i for i, stage in enumerate(stages) if not _depthwise(self.model.get_submodule(stage.layer))),
+                         default=0)
+            self.writers[stream].append(stages[writer])
+            self.followers[stream].extend(stages[writer + 1:])
+        for k, leaf in enumerate(leaves):
+            if _squeeze_excitation(self.model.get_submodule(leaf)):
+                gated = _stages(self.model, leaves[:k])
+                if not gated:
+                    raise ValueError(f"{leaf} gates no layer's output that net2net can see")
+                self.chains.append((_stages(self.model, _leaf_paths(self.model, leaf)), None, [], gated[-1].layer))
         return stages, sliced
 
     def read(self, stream: int, layer: str, offset: Optional[int] = None) -> None:
@@ -197,24 +236,25 @@ class _ResidualGraph:
             self.read(reads, layer, offset)
         return stream, firsts
 
-    def result(self, head: str) -> Tuple[List[_Segment], List[_Stream]]:
-        segments = [_Segment(stages, None if s is None else self.names[s], tuple(sliced))
-                    for stages, s, sliced in self.chains]
-        return segments + [_Segment((_Stage(head),))], [
-            _Stream(n, tuple(w), tuple(r)) for n, w, r in zip(self.names, self.writers, self.readers)]
+    def result(self) -> Tuple[List[_Segment], List[_Stream]]:
+        segments = [_Segment(stages, None if s is None else self.names[s], tuple(sliced), gates)
+                    for stages, s, sliced, gates in self.chains]
+        return segments, [_Stream(n, tuple(w), tuple(r), tuple(f))
+                          for n, w, r, f in zip(self.names, self.writers, self.readers, self.followers)]
 
 
 def _residual_graph(model: nn.Module, stem: str, blocks: Sequence[Tuple[str, str, Sequence[str], Sequence[str]]],
                     head: str) -> Tuple[List[_Segment], List[_Stream]]:
     # ``blocks``: per block in forward order, (the stream it adds into, its path prefix, its
-    # shortcut's parts (none: the identity), its branch's parts)
+    # shortcut's parts (none: the identity), its branch's parts); ``head``: the chain reading the
+    # last stream (a Linear, or X3D's head: its projected pool's two convs, then proj)
     graph = _ResidualGraph(model)
     stream = graph.stream("stem")
     graph.chain([stem], stream)
     for name, prefix, shortcut, branch in blocks:
         stream, _ = graph.block(stream, name, prefix, shortcut, branch)
-    graph.read(stream, head)
-    return graph.result(head)
+    graph.read(stream, graph.chain([head])[0][0].layer)
+    return graph.result()
 
 
 def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
@@ -227,18 +267,23 @@ def _resnet_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
 
 def _resnet3d_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
     # a ResBlock of a ResStage: branch1_conv → branch1_norm (where the shape changes), then the
-    # bottleneck branch2; the temporal pool after stage 1 (I3D, C2D) acts per channel
+    # bottleneck branch2; the temporal pool after stage 1 (I3D, C2D) acts per channel. X3D's too:
+    # its stem's depthwise conv follows the conv before it, a bottleneck's squeeze-excitation
+    # gates conv_b's channels, and its head's ProjectedPool convs come before proj.
     from .models.resnet3d import ResStage
 
     blocks = [(f"blocks.{i}", f"blocks.{i}.res_blocks.{index}.", _shortcut_parts(block), ["branch2"])
               for i, stage in enumerate(model.blocks) if isinstance(stage, ResStage)
               for index, block in enumerate(stage.res_blocks)]
-    return _residual_graph(model, "blocks.0", blocks, f"blocks.{len(model.blocks) - 1}.proj")
+    return _residual_graph(model, "blocks.0", blocks, f"blocks.{len(model.blocks) - 1}")
 
 
 def _shortcut_parts(block: nn.Module) -> List[str]:
-    """A PyTorchVideo ResBlock's projection shortcut parts (none for an identity shortcut)."""
-    return ["branch1_conv", "branch1_norm"] if block.branch1_conv is not None else []
+    """A PyTorchVideo ResBlock's projection shortcut parts (none for an identity shortcut; X3D's
+    stage 1 projects without a BatchNorm)."""
+    if block.branch1_conv is None:
+        return []
+    return ["branch1_conv"] + (["branch1_norm"] if block.branch1_norm is not None else [])
 
 
 def _slowfast_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
@@ -273,10 +318,10 @@ def _slowfast_graph(model: nn.Module) -> Tuple[List[_Segment], List[_Stream]]:
         if isinstance(block.multipathway_fusion, FuseFastToSlow):
             stages, fused = graph.chain([f"blocks.{i}.multipathway_fusion"])
             graph.read(streams[1], stages[0].layer)
-    head = f"blocks.{len(model.blocks) - 1}.proj"
+    head = graph.chain([f"blocks.{len(model.blocks) - 1}.proj"])[0][0].layer
     graph.read(streams[0], head, 0)
     graph.read(streams[1], head, graph.width(streams[0]))
-    return graph.result(head)
+    return graph.result()
 
 
 def _s3d_graph(model: nn.Module) -> List[_Segment]:
@@ -342,7 +387,8 @@ def _followers(model: nn.Module, seg: _Segment, index: int) -> Tuple[Tuple[_Stag
 def widenable_layers(model: nn.Module) -> List[str]:
     """The layers ``wider`` grows one at a time for ``model``, in forward order (see
     ``residual_streams`` for the layers of a video ResNet that only grow together). A depthwise
-    conv is not one: it grows with the layer before it."""
+    conv is not one: it grows with the layer before it; nor is a squeeze-excitation's last conv,
+    which grows with the layer whose channels it gates (its first conv is one)."""
     found = []
     for seg in _segments(model):
         for i, stage in enumerate(seg.stages):
@@ -353,35 +399,60 @@ def widenable_layers(model: nn.Module) -> List[str]:
 
 
 def residual_streams(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
-    """The residual streams of a video ResNet, ResNet3D or SlowFast ``model`` (empty for other
-    models), in forward order: stream name (``"layer1"`` … ``"layer4"``, ``"blocks.N"``, SlowFast's
-    ``"blocks.N.multipathway_blocks.P"``: the stage (or stem) whose blocks add into it; the stem
-    writes into ``"layer1"``, or into ``"stem"`` where stage 1 starts with a projection) → the
-    layers writing into it, which ``wider_group`` grows together."""
-    return {s.name: tuple(w.layer for w in s.writers) for s in _graph(model)[1]}
+    """The residual streams of a video ResNet, ResNet3D, SlowFast or X3D ``model`` (empty for
+    other models), in forward order: stream name (``"layer1"`` … ``"layer4"``, ``"blocks.N"``,
+    SlowFast's ``"blocks.N.multipathway_blocks.P"``: the stage (or stem) whose blocks add into it;
+    the stem writes into ``"layer1"``, or into ``"stem"`` where stage 1 starts with a projection)
+    → the layers writing into it (then the depthwise convs following a writer's channels: X3D's
+    stem's second conv), which ``wider_group`` grows together."""
+    return {s.name: tuple(w.layer for w in (*s.writers, *s.followers)) for s in _graph(model)[1]}
 
 
 def _find_stream(model: nn.Module, name: str) -> _Stream:
-    """The residual stream called ``name`` or written by layer ``name``, or ValueError."""
+    """The residual stream called ``name`` or written by layer ``name`` (or a depthwise conv
+    following a writer), or ValueError."""
     streams = _graph(model)[1]
+    members = {s.name: [w.layer for w in (*s.writers, *s.followers)] for s in streams}
     for stream in streams:
-        if name == stream.name or name in (w.layer for w in stream.writers):
+        if name == stream.name or name in members[stream.name]:
             return stream
     if not streams:
         raise ValueError(f"{type(model).__name__} has no residual streams; grow its layers one at a time "
                          f"with wider: {', '.join(widenable_layers(model))}")
     raise ValueError(
         f"unknown residual stream {name!r} in {type(model).__name__}: give a stream "
-        f"({', '.join(s.name for s in streams)}) or a layer writing into one "
-        f"({', '.join(w.layer for s in streams for w in s.writers)})"
+        f"({', '.join(members)}) or a layer writing into one ({', '.join(w for m in members.values() for w in m)})"
     )
 
 
-def _link(model: nn.Module,
-          layer: str) -> Tuple[_Stage, Tuple[_Stage, ...], Tuple[Tuple[str, Optional[int]], ...]]:
-    """(the stage of ``layer``, the depthwise stages that follow its channels, the layers that
-    consume their output), or ValueError. Each consumer comes with the channel offset where it
-    reads that output in a concatenation, or None where it reads nothing else (see ``_grow``)."""
+def _squeeze_excitations(segments: Sequence[_Segment],
+                         stages: Sequence[_Stage]) -> Tuple[Tuple[_Stage, ...], Tuple[Tuple[str, None], ...]]:
+    """The squeeze-excitations gating the outputs of ``stages``: (their last stages, whose output
+    units are the gates of those channels; their first layers, which read those channels)."""
+    gated = {stage.layer for stage in stages}
+    found = [seg for seg in segments if seg.gates in gated]
+    return tuple(seg.stages[-1] for seg in found), tuple((seg.stages[0].layer, None) for seg in found)
+
+
+def _grown_with(model: nn.Module, segments: Sequence[_Segment], layer: str) -> str:
+    """How ``layer``'s output channels grow: with the call that grows the last layer before it that
+    is not depthwise (its own where it is not depthwise)."""
+    seg, i = next((seg, i) for seg in segments for i, stage in enumerate(seg.stages) if stage.layer == layer)
+    while i > 0 and _depthwise(model.get_submodule(seg.stages[i].layer)):
+        i -= 1
+    if _depthwise(model.get_submodule(seg.stages[i].layer)):
+        return "the layers that write its input"
+    if seg.stream is not None and _followers(model, seg, i)[1] == len(seg.stages):
+        return f"wider_group(model, {seg.stream!r}, width)"
+    return f"wider(model, {seg.stages[i].layer!r}, width)"
+
+
+def _link(model: nn.Module, layer: str) -> Tuple[_Stage, Tuple[_Stage, ...], Tuple[_Stage, ...],
+                                                  Tuple[Tuple[str, Optional[int]], ...]]:
+    """(the stage of ``layer``, the depthwise stages that follow its channels, the last stages of
+    the squeeze-excitations gating those channels, the layers that consume them), or ValueError.
+    Each consumer comes with the channel offset where it reads that output in a concatenation, or
+    None where it reads nothing else (see ``_grow``); a squeeze-excitation's first layer is one."""
     segments, streams = _graph(model)
     for seg in segments:
         for i, stage in enumerate(seg.stages):
@@ -389,24 +460,30 @@ def _link(model: nn.Module,
                 continue
             module = model.get_submodule(layer)
             if _depthwise(module):
-                before = (f"wider(model, {seg.stages[i - 1].layer!r}, width)" if i > 0 else
-                          "the layers that write its input")
                 raise ValueError(
                     f"{layer!r} is a depthwise Conv3d (groups={module.groups}): each of its channels is its "
-                    f"input's, so it grows with the layer before it, not on its own: {before}"
+                    f"input's, so it grows with the layer before it, not on its own: "
+                    f"{_grown_with(model, segments, layer)}"
                 )
             followers, end = _followers(model, seg, i)
+            gates, squeezes = _squeeze_excitations(segments, (stage, *followers))
             if end < len(seg.stages):
-                return stage, followers, ((seg.stages[end].layer, None),)
+                return stage, followers, gates, ((seg.stages[end].layer, None), *squeezes)
             if seg.readers:
-                return stage, followers, seg.readers
+                return stage, followers, gates, (*seg.readers, *squeezes)
             if seg.stream is not None:
                 stream = next(s for s in streams if s.name == seg.stream)
                 others = ", ".join(w.layer for w in stream.writers if w.layer != layer)
+                tied = f"{others} and to the layers reading it" if others else "the layers reading it"
                 raise ValueError(
                     f"{layer!r} writes into the residual stream {stream.name!r}: its output channels are "
-                    f"tied to {others} and to the layers reading the stream; grow them all together with "
-                    f"wider_group(model, {stream.name!r}, width)"
+                    f"tied to {tied}; grow them all together with wider_group(model, {stream.name!r}, width)"
+                )
+            if seg.gates is not None:
+                raise ValueError(
+                    f"{layer!r} is the last conv of a squeeze-excitation: its outputs gate the channels of "
+                    f"{seg.gates!r} one to one, so they grow with those, not on their own: "
+                    f"{_grown_with(model, segments, seg.gates)}"
                 )
             raise ValueError(
                 f"{layer!r} is the output layer of {type(model).__name__}: no following layer "
@@ -547,8 +624,12 @@ def wider(model: nn.Module, layer: str, width: int, *, noise: float = 0.0,
     changes slightly); the default is exact. ``optimizer``'s parameters and state are rewritten
     to match (see ``_optimizer_commit``); gradients are not carried over.
 
-    A depthwise Conv3d after ``layer`` (CSN's conv_b after conv_a) grows with it: its channel
-    ``j`` is a copy of channel ``g(j)`` (filter and BatchNorm), and the layer after it is divided.
+    A depthwise Conv3d after ``layer`` (CSN's and X3D's conv_b after conv_a) grows with it: its
+    channel ``j`` is a copy of channel ``g(j)`` (filter and BatchNorm), and the layer after it is
+    divided. A squeeze-excitation on those channels (X3D's, after conv_b's BatchNorm) reads them
+    (its first conv's incoming weights divided) and gates them (its last conv's output unit ``j``,
+    weights and bias, a copy of ``g(j)``'s). Its first conv (``"...norm_b.1.block.0"``) may be
+    widened too: the last one's inputs are divided.
 
     ``layer`` may also name a residual stream of a video ResNet (``"layer1"`` … ``"layer4"``; a
     ResNet3D's ``"stem"``, ``"blocks.1"`` …): that is ``wider_group(model, layer, width, ...)``.
@@ -561,8 +642,8 @@ def wider(model: nn.Module, layer: str, width: int, *, noise: float = 0.0,
     """
     if layer in residual_streams(model):
         return wider_group(model, layer, width, noise=noise, generator=generator, optimizer=optimizer)
-    stage, followers, consumers = _link(model, layer)
-    return _grow(model, repr(layer), (stage,), consumers, width, noise, generator, optimizer, followers)
+    stage, followers, gates, consumers = _link(model, layer)
+    return _grow(model, repr(layer), (stage,), consumers, width, noise, generator, optimizer, followers, gates)
 
 
 def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0,
@@ -575,7 +656,9 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
     writes into ``"layer1"``) or any layer writing into it (``"stem.0"``,
     ``"layer2.0.downsample.0"``, ``"layer3.1.conv2.0"``, R(2+1)D's ``"stem.3"`` …). A ResNet3D's
     streams are ``"stem"`` (its stage 1 starts with a projection) and ``"blocks.N"`` for each
-    stage, written by its first block's ``branch1_conv`` and every block's ``branch2.conv_c``;
+    stage, written by its first block's ``branch1_conv`` and every block's ``branch2.conv_c``
+    (X3D's alike: its stem's ``conv.conv_t`` writes ``"stem"``, the depthwise ``conv.conv_xy``
+    and ``norm`` following its channels; its head's ``pool.pre_conv`` reads ``"blocks.4"``);
     SlowFast's are each pathway's stem and stages (readers that take the stream as a slice of a
     concatenation have only that slice divided). Every writer
     (the stem's last conv or the downsample shortcut that starts the stream, and each block's
@@ -590,18 +673,21 @@ def wider_group(model: nn.Module, stream: str, width: int, *, noise: float = 0.0
     streams, an unknown stream, or a width not larger than the current one.
     """
     found = _find_stream(model, stream)
-    return _grow(model, f"residual stream {found.name!r}", found.writers, found.readers, width, noise, generator,
-                 optimizer)
+    gates, squeezes = _squeeze_excitations(_segments(model), (*found.writers, *found.followers))
+    return _grow(model, f"residual stream {found.name!r}", found.writers, (*found.readers, *squeezes), width, noise,
+                 generator, optimizer, found.followers, gates)
 
 
 def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
           consumers: Sequence[Tuple[str, Optional[int]]], width: int, noise: float,
           generator: Optional[torch.Generator], optimizer: Optional[torch.optim.Optimizer],
-          followers: Sequence[_Stage] = ()) -> nn.Module:
+          followers: Sequence[_Stage] = (), gates: Sequence[_Stage] = ()) -> nn.Module:
     """Grow the layers of ``producers`` (all with the same units; each with its BatchNorm, if
     any) to ``width`` units with one shared replica mapping, and the depthwise convs of
     ``followers`` (reading the producers' output in turn) to ``width`` channels and groups with
-    it (filters copied, no noise), and divide the incoming weights of
+    it (filters copied, no noise), and the output units of ``gates`` (squeeze-excitation convs
+    whose outputs multiply those channels one to one) with it too (weights and biases copied, no
+    noise), and divide the incoming weights of
     every layer in ``consumers``: (path, None) reads exactly the producers' units (or, for a
     Linear after a flatten, groups of D·H·W columns per unit); (path, offset), a Conv3d, reads
     them as the channels (a Linear: the inputs) from ``offset`` of a concatenation, the others
@@ -609,7 +695,7 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
     ``what`` names the grown thing in errors. Validates everything before touching model or
     optimizer."""
     layers = {path: model.get_submodule(path)
-              for path in [s.layer for s in (*producers, *followers)] + [c for c, _ in consumers]}
+              for path in [s.layer for s in (*producers, *followers, *gates)] + [c for c, _ in consumers]}
     following = {s.layer for s in followers}
     for path, module in layers.items():
         if path in following and _depthwise(module):
@@ -618,7 +704,7 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
             raise ValueError(f"net2net grows plain nn.Conv3d (groups=1) and nn.Linear layers, and depthwise "
                              f"Conv3d after one; {path} is {module}")
     old = _units(layers[producers[0].layer])
-    for stage in (*producers[1:], *followers):
+    for stage in (*producers[1:], *followers, *gates):
         if _units(layers[stage.layer]) != old:
             raise ValueError(f"{stage.layer} has {_units(layers[stage.layer])} output units, not the {old} "
                              f"of {producers[0].layer}, so {what} cannot grow as one")
@@ -661,7 +747,7 @@ def _grow(model: nn.Module, what: str, producers: Sequence[_Stage],
     norm_remaps: Dict[str, Remap] = {"weight": replicate, "bias": replicate,
                                      "running_mean": replicate, "running_var": replicate}
     rewrites = []  # (path, module, its grown replacement, remaps)
-    for stage in producers:
+    for stage in (*producers, *gates):  # a gate's output unit j gates channel j: it copies g(j)'s
         producer = layers[stage.layer]
         rewrites.append((stage.layer, producer, _resized(producer, out_units=width),
                          {"weight": replicate, "bias": replicate}))
@@ -766,7 +852,10 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     conv's kernel and inner width, its middle conv's kernel and groups: CSN's is depthwise; stride
     1, identity shortcut) goes into the stage's ``res_blocks`` right after it (later blocks move up
     one index), PyTorchVideo's initialisation, its last BatchNorm γ = β = 0: exact as for the
-    video ResNets.
+    video ResNets. X3D (x3d_xs … x3d_l; ``after``: ``"blocks.2.res_blocks.3"``): likewise, the
+    new block an X3D block (1×1×1 conv_a → BN → ReLU → depthwise 3×3×3 conv_b → BN → Swish →
+    1×1×1 conv_c → BN) of the stream's width and the inner width of the block before it, without
+    squeeze-excitation.
 
     S3D (``after``: a Conv3dNormActivation inside a Sequential: ``"features.2"``, a separable
     conv's half ``"features.3.1"``, a branch's ``"features.5.branch1.0"``; not ``branch0``, which
@@ -785,6 +874,7 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
     from .models.resnet3d import ResNet3D, SlowFast
     from .models.separable_inception import S3D
     from .models.video_resnet import VideoResNet
+    from .models.x3d import X3D
 
     if isinstance(model, C3D):
         insertion = _c3d_insertion(model, after, data, name)
@@ -794,10 +884,10 @@ def deeper(model: nn.Module, after: str, *, optimizer: Optional[torch.optim.Opti
         insertion = _convcolumn_insertion(model, after, data, name)
     elif isinstance(model, S3D):
         insertion = _s3d_insertion(model, after, data, name)
-    elif isinstance(model, (ResNet3D, SlowFast)):
+    elif isinstance(model, (ResNet3D, SlowFast, X3D)):
         insertion = _resnet3d_insertion(model, after, name, generator)
     else:
-        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn, VideoResNet, S3D, ResNet3D and SlowFast "
+        raise ValueError(f"deeper supports the zoo's C3D, ConvColumn, VideoResNet, S3D, ResNet3D, SlowFast and X3D "
                          f"models, not {type(model).__name__}")
     group = None
     if optimizer is not None:
@@ -985,6 +1075,7 @@ def _resnet_insertion(model: nn.Module, after: str, name: Optional[str],
 def _resnet3d_insertion(model: nn.Module, after: str, name: Optional[str],
                         generator: Optional[torch.Generator]) -> _Insertion:
     from .models.resnet3d import ResBlock, ResStage
+    from .models.x3d import X3D, x3d_res_block
 
     blocks = [f"{path}.res_blocks.{bi}" for path, stage in model.named_modules() if isinstance(stage, ResStage)
               for bi in range(len(stage.res_blocks))]  # ResNet3D's stages, or SlowFast's pathways' stages
@@ -996,9 +1087,14 @@ def _resnet3d_insertion(model: nn.Module, after: str, name: Optional[str],
     _fixed_path(name, f"{stage_name}.{index + 1}")
     block = stage[index]
     branch = block.branch2
-    # the block before it, at the stream's width (a copy of its kernels and inner width)
-    new = ResBlock(branch.conv_c.out_channels, branch.conv_a.out_channels, branch.conv_c.out_channels,
-                   branch.conv_a.kernel_size, 1, branch.conv_b.kernel_size, branch.conv_b.groups)
+    channels, inner = branch.conv_c.out_channels, branch.conv_a.out_channels
+    if isinstance(model, X3D):
+        # an X3D block without squeeze-excitation (as every other one is): the branch adds
+        # exactly 0 either way, and this is the simpler of the two, with no SE to grow along
+        new = x3d_res_block(channels, inner, channels, (1, 1, 1), se_channels=0)
+    else:  # the block before it, at the stream's width (a copy of its kernels and inner width)
+        new = ResBlock(channels, inner, channels, branch.conv_a.kernel_size, 1, branch.conv_b.kernel_size,
+                       branch.conv_b.groups)
     # PyTorchVideo's initialisation (BatchNorms: γ = 1, β = 0 from construction)
     return _zero_branch_insertion(new, new.branch2.norm_c, block, branch.conv_c, branch.conv_a,
                                   lambda: stage.insert(index + 1, new), generator)
