@@ -16,6 +16,7 @@ import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
 from c3dzoo.models.resnet3d import ResNetBasicHead, ResStage
+from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
 
@@ -341,14 +342,7 @@ def _cut_csn(classes: int) -> nn.Module:
     model = c3dzoo.csn_r101(num_classes=classes)
     for index, count in enumerate((2, 1, 1, 1), 1):
         model.blocks[index] = ResStage(list(model.blocks[index].res_blocks[:count]))
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, bn in model.named_modules():
-            if isinstance(bn, nn.BatchNorm3d):
-                bn.running_mean.uniform_(-0.2, 0.2, generator=gen), bn.running_var.uniform_(0.5, 1.5, generator=gen)
-                bn.weight.fill_(0.5)
-                sign = torch.randint(0, 2, (bn.num_features,), generator=gen) * 2 - 1
-                bn.bias.copy_(3.0 if name.endswith(("norm_c", "branch1_norm")) else 3.0 * sign)
+    condition_batch_norms(model)
     return model
 
 

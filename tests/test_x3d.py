@@ -18,6 +18,7 @@ from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
 from c3dzoo.models import x3d
 from c3dzoo.models.resnet3d import ResStage
+from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
 from test_data_folders import make_video
@@ -133,17 +134,12 @@ def _cut_x3d(classes: int) -> nn.Module:
     model = c3dzoo.x3d_xs(num_classes=classes, dropout=0.0)
     for index, count in enumerate((2, 1, 1, 1), 1):
         model.blocks[index] = ResStage(list(model.blocks[index].res_blocks[:count]))
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, bn in model.named_modules():
-            if isinstance(bn, nn.BatchNorm3d):
-                bn.running_mean.uniform_(-0.2, 0.2, generator=gen), bn.running_var.uniform_(0.5, 1.5, generator=gen)
-                bn.weight.fill_(0.5)
-                sign = torch.randint(0, 2, (bn.num_features,), generator=gen) * 2 - 1
-                bn.bias.copy_(3.0 if name.endswith(("norm_c", "branch1_norm")) else 3.0 * sign)
-            elif isinstance(bn, x3d.SqueezeExcitation):
-                for conv in (bn.block[0], bn.block[2]):
-                    conv.bias.uniform_(-0.5, 0.5, generator=gen)
+    condition_batch_norms(model)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the SE's biases too (initialised to zero)
+        for se in (m for m in model.modules() if isinstance(m, x3d.SqueezeExcitation)):
+            for conv in (se.block[0], se.block[2]):
+                conv.bias.uniform_(-0.5, 0.5, generator=gen)
     return model
 
 

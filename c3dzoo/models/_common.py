@@ -113,6 +113,16 @@ def call_chained(module: nn.Module, x, chain: Optional[Chain] = None):
     return module(x)
 
 
+def run_blocks(model: "FusableModel", x):
+    """``x`` through each of ``model.blocks`` in turn (PyTorchVideo's ``Net.forward``), with the
+    model's chain where it is fused; each block through ``nn.Module.__call__``, so its hooks run
+    fused or not."""
+    chain = model.chain if model.fused else None
+    for block in model.blocks:
+        x = call_chained(block, x, chain)
+    return x
+
+
 class ChainSequential(nn.Sequential):
     """An ``nn.Sequential`` (same children, same state_dict keys) that a fused zoo model calls with
     its chain: ``seq(x)`` is the stock Sequential, ``seq(x, chain=chain)`` runs its chains fused

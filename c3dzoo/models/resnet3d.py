@@ -29,7 +29,7 @@ import torch.fx
 from torch import nn
 
 from ._common import (AvgPool3dWithin, Chain, ChainSequential, FusableModel, add_residual_chained, call_chained,
-                      check_video_input, published_weights)
+                      check_video_input, published_weights, run_blocks)
 
 Tensor = torch.Tensor
 Kernel = Tuple[int, int, int]
@@ -253,10 +253,7 @@ class ResNet3D(FusableModel):
 
     def forward(self, x: Tensor) -> Tensor:
         check_video_input(x, self.blocks[0], self.min_input(), type(self).__name__)
-        chain = self.chain if self.fused else None
-        for block in self.blocks:  # each through nn.Module.__call__ (its hooks run), fused or not
-            x = call_chained(block, x, chain)
-        return x
+        return run_blocks(self, x)
 
 
 _STAGES = 4
@@ -388,11 +385,7 @@ class SlowFast(FusableModel):
         return [slow_frames(x, self.alpha), x]
 
     def forward(self, x) -> Tensor:
-        x = self._pathways(x)
-        chain = self.chain if self.fused else None
-        for block in self.blocks:  # each through nn.Module.__call__ (its hooks run), fused or not
-            x = call_chained(block, x, chain)
-        return x
+        return run_blocks(self, self._pathways(x))
 
 
 @published_weights

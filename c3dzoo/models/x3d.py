@@ -40,8 +40,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._common import (AvgPool3dWithin, ChainSequential, FusableModel, call_chained, check_video_input,
-                      published_weights)
+from ._common import AvgPool3dWithin, ChainSequential, FusableModel, check_video_input, published_weights, run_blocks
 from .resnet3d import BottleneckBlock, ResBlock, ResNetBasicHead, ResStage, _init_weights
 
 Tensor = torch.Tensor
@@ -213,10 +212,7 @@ class X3D(FusableModel):
 
     def forward(self, x: Tensor) -> Tensor:
         check_video_input(x, self.blocks[0], self.min_input(), type(self).__name__)
-        chain = self.chain if self.fused else None
-        for block in self.blocks:  # each through nn.Module.__call__ (its hooks run), fused or not
-            x = call_chained(block, x, chain)
-        return x
+        return run_blocks(self, x)
 
 
 # The builders: the hub's ``x3d_xs`` … ``x3d_l`` (pytorchvideo/models/hub/x3d.py) pass
