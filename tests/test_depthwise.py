@@ -366,10 +366,16 @@ def test_fuse_rewrites_depthwise_chains():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("channels,spatial,stride", [(64, (16, 56, 56), 1), (256, (8, 28, 28), 2), (512, (4, 14, 14), 1)])
-def test_csn_layer_shapes_on_gpu(channels, spatial, stride, dtype):
-    """CSN R101's depthwise conv_b at its real sizes (batch 8, channels_last_3d), training step:
-    output, gradients and running statistics within the parity budget."""
+@pytest.mark.parametrize("channels,spatial,stride,activation", [
+    # CSN R101's (32 × 224 × 224 clips): ReLU after the BN
+    (64, (16, 56, 56), 1, "relu"), (256, (8, 28, 28), 2, "relu"), (512, (4, 14, 14), 1, "relu"),
+    # X3D-M's (16 × 224 × 224 clips): SiLU after the BN where the block has no squeeze-excitation;
+    # each stage's first conv_b strides space only
+    (54, (16, 112, 112), (1, 2, 2), "silu"), (216, (16, 14, 14), 1, "silu"),
+    (432, (16, 14, 14), (1, 2, 2), "silu")])
+def test_depthwise_layer_shapes_on_gpu(channels, spatial, stride, activation, dtype):
+    """CSN R101's and X3D-M's depthwise conv_b at their real sizes (batch 8, channels_last_3d),
+    training step: output, gradients and running statistics within the parity budget."""
     results = {}
     g = torch.Generator().manual_seed(0)
     x64 = torch.randn(8, channels, *spatial, generator=g, dtype=torch.float64).cuda()
@@ -377,7 +383,8 @@ def test_csn_layer_shapes_on_gpu(channels, spatial, stride, dtype):
         conv, bn = _layer(channels, (3, 3, 3), stride, 1, MODES["train"], dt)
         conv = conv.to(memory_format=torch.channels_last_3d)
         x = x64.to(dt).detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
-        out = conv_bn_act(x, conv, bn, "relu", backend="triton") if fused else F.relu(bn(conv(x)))
+        stock_act = {"relu": F.relu, "silu": F.silu}[activation]
+        out = conv_bn_act(x, conv, bn, activation, backend="triton") if fused else stock_act(bn(conv(x)))
         results[key] = (out, x, conv, bn)
     dy = torch.randn(results["ref"][0].shape, generator=g, dtype=torch.float64).cuda()
     for out, *_ in results.values():
