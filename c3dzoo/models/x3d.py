@@ -31,8 +31,6 @@ covers all of a dimension its window does not fit, so clips smaller than the one
 for run; where the window fits, the result is PyTorchVideo's.
 """
 
-from __future__ import annotations
-
 import math
 from collections import OrderedDict
 from typing import Optional, Tuple
