@@ -248,7 +248,10 @@ def test_weight_cache_invalidated_by_in_place_updates():
                   stock(x, p, dtype=torch.float64, **geometry), dtype, "after weight.add_")
 
 
-def test_weight_cache_is_bounded_and_drops_dead_weights():
+def test_weight_cache_is_bounded_and_drops_dead_weights(monkeypatch):
+    # a small bound for the test: the real one (thousands of layers) would take thousands of
+    # interpreted launches
+    monkeypatch.setattr(_cache(), "capacity", 6)
     dtype = torch.float32
     x = torch.randn(1, 3, 1, 3, 3, device=DEVICE)
     geometry = dict(stride=1, padding=0, dilation=1, activation="relu", negative_slope=0.0, pool=None)

@@ -17,7 +17,7 @@ import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
 from c3dzoo.models import x3d
-from c3dzoo.models.resnet3d import ResStage
+from c3dzoo.models.resnet3d import ResNetBasicHead, ResStage
 from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
@@ -125,15 +125,19 @@ def test_logits_by_default_and_small_clips():
 
 
 def _cut_x3d(classes: int) -> nn.Module:
-    """X3D-XS with 2, 1, 1, 1 blocks (every kind of layer it has: the stem's bare 1×3×3 conv and
-    depthwise 5×1×1 conv; stage 1's BN-less projection, the others' with a BN; depthwise 3×3×3
-    conv_b striding space and not, followed by a BN and an SE or by a BN and Swish directly; the
-    projected head pool), its BatchNorms conditioned as test_models_zoo's ``_condition`` does
-    (γ = 0.5, β = ±3; +3 before a residual add), so no ReLU input lies within rounding of its kink
-    and fp32 gradients compare tightly."""
+    """X3D-XS cut to stages 1 and 2 of 2 and 1 blocks, and a head over stage 2's channels (every
+    kind of layer it has: the stem's bare 1×3×3 conv and depthwise 5×1×1 conv; stage 1's BN-less
+    projection, stage 2's with a BN; depthwise 3×3×3 conv_b striding space and not, followed by a
+    BN and an SE or by a BN and Swish directly; the projected head pool), its BatchNorms
+    conditioned as test_models_zoo's ``_condition`` does (γ = 0.5, β = ±3; +3 before a residual
+    add), so no ReLU input lies within rounding of its kink and fp32 gradients compare tightly."""
     model = c3dzoo.x3d_xs(num_classes=classes, dropout=0.0)
-    for index, count in enumerate((2, 1, 1, 1), 1):
-        model.blocks[index] = ResStage(list(model.blocks[index].res_blocks[:count]))
+    stage2 = model.blocks[2].res_blocks[0]
+    head = ResNetBasicHead(x3d.HEAD_DIM_OUT, classes, None, 0.0,
+                           pool=x3d.ProjectedPool(stage2.branch2.conv_c.out_channels, 108, x3d.HEAD_DIM_OUT,
+                                                  (1, 4, 4)))
+    model.blocks = nn.ModuleList([model.blocks[0], ResStage(list(model.blocks[1].res_blocks[:2])),
+                                  ResStage([stage2]), head])
     condition_batch_norms(model)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():  # the SE's biases too (initialised to zero)
