@@ -127,8 +127,8 @@ def test_launchers_reject_a_wrong_packed_weight():
 def test_weight_gradient_splits_sum_in_a_fixed_order():
     """Several position splits (the GPU plan) sum to the one-split result; a second run repeats it
     bit for bit (no atomics: the partials are reduced by one torch sum)."""
-    x, w, _ = _inputs(5, (3, 3, 3), (2, 4, 6, 6), torch.float32)
-    dy = torch.randn(2, 5, 4, 6, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    x, w, _ = _inputs(5, (3, 3, 3), (2, 3, 4, 4), torch.float32)
+    dy = torch.randn(2, 5, 3, 4, 4, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     geometry = _geometry(1, 1, 1, (3, 3, 3))
     small = D.DepthwiseConfig(16, 16, num_warps=4)
     plan = D.plan_depthwise_wgrad_launch(tuple(x.shape), tuple(dy.shape), **geometry, device=torch.device("cuda"),
