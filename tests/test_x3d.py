@@ -203,17 +203,25 @@ def test_fine_tuning_helpers_know_its_head():
     assert transfer.head_name(fused) == "blocks.5.proj" and transfer.model_layers(fused)[-1] == "blocks.5"
 
 
-def test_train_and_extract_features_on_the_command_line(tmp_path, capsys):
-    """The main job with --model x3d_xs, fused (cross-entropy on its logits); then features from
-    its checkpoint default to the head's pool, averaged over positions as the head does."""
+def test_train_grow_and_extract_features_on_the_command_line(tmp_path, capsys):
+    """The main job with --model x3d_xs, fused (cross-entropy on its logits), growing a stage's
+    stream, a block's conv_a (its depthwise conv_b and squeeze-excitation with it) and inserting a
+    block (the checkpoint replays all three); then features from its checkpoint default to the
+    head's pool, averaged over positions as the head does."""
     out = tmp_path / "run"
-    assert cli.main(["train", "--model", "x3d_xs", "--epochs", "1", "--train-samples", "8", "--val-samples", "4",
+    assert cli.main(["train", "--model", "x3d_xs", "--epochs", "2", "--train-samples", "8", "--val-samples", "4",
                      "--batch-size", "4", "--num-classes", "3", "--frames", "4", "--size", "32", "--device", "cpu",
-                     "--no-progress", "--out", str(out)]) == 0
-    assert "training x3d_xs" in capsys.readouterr().out
+                     "--no-progress", "--grow", "1:wider=blocks.1*1.5,1:wider=blocks.2.res_blocks.0.branch2.conv_a*1.5,"
+                     "1:deeper=blocks.3.res_blocks.0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training x3d_xs" in printed and "wider blocks.1 24 -> 36 units" in printed
     checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     model = ckpt.stock_model(checkpoint)
     assert type(model).__name__ == "X3D" and model.blocks[5].proj.out_features == 3
+    grown = model.blocks[2].res_blocks[0].branch2
+    assert model.blocks[1].res_blocks[0].branch2.conv_c.out_channels == 36
+    assert grown.conv_b.groups == grown.norm_b[1].block[2].out_channels == 162
+    assert len(model.blocks[3].res_blocks) == 12
     path = tmp_path / "features.pt"
     assert cli.main(["features", "--checkpoint", str(out / "last.pt"), "--synthetic", "3", "--frames", "4",
                      "--size", "32", "--out", str(path), "--device", "cpu"]) == 0
