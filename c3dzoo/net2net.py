@@ -1074,7 +1074,7 @@ def _resnet_insertion(model: nn.Module, after: str, name: Optional[str],
 
 def _resnet3d_insertion(model: nn.Module, after: str, name: Optional[str],
                         generator: Optional[torch.Generator]) -> _Insertion:
-    from .models.resnet3d import ResBlock, ResStage
+    from .models.resnet3d import Conv2plus1d, ResBlock, ResStage
     from .models.x3d import X3D, x3d_res_block
 
     blocks = [f"{path}.res_blocks.{bi}" for path, stage in model.named_modules() if isinstance(stage, ResStage)
@@ -1092,6 +1092,10 @@ def _resnet3d_insertion(model: nn.Module, after: str, name: Optional[str],
         # an X3D block without squeeze-excitation (as every other one is): the branch adds
         # exactly 0 either way, and this is the simpler of the two, with no SE to grow along
         new = x3d_res_block(channels, inner, channels, (1, 1, 1), se_channels=0)
+    elif isinstance(branch.conv_b, Conv2plus1d):  # R(2+1)D's: a (2+1)D conv_b of the same kernels
+        conv_t, conv_xy = branch.conv_b.conv_t, branch.conv_b.conv_xy
+        new = ResBlock(channels, inner, channels, branch.conv_a.kernel_size, 1,
+                       (conv_t.kernel_size[0], *conv_xy.kernel_size[1:]), separable_b=True)
     else:  # the block before it, at the stream's width (a copy of its kernels and inner width)
         new = ResBlock(channels, inner, channels, branch.conv_a.kernel_size, 1, branch.conv_b.kernel_size,
                        branch.conv_b.groups)

@@ -184,6 +184,8 @@ _VIDEO_MODELS = {
     "jester_convcolumn": (lambda: c3dzoo.jester_convcolumn(num_classes=3), (2, 3, 18, 84, 84)),
     "s3d": (lambda: c3dzoo.s3d(num_classes=3), (2, 3, 8, 32, 32)),
     "i3d_r50": (lambda: c3dzoo.i3d_r50(num_classes=3), (2, 3, 4, 32, 32)),
+    # every bottleneck's conv_b a Conv2plus1d container
+    "r2plus1d_r50": (lambda: c3dzoo.r2plus1d_r50(num_classes=3), (2, 3, 4, 32, 32)),
     "slowfast_r50": (lambda: c3dzoo.slowfast_r50(num_classes=3), (1, 3, 4, 32, 32)),
     "x3d_xs": (lambda: c3dzoo.x3d_xs(num_classes=3), (2, 3, 4, 32, 32)),
 }

@@ -51,6 +51,10 @@ MODELS = {
     "slow_r50": ((2, 3, 4, 64, 64), 32_454_096, 53),
     "i3d_r50": ((2, 3, 4, 64, 64), 28_043_472, 53),
     "c2d_r50": ((2, 3, 4, 64, 64), 24_327_632, 53),
+    # R(2+1)D R50: stem 1 + 16 bottlenecks × 4 (its (2+1)D conv_b is two chains) + 4 shortcuts;
+    # no stem max-pool, every stage strides space and stages 3-4 time: 8 frames of 64 × 64 leave
+    # stage 4's BatchNorms 2 × 2 × 2 positions a clip
+    "r2plus1d_r50": ((2, 3, 8, 64, 64), 28_107_600, 69),
     # two pathways of 53 chains each, and 4 fusions (after the stems and stages 1-3); 4 frames for
     # the fast pathway, 1 for the slow one
     "slowfast_r50": ((2, 3, 4, 32, 32), 34_566_488, 110),

@@ -10,7 +10,7 @@ from c3dzoo import net2net
 from c3dzoo.models.c3d_family import _POOL_NAMES, C3D, c3d, c3d_bn
 from c3dzoo.models.jester import INPUT_SIZE as JESTER_SIZE
 from c3dzoo.models.jester import jester_convcolumn
-from c3dzoo.models.resnet3d import ResStage, csn_r101, i3d_r50, slow_r50, slowfast_r50
+from c3dzoo.models.resnet3d import ResStage, csn_r101, i3d_r50, r2plus1d_r50, slow_r50, slowfast_r50
 from c3dzoo.models.separable_inception import s3d
 from c3dzoo.models.video_resnet import mc3_18, r2plus1d_18, r3d_18
 from c3dzoo.ops.net2net_remap import (
@@ -1084,6 +1084,50 @@ def test_csn_grows_exactly_its_depthwise_convs_following_conv_a():
     assert grown_momentum.shape == (130, 1, 3, 3, 3) and torch.equal(grown_momentum[:128], momentum)
     assert any(torch.equal(grown_momentum[128], m) for m in momentum)
     x = resnet3d_clip(dtype=torch.float64)
+    assert_same_eval_then_train(grown, base, x, rtol=1e-10, train_rtol=1e-10)
+    fused = copy.deepcopy(grown).eval()
+    fused.fused = True
+    with torch.no_grad():
+        assert_same(fused(x), base.eval()(x), rtol=1e-10)
+
+
+def test_r2plus1d_r50_grows_both_halves_of_its_2plus1d_convs():
+    """R(2+1)D R50 (cut to 2, 1, 1, 1 blocks): conv_a, and each half of a (2+1)D conv_b on its own
+    (conv_t: its norm and conv_xy follow; conv_xy: norm_b and conv_c follow), every residual
+    stream as a group (the stem, without max-pool, writes the first); deeper inserts a block with
+    a (2+1)D conv_b of the same kernels. Exact in eval and train mode (float64); the fused forward
+    runs it; the optimizer follows."""
+    torch.manual_seed(0)
+    base = small_resnet3d(r2plus1d_r50)
+    for index, count in enumerate((2, 1, 1, 1), 1):
+        base.blocks[index] = ResStage(list(base.blocks[index].res_blocks[:count]))
+    base = base.double()
+    grown = copy.deepcopy(base)
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
+    layers = net2net.widenable_layers(grown)
+    branch = "blocks.2.res_blocks.0.branch2"
+    assert len(layers) == 15 and layers[3:6] == [f"blocks.1.res_blocks.1.branch2.{part}"
+                                                 for part in ("conv_a", "conv_b.conv_t", "conv_b.conv_xy")]
+    for i, layer in enumerate(layers):
+        net2net.wider(grown, layer, units(grown, layer) + 2, generator=gen(i), optimizer=opt)
+    conv_b = grown.get_submodule(f"{branch}.conv_b")
+    assert (conv_b.conv_t.in_channels, conv_b.conv_t.out_channels, conv_b.norm.num_features) == (130, 130, 130)
+    assert (conv_b.conv_xy.in_channels, conv_b.conv_xy.out_channels) == (130, 130)
+    assert grown.get_submodule(f"{branch}.norm_b").num_features == grown.get_submodule(f"{branch}.conv_c").in_channels \
+        == 130
+    streams = net2net.residual_streams(grown)
+    assert list(streams) == ["stem", "blocks.1", "blocks.2", "blocks.3", "blocks.4"]
+    assert streams["stem"] == ("blocks.0.conv",)
+    for i, stream in enumerate(streams):
+        net2net.wider_group(grown, stream, units(grown, streams[stream][0]) + 3, generator=gen(100 + i),
+                            optimizer=opt)
+    net2net.deeper(grown, "blocks.3.res_blocks.0", generator=gen(2), optimizer=opt)
+    new = grown.blocks[3].res_blocks[1].branch2.conv_b
+    assert type(new).__name__ == "Conv2plus1d" and new.conv_t.kernel_size == (3, 1, 1)
+    assert (new.conv_xy.kernel_size, new.conv_xy.stride, new.conv_xy.out_channels) == ((1, 3, 3), (1, 1, 1), 258)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in grown.parameters()}
+    # 8 frames of 64 × 64 (no stem max-pool: stage 4 sees 2 × 2 × 2 positions a clip)
+    x = torch.randn(2, 3, 8, 64, 64, generator=gen(0), dtype=torch.float64)
     assert_same_eval_then_train(grown, base, x, rtol=1e-10, train_rtol=1e-10)
     fused = copy.deepcopy(grown).eval()
     fused.fused = True

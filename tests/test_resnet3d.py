@@ -15,7 +15,7 @@ from torch import nn
 import c3dzoo
 from c3dzoo import checkpoint as ckpt
 from c3dzoo import cli, transfer
-from c3dzoo.models.resnet3d import ResNetBasicHead, ResStage
+from c3dzoo.models.resnet3d import ResBlock, ResNetBasicHead, ResStage
 from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
@@ -180,6 +180,112 @@ def test_train_grow_and_extract_features_on_the_command_line(tmp_path, capsys):
                      "--size", "32", "--out", str(path), "--device", "cpu"]) == 0
     saved = torch.load(path, weights_only=True)
     assert saved["layer"] == "blocks.5.pool" and saved["features"].shape == (3, 2048)
+
+
+# --------------------------------------------------------------------------------------------
+# R(2+1)D R50: (2+1)D conv_b, no stem max-pool
+# --------------------------------------------------------------------------------------------
+
+
+def test_r2plus1d_r50_matches_pytorchvideo():
+    """PyTorchVideo's hub r2plus1d_r50 (create_r2plus1d, dropout 0.5; its head ends in a softmax,
+    so ours with ``softmax=True``): keys, weights from a seed, the output bit for bit on the 16 ×
+    224 × 224 clips it was trained on; fused within fp32 rounding."""
+    r2plus1d = pytest.importorskip("pytorchvideo.models.r2plus1d", reason="pytorchvideo is not installed")
+    torch.manual_seed(0)
+    theirs = r2plus1d.create_r2plus1d(dropout_rate=0.5).eval()
+    torch.manual_seed(0)
+    ours = c3dzoo.r2plus1d_r50(softmax=True).eval()
+    assert [(tuple(m.kernel_size), tuple(m.stride)) for m in theirs.modules() if isinstance(m, nn.Conv3d)] == \
+        [(m.kernel_size, m.stride) for m in ours.modules() if isinstance(m, nn.Conv3d)]
+    x = torch.randn(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert_same_model(theirs, ours, x, [x])
+
+
+def test_r2plus1d_r50_layout_and_initialisation():
+    """What its published weights need without PyTorchVideo at hand: 28,107,600 parameters (as
+    pytorchvideo 0.1.5's r2plus1d_r50 counts), a stem without max-pool, conv_b a Conv2plus1d
+    (conv_t 3×1×1 striding time → norm → activation → conv_xy 1×3×3 striding space) in every
+    block, every stage's first block striding space (stages 3-4 time too) as its projection does,
+    a 4×7×7 head pool; logits unless ``softmax=True``."""
+    model = c3dzoo.r2plus1d_r50()
+    sd = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 28_107_600 and len(sd) == 416
+    assert sd["blocks.0.conv.weight"].shape == (64, 3, 1, 7, 7) and not hasattr(model.blocks[0], "pool")
+    assert list(sd)[-2:] == ["blocks.5.proj.weight", "blocks.5.proj.bias"]
+    assert [k for k in sd if k.startswith("blocks.1.res_blocks.0.branch2.conv_b.")] == [
+        "blocks.1.res_blocks.0.branch2.conv_b.conv_t.weight", "blocks.1.res_blocks.0.branch2.conv_b.norm.weight",
+        "blocks.1.res_blocks.0.branch2.conv_b.norm.bias", "blocks.1.res_blocks.0.branch2.conv_b.norm.running_mean",
+        "blocks.1.res_blocks.0.branch2.conv_b.norm.running_var",
+        "blocks.1.res_blocks.0.branch2.conv_b.norm.num_batches_tracked",
+        "blocks.1.res_blocks.0.branch2.conv_b.conv_xy.weight"]
+    for index, (inner, stride) in enumerate([(64, (1, 2, 2)), (128, (1, 2, 2)), (256, (2, 2, 2)), (512, (2, 2, 2))], 1):
+        first = model.blocks[index].res_blocks[0]
+        conv_b = first.branch2.conv_b
+        assert type(conv_b).__name__ == "Conv2plus1d" and type(conv_b.activation) is nn.ReLU
+        assert (conv_b.conv_t.kernel_size, conv_b.conv_t.stride, conv_b.conv_t.padding) == \
+            ((3, 1, 1), (stride[0], 1, 1), (1, 0, 0))
+        assert (conv_b.conv_xy.kernel_size, conv_b.conv_xy.stride, conv_b.conv_xy.padding) == \
+            ((1, 3, 3), (1, *stride[1:]), (0, 1, 1))
+        assert conv_b.conv_t.out_channels == conv_b.conv_xy.out_channels == inner
+        assert first.branch1_conv.stride == stride and torch.all(conv_b.norm.weight == 1)
+        assert torch.count_nonzero(first.branch2.norm_c.weight) == 0
+    head = model.blocks[5]
+    assert head.pool.kernel_size == (4, 7, 7) and head.dropout.p == 0.5 and head.activation is None
+    assert "(conv_b): Conv2plus1d(" in repr(model) and "ChainSequential" not in repr(model)
+    assert transfer.head_name(model) == "blocks.5.proj"
+    assert c3dzoo.cli.features.DEFAULT_LAYER["ResNet3D"](model) == "blocks.5.pool"
+    probabilities = c3dzoo.r2plus1d_r50(num_classes=5, softmax=True).eval()
+    with torch.no_grad():
+        out = probabilities(torch.randn(2, 3, 4, 32, 32))
+    assert type(probabilities.blocks[5].activation) is nn.Softmax
+    torch.testing.assert_close(out.sum(1), torch.ones(2))
+    # the smallest clip: every size 1 (the head's pool covers smaller features whole)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 1, 1, 1)).shape == (1, 400)
+
+
+def _cut_r2plus1d(classes: int) -> nn.Module:
+    """R(2+1)D R50 cut to stages 1-2 (2 and 1 blocks) and a head over their 512 channels, stage 2's
+    block rebuilt to stride time too, as stages 3-4 do: every kind of layer it has (the 1×7×7 stem
+    without max-pool, projection and identity shortcuts, (2+1)D conv_b striding space, and time
+    and space) at a quarter of its width's cost. BatchNorms conditioned as test_models_zoo's
+    ``_condition`` does."""
+    model = c3dzoo.r2plus1d_r50(num_classes=classes, dropout=0.0)
+    strided = ResBlock(256, 128, 512, (1, 1, 1), (2, 2, 2), (3, 3, 3), separable_b=True)
+    model.blocks = nn.ModuleList([model.blocks[0], ResStage(list(model.blocks[1].res_blocks[:2])), ResStage([strided]),
+                                  ResNetBasicHead(512, classes, (4, 7, 7), 0.0)])
+    condition_batch_norms(model)
+    return model
+
+
+def test_r2plus1d_r50_triton_backend_runs_its_2plus1d_chains():
+    """Under the interpreter on a CPU: the Triton kernels take every chain of the cut R(2+1)D,
+    conv_t → BN → ReLU deferring its BatchNorm to conv_xy's prologue in training, with nothing
+    falling back, and match the stock model in eval mode and in a training step (outputs,
+    gradients, running statistics)."""
+    skip_unless_triton_runs_cpu_tensors()
+    torch.manual_seed(0)
+    stock = _cut_r2plus1d(4)
+    fused = copy.deepcopy(stock)
+    fused.fused, fused.backend = True, "triton"
+    # 4 frames of 24 × 24: stage 2's BatchNorms see 2 × 3 × 3 positions a clip
+    x = torch.randn(2, 3, 4, 24, 24, generator=torch.Generator().manual_seed(1))
+    c3dzoo.ops.backends.clear_fallbacks()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), stock.eval()(x), rtol=1e-4, atol=1e-5)
+    stock.train(), fused.train()
+    weights = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    outputs = [(model(x) * weights).sum() for model in (stock, fused)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    for out in outputs:
+        out.backward()
+    for (key, want), got in zip(stock.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4 * want.grad.abs().max().item() + 1e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
 
 
 # --------------------------------------------------------------------------------------------

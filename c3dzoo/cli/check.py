@@ -63,6 +63,10 @@ CHECK_SPECS: Dict[str, CheckSpec] = {
     # clip (16 values in a batch of 4); its 101 layers' float64 depthwise convs are slow on a CPU,
     # so there only when named
     "csn_r101": CheckSpec({}, (8, 64, 64), batch=4, on_cpu=False),
+    # R(2+1)D R50 strides space in every stage (its stem has no max-pool) and time in stages 3-4:
+    # 4 frames of 64 × 64 leave stage 4's BatchNorms 1 × 2 × 2 positions a clip (16 values in a
+    # batch of 4); slow_r50 stands for it on a CPU
+    "r2plus1d_r50": CheckSpec({}, (4, 64, 64), batch=4, on_cpu=False),
     # 8 frames for the fast pathway (a multiple of its alpha, 4), 2 for the slow one; about 20 s
     # on a 2-core CPU, so there only when named
     "slowfast_r50": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),

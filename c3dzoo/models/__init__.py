@@ -19,6 +19,7 @@ _MODELS: Dict[str, str] = {
     "slow_r50": "c3dzoo.models.resnet3d:slow_r50",
     "i3d_r50": "c3dzoo.models.resnet3d:i3d_r50",
     "c2d_r50": "c3dzoo.models.resnet3d:c2d_r50",
+    "r2plus1d_r50": "c3dzoo.models.resnet3d:r2plus1d_r50",
     "csn_r101": "c3dzoo.models.resnet3d:csn_r101",
     "slowfast_r50": "c3dzoo.models.resnet3d:slowfast_r50",
     "slowfast_r101": "c3dzoo.models.resnet3d:slowfast_r101",

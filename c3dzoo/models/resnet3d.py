@@ -1,7 +1,8 @@
 """ResNet video networks of PyTorchVideo's model zoo: Slow (the slow pathway of SlowFast,
 Feichtenhofer et al. 2019), I3D (inflated ResNet-50, Carreira and Zisserman 2017) and C2D, with
 the module tree and state_dict of ``pytorchvideo.models.resnet.create_resnet`` (``slow_r50``,
-``i3d_r50``, ``c2d_r50`` on its hub); CSN R101 (channel-separated, Tran et al. 2019:
+``i3d_r50``, ``c2d_r50`` on its hub); R(2+1)D R50 (``create_r2plus1d``, ``r2plus1d_r50``), whose
+bottlenecks' middle convs are (2+1)D; CSN R101 (channel-separated, Tran et al. 2019:
 ``pytorchvideo.models.csn.create_csn``, ``csn_r101``), whose bottlenecks' middle convs are
 depthwise 3×3×3; and SlowFast R50 and R101 (``create_slowfast``, ``slowfast_r50``, ``slowfast_r101``),
 built of the same stems and stages.
@@ -52,15 +53,47 @@ def _stride3(stride: Stride) -> Tuple[int, int, int]:
 
 
 class ResNetBasicStem(ChainSequential):
-    """Conv3d (T×7×7, stride 1×2×2, no bias) → BN → ReLU → MaxPool3d 1×3×3 stride 1×2×2."""
+    """Conv3d (T×7×7, stride 1×2×2, no bias) → BN → ReLU → MaxPool3d 1×3×3 stride 1×2×2 (none
+    with ``pool=False``: R(2+1)D's stem, whose first stage strides space instead)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Kernel):
-        super().__init__(OrderedDict(
+    def __init__(self, in_channels: int, out_channels: int, kernel: Kernel, pool: bool = True):
+        parts = OrderedDict(
             conv=nn.Conv3d(in_channels, out_channels, kernel, stride=(1, 2, 2), padding=_half(kernel), bias=False),
             norm=nn.BatchNorm3d(out_channels),
             activation=nn.ReLU(),
-            pool=nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-        ))
+        )
+        if pool:
+            parts["pool"] = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        super().__init__(parts)
+
+
+class Conv2plus1d(ChainSequential):
+    """PyTorchVideo's ``Conv2plus1d``: ``conv_t`` → [``norm`` → ``activation``] → ``conv_xy``,
+    registered in that order (its keys: ``conv_b.conv_t.weight``, ``conv_b.norm.weight``, …). A
+    ChainSequential, so a fused model runs conv_t → norm → ReLU as one chain and conv_xy → the
+    BatchNorm after this module as another (``run_chained`` looks through it)."""
+
+    def __init__(self, conv_t: nn.Module, conv_xy: nn.Module, norm: Optional[nn.Module] = None,
+                 activation: Optional[nn.Module] = None):
+        parts = OrderedDict(conv_t=conv_t)
+        if norm is not None:
+            parts["norm"] = norm
+        if activation is not None:
+            parts["activation"] = activation
+        parts["conv_xy"] = conv_xy
+        super().__init__(parts)
+
+
+def conv_2plus1d(channels: int, kernel: Kernel, stride: Tuple[int, int, int]) -> Conv2plus1d:
+    """PyTorchVideo's ``create_conv_2plus1d`` as R(2+1)D's bottlenecks build it: a kT×1×1 conv
+    striding time → BN → ReLU → a 1×kH×kW conv striding space, ``channels`` throughout, no bias."""
+    t, h, w = kernel
+    conv_t = nn.Conv3d(channels, channels, (t, 1, 1), stride=(stride[0], 1, 1), padding=(t // 2, 0, 0), bias=False)
+    norm = nn.BatchNorm3d(channels)
+    activation = nn.ReLU()
+    conv_xy = nn.Conv3d(channels, channels, (1, h, w), stride=(1, stride[1], stride[2]), padding=(0, h // 2, w // 2),
+                        bias=False)
+    return Conv2plus1d(conv_t, conv_xy, norm, activation)
 
 
 class BottleneckBlock(ChainSequential):
@@ -71,17 +104,25 @@ class BottleneckBlock(ChainSequential):
     ``norm_b`` (called with conv_b's channels) and ``act_b`` build those two modules: a BN and a
     ReLU unless given (X3D's: a Sequential of a BN and a squeeze-excitation, and a Swish). They
     are built between conv_b and conv_c, as PyTorchVideo builds them, so a seed draws the same
-    numbers."""
+    numbers. ``separable_b``: conv_b is R(2+1)D's ``Conv2plus1d`` of ``kernel_b`` instead (see
+    ``conv_2plus1d``; one group)."""
 
     def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kernel_a: Kernel, stride: Stride,
                  kernel_b: Kernel = (1, 3, 3), groups_b: int = 1, *,
-                 norm_b: Callable[[int], nn.Module] = nn.BatchNorm3d, act_b: Callable[[], nn.Module] = nn.ReLU):
+                 norm_b: Callable[[int], nn.Module] = nn.BatchNorm3d, act_b: Callable[[], nn.Module] = nn.ReLU,
+                 separable_b: bool = False):
+        if separable_b and groups_b != 1:
+            raise ValueError(f"a (2+1)D conv_b has one group, got groups_b={groups_b}")
+        conv_a = nn.Conv3d(dim_in, dim_inner, kernel_a, padding=_half(kernel_a), bias=False)
+        norm_a, act_a = nn.BatchNorm3d(dim_inner), nn.ReLU()
+        conv_b = (conv_2plus1d(dim_inner, kernel_b, _stride3(stride)) if separable_b else
+                  nn.Conv3d(dim_inner, dim_inner, kernel_b, stride=_stride3(stride), padding=_half(kernel_b),
+                            groups=groups_b, bias=False))
         super().__init__(OrderedDict(
-            conv_a=nn.Conv3d(dim_in, dim_inner, kernel_a, padding=_half(kernel_a), bias=False),
-            norm_a=nn.BatchNorm3d(dim_inner),
-            act_a=nn.ReLU(),
-            conv_b=nn.Conv3d(dim_inner, dim_inner, kernel_b, stride=_stride3(stride), padding=_half(kernel_b),
-                             groups=groups_b, bias=False),
+            conv_a=conv_a,
+            norm_a=norm_a,
+            act_a=act_a,
+            conv_b=conv_b,
             norm_b=norm_b(dim_inner),
             act_b=act_b(),
             conv_c=nn.Conv3d(dim_inner, dim_out, 1, bias=False),
@@ -99,14 +140,15 @@ class ResBlock(nn.Module):
     takes_chain = True  # see call_chained
 
     def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kernel_a: Kernel, stride: Stride,
-                 kernel_b: Kernel = (1, 3, 3), groups_b: int = 1):
+                 kernel_b: Kernel = (1, 3, 3), groups_b: int = 1, separable_b: bool = False):
         super().__init__()
         stride = _stride3(stride)
         projects = dim_in != dim_out or stride != (1, 1, 1)
         # registration order (and so state_dict and modules() order) as PyTorchVideo's
         self.branch1_conv = nn.Conv3d(dim_in, dim_out, 1, stride=stride, bias=False) if projects else None
         self.branch1_norm = nn.BatchNorm3d(dim_out) if projects else None
-        self.branch2 = BottleneckBlock(dim_in, dim_inner, dim_out, kernel_a, stride, kernel_b, groups_b)
+        self.branch2 = BottleneckBlock(dim_in, dim_inner, dim_out, kernel_a, stride, kernel_b, groups_b,
+                                       separable_b=separable_b)
         self.activation = nn.ReLU()
 
     @classmethod
@@ -202,14 +244,16 @@ def _init_weights(model: nn.Module) -> None:
 
 
 def _stage(count: int, dim_in: int, dim_inner: int, dim_out: int, kernels: Sequence[Kernel], stride: Stride,
-           kernel_b: Kernel = (1, 3, 3), width_per_group: Optional[int] = None) -> ResStage:
+           kernel_b: Kernel = (1, 3, 3), width_per_group: Optional[int] = None,
+           separable_b: bool = False) -> ResStage:
     """``count`` blocks; the first strides (``stride``: an int in space only) and projects, the
     rest keep the shape; block ``b``'s first conv has ``kernels[b % len(kernels)]`` (PyTorchVideo
     repeats the list). conv_b: ``kernel_b``, in groups of ``width_per_group`` channels (None: one
-    group; 1: depthwise, as CSN's)."""
+    group; 1: depthwise, as CSN's), or with ``separable_b`` R(2+1)D's (2+1)D conv of that kernel."""
     groups = 1 if width_per_group is None else dim_inner // width_per_group
     return ResStage([ResBlock(dim_in if b == 0 else dim_out, dim_inner, dim_out, tuple(kernels[b % len(kernels)]),
-                              stride if b == 0 else 1, tuple(kernel_b), groups) for b in range(count)])
+                              stride if b == 0 else 1, tuple(kernel_b), groups, separable_b)
+                     for b in range(count)])
 
 
 class ResNet3D(FusableModel):
@@ -223,27 +267,30 @@ class ResNet3D(FusableModel):
     channels (None: one group; 1: depthwise, CSN's). ``stage_strides``: per stage, its first
     conv_b's (and projection's) stride, an int in space only or (time, height, width).
     ``stage1_pool``: a 2×1×1 max-pool after stage 1 (I3D, C2D). ``head_pool``: the head's
-    average-pool window.
+    average-pool window. R(2+1)D's choices: ``stem_pool=False`` (no max-pool after the stem),
+    ``separable_b`` (every conv_b a ``Conv2plus1d`` of ``conv_b_kernel``) and ``softmax`` (a
+    softmax over classes ending the head, as ``create_r2plus1d``'s; logits without it).
     """
 
     def __init__(self, stem_kernel: Kernel, conv_a_kernels: Sequence[Sequence[Kernel]], *, depth: int = 50,
                  conv_b_kernel: Kernel = (1, 3, 3), conv_b_width_per_group: Optional[int] = None,
-                 stage_strides: Sequence[Stride] = (1, 2, 2, 2), stage1_pool: bool = False,
-                 head_pool: Kernel = (4, 7, 7), num_classes: int = 400, dropout: float = 0.5, fused: bool = False,
-                 backend: Optional[str] = None):
+                 separable_b: bool = False, stage_strides: Sequence[Stride] = (1, 2, 2, 2), stem_pool: bool = True,
+                 stage1_pool: bool = False, head_pool: Kernel = (4, 7, 7), num_classes: int = 400,
+                 dropout: float = 0.5, softmax: bool = False, fused: bool = False, backend: Optional[str] = None):
         super().__init__(fused, backend)
         if depth not in STAGE_DEPTHS:
             raise ValueError(f"depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
         self.stage1_pool = bool(stage1_pool)
-        blocks: list = [ResNetBasicStem(3, 64, stem_kernel)]
+        blocks: list = [ResNetBasicStem(3, 64, stem_kernel, pool=stem_pool)]
         dim_in, dim_out = 64, 256
         for index, (count, kernels, stride) in enumerate(zip(STAGE_DEPTHS[depth], conv_a_kernels, stage_strides)):
             blocks.append(_stage(count, dim_in, dim_out // 4, dim_out, kernels, stride, conv_b_kernel,
-                                 conv_b_width_per_group))
+                                 conv_b_width_per_group, separable_b))
             if index == 0 and stage1_pool:
                 blocks.append(nn.MaxPool3d((2, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0)))
             dim_in, dim_out = dim_out, dim_out * 2
-        blocks.append(ResNetBasicHead(dim_in, num_classes, head_pool, dropout))
+        blocks.append(ResNetBasicHead(dim_in, num_classes, head_pool, dropout,
+                                      activation=nn.Softmax(dim=1) if softmax else None))
         self.blocks = nn.ModuleList(blocks)
         _init_weights(self)
 
@@ -430,6 +477,21 @@ def csn_r101(num_classes: int = 400, *, dropout: float = 0.0, fused: bool = Fals
     return ResNet3D((3, 7, 7), [[(1, 1, 1)]] * _STAGES, depth=101, conv_b_kernel=(3, 3, 3), conv_b_width_per_group=1,
                     stage_strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
                     head_pool=(4, 7, 7), num_classes=num_classes, dropout=dropout, fused=fused, backend=backend)
+
+
+@published_weights
+def r2plus1d_r50(num_classes: int = 400, *, dropout: float = 0.5, softmax: bool = False, fused: bool = False,
+                 backend: Optional[str] = None) -> ResNet3D:
+    """R(2+1)D R50 (PyTorchVideo ``r2plus1d_r50``, Tran et al. 2018; 28.1 M parameters): a 1×7×7
+    stem without max-pool, ResNet-50's bottlenecks whose conv_b is a (2+1)D conv (3×1×1 → BN →
+    ReLU → 1×3×3), every stage striding space by 2 and stages 3–4 time by 2 too, a 4×7×7 head
+    pool. Trained on 16 frames (one in 4) of 224×224. PyTorchVideo's head ends in a softmax
+    (``softmax=True`` builds it); logits by default, as every zoo model. The fused forward runs
+    all 69 Conv3d → BN (→ ReLU) chains through the fused op: each (2+1)D conv is two."""
+    return ResNet3D((1, 7, 7), [[(1, 1, 1)]] * _STAGES, conv_b_kernel=(3, 3, 3), separable_b=True,
+                    stage_strides=((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)), stem_pool=False,
+                    head_pool=(4, 7, 7), num_classes=num_classes, dropout=dropout, softmax=softmax, fused=fused,
+                    backend=backend)
 
 
 @published_weights

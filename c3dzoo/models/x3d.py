@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ._common import AvgPool3dWithin, ChainSequential, FusableModel, check_video_input, published_weights, run_blocks
-from .resnet3d import BottleneckBlock, ResBlock, ResNetBasicHead, ResStage, _init_weights
+from .resnet3d import BottleneckBlock, Conv2plus1d, ResBlock, ResNetBasicHead, ResStage, _init_weights
 
 Tensor = torch.Tensor
 
@@ -104,15 +104,6 @@ class SqueezeExcitation(nn.Module):
         return torch.mul(input_tensor, self.block(mean))
 
 
-class Conv2plus1d(ChainSequential):
-    """PyTorchVideo's ``Conv2plus1d`` as X3D's stem has it: ``conv_t`` then ``conv_xy`` (no norm
-    or activation between). ``create_x3d_stem`` passes its spatial 1×3×3 conv as ``conv_t`` and its
-    depthwise temporal 5×1×1 conv as ``conv_xy``, and this keeps those names (they are the keys)."""
-
-    def __init__(self, conv_t: nn.Module, conv_xy: nn.Module):
-        super().__init__(OrderedDict(conv_t=conv_t, conv_xy=conv_xy))
-
-
 class X3DStem(ChainSequential):
     """``conv`` (a ``Conv2plus1d``: 1×3×3 stride 1×2×2 from 3 channels, then a depthwise 5×1×1) →
     ``norm`` → ``activation`` (ReLU); printed as PyTorchVideo's ``ResNetBasicStem``."""
@@ -124,6 +115,7 @@ class X3DStem(ChainSequential):
                             padding=(0, padding[1], padding[2]), bias=False)
         temporal = nn.Conv3d(out_channels, out_channels, (kernel[0], 1, 1), stride=(stride[0], 1, 1),
                              padding=(padding[0], 0, 0), bias=False, groups=out_channels)
+        # create_x3d_stem passes its spatial conv as conv_t and its temporal one as conv_xy
         super().__init__(OrderedDict(conv=Conv2plus1d(spatial, temporal), norm=nn.BatchNorm3d(out_channels),
                                      activation=nn.ReLU()))
 
