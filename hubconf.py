@@ -46,8 +46,9 @@ if not any(getattr(finder, "root", None) == _ROOT for finder in sys.meta_path):
 
 from c3dzoo.models import (c2d_r50, c3d, c3d_bn, csn_r101, i3d_r50, jester_convcolumn, mc3_18,  # noqa: E402
                            r2plus1d_18, r2plus1d_34, r2plus1d_r50, r3d_18, s3d, slow_r50, slowfast_r50,
-                           slowfast_r101, x3d_l, x3d_m, x3d_s, x3d_xs)
+                           slowfast_r101, slowfast_16x8_r101_50_50, x3d_l, x3d_m, x3d_s, x3d_xs)
 
 __all__ = ["c2d_r50", "c3d", "c3d_bn", "csn_r101", "i3d_r50", "jester_convcolumn", "mc3_18", "r2plus1d_18",
-           "r2plus1d_34", "r2plus1d_r50", "r3d_18", "s3d", "slow_r50", "slowfast_r50", "slowfast_r101", "x3d_xs",
+           "r2plus1d_34", "r2plus1d_r50", "r3d_18", "s3d", "slow_r50", "slowfast_r50", "slowfast_r101",
+           "slowfast_16x8_r101_50_50", "x3d_xs",
            "x3d_s", "x3d_m", "x3d_l"]

@@ -97,8 +97,9 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
               ("ig65m", 8, 359, "ig65m_from_scratch-9bae36ae"),
               ("ig65m32", 32, 487, "ig65m_from_scratch-449a7af9"))),
         # PyTorchVideo's model zoo (8x8: 8 frames, one in 8; SlowFast's fast pathway and CSN 32, one
-        # in 2; R(2+1)D 16, one in 4; its hub's evaluation transform: short side 256, centre crop
-        # 256); top-1 on Kinetics-400 as it reports: 74.58, 73.27, 71.46, 77.0, 76.4, 77.9, 76.01
+        # in 2; R(2+1)D 16, one in 4; SlowFast 16x8's fast pathway 64, one in 2; its hub's
+        # evaluation transform: short side 256, centre crop 256); top-1 on Kinetics-400 as it
+        # reports: 74.58, 73.27, 71.46, 77.0, 76.4, 77.9, 76.01, 78.7
         *(WeightsEntry(model, "kinetics400", f"{_PYTORCHVIDEO}/{file}.pyth",
                        f"PyTorchVideo (Kinetics-400, {file.split('_')[1]} clips)", frames=frames, frame_stride=stride,
                        size=(256, 256), short_side=256, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
@@ -108,7 +109,8 @@ _REGISTRY: Dict[Tuple[str, str], WeightsEntry] = {
                                               ("csn_r101", "CSN_32x2_R101", 32, 2),
                                               ("slowfast_r50", "SLOWFAST_8x8_R50", 32, 2),
                                               ("slowfast_r101", "SLOWFAST_8x8_R101", 32, 2),
-                                              ("r2plus1d_r50", "R2PLUS1D_16x4_R50", 16, 4))),
+                                              ("r2plus1d_r50", "R2PLUS1D_16x4_R50", 16, 4),
+                                              ("slowfast_16x8_r101_50_50", "SLOWFAST_16x8_R101_50_50", 64, 2))),
         # PyTorchVideo's X3Ds (its hub's checkpoint_paths, pytorchvideo/models/hub/x3d.py). Clips:
         # 4 frames one in 12 (XS), 13 one in 6 (S), 16 one in 5 (M, L), as its model zoo lists them
         # (docs/source/model_zoo.md, "4x12" ...) and the configs that trained them set them

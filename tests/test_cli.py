@@ -111,7 +111,7 @@ def test_train_says_when_it_waits_for_its_data(tmp_path, capsys, monkeypatch):
     real_getitem = SyntheticVideoDataset.__getitem__
 
     def slow_getitem(self, index):
-        time_module.sleep(0.5)  # 4 s a batch of 8: far above a step of this model, even on a loaded machine
+        time_module.sleep(0.2)  # 1.6 s a batch of 8: far above a step of this model, even on a loaded machine
         return real_getitem(self, index)
 
     monkeypatch.setattr(SyntheticVideoDataset, "__getitem__", slow_getitem)

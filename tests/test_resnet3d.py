@@ -246,14 +246,13 @@ def test_r2plus1d_r50_layout_and_initialisation():
 
 
 def _cut_r2plus1d(classes: int) -> nn.Module:
-    """R(2+1)D R50 cut to stages 1-2 (2 and 1 blocks) and a head over their 512 channels, stage 2's
+    """R(2+1)D R50 cut to stages 1-2 (one block each) and a head over their 512 channels, stage 2's
     block rebuilt to stride time too, as stages 3-4 do: every kind of layer it has (the 1×7×7 stem
-    without max-pool, projection and identity shortcuts, (2+1)D conv_b striding space, and time
-    and space) at a quarter of its width's cost. BatchNorms conditioned as test_models_zoo's
-    ``_condition`` does."""
+    without max-pool, projection shortcuts, (2+1)D conv_b striding space, and time and space) at
+    a fraction of its cost. BatchNorms conditioned as test_models_zoo's ``_condition`` does."""
     model = c3dzoo.r2plus1d_r50(num_classes=classes, dropout=0.0)
     strided = ResBlock(256, 128, 512, (1, 1, 1), (2, 2, 2), (3, 3, 3), separable_b=True)
-    model.blocks = nn.ModuleList([model.blocks[0], ResStage(list(model.blocks[1].res_blocks[:2])), ResStage([strided]),
+    model.blocks = nn.ModuleList([model.blocks[0], ResStage(list(model.blocks[1].res_blocks[:1])), ResStage([strided]),
                                   ResNetBasicHead(512, classes, (4, 7, 7), 0.0)])
     condition_batch_norms(model)
     return model
@@ -299,16 +298,19 @@ def _pack_pathways(clip: torch.Tensor, alpha: int = 4):
     return [clip.index_select(2, index), clip]
 
 
-@pytest.mark.parametrize("depth, fusion", [(50, 7), (101, 5)])
-def test_slowfast_matches_pytorchvideo(depth, fusion):
+@pytest.mark.parametrize("name, frames", [("slowfast_r50", 32), ("slowfast_r101", 32),
+                                          ("slowfast_16x8_r101_50_50", 64)])
+def test_slowfast_matches_pytorchvideo(name, frames):
     """Keys, weights from a seed and the output bit for bit, for PyTorchVideo's [slow, fast] pair
-    and for one clip packed the way its PackPathway does (its hub's slowfast_r50 and _r101)."""
-    slowfast = pytest.importorskip("pytorchvideo.models.slowfast", reason="pytorchvideo is not installed")
+    and for one clip packed the way its PackPathway does, on the clips each was trained on (its
+    hub's builders of the same names)."""
+    hub = pytest.importorskip("pytorchvideo.models.hub", reason="pytorchvideo is not installed")
     torch.manual_seed(0)
-    theirs = slowfast.create_slowfast(model_depth=depth, slowfast_fusion_conv_kernel_size=(fusion, 1, 1)).eval()
+    theirs = getattr(hub, name)().eval()
     torch.manual_seed(0)
-    ours = c3dzoo.get_model(f"slowfast_r{depth}").eval()
-    clip = torch.randn(1, 3, 32, 224, 224, generator=torch.Generator().manual_seed(1))
+    ours = c3dzoo.get_model(name).eval()
+    clip = torch.randn(1, 3, frames, 224, 224, generator=torch.Generator().manual_seed(1))
+    # (PyTorchVideo's forward replaces the pathways in the list it is given: a fresh pair each)
     assert_same_model(theirs, ours, _pack_pathways(clip), [clip, _pack_pathways(clip)])
 
 
@@ -324,6 +326,15 @@ def test_slowfast_layout_and_inputs():
     assert sum(p.numel() for p in deep.parameters()) == 62_826_968
     assert [len(stage.res_blocks) for stage in deep.blocks[3].multipathway_blocks] == [23, 23]
     assert deep.blocks[0].multipathway_fusion.conv_fast_to_slow.kernel_size == (5, 1, 1)
+    # the 50/50 R101: 3×1×1 conv_a in only the first 6 of stage 3's 23 blocks, in both pathways;
+    # head pools for 64-frame clips
+    fifty = c3dzoo.slowfast_16x8_r101_50_50()
+    assert sum(p.numel() for p in fifty.parameters()) == 53_774_808
+    for pathway in fifty.blocks[3].multipathway_blocks:
+        assert [b.branch2.conv_a.kernel_size for b in pathway.res_blocks] == [(3, 1, 1)] * 6 + [(1, 1, 1)] * 17
+    assert [b.branch2.conv_a.kernel_size for b in fifty.blocks[2].multipathway_blocks[1].res_blocks] == \
+        [(3, 1, 1)] * 4
+    assert [pool.kernel_size for pool in fifty.blocks[5].pool] == [(16, 7, 7), (64, 7, 7)]
     clip = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(clip), model(_pack_pathways(clip)))

@@ -25,13 +25,13 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
     # an attribute of the package without an import of its own, as c3dzoo.transfer
     probe = subprocess.run([sys.executable, "-c", "import c3dzoo; print(len(c3dzoo.weights.available()))"],
                            capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "19", probe.stderr[-2000:]
+    assert probe.stdout.strip() == "20", probe.stderr[-2000:]
     torchvision = [("r3d_18", "kinetics400"), ("mc3_18", "kinetics400"), ("r2plus1d_18", "kinetics400"),
                    ("s3d", "kinetics400")]
     ig65m = [("r2plus1d_34", n) for n in ("ig65m_kinetics", "ig65m_kinetics32", "ig65m", "ig65m32")]
     pytorchvideo = [(m, "kinetics400")
                     for m in ("slow_r50", "i3d_r50", "c2d_r50", "csn_r101", "slowfast_r50", "slowfast_r101",
-                              "r2plus1d_r50")]
+                              "r2plus1d_r50", "slowfast_16x8_r101_50_50")]
     x3d = [(m, "kinetics400") for m in ("x3d_xs", "x3d_s", "x3d_m", "x3d_l")]
     assert weights.available() == torchvision + ig65m + pytorchvideo + x3d
     for model, name in torchvision:
@@ -48,14 +48,16 @@ def test_the_registry_names_torchvisions_files_and_kinetics_classes():
         assert (found.frames, found.size, found.short_side, found.num_classes) == (frames, (112, 112), 128, classes)
         assert found.class_names == tuple(f"class {i}" for i in range(classes))  # no published label order
     files = ("SLOW_8x8_R50", "I3D_8x8_R50", "C2D_8x8_R50", "CSN_32x2_R101", "SLOWFAST_8x8_R50", "SLOWFAST_8x8_R101",
-             "R2PLUS1D_16x4_R50")
+             "R2PLUS1D_16x4_R50", "SLOWFAST_16x8_R101_50_50")
     for (model, name), file in zip(pytorchvideo, files):
         found = weights.entry(model, name)
         assert found.url == f"https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/{file}.pyth"
         # PyTorchVideo's 8x8 clips (SlowFast's fast pathway: 32 frames, one in 2; CSN's 32x2 clips
-        # likewise; R(2+1)D's 16x4) and its evaluation transform and normalisation
-        clips = (32, 2) if model.startswith(("slowfast", "csn")) else (16, 4) if model == "r2plus1d_r50" else (8, 8)
-        named = {"csn_r101": "32x2", "r2plus1d_r50": "16x4"}.get(model, "8x8")
+        # likewise; R(2+1)D's 16x4; SlowFast 16x8's fast pathway 64 frames, one in 2) and its
+        # evaluation transform and normalisation
+        clips = {"r2plus1d_r50": (16, 4), "slowfast_16x8_r101_50_50": (64, 2)}.get(
+            model, (32, 2) if model.startswith(("slowfast", "csn")) else (8, 8))
+        named = {"csn_r101": "32x2", "r2plus1d_r50": "16x4", "slowfast_16x8_r101_50_50": "16x8"}.get(model, "8x8")
         assert found.source == f"PyTorchVideo (Kinetics-400, {named} clips)"
         assert (found.frames, found.frame_stride, found.size, found.short_side) == (*clips, (256, 256), 256)
         assert (found.mean, found.std, found.state_key) == ((0.45,) * 3, (0.225,) * 3, "model_state")

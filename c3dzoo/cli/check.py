@@ -71,6 +71,7 @@ CHECK_SPECS: Dict[str, CheckSpec] = {
     # on a 2-core CPU, so there only when named
     "slowfast_r50": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),
     "slowfast_r101": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),
+    "slowfast_16x8_r101_50_50": CheckSpec({}, (8, 32, 32), batch=4, on_cpu=False),
     # X3D strides space by 32, not time: 4 frames of 64 × 64 leave stage 4's BatchNorms 4 × 2 × 2
     # positions a clip (64 values in a batch of 4). X3D-XS (about 10 s on a 2-core CPU) stands for
     # -S and -M, which have its blocks (only their head pools differ), and those and X3D-L (55

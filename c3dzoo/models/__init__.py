@@ -23,6 +23,7 @@ _MODELS: Dict[str, str] = {
     "csn_r101": "c3dzoo.models.resnet3d:csn_r101",
     "slowfast_r50": "c3dzoo.models.resnet3d:slowfast_r50",
     "slowfast_r101": "c3dzoo.models.resnet3d:slowfast_r101",
+    "slowfast_16x8_r101_50_50": "c3dzoo.models.resnet3d:slowfast_16x8_r101_50_50",
     "x3d_xs": "c3dzoo.models.x3d:x3d_xs",
     "x3d_s": "c3dzoo.models.x3d:x3d_s",
     "x3d_m": "c3dzoo.models.x3d:x3d_m",

@@ -4,7 +4,8 @@ the module tree and state_dict of ``pytorchvideo.models.resnet.create_resnet`` (
 ``i3d_r50``, ``c2d_r50`` on its hub); R(2+1)D R50 (``create_r2plus1d``, ``r2plus1d_r50``), whose
 bottlenecks' middle convs are (2+1)D; CSN R101 (channel-separated, Tran et al. 2019:
 ``pytorchvideo.models.csn.create_csn``, ``csn_r101``), whose bottlenecks' middle convs are
-depthwise 3×3×3; and SlowFast R50 and R101 (``create_slowfast``, ``slowfast_r50``, ``slowfast_r101``),
+depthwise 3×3×3; and SlowFast R50 and R101 (``create_slowfast``, ``slowfast_r50``, ``slowfast_r101``,
+``slowfast_16x8_r101_50_50``),
 built of the same stems and stages.
 
 The stock forward (``fused=False``) calls the modules as PyTorchVideo does, so checkpoints and
@@ -379,17 +380,25 @@ class SlowFast(FusableModel):
     The input is one clip (N × 3 × T × H × W, T a multiple of ``alpha``: the fast pathway's
     frames; the slow pathway takes T / alpha of them as PyTorchVideo's PackPathway does), or
     PyTorchVideo's ``[slow, fast]`` pair of clips.
+
+    ``conv_a_kernels``: per pathway (slow, fast), per stage, the first bottleneck conv's kernel
+    for each block in turn (repeated to the stage's depth); None: ``create_slowfast``'s default
+    (slow 1×1×1, 1×1×1, 3×1×1, 3×1×1; fast 3×1×1 throughout). ``head_pools``: the head's
+    average-pool window per pathway (8×7×7 and 32×7×7: 32-frame clips).
     """
 
     def __init__(self, *, depth: int = 50, num_classes: int = 400, dropout: float = 0.5, alpha: int = 4,
                  beta_inv: int = 8, fusion_channel_ratio: int = 2, fusion_kernel: Kernel = (7, 1, 1),
-                 fused: bool = False, backend: Optional[str] = None):
+                 conv_a_kernels: Optional[Tuple[Sequence[Sequence[Kernel]], Sequence[Sequence[Kernel]]]] = None,
+                 head_pools: Sequence[Kernel] = ((8, 7, 7), (32, 7, 7)), fused: bool = False,
+                 backend: Optional[str] = None):
         super().__init__(fused, backend)
         if depth not in STAGE_DEPTHS:
             raise ValueError(f"depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
         self.alpha = int(alpha)
-        slow_kernels = [[(1, 1, 1)], [(1, 1, 1)], [(3, 1, 1)], [(3, 1, 1)]]
-        fast_kernels = [[(3, 1, 1)]] * _STAGES
+        if conv_a_kernels is None:
+            conv_a_kernels = ([[(1, 1, 1)], [(1, 1, 1)], [(3, 1, 1)], [(3, 1, 1)]], [[(3, 1, 1)]] * _STAGES)
+        slow_kernels, fast_kernels = conv_a_kernels
 
         def fusion(fast_channels: int) -> nn.Module:
             return FuseFastToSlow(fast_channels, fusion_channel_ratio, fusion_kernel, self.alpha)
@@ -407,7 +416,7 @@ class SlowFast(FusableModel):
             last = index == _STAGES - 1
             blocks.append(MultiPathWayWithFuse(stages, nn.Identity() if last else fusion(dim_out // beta_inv)))
             dim_in, dim_out = dim_out, dim_out * 2
-        blocks.append(PoolConcatPathway([(8, 7, 7), (32, 7, 7)]))
+        blocks.append(PoolConcatPathway(head_pools))
         blocks.append(ResNetBasicHead(dim_in + dim_in // beta_inv, num_classes, None, dropout))
         self.blocks = nn.ModuleList(blocks)
         _init_weights(self)
@@ -511,3 +520,16 @@ def slowfast_r101(num_classes: int = 400, *, dropout: float = 0.5, fused: bool =
     frames (one in 2) of 224×224."""
     return SlowFast(depth=101, fusion_kernel=(5, 1, 1), num_classes=num_classes, dropout=dropout, fused=fused,
                     backend=backend)
+
+
+@published_weights
+def slowfast_16x8_r101_50_50(num_classes: int = 400, *, dropout: float = 0.5, fused: bool = False,
+                             backend: Optional[str] = None) -> SlowFast:
+    """SlowFast R101 50/50 16×8 (PyTorchVideo ``slowfast_16x8_r101_50_50``; 53.8 M parameters):
+    ``slowfast_r101``'s pathways whose stage 3 has 3×1×1 first convs in only its first 6 of 23
+    blocks (1×1×1 after), in both pathways, and head pools of 16×7×7 and 64×7×7. Trained on 64
+    frames, one in 2 (the slow pathway 16 of them)."""
+    stage3 = [(3, 1, 1)] * 6 + [(1, 1, 1)] * (STAGE_DEPTHS[101][2] - 6)
+    kernels = ([[(1, 1, 1)], [(1, 1, 1)], stage3, [(3, 1, 1)]], [[(3, 1, 1)], [(3, 1, 1)], stage3, [(3, 1, 1)]])
+    return SlowFast(depth=101, fusion_kernel=(5, 1, 1), conv_a_kernels=kernels, head_pools=((16, 7, 7), (64, 7, 7)),
+                    num_classes=num_classes, dropout=dropout, fused=fused, backend=backend)
