@@ -19,6 +19,7 @@ from c3dzoo.models.resnet3d import ResBlock, ResNetBasicHead, ResStage
 from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
+from twins import assert_same_eval_and_training_step
 
 BUILDERS = ("slow_r50", "i3d_r50", "c2d_r50")
 
@@ -115,17 +116,7 @@ def test_triton_backend_runs_every_kind_of_i3d_layer():
     fused.fused, fused.backend = True, "triton"
     x = torch.randn(2, 3, 2, 16, 16)
     c3dzoo.ops.backends.clear_fallbacks()
-    with torch.no_grad():
-        torch.testing.assert_close(fused.eval()(x), stock.eval()(x), rtol=1e-4, atol=1e-5)
-    stock.train(), fused.train()
-    weights = torch.randn(2, 4)
-    for model in (stock, fused):
-        (model(x) * weights).sum().backward()
-    for (key, want), got in zip(stock.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4 * want.grad.abs().max().item(),
-                                   msg=lambda m, k=key: f"{k}: {m}")
-    for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_same_eval_and_training_step(stock, fused, x)
     assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
 
 
@@ -271,19 +262,7 @@ def test_r2plus1d_r50_triton_backend_runs_its_2plus1d_chains():
     # 4 frames of 24 × 24: stage 2's BatchNorms see 2 × 3 × 3 positions a clip
     x = torch.randn(2, 3, 4, 24, 24, generator=torch.Generator().manual_seed(1))
     c3dzoo.ops.backends.clear_fallbacks()
-    with torch.no_grad():
-        torch.testing.assert_close(fused.eval()(x), stock.eval()(x), rtol=1e-4, atol=1e-5)
-    stock.train(), fused.train()
-    weights = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
-    outputs = [(model(x) * weights).sum() for model in (stock, fused)]
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
-    for out in outputs:
-        out.backward()
-    for (key, want), got in zip(stock.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4 * want.grad.abs().max().item() + 1e-6,
-                                   msg=lambda m, k=key: f"{k}: {m}")
-    for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_same_eval_and_training_step(stock, fused, x)
     assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
 
 
@@ -472,15 +451,4 @@ def test_csn_fused_training_step_matches_stock():
     fused.fused = True
     # 8 × 64 × 64: stage 4's BatchNorms see 1 × 2 × 2 positions a clip (8 values in the batch)
     x = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
-    weights = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
-    outputs = [(model(x) * weights).sum() for model in (stock, fused)]
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
-    for out in outputs:
-        out.backward()
-    # BatchNorm β gradients ahead of another training-mode BatchNorm are analytically zero: there
-    # only rounding noise (~1e-7) is compared, under the 1e-6 floor
-    for (key, want), got in zip(stock.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4 * want.grad.abs().max().item() + 1e-6,
-                                   msg=lambda m, k=key: f"{k}: {m}")
-    for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_same_eval_and_training_step(stock, fused, x, eval_mode=False)

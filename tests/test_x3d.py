@@ -21,6 +21,7 @@ from c3dzoo.models.resnet3d import ResNetBasicHead, ResStage
 from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
+from twins import assert_same_eval_and_training_step
 from test_data_folders import make_video
 from test_weights import _same, _serve_pytorchvideo
 
@@ -158,21 +159,7 @@ def test_triton_backend_runs_every_kind_of_x3d_layer():
     fused.fused, fused.backend = True, "triton"
     x = torch.randn(2, 3, 2, 32, 32, generator=torch.Generator().manual_seed(1))
     c3dzoo.ops.backends.clear_fallbacks()
-    with torch.no_grad():
-        torch.testing.assert_close(fused.eval()(x), stock.eval()(x), rtol=1e-4, atol=1e-5)
-    stock.train(), fused.train()
-    weights = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
-    for model in (stock, fused):
-        (model(x) * weights).sum().backward()
-    # β gradients of a BatchNorm whose output reaches only training-mode BatchNorms through
-    # ReLUs that all pass (the conditioning) are analytically zero: there only rounding noise is
-    # compared, under a floor of 1e-6 of the largest gradient (as test_models_zoo's)
-    floor = 1e-6 * max(p.grad.abs().max().item() for p in stock.parameters())
-    for (key, want), got in zip(stock.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4 * want.grad.abs().max().item() + floor,
-                                   msg=lambda m, k=key: f"{k}: {m}")
-    for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_same_eval_and_training_step(stock, fused, x)
     assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
 
 
