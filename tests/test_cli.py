@@ -29,7 +29,10 @@ def test_info(capsys):
     assert torch.__version__ in out and c3dzoo.__version__ in out
     for name in c3dzoo.list_models():
         assert name in out
-    assert "r2plus1d_18        r2plus1d_18:kinetics400" in out  # the published weights beside their model
+    # the published weights beside their model, in one column
+    weights = [line for line in out.splitlines() if re.fullmatch(r"  \w+ +\w+:\w+.*", line)]
+    assert any(re.fullmatch(r"  r2plus1d_18 +r2plus1d_18:kinetics400", line) for line in weights)
+    assert len(weights) >= 15 and len({line.index(":") - len(line.split(":")[0].split()[-1]) for line in weights}) == 1
 
 
 def test_info_lists_optional_features_and_what_installs_them(capsys, monkeypatch):

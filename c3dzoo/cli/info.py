@@ -61,13 +61,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         reason = f"  ({state['reason']})" if state["reason"] else ""
         print(f"  {name:<10} {status}{reason}")
     print("models (published weights: --checkpoint/--pretrained MODEL:WEIGHTS, downloaded once):")
+    width = max(map(len, c3dzoo.list_models())) + 1  # the weights in one column
     for name in c3dzoo.list_models():
         try:
             getattr(c3dzoo.models, name)
             note = ", ".join(f"{name}:{w}" for _, w in published_weights.available(name))
         except ImportError as exc:
             note = f"(not available: {exc})"
-        print(f"  {name:<18} {note}".rstrip())
+        print(f"  {name:<{width}} {note}".rstrip())
     print("optional features:")
     for feature, missing in _optional_features():
         state = "yes" if not missing else f"no (pip install {' '.join(missing)})"
