@@ -55,6 +55,10 @@ MODELS = {
     # no stem max-pool, every stage strides space and stages 3-4 time: 8 frames of 64 × 64 leave
     # stage 4's BatchNorms 2 × 2 × 2 positions a clip
     "r2plus1d_r50": ((2, 3, 8, 64, 64), 28_107_600, 69),
+    # CSN R101: stem 1 + 33 bottlenecks × 3 (conv_b depthwise 3×3×3) + 4 shortcuts; it strides
+    # time too: 16 frames of 64 × 64 leave stage 4's BatchNorms 2 × 2 × 2 positions a clip (at 8
+    # frames, 1 × 2 × 2: 8 values a channel, and fp32 gradients ill-conditioned)
+    "csn_r101": ((2, 3, 16, 64, 64), 22_213_776, 104),
     # two pathways of 53 chains each, and 4 fusions (after the stems and stages 1-3); 4 frames for
     # the fast pathway, 1 for the slow one
     "slowfast_r50": ((2, 3, 4, 32, 32), 34_566_488, 110),
