@@ -92,12 +92,13 @@ def test_small_clips_run_and_the_smallest_is_checked(name):
 
 
 def _cut_i3d(classes: int) -> nn.Module:
-    """I3D R50 through stage 2's first block (every kind of layer it has: the 5×7×7 stem with its
-    max-pool, 3×1×1 and 1×1×1 first convs, strided 1×3×3 convs, projection shortcuts, the
-    temporal pool), then a head over its 512 channels."""
+    """I3D R50 with one block of stage 1 and two of stage 2 (every kind of layer it has: the 5×7×7
+    stem with its max-pool, 3×1×1 and 1×1×1 first convs, strided 1×3×3 convs, projection and
+    identity shortcuts, the temporal pool), then a head over its 512 channels."""
     model = c3dzoo.i3d_r50(num_classes=classes)
-    stage2 = ResStage(list(model.blocks[3].res_blocks[:2]))
-    model.blocks = nn.ModuleList([*model.blocks[:3], stage2, ResNetBasicHead(512, classes, (4, 7, 7), 0.0)])
+    stage1, stage2 = ResStage(list(model.blocks[1].res_blocks[:1])), ResStage(list(model.blocks[3].res_blocks[:2]))
+    model.blocks = nn.ModuleList([model.blocks[0], stage1, model.blocks[2], stage2,
+                                  ResNetBasicHead(512, classes, (4, 7, 7), 0.0)])
     with torch.no_grad():
         for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm3d)):
             bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 1.5)
