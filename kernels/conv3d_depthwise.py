@@ -22,6 +22,10 @@ into an fp32 partial ``[splits, taps, C]``, which the launcher sums in a fixed o
 the result repeats bit for bit.
 
 Indices: positions are int32 (the launchers check), element offsets int64.
+
+Tile configurations: a fixed per-shape rule (``select_config``); with autotuning on
+(``c3dzoo.set_triton_autotune``, see ``_autotune``) the first GPU launch of each shape times every
+shipped config (``HOPPER_CONFIGS``, each compiled for sm_90 in the CPU tests) and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune
 from ._grid import cached_plan, cdiv, next_power_of_2
 from ._implicit_gemm import (apply_activation, channel_tile, input_norm_coefficients, normalize_activate,
                              split_position, tile_statistics)
@@ -208,6 +213,21 @@ def select_config(positions: int, channels: int, device: torch.device) -> Depthw
     return DEPTHWISE_64x64 if channels > 32 else DEPTHWISE_128x32
 
 
+def _tuned(kernel: str, src: torch.Tensor, plan: "DepthwisePlan", make_plan: Callable[[DepthwiseConfig], "DepthwisePlan"],
+           launch: Callable[["DepthwisePlan"], None], settings: dict) -> "DepthwisePlan":
+    """``plan`` (the rule's), or with autotuning on, the plan of the fastest shipped config for this
+    launch (``_autotune.pick``: timed once per shape on a GPU, never under the interpreter).
+    ``launch(plan)`` runs a candidate on the real arguments into buffers of its own where their
+    shape depends on the config (the statistics' and weight gradient's partials)."""
+    if not _autotune.enabled():
+        return plan
+    candidates = (plan.config, *(c for c in HOPPER_CONFIGS if c != plan.config))
+    key = (tuple(src.shape), src.dtype, src.device.index, tuple((k, repr(v)) for k, v in sorted(settings.items())))
+    best = _autotune.pick(kernel, key, plan.config, candidates, lambda c: launch(make_plan(c)), src.device,
+                          name=lambda c: c.name)
+    return plan if best == plan.config else make_plan(best)
+
+
 @dataclasses.dataclass(frozen=True)
 class DepthwisePlan:
     """A launch besides its tensors (shared by the launchers and the sm_90 tests)."""
@@ -378,19 +398,28 @@ def conv3d_depthwise(
     ``conv3d_bias_act_pool``."""
     x = _checked(x, w_packed, kernel_size)
     input_stats = checked_input_stats(input_stats, x)
-    plan = plan_depthwise_launch(
-        tuple(x.shape), _conv_spatial(x.shape, kernel_size, stride, padding, dilation), kernel_size=kernel_size,
-        stride=stride, padding=padding, dilation=dilation, activation=activation, negative_slope=negative_slope,
-        has_bias=bias is not None, has_residual=residual is not None, device=x.device, config=config,
-        **_prologue(input_stats, input_eps, input_activation, input_negative_slope),
-    )
+    settings = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, activation=activation,
+                    negative_slope=negative_slope, has_bias=bias is not None, has_residual=residual is not None,
+                    **_prologue(input_stats, input_eps, input_activation, input_negative_slope))
+
+    def make_plan(tile_config: Optional[DepthwiseConfig]) -> DepthwisePlan:
+        return plan_depthwise_launch(tuple(x.shape), _conv_spatial(x.shape, kernel_size, stride, padding, dilation),
+                                     device=x.device, config=tile_config, **settings)
+
+    plan = make_plan(config)
     out = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     if residual is not None:
         if tuple(residual.shape) != plan.out_shape:
             raise ValueError(f"residual must have the output's shape {plan.out_shape}, got {tuple(residual.shape)}")
         residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
-    _launch(plan, x, w_packed, None if bias is None else bias.contiguous(), out, residual=residual,
-            input_stats=input_stats)
+    bias = None if bias is None else bias.contiguous()
+
+    def launch(p: DepthwisePlan) -> None:
+        _launch(p, x, w_packed, bias, out, residual=residual, input_stats=input_stats)
+
+    if config is None:
+        plan = _tuned("conv3d_depthwise", x, plan, make_plan, launch, settings)
+    launch(plan)
     return out
 
 
@@ -414,20 +443,32 @@ def conv3d_depthwise_bn_stats(
     (+ bias) in x's dtype, channels_last_3d; mean and biased var of y per channel, fp32."""
     x = _checked(x, w_packed, kernel_size)
     input_stats = checked_input_stats(input_stats, x)
-    plan = plan_depthwise_launch(
-        tuple(x.shape), _conv_spatial(x.shape, kernel_size, stride, padding, dilation), kernel_size=kernel_size,
-        stride=stride, padding=padding, dilation=dilation, has_bias=bias is not None, stats=True, device=x.device,
-        config=config, **_prologue(input_stats, input_eps, input_activation, input_negative_slope),
-    )
+    settings = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                    has_bias=bias is not None, stats=True,
+                    **_prologue(input_stats, input_eps, input_activation, input_negative_slope))
+
+    def make_plan(tile_config: Optional[DepthwiseConfig]) -> DepthwisePlan:
+        return plan_depthwise_launch(tuple(x.shape), _conv_spatial(x.shape, kernel_size, stride, padding, dilation),
+                                     device=x.device, config=tile_config, **settings)
+
+    plan = make_plan(config)
     positions = plan.scalars["out_positions"]
     if positions == 0:
         raise ValueError("batch statistics of an empty tensor")
     y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    tiles = cdiv(positions, plan.config.block_p)
-    part_mean = torch.empty((tiles, x.shape[1]), dtype=torch.float32, device=x.device)
-    part_m2 = torch.empty_like(part_mean)
-    _launch(plan, x, w_packed, None if bias is None else bias.contiguous(), y, part_mean=part_mean,
-            part_m2=part_m2, input_stats=input_stats)
+    bias = None if bias is None else bias.contiguous()
+
+    def launch(p: DepthwisePlan) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One launch into y; the per-tile (mean, M2) partials, [tiles, C] fp32 each (tiles: the config's)."""
+        part_mean = torch.empty((cdiv(positions, p.config.block_p), x.shape[1]), dtype=torch.float32,
+                                device=x.device)
+        part_m2 = torch.empty_like(part_mean)
+        _launch(p, x, w_packed, bias, y, part_mean=part_mean, part_m2=part_m2, input_stats=input_stats)
+        return part_mean, part_m2
+
+    if config is None:
+        plan = _tuned("conv3d_depthwise_bn_stats", x, plan, make_plan, launch, settings)
+    part_mean, part_m2 = launch(plan)
     mean, var = finalize(part_mean, part_m2, positions, plan.config.block_p)
     return y, mean, var
 
@@ -446,12 +487,21 @@ def conv3d_depthwise_dgrad(
     """The input gradient (``input_shape``: x's (N, C, D, H, W)) of the depthwise conv from the
     output gradient, in grad's dtype, channels_last_3d: the transposed gather (module docstring)."""
     grad = _checked(grad, w_packed, kernel_size)
-    plan = plan_depthwise_launch(
-        tuple(grad.shape), tuple(input_shape[2:]), kernel_size=kernel_size, stride=stride, padding=padding,
-        dilation=dilation, transposed=True, device=grad.device, config=config,
-    )
+    settings = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, transposed=True)
+
+    def make_plan(tile_config: Optional[DepthwiseConfig]) -> DepthwisePlan:
+        return plan_depthwise_launch(tuple(grad.shape), tuple(input_shape[2:]), device=grad.device,
+                                     config=tile_config, **settings)
+
+    plan = make_plan(config)
     dx = torch.empty(plan.out_shape, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last_3d)
-    _launch(plan, grad, w_packed, None, dx)
+
+    def launch(p: DepthwisePlan) -> None:
+        _launch(p, grad, w_packed, None, dx)
+
+    if config is None:
+        plan = _tuned("conv3d_depthwise_dgrad", grad, plan, make_plan, launch, settings)
+    launch(plan)
     return dx
 
 
@@ -468,10 +518,21 @@ def conv3d_depthwise_wgrad(
     """The conv weight's gradient, fp32 (C, 1, kD, kH, kW), from x and the output gradient."""
     x = x.contiguous(memory_format=torch.channels_last_3d)
     grad = grad.contiguous(memory_format=torch.channels_last_3d)
-    plan = plan_depthwise_wgrad_launch(tuple(x.shape), tuple(grad.shape), kernel_size=kernel_size, stride=stride,
-                                       padding=padding, dilation=dilation, device=x.device, config=config)
-    parts = torch.empty(plan.out_shape, dtype=torch.float32, device=x.device)
-    conv3d_depthwise_wgrad_kernel[plan.grid](x, grad, parts, **plan.scalars, **plan.constexprs,
-                                             num_warps=plan.config.num_warps)
+    settings = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+
+    def make_plan(tile_config: Optional[DepthwiseConfig]) -> DepthwisePlan:
+        return plan_depthwise_wgrad_launch(tuple(x.shape), tuple(grad.shape), device=x.device, config=tile_config,
+                                           **settings)
+
+    def launch(p: DepthwisePlan) -> torch.Tensor:
+        """The fp32 partials [splits, taps, C] (splits: the config's)."""
+        parts = torch.empty(p.out_shape, dtype=torch.float32, device=x.device)
+        conv3d_depthwise_wgrad_kernel[p.grid](x, grad, parts, **p.scalars, **p.constexprs,
+                                              num_warps=p.config.num_warps)
+        return parts
+
+    plan = make_plan(config)
+    if config is None:
+        plan = _tuned("conv3d_depthwise_wgrad", x, plan, make_plan, launch, settings)
     # the splits summed in a fixed order; (taps, C) → (C, 1, kD, kH, kW)
-    return parts.sum(dim=0).t().reshape(x.shape[1], 1, *_triple(kernel_size))
+    return launch(plan).sum(dim=0).t().reshape(x.shape[1], 1, *_triple(kernel_size))

@@ -217,3 +217,60 @@ def test_weight_gradient_launcher_tunes(tuning):
     (choice,) = _autotune._choices.values()
     assert choice == candidates[1] and tuning["calls"] == len(candidates)
     _close(grad, expected, "weight gradient")
+
+
+# the depthwise kernels (CSN's and X3D's conv_b): the rule's config, then every shipped one
+DEPTHWISE_GEOMETRY = dict(kernel_size=(3, 3, 3), stride=(1, 2, 2), padding=(1, 1, 1), dilation=(1, 1, 1))
+
+
+def _depthwise_case(seed):
+    from c3dzoo.kernels import conv3d_depthwise as DW
+
+    x, w = _x((2, 24, 3, 6, 6), seed, torch.float32), _x((24, 1, 3, 3, 3), seed + 1, torch.float32)
+    return DW, x.to(DEVICE), w.to(DEVICE)
+
+
+@pytest.mark.parametrize("launcher", ["forward", "stats", "dgrad", "wgrad"])
+def test_depthwise_launchers_tune_over_their_shipped_configs(tuning, launcher):
+    """Each depthwise launcher times the rule's config and both shipped ones once per shape (the
+    statistics and weight gradient with partials of each candidate's own tile count), keeps the
+    fastest, launches it without timing again, and every candidate computes the same result."""
+    DW, x, w = _depthwise_case({"forward": 6, "stats": 8, "dgrad": 10, "wgrad": 12}[launcher])
+    packed = DW.pack_depthwise_weight(w)
+    y = F.conv3d(x.float().cpu(), w.float().cpu(), groups=24, stride=(1, 2, 2), padding=1)
+    dy = _x(tuple(y.shape), 14, torch.float32)
+    run = {
+        "forward": lambda config=None: DW.conv3d_depthwise(x, packed, None, activation="silu", config=config,
+                                                           **DEPTHWISE_GEOMETRY),
+        "stats": lambda config=None: DW.conv3d_depthwise_bn_stats(x, packed, None, config=config,
+                                                                  **DEPTHWISE_GEOMETRY),
+        "dgrad": lambda config=None: DW.conv3d_depthwise_dgrad(dy.to(DEVICE), packed, tuple(x.shape), config=config,
+                                                               **DEPTHWISE_GEOMETRY),
+        "wgrad": lambda config=None: DW.conv3d_depthwise_wgrad(x, dy.to(DEVICE), config=config, **DEPTHWISE_GEOMETRY),
+    }[launcher]
+    expected = {
+        "forward": lambda: F.silu(y),
+        "stats": lambda: (y, y.mean(dim=(0, 2, 3, 4)), y.var(dim=(0, 2, 3, 4), unbiased=False)),
+        "dgrad": lambda: torch.nn.grad.conv3d_input(tuple(x.shape), w.float().cpu(), dy, groups=24, stride=(1, 2, 2),
+                                                    padding=1),
+        "wgrad": lambda: torch.nn.grad.conv3d_weight(x.float().cpu(), tuple(w.shape), dy, groups=24,
+                                                     stride=(1, 2, 2), padding=1),
+    }[launcher]()
+
+    def check(result, what):
+        for got, want in zip(result if isinstance(result, tuple) else (result,),
+                             expected if isinstance(expected, tuple) else (expected,)):
+            _close(got, want, what)
+
+    tuning["times"] = [3.0, 1.0, 2.0]  # the second candidate (the first shipped config) is the fastest
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_autotune, "applies", lambda device: True)
+        check(run(), "tuned launch")
+        (choice,) = _autotune._choices.values()
+        candidates = [name for name in next(iter(_autotune.timings().values()))]
+        assert len(candidates) == 3 and candidates[1:] == [c.name for c in DW.HOPPER_CONFIGS]
+        assert choice == DW.HOPPER_CONFIGS[0] and tuning["calls"] == 3
+        check(run(), "launch after tuning")
+        assert tuning["calls"] == 3  # remembered, not timed again
+    for config in DW.HOPPER_CONFIGS:
+        check(run(config), config.name)
