@@ -61,10 +61,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MODES = ("inference", "train")
 # UCF101 and Kinetics-400, as usually trained; S3D (like R3D-18 on the CPU profile's 8 frames)
-# and the ResNet-50s, CSN R101 and X3D-M (at R3D-18's clip size) run only when asked for:
-# C3DZOO_BENCH_MODELS=s3d, or c3dzoo bench --model s3d
-NUM_CLASSES = {"c3d_bn": 101, "r3d_18": 400, "s3d": 400, "slow_r50": 400, "slowfast_r50": 400, "csn_r101": 400,
-               "x3d_m": 400}
+# and the ResNet-50s, R(2+1)D R50, CSN R101 and X3D-M (at R3D-18's clip size) run only when asked
+# for: C3DZOO_BENCH_MODELS=s3d, or c3dzoo bench --model s3d
+NUM_CLASSES = {"c3d_bn": 101, "r3d_18": 400, "s3d": 400, "slow_r50": 400, "r2plus1d_r50": 400, "slowfast_r50": 400,
+               "csn_r101": 400, "x3d_m": 400}
 MODELS = tuple(m.strip() for m in os.environ.get("C3DZOO_BENCH_MODELS", "c3d_bn,r3d_18").split(",") if m.strip())
 _unknown = sorted(set(MODELS) - set(NUM_CLASSES))
 if _unknown:

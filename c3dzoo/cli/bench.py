@@ -17,7 +17,8 @@ import c3dzoo
 from ._common import CommandError, UsageError
 
 
-BENCH_MODELS = ("c3d_bn", "r3d_18", "s3d", "slow_r50", "slowfast_r50", "csn_r101", "x3d_m")  # _harness NUM_CLASSES
+BENCH_MODELS = ("c3d_bn", "r3d_18", "s3d", "slow_r50", "r2plus1d_r50", "slowfast_r50", "csn_r101",
+                "x3d_m")  # _harness NUM_CLASSES
 BENCH_MODES = {"inference": ("inference",), "training": ("train",), "both": ("inference", "train")}
 # speedup: the baseline's median / the contestant's, both of the same group and batch (speedup_vs)
 BENCH_CSV = ("group", "contestant", "batch", "median_ms", "clips_per_s", "speedup", "speedup_vs", "peak_mem_bytes")
