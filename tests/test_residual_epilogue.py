@@ -138,13 +138,13 @@ def _epilogue_calls(monkeypatch) -> list:
                                            ("i3d_r50", "triton")])
 def test_residual_blocks_take_the_epilogue_unless_a_hook_watches(name, backend, monkeypatch):
     """A fused video ResNet in eval mode: every residual block's last chain gets the shortcut (8
-    BasicBlocks, R(2+1)D's through its factored conv; the cut I3D's 5 bottlenecks, on the Triton
+    BasicBlocks, R(2+1)D's through its factored conv; the cut I3D's 3 bottlenecks, on the Triton
     kernels) and the output matches stock. A forward hook on one block's branch sees that branch's
     own output, as in stock: that block adds its shortcut after it, stock."""
     torch.manual_seed(0)
     if name == "i3d_r50":
         from test_resnet3d import _cut_i3d
-        stock_model, blocks, branch = _cut_i3d(3).eval(), 5, "blocks.1.res_blocks.1.branch2"
+        stock_model, blocks, branch = _cut_i3d(3).eval(), 3, "blocks.3.res_blocks.1.branch2"
     else:
         stock_model, blocks, branch = c3dzoo.get_model(name, num_classes=3).eval(), 8, "layer2.1.conv2"
     x = torch.randn(1, 3, 2, 16, 16)
