@@ -19,7 +19,7 @@ from c3dzoo.models.resnet3d import ResBlock, ResNetBasicHead, ResStage
 from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
-from twins import assert_same_eval_and_training_step
+from twins import assert_same_eval_and_training_step, assert_triton_twin_matches
 
 BUILDERS = ("slow_r50", "i3d_r50", "c2d_r50")
 
@@ -112,13 +112,7 @@ def test_triton_backend_runs_every_kind_of_i3d_layer():
     (outputs, gradients, running statistics)."""
     skip_unless_triton_runs_cpu_tensors()
     torch.manual_seed(0)
-    stock = _cut_i3d(4)
-    fused = copy.deepcopy(stock)
-    fused.fused, fused.backend = True, "triton"
-    x = torch.randn(2, 3, 2, 16, 16)
-    c3dzoo.ops.backends.clear_fallbacks()
-    assert_same_eval_and_training_step(stock, fused, x)
-    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    assert_triton_twin_matches(_cut_i3d(4), torch.randn(2, 3, 2, 16, 16))
 
 
 def test_fine_tuning_helpers_know_its_head():
@@ -257,14 +251,9 @@ def test_r2plus1d_r50_triton_backend_runs_its_2plus1d_chains():
     gradients, running statistics)."""
     skip_unless_triton_runs_cpu_tensors()
     torch.manual_seed(0)
-    stock = _cut_r2plus1d(4)
-    fused = copy.deepcopy(stock)
-    fused.fused, fused.backend = True, "triton"
     # 4 frames of 24 × 24: stage 2's BatchNorms see 2 × 3 × 3 positions a clip
     x = torch.randn(2, 3, 4, 24, 24, generator=torch.Generator().manual_seed(1))
-    c3dzoo.ops.backends.clear_fallbacks()
-    assert_same_eval_and_training_step(stock, fused, x)
-    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    assert_triton_twin_matches(_cut_r2plus1d(4), x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,13 +326,7 @@ def test_triton_backend_runs_slowfasts_stems_and_fusion():
     torch.manual_seed(0)
     stock = c3dzoo.slowfast_r50(num_classes=3).eval()
     stock.blocks = nn.ModuleList([stock.blocks[0], stock.blocks[5], ResNetBasicHead(80 + 8, 3, None, 0.0)])
-    fused = copy.deepcopy(stock)
-    fused.fused, fused.backend = True, "triton"
-    x = torch.randn(1, 3, 8, 16, 16)
-    c3dzoo.ops.backends.clear_fallbacks()
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
-    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    assert_triton_twin_matches(stock, torch.randn(1, 3, 8, 16, 16), training=False)
 
 
 def test_slowfast_fine_tuning_helpers_and_features():

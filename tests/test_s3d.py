@@ -5,8 +5,6 @@ Fused-vs-stock parity (outputs, gradients, running statistics in every mode), ``
 hooks and published weights are tested with the other zoo models (test_models_zoo.py,
 test_hooks.py, test_fuse.py, test_weights.py)."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from c3dzoo import cli, transfer
 from c3dzoo.models.separable_inception import MIN_INPUT, AvgPool3dWithin
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
+from twins import assert_triton_twin_matches
 
 
 def _torchvision_video():
@@ -87,13 +86,7 @@ def test_triton_backend_runs_every_kind_of_s3d_layer():
         for bn in (m for m in stock.modules() if isinstance(m, nn.BatchNorm3d)):
             bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 1.5)
             bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.3, 0.3)
-    fused = copy.deepcopy(stock)
-    fused.fused, fused.backend = True, "triton"
-    x = torch.randn(1, 3, *MIN_INPUT)
-    c3dzoo.ops.backends.clear_fallbacks()
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-6)
-    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    assert_triton_twin_matches(stock, torch.randn(1, 3, *MIN_INPUT), training=False, atol=1e-6)
 
 
 def test_smallest_input_is_the_smallest_the_features_take():

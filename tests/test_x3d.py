@@ -6,7 +6,6 @@ published weights and the command line.
 Fused-vs-stock parity of the whole X3D-XS in every mode, ``c3dzoo.fuse`` and hooks are tested
 with the other zoo models (test_models_zoo.py, test_hooks.py); Net2Net in test_net2net_x3d.py."""
 
-import copy
 import re
 
 import pytest
@@ -21,7 +20,7 @@ from c3dzoo.models.resnet3d import ResNetBasicHead, ResStage
 from conditioning import condition_batch_norms
 from interpreter import skip_unless_triton_runs_cpu_tensors
 from same_model import assert_same_model
-from twins import assert_same_eval_and_training_step
+from twins import assert_triton_twin_matches
 from test_data_folders import make_video
 from test_weights import _same, _serve_pytorchvideo
 
@@ -154,13 +153,8 @@ def test_triton_backend_runs_every_kind_of_x3d_layer():
     stock model in eval mode and in a training step (outputs, gradients, running statistics)."""
     skip_unless_triton_runs_cpu_tensors()
     torch.manual_seed(0)
-    stock = _cut_x3d(4)
-    fused = copy.deepcopy(stock)
-    fused.fused, fused.backend = True, "triton"
     x = torch.randn(2, 3, 2, 32, 32, generator=torch.Generator().manual_seed(1))
-    c3dzoo.ops.backends.clear_fallbacks()
-    assert_same_eval_and_training_step(stock, fused, x)
-    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    assert_triton_twin_matches(_cut_x3d(4), x)
 
 
 def test_fine_tuning_helpers_know_its_head():

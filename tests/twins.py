@@ -1,5 +1,7 @@
 """Comparing a fused model (or layer) with its stock twin after the same calls."""
 
+import copy
+
 import torch
 
 
@@ -39,3 +41,20 @@ def assert_same_eval_and_training_step(stock, fused, x, *, eval_mode: bool = Tru
                                    msg=lambda m, k=key: f"{k}: {m}")
     for (key, want), got in zip(stock.named_buffers(), fused.buffers()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def assert_triton_twin_matches(stock, x, *, training: bool = True, atol: float = 1e-5):
+    """``stock`` against a deep copy of it running fused on the Triton backend (under the
+    interpreter on a CPU): nothing falls back, and the eval-mode output agrees (within ``atol``;
+    with ``training`` a training step too, as ``assert_same_eval_and_training_step`` checks it)."""
+    import c3dzoo
+
+    fused = copy.deepcopy(stock)
+    fused.fused, fused.backend = True, "triton"
+    c3dzoo.ops.backends.clear_fallbacks()
+    if training:
+        assert_same_eval_and_training_step(stock, fused, x)
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(fused.eval()(x), stock.eval()(x), rtol=1e-4, atol=atol)
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
