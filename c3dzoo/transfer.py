@@ -45,22 +45,27 @@ def _last_block(model: nn.Module, before: int = 0) -> str:
     return f"blocks.{max(int(n) for n, _ in model.get_submodule('blocks').named_children()) - before}"
 
 
+def _head_proj(model: nn.Module) -> str:
+    return _last_block(model) + ".proj"
+
+
+def _head_pool(model: nn.Module) -> Tuple[str, ...]:
+    return (_last_block(model) + ".pool",)
+
+
 # the classifier head of each zoo family (a Linear; S3D's is a 1×1×1 Conv3d; a ResNet3D's sits in
 # its last block), and the hidden fully connected layers whose features are conventionally taken
 # after the activation the model applies
 _HEADS = {"C3D": "fc8", "ConvColumn": "fc7", "VideoResNet": "fc", "S3D": "classifier.1",
-          "ResNet3D": lambda model: _last_block(model) + ".proj",
-          "SlowFast": lambda model: _last_block(model) + ".proj",
-          "X3D": lambda model: _last_block(model) + ".proj"}
+          "ResNet3D": _head_proj, "SlowFast": _head_proj, "X3D": _head_proj}
 _HIDDEN_FCS = {"C3D": ("fc6", "fc7"), "ConvColumn": ("fc5", "fc6")}
 # layers whose output positions the head treats alike and averages (S3D's classifier and the
 # ResNet-50s' proj run per position of the average pool, then the mean is taken): their features
 # are that mean (SlowFast's pool is the block before its head, pooling and concatenating both
 # pathways; X3D's head pool is its ProjectedPool, whose output, post_conv's after its ReLU, the head's
 # proj takes at each position)
-_POSITION_MEANS = {"S3D": lambda model: ("avgpool",), "ResNet3D": lambda model: (_last_block(model) + ".pool",),
-                   "SlowFast": lambda model: (_last_block(model, 1),),
-                   "X3D": lambda model: (_last_block(model) + ".pool",)}
+_POSITION_MEANS = {"S3D": lambda model: ("avgpool",), "ResNet3D": _head_pool,
+                   "SlowFast": lambda model: (_last_block(model, 1),), "X3D": _head_pool}
 # families whose layers are the parts of one container (then the modules after it)
 _LAYER_CONTAINERS = {"S3D": "features", "ResNet3D": "blocks", "SlowFast": "blocks", "X3D": "blocks"}
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._grid import cached_plan, cdiv, next_power_of_2
+from ._grid import _hashable, cached_plan, cdiv, next_power_of_2
 from ._implicit_gemm import (apply_activation, channel_tile, input_norm_coefficients, normalize_activate,
                              split_position, tile_statistics)
 from ._limits import INT32_LIMIT, IndexOverflowError
@@ -222,7 +222,7 @@ def _tuned(kernel: str, src: torch.Tensor, plan: "DepthwisePlan", make_plan: Cal
     if not _autotune.enabled():
         return plan
     candidates = (plan.config, *(c for c in HOPPER_CONFIGS if c != plan.config))
-    key = (tuple(src.shape), src.dtype, src.device.index, tuple((k, repr(v)) for k, v in sorted(settings.items())))
+    key = (tuple(src.shape), src.dtype, src.device.index, tuple((k, _hashable(v)) for k, v in settings.items()))
     best = _autotune.pick(kernel, key, plan.config, candidates, lambda c: launch(make_plan(c)), src.device,
                           name=lambda c: c.name)
     return plan if best == plan.config else make_plan(best)

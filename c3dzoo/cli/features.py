@@ -29,10 +29,13 @@ FEATURES_KIND = "c3dzoo features"  # marks the files `features` writes and `line
 # its positions, as S3D's head does: 1024-d at any clip size), a ResNet3D's head pool (likewise:
 # 2048-d), SlowFast's pooled and concatenated pathways (2304-d), X3D's head pool (its ProjectedPool:
 # post_conv's output after its ReLU, averaged over positions: 2048-d)
+def _head_pool(model) -> str:
+    return f"blocks.{len(model.blocks) - 1}.pool"
+
+
 DEFAULT_LAYER = {"C3D": "fc6", "ConvColumn": "fc6", "VideoResNet": "avgpool", "S3D": "avgpool",
-                 "ResNet3D": lambda model: f"blocks.{len(model.blocks) - 1}.pool",
-                 "SlowFast": lambda model: f"blocks.{len(model.blocks) - 2}",
-                 "X3D": lambda model: f"blocks.{len(model.blocks) - 1}.pool"}
+                 "ResNet3D": _head_pool, "SlowFast": lambda model: f"blocks.{len(model.blocks) - 2}",
+                 "X3D": _head_pool}
 FALLBACK_INPUT = (16, 112, 112)  # frames, height, width for models without a fixed input size
 
 
@@ -242,8 +245,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="--model's head size (default: the builder's)")
     p.add_argument("--width-mult", type=float, help="--model's channel multiplier")
     p.add_argument("--layer", help="module name (default: fc6 for C3D and Jester, avgpool for video ResNets and "
-                                   "S3D, the head's pool for slow_r50, i3d_r50, c2d_r50, csn_r101 and the X3Ds, the "
-                                   "pooled pathways for slowfast_r50, slowfast_r101)")
+                                   "S3D, the head's pool for PyTorchVideo's ResNets (slow_r50 … csn_r101) and the X3Ds, "
+                                   "the pooled pathways for the SlowFasts)")
     p.add_argument("--activation", choices=("auto", "none"), default="auto",
                    help="auto: after the ReLU the model applies to fc6/fc7 (C3D convention) (default)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .pt file to write")
