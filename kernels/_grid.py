@@ -51,8 +51,11 @@ def cached_plan(planner: Callable[..., Plan]) -> Callable[..., Plan]:
 
     @functools.wraps(planner)
     def plan(*args, **kwargs):
-        return cached(tuple(map(_hashable, args)), tuple((k, _hashable(v)) for k, v in kwargs.items()),
-                      conv_allows_tf32())
+        tf32 = conv_allows_tf32()
+        try:  # the arguments as they are: converting each one cost more than the lookup itself
+            return cached(args, tuple(kwargs.items()), tf32)
+        except TypeError:  # a list among them (unhashable); the same key as the tuple gives
+            return cached(tuple(map(_hashable, args)), tuple((k, _hashable(v)) for k, v in kwargs.items()), tf32)
 
     _PLANNERS.append(cached)
     return plan

@@ -393,6 +393,23 @@ class _EagerForward(torch.autograd.Function):
         return _forward_vmap(_EagerForward.apply, info, in_dims, *inputs)
 
 
+class _EagerForwardUntransformed(torch.autograd.Function):
+    """``_EagerForward`` in the older form (the context as forward's first argument), for calls
+    outside torch.func transforms, which need the separate ``setup_context``: torch's
+    ``Function.apply`` binds a call's arguments through ``inspect.signature`` whenever a Function
+    defines ``setup_context`` (~25 µs, about a twentieth of a fused training layer's host time).
+    The same forward, context, backward and jvp (``torch.autograd.forward_ad``'s dual tensors)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _EagerForward.setup_context(ctx, inputs, output)
+        return output
+
+    jvp = staticmethod(_EagerForward.jvp)
+    backward = staticmethod(_EagerForward.backward)
+
+
 def _runs_eagerly(x: Tensor) -> bool:
     """Whether a call may skip the custom ops (plain eager tensors): not while torch.compile,
     torch.jit.trace (which must record the op, not what its implementation does) or a dispatch mode
@@ -841,7 +858,12 @@ def conv3d_bn_act(
     # eager without a backward to follow (inference): the implementation itself, no autograd node
     # (under torch.func transforms always the autograd.Function: its vmap rule, its grad support)
     transformed = eager and _functorch_wrapped(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
-    forward = (_EagerForward.apply if needs_grad or transformed else _forward_impl) if eager else _forward_op
+    if not eager:
+        forward = _forward_op
+    elif transformed:
+        forward = _EagerForward.apply
+    else:
+        forward = _EagerForwardUntransformed.apply if needs_grad else _forward_impl
     if residual is not None:  # (_residual_in_epilogue: eager inference)
         return in_layout(_forward_with_residual(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                                 running_var, norm, eps, stride, padding, dilation, activation,
