@@ -130,19 +130,20 @@ def act_pool_backward_reduce_kernel(
 
 @triton.jit
 def bn_backward_kernel(
-    dz_ptr, y_ptr, mean_ptr, invstd_ptr, coef_ptr, mean_dz_ptr, mean_dz_xhat_ptr, dy_ptr,
-    positions, channels,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    dz_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_dz_ptr, sum_dz_xhat_ptr, dy_ptr,
+    positions, channels, eps,
+    HAS_GAMMA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dy = coef·(dz − mean(dz) − x̂·mean(dz·x̂)), coef = γ/σ; dy may be dz (in place)."""
+    """dy = γ/σ·(dz − Σdz/N − x̂·Σdz·x̂/N), N = positions; dy may be dz (in place). The per-channel
+    coefficients come from the statistics here, as the forward's normalisation takes them, rather
+    than from a few torch ops per layer (each a launch of its own)."""
     _, offs_p, offs_c, p_mask, c_mask = channel_tile(tl.program_id(0), positions, channels, BLOCK_P, BLOCK_C)
     mask = p_mask[:, None] & c_mask[None, :]
     offsets = offs_p.to(tl.int64)[:, None] * channels + offs_c[None, :]
-    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
-    coef = tl.load(coef_ptr + offs_c, mask=c_mask, other=0.0)
-    mean_dz = tl.load(mean_dz_ptr + offs_c, mask=c_mask, other=0.0)
-    mean_dz_xhat = tl.load(mean_dz_xhat_ptr + offs_c, mask=c_mask, other=0.0)
+    mean, invstd, coef, _ = batch_norm_coefficients(
+        mean_ptr, var_ptr, gamma_ptr, gamma_ptr, offs_c, c_mask, eps, HAS_GAMMA, False)
+    mean_dz = tl.load(sum_dz_ptr + offs_c, mask=c_mask, other=0.0) / positions
+    mean_dz_xhat = tl.load(sum_dz_xhat_ptr + offs_c, mask=c_mask, other=0.0) / positions
     dz = tl.load(dz_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * invstd[None, :]
     dy = coef[None, :] * (dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :])
@@ -262,17 +263,16 @@ def bn_backward_(
     y = y.contiguous(memory_format=torch.channels_last_3d)
     channels = y.shape[1]
     positions = y.numel() // channels
-    invstd = torch.rsqrt(var.float() + eps)
-    coef = invstd * gamma.float() if gamma is not None else invstd
     plan = plan_bn_act_pool(
         y.shape, eps=eps, activation="none", negative_slope=0.0, pool=(), has_gamma=False, has_beta=False,
         device=y.device, config=config,
     )
     grid = (cdiv(positions, plan.config.block_p) * cdiv(channels, plan.config.block_c),)
+    mean, var, gamma, sum_dz, sum_dz_xhat = fp32_vectors(mean, var, gamma, sum_dz, sum_dz_xhat)
     bn_backward_kernel[grid](
-        dz, y, mean.float().contiguous(), invstd.contiguous(), coef.contiguous(),
-        (sum_dz / positions).contiguous(), (sum_dz_xhat / positions).contiguous(), dz,
-        positions, channels, BLOCK_P=plan.config.block_p, BLOCK_C=plan.config.block_c,
+        dz, y, mean, var, gamma if gamma is not None else var, sum_dz, sum_dz_xhat, dz,
+        positions, channels, float(eps),
+        HAS_GAMMA=gamma is not None, BLOCK_P=plan.config.block_p, BLOCK_C=plan.config.block_c,
         num_warps=plan.config.num_warps,
     )
     return dz

@@ -347,12 +347,12 @@ def compile_backward_elementwise_sm90(kernel, y_shape, pool, dtype, activation="
         fn = B.bn_backward_kernel
         plan = dataclasses.replace(
             plan,
-            scalars={"positions": plan.scalars["out_positions"], "channels": plan.scalars["channels"]},
-            constexprs={"BLOCK_P": plan.config.block_p, "BLOCK_C": plan.config.block_c},
+            scalars={"positions": plan.scalars["out_positions"], "channels": plan.scalars["channels"], "eps": 1e-5},
+            constexprs={"HAS_GAMMA": True, "BLOCK_P": plan.config.block_p, "BLOCK_C": plan.config.block_c},
         )
         pointers = {"dz_ptr": f"*{element}", "y_ptr": f"*{element}", "dy_ptr": f"*{element}",
-                    **{name: "*fp32" for name in ("mean_ptr", "invstd_ptr", "coef_ptr", "mean_dz_ptr",
-                                                   "mean_dz_xhat_ptr")}}
+                    **{name: "*fp32" for name in ("mean_ptr", "var_ptr", "gamma_ptr", "sum_dz_ptr",
+                                                   "sum_dz_xhat_ptr")}}
     report = _compile(fn, plan, pointers, plan.config.num_warps, 1)
     report.update(tensor_cores=False, tile=[plan.config.block_p, plan.config.block_c])
     return report
