@@ -7,8 +7,8 @@ every conv output is known, so the training forward is two kernels (kernels.md, 
    the inference kernel) whose epilogue stores the raw conv output y (NDHWC, compute dtype, conv
    bias added) and, per tile of BLOCK_M positions, the tile's per-channel mean and M2 (sum of
    squared deviations from the tile mean, by the corrected two-pass algorithm within the tile) in fp32 into a ``[num_m_tiles, C_out]`` partial buffer;
-   ``finalize_statistics`` (or the caller's ``finalize``: c3dzoo's ops pass the CUDA kernel of
-   c3dzoo._C where it runs) then combines the partials with Chan's parallel formula into the batch
+   ``finalize_statistics`` (or the caller's ``finalize``: c3dzoo's ops pass the CUDA kernels of
+   c3dzoo._C where they run, else ``batch_norm_statistics``' Triton kernels) then combines the partials with Chan's parallel formula into the batch
    mean and biased variance (fp32) on the device (no host synchronisation);
 2. ``bn_act_pool``: normalise + γ/β + activation (+ max-pool) over y.
 

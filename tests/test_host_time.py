@@ -21,11 +21,13 @@ def test_c3d_bn_launches_per_step(host_time):
     results = host_time.measure(model, x, repeats=2)
     # inference: one kernel per conv → BN → ReLU (→ pool) chain, the 8 convs of C3D-BN
     assert results["eval"]["launches"] == {"conv3d_bias_act_pool_kernel": 8}
-    # training, per chain: conv + statistics, normalise/act/pool; backward: act/pool backward with
-    # the BN sums, BN's input gradient, wgrad, and the input gradient (the forward kernel on the
-    # flipped weight) — conv1's input needs none, and conv1 recomputes its cheap conv instead
+    # training, per chain: conv + statistics, their two-step finalize, normalise/act/pool, the
+    # running-statistics update; backward: act/pool backward with the BN sums, BN's input gradient,
+    # wgrad, and the input gradient (the forward kernel on the flipped weight) — conv1's input needs
+    # none, and conv1 recomputes its cheap conv instead
     assert results["train"]["launches"] == {
-        "conv3d_bn_stats_kernel": 8, "bn_act_pool_kernel": 8, "act_pool_backward_reduce_kernel": 8,
+        "conv3d_bn_stats_kernel": 8, "chan_fold_tiles_kernel": 8, "chan_fold_splits_kernel": 8,
+        "bn_act_pool_kernel": 8, "running_stats_update_kernel": 8, "act_pool_backward_reduce_kernel": 8,
         "bn_backward_kernel": 8, "conv3d_wgrad_kernel": 8, "conv3d_bias_act_pool_kernel": 8,
     }
     for mode in ("eval", "train"):

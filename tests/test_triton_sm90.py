@@ -38,6 +38,7 @@ import pytest
 import torch
 from ptx import atomics
 
+from c3dzoo.kernels import batch_norm_statistics as BNS
 from c3dzoo.kernels import bn_act_pool as E
 from c3dzoo.kernels import bn_act_pool_backward as B
 from c3dzoo.kernels import conv3d_bias_act_pool as K
@@ -198,7 +199,10 @@ SILU_CASES = {
 SILU_ELEMENTWISE_CASES = {f"silu-{name}": case for name, case in ELEMENTWISE_CASES.items()}
 SILU_BACKWARD_CASES = {f"silu-{name}": case for name, case in BACKWARD_ELEMENTWISE_CASES.items()
                        if case[0] == "act_pool_backward"}
-ALL_CASES = [*CASES, *STEM_CASES, *STATS_CASES, *PROLOGUE_CASES, *RESIDUAL_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES,
+# BatchNorm's statistics finalize (float64 Chan folds) and the running-statistics update, as launched
+# for C3D's conv1 in training at batch 32 (50,176 tiles of 128 positions, 64 channels)
+STATISTICS_CASES = {f"statistics-{kind}": (kind,) for kind in ("fold_tiles", "fold_splits", "update", "update_cumulative")}
+ALL_CASES = [*CASES, *STEM_CASES, *STATISTICS_CASES, *STATS_CASES, *PROLOGUE_CASES, *RESIDUAL_CASES, *ELEMENTWISE_CASES, *WGRAD_CASES,
              *DGRAD_CASES, *BACKWARD_ELEMENTWISE_CASES, *DEPTHWISE_CASES, *SILU_CASES, *SILU_ELEMENTWISE_CASES,
              *SILU_BACKWARD_CASES]
 
@@ -223,6 +227,8 @@ def _ptxas() -> str | None:
 def _compile_case(case: str) -> dict:
     if case in STATS_CASES:
         return compile_sm90(*STATS_CASES[case], kernel="stats")
+    if case in STATISTICS_CASES:
+        return compile_statistics_sm90(*STATISTICS_CASES[case])
     if case in PROLOGUE_CASES:
         return compile_sm90(*PROLOGUE_CASES[case])
     if case in STEM_CASES:
@@ -294,6 +300,35 @@ def compile_elementwise_sm90(y_shape, pool, dtype, activation="relu") -> dict:
                 "beta_ptr": "*fp32", "out_ptr": f"*{element}"}
     report = _compile(E.bn_act_pool_kernel, plan, pointers, plan.config.num_warps, 1)
     report.update(tensor_cores=False, tile=[plan.config.block_p, plan.config.block_c])
+    return report
+
+
+def compile_statistics_sm90(kind: str) -> dict:
+    """Compile a ``batch_norm_statistics`` kernel as its launcher launches it on C3D's conv1 in
+    training at batch 32; no matrix math."""
+    channels, block_m = 64, 128
+    positions = 32 * 16 * 112 * 112
+    tiles = -(-positions // block_m)
+    splits = BNS.splits_for(tiles, channels)
+    per_split = -(-tiles // splits)
+    if kind == "fold_tiles":
+        fn, pointers = BNS.chan_fold_tiles_kernel, {"part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32", "ws_ptr": "*fp64"}
+        scalars = dict(channels=channels, tiles=tiles, positions=positions, block_m=block_m, per_split=per_split,
+                       splits=-(-tiles // per_split))
+        constexprs = dict(BLOCK_T=BNS.BLOCK_T, BLOCK_C=BNS.BLOCK_C)
+    elif kind == "fold_splits":
+        fn, pointers = BNS.chan_fold_splits_kernel, {"ws_ptr": "*fp64", "mean_ptr": "*fp32", "var_ptr": "*fp32"}
+        scalars = dict(channels=channels, splits=-(-tiles // per_split))
+        constexprs = dict(BLOCK_S=BNS.BLOCK_T, BLOCK_C=BNS.BLOCK_C)
+    else:
+        fn = BNS.running_stats_update_kernel
+        pointers = {name: "*fp32" for name in ("mean_ptr", "var_ptr", "running_mean_ptr", "running_var_ptr")}
+        pointers["num_batches_tracked_ptr"] = "*i64" if kind == "update_cumulative" else "*fp32"
+        scalars = dict(channels=channels, unbias=1.0, momentum=0.1, keep=0.9)
+        constexprs = dict(CUMULATIVE=kind == "update_cumulative", BLOCK_C=BNS.BLOCK_C)
+    plan = dataclasses.make_dataclass("Launch", ["scalars", "constexprs"])(scalars, constexprs)
+    report = _compile(fn, plan, pointers, 1 if kind.startswith("update") else BNS.NUM_WARPS, 1)
+    report.update(tensor_cores=False, tile=[BNS.BLOCK_T, BNS.BLOCK_C])
     return report
 
 
@@ -496,6 +531,12 @@ def test_sm90_depthwise_kernels_do_no_matrix_math(sm90_reports, case):
     """A depthwise conv reduces over no channels: its kernels multiply elementwise on the CUDA cores
     (an MMA there would mean a tile shape that pads the math into a GEMM)."""
     assert not sm90_reports[case]["mma"], f"{case}: MMA instructions in a depthwise kernel"
+
+
+@pytest.mark.parametrize("case", list(STATISTICS_CASES))
+def test_sm90_statistics_kernels_do_no_matrix_math(sm90_reports, case):
+    """The statistics kernels sum rows in float64 on the CUDA cores: no MMA."""
+    assert not sm90_reports[case]["mma"], f"{case}: MMA instructions in a statistics kernel"
 
 
 @pytest.mark.parametrize("case", ALL_CASES)

@@ -269,13 +269,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
     """``reference.update_running_stats`` in one launch (plus num_batches_tracked's increment);
     False, having changed nothing, for tensors it does not take (not contiguous fp32 vectors of one
     length, or a num_batches_tracked that is not an int64 scalar)."""
-    c = running_mean.numel()
-    vectors_ok = all(t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous() and t.numel() == c
-                     for t in (running_mean, running_var, mean, var))
-    nbt_ok = num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
-                                            and num_batches_tracked.numel() == 1)
-    if not (vectors_ok and nbt_ok):
+    if not batch_statistics.kernels_take(running_mean, running_var, num_batches_tracked, mean, var):
         return False
+    c = running_mean.numel()
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if num_batches_tracked is not None:
