@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from interpreter import skip_unless_triton_runs_cpu_tensors
+from statistics_checks import assert_finalized, column_data, tile_partials
 
 pytest.importorskip("triton")
 
 from c3dzoo.kernels import batch_norm_statistics as K  # noqa: E402
-from c3dzoo.kernels._statistics import finalize_statistics as torch_finalize  # noqa: E402
 from c3dzoo.ops import batch_statistics  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -30,15 +30,6 @@ def _device():
     return "cpu"
 
 
-def _tile_partials(y: torch.Tensor, block_m: int):
-    """Per tile of ``block_m`` rows of y (positions × C, float64 values of fp32 data): the fp32
-    (mean, M2) a statistics epilogue writes."""
-    tiles = list(y.split(block_m))
-    mean = torch.stack([t.mean(0) for t in tiles])
-    m2 = torch.stack([(t - t.mean(0)).square().sum(0) for t in tiles])
-    return mean.float(), m2.float()
-
-
 # (positions, channels, block_m): one tile; a short last tile; several splits with a partial
 # channel block (2,188 tiles → 9 splits, 40 channels); many splits (18,750 tiles → 74)
 SHAPES = [(64, 3, 64), (1000, 5, 64), (70000, 40, 32), (300000, 33, 16)]
@@ -48,32 +39,11 @@ SHAPES = [(64, 3, 64), (1000, 5, 64), (70000, 40, 32), (300000, 33, 16)]
 @pytest.mark.parametrize("positions,channels,block_m", SHAPES)
 def test_finalize_matches_the_exact_combination_and_the_data(positions, channels, block_m, big_mean):
     device = _device()
-    g = torch.Generator().manual_seed(positions + channels)
-    y = torch.randn(positions, channels, generator=g, dtype=torch.float64) * (1 + torch.arange(channels))
-    if big_mean:  # |mean|/std = 1e5: a Σy² formula would lose every digit of the variance
-        y = y * 0.01 + 1000.0
-    y = y.float().double()  # the stored fp32 values are the data
-    var64, mean64 = torch.var_mean(y, dim=0, correction=0)
-    part_mean, part_m2 = _tile_partials(y, block_m)
+    y = column_data(positions, channels, big_mean)
+    part_mean, part_m2 = tile_partials(y, block_m)
     tiles = part_mean.shape[0]
     mean, var = K.finalize_statistics(part_mean.to(device), part_m2.to(device), positions, block_m)
-    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (channels,)
-    mean, var = mean.cpu(), var.cpu()
-    # the combination's own error: against the float64 combination of the same fp32 partials
-    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float64)
-    counts[-1] = positions - (tiles - 1) * block_m
-    exact_mean = (counts * part_mean.double()).sum(dim=0) / positions
-    exact_var = (part_m2.double().sum(dim=0) + (counts * (part_mean.double() - exact_mean) ** 2).sum(dim=0)) / positions
-    torch.testing.assert_close(mean, exact_mean.float(), rtol=1e-7, atol=0)
-    torch.testing.assert_close(var, exact_var.float(), rtol=1e-6, atol=0)
-    # and against the data: what is left is the partials' rounding to fp32 (an ulp of |mean| per
-    # tile's mean: ~1e-4 of the variance when |mean|/std = 1e5)
-    torch.testing.assert_close(mean, mean64.float(), rtol=2e-7, atol=1e-7 * float(mean64.abs().max()))
-    torch.testing.assert_close(var, var64.float(), rtol=1e-3 if big_mean else 5e-6, atol=0)
-    # the torch ops it replaces sum in fp32: the same values within their rounding
-    torch_mean, torch_var = torch_finalize(part_mean, part_m2, positions, block_m)
-    torch.testing.assert_close(mean, torch_mean, rtol=1e-6, atol=1e-6 * float(y.abs().max()))
-    torch.testing.assert_close(var, torch_var, rtol=1e-4 if big_mean else 2e-5, atol=0)
+    assert_finalized(mean, var, y, part_mean, part_m2, positions, block_m, big_mean)
     if tiles > K.MIN_TILES_PER_SPLIT:
         assert K.splits_for(tiles, channels) > 1  # the case exercises the second fold
 

@@ -17,6 +17,7 @@ from c3dzoo.ops import reference
 from c3dzoo.ops.backends import LayerParams
 from c3dzoo.ops.cuda_impl import pack_stem_weight
 from parity import assert_parity
+from statistics_checks import assert_finalized, column_data, tile_partials
 
 host = pytest.importorskip(
     "c3dzoo._C_host",
@@ -130,14 +131,6 @@ def _chan_finalize_host(part_mean, part_m2, positions, block_m):
     return mean, var
 
 
-def _tile_partials(y, block_m):
-    """fp32 per-tile (mean, M2) of y [positions, C], as the training kernels emit them."""
-    parts = y.double().split(block_m)
-    part_mean = torch.stack([p.mean(dim=0) for p in parts])
-    part_m2 = torch.stack([((p - p.mean(dim=0)) ** 2).sum(dim=0) for p in parts])
-    return part_mean.float().contiguous(), part_m2.float().contiguous()
-
-
 # positions, C, block_m: one tile; a short last tile; channels not a multiple of the 32 lanes; enough
 # tiles for several splits (and a split count that does not divide them); one channel
 CHAN_CASES = [(7, 3, 16), (1000, 5, 64), (4100, 70, 16), (70_001, 33, 8), (513, 1, 4)]
@@ -148,33 +141,12 @@ CHAN_CASES = [(7, 3, 16), (1000, 5, 64), (4100, 70, 16), (70_001, 33, 8), (513, 
 def test_chan_finalize_matches_float64(positions, C, block_m, big_mean):
     """The device's two-step Chan combination (host build, same order) against float64 statistics of
     the data, and against the torch-ops finalize the other paths use, when |mean| ≫ std too."""
-    from c3dzoo.kernels._statistics import finalize_statistics
-
-    g = torch.Generator().manual_seed(positions + C)
-    y = torch.randn(positions, C, generator=g, dtype=torch.float64) * (1 + torch.arange(C))
-    if big_mean:
-        y = y * 0.01 + 1000.0
-    y = y.float().double()  # the stored fp32 values are the data
-    var64, mean64 = torch.var_mean(y, dim=0, correction=0)
-    part_mean, part_m2 = _tile_partials(y, block_m)
+    y = column_data(positions, C, big_mean)
+    part_mean, part_m2 = tile_partials(y, block_m)
     tiles = part_mean.shape[0]
     assert host.bn_chan_splits(tiles, C) == max(1, min(-(-tiles // 128), 1024 // -(-C // 32)))
     mean, var = _chan_finalize_host(part_mean, part_m2, positions, block_m)
-    # the combination's own error: against the exact (float64) combination of the same fp32 partials
-    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float64)
-    counts[-1] = positions - (tiles - 1) * block_m
-    exact_mean = (counts * part_mean.double()).sum(dim=0) / positions
-    exact_var = (part_m2.double().sum(dim=0) + (counts * (part_mean.double() - exact_mean) ** 2).sum(dim=0)) / positions
-    torch.testing.assert_close(mean, exact_mean.float(), rtol=1e-7, atol=0)
-    torch.testing.assert_close(var, exact_var.float(), rtol=1e-6, atol=0)
-    # and against the data: what is left is the rounding of the tile means to fp32 (an ulp of |mean|
-    # per tile: ~1e-4 of the variance when |mean|/std = 1e5), never the cancellation Σy² − n·mean² has
-    torch.testing.assert_close(mean, mean64.float(), rtol=2e-7, atol=1e-7 * float(mean64.abs().max()))
-    torch.testing.assert_close(var, var64.float(), rtol=1e-3 if big_mean else 5e-6, atol=0)
-    torch_mean, torch_var = finalize_statistics(part_mean, part_m2, positions, block_m)
-    # the torch ops sum in fp32: an error of ~eps32 of the data's magnitude, not of the mean's
-    torch.testing.assert_close(mean, torch_mean, rtol=1e-6, atol=1e-6 * float(y.abs().max()))
-    torch.testing.assert_close(var, torch_var, rtol=1e-4 if big_mean else 2e-5, atol=0)
+    assert_finalized(mean, var, y, part_mean, part_m2, positions, block_m, big_mean)
 
 
 def test_chan_finalize_rejects_inconsistent_counts():
