@@ -79,7 +79,8 @@ def measure(model: torch.nn.Module, x: torch.Tensor, repeats: int = 20) -> Dict[
         with torch.no_grad():
             model(x)
 
-    def train_step():
+    def train_step():  # as a training loop runs it: gradients set afresh, not accumulated
+        model.zero_grad(set_to_none=True)
         model(x).sum().backward()
 
     results = {}
