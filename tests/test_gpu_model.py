@@ -134,6 +134,32 @@ def test_torch_compile_of_fused_model_matches_eager():
     assert_parity(compiled, eager, reference, torch.bfloat16, "logits of the compiled fused model")
 
 
+def test_cuda_graphed_training_matches_eager():
+    """``torch.cuda.make_graphed_callables`` of a fused model in training mode (forward and backward
+    each one graph: no Python per layer, the remedy for host-bound steps, bench/host_time.py):
+    three SGD steps with fresh batches give eager's parameters, running statistics and counters."""
+    graphed_model = _c3d_bn_with_statistics(num_classes=10, width_mult=0.25, input_size=(16, 56, 56),
+                                            fused=True, backend="triton").train()
+    eager_model = copy.deepcopy(graphed_model)
+    static_x = torch.randn(4, 3, 16, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    graphed = torch.cuda.make_graphed_callables(graphed_model, (static_x,))
+    # the graphing warm-up ran training forwards: the eager twin starts from the same statistics
+    eager_model.load_state_dict(graphed_model.state_dict())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (graphed_model, eager_model)]
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        x = torch.randn_like(static_x)
+        labels = torch.randint(0, 10, (4,), device="cuda")
+        for model, optimizer in zip((graphed, eager_model), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), labels).backward()
+            optimizer.step()
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
+    # the same kernels on the same data (replayed or launched): equal up to the fc layers' cuBLAS
+    for (name, a), b in zip(graphed_model.state_dict().items(), eager_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("frozen_bn", [False, True], ids=["train_bn", "frozen_bn"])
 def test_c3d_bn_training_step_bf16_autocast(frozen_bn):
     """One forward/backward of the full C3D-BN (16×112×112, batch 4) under bf16 autocast: loss,
