@@ -19,10 +19,12 @@ def column_data(positions: int, channels: int, big_mean: bool) -> torch.Tensor:
 
 def tile_partials(y: torch.Tensor, block_m: int):
     """fp32 per-tile (mean, M2) of y [positions, C], as the training kernels emit them."""
-    parts = y.double().split(block_m)
-    part_mean = torch.stack([p.mean(dim=0) for p in parts])
-    part_m2 = torch.stack([((p - p.mean(dim=0)) ** 2).sum(dim=0) for p in parts])
-    return part_mean.float().contiguous(), part_m2.float().contiguous()
+    y = y.double()
+    full = y.shape[0] // block_m * block_m  # the full tiles at once, then the short last one
+    tiles = [y[:full].unflatten(0, (-1, block_m))] + ([y[full:].unsqueeze(0)] if full < y.shape[0] else [])
+    means = [t.mean(dim=1) for t in tiles]
+    m2s = [(t - m.unsqueeze(1)).square().sum(dim=1) for t, m in zip(tiles, means)]
+    return torch.cat(means).float().contiguous(), torch.cat(m2s).float().contiguous()
 
 
 def assert_finalized(mean, var, y, part_mean, part_m2, positions: int, block_m: int, big_mean: bool) -> None:

@@ -31,8 +31,9 @@ def _device():
 
 
 # (positions, channels, block_m): one tile; a short last tile; several splits with a partial
-# channel block (2,188 tiles → 9 splits, 40 channels); many splits (18,750 tiles → 74)
-SHAPES = [(64, 3, 64), (1000, 5, 64), (70000, 40, 32), (300000, 33, 16)]
+# channel block (2,188 tiles → 9 splits, 40 channels); more splits than the second fold takes at once
+# (8,501 tiles of 2 positions, the last of 1 → 34 splits > BLOCK_S = 32)
+SHAPES = [(64, 3, 64), (1000, 5, 64), (70000, 40, 32), (17001, 5, 2)]
 
 
 @pytest.mark.parametrize("big_mean", [False, True], ids=["centred", "mean1e5std"])
@@ -46,6 +47,8 @@ def test_finalize_matches_the_exact_combination_and_the_data(positions, channels
     assert_finalized(mean, var, y, part_mean, part_m2, positions, block_m, big_mean)
     if tiles > K.MIN_TILES_PER_SPLIT:
         assert K.splits_for(tiles, channels) > 1  # the case exercises the second fold
+    if positions == 17001:
+        assert K.splits_for(tiles, channels) > K.BLOCK_T  # ... and its loop over blocks of splits
 
 
 def test_finalize_rejects_what_it_cannot_combine():
