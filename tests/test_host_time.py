@@ -30,8 +30,6 @@ def test_c3d_bn_launches_per_step(host_time):
         "bn_act_pool_kernel": 8, "running_stats_update_kernel": 8, "act_pool_backward_reduce_kernel": 8,
         "bn_backward_kernel": 8, "conv3d_wgrad_kernel": 8, "conv3d_bias_act_pool_kernel": 8,
     }
-    for mode in ("eval", "train"):
-        assert results[mode]["seconds"] > 0
 
 
 def test_counting_restores_the_interpreter(host_time):
