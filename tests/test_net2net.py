@@ -1042,17 +1042,22 @@ def test_resnet3d_growth_errors_leave_model_unchanged():
     assert_unchanged(before, model)
 
 
+def _cut_float64(builder, blocks_per_stage=(2, 1, 1, 1)):
+    """``small_resnet3d(builder)`` (seed 0) with its four stages cut to ``blocks_per_stage``, in float64."""
+    torch.manual_seed(0)
+    base = small_resnet3d(builder)
+    for index, count in enumerate(blocks_per_stage, 1):
+        base.blocks[index] = ResStage(list(base.blocks[index].res_blocks[:count]))
+    return base.double()
+
+
 def test_csn_grows_exactly_its_depthwise_convs_following_conv_a():
     """CSN (cut to 2, 1, 1, 1 blocks): a depthwise conv_b is no layer of its own to widen; it
     grows with conv_a (its filters and BatchNorm copied with conv_a's mapping, groups = its new
     channels) and conv_c is divided; the streams grow as in the other ResNets; deeper inserts a
     block with a depthwise 3×3×3 conv_b. Exact in eval and train mode (float64); the fused
     forward runs it; the optimizer follows."""
-    torch.manual_seed(0)
-    base = small_resnet3d(csn_r101)
-    for index, count in enumerate((2, 1, 1, 1), 1):
-        base.blocks[index] = ResStage(list(base.blocks[index].res_blocks[:count]))
-    base = base.double()
+    base = _cut_float64(csn_r101)
     grown = copy.deepcopy(base)
     opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
     grown(resnet3d_clip(dtype=torch.float64)).square().mean().backward()
@@ -1097,11 +1102,7 @@ def test_r2plus1d_r50_grows_both_halves_of_its_2plus1d_convs():
     stream as a group (the stem, without max-pool, writes the first); deeper inserts a block with
     a (2+1)D conv_b of the same kernels. Exact in eval and train mode (float64); the fused forward
     runs it; the optimizer follows."""
-    torch.manual_seed(0)
-    base = small_resnet3d(r2plus1d_r50)
-    for index, count in enumerate((2, 1, 1, 1), 1):
-        base.blocks[index] = ResStage(list(base.blocks[index].res_blocks[:count]))
-    base = base.double()
+    base = _cut_float64(r2plus1d_r50)
     grown = copy.deepcopy(base)
     opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
     layers = net2net.widenable_layers(grown)
