@@ -113,10 +113,9 @@ def update_running_stats(
     elif chosen == "triton" and kernels_take(running_mean, running_var, num_batches_tracked, mean, var):
         from c3dzoo.kernels import batch_norm_statistics  # noqa: PLC0415
 
-        if momentum is None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
+        # (momentum=None without a counter: refused there, before the launch)
         batch_norm_statistics.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
                                                     count, momentum)
         mark_changed(running_mean, running_var)  # written by a kernel: cached folds must see it
