@@ -59,9 +59,11 @@ MODELS = {
     # time too: 16 frames of 64 × 64 leave stage 4's BatchNorms 2 × 2 × 2 positions a clip (at 8
     # frames, 1 × 2 × 2: 8 values a channel, and fp32 gradients ill-conditioned)
     "csn_r101": ((2, 3, 16, 64, 64), 22_213_776, 104),
-    # two pathways of 53 chains each, and 4 fusions (after the stems and stages 1-3); 4 frames for
-    # the fast pathway, 1 for the slow one
-    "slowfast_r50": ((2, 3, 4, 32, 32), 34_566_488, 110),
+    # two pathways of 53 chains each, and 4 fusions (after the stems and stages 1-3); 8 frames for
+    # the fast pathway, 2 for the slow one, 64 × 64 pixels: the slow pathway's last BatchNorms see
+    # 2 × 2 × 2 × 2 values per channel (at 4 × 32 × 32, 2 values: fp32 gradients were all rounding
+    # noise, stock's as fused's, 100 % from float64)
+    "slowfast_r50": ((2, 3, 8, 64, 64), 34_566_488, 110),
     # X3D-XS: its depthwise conv_b chains end in Swish (SiLU) where the block has no squeeze-
     # excitation; 4 frames of 64 × 64 leave stage 4's BatchNorms 2 × 2 positions a frame. The FX
     # fuse takes stem 1 + 26 blocks × 3 + 3 shortcuts with a BN + 15 SE conv → ReLU + head 2 (the
@@ -73,8 +75,7 @@ RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
 # S3D in training mode: its last BatchNorms see 8 values per channel here, and fp32 rounding
 # grows through its 77 chains to ~1e-4 of the largest weight gradient in stock as in fused (both
 # measured against float64), beyond a fused-vs-stock tolerance; these are judged by the budget
-# SlowFast's too: its slow pathway's last BatchNorms see 2 values per channel here
-JUDGED_BY_BUDGET = {"train": ("s3d", "slowfast_r50")}
+JUDGED_BY_BUDGET = {"train": ("s3d",)}
 # the same for the unconditioned training-mode forward of the 34-layer R(2+1)D (eps 1e-3, 16
 # blocks): both fp32 outputs are ~5e-4 (relative) from float64 there
 FORWARD_JUDGED_BY_BUDGET = ("r2plus1d_34",)
