@@ -80,6 +80,12 @@ JUDGED_BY_BUDGET = {"train": ("s3d",)}
 # blocks): both fp32 outputs are ~5e-4 (relative) from float64 there
 FORWARD_JUDGED_BY_BUDGET = ("r2plus1d_34",)
 MODES = ("train", "eval", "frozen_bn")
+# S3D's inference-mode gradients: a max-pool in every Inception block and between stages, whose
+# inputs (γ = 0.5 after conditioning) have near-ties that two correct fp32 computations break
+# differently — fused against stock, the worst gradient differs by 1e-4 to 5e-2 (relative L2) over
+# inputs, and stock alone as much between one CPU thread and two. In float64 no near-tie flips, so
+# there the gradients are compared tightly; the fp32 output and buffers are compared as elsewhere.
+GRADIENTS_IN_FLOAT64 = {"eval": ("s3d",), "frozen_bn": ("s3d",)}
 # Jester gradients upstream of a MaxPool3d: relative L2 error allowed (measured up to 7e-3 over
 # several inputs, from pooling near-ties; a stock fp32 run differs from fp64 by as much)
 POOLED_GRAD_RTOL = 2e-2
@@ -238,6 +244,12 @@ def test_fused_matches_stock(pair, conditioned_state, mode):
         reference = _run(copy.deepcopy(stock).double(), x.double())
         _assert_within_budget(actual, expected, reference)
         return
+    if name in GRADIENTS_IN_FLOAT64.get(mode, ()):
+        expected64 = _run(copy.deepcopy(stock).double(), x.double())
+        actual64 = _run(copy.deepcopy(fused).double(), x.double())
+        for key in expected:
+            if key.endswith(".grad"):
+                expected[key], actual[key] = expected64[key], actual64[key]
     grads = [v for k, v in expected.items() if k.endswith(".grad")]
     grad_floor = 1e-6 * max(g.abs().max().item() for g in grads)
     for key, want in expected.items():
@@ -246,9 +258,11 @@ def test_fused_matches_stock(pair, conditioned_state, mode):
             _assert_close(got, want, key, floor=grad_floor if key.endswith(".grad") else 0.0)
         elif mode == "train" and _JESTER_BN_CONV_BIAS.fullmatch(key):
             # a conv bias in front of a training-mode BN has an analytically zero gradient (the BN
-            # removes any per-channel shift): both sides must be rounding noise
+            # removes any per-channel shift): the fused one must be rounding noise (stock's is too,
+            # but how much depends on its conv backward's summation order: 1.1e-4 of the
+            # weight gradient with one CPU thread, over the 1e-4 bound)
             bound = 1e-4 * expected[key.replace("bias", "weight")].abs().max().item()
-            assert got.abs().max() <= bound and want.abs().max() <= bound, key
+            assert got.abs().max() <= bound, key
         elif key.endswith(".grad") and _JESTER_BEFORE_POOL.match(key):
             _assert_close_norm(got, want, key, POOLED_GRAD_RTOL, floor=grad_floor * want.numel() ** 0.5)
         else:
