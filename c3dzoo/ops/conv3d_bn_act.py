@@ -845,6 +845,11 @@ def conv3d_bn_act(
             pool=pool, backend=name, group=group,
             memory_format=(stock_memory_format(x, conv_weight) if layout == "stock" else output_memory_format(x, name)),
         )
+    if residual is not None:  # (_residual_in_epilogue: eager inference, which picks its own backend)
+        return in_layout(_forward_with_residual(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                running_var, norm, eps, stride, padding, dilation, activation,
+                                                negative_slope, pool, residual, backend, out_shape),
+                         layout, x, conv_weight)
     # defer this layer's normalisation + activation into the next layer's input (see PendingBatchNorm)
     deferred = defer and norm == "batch" and not pool
     op_norm, op_activation = ("stats", "none") if deferred else (norm, activation)
@@ -864,11 +869,6 @@ def conv3d_bn_act(
         forward = _EagerForward.apply
     else:
         forward = _EagerForwardUntransformed.apply if needs_grad else _forward_impl
-    if residual is not None:  # (_residual_in_epilogue: eager inference)
-        return in_layout(_forward_with_residual(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                                running_var, norm, eps, stride, padding, dilation, activation,
-                                                negative_slope, pool, residual, backend, out_shape),
-                         layout, x, conv_weight)
     out, mean, var, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
