@@ -308,6 +308,32 @@ def test_dataset_clips_train_and_val(tmp_path):
     assert [val[i][1] for i in range(len(val))] == [0, 0, 1, 1]
 
 
+class _Frames(torch.utils.data.Dataset):
+    def __init__(self, path: str):
+        self.path = path
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return read_frames(self.path, [0, 5])
+
+
+@pytest.mark.skipif("fork" not in torch.multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_worker_forked_after_the_main_process_decoded_does_not_hang(tmp_path):
+    """PyAV 18.1.1 converts every frame a thread decodes with one shared swscale context, which by
+    default has slice threads: a DataLoader worker forked after the main thread converted a frame
+    inherited the context without its threads and waited on them forever (CI hung in the tests
+    below). The main process decodes first here, then a forked worker decodes the same frames; the
+    loader's timeout turns a hang into a failure."""
+    path = make_video(tmp_path / "v.mp4", frames=12, size=64)
+    want = read_frames(path, [0, 5])
+    loader = torch.utils.data.DataLoader(_Frames(path), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork", timeout=60)
+    for got in loader:
+        assert np.array_equal(np.asarray(got), want)
+
+
 def test_dataset_pickles_and_loads_in_workers(tmp_path):
     dataset = _dataset(tmp_path, train=True)
     copy = pickle.loads(pickle.dumps(dataset))

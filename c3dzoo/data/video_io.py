@@ -104,11 +104,23 @@ def count_frames(source: str) -> int:
         raise UnreadableVideo(_reason(exc)) from None
 
 
+def _rgb24(frame) -> np.ndarray:
+    """A decoded frame as H × W × 3 uint8 RGB, converted by one swscale thread. PyAV 18.1.1 keeps
+    one swscale context per thread for every frame it converts, with slice threads of its own by
+    default: a DataLoader worker forked after the main thread converted a frame inherits that
+    context without its threads and waits on them forever (training on videos with ``--workers``
+    hung). A single-threaded context has no threads to lose; the workers are the parallelism."""
+    try:
+        return frame.to_ndarray(format="rgb24", threads=1)
+    except TypeError:  # a PyAV without the threads argument converts with a scaler per frame
+        return frame.to_ndarray(format="rgb24")
+
+
 def _upright(frame) -> np.ndarray:
     """A decoded frame as RGB pixels the way players show it: turned by the stream's display
     rotation (a phone's portrait video is stored landscape, with a display matrix saying so;
     ``VideoFrame.rotation`` is its counter-clockwise angle)."""
-    pixels = frame.to_ndarray(format="rgb24")
+    pixels = _rgb24(frame)
     rotation = getattr(frame, "rotation", 0) or 0  # PyAV before 13 has no rotation: shown as stored
     quarter_turns = int(round(rotation / 90)) % 4 if rotation == rotation else 0  # NaN: a singular matrix
     return np.ascontiguousarray(np.rot90(pixels, quarter_turns)) if quarter_turns else pixels
