@@ -323,9 +323,9 @@ class _Frames(torch.utils.data.Dataset):
 def test_a_worker_forked_after_the_main_process_decoded_does_not_hang(tmp_path):
     """PyAV 18.1.1 converts every frame a thread decodes with one shared swscale context, which by
     default has slice threads: a DataLoader worker forked after the main thread converted a frame
-    inherited the context without its threads and waited on them forever (CI hung in the tests
-    below). The main process decodes first here, then a forked worker decodes the same frames; the
-    loader's timeout turns a hang into a failure."""
+    inherited the context without its threads and waited on them forever (CI hung in the test
+    below and in test_cli's training on videos with workers). The main process decodes first here,
+    then a forked worker decodes the same frames; the loader's timeout turns a hang into a failure."""
     path = make_video(tmp_path / "v.mp4", frames=12, size=64)
     want = read_frames(path, [0, 5])
     loader = torch.utils.data.DataLoader(_Frames(path), batch_size=None, num_workers=1,
