@@ -127,11 +127,23 @@ _probe_cache: Dict[str, Optional[str]] = {}
 _CHOICE_ENV_VARS = (ENV_VAR, "TRITON_INTERPRET", AUTOTUNE_ENV_VAR)  # read by the choice and the probes
 _RESOLVED: Dict[tuple, str] = {}
 _RESOLVED_LIMIT = 4096
+_generation = 0  # counts the times resolve's answers were forgotten (see choice_state)
 
 
 def _forget_resolved() -> None:
+    global _generation
     with _lock:
         _RESOLVED.clear()
+        _generation += 1
+
+
+def choice_state() -> tuple:
+    """Everything besides the request and the configuration that ``resolve``'s answer depends on:
+    the environment variables it and the probes read, the deterministic flag, the registry, the
+    preference order, and a count of the times its answers were forgotten (``register``,
+    ``set_timer``, ``clear_fallbacks``). Equal states give equal answers to equal questions, so a
+    caller may keep an answer under it (``c3dzoo.ops.conv3d_bn_act``'s inference plans)."""
+    return (tuple(map(os.environ.get, _CHOICE_ENV_VARS)), _deterministic(), id(_REGISTRY), PREFERENCE, _generation)
 
 
 def register(backend: Backend) -> None:
@@ -177,7 +189,7 @@ def fallbacks() -> Dict[str, str]:
 def clear_fallbacks() -> None:
     with _lock:
         _FALLBACKS.clear()
-        _RESOLVED.clear()
+    _forget_resolved()  # (answers kept elsewhere too, which must record their fallbacks again)
 
 
 def set_triton_autotune(enabled: bool) -> bool:
@@ -250,17 +262,23 @@ def resolve(backend: Optional[str], cfg: ConvBNActConfig) -> str:
     "auto" takes the first backend in preference order that can run ``cfg``; where several
     non-reference backends can (C3D's conv1: the CUDA stem kernel and the Triton kernel), the faster
     one, measured once per configuration (see ``set_timer``) when a timer is set and may run now."""
-    key = (backend, tuple(map(os.environ.get, _CHOICE_ENV_VARS)), _deterministic(), id(_REGISTRY), PREFERENCE,
-           cfg)
+    return resolution(backend, cfg)[0]
+
+
+def resolution(backend: Optional[str], cfg: ConvBNActConfig) -> Tuple[str, bool]:
+    """(``resolve``'s answer, whether it is final: the same ``choice_state()`` will give it again;
+    not final while "auto" waits to measure several contenders)."""
+    key = (backend, choice_state(), cfg)
     name = _RESOLVED.get(key)
-    if name is None:
-        name, final = _resolve(backend, cfg)
-        if final:  # not a stand-in for a measurement that could not run now
-            with _lock:
-                if len(_RESOLVED) >= _RESOLVED_LIMIT:
-                    _RESOLVED.clear()
-                _RESOLVED[key] = name
-    return name
+    if name is not None:
+        return name, True
+    name, final = _resolve(backend, cfg)
+    if final:  # not a stand-in for a measurement that could not run now
+        with _lock:
+            if len(_RESOLVED) >= _RESOLVED_LIMIT:
+                _RESOLVED.clear()
+            _RESOLVED[key] = name
+    return name, final
 
 
 def _resolve(backend: Optional[str], cfg: ConvBNActConfig) -> Tuple[str, bool]:
@@ -312,7 +330,7 @@ def set_timer(timer: Optional[Callable[[str, ConvBNActConfig], float]],
     _timer, _can_measure = timer, can_measure
     with _lock:
         _TUNED.clear()
-        _RESOLVED.clear()
+    _forget_resolved()
 
 
 def tuning() -> Dict[str, Dict[str, float]]:
