@@ -123,14 +123,21 @@ def test_bad_residuals_are_refused():
 
 
 def _epilogue_calls(monkeypatch) -> list:
-    """The residuals the op hands a backend's forward (its epilogue), one entry per call."""
-    seen, real = [], ops_module._forward_with_residual
+    """The residuals the op hands a backend's forward (its epilogue), one entry per call: on its full
+    path, or running the plan an earlier call like it kept."""
+    seen, real, real_plan = [], ops_module._forward_with_residual, ops_module._InferencePlan.run
 
     def spy(*args):
         seen.append(args[15])  # residual
         return real(*args)
 
+    def plan_spy(plan, *args):
+        if args[7] is not None:  # residual
+            seen.append(args[7])
+        return real_plan(plan, *args)
+
     monkeypatch.setattr(ops_module, "_forward_with_residual", spy)
+    monkeypatch.setattr(ops_module._InferencePlan, "run", plan_spy)
     return seen
 
 
@@ -173,11 +180,12 @@ def test_residual_blocks_take_the_epilogue_unless_a_hook_watches(name, backend, 
 def test_a_leaky_relu_after_the_sum_joins_the_chain_too(monkeypatch):
     """``add_residual_chained`` takes the block's activation module as it is: a LeakyReLU's slope."""
     from c3dzoo.models._common import ChainSequential, add_residual_chained
+    from c3dzoo.models.resnet3d import ResNet3D  # (c3dzoo.models imports its submodules lazily)
 
     torch.manual_seed(0)
     branch = ChainSequential(nn.Conv3d(4, 6, 3, padding=1, bias=False), nn.BatchNorm3d(6)).eval()
     act = nn.LeakyReLU(0.3)
-    model = c3dzoo.models.resnet3d.ResNet3D((1, 7, 7), [[(1, 1, 1)]] * 4)
+    model = ResNet3D((1, 7, 7), [[(1, 1, 1)]] * 4)
     model.fused, model.backend = True, "triton"
     x, shortcut = torch.randn(2, 4, 2, 5, 5), torch.randn(2, 6, 2, 5, 5)
     launches = _residual_launches(monkeypatch)

@@ -667,16 +667,101 @@ def _residual_in_epilogue(x, residual, tensors, norm, group, pending) -> bool:
 
 
 def _forward_with_residual(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps, stride,
-                           padding, dilation, activation, negative_slope, pool, residual, backend, out_shape):
-    """The inference forward with the residual added in the epilogue, on the backend chosen for it."""
+                           padding, dilation, activation, negative_slope, pool, residual, backend, out_shape,
+                           plan_key=None, cast=None):
+    """The inference forward with the residual added in the epilogue, on the backend chosen for it
+    (kept as an ``_InferencePlan`` under ``plan_key``)."""
     _check_residual(residual, out_shape, x.device, pool)
-    name = _resolve_backend(backend, _config_fields(x, weight, norm, activation, stride, padding, dilation, pool,
-                                                    residual=True))
+    fields = _config_fields(x, weight, norm, activation, stride, padding, dilation, pool, residual=True)
+    name = _resolve_backend(backend, fields)
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
     out, _, _, _ = _impl(_backends.runnable_on(name, x.device.type)).forward(
         x, weight, bias, bn_weight, bn_bias, running_mean if norm == "running" else None,
         running_var if norm == "running" else None, params, None, residual=residual)
+    _keep_inference_plan(plan_key, backend, fields, name, params, cast)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# inference plans: what an eager inference call decided, kept for the next call like it
+# --------------------------------------------------------------------------------------------
+
+
+class _InferencePlan(NamedTuple):
+    """What ``conv3d_bn_act`` decided for an eager inference call (BatchNorm folded or absent,
+    nothing needing a gradient): the backend, the layer's parameters, the autocast dtype. A later
+    call with the same ``_inference_plan_key`` runs it directly: the argument checks, the shape
+    arithmetic and the backend choice cost ~30 µs of Python a call (a third of a fused layer's host
+    time), which a GPU running a model of many small layers (X3D, S3D) at small batches waits on."""
+
+    backend: str
+    params: _backends.LayerParams
+    cast: Optional[torch.dtype]
+
+    def run(self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, layout) -> Tensor:
+        if self.cast is not None:
+            x, weight = x.to(self.cast), weight.to(self.cast)
+            bias = None if bias is None else bias.to(self.cast)
+        running = self.params.norm == "running"
+        out = _impl(self.backend).forward(
+            x, weight, bias, bn_weight, bn_bias, running_mean if running else None, running_var if running else None,
+            self.params, None, residual=residual)[0]
+        return in_layout(out, layout, x, weight)
+
+
+_INFERENCE_PLANS: dict = {}
+_INFERENCE_PLANS_LIMIT = 4096
+
+
+def _pool_key(pool):
+    if isinstance(pool, torch.nn.MaxPool3d):  # its settings, not the module: they can be changed
+        return (type(pool), pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                pool.return_indices)
+    return pool
+
+
+def _inference_plan_key(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, stride,
+                        padding, dilation, activation, negative_slope, pool, batch_norm, backend, sync,
+                        process_group, layout, residual) -> Optional[tuple]:
+    """The key of a call's ``_InferencePlan``, or None for a call that gets none (training, a
+    gradient to follow, torch.compile, tracing, export, torch.func transforms, a PendingBatchNorm).
+    It holds everything the checks and choices of ``conv3d_bn_act`` read: every tensor's shape,
+    dtype and device, every setting, the autocast state and the backend choice's state
+    (``backends.choice_state``). Layouts are not in it: what depends on them is done on every call."""
+    if type(x) is not Tensor or (batch_norm and (training or running_mean is None)):
+        return None
+    try:
+        if not _runs_eagerly(x) or _exporting_onnx():
+            return None
+        grad_enabled = torch.is_grad_enabled()
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        tensor_keys = []
+        for t in (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual):
+            if t is None:
+                tensor_keys.append(None)
+                continue
+            if (grad_enabled and t.requires_grad) or wrapped(t):  # autograd or torch.func: the op's full path
+                return None
+            tensor_keys.append((t.shape, t.dtype, t.device))
+        key = (tuple(tensor_keys), training, batch_norm, eps, stride, padding, dilation, activation, negative_slope,
+               _pool_key(pool), backend, sync, process_group is None, layout, _autocast_dtype(x.device.type),
+               _backends.choice_state())
+        hash(key)
+    except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable settings: the checks will say
+        return None
+    return key
+
+
+def _keep_inference_plan(key, backend, cfg_fields, name, params, cast) -> None:
+    """Keep the plan of an eager inference call that ran on ``name`` (see ``_InferencePlan``), when
+    the backend choice is final (not waiting to measure contenders)."""
+    if key is None:
+        return
+    resolved, final = _backends.resolution(backend, _backends.ConvBNActConfig(*cfg_fields))
+    if final and resolved == name:
+        if len(_INFERENCE_PLANS) >= _INFERENCE_PLANS_LIMIT:
+            _INFERENCE_PLANS.clear()
+        _INFERENCE_PLANS[key] = _InferencePlan(name, params, cast)
 
 
 def make_config(x, weight, norm, activation, stride, padding, dilation, pool) -> _backends.ConvBNActConfig:
@@ -751,6 +836,52 @@ def conv3d_bn_act(
     (Triton); otherwise the layer runs without its activation, then the sum and the activation as
     stock ops (training, autograd, torch.compile: what they differentiate or fuse themselves).
     """
+    key = _inference_plan_key(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
+                              eps, stride, padding, dilation, activation, negative_slope, pool, batch_norm, backend,
+                              sync, process_group, layout, residual)
+    if key is not None:
+        plan = _INFERENCE_PLANS.get(key)
+        if plan is not None:
+            return plan.run(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                            layout)
+    return _conv3d_bn_act(
+        x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training=training,
+        momentum=momentum, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,
+        negative_slope=negative_slope, pool=pool, num_batches_tracked=num_batches_tracked, batch_norm=batch_norm,
+        backend=backend, sync=sync, process_group=process_group, defer=defer, keep_conv_output=keep_conv_output,
+        layout=layout, residual=residual, plan_key=key)
+
+
+def _conv3d_bn_act(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor] = None,
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    *,
+    training: bool,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: IntOrTriple = 1,
+    padding: IntOrTriple = 0,
+    dilation: IntOrTriple = 1,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    pool=None,
+    num_batches_tracked: Optional[Tensor] = None,
+    batch_norm: bool = True,
+    backend: Optional[str] = None,
+    sync: bool = False,
+    process_group=None,
+    defer: bool = False,
+    keep_conv_output: Optional[bool] = None,
+    layout: str = "stock",
+    residual: Optional[Tensor] = None,
+    plan_key: Optional[tuple] = None,
+) -> Union[Tensor, PendingBatchNorm]:
+    """``conv3d_bn_act`` without a kept plan; an eager inference call keeps its plan under ``plan_key``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     pending = x if isinstance(x, PendingBatchNorm) else None
@@ -824,6 +955,8 @@ def conv3d_bn_act(
         raise TypeError(
             f"x is {x.dtype} but conv_weight is {conv_weight.dtype}; cast one of them or use autocast"
         )
+    else:
+        cast = None  # (an inference plan repeats only the casts made)
 
     if x.shape[0] == 0 and group is None:
         return _empty_batch(pending.materialize() if pending is not None else x, conv_weight, conv_bias, bn_weight,
@@ -848,15 +981,15 @@ def conv3d_bn_act(
     if residual is not None:  # (_residual_in_epilogue: eager inference, which picks its own backend)
         return in_layout(_forward_with_residual(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                                 running_var, norm, eps, stride, padding, dilation, activation,
-                                                negative_slope, pool, residual, backend, out_shape),
+                                                negative_slope, pool, residual, backend, out_shape, plan_key,
+                                                cast),
                          layout, x, conv_weight)
     # defer this layer's normalisation + activation into the next layer's input (see PendingBatchNorm)
     deferred = defer and norm == "batch" and not pool
     op_norm, op_activation = ("stats", "none") if deferred else (norm, activation)
-    name = _resolve_backend(
-        backend, _config_fields(x, conv_weight, op_norm, op_activation, stride, padding, dilation, pool,
-                                input_norm=pending is not None)
-    )
+    fields = _config_fields(x, conv_weight, op_norm, op_activation, stride, padding, dilation, pool,
+                            input_norm=pending is not None)
+    name = _resolve_backend(backend, fields)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         x, conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats))
     keep = keeps_conv_output(keep_conv_output, op_norm, x.shape[1], needs_grad)
@@ -899,4 +1032,7 @@ def conv3d_bn_act(
     if deferred:
         return PendingBatchNorm(out, _deferred_stats(mean, var, bn_weight, bn_bias), float(eps), activation,
                                 float(negative_slope))
+    if forward is _forward_impl and plan_key is not None:  # eager inference: the next call like it runs the plan
+        _keep_inference_plan(plan_key, backend, fields, name, _backends.LayerParams.of(
+            norm, eps, stride, padding, dilation, activation, negative_slope, pool), cast)
     return in_layout(out, layout, x, conv_weight)
