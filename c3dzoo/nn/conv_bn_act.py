@@ -122,8 +122,11 @@ def runs_hooks(*modules: Optional[nn.Module]) -> bool:
     sees what it sees in a stock model: Grad-CAM, feature extraction, guided backprop, tracers."""
     if any(_GLOBAL_HOOKS):
         return True
-    return any(m is not None and bool(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
-                                      or m._backward_hooks) for m in modules)
+    for m in modules:  # (a loop, not a generator: this runs for every chain of every forward)
+        if m is not None and (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                              or m._backward_hooks):
+            return True
+    return False
 
 
 def conv_bn_act(

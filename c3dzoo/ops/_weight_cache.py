@@ -18,7 +18,10 @@ Tensor = torch.Tensor
 
 def capturing(sources: Sequence[Optional[Tensor]]) -> bool:
     """Whether a CUDA graph is being captured on the current stream of the sources' GPU."""
-    return any(t is not None and t.is_cuda for t in sources) and torch.cuda.is_current_stream_capturing()
+    for t in sources:
+        if t is not None and t.is_cuda:
+            return torch.cuda.is_current_stream_capturing()
+    return False
 
 
 _CACHES: "weakref.WeakSet[FoldedWeightCache]" = weakref.WeakSet()
@@ -79,19 +82,29 @@ class FoldedWeightCache:
         self._lock = threading.Lock()
 
     def get_or_build(self, sources: Sequence[Optional[Tensor]], extra: tuple, build):
-        # inference tensors have no version counter: never cached
-        if any(t is not None and t.is_inference() for t in sources) or capturing(sources):
+        # (one loop of plain attribute reads: a model's eval forward looks up every layer's entry)
+        storages, places, versions = [], [], []
+        for t in sources:
+            if t is None:
+                storages.append(None)
+                places.append(None)
+                versions.append(None)
+                continue
+            if t.is_inference():  # no version counter: never cached
+                return build()
+            s = t.untyped_storage()
+            storages.append(s)
+            places.append((id(s), t.data_ptr(), t.shape, t.stride(), t.dtype))
+            versions.append(t._version)
+        if capturing(sources):
             return build()
-        storages = [None if t is None else t.untyped_storage() for t in sources]
-        key = tuple(None if t is None else (id(s), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-                    for t, s in zip(sources, storages)) + tuple(extra)
-        versions = tuple(None if t is None else t._version for t in sources)
+        key = (tuple(places), tuple(extra))
+        versions = tuple(versions)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 refs, seen, value = entry
-                same_storages = all(r is None or r() is s for r, s in zip(refs, storages))
-                if same_storages and seen == versions:
+                if seen == versions and _same_storages(refs, storages):
                     self._entries.move_to_end(key)
                     return value
                 del self._entries[key]  # a source changed, or an id was recycled: stale, freed now
@@ -118,6 +131,13 @@ class FoldedWeightCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+
+
+def _same_storages(refs, storages) -> bool:
+    for ref, storage in zip(refs, storages):
+        if ref is not None and ref() is not storage:
+            return False
+    return True
 
 
 def cached_folded(
