@@ -836,52 +836,15 @@ def conv3d_bn_act(
     (Triton); otherwise the layer runs without its activation, then the sum and the activation as
     stock ops (training, autograd, torch.compile: what they differentiate or fuse themselves).
     """
-    key = _inference_plan_key(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training,
-                              eps, stride, padding, dilation, activation, negative_slope, pool, batch_norm, backend,
-                              sync, process_group, layout, residual)
-    if key is not None:
-        plan = _INFERENCE_PLANS.get(key)
+    # an eager inference call like an earlier one runs that call's plan (see _InferencePlan)
+    plan_key = _inference_plan_key(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                                   training, eps, stride, padding, dilation, activation, negative_slope, pool,
+                                   batch_norm, backend, sync, process_group, layout, residual)
+    if plan_key is not None:
+        plan = _INFERENCE_PLANS.get(plan_key)
         if plan is not None:
             return plan.run(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
                             layout)
-    return _conv3d_bn_act(
-        x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training=training,
-        momentum=momentum, eps=eps, stride=stride, padding=padding, dilation=dilation, activation=activation,
-        negative_slope=negative_slope, pool=pool, num_batches_tracked=num_batches_tracked, batch_norm=batch_norm,
-        backend=backend, sync=sync, process_group=process_group, defer=defer, keep_conv_output=keep_conv_output,
-        layout=layout, residual=residual, plan_key=key)
-
-
-def _conv3d_bn_act(
-    x: Tensor,
-    conv_weight: Tensor,
-    conv_bias: Optional[Tensor] = None,
-    bn_weight: Optional[Tensor] = None,
-    bn_bias: Optional[Tensor] = None,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    *,
-    training: bool,
-    momentum: Optional[float] = 0.1,
-    eps: float = 1e-5,
-    stride: IntOrTriple = 1,
-    padding: IntOrTriple = 0,
-    dilation: IntOrTriple = 1,
-    activation: str = "relu",
-    negative_slope: float = 0.01,
-    pool=None,
-    num_batches_tracked: Optional[Tensor] = None,
-    batch_norm: bool = True,
-    backend: Optional[str] = None,
-    sync: bool = False,
-    process_group=None,
-    defer: bool = False,
-    keep_conv_output: Optional[bool] = None,
-    layout: str = "stock",
-    residual: Optional[Tensor] = None,
-    plan_key: Optional[tuple] = None,
-) -> Union[Tensor, PendingBatchNorm]:
-    """``conv3d_bn_act`` without a kept plan; an eager inference call keeps its plan under ``plan_key``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     pending = x if isinstance(x, PendingBatchNorm) else None
