@@ -312,3 +312,24 @@ def test_a_fused_models_second_eval_forward_runs_only_plans(full_path_calls):
     assert chains == 8 and len(full_path_calls) == chains, "every chain of the second forward runs its plan"
     assert torch.equal(first, second)
     _close(second, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_plans_on_a_gpu(full_path_calls, backend):
+    """C3D's stem in bf16 on the GPU: "auto" measures its contenders (CUDA stem, Triton) on the first
+    call, which then keeps its plan; the next call runs it, bit for bit the same."""
+    conv, bn = _layer(c_in=3, c_out=64)
+    conv, bn = conv.cuda().bfloat16(), bn.cuda().bfloat16()
+    pool = nn.MaxPool3d((1, 2, 2))
+    x = torch.randn(4, 3, 16, 56, 56, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        first = conv_bn_act(x, conv, bn, "relu", 0.0, pool, backend)
+        second = conv_bn_act(x, conv, bn, "relu", 0.0, pool, backend)
+        expected = _stock(x, conv, bn, pool=pool)
+    assert len(full_path_calls) == 1 and len(ops_module._INFERENCE_PLANS) == 1
+    assert torch.equal(first, second)
+    torch.testing.assert_close(second.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert not c3dzoo.fallbacks(), c3dzoo.fallbacks()
