@@ -835,6 +835,10 @@ def conv3d_bn_act(
     nothing needing a gradient) the add runs in the conv kernel's epilogue where the backend has one
     (Triton); otherwise the layer runs without its activation, then the sum and the activation as
     stock ops (training, autograd, torch.compile: what they differentiate or fuse themselves).
+
+    An eager inference call keeps what its checks and backend choice decided (``_InferencePlan``),
+    and a later call with the same shapes, dtypes, devices, settings, autocast state and backend
+    environment runs that directly.
     """
     # an eager inference call like an earlier one runs that call's plan (see _InferencePlan)
     plan_key = _inference_plan_key(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
