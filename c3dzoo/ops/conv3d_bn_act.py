@@ -703,9 +703,11 @@ class _InferencePlan(NamedTuple):
             x, weight = x.to(self.cast), weight.to(self.cast)
             bias = None if bias is None else bias.to(self.cast)
         running = self.params.norm == "running"
+        # the backend's forward called as the full path calls it (a residual only where there is one)
+        extra = {} if residual is None else dict(residual=residual)
         out = _impl(self.backend).forward(
             x, weight, bias, bn_weight, bn_bias, running_mean if running else None, running_var if running else None,
-            self.params, None, residual=residual)[0]
+            self.params, None, **extra)[0]
         return in_layout(out, layout, x, weight)
 
 
