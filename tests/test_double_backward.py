@@ -282,3 +282,50 @@ def test_vmapped_ensemble_matches_stock(backend, mode):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for b, c in zip(stock_buffers, buffers):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "enable_grad"])
+@pytest.mark.parametrize("case", ["eval_bn", "frozen_params_pool", "residual"])
+def test_forward_ad_tangents_pass_without_autograd(backend, grad_mode, case):
+    """``torch.autograd.forward_ad`` carries a dual tensor's tangent through stock ops whatever the
+    grad mode and whether or not any parameter requires a gradient (a jvp of a frozen model under
+    no_grad, say). A fused eval layer does the same, also the kernels' inference paths (the residual
+    epilogue's too) and a call repeated after it kept an inference plan: the triton backend used to
+    return no tangent there."""
+    if backend == "triton":
+        from interpreter import skip_unless_triton_runs_cpu_tensors
+
+        skip_unless_triton_runs_cpu_tensors()
+    kwargs = dict(pool=((1, 2, 2), (1, 2, 2), 0)) if case == "frozen_params_pool" else {}
+    layer = _layer(kwargs, "eval", torch.float32, backend)
+    if case == "frozen_params_pool":
+        layer.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    x, tangent = torch.randn(2, 3, 4, 6, 6, generator=g), torch.randn(2, 3, 4, 6, 6, generator=g)
+    shortcut = torch.randn(2, 5, 4, 6, 6, generator=g) if case == "residual" else None
+    forward_ad = torch.autograd.forward_ad
+
+    def stock(t):
+        out = layer.bn(layer.conv(t))
+        if shortcut is not None:
+            out = out + shortcut
+        out = torch.relu(out)
+        return layer.pool(out) if layer.pool is not None else out
+
+    def fused(t):
+        from c3dzoo.nn.conv_bn_act import conv_bn_act
+
+        return conv_bn_act(t, layer.conv, layer.bn, "relu", 0.0, layer.pool, backend, residual=shortcut)
+
+    results = {}
+    with torch.no_grad():
+        fused(x)  # an eager inference call first: it keeps the plan a plain call like it would run
+    for name, f in (("stock", stock), ("fused", fused), ("fused again", fused)):
+        with forward_ad.dual_level(), (torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext()):
+            out, out_tangent = forward_ad.unpack_dual(f(forward_ad.make_dual(x, tangent)))
+        assert out_tangent is not None, f"{name}: the tangent was dropped"
+        results[name] = (out, out_tangent)
+    for name in ("fused", "fused again"):
+        torch.testing.assert_close(results[name][0], results["stock"][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[name][1], results["stock"][1], rtol=1e-4, atol=1e-5)

@@ -432,6 +432,17 @@ def _functorch_wrapped(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _carry_tangents(*tensors: Optional[Tensor]) -> bool:
+    """Whether any of these is a ``torch.autograd.forward_ad`` dual tensor: forward-mode AD carries
+    its tangent through every op whatever the grad mode, so such a call takes the autograd.Function
+    and its jvp rule even when nothing needs a gradient (the kernels alone would drop the tangent).
+    Free while no dual level is open (torch.func's jvp wraps its tensors instead: ``_functorch_wrapped``)."""
+    forward_ad = torch.autograd.forward_ad
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _update_running_stats_impl(
     running_mean: Tensor,
     running_var: Tensor,
@@ -657,7 +668,8 @@ def _residual_in_epilogue(x, residual, tensors, norm, group, pending) -> bool:
     """Whether ``conv3d_bn_act`` adds ``residual`` in the backend's forward (eager inference with
     folded or no BatchNorm, nothing needing a gradient, the compute dtype's residual), rather than
     composing the layer with a stock add and activation."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *tensors))
+    needs_grad = (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *tensors))
+                  or _carry_tangents(x, residual, *tensors))
     cast = _autocast_dtype(x.device.type)
     compute_dtype = cast if cast is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.dtype
     return (norm != "batch" and group is None and pending is None and not needs_grad and _runs_eagerly(x)
@@ -745,6 +757,8 @@ def _inference_plan_key(x, weight, bias, bn_weight, bn_bias, running_mean, runni
             if (grad_enabled and t.requires_grad) or wrapped(t):  # autograd or torch.func: the op's full path
                 return None
             tensor_keys.append((t.shape, t.dtype, t.device))
+        if _carry_tangents(x, weight, bias, bn_weight, bn_bias, residual):  # forward-mode AD: its jvp rule
+            return None
         key = (tuple(tensor_keys), training, batch_norm, eps, stride, padding, dilation, activation, negative_slope,
                _pool_key(pool), backend, sync, process_group is None, layout, _autocast_dtype(x.device.type),
                _backends.choice_state())
@@ -970,7 +984,9 @@ def conv3d_bn_act(
     elif transformed:
         forward = _EagerForward.apply
     else:
-        forward = _EagerForwardUntransformed.apply if needs_grad else _forward_impl
+        tangents = _carry_tangents(x, conv_weight, conv_bias, bn_weight, bn_bias,
+                                   None if pending is None else pending.stats)
+        forward = _EagerForwardUntransformed.apply if needs_grad or tangents else _forward_impl
     out, mean, var, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
