@@ -62,6 +62,20 @@ def counted_launches() -> Iterator[collections.Counter]:
         interpreter.InterpretedFunction.run = original
 
 
+@contextlib.contextmanager
+def gpu_memory_policy() -> Iterator[None]:
+    """Training keeps and recomputes what it would on a GPU: a stem recomputes its conv in the
+    backward there (on the CPU it keeps the conv output; see ``c3dzoo.ops.keeps_conv_output``)."""
+    ops = sys.modules["c3dzoo.ops.conv3d_bn_act"]
+    policy = ops.keeps_conv_output
+    ops.keeps_conv_output = lambda keep, norm, in_channels, needs_grad, device_type: policy(
+        keep, norm, in_channels, needs_grad, "cuda")
+    try:
+        yield
+    finally:
+        ops.keeps_conv_output = policy
+
+
 def build(name: str) -> Tuple[torch.nn.Module, torch.Tensor]:
     """The fused model on the triton backend (channels_last_3d) and a random clip for it."""
     kwargs, shape = MODELS[name]
@@ -84,7 +98,7 @@ def measure(model: torch.nn.Module, x: torch.Tensor, repeats: int = 20) -> Dict[
         model(x).sum().backward()
 
     results = {}
-    with counted_launches() as counts:
+    with counted_launches() as counts, gpu_memory_policy():
         for mode, call in (("eval", eval_forward), ("train", train_step)):
             model.train(mode == "train")
             for _ in range(3):  # plans, caches and backend choices are made on first calls

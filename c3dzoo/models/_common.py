@@ -22,7 +22,7 @@ class FusableModel(nn.Module):
     ``c3dzoo.ops.sync_batch_norm``). The stock forward (``fused=False``) ignores it.
 
     ``keep_conv_outputs`` (changeable at any time; fused training only): None keeps each
-    training-mode layer's raw conv output for the backward except the stem's (see
+    training-mode layer's raw conv output for the backward except a stem's on a GPU (see
     ``c3dzoo.ops.keeps_conv_output``); False recomputes every conv in the backward instead (least
     memory, one more conv per layer); True keeps them all. Results are the same bit for bit."""
 

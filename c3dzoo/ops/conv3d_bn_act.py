@@ -620,22 +620,26 @@ def _deferred_stats(mean: Tensor, var: Tensor, bn_weight: Optional[Tensor], bn_b
     return torch.stack([mean.detach(), var.detach(), gamma, beta])
 
 
-# A stem (a raw clip's few input channels) recomputes its conv in the backward: that conv is cheap
-# (C_in·kd·kh·kw MACs per output: 81 for C3D's conv1) and its output is the model's largest
-# activation. Every other training-mode layer keeps the conv output its forward writes anyway, which
-# spares the backward a whole conv (recomputing it would also write and read that tensor again).
+# A stem (a raw clip's few input channels) recomputes its conv in the backward on a GPU: there that
+# conv is cheap (C_in·kd·kh·kw MACs per output: 81 for C3D's conv1; a memory-bound kernel) and its
+# output is the model's largest activation. Every other training-mode layer keeps the conv output its
+# forward writes anyway, which spares the backward a whole conv (recomputing it would also write and
+# read that tensor again). On the CPU the stem keeps it too: oneDNN's conv over 3 channels is not
+# cheap there (the recompute cost ~7 % of the main job's training step), and what the fused op keeps
+# is still well below what stock keeps.
 RECOMPUTE_MAX_IN_CHANNELS = 4
 
 
-def keeps_conv_output(keep: Optional[bool], norm: str, in_channels: int, needs_grad: bool) -> bool:
+def keeps_conv_output(keep: Optional[bool], norm: str, in_channels: int, needs_grad: bool,
+                      device_type: str = "cuda") -> bool:
     """Whether a fused call keeps its raw conv output for the backward: only for norm "batch" (the
     mode that writes it), only when a backward can follow; then ``keep`` if given, else the policy
-    above."""
+    above for a tensor on ``device_type``."""
     if norm != "batch" or not needs_grad:
         return False
     if keep is not None:
         return bool(keep)
-    return in_channels > RECOMPUTE_MAX_IN_CHANNELS
+    return in_channels > RECOMPUTE_MAX_IN_CHANNELS or device_type == "cpu"
 
 
 def _empty_batch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
@@ -835,7 +839,8 @@ def conv3d_bn_act(
 
     ``keep_conv_output``: whether a training-mode BatchNorm keeps its raw conv output for the
     backward (which otherwise recomputes the conv from x): faster, for the memory of that tensor.
-    None (default) keeps it except in a stem (see ``keeps_conv_output``); it changes nothing else.
+    None (default) keeps it except in a stem on a GPU (see ``keeps_conv_output``); it changes
+    nothing else.
 
     ``layout``: "stock" (default) gives the output the memory layout stock ops give on a GPU
     (``stock_memory_format``: channels_last_3d if x or the conv weight is, else contiguous), so code
@@ -975,7 +980,7 @@ def conv3d_bn_act(
     name = _resolve_backend(backend, fields)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         x, conv_weight, conv_bias, bn_weight, bn_bias, None if pending is None else pending.stats))
-    keep = keeps_conv_output(keep_conv_output, op_norm, x.shape[1], needs_grad)
+    keep = keeps_conv_output(keep_conv_output, op_norm, x.shape[1], needs_grad, x.device.type)
     # eager without a backward to follow (inference): the implementation itself, no autograd node
     # (under torch.func transforms always the autograd.Function: its vmap rule, its grad support)
     transformed = eager and _functorch_wrapped(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
