@@ -144,10 +144,41 @@ def test_pool_through_channels_last_is_the_ncdhw_pool(dtype, pool, with_nan):
     assert out.is_contiguous() and torch.equal(out.isnan(), want.isnan())
     assert torch.equal(out.nan_to_num(), want.nan_to_num())
     grad_out = torch.randn(want.shape, generator=g, dtype=torch.float64).to(dtype)
-    grad = reference._pool_backward(grad_out, a, p)
+    grad = reference._pool_backward(grad_out, a, p, reference._pool_argmax(a, p)[1])
     want_grad = torch.ops.aten.max_pool3d_with_indices_backward(
         grad_out, a, list(kernel), list(stride), list(padding), [1, 1, 1], False, indices)
     assert grad.is_contiguous() and torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize("activation", ["relu", "none", "leaky_relu", "silu"])
+@pytest.mark.parametrize("pool", list(POOLS), ids=list(POOLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_act_pool_and_its_backward_are_stock_order_bit_for_bit(dtype, pool, activation):
+    """``act_pool`` pools before a ReLU (or no activation) and ``act_pool_backward`` then takes the
+    window maxima of the pre-activation z: values, which element each gradient goes to and the
+    gradient itself equal stock's pool(act(z)) and its autograd bit for bit, on inputs made of ties
+    (small integers: windows of equal values, of negatives that ReLU maps to tied zeros, a -0.0 and a
+    0.0; the sign of a zero is not compared: stock's own bf16 ReLU gives either, by tensor size), a NaN, overlapping windows, on the channels-last detour (NCDHW) and without it
+    (channels-last z). LeakyReLU and SiLU keep stock's order."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randint(-2, 3, (2, 5, 4, 7, 6), generator=g).to(dtype)
+    z[0, 2, 1, 1, 1], z[1, 0, 2, 3, 3], z[0, 1, 1, 2, 3] = -0.0, 0.0, float("nan")
+    p = POOLS[pool]
+    kernel, stride, padding = p[0:3], p[3:6], p[6:9]
+    grad_out = None
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        z_in = z.contiguous(memory_format=layout)
+        leaf = z_in.detach().requires_grad_()
+        want = F.max_pool3d(reference.apply_activation(leaf, activation, 0.1), kernel, stride, padding)
+        if grad_out is None:
+            grad_out = torch.randn(want.shape, generator=g, dtype=torch.float64).to(dtype)
+        want.backward(grad_out)
+        out = reference.act_pool(z_in, activation, 0.1, p)
+        assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.nan_to_num(), want.detach().nan_to_num())
+        grad = reference.act_pool_backward(grad_out, z_in, activation, 0.1, p)
+        assert grad.dtype == reference.stats_dtype(dtype)
+        torch.testing.assert_close(grad.to(dtype), leaf.grad, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{layout}: gradient: {m}")
 
 
 # (kernel, stride, frames) of temporal convs whose torch 2.13 CPU oneDNN backward returned a

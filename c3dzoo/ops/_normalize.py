@@ -53,4 +53,4 @@ def normalize_act_pool(
             return bn_act_pool(y, mean, var, bn_weight, bn_bias, eps=eps, activation=activation,
                                negative_slope=negative_slope, pool=tuple(pool))
     z = _reference.batch_norm_output(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
-    return _reference.apply_pool(_reference.apply_activation(z, activation, negative_slope), pool)
+    return _reference.act_pool(z, activation, negative_slope, pool)

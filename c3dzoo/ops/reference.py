@@ -130,6 +130,21 @@ def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
     return max_pool(y, pool)
 
 
+# Activations that commute with a max-pool, argmax included: pool(act(z)) = act(pool(z)) bit for bit,
+# and z's window maximum is where act(z)'s gradient goes (ReLU maps z ≤ 0 to ties at 0, whose gradient
+# is 0 wherever the pool puts it). LeakyReLU is monotone too, but rounding z·slope can tie two
+# distinct negative z, and the pool then picks another position than stock's; SiLU is not monotone.
+_COMMUTES_WITH_POOL = ("none", "relu")
+
+
+def act_pool(z: Tensor, activation: str, negative_slope: float, pool: Sequence[int]) -> Tensor:
+    """``max_pool3d(act(z))`` (pool optional), the same values as stock's order; where the
+    activation commutes with the pool it runs on the pooled tensor (a quarter or an eighth of z)."""
+    if pool and activation in _COMMUTES_WITH_POOL:
+        return apply_activation(apply_pool(z, pool), activation, negative_slope)
+    return apply_pool(apply_activation(z, activation, negative_slope), pool)
+
+
 def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``y`` (N, C, D, H, W), in the statistics dtype (fp32;
     fp64 for fp64): stock BatchNorm's own reduction (two-pass on the CPU, Welford on CUDA, so sound
@@ -225,7 +240,7 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     z = y
     if norm == "batch":
         z = batch_norm_output(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
-    out = apply_pool(apply_activation(z, params.activation, params.negative_slope), params.pool)
+    out = act_pool(z, params.activation, params.negative_slope, params.pool)
     return out, mean, var, y
 
 
@@ -354,15 +369,24 @@ def kept_conv_output(y: Tensor, params: LayerParams, keep: bool) -> Tensor:
     return y if conv_output_is_kept(params.norm, keep) else y.new_empty(0)
 
 
-def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int]) -> Tensor:
-    if _pool_channels_last(a):  # see _pool_channels_last
-        channels_last = torch.channels_last_3d
-        return _pool_backward(grad_out.contiguous(memory_format=channels_last),
-                              a.contiguous(memory_format=channels_last), pool).contiguous()
-    kernel, stride, padding = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
-    _, indices = F.max_pool3d(a, kernel, stride, padding, return_indices=True)
+def _pool_argmax(a: Tensor, pool: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """(window maxima, their indices) of the max-pool over ``a``, through a channels-last copy where
+    ``_pool_channels_last`` says. An index is the flat d·H·W + h·W + w position within its (n, c)
+    plane whatever the layout, so it addresses ``a`` itself. Both come in a's layout (the scatter
+    converts mixed layouts at a's size)."""
+    geometry = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
+    if _pool_channels_last(a):
+        values, indices = F.max_pool3d(a.contiguous(memory_format=torch.channels_last_3d), *geometry,
+                                       return_indices=True)
+        return values.contiguous(), indices.contiguous()
+    return F.max_pool3d(a, *geometry, return_indices=True)
+
+
+def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int], indices: Tensor) -> Tensor:
+    """Gradient w.r.t. ``a`` of its max-pool (window maxima at ``indices``: ``_pool_argmax``), in
+    a's layout: stock's scatter kernel, whose NCDHW form is as fast as its channels-last one."""
     return torch.ops.aten.max_pool3d_with_indices_backward(
-        grad_out.to(a.dtype), a, kernel, stride, padding, [1, 1, 1], False, indices
+        grad_out.to(a.dtype), a, list(pool[0:3]), list(pool[3:6]), list(pool[6:9]), [1, 1, 1], False, indices
     )
 
 
@@ -380,10 +404,16 @@ def _activation_backward(grad: Tensor, z: Tensor, activation: str, negative_slop
 def act_pool_backward(grad_out: Tensor, z: Tensor, activation: str, negative_slope: float,
                       pool: Sequence[int]) -> Tensor:
     """Gradient w.r.t. the pre-activation ``z`` (BN output, compute dtype) of pool(act(z)), in fp32
-    (fp64 for fp64)."""
-    grad = grad_out
-    if pool:
-        grad = _pool_backward(grad, apply_activation(z, activation, negative_slope), pool)
+    (fp64 for fp64). Where the activation commutes with the pool (``act_pool``), its backward runs
+    on the pooled side: the window maxima of z decide it, and only the scatter touches z's size."""
+    if not pool:
+        return _acc(_activation_backward(grad_out, z, activation, negative_slope))
+    if activation in _COMMUTES_WITH_POOL:
+        pooled, indices = _pool_argmax(z, pool)
+        grad = _activation_backward(grad_out.to(z.dtype), pooled, activation, negative_slope)
+        return _acc(_pool_backward(grad, z, pool, indices))
+    a = apply_activation(z, activation, negative_slope)
+    grad = _pool_backward(grad_out, a, pool, _pool_argmax(a, pool)[1])
     return _acc(_activation_backward(grad, z, activation, negative_slope))
 
 
