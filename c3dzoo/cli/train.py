@@ -49,8 +49,8 @@ from .train_outputs import (CONFUSION_PNG, CURVES_PNG, METRICS, PER_CLASS_CSV, o
 
 # Defaults by device: a small C3D-BN that trains in a few minutes on a laptop CPU, the full model
 # on a GPU. Anything given on the command line wins.
-# On an idle 2-core CPU the cpu defaults train at ~125 clips/s, fused (the reference backend) or
-# stock: ~1.5 minutes in all, ending at 75-90 % top-1 on the 10 classes depending on rounding
+# On an idle 2-core CPU the cpu defaults train at ~165 clips/s fused (the reference backend), ~185
+# stock: 60-80 s in all, ending at 75-90 % top-1 on the 10 classes depending on rounding
 # (chance: 10 %).
 TRAIN_DEFAULTS = {
     "cpu": dict(width_mult=0.125, frames=16, size=(32, 32), batch_size=16, epochs=10,
