@@ -112,8 +112,9 @@ def test_stem_training_forward_on_the_host_build(name, norm, monkeypatch):
 @pytest.mark.parametrize("name", ["c3d_conv1", "c3d_conv1_odd", "r3d_stem"])
 def test_stem_backward_recomputes_the_forwards_own_conv_output(name, monkeypatch):
     """A training stem on a GPU keeps no conv output by default (here: none passed to the backward);
-    its backward recomputes it with the forward's kernel, so the values the backward's pool and activation decide on are the forward's
-    bit for bit (another conv would round some differently); the gradients are within the budget."""
+    its backward recomputes it with the forward's kernel, so the values the backward's pool and
+    activation decide on are the forward's bit for bit (another conv would round some differently);
+    the gradients are within the budget."""
     from c3dzoo.ops import triton_impl
 
     ext = use_host_extension(monkeypatch)

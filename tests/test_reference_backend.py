@@ -158,8 +158,9 @@ def test_act_pool_and_its_backward_are_stock_order_bit_for_bit(dtype, pool, acti
     window maxima of the pre-activation z: values, which element each gradient goes to and the
     gradient itself equal stock's pool(act(z)) and its autograd bit for bit, on inputs made of ties
     (small integers: windows of equal values, of negatives that ReLU maps to tied zeros, a -0.0 and a
-    0.0; the sign of a zero is not compared: stock's own bf16 ReLU gives either, by tensor size), a NaN, overlapping windows, on the channels-last detour (NCDHW) and without it
-    (channels-last z). LeakyReLU and SiLU keep stock's order."""
+    0.0; the sign of a zero is not compared: stock's own bf16 ReLU gives either, by tensor size), a
+    NaN, overlapping windows, on the channels-last detour (NCDHW) and without it (channels-last z).
+    LeakyReLU and SiLU keep stock's order."""
     g = torch.Generator().manual_seed(1)
     z = torch.randint(-2, 3, (2, 5, 4, 7, 6), generator=g).to(dtype)
     z[0, 2, 1, 1, 1], z[1, 0, 2, 3, 3], z[0, 1, 1, 2, 3] = -0.0, 0.0, float("nan")

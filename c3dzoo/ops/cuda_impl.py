@@ -161,7 +161,7 @@ def forward(
     lib = extension()
     stride, padding, dilation, pool = params.stride, params.padding, params.dilation, params.pool
     if pool:
-        pool_kernel, pool_stride, pool_padding = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
+        pool_kernel, pool_stride, pool_padding = _reference.pool_geometry(pool)
     else:
         pool_kernel, pool_stride, pool_padding = [1, 1, 1], [1, 1, 1], [0, 0, 0]
     with torch.no_grad(), device_scope(x):

@@ -117,9 +117,14 @@ def _pool_channels_last(t: Tensor) -> bool:
             and (torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(t)))
 
 
+def pool_geometry(pool: Sequence[int]) -> Tuple[List[int], List[int], List[int]]:
+    """(kernel, stride, padding) of a pool given as kernel(3) + stride(3) + padding(3)."""
+    return list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
+
+
 def max_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
     """``F.max_pool3d`` with a pool given as kernel(3) + stride(3) + padding(3), in y's layout."""
-    return F.max_pool3d(y, tuple(pool[0:3]), tuple(pool[3:6]), tuple(pool[6:9]))
+    return F.max_pool3d(y, *pool_geometry(pool))
 
 
 def apply_pool(y: Tensor, pool: Sequence[int]) -> Tensor:
@@ -374,7 +379,7 @@ def _pool_argmax(a: Tensor, pool: Sequence[int]) -> Tuple[Tensor, Tensor]:
     ``_pool_channels_last`` says. An index is the flat d·H·W + h·W + w position within its (n, c)
     plane whatever the layout, so it addresses ``a`` itself. Both come in a's layout (the scatter
     converts mixed layouts at a's size)."""
-    geometry = list(pool[0:3]), list(pool[3:6]), list(pool[6:9])
+    geometry = pool_geometry(pool)
     if _pool_channels_last(a):
         values, indices = F.max_pool3d(a.contiguous(memory_format=torch.channels_last_3d), *geometry,
                                        return_indices=True)
@@ -386,7 +391,7 @@ def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int], indices: Te
     """Gradient w.r.t. ``a`` of its max-pool (window maxima at ``indices``: ``_pool_argmax``), in
     a's layout: stock's scatter kernel, whose NCDHW form is as fast as its channels-last one."""
     return torch.ops.aten.max_pool3d_with_indices_backward(
-        grad_out.to(a.dtype), a, list(pool[0:3]), list(pool[3:6]), list(pool[6:9]), [1, 1, 1], False, indices
+        grad_out.to(a.dtype), a, *pool_geometry(pool), [1, 1, 1], False, indices
     )
 
 
