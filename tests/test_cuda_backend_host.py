@@ -75,10 +75,10 @@ def test_stem_inference_on_the_host_build(name, norm, monkeypatch):
     t64 = _tensors(x_shape, c_out, kernel, seed=len(name))
     params = _params(name, norm)
     args = _as_fp32(t64)
-    out, mean, var, kept = cuda_impl.forward(*args, params)
+    out, mean, var, kept, argmax = cuda_impl.forward(*args, params)
     assert ext.calls == ["stem_forward"]
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    assert mean.numel() == var.numel() == kept.numel() == 0
+    assert mean.numel() == var.numel() == kept.numel() == argmax.numel() == 0
     stock = reference.forward(*args, params)[0]
     assert_parity(out, stock, reference.forward(*t64, params)[0], torch.float32, f"{name} {norm}")
 
@@ -92,11 +92,12 @@ def test_stem_training_forward_on_the_host_build(name, norm, monkeypatch):
     x64, w64, b64, g64, beta64, _, _ = t64
     params = _params(name, norm)
     args = (*_as_fp32(t64)[:5], None, None)
-    out, mean, var, kept = cuda_impl.forward(*args, params, keep_conv_output=True)
+    out, mean, var, kept, argmax = cuda_impl.forward(*args, params, keep_conv_output=True)
     assert ext.calls == ["stem_conv_stats", "bn_chan_finalize"]
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    stock_out, stock_mean, stock_var, stock_kept = reference.forward(*args, params, keep_conv_output=True)
-    ref_out, ref_mean, ref_var, ref_kept = reference.forward(x64, w64, b64, g64, beta64, None, None, params,
+    assert argmax.numel() == 0 and argmax.dtype == torch.int32  # its backward recomputes the pool's decisions
+    stock_out, stock_mean, stock_var, stock_kept, _ = reference.forward(*args, params, keep_conv_output=True)
+    ref_out, ref_mean, ref_var, ref_kept, _ = reference.forward(x64, w64, b64, g64, beta64, None, None, params,
                                                              keep_conv_output=True)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (c_out,)
     assert_parity(mean, stock_mean, ref_mean, torch.float32, f"{name}: mean")
@@ -122,12 +123,12 @@ def test_stem_backward_recomputes_the_forwards_own_conv_output(name, monkeypatch
     t64 = _tensors(x_shape, c_out, kernel, seed=len(name) + 1)
     params = _params(name, "batch")
     args = (*_as_fp32(t64)[:5], None, None)
-    out, mean, var, kept = cuda_impl.forward(*args, params, keep_conv_output=True)
+    out, mean, var, kept, argmax = cuda_impl.forward(*args, params, keep_conv_output=True)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     needs = [True] * 5
     stock_mean, stock_var = reference.forward(*args, params)[1:3]
     stock = reference.backward(grad_out.float(), *args, stock_mean, stock_var, params, needs)
-    _, ref_mean, ref_var, _ = reference.forward(*t64[:5], None, None, params)
+    _, ref_mean, ref_var, _, _ = reference.forward(*t64[:5], None, None, params)
     ref = reference.backward(grad_out, *t64[:5], None, None, ref_mean, ref_var, params, needs)
     seen = []
     for module in (reference, triton_impl):  # whichever runs the rest of the backward here

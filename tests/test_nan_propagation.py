@@ -81,8 +81,8 @@ def test_cuda_stem_propagates_nan_on_the_host_build(activation, pool, monkeypatc
                                 normalize_pool(POOLS[pool]))
         args = (x, conv.weight.detach(), conv.bias.detach(), bn.weight.detach(), bn.bias.detach(),
                 bn.running_mean, bn.running_var)
-        got, mean, var, _ = cuda_impl.forward(*args, params)
-        expected, stock_mean, stock_var, _ = reference.forward(*args, params)
+        got, mean, var, _, _ = cuda_impl.forward(*args, params)
+        expected, stock_mean, stock_var, _, _ = reference.forward(*args, params)
         assert expected.isnan().any()
         _same_nans(got, expected, f"stem {norm} output")
         if norm == "batch":

@@ -102,7 +102,7 @@ def test_raw_conv_output_backward_recomputes_nothing(norm, monkeypatch):
     weight = torch.randn(4, 3, 3, 3, 3, generator=g)
     bias = torch.randn(4, generator=g)
     params = LayerParams(norm, 1e-5, (1, 1, 1), (1, 1, 1), (1, 1, 1), "none", 0.0, ())
-    out, mean, var, _ = reference.forward(x, weight, bias, None, None, None, None, params)
+    out, mean, var, _, _ = reference.forward(x, weight, bias, None, None, None, None, params)
     grad_out = torch.randn(out.shape, generator=g)
     monkeypatch.setattr(reference, "F", _NoConv())
     gx, gw, gb, _, _ = reference.backward(grad_out, x, weight, bias, None, None, None, None, mean, var, params,
@@ -180,6 +180,46 @@ def test_act_pool_and_its_backward_are_stock_order_bit_for_bit(dtype, pool, acti
         assert grad.dtype == reference.stats_dtype(dtype)
         torch.testing.assert_close(grad.to(dtype), leaf.grad, rtol=0, atol=0, equal_nan=True,
                                    msg=lambda m: f"{layout}: gradient: {m}")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("pool", list(POOLS), ids=list(POOLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_backward_from_the_kept_argmax_is_the_recomputed_one_bit_for_bit(dtype, pool, activation, index_dtype):
+    """A training forward that keeps its conv output keeps the pool's argmax too (``encode_pool_argmax``:
+    ReLU's dead windows as negative indices), and the backward reads it instead of recomputing the
+    BatchNorm output and pooling it again: the same gradient bit for bit as ``act_pool_backward``
+    (itself stock's order, above), on ties, a NaN and zeros of either sign in z, NaN and infinite
+    incoming gradients (a dead window's is dropped as ReLU's backward drops it), both layouts."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randint(-2, 3, (2, 5, 4, 7, 6), generator=g).to(dtype)
+    z[0, 2, 1, 1, 1], z[1, 0, 2, 3, 3], z[0, 1, 1, 2, 3] = -0.0, 0.0, float("nan")
+    z[1, 3, :3, :3, :3] = -1.0  # a dead window at index 0: its code is ~0 = -1
+    p = POOLS[pool]
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        z_in = z.contiguous(memory_format=layout)
+        pooled, indices = reference._pool_argmax(z_in, p, index_dtype)
+        assert indices.dtype == index_dtype
+        argmax = reference.encode_pool_argmax(indices, pooled, activation)
+        assert torch.equal(reference.apply_activation(pooled, activation, 0.0).nan_to_num(),
+                           reference.act_pool(z_in, activation, 0.0, p).nan_to_num())
+        dead = pooled <= 0
+        assert torch.equal(argmax < 0, dead if activation == "relu" else torch.zeros_like(dead))
+        grad_out = torch.randn(pooled.shape, generator=g, dtype=torch.float64).to(dtype)
+        grad_out.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+        want = reference.act_pool_backward(grad_out, z_in, activation, 0.0, p)
+        got = reference.act_pool_backward_from_argmax(grad_out, z_in, argmax, activation, p)
+        assert got.dtype == want.dtype == reference.stats_dtype(dtype)
+        assert got.stride() == want.stride(), layout
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{layout}: gradient: {m}")
+
+
+def test_kept_argmax_is_int32_while_a_plane_fits_it():
+    assert reference.pool_argmax_dtype((2, 64, 16, 112, 112)) == torch.int32
+    assert reference.pool_argmax_dtype((1, 1, 2 ** 10, 2 ** 10, 2 ** 11 - 1)) == torch.int32
+    assert reference.pool_argmax_dtype((1, 1, 2 ** 10, 2 ** 10, 2 ** 11)) == torch.int64  # 2³¹ positions
 
 
 # (kernel, stride, frames) of temporal convs whose torch 2.13 CPU oneDNN backward returned a

@@ -338,7 +338,7 @@ def test_forward_returns_distinct_empty_statistics():
 
     p = make_params(3, 5, (1, 1, 1), dtype=torch.float32)
     x = torch.randn(1, 3, 2, 3, 3, device=DEVICE)
-    out, mean, var, _ = triton_impl.forward(
+    out, mean, var, _, _ = triton_impl.forward(
         x, p["weight"], p["bias"], p["bn_weight"], p["bn_bias"], p["running_mean"], p["running_var"],
         LayerParams.of("running", 1e-5, [1, 1, 1], [0, 0, 0], [1, 1, 1], "relu", 0.0, []),
     )

@@ -178,14 +178,15 @@ def test_forward_returns_fp32_statistics():
     params = LayerParams.of("batch", 1e-5, case.stride, case.padding, (1, 1, 1), "relu", 0.0,
                             normalize_pool(case.pool))
     args = (x, conv.weight.detach(), conv.bias.detach(), bn.weight.detach(), bn.bias.detach(), None, None)
-    out, mean, var, y = triton_impl.forward(*args, params, keep_conv_output=True)
-    out_r, mean_r, var_r, y_r = reference.forward(*args, params, keep_conv_output=True)
+    out, mean, var, y, argmax = triton_impl.forward(*args, params, keep_conv_output=True)
+    out_r, mean_r, var_r, y_r, _ = reference.forward(*args, params, keep_conv_output=True)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (case.c_out,)
     assert mean.data_ptr() != var.data_ptr()
     y64 = F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), padding=case.padding)
     assert y.shape == y64.shape and y.is_contiguous(memory_format=torch.channels_last_3d)
     assert_parity(y, y_r, y64, torch.float32, "kept conv output")
     assert triton_impl.forward(*args, params)[3].numel() == 0  # not kept unless asked
+    assert argmax.numel() == 0 and argmax.dtype == torch.int32  # the backward kernels find the pool's argmax again
     var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3, 4), correction=0)
     assert_parity(mean, mean_r, mean64, torch.float32, "mean")
     assert_parity(var, var_r, var64, torch.float32, "var")

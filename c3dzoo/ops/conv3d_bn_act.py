@@ -4,7 +4,8 @@ Three ``torch.library`` custom ops make it traceable by ``torch.compile`` (each 
 implementation) and differentiable:
 
 * ``c3dzoo::conv3d_bn_act_forward``  — functional; returns (out, batch mean, batch var, and the raw
-  conv output when it is kept for the backward, see ``keeps_conv_output``),
+  conv output when it is kept for the backward, see ``keeps_conv_output``, with the pool's argmax
+  where the backend keeps that too, see ``reference.keeps_pool_argmax``),
 * ``c3dzoo::conv3d_bn_act_backward`` — gradients for x, conv weight/bias, BN γ/β,
 * ``c3dzoo::bn_update_running_stats_`` — mutates running_mean/var/num_batches_tracked.
 
@@ -81,7 +82,7 @@ def _forward_impl(
     input_negative_slope: float,
     backend: str,
     keep_conv_output: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
     return _impl(_backends.runnable_on(backend, x.device.type)).forward(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params,
@@ -170,7 +171,14 @@ def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
                                dtype=x.dtype, device=x.device, memory_format=layout)
     else:
         conv_out = x.new_empty(0)
-    return out, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype), conv_out
+    params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
+    if _impl(_backends.runnable_on(backend, x.device.type)).keeps_pool_argmax(params, keep_conv_output):
+        conv_shape = output_shape(x.shape, weight.shape, stride, padding, dilation, ())
+        argmax = torch.empty(shape, dtype=_reference.pool_argmax_dtype(conv_shape), device=x.device,
+                             memory_format=layout)
+    else:
+        argmax = _reference.no_pool_argmax(x)
+    return out, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype), conv_out, argmax
 
 
 def _backward_impl(
@@ -185,6 +193,7 @@ def _backward_impl(
     mean: Tensor,
     var: Tensor,
     conv_output: Optional[Tensor],
+    pool_argmax: Optional[Tensor],
     norm: str,
     eps: float,
     stride: List[int],
@@ -201,7 +210,8 @@ def _backward_impl(
     needs_grad: List[bool],
 ) -> List[Tensor]:
     """Gradients for (x, weight, bias, bn_weight, bn_bias, input_stats). ``conv_output``: the raw
-    conv output the forward kept (else None: the backend recomputes it). With an input prologue the
+    conv output the forward kept (else None: the backend recomputes it); ``pool_argmax``: the pool
+    argmax it kept (else empty). With an input prologue the
     backend's backward runs on the normalised input it recomputes (``normalize_input``), and
     ``input_norm_backward`` takes that input's gradient back through the previous layer's
     activation and BatchNorm."""
@@ -212,7 +222,7 @@ def _backward_impl(
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
     grads = impl.backward(
         grad_out, layer_input, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, params,
-        [bool(needs_grad[0]) or need_input, *needs_grad[1:5]], conv_output,
+        [bool(needs_grad[0]) or need_input, *needs_grad[1:5]], conv_output, pool_argmax,
     )
     del layer_input
     grads = list(grads) + [None]
@@ -227,7 +237,7 @@ _backward_op = torch.library.custom_op("c3dzoo::conv3d_bn_act_backward", _backwa
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                   mean, var, conv_output, norm, eps, stride, padding, dilation, activation, negative_slope,
+                   mean, var, conv_output, pool_argmax, norm, eps, stride, padding, dilation, activation, negative_slope,
                    pool, input_stats, input_eps, input_activation, input_negative_slope, backend, needs_grad):
     inputs = (x, weight, bias, bn_weight, bn_bias, input_stats)
     return [
@@ -243,10 +253,10 @@ def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
      stride, padding, dilation, activation, negative_slope, pool,
      input_stats, input_eps, input_activation, input_negative_slope, backend, keep_conv_output) = inputs
-    _, mean, var, conv_output = output
+    _, mean, var, conv_output, pool_argmax = output
     kept = _reference.conv_output_is_kept(norm, keep_conv_output)  # else conv_output is empty
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var,
-                          conv_output if kept else None, input_stats)
+                          conv_output if kept else None, pool_argmax, input_stats)  # (an empty argmax: none kept)
     ctx.params = (norm, eps, stride, padding, dilation, activation, negative_slope, pool,
                   input_eps, input_activation, input_negative_slope, backend)
 
@@ -268,7 +278,7 @@ def _stock_layer_of(ctx_params, running_mean, running_var, inputs, active):
     return layer
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, run_backward=None):
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_output, _grad_pool_argmax, run_backward=None):
     *saved, input_stats = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]] + [bool(ctx.needs_input_grad[_INPUT_STATS_INDEX])]
     n_inputs = len(ctx.needs_input_grad)
@@ -322,8 +332,8 @@ def _forward_vmap(call, info, in_dims, x, weight, bias, bn_weight, bn_bias, runn
     dims = tuple(in_dims[:7]) + (in_dims[_INPUT_STATS_INDEX],)
     if norm in ("running", "none") and input_stats is None and all(d is None for d in dims[1:]):
         xb = x.movedim(dims[0], 0)
-        out, mean, var, conv_out = call(xb.flatten(0, 1), *tensors[1:], norm, *rest)
-        return (out.unflatten(0, xb.shape[:2]), mean, var, conv_out), (0, None, None, None)
+        out, mean, var, conv_out, argmax = call(xb.flatten(0, 1), *tensors[1:], norm, *rest)
+        return (out.unflatten(0, xb.shape[:2]), mean, var, conv_out, argmax), (0, None, None, None, None)
     sliced_rest = list(rest)
     results = []
     for b in range(info.batch_size):
@@ -331,7 +341,7 @@ def _forward_vmap(call, info, in_dims, x, weight, bias, bn_weight, bn_bias, runn
         if dims[7] is not None:
             sliced_rest[_INPUT_STATS_INDEX - 8] = input_stats.select(dims[7], b)
         results.append(call(*args, norm, *sliced_rest))
-    return tuple(torch.stack(parts) for parts in zip(*results)), (0, 0, 0, 0)
+    return tuple(torch.stack(parts) for parts in zip(*results)), (0, 0, 0, 0, 0)
 
 
 if hasattr(torch.library, "register_vmap"):  # not in every torch README admits; eager vmap takes _EagerForward.vmap
@@ -367,7 +377,7 @@ class _EagerForward(torch.autograd.Function):
         moving = (*tangents[:5], tangents[_INPUT_STATS_INDEX])
         active = [i for i, (p, t) in enumerate(zip(primals, moving)) if p is not None and t is not None]
         if not active:
-            return (None,) * 4
+            return (None,) * 5
         layer = _stock_layer_of(ctx.params, running_mean, running_var, primals, active)
         forward_ad = torch.autograd.forward_ad
         if torch._C._functorch.maybe_current_level() is None:
@@ -379,9 +389,10 @@ class _EagerForward(torch.autograd.Function):
         else:
             _, out_tangent = torch.func.jvp(layer, tuple(primals[i] for i in active),
                                             tuple(moving[i] for i in active))
-        # zero tangents, not None: functorch's forward-mode handling of None here trips an assert
-        zeros = (torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
-                 for size, stride, dtype, device in ctx.side_outputs)
+        # zero tangents, not None: functorch's forward-mode handling of None here trips an assert;
+        # None for the integer argmax, which has no tangent
+        zeros = (torch.empty_strided(size, stride, dtype=dtype, device=device).zero_() if dtype.is_floating_point
+                 else None for size, stride, dtype, device in ctx.side_outputs)
         return (out_tangent, *zeros)
 
     @staticmethod
@@ -691,7 +702,7 @@ def _forward_with_residual(x, weight, bias, bn_weight, bn_bias, running_mean, ru
     fields = _config_fields(x, weight, norm, activation, stride, padding, dilation, pool, residual=True)
     name = _resolve_backend(backend, fields)
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
-    out, _, _, _ = _impl(_backends.runnable_on(name, x.device.type)).forward(
+    out, *_ = _impl(_backends.runnable_on(name, x.device.type)).forward(
         x, weight, bias, bn_weight, bn_bias, running_mean if norm == "running" else None,
         running_var if norm == "running" else None, params, None, residual=residual)
     _keep_inference_plan(plan_key, backend, fields, name, params, cast)
@@ -840,7 +851,8 @@ def conv3d_bn_act(
     ``keep_conv_output``: whether a training-mode BatchNorm keeps its raw conv output for the
     backward (which otherwise recomputes the conv from x): faster, for the memory of that tensor.
     None (default) keeps it except in a stem on a GPU (see ``keeps_conv_output``); it changes
-    nothing else.
+    nothing else. The reference backend keeps the pool's argmax with it (int32 at the pooled shape;
+    ``reference.keeps_pool_argmax``), so its backward neither normalises nor pools again.
 
     ``layout``: "stock" (default) gives the output the memory layout stock ops give on a GPU
     (``stock_memory_format``: channels_last_3d if x or the conv weight is, else contiguous), so code
@@ -992,7 +1004,7 @@ def conv3d_bn_act(
         tangents = _carry_tangents(x, conv_weight, conv_bias, bn_weight, bn_bias,
                                    None if pending is None else pending.stats)
         forward = _EagerForwardUntransformed.apply if needs_grad or tangents else _forward_impl
-    out, mean, var, _ = forward(
+    out, mean, var, _, _ = forward(
         # deferred: γ and β reach the next layer through the PendingBatchNorm, not this op
         x, conv_weight, conv_bias, None if deferred else bn_weight, None if deferred else bn_bias,
         running_mean if norm == "running" else None, running_var if norm == "running" else None,

@@ -145,10 +145,11 @@ def forward(
     *,
     keep_conv_output: bool = False,
     residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused stem forward. Returns (out channels_last_3d, mean, var, conv output): fp32 batch
-    statistics (C_out,) for norm "batch" and "stats" (whose out is the raw conv output), empty
-    otherwise; the conv output as ``reference.forward``'s ``keep_conv_output`` says."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused stem forward. Returns (out channels_last_3d, mean, var, conv output, pool argmax): fp32
+    batch statistics (C_out,) for norm "batch" and "stats" (whose out is the raw conv output), empty
+    otherwise; the conv output as ``reference.forward``'s ``keep_conv_output`` says; never an argmax
+    (``keeps_pool_argmax``)."""
     norm = params.norm
     if norm not in ("running", "none", "batch", "stats") or input_norm is not None or residual is not None:
         raise NotImplementedError(f"cuda backend: norm={norm!r} / an input prologue / a residual is not implemented "
@@ -157,7 +158,8 @@ def forward(
         raise NotImplementedError(f"cuda backend: {_SCOPE}, fp16/bf16/fp32 CUDA tensors (see supports())")
     if norm in ("batch", "stats"):
         out, mean, var, y = _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params)
-        return out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output)
+        return (out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output),
+                _reference.no_pool_argmax(x))
     lib = extension()
     stride, padding, dilation, pool = params.stride, params.padding, params.dilation, params.pool
     if pool:
@@ -182,7 +184,7 @@ def forward(
             )
     mean = x.new_empty(0, dtype=torch.float32)
     var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
-    return out, mean, var, x.new_empty(0)
+    return out, mean, var, x.new_empty(0), _reference.no_pool_argmax(x)
 
 
 def _stem_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], params: LayerParams
@@ -286,9 +288,16 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_
     return True
 
 
+def keeps_pool_argmax(params: LayerParams, keep_conv_output: bool) -> bool:
+    """Never (see ``reference.keeps_pool_argmax``): the backward recomputes the pool's decisions
+    from the conv output (Triton's fused kernels on the device)."""
+    return False
+
+
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
              bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-             mean: Tensor, var: Tensor, params: LayerParams, needs_grad, conv_output: Optional[Tensor] = None):
+             mean: Tensor, var: Tensor, params: LayerParams, needs_grad, conv_output: Optional[Tensor] = None,
+             pool_argmax: Optional[Tensor] = None):
     """The Triton backward where Triton runs on the device (less memory, fused), else the reference's
     (``reference.backward``'s signature). A training-mode stem that did not keep its conv output
     (the default: see ``keeps_conv_output``) recomputes it here with the forward's own kernel: the

@@ -225,10 +225,13 @@ def _folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: fl
                          running_mean, running_var, norm="running", eps=eps, extra=(dtype,))
 
 
-def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams):
+def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params: LayerParams,
+                   keep_pool_argmax: bool = False):
     """The fused computation written with stock ops, for ``forward`` (under no_grad: the batch
     statistics come from a kernel without autograd; ``differentiable_forward`` is the differentiable
-    form). Returns (out, mean, var, y), y the conv output (BatchNorm folded in for norm "running")."""
+    form). Returns (out, mean, var, y, argmax), y the conv output (BatchNorm folded in for norm
+    "running"), argmax the pool's ``encode_pool_argmax`` where ``keep_pool_argmax`` (see
+    ``keeps_pool_argmax``), else None."""
     norm, eps, stride, padding, dilation = params.norm, params.eps, params.stride, params.padding, params.dilation
     dtype = x.dtype
     mean = x.new_empty(0, dtype=stats_dtype(dtype))
@@ -245,8 +248,11 @@ def _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     z = y
     if norm == "batch":
         z = batch_norm_output(y, mean, torch.rsqrt(var + eps), bn_weight, bn_bias)
-    out = act_pool(z, params.activation, params.negative_slope, params.pool)
-    return out, mean, var, y
+    if keep_pool_argmax:
+        pooled, indices = _pool_argmax(z, params.pool, pool_argmax_dtype(y.shape))
+        argmax = encode_pool_argmax(indices, pooled, params.activation)
+        return apply_activation(pooled, params.activation, params.negative_slope), mean, var, y, argmax
+    return act_pool(z, params.activation, params.negative_slope, params.pool), mean, var, y, None
 
 
 def normalize_input_differentiably(x: Tensor, input_norm) -> Tensor:
@@ -341,13 +347,15 @@ def forward(
     *,
     keep_conv_output: bool = False,
     residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused forward. Returns (out, batch mean, biased batch var, conv output); the statistics are
-    fp32 and empty unless norm is "batch" or "stats". ``input_norm`` (an ``InputNorm``): x is first
-    normalised and activated (``normalize_input``). ``keep_conv_output`` (norm "batch" only): the
-    fourth tensor is the raw conv output, for ``backward(conv_output=...)`` to use instead of
-    recomputing it; otherwise it is empty. ``residual`` (no pool): added before the activation,
-    as a residual block adds its shortcut (stock's order: the BatchNorm output, then the sum)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward. Returns (out, batch mean, biased batch var, conv output, pool argmax); the
+    statistics are fp32 and empty unless norm is "batch" or "stats". ``input_norm`` (an
+    ``InputNorm``): x is first normalised and activated (``normalize_input``). ``keep_conv_output``
+    (norm "batch" only): the fourth tensor is the raw conv output, for ``backward(conv_output=...)``
+    to use instead of recomputing it, and where ``keeps_pool_argmax`` the fifth is the pool's
+    argmax (``encode_pool_argmax``), for ``backward(pool_argmax=...)``; otherwise they are empty.
+    ``residual`` (no pool): added before the activation, as a residual block adds its shortcut
+    (stock's order: the BatchNorm output, then the sum)."""
     layout = _memory_format(x)
     if input_norm is not None:
         x = normalize_input(x, input_norm)
@@ -355,12 +363,16 @@ def forward(
         if residual is not None:
             if params.pool:
                 raise ValueError("a residual is added before the activation; it does not combine with a pool")
-            z, mean, var, y = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                             dataclasses.replace(params, activation="none"))
+            z, mean, var, y, _ = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                                dataclasses.replace(params, activation="none"))
             out = apply_activation(z + residual, params.activation, params.negative_slope)
-            return out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output)
-        out, mean, var, y = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, params)
-    return out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output)
+            return (out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output),
+                    no_pool_argmax(x))
+        keep_argmax = keeps_pool_argmax(params, keep_conv_output)
+        out, mean, var, y, argmax = _forward_graph(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                                   params, keep_argmax)
+    return (out.contiguous(memory_format=layout), mean, var, kept_conv_output(y, params, keep_conv_output),
+            argmax.contiguous(memory_format=layout) if keep_argmax else no_pool_argmax(x))
 
 
 def conv_output_is_kept(norm: str, keep: bool) -> bool:
@@ -374,17 +386,63 @@ def kept_conv_output(y: Tensor, params: LayerParams, keep: bool) -> Tensor:
     return y if conv_output_is_kept(params.norm, keep) else y.new_empty(0)
 
 
-def _pool_argmax(a: Tensor, pool: Sequence[int]) -> Tuple[Tensor, Tensor]:
-    """(window maxima, their indices) of the max-pool over ``a``, through a channels-last copy where
-    ``_pool_channels_last`` says. An index is the flat d·H·W + h·W + w position within its (n, c)
-    plane whatever the layout, so it addresses ``a`` itself. Both come in a's layout (the scatter
-    converts mixed layouts at a's size)."""
+def keeps_pool_argmax(params: LayerParams, keep_conv_output: bool) -> bool:
+    """Whether ``forward`` returns the pool's argmax: with the conv output it keeps (norm "batch"),
+    where it pools after an activation that commutes with the pool (``act_pool``), so the backward
+    needs neither the BatchNorm output nor the pool again (``act_pool_backward_from_argmax``)."""
+    return (conv_output_is_kept(params.norm, keep_conv_output) and bool(params.pool)
+            and params.activation in _COMMUTES_WITH_POOL)
+
+
+def pool_argmax_dtype(conv_shape: Sequence[int]) -> torch.dtype:
+    """The kept argmax's dtype for a conv output of ``conv_shape``: int32 (half of max_pool3d's int64
+    indices) while a (D, H, W) plane's flat positions fit it."""
+    d, h, w = conv_shape[2:]  # (no int(): a traced shape's symbols stay symbols)
+    return torch.int32 if d * h * w < 2 ** 31 else torch.int64
+
+
+def no_pool_argmax(x: Tensor) -> Tensor:
+    """A forward's fifth result where it keeps no argmax: empty (the op's outputs are tensors)."""
+    return x.new_empty(0, dtype=torch.int32)
+
+
+def encode_pool_argmax(indices: Tensor, pooled: Tensor, activation: str) -> Tensor:
+    """The pool's window argmax as the backward needs it: max_pool3d's ``indices`` (flat positions
+    in each (n, c) plane; a new int tensor, which this overwrites), a window whose ReLU output is
+    zero (``pooled`` ≤ 0, where ReLU's backward gives 0; a NaN passes, as it does there) stored as
+    ``~index`` (negative), so one tensor carries both. ``act_pool_backward_from_argmax`` reads it."""
+    if activation == "relu":  # index ^ -1 = ~index where dead, index ^ 0 = index elsewhere
+        indices.bitwise_xor_((pooled <= 0).to(indices.dtype).neg_())
+    return indices
+
+
+def act_pool_backward_from_argmax(grad_out: Tensor, like: Tensor, argmax: Tensor, activation: str,
+                                  pool: Sequence[int]) -> Tensor:
+    """``act_pool_backward`` from the forward's ``encode_pool_argmax``: the gradient w.r.t. the
+    pre-activation z in fp32 (fp64 for fp64), in the dtype and layout of ``like`` (z's, e.g. the conv
+    output); z itself is not needed. The same values bit for bit: ReLU's backward zeroes the windows
+    whose pooled z is ≤ 0, and the scatter puts each window's gradient at the same position."""
+    grad = grad_out.to(like.dtype)
+    if activation == "relu":
+        # ReLU's backward with the sign for its input: 0 where argmax ≤ -1 (a dead window), else the
+        # gradient (the comparison runs in the gradient's dtype, exact for the sign of any int)
+        grad = torch.ops.aten.threshold_backward(grad, argmax, -1)
+        argmax = argmax ^ (argmax >> (argmax.element_size() * 8 - 1))  # ~a where a < 0 (a >> 31 = -1), else a
+    return _acc(_pool_backward(grad, like, pool, argmax.to(torch.int64)))
+
+
+def _pool_argmax(a: Tensor, pool: Sequence[int], index_dtype: torch.dtype = torch.int64) -> Tuple[Tensor, Tensor]:
+    """(window maxima, their indices in ``index_dtype``) of the max-pool over ``a``, through a
+    channels-last copy where ``_pool_channels_last`` says. An index is the flat d·H·W + h·W + w
+    position within its (n, c) plane whatever the layout, so it addresses ``a`` itself. Both come in
+    a's layout (the scatter converts mixed layouts at a's size)."""
     geometry = pool_geometry(pool)
     if _pool_channels_last(a):
         values, indices = F.max_pool3d(a.contiguous(memory_format=torch.channels_last_3d), *geometry,
                                        return_indices=True)
-        return values.contiguous(), indices.contiguous()
-    return F.max_pool3d(a, *geometry, return_indices=True)
+        return values.contiguous(), indices.to(index_dtype, memory_format=torch.contiguous_format)
+    values, indices = F.max_pool3d(a, *geometry, return_indices=True)
+    return values, indices.to(index_dtype)
 
 
 def _pool_backward(grad_out: Tensor, a: Tensor, pool: Sequence[int], indices: Tensor) -> Tensor:
@@ -448,12 +506,16 @@ def backward(
     params: LayerParams,
     needs_grad: Sequence[bool],
     conv_output: Optional[Tensor] = None,
+    pool_argmax: Optional[Tensor] = None,
 ) -> List[Optional[Tensor]]:
     """Gradients for (x, weight, bias, bn_weight, bn_bias); None where not needed or not present.
 
     Recomputes the conv output from the saved input unless the forward kept it (``conv_output``,
     norm "batch": see ``forward(keep_conv_output=True)``), then runs pool,
     activation and BatchNorm backward in fp32 and the conv's dgrad/wgrad in the compute dtype.
+    Where the forward kept the pool's argmax too (``pool_argmax`` non-empty), the pool and
+    activation backward neither recompute the BatchNorm output nor pool it again
+    (``act_pool_backward_from_argmax``).
     In "running" mode the BN is folded, so γ's gradient comes from the wgrad result:
     Σ gy'·(conv(x,W)+b−rm) = Σ W·wgrad(x, gy') + (b−rm)·Σ gy'.
     """
@@ -473,11 +535,13 @@ def backward(
             y = None  # the op's output is the conv output itself: its gradient is grad_out, nothing to recompute
         else:
             y = conv3d(x, conv_weight, None if bias is None else bias.to(dtype), stride, padding, dilation)
-        z = y
         if norm == "batch":
             invstd = torch.rsqrt(var + eps)
-            z = batch_norm_output(y, mean, invstd, bn_weight, bn_bias)
-        grad = act_pool_backward(grad_out, z, activation, negative_slope, pool)
+        if conv_output is not None and y is conv_output and pool_argmax is not None and pool_argmax.numel():
+            grad = act_pool_backward_from_argmax(grad_out, y, pool_argmax, activation, pool)
+        else:
+            z = batch_norm_output(y, mean, invstd, bn_weight, bn_bias) if norm == "batch" else y
+            grad = act_pool_backward(grad_out, z, activation, negative_slope, pool)
 
         grad_gamma = grad_beta = None
         if norm == "batch":

@@ -150,8 +150,10 @@ def _forward(
     *,
     keep_conv_output: bool = False,
     residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused forward. Returns (out, mean, var, conv output), out in x's dtype, channels_last_3d.
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward. Returns (out, mean, var, conv output, pool argmax), out in x's dtype,
+    channels_last_3d; the argmax always empty (``keeps_pool_argmax``: the backward's kernels
+    recompute the pool's decisions from the conv output).
 
     norm "batch": mean and biased var of the conv output per channel, fp32 (C_out,), used to
     normalise (two kernels, see the module docstring); norm "stats": the conv output itself with
@@ -169,7 +171,8 @@ def _forward(
         raise NotImplementedError("triton backend: a residual with batch statistics (see supports())")
     if params.norm in ("batch", "stats"):
         out, mean, var, y = _forward_batch_norm(x, weight, bias, bn_weight, bn_bias, params, prologue)
-        return out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output)
+        return (out, mean, var, _reference.kept_conv_output(y, params, keep_conv_output),
+                _reference.no_pool_argmax(x))
     depthwise = is_depthwise(x, weight)
     with torch.no_grad():
         w_packed, folded_bias = _folded_packed_weight(
@@ -192,7 +195,7 @@ def _forward(
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     mean = x.new_empty(0, dtype=torch.float32)
     var = x.new_empty(0, dtype=torch.float32)  # distinct tensors: custom op outputs must not alias
-    return out, mean, var, x.new_empty(0)
+    return out, mean, var, x.new_empty(0), _reference.no_pool_argmax(x)
 
 
 def _prologue_arguments(input_norm) -> dict:
@@ -243,6 +246,7 @@ def _backward(
     params: LayerParams,
     needs_grad: Sequence[bool],
     conv_output: Optional[Tensor] = None,
+    pool_argmax: Optional[Tensor] = None,
 ) -> List[Optional[Tensor]]:
     """Gradients for (x, weight, bias, bn_weight, bn_bias), as ``reference.backward`` defines them.
 
@@ -254,7 +258,7 @@ def _backward(
     conv (``conv3d_dgrad`` covers stride 1), through ``aten.convolution_backward``."""
     if pool_overlaps(params.pool):
         return _reference.backward(grad_out, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                   mean, var, params, needs_grad, conv_output)
+                                   mean, var, params, needs_grad, conv_output, pool_argmax)
     need_x, need_w, need_b, need_g, need_beta = (bool(n) for n in needs_grad)
     norm, eps, activation, negative_slope, pool = (params.norm, params.eps, params.activation,
                                                    params.negative_slope, params.pool)
@@ -369,11 +373,18 @@ def _with_reference_fallback(kernel_path, reference_path, channels_last_output: 
         except IndexOverflowError as exc:
             _backends.record_runtime_fallback("triton", str(exc))
             result = reference_path(*args, **kwargs)
-            if channels_last_output:  # this backend's output layout contract
-                out, *rest = result
-                return (out.contiguous(memory_format=torch.channels_last_3d), *rest)
+            if channels_last_output:  # the forward: this backend's output layout, and no argmax kept
+                out, mean, var, conv_output, _ = result
+                return (out.contiguous(memory_format=torch.channels_last_3d), mean, var, conv_output,
+                        _reference.no_pool_argmax(out))
             return result
     return run
+
+
+def keeps_pool_argmax(params: LayerParams, keep_conv_output: bool) -> bool:
+    """Never (see ``reference.keeps_pool_argmax``): the backward kernels fuse the pool's argmax
+    into the pass that reads the conv output anyway."""
+    return False
 
 
 forward = _with_reference_fallback(_forward, _reference.forward, channels_last_output=True)
