@@ -229,7 +229,19 @@ def _backward_impl(
     if input_norm is not None and (needs_grad[0] or need_input):
         grads[0], grads[5] = impl.input_norm_backward(grads[0], x, input_norm, need_x=bool(needs_grad[0]))
     # custom ops cannot return None: an empty tensor stands for "no gradient"
-    return [g if (g is not None and need) else x.new_empty(0) for g, need in zip(grads, needs_grad)]
+    inputs = (x, weight, bias, bn_weight, bn_bias, input_stats)
+    return [_gradient_like(g, t) if (t is not None and need) else x.new_empty(0)
+            for g, t, need in zip(grads, inputs, needs_grad)]
+
+
+def _gradient_like(grad: Optional[Tensor], t: Tensor) -> Tensor:
+    """``grad`` with the strides of its input ``t``, as the fake implementation says (a conv's
+    weight gradient comes channels-last from channels-last activations; autograd would copy it into
+    the parameter's layout anyway); zeros for an input the layer does not use (γ, β without a
+    BatchNorm), whose gradient the backend left out."""
+    if grad is None:
+        return torch.zeros_like(t)
+    return grad if grad.stride() == t.stride() else torch.empty_like(t).copy_(grad)
 
 
 _backward_op = torch.library.custom_op("c3dzoo::conv3d_bn_act_backward", _backward_impl, mutates_args=())

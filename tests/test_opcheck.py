@@ -1,0 +1,99 @@
+"""``torch.library.opcheck`` of the fused op's custom ops: the schema, the autograd registration, the
+fake implementation (output shapes, dtypes, strides and layouts against what the real op returns,
+which torch.compile, torch.export and AOTInductor trace with), and a run through AOT autograd with
+dynamic shapes.
+
+The forward's fifth output (the pool's argmax, kept only by the reference backend, only with a kept
+conv output, a pool and an activation that commutes with it) has a shape, a dtype and a layout its
+fake must predict, so the cases cover both layouts, each activation and every norm. The triton
+backend's case runs its kernels under the Triton interpreter (CPU, tiny shapes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from c3dzoo.ops import backends, normalize_pool
+
+FORWARD = torch.ops.c3dzoo.conv3d_bn_act_forward.default
+BACKWARD = torch.ops.c3dzoo.conv3d_bn_act_backward.default
+UPDATE_RUNNING_STATS = torch.ops.c3dzoo.bn_update_running_stats_.default
+POOL = list(normalize_pool(((1, 2, 2), (1, 2, 2), (0, 0, 0))))
+C_IN, C_OUT = 4, 5
+
+
+def _layer_tensors(layout, requires_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, C_IN, 4, 6, 6, generator=g).contiguous(memory_format=layout)
+    weight = torch.randn(C_OUT, C_IN, 3, 3, 3, generator=g) * 0.2
+    bias = torch.randn(C_OUT, generator=g) * 0.1
+    gamma = torch.rand(C_OUT, generator=g) + 0.5
+    beta = torch.randn(C_OUT, generator=g) * 0.1
+    running_mean = torch.randn(C_OUT, generator=g) * 0.1
+    running_var = torch.rand(C_OUT, generator=g) + 0.5
+    tensors = [x, weight, bias, gamma, beta]
+    return ([t.requires_grad_(requires_grad) for t in tensors], running_mean, running_var)
+
+
+def _forward_args(norm, activation, pool, layout, keep, backend="reference"):
+    tensors, running_mean, running_var = _layer_tensors(layout)
+    running = norm == "running"
+    return (*tensors, running_mean if running else None, running_var if running else None, norm, 1e-5,
+            [1, 1, 1], [1, 1, 1], [1, 1, 1], activation, 0.01, pool, None, 0.0, "none", 0.0, backend, keep)
+
+
+LAYOUTS = {"ncdhw": torch.contiguous_format, "channels_last": torch.channels_last_3d}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("norm,activation,pool,keep", [
+    ("batch", "relu", POOL, True),        # conv output and argmax kept
+    ("batch", "none", POOL, True),        # argmax kept, no dead windows
+    ("batch", "leaky_relu", POOL, True),  # conv output kept, no argmax (stock's order)
+    ("batch", "relu", POOL, False),       # nothing kept
+    ("batch", "relu", None, True),        # no pool: conv output only
+    ("stats", "none", None, False),       # a deferred BatchNorm's layer
+    ("running", "relu", POOL, False),     # BatchNorm folded
+    ("none", "silu", POOL, False),        # no BatchNorm
+], ids=lambda v: str(v) if not isinstance(v, list) else "pool")
+def test_forward_op(norm, activation, pool, keep, layout):
+    args = _forward_args(norm, activation, pool, LAYOUTS[layout], keep)
+    outputs = FORWARD(*args)
+    kept_argmax = norm == "batch" and keep and pool is not None and activation in ("relu", "none")
+    assert (outputs[4].numel() > 0) == kept_argmax and outputs[4].dtype == torch.int32
+    torch.library.opcheck(FORWARD, args)
+
+
+def test_forward_op_on_the_triton_backend():
+    reason = backends.backends()["triton"]["reason"]
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    args = _forward_args("batch", "relu", POOL, torch.contiguous_format, True, backend="triton")
+    outputs = FORWARD(*args)
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last_3d)
+    assert outputs[4].numel() == 0  # its backward kernels find the pool's argmax again
+    torch.library.opcheck(FORWARD, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_backward_op(layout, keep):
+    forward_args = _forward_args("batch", "relu", POOL, LAYOUTS[layout], keep)
+    with torch.no_grad():
+        out, mean, var, conv_output, argmax = FORWARD(*forward_args)
+    tensors, _, _ = _layer_tensors(LAYOUTS[layout], requires_grad=False)
+    grad_out = torch.randn(out.shape).contiguous(memory_format=LAYOUTS[layout])
+    args = (grad_out, *tensors, None, None, mean, var, conv_output if keep else None, argmax, "batch", 1e-5,
+            [1, 1, 1], [1, 1, 1], [1, 1, 1], "relu", 0.01, POOL, None, 0.0, "none", 0.0, "reference",
+            [True, True, True, True, True, False])
+    grads = BACKWARD(*args)
+    assert [tuple(g.shape) for g in grads[:5]] == [tuple(t.shape) for t in tensors] and grads[5].numel() == 0
+    torch.library.opcheck(BACKWARD, args)
+
+
+def test_update_running_stats_op():
+    g = torch.Generator().manual_seed(0)
+    args = (torch.zeros(C_OUT), torch.ones(C_OUT), torch.zeros((), dtype=torch.long),
+            torch.randn(C_OUT, generator=g), torch.rand(C_OUT, generator=g), 64, 0.1, "reference")
+    torch.library.opcheck(UPDATE_RUNNING_STATS, args)
