@@ -131,6 +131,20 @@ def test_train_says_when_it_waits_for_its_data(tmp_path, capsys, monkeypatch):
     assert printed.count("note: training waited for its data") == 1 and "raise --workers (now 0)" in printed
 
 
+def test_train_renders_each_synthetic_clip_once(tmp_path, monkeypatch):
+    """Loading in this process (--workers 0), the synthetic sets keep their clips: three epochs
+    render each training and validation clip once."""
+    from c3dzoo.data import SyntheticVideoDataset
+
+    rendered = []
+    real_render = SyntheticVideoDataset._render
+    monkeypatch.setattr(SyntheticVideoDataset, "_render",
+                        lambda self, *args: rendered.append(self.split) or real_render(self, *args))
+    assert cli.main(TINY_TRAIN + ["--epochs", "3", "--train-samples", "8", "--val-samples", "2", "--workers", "0",
+                                  "--out", str(tmp_path / "run")]) == 0
+    assert sorted(rendered) == ["train"] * 8 + ["val"] * 2
+
+
 def test_train_logs_for_tensorboard(tmp_path, capsys):
     """--tensorboard: every step's loss and lr, every epoch's metrics.csv row, in --out/tensorboard;
     a resumed run goes on at its step."""

@@ -34,6 +34,25 @@ def test_independent_of_access_order_and_workers():
         assert torch.equal(forward[i], batched[i])
 
 
+def test_cached_clips_are_the_rendered_ones(monkeypatch):
+    """A set that keeps its clips serves each as rendered, renders it once, keeps no more than its
+    byte budget, and hands out copies: changing one changes nothing kept."""
+    plain = SyntheticVideoDataset(num_samples=6, size=16, frames=4)
+    clip_bytes = plain[0][0].nbytes
+    cached = SyntheticVideoDataset(num_samples=6, size=16, frames=4, cache_bytes=4 * clip_bytes)
+    rendered = []
+    render = cached._render
+    monkeypatch.setattr(cached, "_render", lambda *a: rendered.append(1) or render(*a))
+    for _ in range(3):  # epochs
+        for i in range(6):
+            clip, label = cached[i]
+            assert torch.equal(clip, plain[i][0]) and label == plain[i][1]
+            clip.add_(1.0)  # a consumer's in-place change
+    assert len(rendered) == 4 + 2 * 3  # 4 kept after the first read, 2 rendered in every epoch
+    assert cached._cached_bytes == 4 * clip_bytes
+    assert torch.equal(cached[-6][0], plain[0][0])
+
+
 def test_seeds_and_splits_differ():
     base = SyntheticVideoDataset(num_samples=4)[1][0]
     assert not torch.equal(base, SyntheticVideoDataset(num_samples=4, seed=1)[1][0])
@@ -129,7 +148,7 @@ def test_fast_classes_move_faster():
 
 @pytest.mark.parametrize("kwargs", [
     dict(num_classes=0), dict(num_classes=len(MOTIONS) + 1), dict(frames=1), dict(size=4),
-    dict(split="test"), dict(num_samples=-1), dict(seed=-1),
+    dict(split="test"), dict(num_samples=-1), dict(seed=-1), dict(cache_bytes=-1),
 ])
 def test_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):

@@ -9,13 +9,14 @@ own tells the class, only the change between frames does.
 
 Clips are rendered on the fly (no download), vectorised over frames and pixels with numpy, and
 sample ``i`` is a pure function of ``(seed, split, i)``: data-loader workers, resumed runs and
-repeated reads all see the same clip.
+repeated reads all see the same clip. Being pure, a rendered clip can be kept and served again
+(``cache_bytes``): a small set trained for several epochs renders each clip once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -89,6 +90,9 @@ class SyntheticVideoDataset(Dataset):
         size: ``(height, width)`` or one int for square frames.
         seed: base seed; with ``split`` and the index it fixes every sample.
         split: ``"train"`` or ``"val"`` (independent random streams for the same seed).
+        cache_bytes: keep rendered clips, up to this many bytes, and serve a kept clip again (a
+            copy) instead of rendering it anew; 0 (default) keeps none. Per process: each
+            data-loader worker would fill its own.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class SyntheticVideoDataset(Dataset):
         size: Union[int, Sequence[int]] = (56, 56),
         seed: int = 0,
         split: str = "train",
+        cache_bytes: int = 0,
     ):
         if not 1 <= num_classes <= len(MOTIONS):
             raise ValueError(f"num_classes must be between 1 and {len(MOTIONS)}, got {num_classes}")
@@ -113,6 +118,8 @@ class SyntheticVideoDataset(Dataset):
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be non-negative, got {cache_bytes}")
         self.num_classes = num_classes
         self.num_samples = num_samples
         self.frames = frames
@@ -121,6 +128,9 @@ class SyntheticVideoDataset(Dataset):
         self.split = split
         self.motions = MOTIONS[:num_classes]
         self.class_names = [m.name for m in self.motions]
+        self.cache_bytes = cache_bytes
+        self._cache: Dict[int, torch.Tensor] = {}
+        self._cached_bytes = 0
         # pixel-centre coordinates, shared by every clip; kept 1-D (columns 1 × W, rows H × 1) so
         # the per-frame offsets below cost T·(H + W), not T·H·W
         self._xs = np.arange(width, dtype=np.float32)[None, :]
@@ -140,10 +150,16 @@ class SyntheticVideoDataset(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         label = index % self.num_classes
+        kept = self._cache.get(index)
+        if kept is not None:
+            return kept.clone(), label  # a copy: whoever gets it may change it in place
         # one generator per (seed, split, index): the sample does not depend on access order
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], index])
-        clip = self._render(rng, self.motions[label])
-        return torch.from_numpy(clip), label
+        clip = torch.from_numpy(self._render(rng, self.motions[label]))
+        if self._cached_bytes + clip.nbytes <= self.cache_bytes:
+            self._cache[index] = clip.clone()
+            self._cached_bytes += clip.nbytes
+        return clip, label
 
     def _render(self, rng: np.random.Generator, motion: Motion) -> np.ndarray:
         t_steps = np.arange(self.frames, dtype=np.float32)[:, None, None]  # T × 1 × 1
