@@ -49,9 +49,9 @@ from .train_outputs import (CONFUSION_PNG, CURVES_PNG, METRICS, PER_CLASS_CSV, o
 
 # Defaults by device: a small C3D-BN that trains in a few minutes on a laptop CPU, the full model
 # on a GPU. Anything given on the command line wins.
-# On an idle 2-core CPU the cpu defaults train at ~165 clips/s fused (the reference backend), ~185
-# stock: 60-80 s in all, ending at 75-90 % top-1 on the 10 classes depending on rounding
-# (chance: 10 %).
+# On an idle 2-core CPU the cpu defaults train at ~205 clips/s fused (the reference backend), ~230
+# stock (each synthetic clip rendered once: see make_data): 50-60 s in all, ending at 75-90 % top-1
+# on the 10 classes depending on rounding (chance: 10 %).
 TRAIN_DEFAULTS = {
     "cpu": dict(width_mult=0.125, frames=16, size=(32, 32), batch_size=16, epochs=10,
                 train_samples=1024, val_samples=256, workers=0, amp=False),
