@@ -23,7 +23,7 @@ POOL = list(normalize_pool(((1, 2, 2), (1, 2, 2), (0, 0, 0))))
 C_IN, C_OUT = 4, 5
 
 
-def _layer_tensors(layout, requires_grad=True, seed=0):
+def _layer_tensors(layout, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, C_IN, 4, 6, 6, generator=g).contiguous(memory_format=layout)
     weight = torch.randn(C_OUT, C_IN, 3, 3, 3, generator=g) * 0.2
@@ -33,32 +33,44 @@ def _layer_tensors(layout, requires_grad=True, seed=0):
     running_mean = torch.randn(C_OUT, generator=g) * 0.1
     running_var = torch.rand(C_OUT, generator=g) + 0.5
     tensors = [x, weight, bias, gamma, beta]
-    return ([t.requires_grad_(requires_grad) for t in tensors], running_mean, running_var)
+    return ([t.requires_grad_() for t in tensors], running_mean, running_var)
 
 
-def _forward_args(norm, activation, pool, layout, keep, backend="reference"):
+def _input_stats(seed=1):
+    """A deferred BatchNorm's (mean, var, γ, β) of x's channels, for the input prologue."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randn(C_IN, generator=g), torch.rand(C_IN, generator=g) + 0.5,
+                        torch.rand(C_IN, generator=g) + 0.5, torch.randn(C_IN, generator=g)]).requires_grad_()
+
+
+def _forward_args(norm, activation, pool, layout, keep, backend="reference", prologue=None):
+    """The forward op's arguments; ``prologue``: the input prologue's activation (x is then a
+    previous layer's raw conv output, normalised by ``_input_stats`` on the way in)."""
     tensors, running_mean, running_var = _layer_tensors(layout)
     running = norm == "running"
+    input_norm = (None, 0.0, "none", 0.0) if prologue is None else (_input_stats(), 1e-5, prologue, 0.01)
     return (*tensors, running_mean if running else None, running_var if running else None, norm, 1e-5,
-            [1, 1, 1], [1, 1, 1], [1, 1, 1], activation, 0.01, pool, None, 0.0, "none", 0.0, backend, keep)
+            [1, 1, 1], [1, 1, 1], [1, 1, 1], activation, 0.01, pool, *input_norm, backend, keep)
 
 
 LAYOUTS = {"ncdhw": torch.contiguous_format, "channels_last": torch.channels_last_3d}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("norm,activation,pool,keep", [
-    ("batch", "relu", POOL, True),        # conv output and argmax kept
-    ("batch", "none", POOL, True),        # argmax kept, no dead windows
-    ("batch", "leaky_relu", POOL, True),  # conv output kept, no argmax (stock's order)
-    ("batch", "relu", POOL, False),       # nothing kept
-    ("batch", "relu", None, True),        # no pool: conv output only
-    ("stats", "none", None, False),       # a deferred BatchNorm's layer
-    ("running", "relu", POOL, False),     # BatchNorm folded
-    ("none", "silu", POOL, False),        # no BatchNorm
+@pytest.mark.parametrize("norm,activation,pool,keep,prologue", [
+    ("batch", "relu", POOL, True, None),        # conv output and argmax kept
+    ("batch", "none", POOL, True, None),        # argmax kept, no dead windows
+    ("batch", "leaky_relu", POOL, True, None),  # conv output kept, no argmax (stock's order)
+    ("batch", "relu", POOL, False, None),       # nothing kept
+    ("batch", "relu", None, True, None),        # no pool: conv output only
+    ("stats", "none", None, False, None),       # a deferred BatchNorm's layer
+    ("batch", "relu", POOL, True, "relu"),      # the layer after it: input prologue
+    ("stats", "none", None, False, "silu"),     # a deferred layer after a deferred layer
+    ("running", "relu", POOL, False, None),     # BatchNorm folded
+    ("none", "silu", POOL, False, None),        # no BatchNorm
 ], ids=lambda v: str(v) if not isinstance(v, list) else "pool")
-def test_forward_op(norm, activation, pool, keep, layout):
-    args = _forward_args(norm, activation, pool, LAYOUTS[layout], keep)
+def test_forward_op(norm, activation, pool, keep, prologue, layout):
+    args = _forward_args(norm, activation, pool, LAYOUTS[layout], keep, prologue=prologue)
     outputs = FORWARD(*args)
     kept_argmax = norm == "batch" and keep and pool is not None and activation in ("relu", "none")
     assert (outputs[4].numel() > 0) == kept_argmax and outputs[4].dtype == torch.int32
@@ -69,26 +81,29 @@ def test_forward_op_on_the_triton_backend():
     reason = backends.backends()["triton"]["reason"]
     if reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
-    args = _forward_args("batch", "relu", POOL, torch.contiguous_format, True, backend="triton")
+    args = _forward_args("batch", "relu", POOL, torch.contiguous_format, True, backend="triton", prologue="relu")
     outputs = FORWARD(*args)
     assert outputs[0].is_contiguous(memory_format=torch.channels_last_3d)
     assert outputs[4].numel() == 0  # its backward kernels find the pool's argmax again
     torch.library.opcheck(FORWARD, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("prologue", [None, "relu"], ids=["plain", "prologue"])
 @pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_backward_op(layout, keep):
-    forward_args = _forward_args("batch", "relu", POOL, LAYOUTS[layout], keep)
+def test_backward_op(layout, keep, prologue):
+    forward_args = _forward_args("batch", "relu", POOL, LAYOUTS[layout], keep, prologue=prologue)
     with torch.no_grad():
         out, mean, var, conv_output, argmax = FORWARD(*forward_args)
-    tensors, _, _ = _layer_tensors(LAYOUTS[layout], requires_grad=False)
+    tensors = [t.detach() for t in forward_args[:5]]
+    stats = None if prologue is None else forward_args[15].detach()
     grad_out = torch.randn(out.shape).contiguous(memory_format=LAYOUTS[layout])
     args = (grad_out, *tensors, None, None, mean, var, conv_output if keep else None, argmax, "batch", 1e-5,
-            [1, 1, 1], [1, 1, 1], [1, 1, 1], "relu", 0.01, POOL, None, 0.0, "none", 0.0, "reference",
-            [True, True, True, True, True, False])
+            [1, 1, 1], [1, 1, 1], [1, 1, 1], "relu", 0.01, POOL, stats, *forward_args[16:19], "reference",
+            [True, True, True, True, True, stats is not None])
     grads = BACKWARD(*args)
-    assert [tuple(g.shape) for g in grads[:5]] == [tuple(t.shape) for t in tensors] and grads[5].numel() == 0
+    assert [tuple(g.shape) for g in grads[:5]] == [tuple(t.shape) for t in tensors]
+    assert tuple(grads[5].shape) == ((0,) if stats is None else tuple(stats.shape))
     torch.library.opcheck(BACKWARD, args)
 
 
