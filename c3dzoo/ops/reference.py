@@ -155,8 +155,11 @@ def batch_statistics(y: Tensor) -> Tuple[Tensor, Tensor]:
     fp64 for fp64): stock BatchNorm's own reduction (two-pass on the CPU, Welford on CUDA, so sound
     when |mean| ≫ std; several times faster than ``torch.var_mean``, which accumulates in double).
     The running-statistic arguments are scratch: statistics-dtype tensors make a bf16/fp16 input
-    report fp32 statistics (momentum 0 leaves them alone)."""
+    report fp32 statistics (momentum 0 leaves them alone); an fp32/fp64 input on the CPU needs none
+    (two small ops fewer per layer, the same statistics bit for bit)."""
     channels, stats = y.shape[1], stats_dtype(y.dtype)
+    if y.dtype == stats and y.device.type == "cpu":
+        return torch.ops.aten.batch_norm_update_stats(y, None, None, 0.0)
     scratch_mean = torch.zeros(channels, dtype=stats, device=y.device)
     scratch_var = torch.ones(channels, dtype=stats, device=y.device)
     return torch.ops.aten.batch_norm_update_stats(y, scratch_mean, scratch_var, 0.0)
@@ -539,6 +542,8 @@ def backward(
             invstd = torch.rsqrt(var + eps)
         if conv_output is not None and y is conv_output and pool_argmax is not None and pool_argmax.numel():
             grad = act_pool_backward_from_argmax(grad_out, y, pool_argmax, activation, pool)
+        elif activation == "none" and not pool:  # z's gradient is the output's: no z needed
+            grad = _acc(grad_out)
         else:
             z = batch_norm_output(y, mean, invstd, bn_weight, bn_bias) if norm == "batch" else y
             grad = act_pool_backward(grad_out, z, activation, negative_slope, pool)
