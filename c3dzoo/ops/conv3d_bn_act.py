@@ -382,8 +382,8 @@ class _EagerForward(torch.autograd.Function):
     def jvp(ctx, *tangents):
         """Forward-mode AD (torch.func.jvp, jacfwd, hessian): the output's tangent, by torch.func.jvp
         of the layer in stock differentiable ops (as the create_graph backward differentiates it).
-        The statistics and conv-output outputs get zero tangents: they only feed the running
-        statistics and the backward, never a differentiated value."""
+        The statistics and conv-output outputs get zero tangents, the integer argmax none: they only
+        feed the running statistics and the backward, never a differentiated value."""
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, input_stats = ctx.saved_tensors
         primals = (x, weight, bias, bn_weight, bn_bias, input_stats)
         moving = (*tangents[:5], tangents[_INPUT_STATS_INDEX])

@@ -430,7 +430,8 @@ def act_pool_backward_from_argmax(grad_out: Tensor, like: Tensor, argmax: Tensor
         # ReLU's backward with the sign for its input: 0 where argmax ≤ -1 (a dead window), else the
         # gradient (the comparison runs in the gradient's dtype, exact for the sign of any int)
         grad = torch.ops.aten.threshold_backward(grad, argmax, -1)
-        argmax = argmax ^ (argmax >> (argmax.element_size() * 8 - 1))  # ~a where a < 0 (a >> 31 = -1), else a
+        # ~a where a < 0 (its sign bit shifted all the way down is -1, and a ^ -1 = ~a), else a ^ 0 = a
+        argmax = argmax ^ (argmax >> (argmax.element_size() * 8 - 1))
     return _acc(_pool_backward(grad, like, pool, argmax.to(torch.int64)))
 
 
