@@ -88,6 +88,26 @@ def test_forward_op_on_the_triton_backend():
     torch.library.opcheck(FORWARD, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_forward_op_on_a_registered_backend_that_keeps_no_argmax(monkeypatch):
+    """A backend registered from outside, whose implementation says nothing of a pool argmax
+    (no ``keeps_pool_argmax``) and returns none: the fake says none either."""
+    from c3dzoo.ops import reference
+
+    class KeepsNoArgmax:
+        def forward(self, *args, **kwargs):
+            out, mean, var, conv_output, _ = reference.forward(*args, **kwargs)
+            return out, mean, var, conv_output, reference.no_pool_argmax(out)
+
+        def backward(self, *args):
+            return reference.backward(*args)
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    backends.register(backends.Backend("outside", lambda: None, lambda cfg: None, KeepsNoArgmax))
+    args = _forward_args("batch", "relu", POOL, torch.contiguous_format, True, backend="outside")
+    assert FORWARD(*args)[4].numel() == 0
+    torch.library.opcheck(FORWARD, args)
+
+
 @pytest.mark.parametrize("prologue", [None, "relu"], ids=["plain", "prologue"])
 @pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))

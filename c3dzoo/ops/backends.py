@@ -98,7 +98,9 @@ class Backend:
     ``supports`` returns None when it can run a configuration, else the reason.
     ``forward``/``backward`` have the signatures of ``c3dzoo.ops.reference``'s functions; a backend
     whose ``supports`` accepts ``cfg.input_norm`` also provides ``normalize_input`` and
-    ``input_norm_backward`` (see ``InputNorm``) and a forward that takes ``input_norm=``.
+    ``input_norm_backward`` (see ``InputNorm``) and a forward that takes ``input_norm=``. A forward
+    that returns a non-empty pool argmax (its fifth result) says when with ``keeps_pool_argmax``
+    (see ``reference.keeps_pool_argmax``): the op's fake implementation asks it; without one, none.
     """
 
     name: str

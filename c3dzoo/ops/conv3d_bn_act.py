@@ -172,7 +172,8 @@ def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     else:
         conv_out = x.new_empty(0)
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
-    if _impl(_backends.runnable_on(backend, x.device.type)).keeps_pool_argmax(params, keep_conv_output):
+    keeps_pool_argmax = getattr(_impl(_backends.runnable_on(backend, x.device.type)), "keeps_pool_argmax", None)
+    if keeps_pool_argmax is not None and keeps_pool_argmax(params, keep_conv_output):
         conv_shape = output_shape(x.shape, weight.shape, stride, padding, dilation, ())
         argmax = torch.empty(shape, dtype=_reference.pool_argmax_dtype(conv_shape), device=x.device,
                              memory_format=layout)
