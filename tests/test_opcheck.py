@@ -11,10 +11,13 @@ backend's case runs its kernels under the Triton interpreter (CPU, tiny shapes).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from c3dzoo.ops import backends, normalize_pool
+from interpreter import skip_unless_triton_runs_cpu_tensors
 
 FORWARD = torch.ops.c3dzoo.conv3d_bn_act_forward.default
 BACKWARD = torch.ops.c3dzoo.conv3d_bn_act_backward.default
@@ -78,14 +81,25 @@ def test_forward_op(norm, activation, pool, keep, prologue, layout):
 
 
 def test_forward_op_on_the_triton_backend():
-    reason = backends.backends()["triton"]["reason"]
-    if reason is not None:
-        pytest.skip(f"triton backend unavailable: {reason}")
+    skip_unless_triton_runs_cpu_tensors()
     args = _forward_args("batch", "relu", POOL, torch.contiguous_format, True, backend="triton", prologue="relu")
     outputs = FORWARD(*args)
     assert outputs[0].is_contiguous(memory_format=torch.channels_last_3d)
     assert outputs[4].numel() == 0  # its backward kernels find the pool's argmax again
     torch.library.opcheck(FORWARD, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_forward_op_of_a_gpu_backend_on_cpu_tensors():
+    """The op carries the backend chosen when it was called or traced; given tensors that backend
+    cannot take, it runs the reference backend (``backends.runnable_on``), and its fake says what
+    that returns: x's layout, the reference's argmax."""
+    args = _forward_args("batch", "relu", POOL, torch.contiguous_format, True, backend="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's (said once per reason)
+        outputs = FORWARD(*args)
+        assert outputs[0].is_contiguous() and outputs[4].numel() > 0
+        torch.library.opcheck(FORWARD, args)
+    assert any(key.startswith("cuda: ") for key in backends.fallbacks())
 
 
 def test_forward_op_on_a_registered_backend_that_keeps_no_argmax(monkeypatch):

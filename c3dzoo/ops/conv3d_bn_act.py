@@ -161,6 +161,7 @@ def in_layout(out: Tensor, layout: str, x: Tensor, *weights: Optional[Tensor]) -
 def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, norm, eps,
                   stride, padding, dilation, activation, negative_slope, pool,
                   input_stats, input_eps, input_activation, input_negative_slope, backend, keep_conv_output):
+    backend = _backends.runnable_on(backend, x.device.type)  # what _forward_impl runs, layouts included
     layout = output_memory_format(x, backend)
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
@@ -172,7 +173,7 @@ def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     else:
         conv_out = x.new_empty(0)
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
-    keeps_pool_argmax = getattr(_impl(_backends.runnable_on(backend, x.device.type)), "keeps_pool_argmax", None)
+    keeps_pool_argmax = getattr(_impl(backend), "keeps_pool_argmax", None)
     if keeps_pool_argmax is not None and keeps_pool_argmax(params, keep_conv_output):
         conv_shape = output_shape(x.shape, weight.shape, stride, padding, dilation, ())
         argmax = torch.empty(shape, dtype=_reference.pool_argmax_dtype(conv_shape), device=x.device,
