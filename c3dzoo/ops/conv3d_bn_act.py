@@ -163,19 +163,18 @@ def _forward_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
                   input_stats, input_eps, input_activation, input_negative_slope, backend, keep_conv_output):
     backend = _backends.runnable_on(backend, x.device.type)  # what _forward_impl runs, layouts included
     layout = output_memory_format(x, backend)
-    shape = output_shape(x.shape, weight.shape, stride, padding, dilation, pool)
+    conv_shape = output_shape(x.shape, weight.shape, stride, padding, dilation, ())
+    shape = pooled_shape(conv_shape, pool)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
     stats = weight.shape[0] if norm in ("batch", "stats") else 0
     dtype = _reference.stats_dtype(x.dtype)
     if _reference.conv_output_is_kept(norm, keep_conv_output):
-        conv_out = torch.empty(output_shape(x.shape, weight.shape, stride, padding, dilation, ()),
-                               dtype=x.dtype, device=x.device, memory_format=layout)
+        conv_out = torch.empty(conv_shape, dtype=x.dtype, device=x.device, memory_format=layout)
     else:
         conv_out = x.new_empty(0)
     params = _backends.LayerParams.of(norm, eps, stride, padding, dilation, activation, negative_slope, pool)
     keeps_pool_argmax = getattr(_impl(backend), "keeps_pool_argmax", None)
     if keeps_pool_argmax is not None and keeps_pool_argmax(params, keep_conv_output):
-        conv_shape = output_shape(x.shape, weight.shape, stride, padding, dilation, ())
         argmax = torch.empty(shape, dtype=_reference.pool_argmax_dtype(conv_shape), device=x.device,
                              memory_format=layout)
     else:
