@@ -242,3 +242,37 @@ def test_convolution_backward_steers_around_onednn(kernel, stride, frames):
     torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gx.double(), x64.grad, rtol=1e-5, atol=1e-4)
     assert torch.backends.mkldnn.enabled  # switched off for the one call only
+
+
+@pytest.mark.parametrize("activation,slope", [("relu", 0.0), ("none", 0.0), ("leaky_relu", 0.1), ("leaky_relu", 0.0),
+                                              ("leaky_relu", -0.2), ("silu", 0.0)],
+                         ids=["relu", "none", "leaky", "leaky0", "leaky_negative", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_input_norm_backward_from_the_normalised_input_is_bit_for_bit(dtype, activation, slope, monkeypatch):
+    """``input_norm_backward(normalized=...)`` (the op hands the reference backend the normalised
+    input its layer's backward ran on) gives the recomputing call's gradients bit for bit, on zeros,
+    values that round to zero and a NaN; it normalises x again only where the activation's output
+    does not have its input's sign (SiLU, a negative LeakyReLU slope), and never for none."""
+    from c3dzoo.ops.backends import InputNorm
+
+    y = _y(dtype, channels_last=False, mean=0.5, seed=3)
+    y[0, 1, 0, 0, :3] = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)
+    mean, var = reference.batch_statistics(y.nan_to_num())
+    g = torch.Generator().manual_seed(4)
+    gamma = torch.randn(5, generator=g, dtype=mean.dtype)
+    beta = -mean * gamma * torch.rsqrt(var + 1e-5)  # z = γ·x̂ + β puts values near 0 for some channels
+    y[1, 2, 1, 1, 1] = mean[2].to(dtype)  # z rounds to ~0 there
+    norm = InputNorm(torch.stack([mean, var, gamma, beta]), 1e-5, activation, slope)
+    grad_input = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    want = reference.input_norm_backward(grad_input, y, norm, need_x=True)
+    normalized = reference.normalize_input(y, norm)
+    recomputes = activation == "silu" or slope < 0
+    if not recomputes:
+        def no_recompute(*args, **kwargs):
+            raise AssertionError("normalised x again")
+        monkeypatch.setattr(reference, "batch_norm_output", no_recompute)
+    got = reference.input_norm_backward(grad_input, y, norm, need_x=True, normalized=normalized)
+    for w, o in zip(want, got):
+        assert o.dtype == w.dtype
+        torch.testing.assert_close(o, w, rtol=0, atol=0, equal_nan=True)
+    assert reference.activation_sign_kept(activation, slope) == (not recomputes)

@@ -225,10 +225,13 @@ def _backward_impl(
         grad_out, layer_input, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, params,
         [bool(needs_grad[0]) or need_input, *needs_grad[1:5]], conv_output, pool_argmax,
     )
+    # the normalised input, to a backend that reads it rather than normalising x again; else freed
+    reuse = {"normalized": layer_input} if getattr(impl, "INPUT_NORM_BACKWARD_READS_NORMALIZED", False) else {}
     del layer_input
     grads = list(grads) + [None]
     if input_norm is not None and (needs_grad[0] or need_input):
-        grads[0], grads[5] = impl.input_norm_backward(grads[0], x, input_norm, need_x=bool(needs_grad[0]))
+        grads[0], grads[5] = impl.input_norm_backward(grads[0], x, input_norm, need_x=bool(needs_grad[0]), **reuse)
+    del reuse
     # custom ops cannot return None: an empty tensor stands for "no gradient"
     inputs = (x, weight, bias, bn_weight, bn_bias, input_stats)
     return [_gradient_like(g, t) if (t is not None and need) else x.new_empty(0)

@@ -309,27 +309,47 @@ def stock_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 
 def _input_norm_terms(x: Tensor, input_norm) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(z, mean, invstd, γ) of an ``InputNorm`` (c3dzoo.ops.backends) over x."""
+    """(mean, invstd, γ, β) of an ``InputNorm`` (c3dzoo.ops.backends) over x, in the statistics dtype."""
     mean, var, gamma, beta = input_norm.stats.to(stats_dtype(x.dtype)).unbind(0)
-    invstd = torch.rsqrt(var + input_norm.eps)
-    return batch_norm_output(x, mean, invstd, gamma, beta), mean, invstd, gamma
+    return mean, torch.rsqrt(var + input_norm.eps), gamma, beta
 
 
 def normalize_input(x: Tensor, input_norm) -> Tensor:
     """``activation(batch_norm(x))`` of an ``InputNorm``: the tensor a deferred-normalisation
     layer's conv reads, in x's dtype (normalised in fp32, rounded, activated)."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        z = _input_norm_terms(x, input_norm)[0]
+        z = batch_norm_output(x, *_input_norm_terms(x, input_norm))
         return apply_activation(z, input_norm.activation, input_norm.negative_slope)
 
 
-def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bool) -> Tuple[Optional[Tensor], Tensor]:
+def activation_sign_kept(activation: str, negative_slope: float) -> bool:
+    """Whether the activation's output is > 0 exactly where its input is (none; ReLU; leaky ReLU
+    with a slope ≥ 0; NaN stays NaN), so its backward may read the output in place of the input:
+    ``threshold_backward`` and ``leaky_relu_backward`` only ask whether it is > 0."""
+    return activation in ("none", "relu") or (activation == "leaky_relu" and negative_slope >= 0)
+
+
+# input_norm_backward takes the op's normalised input (``normalized=``): see backends.Backend
+INPUT_NORM_BACKWARD_READS_NORMALIZED = True
+
+
+def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bool,
+                        normalized: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Tensor]:
     """(gradient for x, gradient for ``input_norm.stats``) from ``grad_input``, the gradient of the
     normalised + activated input: activation backward, then BatchNorm's full backward with the
-    batch statistics as functions of x (see ``InputNorm``); stats' gradient rows: 0, 0, γ's, β's."""
+    batch statistics as functions of x (see ``InputNorm``); stats' gradient rows: 0, 0, γ's, β's.
+    ``normalized``: ``normalize_input(x, input_norm)`` where the caller has it; the activation's
+    backward then reads it instead of normalising x again (where ``activation_sign_kept``: the
+    same gradient bit for bit)."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        z, mean, invstd, gamma = _input_norm_terms(x, input_norm)
-        grad = act_pool_backward(grad_input, z, input_norm.activation, input_norm.negative_slope, ())
+        mean, invstd, gamma, beta = _input_norm_terms(x, input_norm)
+        activation, slope = input_norm.activation, input_norm.negative_slope
+        if activation == "none":
+            grad = _acc(grad_input)
+        else:
+            z = (normalized if normalized is not None and activation_sign_kept(activation, slope)
+                 else batch_norm_output(x, mean, invstd, gamma, beta))
+            grad = act_pool_backward(grad_input, z, activation, slope, ())
         grad_x, sum_dz_xhat, sum_dz = batch_norm_backward(grad, x, mean, invstd, gamma, need_y=need_x)
         grad_x = grad_x.to(x.dtype) if need_x else None
         zeros = torch.zeros_like(sum_dz)
