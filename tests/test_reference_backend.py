@@ -276,3 +276,4 @@ def test_input_norm_backward_from_the_normalised_input_is_bit_for_bit(dtype, act
         assert o.dtype == w.dtype
         torch.testing.assert_close(o, w, rtol=0, atol=0, equal_nan=True)
     assert reference.activation_sign_kept(activation, slope) == (not recomputes)
+    assert reference.input_norm_backward_reads_normalized(activation, slope) == (not recomputes and activation != "none")

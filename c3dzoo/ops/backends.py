@@ -100,9 +100,10 @@ class Backend:
     whose ``supports`` accepts ``cfg.input_norm`` also provides ``normalize_input`` and
     ``input_norm_backward`` (see ``InputNorm``) and a forward that takes ``input_norm=``; one whose
     ``input_norm_backward`` can read the op's normalised input instead of recomputing it takes it as
-    ``normalized=`` and says so with ``INPUT_NORM_BACKWARD_READS_NORMALIZED = True`` (without it the
-    op frees that tensor first: it is a whole activation). A forward that returns a non-empty pool
-    argmax (its fifth result) says when with ``keeps_pool_argmax`` (see
+    ``normalized=`` and says for which activations with
+    ``input_norm_backward_reads_normalized(activation, negative_slope)`` (without it, or where it says
+    no, the op frees that tensor first: it is a whole activation). A forward that returns a
+    non-empty pool argmax (its fifth result) says when with ``keeps_pool_argmax`` (see
     ``reference.keeps_pool_argmax``): the op's fake implementation asks it; without one, none.
     """
 

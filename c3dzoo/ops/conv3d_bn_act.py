@@ -225,8 +225,11 @@ def _backward_impl(
         grad_out, layer_input, weight, bias, bn_weight, bn_bias, running_mean, running_var, mean, var, params,
         [bool(needs_grad[0]) or need_input, *needs_grad[1:5]], conv_output, pool_argmax,
     )
-    # the normalised input, to a backend that reads it rather than normalising x again; else freed
-    reuse = {"normalized": layer_input} if getattr(impl, "INPUT_NORM_BACKWARD_READS_NORMALIZED", False) else {}
+    # the normalised input, to a backend that reads it for this activation rather than normalising
+    # x again; otherwise freed before the input-norm backward (it is a whole activation)
+    reads = getattr(impl, "input_norm_backward_reads_normalized", None)
+    reuse = ({"normalized": layer_input} if input_norm is not None and reads is not None
+             and reads(input_norm.activation, input_norm.negative_slope) else {})
     del layer_input
     grads = list(grads) + [None]
     if input_norm is not None and (needs_grad[0] or need_input):

@@ -329,8 +329,11 @@ def activation_sign_kept(activation: str, negative_slope: float) -> bool:
     return activation in ("none", "relu") or (activation == "leaky_relu" and negative_slope >= 0)
 
 
-# input_norm_backward takes the op's normalised input (``normalized=``): see backends.Backend
-INPUT_NORM_BACKWARD_READS_NORMALIZED = True
+def input_norm_backward_reads_normalized(activation: str, negative_slope: float) -> bool:
+    """Whether ``input_norm_backward`` reads ``normalized=`` for this activation (see
+    backends.Backend): where the activation's backward needs a mask the output gives
+    (``activation_sign_kept``; none needs no mask). Elsewhere the op frees that tensor first."""
+    return activation != "none" and activation_sign_kept(activation, negative_slope)
 
 
 def input_norm_backward(grad_input: Tensor, x: Tensor, input_norm, *, need_x: bool,
